@@ -1,0 +1,62 @@
+/* quant/nf4.h: the NF4 weight store, byte-compatible with bitsandbytes
+ * (../shared/specs/FORMATS.md §1): codes in row-major order, block 64, element 2k in the high
+ * nibble of byte k; absmax per block, double-quantized (uint8 codes over the signed dynamic map,
+ * block 256, fp32 second-level absmax, mean offset). This is the CPU-side (host) form; backends
+ * copy the same bytes to device memory. */
+#ifndef QLR_QUANT_NF4_H
+#define QLR_QUANT_NF4_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/status.h"
+
+#define QLR_NF4_BLOCK 64          /* elements per 4-bit block (bnb default, QLoRA) */
+#define QLR_NF4_DQ_BLOCK 256      /* absmax values per double-quant block */
+
+/* The 16 NF4 code values (spec §1.1), index = code. */
+extern const float qlr_nf4_table[16];
+/* bnb's signed dynamic map (spec §2.2 / Appendix A.1), 256 entries ascending. */
+extern const float qlr_dynmap_signed[256];
+/* bnb's unsigned dynamic map (Appendix A.2). */
+extern const float qlr_dynmap_unsigned[256];
+
+/* One NF4-quantized matrix [rows, cols] (PyTorch [out, in]). Host memory unless a backend
+ * says otherwise. With double quant (dq = 1) `absmax_q` holds n_blocks uint8 codes and
+ * `absmax` is NULL; without it `absmax` holds n_blocks floats. */
+typedef struct qlr_nf4 {
+    int64_t rows, cols;
+    int64_t n;               /* rows * cols */
+    int64_t n_blocks;        /* ceil(n / 64) */
+    int64_t n_dq_blocks;     /* ceil(n_blocks / 256) when dq */
+    int dq;
+    uint8_t *codes;          /* [ceil(n/2)] packed */
+    float *absmax;           /* [n_blocks] when !dq */
+    uint8_t *absmax_q;       /* [n_blocks] when dq */
+    float *dq_absmax;        /* [n_dq_blocks] when dq (bnb: nested_absmax) */
+    float dq_offset;         /* mean of the first-level absmax (bnb: nested offset) */
+    int owned;               /* 1 if the buffers are malloc'ed by this module */
+} qlr_nf4;
+
+/* Index of the nearest NF4 code for a value already scaled to [-1, 1] (ties to the lower
+ * code, NaN to 0), exactly the bnb decision tree. */
+uint8_t qlr_nf4_nearest(float s);
+/* Index of the nearest entry of a sorted 256-entry map (ties to the lower index). */
+uint8_t qlr_dynmap_nearest(const float *map, float x);
+
+/* Bytes needed to hold a quantized [rows, cols] matrix (codes + absmax + dq arrays). */
+size_t qlr_nf4_bytes(int64_t rows, int64_t cols, int dq);
+
+/* Quantizes a float matrix into a freshly allocated store (dq = double quant on/off). */
+qlr_status qlr_nf4_quantize(const float *w, int64_t rows, int64_t cols, int dq, qlr_nf4 *out);
+/* Frees an owned store; safe on a zeroed struct. */
+void qlr_nf4_free(qlr_nf4 *q);
+
+/* The first-level absmax of block b (reconstructed from the double quant when dq). */
+float qlr_nf4_block_absmax(const qlr_nf4 *q, int64_t b);
+/* Dequantizes rows [r0, r0+nr) into out[nr * cols] (f32). Threaded by the caller. */
+void qlr_nf4_dequant_rows(const qlr_nf4 *q, int64_t r0, int64_t nr, float *out);
+/* Dequantizes everything into out[n]. */
+void qlr_nf4_dequant(const qlr_nf4 *q, float *out);
+
+#endif
