@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include "core/status.h"
+#include "quant/dynmap.h"
 
 #define QLR_NF4_BLOCK 64          /* elements per 4-bit block (bnb default, QLoRA) */
 #define QLR_NF4_DQ_BLOCK 256      /* absmax values per double-quant block */
@@ -58,5 +59,41 @@ float qlr_nf4_block_absmax(const qlr_nf4 *q, int64_t b);
 void qlr_nf4_dequant_rows(const qlr_nf4 *q, int64_t r0, int64_t nr, float *out);
 /* Dequantizes everything into out[n]. */
 void qlr_nf4_dequant(const qlr_nf4 *q, float *out);
+
+/* ---- additions (quant/nf4.c) ---- */
+
+/* 1 if the float table above equals the spec's hex bit patterns and every decision threshold
+ * is the float32 midpoint of its two codes; 0 otherwise (a build/consistency check). */
+int qlr_nf4_table_ok(void);
+
+/* The raw bnb kernel on a flat array: absmax[ceil(n/64)] = max |x| per block (NaN ignored),
+ * codes[ceil(n/2)] = nearest(x * (1/absmax)) packed high nibble first, odd n padded with code 0.
+ * An all-zero block stores absmax 0 and codes 0 (0 * inf = NaN -> code 0, as bnb's CUDA
+ * kernel). Threaded. Returns QLR_ERR_INVALID if n < 0, else QLR_OK. */
+qlr_status qlr_nf4_quantize_blocks(const float *x, int64_t n, uint8_t *codes, float *absmax);
+
+/* Double-quant offset: float32 mean of absmax[nb] (summed in double, rounded once; bnb uses
+ * torch.mean in float32, so the last ulp can differ). 0 when nb <= 0. */
+float qlr_nf4_dq_mean(const float *absmax, int64_t nb);
+
+/* Double quantization of absmax[nb] (spec §1.6): *dq_offset = qlr_nf4_dq_mean, then
+ * blockwise 8-bit (block 256, signed dynamic map) of absmax - offset into absmax_q[nb] and
+ * dq_absmax[ceil(nb/256)]. Returns QLR_ERR_INVALID (nb < 0) or QLR_ERR_NOMEM, else QLR_OK. */
+qlr_status qlr_nf4_double_quant(const float *absmax, int64_t nb, uint8_t *absmax_q,
+                                float *dq_absmax, float *dq_offset);
+
+/* Quantization error of a store against the float data it was made from (`qlora inspect
+ * --nf4`). Non-finite originals are skipped and counted. */
+typedef struct qlr_nf4_err {
+    double rms_err;      /* sqrt(mean (dequant - x)^2) */
+    double rms_ref;      /* sqrt(mean x^2) */
+    double rel_rms_err;  /* rms_err / rms_ref (0 when rms_ref is 0); ~0.1 for Gaussian data */
+    double max_abs_err;  /* max |dequant - x| */
+    double max_rel_err;  /* max |dequant - x| / |x| over x != 0 (about 1 for values that round
+                            to the zero code or up from just above a zero threshold) */
+    int64_t n_nonfinite; /* NaN/inf elements in the original */
+} qlr_nf4_err;
+/* Fills *out (threaded). `orig` holds q->n floats. Returns QLR_ERR_NOMEM or QLR_OK. */
+qlr_status qlr_nf4_error_stats(const qlr_nf4 *q, const float *orig, qlr_nf4_err *out);
 
 #endif

@@ -1,0 +1,31 @@
+/* quant/dynmap.h: bitsandbytes' 8-bit dynamic maps (spec §2.2, Appendix A) and blockwise 8-bit
+ * quantization over a 256-entry map: the scheme of NF4 double quantization (signed map, block
+ * 256) and of the 8-bit AdamW states (signed map for m, unsigned for v, block 256). The tables
+ * themselves (qlr_dynmap_signed / qlr_dynmap_unsigned) and qlr_dynmap_nearest are declared in
+ * quant/nf4.h. */
+#ifndef QLR_QUANT_DYNMAP_H
+#define QLR_QUANT_DYNMAP_H
+
+#include <stdint.h>
+
+#include "core/status.h"
+
+/* Computes bnb's create_dynamic_map(signed, max_exponent_bits=7, total_bits=8) in float32
+ * (torch.linspace's scalar path), sorted ascending. Equals the literal tables bit for bit.
+ * Cannot fail. */
+void qlr_dynmap_create(int is_signed, float out[256]);
+
+/* Blockwise 8-bit quantization of x[n] over `map` (256 entries, ascending):
+ * absmax[b] = max |x| over block b (float32, NaN ignored; length ceil(n/block)), and
+ * codes[i] = qlr_dynmap_nearest(map, x[i] * (1/absmax[b])) (multiply by the float32 reciprocal,
+ * as bnb's CUDA kernel). A block whose absmax is 0 gets the code nearest to 0.0 (decodes to 0).
+ * Threaded. Returns QLR_ERR_INVALID if n < 0 or block <= 0; otherwise QLR_OK. */
+qlr_status qlr_blockwise8_quantize(const float *x, int64_t n, int block, const float *map,
+                                   uint8_t *codes, float *absmax);
+
+/* Inverse: out[i] = map[codes[i]] * absmax[i / block] (float32). Threaded. Returns
+ * QLR_ERR_INVALID if n < 0 or block <= 0; otherwise QLR_OK. */
+qlr_status qlr_blockwise8_dequant(const uint8_t *codes, int64_t n, int block, const float *map,
+                                  const float *absmax, float *out);
+
+#endif

@@ -1,0 +1,59 @@
+/* quant/ggml_quants.h: ggml tensor types as found in GGUF files (spec §3.5-3.6): names, block
+ * sizes, dequantization to float32 for F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K and Q6_K, and the
+ * reference quantizers for Q8_0, Q4_0 and Q4_1 (to make test files). Reading the GGUF container
+ * is formats/'s job; this header only interprets the bytes of one tensor. */
+#ifndef QLR_QUANT_GGML_QUANTS_H
+#define QLR_QUANT_GGML_QUANTS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/status.h"
+
+/* ggml type ids (the ones we decode; any uint32 id can be passed where `type` is taken). */
+enum {
+    QLR_GGML_F32 = 0,
+    QLR_GGML_F16 = 1,
+    QLR_GGML_Q4_0 = 2,
+    QLR_GGML_Q4_1 = 3,
+    QLR_GGML_Q8_0 = 8,
+    QLR_GGML_Q4_K = 12,
+    QLR_GGML_Q6_K = 14,
+    QLR_GGML_BF16 = 30,
+};
+
+/* Name of a ggml type id ("Q4_K", "IQ2_XS", ...), also for the types we do not decode;
+ * "unknown" for an id that is not a ggml type. Never NULL. */
+const char *qlr_ggml_type_name(uint32_t type);
+/* 1 if qlr_ggml_dequant* handles `type`, else 0. */
+int qlr_ggml_type_supported(uint32_t type);
+/* QLR_OK if `type` is supported; else QLR_ERR_UNSUPPORTED with a message naming the type and
+ * listing the supported ones ("ggml type Q5_K (13) is not supported; supported: ..."). */
+qlr_status qlr_ggml_type_check(uint32_t type);
+/* Elements per block and bytes per block of a supported type (0 for others). */
+int64_t qlr_ggml_block_elems(uint32_t type);
+size_t qlr_ggml_block_bytes(uint32_t type);
+
+/* Bytes of a row of ne0 elements. QLR_ERR_UNSUPPORTED for an unsupported type,
+ * QLR_ERR_INVALID if ne0 < 0 or ne0 is not a multiple of the block size, QLR_ERR_NOMEM on
+ * overflow. */
+qlr_status qlr_ggml_row_bytes(uint32_t type, int64_t ne0, size_t *out);
+
+/* Dequantizes one row of ne0 elements from `src` (qlr_ggml_row_bytes(type, ne0) bytes, no
+ * alignment needed) into dst[ne0]. Errors as qlr_ggml_row_bytes. */
+qlr_status qlr_ggml_dequant_row(uint32_t type, const void *src, int64_t ne0, float *dst);
+
+/* Dequantizes a whole tensor of nrows rows of ne0 elements (rows contiguous) into
+ * dst[nrows * ne0], threaded. `src_bytes` is the number of bytes available at src: a tensor
+ * larger than that is QLR_ERR_FORMAT (a truncated file), never an out-of-bounds read. Other
+ * errors as qlr_ggml_row_bytes, and QLR_ERR_INVALID for nrows < 0. */
+qlr_status qlr_ggml_dequant(uint32_t type, const void *src, size_t src_bytes, int64_t ne0,
+                            int64_t nrows, float *dst);
+
+/* Reference quantizer (ggml's quantize_row_*_ref rules, spec §3.6) of n floats into dst
+ * (qlr_ggml_row_bytes(type, n) bytes). Types: Q8_0, Q4_0, Q4_1, and F32/F16/BF16 (plain
+ * conversion, round to nearest even). QLR_ERR_UNSUPPORTED for other types, QLR_ERR_INVALID if
+ * n is not a multiple of the block size. */
+qlr_status qlr_ggml_quantize_row(uint32_t type, const float *src, int64_t n, void *dst);
+
+#endif

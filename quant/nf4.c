@@ -1,0 +1,309 @@
+/* quant/nf4.c: the NF4 weight store on the host, byte-compatible with bitsandbytes (spec §1):
+ * quantize (block 64, multiply by the float32 reciprocal of absmax, nearest code by the
+ * decision-tree thresholds, element 2k in the high nibble), double quantization of absmax
+ * (mean offset, signed dynamic map, block 256), threaded dequantization and per-tensor error
+ * statistics. The dynamic maps and the 8-bit blockwise quantizer live in dynmap.c; device
+ * kernels live in backend/. */
+#include "quant/nf4.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/dtype.h"
+#include "core/threads.h"
+#include "quant/dynmap.h"
+
+/* Spec §1.1, as IEEE-754 bit patterns (exact). */
+static const uint32_t nf4_bits[16] = {
+    0xBF800000u, 0xBF3239B1u, 0xBF066B30u, 0xBECA32A0u, 0xBE91A24Du, 0xBE3D353Fu,
+    0xBDBA7871u, 0x00000000u, 0x3DA2FAFFu, 0x3E24CAE3u, 0x3E7C04DDu, 0x3EAD033Au,
+    0x3EE1A4B8u, 0x3F1007ABu, 0x3F3913B3u, 0x3F800000u,
+};
+
+/* The same values as float literals (each decimal is exactly a float32, spec §1.1); the static
+ * assertion-like check in qlr_nf4_table_ok() keeps the two spellings in agreement. */
+const float qlr_nf4_table[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f,
+};
+
+/* The 15 decision thresholds of bnb's dQuantizeNF4 (spec §1.3) as float32 literals; each is the
+ * float32 midpoint of two adjacent codes. Code = number of thresholds that s is strictly
+ * greater than. */
+static const float nf4_thresh[15] = {
+    -0.8480964004993439f, -0.6106329262256622f, -0.4599952697753906f, -0.33967943489551544f,
+    -0.23460740596055984f, -0.13791173323988914f, -0.045525018125772476f, 0.03979014977812767f,
+    0.1202552504837513f, 0.2035212516784668f, 0.2920137718319893f, 0.3893125355243683f,
+    0.5016634166240692f, 0.6427869200706482f, 0.8614784181118011f,
+};
+
+int qlr_nf4_table_ok(void) {
+    for (int i = 0; i < 16; i++)
+        if (qlr_f32_bits(qlr_nf4_table[i]) != nf4_bits[i]) return 0;
+    for (int i = 0; i < 15; i++)
+        if ((qlr_nf4_table[i] + qlr_nf4_table[i + 1]) * 0.5f != nf4_thresh[i]) return 0;
+    return 1;
+}
+
+uint8_t qlr_nf4_nearest(float s) {
+    /* a balanced decision tree over the thresholds; "greater than" at every node, so a value
+     * on a threshold goes to the lower code and NaN always takes the lower branch (code 0) */
+    int lo = 0, hi = 15;
+    while (lo < hi) {
+        int mid = (lo + hi) >> 1;
+        if (s > nf4_thresh[mid]) lo = mid + 1;
+        else hi = mid;
+    }
+    return (uint8_t)lo;
+}
+
+size_t qlr_nf4_bytes(int64_t rows, int64_t cols, int dq) {
+    if (rows <= 0 || cols <= 0) return 0;
+    int64_t n = rows * cols;
+    int64_t nb = (n + QLR_NF4_BLOCK - 1) / QLR_NF4_BLOCK;
+    size_t bytes = (size_t)((n + 1) / 2);
+    if (dq) bytes += (size_t)nb + 4 * (size_t)((nb + QLR_NF4_DQ_BLOCK - 1) / QLR_NF4_DQ_BLOCK);
+    else bytes += 4 * (size_t)nb;
+    return bytes;
+}
+
+/* ---- quantization ---- */
+
+typedef struct q4_ctx {
+    const float *x;
+    int64_t n;
+    uint8_t *codes;
+    float *absmax;
+} q4_ctx;
+
+static void quant_blocks(void *vctx, int64_t b0, int64_t b1, int tid) {
+    const q4_ctx *c = vctx;
+    for (int64_t b = b0; b < b1; b++) {
+        int64_t i0 = b * QLR_NF4_BLOCK, i1 = i0 + QLR_NF4_BLOCK;
+        if (i1 > c->n) i1 = c->n;
+        const float *x = c->x;
+        float amax = 0.0f;
+        for (int64_t i = i0; i < i1; i++) amax = fmaxf(amax, fabsf(x[i]));
+        c->absmax[b] = amax;
+        /* bnb's CUDA kernel: r = 1/absmax once per block, code = tree(x * r). For an all-zero
+         * block r = inf and 0 * inf = NaN, which the tree sends to code 0 (what bnb stores;
+         * its dequantized value is 0 because absmax is 0). */
+        float r = 1.0f / amax;
+        int64_t i = i0;
+        for (; i + 1 < i1; i += 2)
+            c->codes[i >> 1] = (uint8_t)(qlr_nf4_nearest(x[i] * r) << 4 |
+                                         qlr_nf4_nearest(x[i + 1] * r));
+        if (i < i1) c->codes[i >> 1] = (uint8_t)(qlr_nf4_nearest(x[i] * r) << 4); /* pad 0 */
+    }
+}
+
+qlr_status qlr_nf4_quantize_blocks(const float *x, int64_t n, uint8_t *codes, float *absmax) {
+    if (n < 0) return qlr_errorf(QLR_ERR_INVALID, "nf4 quantize: negative element count");
+    if (n == 0) return QLR_OK;
+    q4_ctx c = {.x = x, .n = n, .codes = codes, .absmax = absmax};
+    qlr_parallel_for((n + QLR_NF4_BLOCK - 1) / QLR_NF4_BLOCK, 1024, quant_blocks, &c);
+    return QLR_OK;
+}
+
+float qlr_nf4_dq_mean(const float *absmax, int64_t nb) {
+    /* summed in double, rounded once to float32: within an ulp or so of torch.mean's float32
+     * cascade sum, and independent of thread count */
+    if (nb <= 0) return 0.0f;
+    double s = 0.0;
+    for (int64_t i = 0; i < nb; i++) s += absmax[i];
+    return (float)(s / (double)nb);
+}
+
+qlr_status qlr_nf4_double_quant(const float *absmax, int64_t nb, uint8_t *absmax_q,
+                                float *dq_absmax, float *dq_offset) {
+    if (nb < 0) return qlr_errorf(QLR_ERR_INVALID, "nf4 double quant: negative block count");
+    float off = qlr_nf4_dq_mean(absmax, nb);
+    *dq_offset = off;
+    if (nb == 0) return QLR_OK;
+    float *centered = malloc((size_t)nb * sizeof(float));
+    if (!centered)
+        return qlr_errorf(QLR_ERR_NOMEM, "nf4 double quant: out of memory (%lld blocks)",
+                          (long long)nb);
+    for (int64_t i = 0; i < nb; i++) centered[i] = absmax[i] - off;
+    qlr_status st = qlr_blockwise8_quantize(centered, nb, QLR_NF4_DQ_BLOCK, qlr_dynmap_signed,
+                                            absmax_q, dq_absmax);
+    free(centered);
+    return st;
+}
+
+void qlr_nf4_free(qlr_nf4 *q) {
+    if (!q) return;
+    if (q->owned) {
+        free(q->codes);
+        free(q->absmax);
+        free(q->absmax_q);
+        free(q->dq_absmax);
+    }
+    memset(q, 0, sizeof *q);
+}
+
+qlr_status qlr_nf4_quantize(const float *w, int64_t rows, int64_t cols, int dq, qlr_nf4 *out) {
+    memset(out, 0, sizeof *out);
+    uint64_t n64;
+    if (rows <= 0 || cols <= 0 || !qlr_mul_ok((uint64_t)rows, (uint64_t)cols, &n64) ||
+        n64 > (uint64_t)INT64_MAX / 8)
+        return qlr_errorf(QLR_ERR_INVALID, "nf4 quantize: bad shape [%lld, %lld]",
+                          (long long)rows, (long long)cols);
+    qlr_nf4 q = {0};
+    q.rows = rows;
+    q.cols = cols;
+    q.n = (int64_t)n64;
+    q.n_blocks = (q.n + QLR_NF4_BLOCK - 1) / QLR_NF4_BLOCK;
+    q.dq = dq ? 1 : 0;
+    q.n_dq_blocks = dq ? (q.n_blocks + QLR_NF4_DQ_BLOCK - 1) / QLR_NF4_DQ_BLOCK : 0;
+    q.owned = 1;
+    q.codes = malloc((size_t)((q.n + 1) / 2));
+    q.absmax = malloc((size_t)q.n_blocks * sizeof(float));
+    if (dq) {
+        q.absmax_q = malloc((size_t)q.n_blocks);
+        q.dq_absmax = malloc((size_t)q.n_dq_blocks * sizeof(float));
+    }
+    if (!q.codes || !q.absmax || (dq && (!q.absmax_q || !q.dq_absmax))) {
+        qlr_nf4_free(&q);
+        return qlr_errorf(QLR_ERR_NOMEM, "nf4 quantize: out of memory for [%lld, %lld]",
+                          (long long)rows, (long long)cols);
+    }
+    qlr_status st = qlr_nf4_quantize_blocks(w, q.n, q.codes, q.absmax);
+    if (st == QLR_OK && dq) {
+        st = qlr_nf4_double_quant(q.absmax, q.n_blocks, q.absmax_q, q.dq_absmax, &q.dq_offset);
+        free(q.absmax);
+        q.absmax = NULL;
+    }
+    if (st != QLR_OK) {
+        qlr_nf4_free(&q);
+        return st;
+    }
+    *out = q;
+    return QLR_OK;
+}
+
+/* ---- dequantization ---- */
+
+float qlr_nf4_block_absmax(const qlr_nf4 *q, int64_t b) {
+    if (!q->dq) return q->absmax[b];
+    return qlr_dynmap_signed[q->absmax_q[b]] * q->dq_absmax[b / QLR_NF4_DQ_BLOCK] + q->dq_offset;
+}
+
+/* Elements [e0, e1) of the flattened matrix into out[0 .. e1-e0). */
+static void dequant_elems(const qlr_nf4 *q, int64_t e0, int64_t e1, float *out) {
+    const uint8_t *codes = q->codes;
+    int64_t i = e0;
+    out -= e0;
+    while (i < e1) {
+        int64_t b = i / QLR_NF4_BLOCK, be = (b + 1) * QLR_NF4_BLOCK;
+        if (be > e1) be = e1;
+        float a = qlr_nf4_block_absmax(q, b);
+        float lut[16]; /* table[k] * absmax: the very product of spec §1.5 */
+        for (int k = 0; k < 16; k++) lut[k] = qlr_nf4_table[k] * a;
+        if (i & 1) {
+            out[i] = lut[codes[i >> 1] & 15];
+            i++;
+        }
+        for (; i + 1 < be; i += 2) {
+            uint8_t c = codes[i >> 1];
+            out[i] = lut[c >> 4];
+            out[i + 1] = lut[c & 15];
+        }
+        if (i < be) {
+            out[i] = lut[codes[i >> 1] >> 4];
+            i++;
+        }
+    }
+}
+
+void qlr_nf4_dequant_rows(const qlr_nf4 *q, int64_t r0, int64_t nr, float *out) {
+    QLR_ASSERT(r0 >= 0 && nr >= 0 && r0 + nr <= q->rows);
+    dequant_elems(q, r0 * q->cols, (r0 + nr) * q->cols, out);
+}
+
+typedef struct dq_ctx {
+    const qlr_nf4 *q;
+    float *out;
+} dq_ctx;
+
+static void dequant_blocks(void *vctx, int64_t b0, int64_t b1, int tid) {
+    const dq_ctx *c = vctx;
+    int64_t e0 = b0 * QLR_NF4_BLOCK, e1 = b1 * QLR_NF4_BLOCK;
+    if (e1 > c->q->n) e1 = c->q->n;
+    dequant_elems(c->q, e0, e1, c->out + e0);
+}
+
+void qlr_nf4_dequant(const qlr_nf4 *q, float *out) {
+    dq_ctx c = {q, out};
+    qlr_parallel_for(q->n_blocks, 2048, dequant_blocks, &c);
+}
+
+/* ---- error statistics ---- */
+
+typedef struct err_acc {
+    double sse, ssx, max_abs, max_rel;
+    int64_t n_used, n_nonfinite;
+    char pad[16]; /* keep per-thread slots on separate cache lines */
+} err_acc;
+
+typedef struct err_ctx {
+    const qlr_nf4 *q;
+    const float *x;
+    err_acc *acc;
+} err_ctx;
+
+static void err_blocks(void *vctx, int64_t b0, int64_t b1, int tid) {
+    const err_ctx *c = vctx;
+    err_acc a = {0};
+    float buf[QLR_NF4_BLOCK];
+    for (int64_t b = b0; b < b1; b++) {
+        int64_t e0 = b * QLR_NF4_BLOCK, e1 = e0 + QLR_NF4_BLOCK;
+        if (e1 > c->q->n) e1 = c->q->n;
+        dequant_elems(c->q, e0, e1, buf);
+        for (int64_t i = e0; i < e1; i++) {
+            double x = c->x[i], w = buf[i - e0];
+            if (!isfinite(x)) {
+                a.n_nonfinite++;
+                continue;
+            }
+            double e = fabs(w - x);
+            a.sse += e * e;
+            a.ssx += x * x;
+            a.n_used++;
+            if (e > a.max_abs) a.max_abs = e;
+            if (x != 0.0 && e / fabs(x) > a.max_rel) a.max_rel = e / fabs(x);
+        }
+    }
+    c->acc[tid] = a;
+}
+
+qlr_status qlr_nf4_error_stats(const qlr_nf4 *q, const float *orig, qlr_nf4_err *out) {
+    memset(out, 0, sizeof *out);
+    int nt = qlr_n_threads();
+    err_acc *acc = calloc((size_t)nt, sizeof *acc);
+    if (!acc) return qlr_errorf(QLR_ERR_NOMEM, "nf4 error stats: out of memory");
+    err_ctx c = {q, orig, acc};
+    qlr_parallel_for(q->n_blocks, 1024, err_blocks, &c);
+    err_acc t = {0};
+    for (int i = 0; i < nt; i++) { /* fixed order: deterministic for a given thread count */
+        t.sse += acc[i].sse;
+        t.ssx += acc[i].ssx;
+        t.n_used += acc[i].n_used;
+        t.n_nonfinite += acc[i].n_nonfinite;
+        if (acc[i].max_abs > t.max_abs) t.max_abs = acc[i].max_abs;
+        if (acc[i].max_rel > t.max_rel) t.max_rel = acc[i].max_rel;
+    }
+    free(acc);
+    if (t.n_used > 0) {
+        out->rms_err = sqrt(t.sse / (double)t.n_used);
+        out->rms_ref = sqrt(t.ssx / (double)t.n_used);
+    }
+    out->rel_rms_err = out->rms_ref > 0 ? out->rms_err / out->rms_ref : 0.0;
+    out->max_abs_err = t.max_abs;
+    out->max_rel_err = t.max_rel;
+    out->n_nonfinite = t.n_nonfinite;
+    return QLR_OK;
+}
