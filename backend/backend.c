@@ -1,0 +1,111 @@
+/* backend/backend.c: backend selection by device name and the helpers every backend shares
+ * (NF4 store upload, f32 <-> act conversions through host memory). The ops themselves live in
+ * cpu/ and cuda/. */
+#include "backend/backend.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+qlr_sampling qlr_sampling_default(void) {
+    qlr_sampling s = {0.0f, 0, 1.0f};
+    return s;
+}
+
+qlr_status qlr_backend_create(const char *device, int n_threads, qlr_backend **out) {
+    *out = NULL;
+    if (!device || !strcmp(device, "cpu")) return qlr_backend_cpu_create(n_threads, out);
+    if (!strcmp(device, "cuda")) {
+#ifdef QLR_BACKEND_CUDA
+        return qlr_backend_cuda_create(n_threads, out);
+#else
+        return qlr_errorf(QLR_ERR_UNSUPPORTED,
+                          "device 'cuda': this qlora was built without the CUDA backend "
+                          "(configure with -DQLR_CUDA=ON on a machine with nvcc)");
+#endif
+    }
+    return qlr_errorf(QLR_ERR_INVALID, "unknown device '%s' (known: cpu, cuda)", device);
+}
+
+void qlr_backend_free(qlr_backend *be) {
+    if (be && be->destroy) be->destroy(be);
+}
+
+static qlr_status upload_buf(qlr_backend *be, void **dst, const void *src, size_t bytes) {
+    *dst = NULL;
+    if (!bytes) return QLR_OK;
+    *dst = be->mem.alloc(be, bytes);
+    if (!*dst) return qlr_error_status();
+    return be->mem.h2d(be, *dst, src, bytes);
+}
+
+qlr_status qlr_backend_nf4_upload(qlr_backend *be, qlr_nf4 *host, qlr_nf4 *dev, int steal) {
+    *dev = *host;
+    dev->owned = 0;
+    if (steal && be->host_visible && host->owned) {
+        /* The CPU backend's memory is malloc memory: take the buffers over. */
+        dev->owned = 1;
+        host->owned = 0;
+        host->codes = NULL;
+        host->absmax = NULL;
+        host->absmax_q = NULL;
+        host->dq_absmax = NULL;
+        return QLR_OK;
+    }
+    dev->codes = NULL;
+    dev->absmax = NULL;
+    dev->absmax_q = NULL;
+    dev->dq_absmax = NULL;
+    qlr_status st = upload_buf(be, (void **)&dev->codes, host->codes, (size_t)((host->n + 1) / 2));
+    if (st == QLR_OK && !host->dq)
+        st = upload_buf(be, (void **)&dev->absmax, host->absmax, (size_t)host->n_blocks * 4);
+    if (st == QLR_OK && host->dq)
+        st = upload_buf(be, (void **)&dev->absmax_q, host->absmax_q, (size_t)host->n_blocks);
+    if (st == QLR_OK && host->dq)
+        st = upload_buf(be, (void **)&dev->dq_absmax, host->dq_absmax, (size_t)host->n_dq_blocks * 4);
+    if (st != QLR_OK) qlr_backend_nf4_free(be, dev);
+    return st;
+}
+
+void qlr_backend_nf4_free(qlr_backend *be, qlr_nf4 *dev) {
+    if (dev->owned) {
+        /* stolen host buffers (CPU) */
+        qlr_nf4_free(dev);
+        return;
+    }
+    if (dev->codes) be->mem.free(be, dev->codes);
+    if (dev->absmax) be->mem.free(be, dev->absmax);
+    if (dev->absmax_q) be->mem.free(be, dev->absmax_q);
+    if (dev->dq_absmax) be->mem.free(be, dev->dq_absmax);
+    memset(dev, 0, sizeof *dev);
+}
+
+qlr_status qlr_backend_upload_act(qlr_backend *be, void *dst, const float *src, int64_t n) {
+    if (be->act_dtype == QLR_F32) return be->mem.h2d(be, dst, src, (size_t)n * 4);
+    if (be->act_dtype != QLR_BF16)
+        return qlr_errorf(QLR_ERR_UNSUPPORTED, "backend %s: activation dtype %s", be->name,
+                          qlr_dtype_name(be->act_dtype));
+    uint16_t *tmp = malloc((size_t)n * 2 + 1);
+    if (!tmp) return qlr_errorf(QLR_ERR_NOMEM, "upload of %lld values", (long long)n);
+    qlr_f32_to_bf16_row(src, tmp, (size_t)n);
+    qlr_status st = be->mem.h2d(be, dst, tmp, (size_t)n * 2);
+    if (st == QLR_OK) st = be->mem.sync(be); /* tmp must outlive an async copy */
+    free(tmp);
+    return st;
+}
+
+qlr_status qlr_backend_download_act(qlr_backend *be, float *dst, const void *src, int64_t n) {
+    if (be->act_dtype == QLR_F32) {
+        QLR_TRY(be->mem.d2h(be, dst, src, (size_t)n * 4));
+        return be->mem.sync(be);
+    }
+    if (be->act_dtype != QLR_BF16)
+        return qlr_errorf(QLR_ERR_UNSUPPORTED, "backend %s: activation dtype %s", be->name,
+                          qlr_dtype_name(be->act_dtype));
+    uint16_t *tmp = malloc((size_t)n * 2 + 1);
+    if (!tmp) return qlr_errorf(QLR_ERR_NOMEM, "download of %lld values", (long long)n);
+    qlr_status st = be->mem.d2h(be, tmp, src, (size_t)n * 2);
+    if (st == QLR_OK) st = be->mem.sync(be);
+    if (st == QLR_OK) qlr_bf16_to_f32_row(tmp, dst, (size_t)n);
+    free(tmp);
+    return st;
+}

@@ -1,0 +1,209 @@
+/* backend/backend.h: the backend contract (../shared/ARCHITECTURE.md "The backend contract").
+ *
+ * A backend is a device-memory allocator plus a table of op function pointers. model/, adapters/,
+ * optim/ and train/ call only these; backend/cpu/ is the plain-C reference (f32 activations,
+ * the oracle for tests) and backend/cuda/ plugs in the same table (bf16 activations).
+ *
+ * Conventions for every op:
+ *  - Every pointer argument is DEVICE memory of this backend unless the comment says "host".
+ *  - "act" buffers hold be->act_dtype elements (CPU: QLR_F32, CUDA: QLR_BF16). Small parameters
+ *    (norm weights, biases, RoPE inverse frequencies) are always f32; embedding and lm_head
+ *    tables are bf16; logits are always f32. Accumulation is always f32.
+ *  - Shapes are row-major, last dimension contiguous, written `[tokens, d_model]`.
+ *  - Ops are asynchronous with respect to the host on devices that can be (CUDA: the backend's
+ *    stream); `sync` waits. Copies to/from host are ordered with the ops.
+ *  - Ops return QLR_OK or a status with a message (a device failure, an unsupported dtype).
+ *    Shape preconditions are bugs and assert.
+ *  - An op entry may be NULL when a backend does not implement it yet; callers check
+ *    qlr_backend_has() or get QLR_ERR_UNSUPPORTED from the qlr_be_* wrappers below. */
+#ifndef QLR_BACKEND_BACKEND_H
+#define QLR_BACKEND_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/dtype.h"
+#include "core/status.h"
+#include "quant/nf4.h"
+
+typedef enum qlr_device_kind {
+    QLR_DEVICE_CPU = 0,
+    QLR_DEVICE_CUDA = 1,
+} qlr_device_kind;
+
+typedef struct qlr_backend qlr_backend;
+
+/* A LoRA adapter applied to one linear layer: y += scale * (x · Aᵀ) · Bᵀ.
+ * a: [r, in] act dtype, b: [out, r] act dtype (compute copies; masters live in adapters/). */
+typedef struct qlr_lora_ref {
+    const void *a;
+    const void *b;
+    int32_t r;
+    float scale;     /* alpha / r (or alpha / sqrt(r) for rsLoRA), times a user scale */
+} qlr_lora_ref;
+
+/* Sampling parameters for one sequence. temperature <= 0 means greedy (argmax, ties to the
+ * lowest id). top_k <= 0 disables top-k; top_p >= 1 disables top-p. Order: temperature, top-k,
+ * then top-p on the renormalised distribution, then one draw from the RNG. */
+typedef struct qlr_sampling {
+    float temperature;
+    int32_t top_k;
+    float top_p;
+} qlr_sampling;
+
+/* Params with defaults: greedy. */
+qlr_sampling qlr_sampling_default(void);
+
+/* The op table. Forward ops first, then the backward ops the trainer needs. */
+typedef struct qlr_backend_ops {
+    /* ---- forward ---- */
+
+    /* out[i, :] = table[ids[i], :] converted to act. table [vocab, d] bf16; ids [n] int32 (each
+     * must be in [0, vocab): the caller validates them); out [n, d] act. */
+    qlr_status (*embedding)(qlr_backend *be, void *out, const uint16_t *table, const int32_t *ids,
+                            int64_t n, int64_t d, int64_t vocab);
+
+    /* y[i, :] = x[i, :] / sqrt(mean(x[i, :]²) + eps) * w. x, y [n, d] act (y may equal x);
+     * w [d] f32. */
+    qlr_status (*rmsnorm)(qlr_backend *be, void *y, const void *x, const float *w, int64_t n,
+                          int64_t d, float eps);
+
+    /* RoPE in place, rotate-half (HF/NeoX) convention: within each head, the pair
+     * (x[j], x[j + hd/2]) is rotated by angle pos[t] * inv_freq[j], j < hd/2.
+     * x [n, n_heads, hd] act; pos [n] int32 per token (so packed / batched sequences work);
+     * inv_freq [hd/2] f32 (the model precomputes base^(-2j/hd) with any llama3/linear scaling). */
+    qlr_status (*rope)(qlr_backend *be, void *x, const int32_t *pos, const float *inv_freq,
+                       int64_t n, int64_t n_heads, int64_t hd);
+
+    /* Writes each token's K and V into the cache: cache[seq[t], pos[t], :, :] = k[t] / v[t].
+     * k, v [n, n_kv, hd] act; k_cache, v_cache [n_seq_max, ctx, n_kv, hd] act; seq, pos [n]. */
+    qlr_status (*kv_store)(qlr_backend *be, void *k_cache, void *v_cache, const void *k,
+                           const void *v, const int32_t *seq, const int32_t *pos, int64_t n,
+                           int64_t n_kv, int64_t hd, int64_t ctx);
+
+    /* Causal GQA attention over the cache, any mix of prefill and decode tokens of any number
+     * of sequences (varlen): token t (query head h) attends to cache rows 0..pos[t] of
+     * sequence seq[t] with KV head h / (n_heads / n_kv); softmax(q·kᵀ · scale) · v.
+     * Those rows must have been written by kv_store (this call's tokens included).
+     * q, out [n, n_heads, hd] act; caches as in kv_store; scale usually 1/sqrt(hd). */
+    qlr_status (*attention)(qlr_backend *be, void *out, const void *q, const void *k_cache,
+                            const void *v_cache, const int32_t *seq, const int32_t *pos, int64_t n,
+                            int64_t n_heads, int64_t n_kv, int64_t hd, int64_t ctx, float scale);
+
+    /* out = silu(gate) * up, elementwise over n values; act. out may equal gate or up. */
+    qlr_status (*swiglu)(qlr_backend *be, void *out, const void *gate, const void *up, int64_t n);
+
+    /* y += x elementwise over n values (residual); act. */
+    qlr_status (*add)(qlr_backend *be, void *y, const void *x, int64_t n);
+
+    /* dst[i, :] = src[rows[i], :], d values per row; act. rows [n] int32. */
+    qlr_status (*get_rows)(qlr_backend *be, void *dst, const void *src, const int32_t *rows,
+                           int64_t n, int64_t d);
+
+    /* y = x · Wᵀ (+ bias). x [n, in] act; w an NF4 store [out, in] whose buffers live on this
+     * device (qlr_backend_nf4_upload); bias [out] f32 or NULL; y [n, out] act (overwritten). */
+    qlr_status (*nf4_linear)(qlr_backend *be, void *y, const void *x, const qlr_nf4 *w,
+                             const float *bias, int64_t n);
+
+    /* The LoRA hook: y += l->scale · (x · Aᵀ) · Bᵀ. x [n, in] act; y [n, out] act. A NULL
+     * `l` or l->r == 0 is a no-op (the forward calls this at every linear). */
+    qlr_status (*lora)(qlr_backend *be, void *y, const void *x, const qlr_lora_ref *l, int64_t n,
+                       int64_t in, int64_t out);
+
+    /* logits = x · Wᵀ. x [n, d] act; w [vocab, d] bf16 (lm_head, or the tied embedding);
+     * logits [n, vocab] f32. */
+    qlr_status (*lm_head)(qlr_backend *be, float *logits, const void *x, const uint16_t *w,
+                          int64_t n, int64_t d, int64_t vocab);
+
+    /* Samples one token per row. logits [n, vocab] f32 (device; the CPU version may modify
+     * them in place); params [n] host; rng [n] host, per-sequence state (advanced by one draw
+     * when a row is not greedy); out_ids [n] host. Deterministic for given inputs. */
+    qlr_status (*sample)(qlr_backend *be, int32_t *out_ids, float *logits,
+                         const qlr_sampling *params, uint64_t *rng, int64_t n, int64_t vocab);
+
+    /* ---- backward (trainer; NULL until implemented; same shapes as the forward) ---- */
+
+    /* dx = d/dx rmsnorm given dy and the forward input x (w frozen). dx may equal dy. */
+    qlr_status (*rmsnorm_bwd)(qlr_backend *be, void *dx, const void *dy, const void *x,
+                              const float *w, int64_t n, int64_t d, float eps);
+    /* In place: the inverse rotation of rope (gradient of a rotation is its transpose). */
+    qlr_status (*rope_bwd)(qlr_backend *be, void *dx, const int32_t *pos, const float *inv_freq,
+                           int64_t n, int64_t n_heads, int64_t hd);
+    /* dgate, dup from dout and the forward gate, up. */
+    qlr_status (*swiglu_bwd)(qlr_backend *be, void *dgate, void *dup, const void *dout,
+                             const void *gate, const void *up, int64_t n);
+    /* dq [n, n_heads, hd]; dk_cache, dv_cache like the caches (accumulated, +=), from dout,
+     * the forward q, out and per-row softmax statistics lse [n, n_heads] f32 (NULL: recompute). */
+    qlr_status (*attention_bwd)(qlr_backend *be, void *dq, void *dk_cache, void *dv_cache,
+                                const void *dout, const void *q, const void *k_cache,
+                                const void *v_cache, const void *out, const float *lse,
+                                const int32_t *seq, const int32_t *pos, int64_t n,
+                                int64_t n_heads, int64_t n_kv, int64_t hd, int64_t ctx,
+                                float scale);
+    /* dk[t] = dk_cache[seq[t], pos[t]] (gather, the transpose of kv_store). */
+    qlr_status (*kv_store_bwd)(qlr_backend *be, void *dk, void *dv, const void *dk_cache,
+                               const void *dv_cache, const int32_t *seq, const int32_t *pos,
+                               int64_t n, int64_t n_kv, int64_t hd, int64_t ctx);
+    /* dx = dy · W (NF4 frozen, no weight gradient). dy [n, out], dx [n, in] (overwritten). */
+    qlr_status (*nf4_linear_dx)(qlr_backend *be, void *dx, const void *dy, const qlr_nf4 *w,
+                                int64_t n);
+    /* LoRA grads: dA += scale·(dy·B)ᵀ·x  [r, in] f32, dB += scale·dyᵀ·(x·Aᵀ)  [out, r] f32,
+     * dx += scale·(dy·B)·A [n, in] act (dx may be NULL). */
+    qlr_status (*lora_bwd)(qlr_backend *be, float *da, float *db, void *dx, const void *dy,
+                           const void *x, const qlr_lora_ref *l, int64_t n, int64_t in,
+                           int64_t out);
+} qlr_backend_ops;
+
+/* Device memory and synchronisation. */
+typedef struct qlr_backend_mem {
+    /* Allocates `bytes` of device memory (256-byte aligned); NULL + error on failure. */
+    void *(*alloc)(qlr_backend *be, size_t bytes);
+    void (*free)(qlr_backend *be, void *p);
+    qlr_status (*memset0)(qlr_backend *be, void *p, size_t bytes);
+    qlr_status (*h2d)(qlr_backend *be, void *dst, const void *src_host, size_t bytes);
+    qlr_status (*d2h)(qlr_backend *be, void *dst_host, const void *src, size_t bytes);
+    qlr_status (*d2d)(qlr_backend *be, void *dst, const void *src, size_t bytes);
+    /* Waits for every queued op and copy. */
+    qlr_status (*sync)(qlr_backend *be);
+} qlr_backend_mem;
+
+struct qlr_backend {
+    const char *name;          /* "cpu", "cuda" */
+    qlr_device_kind kind;
+    qlr_dtype act_dtype;       /* dtype of "act" buffers */
+    int host_visible;          /* 1 if device pointers are host pointers (CPU) */
+    qlr_backend_mem mem;
+    qlr_backend_ops ops;
+    void (*destroy)(qlr_backend *be);
+    void *impl;                /* backend-private state */
+};
+
+/* Creates a backend by name ("cpu"; "cuda" when built with CUDA). `n_threads` 0 = default
+ * (CPU: QLR_THREADS or all cores). QLR_ERR_UNSUPPORTED naming the device when not built in. */
+qlr_status qlr_backend_create(const char *device, int n_threads, qlr_backend **out);
+/* The CPU backend (always available). */
+qlr_status qlr_backend_cpu_create(int n_threads, qlr_backend **out);
+/* Frees a backend; safe on NULL. */
+void qlr_backend_free(qlr_backend *be);
+
+/* Bytes of one act element. */
+static inline size_t qlr_backend_act_size(const qlr_backend *be) {
+    return qlr_dtype_size(be->act_dtype);
+}
+
+/* Copies a host NF4 store into device memory of `be` (dev->owned = 0; free with
+ * qlr_backend_nf4_free). On a host-visible backend with `steal` = 1 the host buffers are
+ * moved, not copied (host->owned becomes 0 and dev takes ownership). */
+qlr_status qlr_backend_nf4_upload(qlr_backend *be, qlr_nf4 *host, qlr_nf4 *dev, int steal);
+void qlr_backend_nf4_free(qlr_backend *be, qlr_nf4 *dev);
+
+/* Host f32 -> device act buffer of n elements (conversion on the host when act is bf16). */
+qlr_status qlr_backend_upload_act(qlr_backend *be, void *dst, const float *src, int64_t n);
+/* Device act buffer -> host f32. */
+qlr_status qlr_backend_download_act(qlr_backend *be, float *dst, const void *src, int64_t n);
+
+/* The CUDA backend's constructor, defined in backend/cuda/ (built into qlr_backend when CMake
+ * finds CUDA and backend/cuda/CMakeLists.txt exists; QLR_BACKEND_CUDA is then defined). */
+qlr_status qlr_backend_cuda_create(int n_threads, qlr_backend **out);
+
+#endif

@@ -1,0 +1,109 @@
+/* backend/cpu/cpu_backend.c: the CPU backend object: host memory as "device" memory, the
+ * per-thread scratch buffers, and the op table wired to the reference ops in ops_*.c.
+ * OpenBLAS is set to one thread: parallelism comes from qlr_parallel_for around it, so the two
+ * pools never oversubscribe the cores. */
+#include "backend/cpu/cpu_internal.h"
+
+#include <cblas.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/log.h"
+#include "core/threads.h"
+
+static void *cpu_alloc(qlr_backend *be, size_t bytes) {
+    size_t rounded = (bytes + 255) & ~(size_t)255;
+    if (rounded < bytes || rounded == 0) rounded = 256;
+    void *p = aligned_alloc(256, rounded);
+    if (!p)
+        qlr_errorf(QLR_ERR_NOMEM, "cpu: cannot allocate %.1f MiB", (double)bytes / (1 << 20));
+    return p;
+}
+static void cpu_free(qlr_backend *be, void *p) { free(p); }
+static qlr_status cpu_memset0(qlr_backend *be, void *p, size_t n) {
+    memset(p, 0, n);
+    return QLR_OK;
+}
+static qlr_status cpu_copy(qlr_backend *be, void *dst, const void *src, size_t n) {
+    if (n) memmove(dst, src, n);
+    return QLR_OK;
+}
+static qlr_status cpu_sync(qlr_backend *be) { return QLR_OK; }
+
+qlr_status qlr_cpu_scratch_reserve(qlr_backend *be, size_t bytes) {
+    qlr_cpu_impl *im = be->impl;
+    for (int t = 0; t < im->n_threads; t++) {
+        if (im->scratch_bytes[t] >= bytes) continue;
+        size_t want = (bytes + 63) & ~(size_t)63;
+        free(im->scratch[t]);
+        im->scratch[t] = aligned_alloc(64, want);
+        im->scratch_bytes[t] = im->scratch[t] ? want : 0;
+        if (!im->scratch[t])
+            return qlr_errorf(QLR_ERR_NOMEM, "cpu: cannot allocate %.1f MiB of scratch",
+                              (double)bytes / (1 << 20));
+    }
+    return QLR_OK;
+}
+
+static void cpu_destroy(qlr_backend *be) {
+    qlr_cpu_impl *im = be->impl;
+    if (im)
+        for (int t = 0; t < QLR_CPU_MAX_THREADS; t++) free(im->scratch[t]);
+    free(im);
+    free(be);
+}
+
+qlr_status qlr_backend_cpu_create(int n_threads, qlr_backend **out) {
+    *out = NULL;
+    if (n_threads > 0) qlr_set_n_threads(n_threads);
+    qlr_backend *be = calloc(1, sizeof *be);
+    qlr_cpu_impl *im = calloc(1, sizeof *im);
+    if (!be || !im) {
+        free(be);
+        free(im);
+        return qlr_errorf(QLR_ERR_NOMEM, "cpu backend");
+    }
+    im->n_threads = qlr_n_threads();
+    if (im->n_threads > QLR_CPU_MAX_THREADS) im->n_threads = QLR_CPU_MAX_THREADS;
+    if (n_threads > 0 && im->n_threads != n_threads)
+        QLR_LOGW("cpu backend: the thread pool already runs %d threads; --threads %d ignored",
+                 im->n_threads, n_threads);
+    openblas_set_num_threads(1);
+
+    be->name = "cpu";
+    be->kind = QLR_DEVICE_CPU;
+    be->act_dtype = QLR_F32;
+    be->host_visible = 1;
+    be->impl = im;
+    be->destroy = cpu_destroy;
+    be->mem.alloc = cpu_alloc;
+    be->mem.free = cpu_free;
+    be->mem.memset0 = cpu_memset0;
+    be->mem.h2d = cpu_copy;
+    be->mem.d2h = cpu_copy;
+    be->mem.d2d = cpu_copy;
+    be->mem.sync = cpu_sync;
+
+    qlr_backend_ops *o = &be->ops;
+    o->embedding = qlr_cpu_embedding;
+    o->rmsnorm = qlr_cpu_rmsnorm;
+    o->rope = qlr_cpu_rope;
+    o->kv_store = qlr_cpu_kv_store;
+    o->attention = qlr_cpu_attention;
+    o->swiglu = qlr_cpu_swiglu;
+    o->add = qlr_cpu_add;
+    o->get_rows = qlr_cpu_get_rows;
+    o->nf4_linear = qlr_cpu_nf4_linear;
+    o->lora = qlr_cpu_lora;
+    o->lm_head = qlr_cpu_lm_head;
+    o->sample = qlr_cpu_sample;
+    o->rmsnorm_bwd = qlr_cpu_rmsnorm_bwd;
+    o->rope_bwd = qlr_cpu_rope_bwd;
+    o->swiglu_bwd = qlr_cpu_swiglu_bwd;
+    o->attention_bwd = qlr_cpu_attention_bwd;
+    o->kv_store_bwd = qlr_cpu_kv_store_bwd;
+    o->nf4_linear_dx = qlr_cpu_nf4_linear_dx;
+    o->lora_bwd = qlr_cpu_lora_bwd;
+    *out = be;
+    return QLR_OK;
+}

@@ -1,0 +1,80 @@
+/* backend/cpu/cpu_internal.h: what the CPU backend's op files share: the private state
+ * (per-thread scratch buffers, grown before a parallel region and reused across calls so no
+ * op allocates per token) and the op entry points wired into the table by cpu_backend.c.
+ * Not part of the public API. */
+#ifndef QLR_BACKEND_CPU_INTERNAL_H
+#define QLR_BACKEND_CPU_INTERNAL_H
+
+#include "backend/backend.h"
+
+#define QLR_CPU_MAX_THREADS 256
+
+typedef struct qlr_cpu_impl {
+    int n_threads;                          /* qlr_n_threads() at creation */
+    float *scratch[QLR_CPU_MAX_THREADS];    /* per-thread workspace (64-byte aligned) */
+    size_t scratch_bytes[QLR_CPU_MAX_THREADS];
+} qlr_cpu_impl;
+
+/* Makes every thread's scratch at least `bytes` long (serial; call before qlr_parallel_for). */
+qlr_status qlr_cpu_scratch_reserve(qlr_backend *be, size_t bytes);
+/* Thread `tid`'s scratch (valid after a reserve). */
+static inline float *qlr_cpu_scratch(qlr_backend *be, int tid) {
+    return ((qlr_cpu_impl *)be->impl)->scratch[tid];
+}
+
+/* Dequantizes elements [e0, e1) of an NF4 store (flat row-major index) into out[e1 - e0]. */
+void qlr_cpu_nf4_dequant_range(const qlr_nf4 *q, int64_t e0, int64_t e1, float *out);
+
+/* ops_basic.c */
+qlr_status qlr_cpu_embedding(qlr_backend *be, void *out, const uint16_t *table, const int32_t *ids,
+                             int64_t n, int64_t d, int64_t vocab);
+qlr_status qlr_cpu_rmsnorm(qlr_backend *be, void *y, const void *x, const float *w, int64_t n,
+                           int64_t d, float eps);
+qlr_status qlr_cpu_rmsnorm_bwd(qlr_backend *be, void *dx, const void *dy, const void *x,
+                               const float *w, int64_t n, int64_t d, float eps);
+qlr_status qlr_cpu_rope(qlr_backend *be, void *x, const int32_t *pos, const float *inv_freq,
+                        int64_t n, int64_t n_heads, int64_t hd);
+qlr_status qlr_cpu_rope_bwd(qlr_backend *be, void *dx, const int32_t *pos, const float *inv_freq,
+                            int64_t n, int64_t n_heads, int64_t hd);
+qlr_status qlr_cpu_swiglu(qlr_backend *be, void *out, const void *gate, const void *up, int64_t n);
+qlr_status qlr_cpu_swiglu_bwd(qlr_backend *be, void *dgate, void *dup, const void *dout,
+                              const void *gate, const void *up, int64_t n);
+qlr_status qlr_cpu_add(qlr_backend *be, void *y, const void *x, int64_t n);
+qlr_status qlr_cpu_get_rows(qlr_backend *be, void *dst, const void *src, const int32_t *rows,
+                            int64_t n, int64_t d);
+
+/* ops_attention.c */
+qlr_status qlr_cpu_kv_store(qlr_backend *be, void *k_cache, void *v_cache, const void *k,
+                            const void *v, const int32_t *seq, const int32_t *pos, int64_t n,
+                            int64_t n_kv, int64_t hd, int64_t ctx);
+qlr_status qlr_cpu_kv_store_bwd(qlr_backend *be, void *dk, void *dv, const void *dk_cache,
+                                const void *dv_cache, const int32_t *seq, const int32_t *pos,
+                                int64_t n, int64_t n_kv, int64_t hd, int64_t ctx);
+qlr_status qlr_cpu_attention(qlr_backend *be, void *out, const void *q, const void *k_cache,
+                             const void *v_cache, const int32_t *seq, const int32_t *pos, int64_t n,
+                             int64_t n_heads, int64_t n_kv, int64_t hd, int64_t ctx, float scale);
+qlr_status qlr_cpu_attention_bwd(qlr_backend *be, void *dq, void *dk_cache, void *dv_cache,
+                                 const void *dout, const void *q, const void *k_cache,
+                                 const void *v_cache, const void *out, const float *lse,
+                                 const int32_t *seq, const int32_t *pos, int64_t n,
+                                 int64_t n_heads, int64_t n_kv, int64_t hd, int64_t ctx,
+                                 float scale);
+
+/* ops_linear.c */
+qlr_status qlr_cpu_nf4_linear(qlr_backend *be, void *y, const void *x, const qlr_nf4 *w,
+                              const float *bias, int64_t n);
+qlr_status qlr_cpu_nf4_linear_dx(qlr_backend *be, void *dx, const void *dy, const qlr_nf4 *w,
+                                 int64_t n);
+qlr_status qlr_cpu_lora(qlr_backend *be, void *y, const void *x, const qlr_lora_ref *l, int64_t n,
+                        int64_t in, int64_t out);
+qlr_status qlr_cpu_lora_bwd(qlr_backend *be, float *da, float *db, void *dx, const void *dy,
+                            const void *x, const qlr_lora_ref *l, int64_t n, int64_t in,
+                            int64_t out);
+qlr_status qlr_cpu_lm_head(qlr_backend *be, float *logits, const void *x, const uint16_t *w,
+                           int64_t n, int64_t d, int64_t vocab);
+
+/* ops_sample.c */
+qlr_status qlr_cpu_sample(qlr_backend *be, int32_t *out_ids, float *logits,
+                          const qlr_sampling *params, uint64_t *rng, int64_t n, int64_t vocab);
+
+#endif
