@@ -21,8 +21,8 @@ static const uint32_t nf4_bits[16] = {
     0x3EE1A4B8u, 0x3F1007ABu, 0x3F3913B3u, 0x3F800000u,
 };
 
-/* The same values as float literals (each decimal is exactly a float32, spec §1.1); the static
- * assertion-like check in qlr_nf4_table_ok() keeps the two spellings in agreement. */
+/* The same values as float literals (each decimal is exactly a float32, spec §1.1);
+ * qlr_nf4_table_ok() keeps the two spellings in agreement. */
 const float qlr_nf4_table[16] = {
     -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
     -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
@@ -30,9 +30,12 @@ const float qlr_nf4_table[16] = {
     0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f,
 };
 
-/* The 15 decision thresholds of bnb's dQuantizeNF4 (spec §1.3) as float32 literals; each is the
- * float32 midpoint of two adjacent codes. Code = number of thresholds that s is strictly
- * greater than. */
+/* The 15 decision thresholds of bnb's dQuantizeNF4 (spec §1.3), spelled as in its CUDA source:
+ * float literals, i.e. the decimal rounded directly to float32. Each decimal is the exact
+ * midpoint of two codes (a value halfway between two floats), so direct rounding lands one ulp
+ * away from the round-to-even float32 midpoint for thresholds 0, 8, 12 and 14; we follow the
+ * CUDA kernel (bnb's pure-PyTorch backend would differ only for inputs exactly on those four).
+ * Code = number of thresholds that s is strictly greater than. */
 static const float nf4_thresh[15] = {
     -0.8480964004993439f, -0.6106329262256622f, -0.4599952697753906f, -0.33967943489551544f,
     -0.23460740596055984f, -0.13791173323988914f, -0.045525018125772476f, 0.03979014977812767f,
@@ -43,8 +46,12 @@ static const float nf4_thresh[15] = {
 int qlr_nf4_table_ok(void) {
     for (int i = 0; i < 16; i++)
         if (qlr_f32_bits(qlr_nf4_table[i]) != nf4_bits[i]) return 0;
-    for (int i = 0; i < 15; i++)
-        if ((qlr_nf4_table[i] + qlr_nf4_table[i + 1]) * 0.5f != nf4_thresh[i]) return 0;
+    for (int i = 0; i < 15; i++) { /* within one ulp of the float32 midpoint */
+        float mid = (qlr_nf4_table[i] + qlr_nf4_table[i + 1]) * 0.5f;
+        if (nf4_thresh[i] != mid && nf4_thresh[i] != nextafterf(mid, 2.0f) &&
+            nf4_thresh[i] != nextafterf(mid, -2.0f))
+            return 0;
+    }
     return 1;
 }
 

@@ -63,7 +63,8 @@ void qlr_nf4_dequant(const qlr_nf4 *q, float *out);
 /* ---- additions (quant/nf4.c) ---- */
 
 /* 1 if the float table above equals the spec's hex bit patterns and every decision threshold
- * is the float32 midpoint of its two codes; 0 otherwise (a build/consistency check). */
+ * is within one ulp of the float32 midpoint of its two codes (thresholds are bnb's CUDA float
+ * literals; see nf4.c); 0 otherwise (a build/consistency check). */
 int qlr_nf4_table_ok(void);
 
 /* The raw bnb kernel on a flat array: absmax[ceil(n/64)] = max |x| per block (NaN ignored),
