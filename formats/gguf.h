@@ -122,7 +122,8 @@ qlr_status qlr_gguf_kv_arr(const qlr_gguf *g, int64_t kv, qlr_gguf_type *elem_ty
                            const void **data);
 qlr_status qlr_gguf_kv_arr_str(const qlr_gguf *g, int64_t kv, uint64_t i, const char **s,
                                uint64_t *len);
-/* Raw scalar value bytes for a kv (for printing); NULL for arrays. */
+/* Raw scalar value bytes for a kv (for printing); NULL for arrays. For STRING it points at the
+ * uint64 length prefix: use qlr_gguf_kv_str instead. */
 const void *qlr_gguf_kv_scalar(const qlr_gguf *g, int64_t kv);
 qlr_status qlr_gguf_kv_str(const qlr_gguf *g, int64_t kv, const char **s, uint64_t *len);
 
@@ -162,5 +163,23 @@ qlr_status qlr_gguf_add_tensor(qlr_gguf_writer *w, const char *name, uint32_t ty
 
 /* Writes the file atomically (core/file.h). */
 qlr_status qlr_gguf_writer_write(qlr_gguf_writer *w, const char *path);
+
+/* ---- additions (after the first version of this header) ---- */
+
+/* Name of a metadata value type ("UINT32", "STRING", "ARRAY", ...) or NULL for an unknown id. */
+const char *qlr_gguf_type_name(uint32_t type);
+/* Bytes of a scalar metadata value of `type` (1, 2, 4 or 8); 0 for STRING, ARRAY and unknown ids. */
+uint32_t qlr_gguf_scalar_size(uint32_t type);
+/* Size in bytes of the file or buffer the reader validated. */
+uint64_t qlr_gguf_file_size(const qlr_gguf *g);
+/* Byte offset in the file of the value of kv `kv` (for messages in callers). */
+uint64_t qlr_gguf_kv_offset(const qlr_gguf *g, int64_t kv);
+
+/* Writer: any scalar type except STRING and ARRAY; `value` points at the native value (uint8_t,
+ * int16_t, double, ... ; BOOL is one byte 0/1). QLR_ERR_INVALID for a bad type or duplicate key. */
+qlr_status qlr_gguf_set_scalar(qlr_gguf_writer *w, const char *key, qlr_gguf_type type,
+                               const void *value);
+/* Writer: a string of `len` bytes that need not be NUL-terminated. */
+qlr_status qlr_gguf_set_str_n(qlr_gguf_writer *w, const char *key, const char *s, uint64_t len);
 
 #endif
