@@ -56,15 +56,15 @@ int qlr_nf4_table_ok(void) {
 }
 
 uint8_t qlr_nf4_nearest(float s) {
-    /* a balanced decision tree over the thresholds; "greater than" at every node, so a value
-     * on a threshold goes to the lower code and NaN always takes the lower branch (code 0) */
-    int lo = 0, hi = 15;
-    while (lo < hi) {
-        int mid = (lo + hi) >> 1;
-        if (s > nf4_thresh[mid]) lo = mid + 1;
-        else hi = mid;
-    }
-    return (uint8_t)lo;
+    /* the decision tree as a branchless 4-step search: "greater than" at every node, so a
+     * value on a threshold goes to the lower code and NaN always takes the lower branch
+     * (code 0) */
+    int c = 0;
+    c += (s > nf4_thresh[c + 7]) << 3;
+    c += (s > nf4_thresh[c + 3]) << 2;
+    c += (s > nf4_thresh[c + 1]) << 1;
+    c += (s > nf4_thresh[c]);
+    return (uint8_t)c;
 }
 
 size_t qlr_nf4_bytes(int64_t rows, int64_t cols, int dq) {
