@@ -7,7 +7,7 @@
 
 #include "core/core.h"
 #include "formats/json.h"
-#include "test_util.h"
+#include "tests/test_util.h"
 
 static const char *k_pretty_in = "{\"r\": 8, \"lora_alpha\": 16, \"lora_dropout\": 0.05, \"target_modules\": [\"q_proj\", \"v_proj\"], \"peft_type\": \"LORA\", \"inference_mode\": true, \"rank_pattern\": {}, \"layers\": [], \"base_model_name_or_path\": null, \"lr\": 1e-05, \"big\": 1e+16, \"hundred\": 100.0, \"neg\": -0.0, \"third\": 0.3333333333333333, \"s\": \"caf\\u00e9 \\ud83d\\ude00 \\\"q\\\" \\\\ \\n\\t\\u0001\", \"nested\": {\"b\": [1, {\"z\": 2.5, \"a\": null}], \"a\": false}, \"mx\": 1.5e+300, \"small\": 0.0001}";
 static const char *k_pretty_out =

@@ -10,7 +10,7 @@
 
 #include "core/core.h"
 #include "formats/safetensors.h"
-#include "test_util.h"
+#include "tests/test_util.h"
 
 static int msg_has(const char *s) {
     if (strstr(qlr_error_msg(), s)) return 1;

@@ -8,7 +8,7 @@
 
 #include "core/core.h"
 #include "formats/safetensors.h"
-#include "test_util.h"
+#include "tests/test_util.h"
 
 #define BAD_DIR QLR_TEST_DATA "/safetensors_bad"
 
