@@ -3,7 +3,10 @@
  * kernel (used for tensors under 4096 elements in 8-bit mode) and PyTorch's AdamW. Spec:
  * ../shared/specs/FORMATS.md §2.3. State allocation and serialization live in adamw_state.c.
  * Everything is float32 arithmetic in the order the reference kernels use; this file is built
- * with -ffp-contract=off so that the results do not depend on the compiler fusing a*b+c. */
+ * with -ffp-contract=off so that the results do not depend on the compiler fusing a*b+c.
+ * Known rounding-level differences from bnb's CUDA kernel (a GPU run may differ by ulps):
+ * exact division where it uses __fdividef, libm powf for __powf, no FMA contraction. bnb's
+ * pure-PyTorch/CPU path differs more: weight decay first, no sign fix, no non-finite guard. */
 #include "optim/optim.h"
 
 #include <math.h>
