@@ -1,0 +1,308 @@
+/* model/forward.c: the KV cache, the forward workspace (one device allocation carved from a
+ * table of sizes) and the transformer forward for a batch of tokens from any number of
+ * sequences at any positions, written only against the backend op table:
+ *   embedding -> per layer [RMSNorm -> q/k/v (+LoRA) -> RoPE -> KV store -> attention ->
+ *   o (+LoRA) -> residual -> RMSNorm -> gate/up (+LoRA) -> SwiGLU -> down (+LoRA) -> residual]
+ *   -> gather the rows whose logits are wanted -> final RMSNorm -> lm_head. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/core.h"
+#include "model/model_internal.h"
+
+/* ---- KV cache ---- */
+
+uint64_t qlr_kv_cache_bytes(const qlr_model_config *c, qlr_backend *be, int32_t n_seq, int32_t ctx) {
+    return 2ull * (uint64_t)c->n_layers * (uint64_t)n_seq * (uint64_t)ctx *
+           (uint64_t)c->n_kv_heads * (uint64_t)c->head_dim * qlr_backend_act_size(be);
+}
+
+qlr_status qlr_kv_cache_create(const qlr_model *m, int32_t n_seq, int32_t ctx, qlr_kv_cache **out) {
+    *out = NULL;
+    const qlr_model_config *c = &m->cfg;
+    if (n_seq < 1 || ctx < 1)
+        return qlr_errorf(QLR_ERR_INVALID, "KV cache: n_seq %d and ctx %d must be >= 1", n_seq, ctx);
+    qlr_kv_cache *kv = calloc(1, sizeof *kv);
+    if (!kv) return qlr_errorf(QLR_ERR_NOMEM, "KV cache");
+    kv->be = m->be;
+    kv->n_layers = c->n_layers;
+    kv->n_seq = n_seq;
+    kv->ctx = ctx;
+    kv->n_kv = c->n_kv_heads;
+    kv->head_dim = c->head_dim;
+    kv->bytes = qlr_kv_cache_bytes(c, m->be, n_seq, ctx);
+    kv->k = calloc((size_t)c->n_layers, sizeof(void *));
+    kv->v = calloc((size_t)c->n_layers, sizeof(void *));
+    kv->block = m->be->mem.alloc(m->be, (size_t)kv->bytes);
+    if (!kv->k || !kv->v || !kv->block) {
+        qlr_status st = kv->block ? qlr_errorf(QLR_ERR_NOMEM, "KV cache") : qlr_error_status();
+        qlr_error_prefix("KV cache of %.1f MiB (%d sequences x %d positions): ",
+                         (double)kv->bytes / (1 << 20), n_seq, ctx);
+        qlr_kv_cache_free(kv);
+        return st;
+    }
+    uint64_t per = kv->bytes / (2ull * (uint64_t)c->n_layers);
+    for (int32_t l = 0; l < c->n_layers; l++) {
+        kv->k[l] = (uint8_t *)kv->block + (2ull * l) * per;
+        kv->v[l] = (uint8_t *)kv->block + (2ull * l + 1) * per;
+    }
+    *out = kv;
+    return QLR_OK;
+}
+
+void qlr_kv_cache_free(qlr_kv_cache *kv) {
+    if (!kv) return;
+    if (kv->block) kv->be->mem.free(kv->be, kv->block);
+    free(kv->k);
+    free(kv->v);
+    free(kv);
+}
+
+/* ---- workspace plan ---- */
+
+enum { B_X, B_XN, B_Q, B_K, B_V, B_ATT, B_O, B_GATE, B_UP, B_XL, B_LOGITS, B_IDS, B_POS, B_SEQ,
+       B_ROWS, B_COUNT };
+
+struct qlr_forward {
+    qlr_model *m;
+    int32_t max_tokens, max_logits;
+    void *block;
+    uint64_t bytes;
+    void *buf[B_COUNT];
+    qlr_hidden_fn hidden_fn;
+    void *hidden_ud;
+    int32_t *rows_host; /* [max_logits] */
+};
+
+/* Bytes of each workspace buffer, aligned to 256. */
+static void plan(const qlr_model_config *c, qlr_backend *be, int32_t T, int32_t L, uint64_t *sz) {
+    uint64_t a = qlr_backend_act_size(be);
+    uint64_t d = (uint64_t)c->d_model, q = (uint64_t)c->n_heads * c->head_dim,
+             kv = (uint64_t)c->n_kv_heads * c->head_dim, ff = (uint64_t)c->d_ff;
+    sz[B_X] = T * d * a;
+    sz[B_XN] = T * d * a;
+    sz[B_Q] = T * q * a;
+    sz[B_K] = T * kv * a;
+    sz[B_V] = T * kv * a;
+    sz[B_ATT] = T * q * a;
+    sz[B_O] = T * d * a;
+    sz[B_GATE] = T * ff * a;
+    sz[B_UP] = T * ff * a;
+    sz[B_XL] = (uint64_t)L * d * a;
+    sz[B_LOGITS] = (uint64_t)L * c->n_vocab * 4;
+    sz[B_IDS] = sz[B_POS] = sz[B_SEQ] = (uint64_t)T * 4;
+    sz[B_ROWS] = (uint64_t)L * 4;
+    for (int i = 0; i < B_COUNT; i++) sz[i] = (sz[i] + 255) & ~255ull;
+}
+
+uint64_t qlr_forward_plan_bytes(const qlr_model_config *c, qlr_backend *be, int32_t T, int32_t L) {
+    uint64_t sz[B_COUNT], t = 0;
+    plan(c, be, T, L, sz);
+    for (int i = 0; i < B_COUNT; i++) t += sz[i];
+    return t;
+}
+
+qlr_status qlr_forward_create(qlr_model *m, int32_t max_tokens, int32_t max_logits,
+                              qlr_forward **out) {
+    *out = NULL;
+    if (max_tokens < 1 || max_logits < 1)
+        return qlr_errorf(QLR_ERR_INVALID, "forward workspace: max_tokens %d, max_logits %d",
+                          max_tokens, max_logits);
+    qlr_forward *f = calloc(1, sizeof *f);
+    if (!f) return qlr_errorf(QLR_ERR_NOMEM, "forward workspace");
+    f->m = m;
+    f->max_tokens = max_tokens;
+    f->max_logits = max_logits;
+    uint64_t sz[B_COUNT];
+    plan(&m->cfg, m->be, max_tokens, max_logits, sz);
+    f->bytes = qlr_forward_plan_bytes(&m->cfg, m->be, max_tokens, max_logits);
+    f->block = m->be->mem.alloc(m->be, (size_t)f->bytes);
+    f->rows_host = malloc((size_t)max_logits * 4);
+    if (!f->block || !f->rows_host) {
+        qlr_status st = f->block ? qlr_errorf(QLR_ERR_NOMEM, "forward") : qlr_error_status();
+        qlr_error_prefix("forward workspace of %.1f MiB: ", (double)f->bytes / (1 << 20));
+        qlr_forward_free(f);
+        return st;
+    }
+    uint64_t off = 0;
+    for (int i = 0; i < B_COUNT; i++) {
+        f->buf[i] = (uint8_t *)f->block + off;
+        off += sz[i];
+    }
+    *out = f;
+    return QLR_OK;
+}
+
+void qlr_forward_free(qlr_forward *f) {
+    if (!f) return;
+    if (f->block) f->m->be->mem.free(f->m->be, f->block);
+    free(f->rows_host);
+    free(f);
+}
+
+void qlr_forward_set_hidden_fn(qlr_forward *f, qlr_hidden_fn fn, void *ud) {
+    f->hidden_fn = fn;
+    f->hidden_ud = ud;
+}
+
+/* ---- forward ---- */
+
+static qlr_status check_batch(const qlr_forward *f, const qlr_kv_cache *kv, const qlr_batch *b) {
+    const qlr_model_config *c = &f->m->cfg;
+    if (b->n < 1 || b->n > f->max_tokens)
+        return qlr_errorf(QLR_ERR_RANGE, "batch of %d tokens (workspace holds 1..%d)", b->n,
+                          f->max_tokens);
+    if (b->n_logits < 0 || b->n_logits > f->max_logits || b->n_logits > b->n)
+        return qlr_errorf(QLR_ERR_RANGE, "%d logits rows requested (workspace holds %d, batch %d)",
+                          b->n_logits, f->max_logits, b->n);
+    if (kv->n_layers != c->n_layers || kv->n_kv != c->n_kv_heads || kv->head_dim != c->head_dim)
+        return qlr_errorf(QLR_ERR_INVALID, "KV cache was made for another model");
+    for (int32_t i = 0; i < b->n; i++) {
+        if (b->tokens[i] < 0 || b->tokens[i] >= c->n_vocab)
+            return qlr_errorf(QLR_ERR_RANGE, "token %d of the batch: id %d is outside the vocabulary "
+                              "(0..%d)", i, b->tokens[i], c->n_vocab - 1);
+        if (b->pos[i] < 0 || b->pos[i] >= kv->ctx)
+            return qlr_errorf(QLR_ERR_RANGE, "token %d of the batch: position %d is outside the "
+                              "context (0..%d)", i, b->pos[i], kv->ctx - 1);
+        if (b->seq[i] < 0 || b->seq[i] >= kv->n_seq)
+            return qlr_errorf(QLR_ERR_RANGE, "token %d of the batch: sequence %d is outside the "
+                              "cache (0..%d)", i, b->seq[i], kv->n_seq - 1);
+    }
+    if (b->logit_rows)
+        for (int32_t i = 0; i < b->n_logits; i++)
+            if (b->logit_rows[i] < 0 || b->logit_rows[i] >= b->n)
+                return qlr_errorf(QLR_ERR_RANGE, "logits row %d: %d is outside the batch", i,
+                                  b->logit_rows[i]);
+    return QLR_OK;
+}
+
+static qlr_status linear(qlr_backend *be, const qlr_layer *L, qlr_linear_id id, void *y,
+                         const void *x, int64_t n) {
+    QLR_TRY(be->ops.nf4_linear(be, y, x, &L->w[id], L->bias[id], n));
+    if (L->lora[id])
+        QLR_TRY(be->ops.lora(be, y, x, L->lora[id], n, L->w[id].cols, L->w[id].rows));
+    return QLR_OK;
+}
+
+qlr_status qlr_model_forward(qlr_forward *f, qlr_kv_cache *kv, const qlr_batch *b,
+                             float **logits) {
+    qlr_model *m = f->m;
+    qlr_backend *be = m->be;
+    const qlr_model_config *c = &m->cfg;
+    QLR_TRY(check_batch(f, kv, b));
+    int64_t n = b->n, d = c->d_model, nh = c->n_heads, nkv = c->n_kv_heads, hd = c->head_dim;
+    int32_t *ids = f->buf[B_IDS], *pos = f->buf[B_POS], *seq = f->buf[B_SEQ], *rows = f->buf[B_ROWS];
+    void *x = f->buf[B_X], *xn = f->buf[B_XN], *q = f->buf[B_Q], *k = f->buf[B_K], *v = f->buf[B_V],
+         *att = f->buf[B_ATT], *o = f->buf[B_O], *gate = f->buf[B_GATE], *up = f->buf[B_UP];
+    QLR_TRY(be->mem.h2d(be, ids, b->tokens, (size_t)n * 4));
+    QLR_TRY(be->mem.h2d(be, pos, b->pos, (size_t)n * 4));
+    QLR_TRY(be->mem.h2d(be, seq, b->seq, (size_t)n * 4));
+
+    QLR_TRY(be->ops.embedding(be, x, m->tok_embd, ids, n, d, c->n_vocab));
+    if (f->hidden_fn) f->hidden_fn(f->hidden_ud, -1, x, n, d);
+    float scale = 1.0f / sqrtf((float)hd);
+    for (int32_t l = 0; l < c->n_layers; l++) {
+        const qlr_layer *L = &m->layers[l];
+        QLR_TRY(be->ops.rmsnorm(be, xn, x, L->attn_norm, n, d, c->rms_eps));
+        QLR_TRY(linear(be, L, QLR_LIN_Q, q, xn, n));
+        QLR_TRY(linear(be, L, QLR_LIN_K, k, xn, n));
+        QLR_TRY(linear(be, L, QLR_LIN_V, v, xn, n));
+        QLR_TRY(be->ops.rope(be, q, pos, m->inv_freq, n, nh, hd));
+        QLR_TRY(be->ops.rope(be, k, pos, m->inv_freq, n, nkv, hd));
+        QLR_TRY(be->ops.kv_store(be, kv->k[l], kv->v[l], k, v, seq, pos, n, nkv, hd, kv->ctx));
+        QLR_TRY(be->ops.attention(be, att, q, kv->k[l], kv->v[l], seq, pos, n, nh, nkv, hd,
+                                  kv->ctx, scale));
+        QLR_TRY(linear(be, L, QLR_LIN_O, o, att, n));
+        QLR_TRY(be->ops.add(be, x, o, n * d));
+        QLR_TRY(be->ops.rmsnorm(be, xn, x, L->ffn_norm, n, d, c->rms_eps));
+        QLR_TRY(linear(be, L, QLR_LIN_GATE, gate, xn, n));
+        QLR_TRY(linear(be, L, QLR_LIN_UP, up, xn, n));
+        QLR_TRY(be->ops.swiglu(be, gate, gate, up, n * c->d_ff));
+        QLR_TRY(linear(be, L, QLR_LIN_DOWN, o, gate, n));
+        QLR_TRY(be->ops.add(be, x, o, n * d));
+        if (f->hidden_fn) f->hidden_fn(f->hidden_ud, l, x, n, d);
+    }
+    int32_t nl = b->n_logits;
+    *logits = f->buf[B_LOGITS];
+    if (nl == 0) return QLR_OK;
+    for (int32_t i = 0; i < nl; i++) f->rows_host[i] = b->logit_rows ? b->logit_rows[i] : i;
+    QLR_TRY(be->mem.h2d(be, rows, f->rows_host, (size_t)nl * 4));
+    void *xl = f->buf[B_XL];
+    QLR_TRY(be->ops.get_rows(be, xl, x, rows, nl, d));
+    QLR_TRY(be->ops.rmsnorm(be, xl, xl, m->out_norm, nl, d, c->rms_eps));
+    QLR_TRY(be->ops.lm_head(be, *logits, xl, m->lm_head, nl, d, c->n_vocab));
+    return QLR_OK;
+}
+
+/* ---- generation ---- */
+
+qlr_generate_params qlr_generate_params_default(void) {
+    qlr_generate_params p;
+    memset(&p, 0, sizeof p);
+    p.n_predict = 128;
+    p.sampling = qlr_sampling_default();
+    p.n_batch = 256;
+    return p;
+}
+
+qlr_status qlr_generate(qlr_forward *f, qlr_kv_cache *kv, const int32_t *prompt, int32_t n_prompt,
+                        const qlr_generate_params *p, qlr_token_fn on_token, void *ud,
+                        qlr_generate_stats *stats) {
+    qlr_backend *be = f->m->be;
+    memset(stats, 0, sizeof *stats);
+    if (n_prompt < 1) return qlr_errorf(QLR_ERR_INVALID, "generate: the prompt is empty");
+    if (n_prompt > kv->ctx)
+        return qlr_errorf(QLR_ERR_RANGE, "generate: the prompt has %d tokens, the context holds %d",
+                          n_prompt, kv->ctx);
+    int32_t nb = p->n_batch > 0 ? p->n_batch : 256;
+    if (nb > f->max_tokens) nb = f->max_tokens;
+    int32_t *pos = malloc((size_t)nb * 4), *seq = calloc((size_t)nb, 4);
+    if (!pos || !seq) {
+        free(pos), free(seq);
+        return qlr_errorf(QLR_ERR_NOMEM, "generate");
+    }
+    qlr_status st = QLR_OK;
+    float *logits = NULL;
+    double t0 = qlr_now();
+    for (int32_t s = 0; s < n_prompt && st == QLR_OK; s += nb) {
+        int32_t cnt = n_prompt - s < nb ? n_prompt - s : nb;
+        for (int32_t i = 0; i < cnt; i++) pos[i] = s + i;
+        int32_t last = cnt - 1;
+        qlr_batch b = {cnt, prompt + s, pos, seq, s + cnt == n_prompt ? 1 : 0, &last};
+        st = qlr_model_forward(f, kv, &b, &logits);
+    }
+    if (st == QLR_OK) st = be->mem.sync(be);
+    stats->n_prompt = n_prompt;
+    stats->prompt_secs = qlr_now() - t0;
+    t0 = qlr_now();
+    uint64_t rng = p->seed;
+    int32_t cur = n_prompt;
+    for (int32_t g = 0; g < p->n_predict && st == QLR_OK; g++) {
+        int32_t id;
+        st = be->ops.sample(be, &id, logits, &p->sampling, &rng, 1, f->m->cfg.n_vocab);
+        if (st != QLR_OK) break;
+        int stop = 0;
+        for (int32_t i = 0; i < p->n_stop; i++) stop |= id == p->stop_ids[i];
+        if (stop) {
+            stats->stopped = 1;
+            break;
+        }
+        stats->n_gen++;
+        if (on_token && on_token(ud, id)) break;
+        if (g + 1 == p->n_predict) break;
+        if (cur >= kv->ctx) {
+            QLR_LOGW("generate: reached the end of the context (%d tokens)", kv->ctx);
+            break;
+        }
+        int32_t zero = 0, p1 = cur;
+        qlr_batch b = {1, &id, &p1, &zero, 1, NULL};
+        st = qlr_model_forward(f, kv, &b, &logits);
+        cur++;
+    }
+    if (st == QLR_OK) st = be->mem.sync(be);
+    stats->gen_secs = qlr_now() - t0;
+    free(pos);
+    free(seq);
+    return st;
+}

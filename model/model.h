@@ -1,0 +1,231 @@
+/* model/model.h: the Llama-family transformer on the NF4 store, written against the backend op
+ * table (backend/backend.h) so the same code runs on cpu and cuda.
+ *
+ * Owns: the architecture config (from GGUF metadata or HF config.json), loading weights into
+ * the NF4 store (streaming, tensor by tensor), the KV cache, the forward pass for a batch of
+ * sequences of different lengths, the generation loop, and two tools built on the loader:
+ * per-tensor NF4 error (`qlora inspect --nf4`) and the export of the dequantized weights as
+ * HF-named safetensors (the golden reference's input). It does not own tokenizers or chat
+ * templates (data/), adapters (adapters/) or scheduling (infer/).
+ *
+ * Architectures: llama (Llama 2/3/3.1/3.2, Mistral, SmolLM2, TinyLlama) and qwen2 (q/k/v bias).
+ * Runtime RoPE convention: rotate-half (HF); llama GGUF Q/K rows are un-permuted at load. */
+#ifndef QLR_MODEL_MODEL_H
+#define QLR_MODEL_MODEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "backend/backend.h"
+#include "core/status.h"
+#include "quant/nf4.h"
+
+typedef enum qlr_rope_scaling {
+    QLR_ROPE_SCALING_NONE = 0,
+    QLR_ROPE_SCALING_LINEAR,   /* positions divided by factor */
+    QLR_ROPE_SCALING_LLAMA3,   /* Llama 3.1 frequency-dependent scaling */
+    QLR_ROPE_SCALING_FREQS,    /* per-dimension factors from a GGUF rope_freqs.weight tensor */
+} qlr_rope_scaling;
+
+typedef struct qlr_model_config {
+    char arch[32];          /* "llama" or "qwen2" */
+    int32_t n_vocab;
+    int32_t d_model;        /* hidden_size */
+    int32_t n_layers;
+    int32_t n_heads;
+    int32_t n_kv_heads;
+    int32_t head_dim;
+    int32_t d_ff;           /* intermediate_size */
+    int32_t ctx_train;      /* max_position_embeddings */
+    float rms_eps;
+    float rope_theta;
+    qlr_rope_scaling rope_scaling;
+    float rope_factor;          /* linear / llama3 */
+    float rope_low_freq_factor; /* llama3 */
+    float rope_high_freq_factor;/* llama3 */
+    int32_t rope_orig_ctx;      /* llama3: original_max_position_embeddings */
+    int tied_embeddings;    /* lm_head shares the token embedding */
+    int qkv_bias;           /* q/k/v projections have a bias (qwen2) */
+} qlr_model_config;
+
+/* The decoder linears, in the order of the LoRA target names. */
+typedef enum qlr_linear_id {
+    QLR_LIN_Q = 0,
+    QLR_LIN_K,
+    QLR_LIN_V,
+    QLR_LIN_O,
+    QLR_LIN_GATE,
+    QLR_LIN_UP,
+    QLR_LIN_DOWN,
+    QLR_LIN_COUNT
+} qlr_linear_id;
+
+/* "q_proj", "k_proj", ... (HF names) and "attn_q", ... (GGUF names). */
+const char *qlr_linear_hf_name(qlr_linear_id id);
+const char *qlr_linear_gguf_name(qlr_linear_id id);
+
+typedef struct qlr_layer {
+    float *attn_norm;              /* [d_model] f32, device */
+    float *ffn_norm;               /* [d_model] f32, device */
+    qlr_nf4 w[QLR_LIN_COUNT];      /* NF4 [out, in], device buffers */
+    float *bias[QLR_LIN_COUNT];    /* [out] f32 device or NULL (q/k/v of qwen2) */
+    /* LoRA hooks, called after each linear; NULL = none. Set by adapters/ (not owned). */
+    const qlr_lora_ref *lora[QLR_LIN_COUNT];
+} qlr_layer;
+
+typedef struct qlr_model {
+    qlr_model_config cfg;
+    qlr_backend *be;                /* not owned */
+    uint16_t *tok_embd;             /* [n_vocab, d_model] bf16, device */
+    uint16_t *lm_head;              /* [n_vocab, d_model] bf16, device; == tok_embd when tied */
+    float *out_norm;                /* [d_model] f32, device */
+    float *inv_freq;                /* [head_dim / 2] f32, device (RoPE, scaling applied) */
+    qlr_layer *layers;              /* [n_layers] */
+    uint64_t nf4_bytes;             /* bytes of the NF4 store */
+    uint64_t other_bytes;           /* embeddings, norms, biases */
+    char *source;                   /* path it was loaded from */
+} qlr_model;
+
+/* ---- config ---- */
+
+/* Fills cfg from an open GGUF's metadata (and, for tied embeddings / biases / rope_freqs, its
+ * tensor list). Refuses other architectures by name: QLR_ERR_UNSUPPORTED "architecture 'gemma3'
+ * is not supported yet (supported: llama, qwen2)". Errors name the key. */
+struct qlr_gguf;
+qlr_status qlr_model_config_from_gguf(const struct qlr_gguf *g, qlr_model_config *cfg);
+/* Fills cfg from an HF config.json (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM). */
+qlr_status qlr_model_config_from_hf(const char *config_json_path, qlr_model_config *cfg);
+/* Checks ranges and consistency (heads divide, head_dim even, ...). QLR_ERR_FORMAT naming the
+ * field. */
+qlr_status qlr_model_config_validate(const qlr_model_config *cfg, const char *src);
+/* RoPE inverse frequencies with the config's scaling: out[head_dim / 2] (host). `freqs` is the
+ * GGUF rope_freqs factor table for QLR_ROPE_SCALING_FREQS (else NULL). */
+void qlr_model_rope_inv_freq(const qlr_model_config *cfg, const float *freqs, float *out);
+/* One-line summary ("llama: 30 layers, d 576, heads 9/3 x 64, ff 1536, vocab 49152, ..."). */
+void qlr_model_config_print(const qlr_model_config *cfg, FILE *out);
+
+/* ---- loading ---- */
+
+typedef struct qlr_model_load_params {
+    int progress;          /* show a progress bar on stderr (default 1) */
+    int double_quant;      /* NF4 double quantization of absmax (default 1, QLoRA) */
+    int32_t max_layers;    /* > 0: load only the first N layers (tests, golden subsets) */
+} qlr_model_load_params;
+
+qlr_model_load_params qlr_model_load_params_default(void);
+
+/* Loads a base model onto `be`: a .gguf file, or an HF folder (config.json + safetensors). The
+ * loader streams: each tensor is dequantized to f32 on the host, Q/K rows of llama GGUFs are
+ * un-permuted (spec §4.6), decoder linears are quantized to NF4 and uploaded, then the next
+ * tensor; peak host memory is about the NF4 store plus the largest tensor. A missing tensor, a
+ * wrong shape or an unsupported type is one error naming the tensor. *out NULL on failure. */
+qlr_status qlr_model_load(const char *path, qlr_backend *be, const qlr_model_load_params *p,
+                          qlr_model **out);
+/* Frees every device buffer and the model; safe on NULL. */
+void qlr_model_free(qlr_model *m);
+
+/* Undoes llama.cpp's Q/K row permutation in place: w is [n_head * hd, cols] (rows of GGUF
+ * order in, HF order out; a bias is cols = 1). Spec §4.6: GGUF row 2j+t of a head becomes HF
+ * row t*(hd/2)+j. QLR_ERR_NOMEM only. */
+qlr_status qlr_unpermute_qk(float *w, int64_t n_head, int64_t hd, int64_t cols);
+/* The forward direction (HF -> GGUF), for tests and adapter export. */
+qlr_status qlr_permute_qk(float *w, int64_t n_head, int64_t hd, int64_t cols);
+
+/* ---- KV cache ---- */
+
+/* Per layer: k and v [n_seq, ctx, n_kv_heads, head_dim] in the backend's act dtype, all in one
+ * device allocation. */
+typedef struct qlr_kv_cache {
+    int32_t n_layers, n_seq, ctx, n_kv, head_dim;
+    void **k, **v;     /* [n_layers] device pointers */
+    void *block;       /* the allocation */
+    uint64_t bytes;
+    qlr_backend *be;
+} qlr_kv_cache;
+
+/* Bytes of a cache for this config. */
+uint64_t qlr_kv_cache_bytes(const qlr_model_config *cfg, qlr_backend *be, int32_t n_seq,
+                            int32_t ctx);
+qlr_status qlr_kv_cache_create(const qlr_model *m, int32_t n_seq, int32_t ctx,
+                               qlr_kv_cache **out);
+void qlr_kv_cache_free(qlr_kv_cache *kv);
+
+/* ---- forward ---- */
+
+/* One forward call: n tokens, each with its position and the cache sequence (slot) it
+ * belongs to. Tokens of one sequence must come in position order and every position below a
+ * token's own must already be in the cache or earlier in this batch. Host arrays. */
+typedef struct qlr_batch {
+    int32_t n;
+    const int32_t *tokens;     /* [n] */
+    const int32_t *pos;        /* [n] */
+    const int32_t *seq;        /* [n] */
+    int32_t n_logits;          /* rows of logits wanted */
+    const int32_t *logit_rows; /* [n_logits] indices into the batch; NULL = the first n_logits */
+} qlr_batch;
+
+/* Called after each decoder layer (and with layer = -1 after the embedding) with the
+ * residual stream h [n, d_model] act (device). For golden tests and debugging. */
+typedef void (*qlr_hidden_fn)(void *ud, int32_t layer, const void *h, int64_t n, int64_t d);
+
+/* The forward workspace: activations for up to max_tokens tokens and max_logits logits rows,
+ * carved from one device allocation sized by qlr_forward_plan_bytes. */
+typedef struct qlr_forward qlr_forward;
+
+uint64_t qlr_forward_plan_bytes(const qlr_model_config *cfg, qlr_backend *be, int32_t max_tokens,
+                                int32_t max_logits);
+qlr_status qlr_forward_create(qlr_model *m, int32_t max_tokens, int32_t max_logits,
+                              qlr_forward **out);
+void qlr_forward_free(qlr_forward *f);
+void qlr_forward_set_hidden_fn(qlr_forward *f, qlr_hidden_fn fn, void *ud);
+
+/* Runs the batch through the model, writing K/V into `kv`. *logits points at device memory
+ * [b->n_logits, n_vocab] f32 owned by the workspace (valid until the next call). Validates the
+ * batch (ids, positions against the cache, sizes against the workspace): QLR_ERR_RANGE with
+ * a message naming the offending token. */
+qlr_status qlr_model_forward(qlr_forward *f, qlr_kv_cache *kv, const qlr_batch *b,
+                             float **logits);
+
+/* ---- generation (one sequence) ---- */
+
+typedef struct qlr_generate_params {
+    int32_t n_predict;        /* tokens to generate (default 128) */
+    qlr_sampling sampling;    /* default greedy */
+    uint64_t seed;            /* RNG seed (default 0) */
+    int32_t n_batch;          /* prompt tokens per forward (default 256) */
+    const int32_t *stop_ids;  /* stop when one of these is sampled (not emitted) */
+    int32_t n_stop;
+} qlr_generate_params;
+
+qlr_generate_params qlr_generate_params_default(void);
+
+typedef struct qlr_generate_stats {
+    int32_t n_prompt, n_gen;
+    double prompt_secs, gen_secs;
+    int stopped;              /* 1 if a stop id ended it */
+} qlr_generate_stats;
+
+/* Called with each generated token; return non-zero to stop. */
+typedef int (*qlr_token_fn)(void *ud, int32_t id);
+
+/* Prefills `prompt` then samples up to n_predict tokens (cache slot 0 of `kv`, from position
+ * 0), calling on_token for each. The prompt plus n_predict must fit kv->ctx (else it stops at
+ * the context end and says so). */
+qlr_status qlr_generate(qlr_forward *f, qlr_kv_cache *kv, const int32_t *prompt, int32_t n_prompt,
+                        const qlr_generate_params *p, qlr_token_fn on_token, void *ud,
+                        qlr_generate_stats *stats);
+
+/* ---- tools ---- */
+
+/* `qlora inspect --nf4 MODEL`: for every decoder linear, quantize to NF4 and print the error
+ * (RMS relative and max relative, spec via quant/nf4.h qlr_nf4_error_stats) and a total.
+ * Host only, streaming. */
+qlr_status qlr_model_print_nf4_error(const char *path, FILE *out);
+
+/* Writes the model as the golden reference sees it: HF-named f32 safetensors of every weight
+ * exactly as our runtime uses it (decoder linears = NF4 dequantized, Q/K in HF order;
+ * embeddings/lm_head = the bf16 values; norms f32) plus config.json, into folder `dir`. */
+qlr_status qlr_model_export_hf(const qlr_model *m, const char *dir);
+
+#endif
