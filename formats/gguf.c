@@ -7,8 +7,8 @@
  * that remain before anything is allocated, so a hostile file cannot make us allocate more
  * than a small constant times its size. Values are never copied; getters read the mapping.
  * Writer: collects encoded metadata and tensor descriptors, then streams one file through the
- * atomic writer of core/file.h with dense, aligned, zero-padded data. Block sizes live in
- * formats/ggml_types.c. */
+ * atomic writer of core/file.h with dense, aligned, zero-padded data. Block sizes come from
+ * quant/ggml_quants.h (the one ggml type table). */
 #include "formats/gguf.h"
 
 #include <inttypes.h>
@@ -355,7 +355,7 @@ static qlr_status rd_tensor_info(cursor *c, int64_t i) {
     }
     at = c->pos;
     QLR_TRY(rd_u32(c, &t->type, "ggml type"));
-    if (!qlr_ggml_type_name(t->type)) {
+    if (!qlr_ggml_block_elems(t->type)) {
         if (t->type < GGML_TYPE_ID_LIMIT)
             return perr(c, QLR_ERR_UNSUPPORTED, at,
                         "ggml type id %" PRIu32 " is not supported (supported: F32 F16 BF16 F64 I8 I16 I32 I64 "
@@ -363,12 +363,12 @@ static qlr_status rd_tensor_info(cursor *c, int64_t i) {
                         t->type);
         return perr(c, QLR_ERR_FORMAT, at, "unknown ggml type id %" PRIu32, t->type);
     }
-    uint32_t bs = qlr_ggml_block_size(t->type);
+    uint32_t bs = (uint32_t)qlr_ggml_block_elems(t->type);
     if (t->ne[0] % bs)
         return perr(c, QLR_ERR_FORMAT, at, "ne[0] = %" PRIu64 " is not a multiple of the %s block size %" PRIu32,
                     t->ne[0], qlr_ggml_type_name(t->type), bs);
     uint64_t size = t->ne[0] / bs;
-    if (!qlr_mul_ok(size, qlr_ggml_type_size(t->type), &size) || !qlr_mul_ok(size, t->ne[1], &size) ||
+    if (!qlr_mul_ok(size, (uint64_t)qlr_ggml_block_bytes(t->type), &size) || !qlr_mul_ok(size, t->ne[1], &size) ||
         !qlr_mul_ok(size, t->ne[2], &size) || !qlr_mul_ok(size, t->ne[3], &size))
         return perr(c, QLR_ERR_FORMAT, at, "byte size of a %s tensor of this shape overflows",
                     qlr_ggml_type_name(t->type));
@@ -945,14 +945,14 @@ qlr_status qlr_gguf_add_tensor(qlr_gguf_writer *w, const char *name, uint32_t ty
     if (n_dims < 1 || n_dims > QLR_GGUF_MAX_DIMS)
         return qlr_errorf(QLR_ERR_INVALID, "gguf writer: tensor '%s': n_dims %" PRIu32 " must be 1..%d", name, n_dims,
                           QLR_GGUF_MAX_DIMS);
-    if (!qlr_ggml_type_name(type))
+    if (!qlr_ggml_block_elems(type))
         return qlr_errorf(QLR_ERR_INVALID, "gguf writer: tensor '%s': unknown ggml type %" PRIu32, name, type);
-    uint32_t bs = qlr_ggml_block_size(type);
+    uint32_t bs = (uint32_t)qlr_ggml_block_elems(type);
     if (ne[0] % bs)
         return qlr_errorf(QLR_ERR_INVALID, "gguf writer: tensor '%s': ne[0] = %" PRIu64 " is not a multiple of %" PRIu32,
                           name, ne[0], bs);
     uint64_t want = ne[0] / bs, nel = 1;
-    int ok = qlr_mul_ok(want, qlr_ggml_type_size(type), &want);
+    int ok = qlr_mul_ok(want, (uint64_t)qlr_ggml_block_bytes(type), &want);
     for (uint32_t d = 0; d < n_dims; d++) {
         ok = ok && ne[d] <= (uint64_t)INT64_MAX && qlr_mul_ok(nel, ne[d], &nel) && nel <= (uint64_t)INT64_MAX;
         if (d) ok = ok && qlr_mul_ok(want, ne[d], &want);

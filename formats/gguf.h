@@ -14,6 +14,7 @@
 #include <stdint.h>
 
 #include "core/status.h"
+#include "quant/ggml_quants.h"
 
 /* Metadata value types (§3.2). */
 typedef enum qlr_gguf_type {
@@ -33,37 +34,8 @@ typedef enum qlr_gguf_type {
     QLR_GGUF_TYPE_COUNT
 } qlr_gguf_type;
 
-/* ggml tensor types we know (§3.5). Other ids are reported by number as unsupported. */
-typedef enum qlr_ggml_type {
-    QLR_GGML_F32 = 0,
-    QLR_GGML_F16 = 1,
-    QLR_GGML_Q4_0 = 2,
-    QLR_GGML_Q4_1 = 3,
-    QLR_GGML_Q5_0 = 6,
-    QLR_GGML_Q5_1 = 7,
-    QLR_GGML_Q8_0 = 8,
-    QLR_GGML_Q8_1 = 9,
-    QLR_GGML_Q2_K = 10,
-    QLR_GGML_Q3_K = 11,
-    QLR_GGML_Q4_K = 12,
-    QLR_GGML_Q5_K = 13,
-    QLR_GGML_Q6_K = 14,
-    QLR_GGML_Q8_K = 15,
-    QLR_GGML_I8 = 24,
-    QLR_GGML_I16 = 25,
-    QLR_GGML_I32 = 26,
-    QLR_GGML_I64 = 27,
-    QLR_GGML_F64 = 28,
-    QLR_GGML_BF16 = 30,
-} qlr_ggml_type;
-
-/* Name ("Q4_K", "F32", ...) or NULL for an unknown id. */
-const char *qlr_ggml_type_name(uint32_t type);
-/* Elements per block and bytes per block; 0 for an unknown id. */
-uint32_t qlr_ggml_block_size(uint32_t type);
-uint32_t qlr_ggml_type_size(uint32_t type);
-/* Bytes of a row of ne0 elements (ne0 must be a multiple of the block size); 0 if invalid. */
-uint64_t qlr_ggml_row_size(uint32_t type, uint64_t ne0);
+/* ggml type ids, names and block layouts live in quant/ggml_quants.h (qlr_ggml_type_name,
+ * qlr_ggml_block_elems, qlr_ggml_block_bytes). */
 
 #define QLR_GGUF_MAX_DIMS 4
 #define QLR_GGUF_DEFAULT_ALIGNMENT 32

@@ -27,29 +27,37 @@ const char *qlr_ggml_type_name(uint32_t type) {
     return "unknown";
 }
 
+/* Layout table of every ggml type with a fixed block layout (spec §3.5). */
+typedef struct ggml_layout {
+    uint16_t elems; /* elements per block */
+    uint16_t bytes; /* bytes per block */
+} ggml_layout;
+
+static const ggml_layout layouts[] = {
+    [QLR_GGML_F32] = {1, 4},    [QLR_GGML_F16] = {1, 2},     [QLR_GGML_Q4_0] = {32, 18},
+    [QLR_GGML_Q4_1] = {32, 20}, [QLR_GGML_Q5_0] = {32, 22},  [QLR_GGML_Q5_1] = {32, 24},
+    [QLR_GGML_Q8_0] = {32, 34}, [QLR_GGML_Q8_1] = {32, 36},  [QLR_GGML_Q2_K] = {256, 84},
+    [QLR_GGML_Q3_K] = {256, 110}, [QLR_GGML_Q4_K] = {256, 144}, [QLR_GGML_Q5_K] = {256, 176},
+    [QLR_GGML_Q6_K] = {256, 210}, [QLR_GGML_Q8_K] = {256, 292}, [QLR_GGML_I8] = {1, 1},
+    [QLR_GGML_I16] = {1, 2},    [QLR_GGML_I32] = {1, 4},     [QLR_GGML_I64] = {1, 8},
+    [QLR_GGML_F64] = {1, 8},    [QLR_GGML_BF16] = {1, 2},
+};
+
 int64_t qlr_ggml_block_elems(uint32_t type) {
-    switch (type) {
-    case QLR_GGML_F32: case QLR_GGML_F16: case QLR_GGML_BF16: return 1;
-    case QLR_GGML_Q4_0: case QLR_GGML_Q4_1: case QLR_GGML_Q8_0: return 32;
-    case QLR_GGML_Q4_K: case QLR_GGML_Q6_K: return 256;
-    default: return 0;
-    }
+    return type < sizeof layouts / sizeof layouts[0] ? layouts[type].elems : 0;
 }
 
 size_t qlr_ggml_block_bytes(uint32_t type) {
+    return type < sizeof layouts / sizeof layouts[0] ? layouts[type].bytes : 0;
+}
+
+int qlr_ggml_type_supported(uint32_t type) {
     switch (type) {
-    case QLR_GGML_F32: return 4;
-    case QLR_GGML_F16: case QLR_GGML_BF16: return 2;
-    case QLR_GGML_Q4_0: return 18;
-    case QLR_GGML_Q4_1: return 20;
-    case QLR_GGML_Q8_0: return 34;
-    case QLR_GGML_Q4_K: return 144;
-    case QLR_GGML_Q6_K: return 210;
+    case QLR_GGML_F32: case QLR_GGML_F16: case QLR_GGML_BF16: case QLR_GGML_Q4_0:
+    case QLR_GGML_Q4_1: case QLR_GGML_Q8_0: case QLR_GGML_Q4_K: case QLR_GGML_Q6_K: return 1;
     default: return 0;
     }
 }
-
-int qlr_ggml_type_supported(uint32_t type) { return qlr_ggml_block_elems(type) != 0; }
 
 qlr_status qlr_ggml_type_check(uint32_t type) {
     if (qlr_ggml_type_supported(type)) return QLR_OK;

@@ -10,17 +10,30 @@
 
 #include "core/status.h"
 
-/* ggml type ids (the ones we decode; any uint32 id can be passed where `type` is taken). */
-enum {
+/* ggml type ids (spec §3.5). This header is the one owner of the ggml type table: formats/gguf.h
+ * includes it for the ids and byte sizes. Any uint32 id can be passed where `type` is taken. */
+typedef enum qlr_ggml_type {
     QLR_GGML_F32 = 0,
     QLR_GGML_F16 = 1,
     QLR_GGML_Q4_0 = 2,
     QLR_GGML_Q4_1 = 3,
+    QLR_GGML_Q5_0 = 6,
+    QLR_GGML_Q5_1 = 7,
     QLR_GGML_Q8_0 = 8,
+    QLR_GGML_Q8_1 = 9,
+    QLR_GGML_Q2_K = 10,
+    QLR_GGML_Q3_K = 11,
     QLR_GGML_Q4_K = 12,
+    QLR_GGML_Q5_K = 13,
     QLR_GGML_Q6_K = 14,
+    QLR_GGML_Q8_K = 15,
+    QLR_GGML_I8 = 24,
+    QLR_GGML_I16 = 25,
+    QLR_GGML_I32 = 26,
+    QLR_GGML_I64 = 27,
+    QLR_GGML_F64 = 28,
     QLR_GGML_BF16 = 30,
-};
+} qlr_ggml_type;
 
 /* Name of a ggml type id ("Q4_K", "IQ2_XS", ...), also for the types we do not decode;
  * "unknown" for an id that is not a ggml type. Never NULL. */
@@ -30,7 +43,8 @@ int qlr_ggml_type_supported(uint32_t type);
 /* QLR_OK if `type` is supported; else QLR_ERR_UNSUPPORTED with a message naming the type and
  * listing the supported ones ("ggml type Q5_K (13) is not supported; supported: ..."). */
 qlr_status qlr_ggml_type_check(uint32_t type);
-/* Elements per block and bytes per block of a supported type (0 for others). */
+/* Elements per block and bytes per block of any type with a known layout (the table of §3.5,
+ * decodable or not); 0 for an unknown id. A GGUF reader uses these to size tensors. */
 int64_t qlr_ggml_block_elems(uint32_t type);
 size_t qlr_ggml_block_bytes(uint32_t type);
 

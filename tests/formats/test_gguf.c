@@ -219,13 +219,11 @@ static void writer_errors(void) {
 
 static void tables(void) {
     CHECK(!strcmp(qlr_ggml_type_name(QLR_GGML_Q4_K), "Q4_K"));
-    CHECK(qlr_ggml_type_name(4) == NULL);
-    CHECK_EQ_INT(qlr_ggml_block_size(QLR_GGML_Q6_K), 256);
-    CHECK_EQ_INT(qlr_ggml_type_size(QLR_GGML_Q6_K), 210);
-    CHECK_EQ_INT(qlr_ggml_type_size(QLR_GGML_Q4_1), 20);
-    CHECK_EQ_INT(qlr_ggml_row_size(QLR_GGML_Q8_0, 64), 68);
-    CHECK_EQ_INT(qlr_ggml_row_size(QLR_GGML_Q8_0, 65), 0);
-    CHECK_EQ_INT(qlr_ggml_row_size(QLR_GGML_BF16, 3), 6);
+    CHECK_EQ_INT(qlr_ggml_block_elems(4), 0);
+    CHECK_EQ_INT(qlr_ggml_block_elems(QLR_GGML_Q6_K), 256);
+    CHECK_EQ_INT(qlr_ggml_block_bytes(QLR_GGML_Q6_K), 210);
+    CHECK_EQ_INT(qlr_ggml_block_bytes(QLR_GGML_Q4_1), 20);
+    CHECK_EQ_INT(qlr_ggml_block_bytes(QLR_GGML_Q5_K), 176);
     CHECK(!strcmp(qlr_gguf_type_name(QLR_GGUF_FLOAT64), "FLOAT64"));
     CHECK(qlr_gguf_type_name(13) == NULL);
     CHECK_EQ_INT(qlr_gguf_scalar_size(QLR_GGUF_INT16), 2);

@@ -77,7 +77,7 @@ qlr_status gguf_sample_fill(qlr_gguf_writer *w) {
     uint64_t rng = 1234;
     for (size_t i = 0; i < N_SAMPLE_TENSORS; i++) {
         const sample_tensor *t = &g_tensors[i];
-        uint64_t size = qlr_ggml_row_size(t->type, t->ne[0]);
+        uint64_t size = t->ne[0] / (uint64_t)qlr_ggml_block_elems(t->type) * qlr_ggml_block_bytes(t->type);
         for (uint32_t d = 1; d < t->n_dims; d++) size *= t->ne[d];
         if (!g_bufs[i]) {
             g_bufs[i] = malloc(size);
