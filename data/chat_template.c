@@ -192,6 +192,12 @@ qlr_status qlr_chat_render_messages(const qlr_chat_template *t, const qlr_chat_m
             } else if (!role_is(r, "user") && !role_is(r, "assistant")) {
                 return qlr_errorf(QLR_ERR_INVALID, "chat message %zu: role '%s' is not expressible in %s (use "
                                   "system, user or assistant)", i, r, FORMAT_NAMES[t->format]);
+            } else {
+                size_t first = n && role_is(msgs[0].role, "system") ? 1 : 0;
+                int want_user = (i - first) % 2 == 0;
+                if (role_is(r, "user") != want_user)
+                    return qlr_errorf(QLR_ERR_INVALID, "chat message %zu: %s needs roles alternating user/assistant/"
+                                      "user/... (got '%s')", i, FORMAT_NAMES[t->format], r);
             }
         }
         if (t->format == QLR_CHAT_LLAMA3 && strpbrk(msgs[i].role, "<>\n"))
@@ -220,7 +226,7 @@ qlr_status qlr_chat_render_messages(const qlr_chat_template *t, const qlr_chat_m
         if (add_generation_prompt) puts_(&b, "<|im_start|>assistant\n", -1, 0);
         break;
     case QLR_CHAT_LLAMA3:
-        puts_(&b, "<|begin_of_text|>", -1, 0);
+        if (n) puts_(&b, "<|begin_of_text|>", -1, 0); /* the template prefixes bos to the first message */
         for (size_t i = 0; i < n; i++) {
             int32_t m = (int32_t)i;
             int asst = role_is(msgs[i].role, "assistant");
@@ -237,30 +243,39 @@ qlr_status qlr_chat_render_messages(const qlr_chat_template *t, const qlr_chat_m
         break;
     case QLR_CHAT_LLAMA2:
     case QLR_CHAT_MISTRAL: {
+        /* Llama 2 strips each turn (the first user turn together with the <<SYS>> block, so
+         * the system text itself is kept verbatim); Mistral v0.1 keeps content verbatim and
+         * has no system role: the system text goes before the first user turn. */
         int llama2 = t->format == QLR_CHAT_LLAMA2;
         size_t first = 0;
         const char *sys = NULL;
         size_t sys_len = 0;
         if (n && role_is(msgs[0].role, "system")) {
-            trim(msgs[0].content, &sys, &sys_len);
+            sys = msgs[0].content;
+            sys_len = strlen(sys);
             first = 1;
         }
         int sys_done = 0;
         if (!llama2) puts_(&b, "<s>", -1, 0);
         for (size_t i = first; i < n; i++) {
             int32_t m = (int32_t)i;
-            const char *c;
-            size_t cl;
-            if (llama2) trim(msgs[i].content, &c, &cl);
-            else c = msgs[i].content, cl = strlen(c);
+            const char *c = msgs[i].content;
+            size_t cl = strlen(c);
+            int with_sys = sys && !sys_done && role_is(msgs[i].role, "user");
+            if (llama2) {
+                if (with_sys) {
+                    while (cl && is_ws(c[cl - 1])) cl--;
+                } else {
+                    trim(msgs[i].content, &c, &cl);
+                }
+            }
             if (role_is(msgs[i].role, "user")) {
                 puts_(&b, llama2 ? "<s>[INST] " : "[INST] ", m, 0);
-                if (sys && !sys_done) {
-                    /* the system message rides in the first user turn */
+                if (with_sys) {
                     if (llama2) {
                         puts_(&b, "<<SYS>>\n", m, 0);
                         put(&b, sys, sys_len, 0, 1, 0);
-                        puts_(&b, "\n<</SYS>>\n\n", m, 0);
+                        puts_(&b, cl ? "\n<</SYS>>\n\n" : "\n<</SYS>>", m, 0);
                     } else {
                         put(&b, sys, sys_len, 0, 1, 0);
                         puts_(&b, "\n\n", m, 0);
@@ -280,7 +295,7 @@ qlr_status qlr_chat_render_messages(const qlr_chat_template *t, const qlr_chat_m
             puts_(&b, llama2 ? "<s>[INST] " : "[INST] ", 0, 0);
             if (llama2) puts_(&b, "<<SYS>>\n", 0, 0);
             put(&b, sys, sys_len, 0, 1, 0);
-            puts_(&b, llama2 ? "\n<</SYS>>\n\n [/INST]" : " [/INST]", 0, 0);
+            puts_(&b, llama2 ? "\n<</SYS>> [/INST]" : " [/INST]", 0, 0);
         }
         break; /* generation continues right after [/INST]: nothing to add */
     }

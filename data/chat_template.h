@@ -66,8 +66,9 @@ typedef struct qlr_chat_render {
 
 /* Renders `n` messages; with add_generation_prompt the text ends with the assistant header so
  * that generation continues as the assistant. Errors (QLR_ERR_INVALID, naming the message index):
- * a NULL role/content, a role the format cannot express (llama2/mistral: only system first, then
- * user/assistant). `out` is overwritten; free it with qlr_chat_render_free. */
+ * a NULL role/content, a role the format cannot express (llama2/mistral: an optional system
+ * first, then user and assistant alternating, user first). `out` is overwritten; free it with
+ * qlr_chat_render_free. */
 qlr_status qlr_chat_render_messages(const qlr_chat_template *t, const qlr_chat_msg *msgs, size_t n,
                                     int add_generation_prompt, qlr_chat_render *out);
 void qlr_chat_render_free(qlr_chat_render *r);
