@@ -37,7 +37,7 @@ qlr_status qlr_kv_cache_create(const qlr_model *m, int32_t n_seq, int32_t ctx, q
     kv->block = m->be->mem.alloc(m->be, (size_t)kv->bytes);
     if (!kv->k || !kv->v || !kv->block) {
         qlr_status st = kv->block ? qlr_errorf(QLR_ERR_NOMEM, "KV cache") : qlr_error_status();
-        qlr_error_prefix("KV cache of %.1f MiB (%d sequences x %d positions): ",
+        qlr_error_prefix("KV cache of %.1f MiB (%d sequences x %d positions)",
                          (double)kv->bytes / (1 << 20), n_seq, ctx);
         qlr_kv_cache_free(kv);
         return st;
@@ -121,7 +121,7 @@ qlr_status qlr_forward_create(qlr_model *m, int32_t max_tokens, int32_t max_logi
     f->rows_host = malloc((size_t)max_logits * 4);
     if (!f->block || !f->rows_host) {
         qlr_status st = f->block ? qlr_errorf(QLR_ERR_NOMEM, "forward") : qlr_error_status();
-        qlr_error_prefix("forward workspace of %.1f MiB: ", (double)f->bytes / (1 << 20));
+        qlr_error_prefix("forward workspace of %.1f MiB", (double)f->bytes / (1 << 20));
         qlr_forward_free(f);
         return st;
     }

@@ -122,10 +122,10 @@ static qlr_status gguf_tensor_f32(const qlr_gguf *g, const char *name, uint64_t 
                           (unsigned long long)ne0, (unsigned long long)ne1);
     }
     if (qlr_model_ggml_check(t->type) != QLR_OK)
-        return qlr_error_prefix("%s: tensor '%s': ", path, name);
+        return qlr_error_prefix("%s: tensor '%s'", path, name);
     qlr_status st = qlr_model_ggml_dequant(t->type, t->data, (size_t)t->size, (int64_t)ne0,
                                      (int64_t)(ne1 ? ne1 : 1), buf);
-    if (st != QLR_OK) return qlr_error_prefix("%s: tensor '%s': ", path, name);
+    if (st != QLR_OK) return qlr_error_prefix("%s: tensor '%s'", path, name);
     return QLR_OK;
 }
 
