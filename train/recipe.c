@@ -259,6 +259,7 @@ typedef struct pctx {
     char loc[N_KEYS][LOC_MAX];               /* where each key was set ("" = not set) */
     char ds_loc[QLR_RECIPE_MAX_DATASETS][N_DS_KEYS][LOC_MAX];
     char ds_list_loc[LOC_MAX];
+    char ds_item_loc[QLR_RECIPE_MAX_DATASETS][LOC_MAX]; /* where each dataset map starts */
 } pctx;
 
 static void where(const pctx *c, const qlr_yaml_node *n, char *buf) {
@@ -357,8 +358,10 @@ static qlr_status set_str(char **dst, const char *s) {
  * strings for K_STR with names (chat_template) are handled as K_ENUM over a char*. */
 static qlr_status parse_value(const pctx *c, const qlr_yaml_node *n, const char *key, kkind kind, void *field,
                               const key_def *k, const char *const *names) {
-    char g[96], want[160];
+    char g[96], gn[160], want[160];
     got(n, g, sizeof g);
+    /* for numbers and booleans: a quoted "8" is a string in YAML */
+    snprintf(gn, sizeof gn, "%s%s", g, n->kind == QLR_YAML_SCALAR && n->quoted ? " (quoted: write numbers and booleans without quotes)" : "");
     switch (kind) {
     case K_STR:
         if (n->kind != QLR_YAML_SCALAR) return key_err(c, n, key, "must be a string, %s", g);
@@ -374,7 +377,7 @@ static qlr_status parse_value(const pctx *c, const qlr_yaml_node *n, const char 
         range_text(k, want, sizeof want);
         if (n->kind != QLR_YAML_SCALAR || n->quoted || !parse_uint_text(n->text, &v) || (double)v < k->lo ||
             (double)v > k->hi)
-            return key_err(c, n, key, "must be %s, %s", want, g);
+            return key_err(c, n, key, "must be %s, %s", want, gn);
         if (kind == K_U32) *(uint32_t *)field = (uint32_t)v;
         else *(uint64_t *)field = v;
         return QLR_OK;
@@ -384,14 +387,14 @@ static qlr_status parse_value(const pctx *c, const qlr_yaml_node *n, const char 
         range_text(k, want, sizeof want);
         if (n->kind != QLR_YAML_SCALAR || n->quoted || !parse_double_text(n->text, &v) || v < k->lo || v > k->hi ||
             (k->lo_open && v == k->lo) || (k->hi_open && v == k->hi))
-            return key_err(c, n, key, "must be %s, %s", want, g);
+            return key_err(c, n, key, "must be %s, %s", want, gn);
         *(double *)field = v;
         return QLR_OK;
     }
     case K_BOOL: {
         int v;
         if (n->kind != QLR_YAML_SCALAR || n->quoted || !parse_bool_text(n->text, &v))
-            return key_err(c, n, key, "must be true or false, %s", g);
+            return key_err(c, n, key, "must be true or false, %s", gn);
         *(int *)field = v;
         return QLR_OK;
     }
@@ -402,7 +405,7 @@ static qlr_status parse_value(const pctx *c, const qlr_yaml_node *n, const char 
             return QLR_OK;
         }
         if (n->kind != QLR_YAML_SCALAR || n->quoted || !parse_bool_text(n->text, &v))
-            return key_err(c, n, key, "must be auto, true or false, %s", g);
+            return key_err(c, n, key, "must be auto, true or false, %s", gn);
         *(qlr_bf16_mode *)field = v ? QLR_BF16_ON : QLR_BF16_OFF;
         return QLR_OK;
     }
@@ -596,6 +599,7 @@ static qlr_status ensure_dataset(pctx *c, qlr_recipe *r, uint32_t i, const qlr_y
     memset(&d[i], 0, sizeof d[i]);
     d[i].type = QLR_DATASET_TYPE_COUNT; /* "not given" until validated */
     memset(c->ds_loc[i], 0, sizeof c->ds_loc[i]);
+    where(c, n, c->ds_item_loc[i]);
     r->n_datasets = i + 1;
     return QLR_OK;
 }
@@ -746,7 +750,7 @@ static qlr_status validate(pctx *c, qlr_recipe *r) {
     for (uint32_t i = 0; i < r->n_datasets; i++) {
         qlr_recipe_dataset *d = &r->datasets[i];
         char name[64], loc[LOC_MAX];
-        snprintf(loc, sizeof loc, "%s", c->ds_list_loc[0] ? c->ds_list_loc : c->name);
+        snprintf(loc, sizeof loc, "%s", c->ds_item_loc[i][0] ? c->ds_item_loc[i] : c->name);
         if (!d->path) {
             snprintf(name, sizeof name, "datasets.%u.path", i);
             return qlr_errorf(QLR_ERR_INVALID, "%s: %s: required (a JSONL file or a folder)", loc, name);
