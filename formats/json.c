@@ -18,6 +18,18 @@ static qlr_status load_error(const char *name, const json_error_t *err) {
 qlr_status qlr_json_load_buffer(const char *name, const void *data, size_t n, json_t **out) {
     QLR_ASSERT(out != NULL);
     *out = NULL;
+    /* A raw NUL byte is never valid JSON, but jansson lets one through right after a number
+     * ("[1\0,2]"); refuse it here with its position. */
+    const char *nul = data ? memchr(data, 0, n) : NULL;
+    if (nul) {
+        int line = 1, col = 1;
+        for (const char *c = data; c < nul; c++) {
+            if (*c == '\n') { line++; col = 1; }
+            else col++;
+        }
+        return qlr_errorf(QLR_ERR_FORMAT, "%s:%d:%d: NUL byte in JSON text", name ? name : "json",
+                          line, col);
+    }
     json_error_t err;
     memset(&err, 0, sizeof(err));
     json_t *v = json_loadb(data ? (const char *)data : "", data ? n : 0,

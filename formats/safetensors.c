@@ -426,10 +426,7 @@ const char *qlr_safetensors_path(const qlr_safetensors *f) { return f->path; }
 
 int qlr_safetensors_sniff(const void *head, size_t n) {
     const uint8_t *b = head;
-    if (n < 9) return 0;
-    uint64_t len = 0;
-    for (int i = 7; i >= 0; i--) len = (len << 8) | b[i];
-    return len >= 2 && len <= QLR_ST_MAX_HEADER_SIZE && b[8] == '{';
+    return n >= 9 && b[8] == '{';
 }
 
 /* ---- sharded sets ------------------------------------------------------------------------ */
@@ -810,7 +807,7 @@ qlr_status qlr_st_writer_set_metadata(qlr_st_writer *w, const char *key, const c
 qlr_status qlr_st_writer_add(qlr_st_writer *w, const char *name, qlr_st_dtype dtype,
                              uint32_t n_dims, const uint64_t *shape, const void *data,
                              uint64_t nbytes) {
-    if (!name || !name[0] || strcmp(name, "__metadata__") == 0 || !valid_utf8(name))
+    if (!name || strcmp(name, "__metadata__") == 0 || !valid_utf8(name))
         return qlr_errorf(QLR_ERR_INVALID, "safetensors writer: invalid tensor name \"%s\"",
                           name ? name : "(null)");
     if ((unsigned)dtype >= QLR_ST_DTYPE_COUNT)

@@ -140,8 +140,8 @@ void qlr_st_writer_free(qlr_st_writer *w);
 /* Adds (or replaces) a __metadata__ entry. Strings are copied. */
 qlr_status qlr_st_writer_set_metadata(qlr_st_writer *w, const char *key, const char *value);
 /* Adds a tensor. `name` and `shape` are copied; `data` (nbytes bytes, little-endian, row-major)
- * must stay valid until qlr_st_writer_write returns. QLR_ERR_INVALID for an empty name,
- * "__metadata__", a duplicate name, an unknown dtype, or nbytes != numel * size (or a size
+ * must stay valid until qlr_st_writer_write returns. QLR_ERR_INVALID for a name that is not
+ * UTF-8 or is "__metadata__" (an empty name is valid, as in the reference reader), a duplicate name, an unknown dtype, or nbytes != numel * size (or a size
  * that is not whole bytes or overflows). */
 qlr_status qlr_st_writer_add(qlr_st_writer *w, const char *name, qlr_st_dtype dtype,
                              uint32_t n_dims, const uint64_t *shape, const void *data,
@@ -161,8 +161,8 @@ qlr_status qlr_st_writer_header(qlr_st_writer *w, char **out, size_t *n);
  * the status (the message is the current error). */
 qlr_status qlr_safetensors_print_summary(FILE *out, const char *path, int all);
 
-/* 1 if the first `n` (>= 9) bytes look like a safetensors file (an 8-byte LE length no larger
- * than QLR_ST_MAX_HEADER_SIZE, then '{'), else 0. Used by `qlora inspect` to dispatch on content. */
+/* 1 if the first `n` (>= 9) bytes look like a safetensors file (an 8-byte LE length, then '{'),
+ * else 0. The length is not checked, so that a bad one reaches the reader and its message. Used by `qlora inspect` to dispatch on content. */
 int qlr_safetensors_sniff(const void *head, size_t n);
 
 #endif

@@ -72,6 +72,8 @@ static void test_load(void) {
     CHECK_EQ_INT(qlr_json_load_buffer("body", NULL, 0, &v), QLR_ERR_FORMAT);
     CHECK_EQ_INT(qlr_json_load_buffer("body", "\"a\\u0000b\"", 10, &v), QLR_ERR_FORMAT);
     CHECK_EQ_INT(qlr_json_load_buffer("body", "\"\xff\"", 3, &v), QLR_ERR_FORMAT);
+    CHECK_EQ_INT(qlr_json_load_buffer("body", "[1\0,2]", 6, &v), QLR_ERR_FORMAT);
+    CHECK(v == NULL && msg_has("body:1:3: NUL byte"));
     CHECK_OK(qlr_json_load_buffer("body", "42", 2, &v)); /* any top-level value */
     CHECK(json_is_integer(v));
     json_decref(v);

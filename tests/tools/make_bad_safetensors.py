@@ -127,6 +127,9 @@ def main():
        expect="__metadata__ key \"cfg\": expected a string")
     st("metadata_not_object.safetensors", {"__metadata__": ["format", "pt"]},
        expect="__metadata__ must be an object")
+    raw("nul_after_number.safetensors",
+        b'{"t":{"dtype":"U8","shape":[1\x00],"data_offsets":[0,1]}}' + b" " * 3, b"\0",
+        expect="NUL byte")
     st("nul_in_name.safetensors", '{"a\\u0000b":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}',
        b"\0", expect="header:1:")
 
