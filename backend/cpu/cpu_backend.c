@@ -1,7 +1,7 @@
 /* backend/cpu/cpu_backend.c: the CPU backend object: host memory as "device" memory, the
  * per-thread scratch buffers, and the op table wired to the reference ops in ops_*.c.
- * OpenBLAS is set to one thread: parallelism comes from qlr_parallel_for around it, so the two
- * pools never oversubscribe the cores. */
+ * OpenBLAS runs with as many threads as our pool; it is only called outside our parallel
+ * regions (it serialises concurrent callers), see ops_linear.c. */
 #include "backend/cpu/cpu_internal.h"
 
 #include <cblas.h>
@@ -68,7 +68,7 @@ qlr_status qlr_backend_cpu_create(int n_threads, qlr_backend **out) {
     if (n_threads > 0 && im->n_threads != n_threads)
         QLR_LOGW("cpu backend: the thread pool already runs %d threads; --threads %d ignored",
                  im->n_threads, n_threads);
-    openblas_set_num_threads(1);
+    openblas_set_num_threads(im->n_threads);
 
     be->name = "cpu";
     be->kind = QLR_DEVICE_CPU;

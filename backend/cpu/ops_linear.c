@@ -1,25 +1,12 @@
 /* backend/cpu/ops_linear.c: the CPU matrix products: NF4 linear (forward and dX), lm_head on
  * a bf16 table, and the LoRA hook (forward and gradients). Weights are never dequantized
- * whole: each thread dequantizes a tile of rows (about 256 KiB of f32) into its scratch and
- * multiplies it with cblas_sgemm (OpenBLAS, one thread per caller). */
+ * whole: see the two regimes below (fused GEMV for few tokens, chunked sgemm for many). */
 #include <cblas.h>
+#include <pthread.h>
 #include <string.h>
 
 #include "backend/cpu/cpu_internal.h"
 #include "core/threads.h"
-
-#define TILE_BYTES (256 * 1024)
-
-/* Rows per tile for a row length `cols`: about TILE_BYTES of f32, at least 8. */
-static int64_t tile_rows(int64_t cols, int64_t rows) {
-    int64_t t = TILE_BYTES / 4 / (cols > 0 ? cols : 1);
-    if (t < 8) t = 8;
-    /* at least 4 tiles per thread when there is enough work, for balance */
-    int64_t per = (rows + 4 * qlr_n_threads() - 1) / (4 * qlr_n_threads());
-    if (per >= 8 && per < t) t = per;
-    if (t > rows) t = rows;
-    return t > 0 ? t : 1;
-}
 
 void qlr_cpu_nf4_dequant_range(const qlr_nf4 *q, int64_t e0, int64_t e1, float *out) {
     const float *tab = qlr_nf4_table;
@@ -44,7 +31,24 @@ void qlr_cpu_nf4_dequant_range(const qlr_nf4 *q, int64_t e0, int64_t e1, float *
     }
 }
 
-/* ---- NF4 linear ---- */
+/* Two regimes. Few tokens (decode, n <= SMALL_N): a fused kernel per output row that reads
+ * the packed codes directly (a 256-entry table maps one byte to its two code values; the block
+ * sum is scaled by absmax once), threaded over rows with our pool. Many tokens (prefill,
+ * training): a chunk of rows (CHUNK_BYTES of f32) is dequantized in parallel into a shared
+ * buffer, then one cblas_sgemm (OpenBLAS's own threads) multiplies it. OpenBLAS serialises
+ * concurrent callers, so it is never called from inside our parallel regions. */
+
+#define SMALL_N 4
+#define CHUNK_BYTES (4u << 20)
+
+static float g_pair[256][2]; /* byte -> (code of the high nibble, code of the low nibble) */
+static pthread_once_t g_pair_once = PTHREAD_ONCE_INIT;
+static void pair_init(void) {
+    for (int b = 0; b < 256; b++) {
+        g_pair[b][0] = qlr_nf4_table[b >> 4];
+        g_pair[b][1] = qlr_nf4_table[b & 15];
+    }
+}
 
 typedef struct {
     qlr_backend *be;
@@ -52,109 +56,151 @@ typedef struct {
     const float *x;
     const qlr_nf4 *w;
     const float *bias;
-    int64_t n, tile;
+    const uint16_t *wbf; /* lm_head */
+    float *buf;          /* shared chunk buffer */
+    int64_t n, r0, rows, cols, ldy;
 } lin_ctx;
 
-static void lin_run(void *p, int64_t b, int64_t e, int tid) {
+/* y[i, r] for rows [b, e) of the weight, i < n <= SMALL_N, fused dequant + dot. */
+static void gemv_nf4_run(void *p, int64_t b, int64_t e, int tid) {
     lin_ctx *c = p;
-    int64_t in = c->w->cols, out = c->w->rows;
-    float *buf = qlr_cpu_scratch(c->be, tid);
-    for (int64_t ti = b; ti < e; ti++) {
-        int64_t r0 = ti * c->tile, nr = c->tile;
-        if (r0 + nr > out) nr = out - r0;
-        qlr_cpu_nf4_dequant_range(c->w, r0 * in, (r0 + nr) * in, buf);
-        /* y[:, r0:r0+nr] = x · tileᵀ */
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)c->n, (int)nr, (int)in, 1.0f,
-                    c->x, (int)in, buf, (int)in, 0.0f, c->y + r0, (int)out);
-        if (c->bias)
-            for (int64_t i = 0; i < c->n; i++)
-                for (int64_t r = 0; r < nr; r++) c->y[i * out + r0 + r] += c->bias[r0 + r];
+    int64_t in = c->cols, n = c->n;
+    const qlr_nf4 *w = c->w;
+    float *row = qlr_cpu_scratch(c->be, tid);
+    for (int64_t r = b; r < e; r++) {
+        float acc[SMALL_N] = {0};
+        if (in % QLR_NF4_BLOCK == 0) {
+            const uint8_t *codes = w->codes + r * in / 2;
+            int64_t b0 = r * in / QLR_NF4_BLOCK;
+            for (int64_t blk = 0; blk < in / QLR_NF4_BLOCK; blk++) {
+                float am = qlr_nf4_block_absmax(w, b0 + blk);
+                const uint8_t *cb = codes + blk * (QLR_NF4_BLOCK / 2);
+                for (int64_t i = 0; i < n; i++) {
+                    const float *xv = c->x + i * in + blk * QLR_NF4_BLOCK;
+                    float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+                    for (int k = 0; k < QLR_NF4_BLOCK / 2; k += 2) {
+                        const float *p0 = g_pair[cb[k]], *p1 = g_pair[cb[k + 1]];
+                        s0 += p0[0] * xv[2 * k];
+                        s1 += p0[1] * xv[2 * k + 1];
+                        s2 += p1[0] * xv[2 * k + 2];
+                        s3 += p1[1] * xv[2 * k + 3];
+                    }
+                    acc[i] += ((s0 + s1) + (s2 + s3)) * am;
+                }
+            }
+        } else {
+            qlr_cpu_nf4_dequant_range(w, r * in, (r + 1) * in, row);
+            for (int64_t i = 0; i < n; i++) {
+                const float *xv = c->x + i * in;
+                float s = 0;
+                for (int64_t j = 0; j < in; j++) s += row[j] * xv[j];
+                acc[i] = s;
+            }
+        }
+        for (int64_t i = 0; i < n; i++) c->y[i * c->ldy + r] = acc[i] + (c->bias ? c->bias[r] : 0.0f);
     }
+}
+
+/* Dequantizes rows [r0 + b, r0 + e) of the NF4 weight into the shared chunk buffer. */
+static void chunk_nf4_run(void *p, int64_t b, int64_t e, int tid) {
+    lin_ctx *c = p;
+    qlr_cpu_nf4_dequant_range(c->w, (c->r0 + b) * c->cols, (c->r0 + e) * c->cols,
+                              c->buf + b * c->cols);
+}
+
+static void chunk_bf16_run(void *p, int64_t b, int64_t e, int tid) {
+    lin_ctx *c = p;
+    qlr_bf16_to_f32_row(c->wbf + (c->r0 + b) * c->cols, c->buf + b * c->cols,
+                        (size_t)((e - b) * c->cols));
+}
+
+static int64_t chunk_rows(int64_t cols, int64_t rows) {
+    int64_t t = CHUNK_BYTES / 4 / (cols > 0 ? cols : 1);
+    if (t < 1) t = 1;
+    return t < rows ? t : rows;
+}
+
+/* y[:, r0:r0+nr] (ldy) = x · W[r0:r0+nr]ᵀ chunk by chunk; `deq` fills c->buf. */
+static qlr_status chunked_gemm(qlr_backend *be, lin_ctx *c, qlr_range_fn deq) {
+    int64_t ch = chunk_rows(c->cols, c->rows);
+    QLR_TRY(qlr_cpu_scratch_reserve(be, (size_t)(ch * c->cols) * 4));
+    c->buf = qlr_cpu_scratch(be, 0);
+    int64_t rows = c->rows;
+    for (int64_t r0 = 0; r0 < rows; r0 += ch) {
+        int64_t nr = rows - r0 < ch ? rows - r0 : ch;
+        c->r0 = r0;
+        qlr_parallel_for(nr, 16, deq, c);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)c->n, (int)nr, (int)c->cols,
+                    1.0f, c->x, (int)c->cols, c->buf, (int)c->cols, 0.0f, c->y + r0, (int)c->ldy);
+    }
+    if (c->bias)
+        for (int64_t i = 0; i < c->n; i++)
+            for (int64_t r = 0; r < rows; r++) c->y[i * c->ldy + r] += c->bias[r];
+    return QLR_OK;
 }
 
 qlr_status qlr_cpu_nf4_linear(qlr_backend *be, void *y, const void *x, const qlr_nf4 *w,
                               const float *bias, int64_t n) {
     if (n <= 0) return QLR_OK;
-    int64_t tile = tile_rows(w->cols, w->rows);
-    QLR_TRY(qlr_cpu_scratch_reserve(be, (size_t)(tile * w->cols) * 4));
-    lin_ctx c = {be, y, x, w, bias, n, tile};
-    qlr_parallel_for((w->rows + tile - 1) / tile, 1, lin_run, &c);
-    return QLR_OK;
-}
-
-/* dX = dY · W, split over column ranges of W so each thread owns its slice of dX. */
-typedef struct {
-    qlr_backend *be;
-    float *dx;
-    const float *dy;
-    const qlr_nf4 *w;
-    int64_t n, tile, cchunk;
-} dx_ctx;
-
-static void dx_run(void *p, int64_t b, int64_t e, int tid) {
-    dx_ctx *c = p;
-    int64_t in = c->w->cols, out = c->w->rows;
-    float *buf = qlr_cpu_scratch(c->be, tid);
-    for (int64_t ci = b; ci < e; ci++) {
-        int64_t c0 = ci * c->cchunk, nc = c->cchunk;
-        if (c0 + nc > in) nc = in - c0;
-        for (int64_t r0 = 0; r0 < out; r0 += c->tile) {
-            int64_t nr = out - r0 < c->tile ? out - r0 : c->tile;
-            for (int64_t r = 0; r < nr; r++)
-                qlr_cpu_nf4_dequant_range(c->w, (r0 + r) * in + c0, (r0 + r) * in + c0 + nc,
-                                          buf + r * nc);
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)c->n, (int)nc, (int)nr,
-                        1.0f, c->dy + r0, (int)out, buf, (int)nc, r0 ? 1.0f : 0.0f, c->dx + c0,
-                        (int)in);
-        }
+    lin_ctx c = {be, y, x, w, bias, NULL, NULL, n, 0, w->rows, w->cols, w->rows};
+    if (n <= SMALL_N) {
+        pthread_once(&g_pair_once, pair_init);
+        QLR_TRY(qlr_cpu_scratch_reserve(be, (size_t)w->cols * 4));
+        qlr_parallel_for(w->rows, 16, gemv_nf4_run, &c);
+        return QLR_OK;
     }
+    return chunked_gemm(be, &c, chunk_nf4_run);
 }
 
+/* dX = dY · W, chunk by chunk over the rows of W (dX accumulates over chunks). */
 qlr_status qlr_cpu_nf4_linear_dx(qlr_backend *be, void *dx, const void *dy, const qlr_nf4 *w,
                                  int64_t n) {
     if (n <= 0) return QLR_OK;
-    int64_t nt = qlr_n_threads();
-    int64_t cchunk = (w->cols + nt - 1) / nt;
-    cchunk = (cchunk + 63) / 64 * 64;
-    if (cchunk > w->cols) cchunk = w->cols;
-    int64_t tile = TILE_BYTES / 4 / cchunk;
-    if (tile < 8) tile = 8;
-    QLR_TRY(qlr_cpu_scratch_reserve(be, (size_t)(tile * cchunk) * 4));
-    dx_ctx c = {be, dx, dy, w, n, tile, cchunk};
-    qlr_parallel_for((w->cols + cchunk - 1) / cchunk, 1, dx_run, &c);
+    int64_t in = w->cols, out = w->rows, ch = chunk_rows(in, out);
+    QLR_TRY(qlr_cpu_scratch_reserve(be, (size_t)(ch * in) * 4));
+    lin_ctx c = {be, NULL, NULL, w, NULL, NULL, qlr_cpu_scratch(be, 0), n, 0, out, in, 0};
+    for (int64_t r0 = 0; r0 < out; r0 += ch) {
+        int64_t nr = out - r0 < ch ? out - r0 : ch;
+        c.r0 = r0;
+        qlr_parallel_for(nr, 16, chunk_nf4_run, &c);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)in, (int)nr, 1.0f,
+                    (const float *)dy + r0, (int)out, c.buf, (int)in, r0 ? 1.0f : 0.0f, dx, (int)in);
+    }
     return QLR_OK;
 }
 
 /* ---- lm_head on a bf16 table ---- */
 
-typedef struct {
-    qlr_backend *be;
-    float *logits;
-    const float *x;
-    const uint16_t *w;
-    int64_t n, d, vocab, tile;
-} head_ctx;
-
-static void head_run(void *p, int64_t b, int64_t e, int tid) {
-    head_ctx *c = p;
-    float *buf = qlr_cpu_scratch(c->be, tid);
-    for (int64_t ti = b; ti < e; ti++) {
-        int64_t r0 = ti * c->tile, nr = c->tile;
-        if (r0 + nr > c->vocab) nr = c->vocab - r0;
-        qlr_bf16_to_f32_row(c->w + r0 * c->d, buf, (size_t)(nr * c->d));
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)c->n, (int)nr, (int)c->d, 1.0f,
-                    c->x, (int)c->d, buf, (int)c->d, 0.0f, c->logits + r0, (int)c->vocab);
+static void gemv_bf16_run(void *p, int64_t b, int64_t e, int tid) {
+    lin_ctx *c = p;
+    int64_t d = c->cols;
+    for (int64_t r = b; r < e; r++) {
+        const uint16_t *wr = c->wbf + r * d;
+        for (int64_t i = 0; i < c->n; i++) {
+            const float *xv = c->x + i * d;
+            float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+            int64_t j = 0;
+            for (; j + 4 <= d; j += 4) {
+                s0 += qlr_bf16_to_f32(wr[j]) * xv[j];
+                s1 += qlr_bf16_to_f32(wr[j + 1]) * xv[j + 1];
+                s2 += qlr_bf16_to_f32(wr[j + 2]) * xv[j + 2];
+                s3 += qlr_bf16_to_f32(wr[j + 3]) * xv[j + 3];
+            }
+            for (; j < d; j++) s0 += qlr_bf16_to_f32(wr[j]) * xv[j];
+            c->y[i * c->ldy + r] = (s0 + s1) + (s2 + s3);
+        }
     }
 }
 
 qlr_status qlr_cpu_lm_head(qlr_backend *be, float *logits, const void *x, const uint16_t *w,
                            int64_t n, int64_t d, int64_t vocab) {
     if (n <= 0) return QLR_OK;
-    int64_t tile = tile_rows(d, vocab);
-    QLR_TRY(qlr_cpu_scratch_reserve(be, (size_t)(tile * d) * 4));
-    head_ctx c = {be, logits, x, w, n, d, vocab, tile};
-    qlr_parallel_for((vocab + tile - 1) / tile, 1, head_run, &c);
-    return QLR_OK;
+    lin_ctx c = {be, logits, x, NULL, NULL, w, NULL, n, 0, vocab, d, vocab};
+    if (n <= SMALL_N) {
+        qlr_parallel_for(vocab, 64, gemv_bf16_run, &c);
+        return QLR_OK;
+    }
+    return chunked_gemm(be, &c, chunk_bf16_run);
 }
 
 /* ---- LoRA ---- */
