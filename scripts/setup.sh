@@ -30,10 +30,10 @@ else
 fi
 
 PY=${QLR_PYTHON:-python3}
-if ! $PY -c 'import tokenizers, gguf, numpy' >/dev/null 2>&1; then
-  say "installing PyPI packages for reference values: tokenizers gguf numpy"
-  $PY -m pip install -q --disable-pip-version-check tokenizers gguf numpy 2>/dev/null \
-    || $PY -m pip install -q --disable-pip-version-check --break-system-packages tokenizers gguf numpy \
+if ! $PY -c 'import tokenizers, gguf, numpy, safetensors' >/dev/null 2>&1; then
+  say "installing PyPI packages for reference values: tokenizers gguf numpy safetensors"
+  $PY -m pip install -q --disable-pip-version-check tokenizers gguf numpy safetensors 2>/dev/null \
+    || $PY -m pip install -q --disable-pip-version-check --break-system-packages tokenizers gguf numpy safetensors \
     || die "pip install tokenizers gguf numpy failed"
 else
   say "PyPI packages present"
