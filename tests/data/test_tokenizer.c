@@ -477,7 +477,64 @@ static void test_errors(void) {
     CHECK_MSG(strstr(qlr_error_msg(), "tokenizer.ggml.merges: entry 2") != NULL, "message: %s", qlr_error_msg());
 }
 
+static void write_text(const char *path, const char *s) {
+    FILE *f = fopen(path, "wb");
+    CHECK(f != NULL);
+    if (!f) return;
+    fputs(s, f);
+    fclose(f);
+}
+
+/* tokenizer.json + tokenizer_config.json, hand-written (SmolLM2's structure, tiny vocabulary) */
+static void test_hf_json(void) {
+    char dir[512], path[600];
+    snprintf(dir, sizeof dir, "%s/hf_tok", test_tmpdir());
+    CHECK_OK(qlr_mkdir_p(dir));
+    snprintf(path, sizeof path, "%s/tokenizer.json", dir);
+    write_text(path,
+               "{\"version\": \"1.0\", \"added_tokens\": ["
+               "{\"id\": 0, \"content\": \"<|endoftext|>\", \"special\": true},"
+               "{\"id\": 1, \"content\": \"<|im_start|>\", \"special\": true},"
+               "{\"id\": 2, \"content\": \"<|im_end|>\", \"special\": true}],"
+               "\"normalizer\": null,"
+               "\"pre_tokenizer\": {\"type\": \"Sequence\", \"pretokenizers\": ["
+               "{\"type\": \"Digits\", \"individual_digits\": true},"
+               "{\"type\": \"ByteLevel\", \"add_prefix_space\": false, \"trim_offsets\": true, \"use_regex\": true}]},"
+               "\"decoder\": {\"type\": \"ByteLevel\"},"
+               "\"model\": {\"type\": \"BPE\", \"vocab\": {\"<|endoftext|>\": 0, \"<|im_start|>\": 1, \"<|im_end|>\": 2,"
+               "\"h\": 3, \"i\": 4, \"\\u0120\": 5, \"1\": 6, \"2\": 7, \"hi\": 8, \"\\u0120hi\": 9},"
+               "\"merges\": [\"h i\", [\"\\u0120\", \"hi\"]]}}");
+    snprintf(path, sizeof path, "%s/tokenizer_config.json", dir);
+    write_text(path, "{\"bos_token\": \"<|im_start|>\", \"eos_token\": {\"content\": \"<|im_end|>\"},"
+                     "\"add_bos_token\": false, \"chat_template\": \"{{ '<|im_start|>' }}\"}");
+    qlr_tokenizer *t = NULL;
+    CHECK_OK(qlr_tokenizer_load_hf(dir, &t));
+    if (!t) return;
+    CHECK_EQ_INT(qlr_tokenizer_pre(t), QLR_TOK_PRE_SMOLLM);
+    CHECK_EQ_INT(qlr_tokenizer_n_vocab(t), 10);
+    CHECK_EQ_INT(qlr_tokenizer_bos(t), 1);
+    CHECK_EQ_INT(qlr_tokenizer_eos(t), 2);
+    CHECK(qlr_tokenizer_chat_template(t) && strcmp(qlr_tokenizer_chat_template(t), "{{ '<|im_start|>' }}") == 0);
+    qlr_tokens v = {0};
+    const char *s = "hi hi12<|im_end|>";
+    CHECK_OK(qlr_tokenizer_encode(t, s, strlen(s), QLR_ENC_PARSE_SPECIAL, &v));
+    CHECK(v.n == 5 && v.ids[0] == 8 && v.ids[1] == 9 && v.ids[2] == 6 && v.ids[3] == 7 && v.ids[4] == 2);
+    qlr_tokens_free(&v);
+    qlr_tokenizer_free(t);
+
+    /* an unknown pre-tokenizer is refused, naming it */
+    snprintf(path, sizeof path, "%s/tokenizer.json", dir);
+    write_text(path, "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": []},"
+                     "\"pre_tokenizer\": {\"type\": \"Whitespace\"}}");
+    CHECK(qlr_tokenizer_load_hf(path, &t) == QLR_ERR_UNSUPPORTED);
+    CHECK_MSG(strstr(qlr_error_msg(), "Whitespace") != NULL, "message: %s", qlr_error_msg());
+    write_text(path, "{\"model\": {\"type\": \"BPE\", \"vocab\": {}, \"merges\": []}}");
+    CHECK(qlr_tokenizer_load_hf(path, &t) == QLR_ERR_FORMAT);
+    CHECK_MSG(strstr(qlr_error_msg(), "no vocabulary") != NULL, "message: %s", qlr_error_msg());
+}
+
 int main(void) {
+    test_hf_json();
     test_splits();
     test_merges();
     test_specials();
