@@ -66,7 +66,9 @@ static int chatml_default_system(const char *src, size_t len, char **out) {
         for (const char *c = q; c < e; c++)
             if (*c == '\'' || *c == '"' || *c == '{' || *c == '}' || *c == '+') literal = 0;
         if (!literal) continue;
-        char *o = malloc((size_t)(e - q) + 1);
+        size_t span = (size_t)(e - q);
+        if (span >= len) continue; /* cannot happen: e lies after q inside src */
+        char *o = malloc(span + 1);
         if (!o) return 0;
         size_t k = 0;
         for (const char *c = q; c < e; c++) {
