@@ -69,7 +69,22 @@ size_t qlr_yaml_quote(char *buf, size_t cap, const char *s) {
         else if (c == '\n') { PUT('\\'); PUT('n'); }
         else if (c == '\t') { PUT('\\'); PUT('t'); }
         else if (c == '\r') { PUT('\\'); PUT('r'); }
-        else if (c < 0x20 || c == 0x7f) {
+        else if (c == 0xc2 && p[1] == 0x85) { PUT('\\'); PUT('N'); p++; } /* NEL: a YAML line break */
+        else if (c == 0xc2 && p[1] >= 0x80 && p[1] <= 0x9f) { /* C1 controls are not printable */
+            static const char hex[] = "0123456789abcdef";
+            PUT('\\'); PUT('x'); PUT(hex[p[1] >> 4]); PUT(hex[p[1] & 15]);
+            p++;
+        } else if (c == 0xef && ((p[1] == 0xbb && p[2] == 0xbf) || (p[1] == 0xbf && p[2] >= 0xbe))) {
+            /* U+FEFF, U+FFFE, U+FFFF are not printable either */
+            const char *u = p[1] == 0xbb ? "\\uFEFF" : p[2] == 0xbe ? "\\uFFFE" : "\\uFFFF";
+            for (; *u; u++) PUT(*u);
+            p += 2;
+        }
+        else if (c == 0xe2 && p[1] == 0x80 && (p[2] == 0xa8 || p[2] == 0xa9)) { /* LS, PS */
+            PUT('\\');
+            PUT(p[2] == 0xa8 ? 'L' : 'P');
+            p += 2;
+        } else if (c < 0x20 || c == 0x7f) {
             static const char hex[] = "0123456789abcdef";
             PUT('\\'); PUT('x'); PUT(hex[c >> 4]); PUT(hex[c & 15]);
         } else PUT(c);
