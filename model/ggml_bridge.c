@@ -9,3 +9,5 @@ qlr_status qlr_model_ggml_dequant(uint32_t type, const void *src, size_t bytes, 
                                   int64_t nrows, float *dst) {
     return qlr_ggml_dequant(type, src, bytes, ne0, nrows, dst);
 }
+
+const char *qlr_model_ggml_type_name(uint32_t type) { return qlr_ggml_type_name(type); }
