@@ -12,6 +12,7 @@
 #include "core/core.h"
 #include "formats/gguf.h"
 #include "formats/safetensors.h"
+#include "model/model.h" /* --nf4 (model engineer) */
 
 /* Without --all: strings are cut after this many bytes, arrays after this many elements. */
 #define INSPECT_MAX_STR 72
@@ -21,6 +22,7 @@
 typedef struct inspect_opts {
     const char *path;
     int all; /* --all: print long strings and arrays in full */
+    int nf4; /* --nf4: per-tensor NF4 quantization error of a GGUF model (model/) */
 } inspect_opts;
 
 static void usage(FILE *f) {
@@ -39,6 +41,8 @@ static void usage(FILE *f) {
             "options:\n"
             "  --all        print long strings (e.g. the chat template) and arrays (e.g. the\n"
             "               vocabulary) in full instead of abbreviated\n"
+            "  --nf4        GGUF models: quantize every decoder linear to NF4 (double quant) and\n"
+            "               print its error (relative RMS, max relative, max absolute) and a total\n"
             "  -h, --help   this text\n"
             "\n"
             "exit status: 0 valid, 1 invalid or unreadable, 2 usage error\n");
@@ -52,6 +56,8 @@ static int parse_args(int argc, char **argv, inspect_opts *o) {
         const char *a = argv[i];
         if (!strcmp(a, "--all")) {
             o->all = 1;
+        } else if (!strcmp(a, "--nf4")) {
+            o->nf4 = 1;
         } else if (!strcmp(a, "--")) {
             if (i + 1 < argc && !o->path) o->path = argv[++i];
             if (i + 1 < argc) return qlr_cli_usage_error("inspect", "expected one FILE");
@@ -251,6 +257,13 @@ static int cmd_inspect(int argc, char **argv) {
     inspect_opts o;
     int rc = parse_args(argc, argv, &o);
     if (rc) return rc;
+
+    /* BEGIN --nf4 (model/tools.c, owned by the model engineer) */
+    if (o.nf4) {
+        if (qlr_model_print_nf4_error(o.path, stdout) != QLR_OK) return qlr_cli_fail("inspect");
+        return 0;
+    }
+    /* END --nf4 */
 
     if (qlr_is_dir(o.path)) return inspect_safetensors(&o); /* sharded checkpoint folder */
     size_t plen = strlen(o.path);
