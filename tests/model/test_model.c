@@ -243,6 +243,26 @@ static void test_forward(const char *arch, int tied, int bias) {
             }
         CHECK_MSG(w < 2e-4, "%s: sequence %d in a batch vs alone differs by %g", arch, sq, w);
     }
+    /* export as HF safetensors + config.json, load the folder back: same model up to one more
+     * NF4 round trip of values already on the NF4 grid (only the double-quantized absmax moves,
+     * by < 1%), so logits of O(5) agree to a few 1e-2 */
+    char dir[512];
+    snprintf(dir, sizeof dir, "%s/hf_%s", test_tmpdir(), arch);
+    CHECK_OK(qlr_model_export_hf(m, dir));
+    qlr_model *h = NULL;
+    CHECK_OK(qlr_model_load(dir, be, &lp, &h));
+    if (h) {
+        CHECK_EQ_INT(h->cfg.tied_embeddings, tied);
+        CHECK_EQ_INT(h->cfg.qkv_bias, bias);
+        CHECK_EQ_INT(h->cfg.n_kv_heads, NKV);
+        float *hl = malloc(T * VOCAB * 4);
+        run_batch(h, T, tok, pos, seq0, 1, hl);
+        double hd2 = maxdiff(pre, hl, T * VOCAB);
+        printf("%s: HF export reloaded: max logit diff %.3g\n", arch, hd2);
+        CHECK_MSG(hd2 < 0.1, "%s: HF export reloaded differs by %g", arch, hd2);
+        free(hl);
+        qlr_model_free(h);
+    }
     free(pre), free(dec), free(all), free(alone);
     qlr_model_free(m);
 }
