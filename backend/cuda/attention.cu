@@ -1,0 +1,438 @@
+/* backend/cuda/attention.cu: the KV cache store and causal GQA attention over the cache for any
+ * mix of prefill and decode tokens (token t, head h sees rows 0..pos[t] of sequence seq[t], KV
+ * head h / (n_heads / n_kv)). Two kernels, picked by the token count (seq/pos stay on the device,
+ * so the host never waits to look at them):
+ *  - n <= 64 (decode, short chunks): split-KV "flash decoding": one block per (token, KV head,
+ *    split) serves all query heads of the group, online softmax in f32, partials combined by a
+ *    second kernel;
+ *  - n > 64 (prefill): a tiled flash kernel on tensor cores (WMMA bf16 16x16x16, f32
+ *    accumulation): 64 query tokens x one head per block, 64-key tiles, online softmax; a tile
+ *    whose tokens belong to several sequences handles them one sequence after another.
+ * Caches are [n_seq_max, ctx, n_kv, hd] bf16; hd must be a multiple of 16 and at most 256. */
+#include "backend/cuda/cuda_internal.h"
+
+#include <mma.h>
+
+typedef __nv_bfloat16 bf16;
+using namespace nvcuda;
+
+/* ---- kv_store ---- */
+
+__global__ void kv_store_kernel(bf16 *kc, bf16 *vc, const bf16 *k, const bf16 *v,
+                                const int32_t *seq, const int32_t *pos, int64_t n, int64_t row8,
+                                int64_t ctx) {
+    /* row8 = n_kv * hd / 8 uint4 per token row */
+    int64_t total = n * row8;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        int64_t t = i / row8, j = i % row8;
+        int64_t p = pos[t];
+        if (p < 0 || p >= ctx || seq[t] < 0) continue; /* caller validates (backend.h) */
+        int64_t off = ((int64_t)seq[t] * ctx + p) * row8 + j;
+        ((uint4 *)kc)[off] = ((const uint4 *)k)[i];
+        ((uint4 *)vc)[off] = ((const uint4 *)v)[i];
+    }
+}
+
+qlr_status qlr_cuda_kv_store(qlr_backend *be, void *k_cache, void *v_cache, const void *k,
+                             const void *v, const int32_t *seq, const int32_t *pos, int64_t n,
+                             int64_t n_kv, int64_t hd, int64_t ctx) {
+    if (n <= 0) return QLR_OK;
+    QLR_ASSERT((n_kv * hd) % 8 == 0);
+    int64_t row8 = n_kv * hd / 8, total = n * row8;
+    int64_t blocks = (total + 255) / 256, cap = (int64_t)qlr_cuda_im(be)->n_sm * 8;
+    kv_store_kernel<<<(unsigned)(blocks < cap ? blocks : cap), 256, 0, qlr_cuda_im(be)->stream>>>(
+        (bf16 *)k_cache, (bf16 *)v_cache, (const bf16 *)k, (const bf16 *)v, seq, pos, n, row8, ctx);
+    QLR_CK_LAUNCH();
+    return QLR_OK;
+}
+
+/* ---- decode: split-KV ---- */
+
+#define DEC_THREADS 128
+#define DEC_KEYS 256   /* keys per pass */
+#define DEC_MAXG 16    /* query heads per KV head */
+
+struct att_args {
+    bf16 *out;
+    const bf16 *q, *kc, *vc;
+    const int32_t *seq, *pos;
+    int64_t n, n_heads, n_kv, hd, ctx;
+    float scale;
+};
+
+/* partial layout: [(t * n_heads + h) * nsplit + s] -> {m, l, o[hd]} f32 */
+__global__ void __launch_bounds__(DEC_THREADS) att_decode_kernel(att_args a, float *part) {
+    extern __shared__ float sm[];
+    int nsplit = gridDim.x, s = blockIdx.x, g = blockIdx.y;
+    int64_t t = blockIdx.z;
+    int G = (int)(a.n_heads / a.n_kv), hd = (int)a.hd, tid = threadIdx.x;
+    float *qs = sm;                         /* [G][hd] */
+    float *sc = qs + G * hd;                /* [G][DEC_KEYS] */
+    float *mrow = sc + G * DEC_KEYS;        /* [G] running max */
+    float *lrow = mrow + DEC_MAXG;          /* [G] running sum */
+    float *alpha = lrow + DEC_MAXG;         /* [G] rescale of this pass */
+    int64_t L = (int64_t)a.pos[t] + 1, sq = a.seq[t];
+    int64_t chunk = (L + nsplit - 1) / nsplit;
+    if (chunk < 64) chunk = 64;
+    int64_t k0 = s * chunk, k1 = k0 + chunk < L ? k0 + chunk : L;
+    int64_t pbase = (t * a.n_heads + (int64_t)g * G) * nsplit + s;
+    if (k0 >= k1) {
+        for (int i = tid; i < G; i += DEC_THREADS) {
+            float *p = part + (pbase + (int64_t)i * nsplit) * (hd + 2);
+            p[0] = -INFINITY;
+            p[1] = 0.0f;
+        }
+        return;
+    }
+    for (int i = tid; i < G * hd; i += DEC_THREADS) {
+        int gi = i / hd, d = i % hd;
+        qs[i] = __bfloat162float(a.q[(t * a.n_heads + (int64_t)g * G + gi) * hd + d]);
+    }
+    if (tid < G) {
+        mrow[tid] = -INFINITY;
+        lrow[tid] = 0.0f;
+    }
+    /* o accumulators: thread covers d-pair dp for heads gi = gsub, gsub + gstep, ... */
+    int npair = hd / 2, dp = tid % npair, gsub = tid / npair, gstep = DEC_THREADS / npair;
+    float2 o[DEC_MAXG];
+#pragma unroll
+    for (int i = 0; i < DEC_MAXG; i++) o[i] = make_float2(0.0f, 0.0f);
+    const int64_t kv_stride = a.n_kv * hd; /* between positions */
+    const bf16 *kbase = a.kc + (sq * a.ctx * a.n_kv + g) * hd;
+    const bf16 *vbase = a.vc + (sq * a.ctx * a.n_kv + g) * hd;
+    __syncthreads();
+
+    for (int64_t p0 = k0; p0 < k1; p0 += DEC_KEYS) {
+        int nk = (int)(k1 - p0 < DEC_KEYS ? k1 - p0 : DEC_KEYS);
+        /* scores: one key per thread per step, 16-byte loads along hd */
+        for (int j = tid; j < nk; j += DEC_THREADS) {
+            const uint4 *kp = (const uint4 *)(kbase + (p0 + j) * kv_stride);
+            float accs[DEC_MAXG];
+#pragma unroll
+            for (int gi = 0; gi < DEC_MAXG; gi++) accs[gi] = 0.0f;
+            for (int d8 = 0; d8 < hd / 8; d8++) {
+                uint4 u = __ldg(kp + d8);
+                uint32_t uu[4] = {u.x, u.y, u.z, u.w};
+                float kf[8];
+#pragma unroll
+                for (int h2 = 0; h2 < 4; h2++) {
+                    kf[2 * h2] = __uint_as_float(uu[h2] << 16);
+                    kf[2 * h2 + 1] = __uint_as_float(uu[h2] & 0xffff0000u);
+                }
+#pragma unroll
+                for (int gi = 0; gi < DEC_MAXG; gi++) {
+                    if (gi < G) {
+                        const float *qq = qs + gi * hd + d8 * 8;
+#pragma unroll
+                        for (int e = 0; e < 8; e++) accs[gi] = fmaf(qq[e], kf[e], accs[gi]);
+                    }
+                }
+            }
+#pragma unroll
+            for (int gi = 0; gi < DEC_MAXG; gi++)
+                if (gi < G) sc[gi * DEC_KEYS + j] = accs[gi] * a.scale;
+        }
+        __syncthreads();
+        /* softmax statistics: warp w handles heads w, w + 4, ... */
+        int lane = tid & 31, warp = tid >> 5;
+        for (int gi = warp; gi < G; gi += DEC_THREADS / 32) {
+            float mx = -INFINITY;
+            for (int j = lane; j < nk; j += 32) mx = fmaxf(mx, sc[gi * DEC_KEYS + j]);
+            for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+            float mold = mrow[gi], mnew = fmaxf(mold, mx);
+            float sum = 0.0f;
+            for (int j = lane; j < nk; j += 32) {
+                float e = expf(sc[gi * DEC_KEYS + j] - mnew);
+                sc[gi * DEC_KEYS + j] = e;
+                sum += e;
+            }
+            for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+            if (lane == 0) {
+                float al = expf(mold - mnew); /* mold = -inf on the first pass: 0 */
+                alpha[gi] = al;
+                lrow[gi] = lrow[gi] * al + sum;
+                mrow[gi] = mnew;
+            }
+        }
+        __syncthreads();
+        /* o += p · v */
+#pragma unroll
+        for (int i = 0; i < DEC_MAXG; i++) {
+            int gi = gsub + i * gstep;
+            if (gi < G) {
+                o[i].x *= alpha[gi];
+                o[i].y *= alpha[gi];
+            }
+        }
+        if (gsub < G) {
+            for (int j = 0; j < nk; j++) {
+                float2 vv = __bfloat1622float2(
+                    *(const __nv_bfloat162 *)(vbase + (p0 + j) * kv_stride + 2 * dp));
+#pragma unroll
+                for (int i = 0; i < DEC_MAXG; i++) {
+                    int gi = gsub + i * gstep;
+                    if (gi < G) {
+                        float pj = sc[gi * DEC_KEYS + j];
+                        o[i].x = fmaf(pj, vv.x, o[i].x);
+                        o[i].y = fmaf(pj, vv.y, o[i].y);
+                    }
+                }
+            }
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < DEC_MAXG; i++) {
+        int gi = gsub + i * gstep;
+        if (gi < G) {
+            float *p = part + (pbase + (int64_t)gi * nsplit) * (hd + 2);
+            if (dp == 0) {
+                p[0] = mrow[gi];
+                p[1] = lrow[gi];
+            }
+            p[2 + 2 * dp] = o[i].x;
+            p[3 + 2 * dp] = o[i].y;
+        }
+    }
+}
+
+__global__ void att_combine_kernel(att_args a, const float *part, int nsplit) {
+    int64_t th = blockIdx.x; /* t * n_heads + h */
+    int hd = (int)a.hd;
+    const float *p = part + th * nsplit * (hd + 2);
+    float M = -INFINITY;
+    for (int s = 0; s < nsplit; s++) M = fmaxf(M, p[s * (hd + 2)]);
+    float L = 0.0f;
+    for (int s = 0; s < nsplit; s++) {
+        float m = p[s * (hd + 2)];
+        if (m != -INFINITY) L += p[s * (hd + 2) + 1] * expf(m - M);
+    }
+    float inv = L > 0.0f ? 1.0f / L : 0.0f;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float o = 0.0f;
+        for (int s = 0; s < nsplit; s++) {
+            float m = p[s * (hd + 2)];
+            if (m != -INFINITY) o += p[s * (hd + 2) + 2 + d] * expf(m - M);
+        }
+        a.out[th * hd + d] = __float2bfloat16_rn(o * inv);
+    }
+}
+
+/* ---- prefill: tiled WMMA flash attention ---- */
+
+#define PF_BR 64
+#define PF_BC 64
+#define PF_WARPS 4
+
+struct pf_smem {
+    int ldq, lds, ldp, ldo;
+    size_t q, k, v, s, p, o, stat, bytes;
+};
+
+__host__ __device__ static pf_smem pf_layout(int hd) {
+    pf_smem L;
+    L.ldq = hd + 8;
+    L.lds = PF_BC + 4;
+    L.ldp = PF_BC + 8;
+    L.ldo = hd + 4;
+    L.q = 0;
+    L.k = L.q + (size_t)PF_BR * L.ldq * 2;
+    L.v = L.k + (size_t)PF_BC * L.ldq * 2;
+    L.s = L.v + (size_t)PF_BC * L.ldq * 2;
+    L.p = L.s + (size_t)PF_BR * L.lds * 4;
+    L.o = L.p + (size_t)PF_BR * L.ldp * 2;
+    L.stat = L.o + (size_t)PF_BR * L.ldo * 4;
+    L.bytes = L.stat + (size_t)PF_BR * 4 * 4 + 64;
+    return L;
+}
+
+__global__ void __launch_bounds__(PF_WARPS * 32) att_prefill_kernel(att_args a) {
+    extern __shared__ __align__(128) unsigned char smraw[];
+    int hd = (int)a.hd;
+    pf_smem L = pf_layout(hd);
+    bf16 *Qs = (bf16 *)(smraw + L.q), *Ks = (bf16 *)(smraw + L.k), *Vs = (bf16 *)(smraw + L.v);
+    float *Ss = (float *)(smraw + L.s), *Os = (float *)(smraw + L.o);
+    bf16 *Ps = (bf16 *)(smraw + L.p);
+    int *rseq = (int *)(smraw + L.stat);           /* [BR] seq of each row (-1: no token) */
+    int *rpos = rseq + PF_BR;                       /* [BR] */
+    float *mrow = (float *)(rpos + PF_BR), *lrow = mrow + PF_BR;
+    __shared__ int cur_s, kmax_s, next_s;
+
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    int64_t t0 = (int64_t)blockIdx.x * PF_BR;
+    int h = blockIdx.y, G = (int)(a.n_heads / a.n_kv), g = h / G;
+    const int64_t kv_stride = a.n_kv * hd;
+
+    for (int r = tid; r < PF_BR; r += blockDim.x) {
+        int64_t t = t0 + r;
+        rseq[r] = t < a.n ? a.seq[t] : -1;
+        rpos[r] = t < a.n ? a.pos[t] : -1;
+        mrow[r] = -INFINITY;
+        lrow[r] = 0.0f;
+    }
+    /* Q tile and a zeroed O */
+    int hd8 = hd / 8;
+    for (int i = tid; i < PF_BR * hd8; i += blockDim.x) {
+        int r = i / hd8, c8 = i % hd8;
+        int64_t t = t0 + r;
+        uint4 u = make_uint4(0, 0, 0, 0);
+        if (t < a.n) u = *(const uint4 *)(a.q + (t * a.n_heads + h) * hd + c8 * 8);
+        *(uint4 *)(Qs + r * L.ldq + c8 * 8) = u;
+    }
+    for (int i = tid; i < PF_BR * hd; i += blockDim.x) Os[(i / hd) * L.ldo + i % hd] = 0.0f;
+    if (tid == 0) {
+        int mn = INT_MAX;
+        for (int r = 0; r < PF_BR; r++)
+            if (rseq[r] >= 0 && rseq[r] < mn) mn = rseq[r];
+        cur_s = mn == INT_MAX ? -1 : mn;
+    }
+    __syncthreads();
+
+    while (cur_s >= 0) {
+        int cs = cur_s;
+        if (tid == 0) {
+            int km = -1, nx = INT_MAX;
+            for (int r = 0; r < PF_BR; r++) {
+                if (rseq[r] == cs && rpos[r] > km) km = rpos[r];
+                if (rseq[r] > cs && rseq[r] < nx) nx = rseq[r];
+            }
+            kmax_s = km;
+            next_s = nx == INT_MAX ? -1 : nx;
+        }
+        __syncthreads();
+        int kmax = kmax_s;
+        const bf16 *kb = a.kc + ((int64_t)cs * a.ctx * a.n_kv + g) * hd;
+        const bf16 *vb = a.vc + ((int64_t)cs * a.ctx * a.n_kv + g) * hd;
+        for (int j0 = 0; j0 <= kmax; j0 += PF_BC) {
+            for (int i = tid; i < PF_BC * hd8; i += blockDim.x) {
+                int r = i / hd8, c8 = i % hd8;
+                uint4 ku = make_uint4(0, 0, 0, 0), vu = ku;
+                if (j0 + r <= kmax) {
+                    ku = *(const uint4 *)(kb + (int64_t)(j0 + r) * kv_stride + c8 * 8);
+                    vu = *(const uint4 *)(vb + (int64_t)(j0 + r) * kv_stride + c8 * 8);
+                }
+                *(uint4 *)(Ks + r * L.ldq + c8 * 8) = ku;
+                *(uint4 *)(Vs + r * L.ldq + c8 * 8) = vu;
+            }
+            __syncthreads();
+            /* S_w [16, 64] = Q_w · Kᵀ */
+            for (int nt = 0; nt < PF_BC / 16; nt++) {
+                wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+                wmma::fill_fragment(acc, 0.0f);
+                for (int kk = 0; kk < hd / 16; kk++) {
+                    wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fa;
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> fb;
+                    wmma::load_matrix_sync(fa, Qs + warp * 16 * L.ldq + kk * 16, L.ldq);
+                    wmma::load_matrix_sync(fb, Ks + nt * 16 * L.ldq + kk * 16, L.ldq);
+                    wmma::mma_sync(acc, fa, fb, acc);
+                }
+                wmma::store_matrix_sync(Ss + warp * 16 * L.lds + nt * 16, acc, L.lds,
+                                        wmma::mem_row_major);
+            }
+            __syncwarp();
+            /* online softmax: two lanes per row, 32 columns each */
+            {
+                int r = warp * 16 + (lane >> 1), c0 = (lane & 1) * 32;
+                bool live = rseq[r] == cs;
+                int rp = rpos[r];
+                float *srow = Ss + r * L.lds;
+                float mx = -INFINITY;
+                for (int c = c0; c < c0 + 32; c++) {
+                    int key = j0 + c;
+                    float v = (live && key <= rp) ? srow[c] * a.scale : -INFINITY;
+                    srow[c] = v;
+                    mx = fmaxf(mx, v);
+                }
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                float mold = mrow[r], mnew = fmaxf(mold, mx);
+                float al = (mnew == -INFINITY) ? 1.0f : expf(mold - mnew);
+                float sum = 0.0f;
+                bf16 *prow = Ps + r * L.ldp;
+                for (int c = c0; c < c0 + 32; c++) {
+                    float e = (srow[c] == -INFINITY) ? 0.0f : expf(srow[c] - mnew);
+                    sum += e;
+                    prow[c] = __float2bfloat16_rn(e);
+                }
+                sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+                float *orow = Os + r * L.ldo;
+                int hh = hd / 2, d0 = (lane & 1) * hh;
+                if (al != 1.0f)
+                    for (int d = d0; d < d0 + hh; d++) orow[d] *= al;
+                __syncwarp();
+                if ((lane & 1) == 0) {
+                    mrow[r] = mnew;
+                    lrow[r] = lrow[r] * al + sum;
+                }
+            }
+            __syncwarp();
+            /* O_w [16, hd] += P_w [16, 64] · V [64, hd] */
+            for (int dt = 0; dt < hd / 16; dt++) {
+                wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+                wmma::load_matrix_sync(acc, Os + warp * 16 * L.ldo + dt * 16, L.ldo,
+                                       wmma::mem_row_major);
+                for (int kk = 0; kk < PF_BC / 16; kk++) {
+                    wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fa;
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> fb;
+                    wmma::load_matrix_sync(fa, Ps + warp * 16 * L.ldp + kk * 16, L.ldp);
+                    wmma::load_matrix_sync(fb, Vs + kk * 16 * L.ldq + dt * 16, L.ldq);
+                    wmma::mma_sync(acc, fa, fb, acc);
+                }
+                wmma::store_matrix_sync(Os + warp * 16 * L.ldo + dt * 16, acc, L.ldo,
+                                        wmma::mem_row_major);
+            }
+            __syncthreads();
+        }
+        if (tid == 0) cur_s = next_s;
+        __syncthreads();
+    }
+    for (int i = tid; i < PF_BR * hd; i += blockDim.x) {
+        int r = i / hd, d = i % hd;
+        int64_t t = t0 + r;
+        if (t >= a.n) continue;
+        float l = lrow[r];
+        float v = l > 0.0f ? Os[r * L.ldo + d] / l : 0.0f;
+        a.out[(t * a.n_heads + h) * hd + d] = __float2bfloat16_rn(v);
+    }
+}
+
+qlr_status qlr_cuda_attention(qlr_backend *be, void *out, const void *q, const void *k_cache,
+                              const void *v_cache, const int32_t *seq, const int32_t *pos,
+                              int64_t n, int64_t n_heads, int64_t n_kv, int64_t hd, int64_t ctx,
+                              float scale) {
+    if (n <= 0) return QLR_OK;
+    QLR_ASSERT(n_kv > 0 && n_heads % n_kv == 0);
+    if (hd % 16 != 0 || hd > 256 || n_heads / n_kv > DEC_MAXG)
+        return qlr_errorf(QLR_ERR_UNSUPPORTED, "cuda attention: head_dim %lld (needs a multiple "
+                          "of 16, at most 256) with %lld query heads per KV head (at most %d)",
+                          (long long)hd, (long long)(n_heads / n_kv), DEC_MAXG);
+    qlr_cuda_impl *im = qlr_cuda_im(be);
+    att_args a = {(bf16 *)out, (const bf16 *)q, (const bf16 *)k_cache, (const bf16 *)v_cache,
+                  seq, pos, n, n_heads, n_kv, hd, ctx, scale};
+    if (n > 64) {
+        pf_smem L = pf_layout((int)hd);
+        QLR_CK(cudaFuncSetAttribute(att_prefill_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    (int)L.bytes));
+        dim3 grid((unsigned)((n + PF_BR - 1) / PF_BR), (unsigned)n_heads);
+        att_prefill_kernel<<<grid, PF_WARPS * 32, L.bytes, im->stream>>>(a);
+        QLR_CK_LAUNCH();
+        return QLR_OK;
+    }
+    int64_t nsplit = (ctx + 127) / 128;
+    if (nsplit > 32) nsplit = 32;
+    if (nsplit < 1) nsplit = 1;
+    void *ws;
+    QLR_TRY(qlr_cuda_ws(be, (size_t)(n * n_heads * nsplit * (hd + 2)) * 4, &ws));
+    int G = (int)(n_heads / n_kv);
+    size_t smem = ((size_t)G * hd + (size_t)G * DEC_KEYS + 3 * DEC_MAXG) * 4;
+    if (smem > 48 * 1024)
+        QLR_CK(cudaFuncSetAttribute(att_decode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    (int)smem));
+    dim3 grid((unsigned)nsplit, (unsigned)n_kv, (unsigned)n);
+    att_decode_kernel<<<grid, DEC_THREADS, smem, im->stream>>>(a, (float *)ws);
+    QLR_CK_LAUNCH();
+    att_combine_kernel<<<(unsigned)(n * n_heads), 128, 0, im->stream>>>(a, (const float *)ws,
+                                                                        (int)nsplit);
+    QLR_CK_LAUNCH();
+    return QLR_OK;
+}

@@ -1,0 +1,272 @@
+/* backend/cuda/cuda_backend.cu: the CUDA backend object: device selection, its one stream, the
+ * cuBLASLt handle and workspaces, device memory (cudaMalloc; copies ordered on the stream),
+ * error conversion for the QLR_CK macro, and the op table wired to the kernels in the other
+ * .cu files of this folder. Ops it does not implement yet stay NULL (backend.h allows it). */
+#include "backend/cuda/cuda_internal.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+extern "C" {
+#include "backend/cuda/cuda_backend.h"
+#include "core/log.h"
+}
+
+static int cur_device(void) {
+    int d = -1;
+    cudaGetDevice(&d);
+    return d;
+}
+
+qlr_status qlr_cuda_fail(cudaError_t e, const char *stmt, const char *file, int line) {
+    return qlr_error_set_(QLR_ERR_DEVICE, file, line, "%s:%d: %s: CUDA error %s: %s (device %d)",
+                          file, line, stmt, cudaGetErrorName(e), cudaGetErrorString(e),
+                          cur_device());
+}
+qlr_status qlr_cuda_fail(cublasStatus_t e, const char *stmt, const char *file, int line) {
+    return qlr_error_set_(QLR_ERR_DEVICE, file, line, "%s:%d: %s: cuBLAS status %d (device %d)",
+                          file, line, stmt, (int)e, cur_device());
+}
+qlr_status qlr_cuda_fail(cudnnStatus_t e, const char *stmt, const char *file, int line) {
+    return qlr_error_set_(QLR_ERR_DEVICE, file, line, "%s:%d: %s: cuDNN error %s (device %d)",
+                          file, line, stmt, cudnnGetErrorString(e), cur_device());
+}
+qlr_status qlr_cuda_fail(ncclResult_t e, const char *stmt, const char *file, int line) {
+    return qlr_error_set_(QLR_ERR_DEVICE, file, line, "%s:%d: %s: NCCL error %s (device %d)",
+                          file, line, stmt, ncclGetErrorString(e), cur_device());
+}
+
+static void track_alloc(qlr_cuda_impl *im, size_t bytes) {
+    im->cur_bytes += bytes;
+    if (im->cur_bytes > im->peak_bytes) im->peak_bytes = im->cur_bytes;
+}
+
+/* ---- memory ---- */
+
+/* Each block's size is remembered (a small table; frees are rare) for the peak figure. */
+static void *cu_alloc(qlr_backend *be, size_t bytes) {
+    qlr_cuda_impl *im = qlr_cuda_im(be);
+    void *p = NULL;
+    size_t want = ((bytes ? bytes : 1) + 255) & ~(size_t)255;
+    cudaError_t e = cudaMalloc(&p, want);
+    if (e != cudaSuccess) {
+        size_t fr = 0, tot = 0;
+        cudaMemGetInfo(&fr, &tot);
+        qlr_errorf(QLR_ERR_NOMEM, "cuda: cannot allocate %.1f MiB on device %d (%.1f MiB free of "
+                   "%.1f MiB): %s", (double)bytes / (1 << 20), im->device,
+                   (double)fr / (1 << 20), (double)tot / (1 << 20), cudaGetErrorString(e));
+        cudaGetLastError();
+        return NULL;
+    }
+    if (im->n_allocs == im->cap_allocs) {
+        size_t cap = im->cap_allocs ? 2 * im->cap_allocs : 64;
+        void *na = realloc(im->allocs, cap * sizeof *im->allocs);
+        if (!na) {
+            cudaFree(p);
+            qlr_errorf(QLR_ERR_NOMEM, "cuda: allocation table");
+            return NULL;
+        }
+        im->allocs = (qlr_cuda_alloc_rec *)na;
+        im->cap_allocs = cap;
+    }
+    im->allocs[im->n_allocs].p = p;
+    im->allocs[im->n_allocs++].bytes = want;
+    track_alloc(im, want);
+    return p;
+}
+
+static void cu_free(qlr_backend *be, void *p) {
+    if (!p) return;
+    qlr_cuda_impl *im = qlr_cuda_im(be);
+    for (size_t i = 0; i < im->n_allocs; i++)
+        if (im->allocs[i].p == p) {
+            im->cur_bytes -= im->allocs[i].bytes;
+            im->allocs[i] = im->allocs[--im->n_allocs];
+            break;
+        }
+    /* cudaFree synchronises the device: freeing is setup/teardown, never per token */
+    cudaFree(p);
+}
+
+static qlr_status cu_memset0(qlr_backend *be, void *p, size_t n) {
+    if (!n) return QLR_OK;
+    QLR_CK(cudaMemsetAsync(p, 0, n, qlr_cuda_im(be)->stream));
+    return QLR_OK;
+}
+static qlr_status cu_h2d(qlr_backend *be, void *dst, const void *src, size_t n) {
+    if (!n) return QLR_OK;
+    QLR_CK(cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, qlr_cuda_im(be)->stream));
+    return QLR_OK;
+}
+static qlr_status cu_d2h(qlr_backend *be, void *dst, const void *src, size_t n) {
+    if (!n) return QLR_OK;
+    QLR_CK(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToHost, qlr_cuda_im(be)->stream));
+    return QLR_OK;
+}
+static qlr_status cu_d2d(qlr_backend *be, void *dst, const void *src, size_t n) {
+    if (!n) return QLR_OK;
+    QLR_CK(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, qlr_cuda_im(be)->stream));
+    return QLR_OK;
+}
+static qlr_status cu_sync(qlr_backend *be) {
+    QLR_CK(cudaStreamSynchronize(qlr_cuda_im(be)->stream));
+    return QLR_OK;
+}
+
+qlr_status qlr_cuda_ws(qlr_backend *be, size_t bytes, void **out) {
+    qlr_cuda_impl *im = qlr_cuda_im(be);
+    if (bytes > im->ws_bytes) {
+        size_t want = (bytes + (1u << 20) - 1) & ~(size_t)((1u << 20) - 1);
+        if (im->ws) {
+            QLR_CK(cudaStreamSynchronize(im->stream));
+            QLR_CK(cudaFree(im->ws));
+            im->cur_bytes -= im->ws_bytes;
+            im->ws = NULL;
+            im->ws_bytes = 0;
+        }
+        cudaError_t e = cudaMalloc(&im->ws, want);
+        if (e != cudaSuccess) {
+            cudaGetLastError();
+            im->ws = NULL;
+            return qlr_errorf(QLR_ERR_NOMEM, "cuda: cannot allocate a %.1f MiB op workspace: %s",
+                              (double)want / (1 << 20), cudaGetErrorString(e));
+        }
+        im->ws_bytes = want;
+        track_alloc(im, want);
+    }
+    *out = im->ws;
+    return QLR_OK;
+}
+
+/* ---- lifetime ---- */
+
+static void cu_destroy(qlr_backend *be) {
+    if (!be) return;
+    qlr_cuda_impl *im = qlr_cuda_im(be);
+    if (im) {
+        if (im->stream) cudaStreamSynchronize(im->stream);
+        if (im->lt) cublasLtDestroy(im->lt);
+        cudaFree(im->lt_ws);
+        cudaFree(im->ws);
+        cudaFree(im->d_dynmap);
+        cudaFree(im->d_stage);
+        cudaFreeHost(im->h_pinned);
+        free(im->allocs);
+        if (im->stream) cudaStreamDestroy(im->stream);
+        free(im);
+    }
+    free(be);
+}
+
+static qlr_status cu_init(qlr_backend *be, qlr_cuda_impl *im) {
+    int n_dev = 0;
+    QLR_CK(cudaGetDeviceCount(&n_dev));
+    if (n_dev <= 0) return qlr_errorf(QLR_ERR_UNSUPPORTED, "cuda: no CUDA device found");
+    const char *env = getenv("QLR_CUDA_DEVICE");
+    im->device = env ? atoi(env) : 0;
+    if (im->device < 0 || im->device >= n_dev)
+        return qlr_errorf(QLR_ERR_INVALID, "QLR_CUDA_DEVICE=%s: %d device(s) present", env, n_dev);
+    QLR_CK(cudaSetDevice(im->device));
+    cudaDeviceProp prop;
+    QLR_CK(cudaGetDeviceProperties(&prop, im->device));
+    if (prop.major < 8)
+        return qlr_errorf(QLR_ERR_UNSUPPORTED, "cuda: %s is compute capability %d.%d; bf16 kernels "
+                          "need 8.0 (Ampere) or newer", prop.name, prop.major, prop.minor);
+    im->n_sm = prop.multiProcessorCount;
+    QLR_CK(cudaStreamCreateWithFlags(&im->stream, cudaStreamNonBlocking));
+    QLR_CK(cublasLtCreate(&im->lt));
+    im->lt_ws_bytes = 32u << 20;
+    QLR_CK(cudaMalloc(&im->lt_ws, im->lt_ws_bytes));
+    track_alloc(im, im->lt_ws_bytes);
+    QLR_CK(cudaMalloc(&im->d_dynmap, 256 * sizeof(float)));
+    QLR_CK(cudaMemcpy(im->d_dynmap, qlr_dynmap_signed, 256 * sizeof(float), cudaMemcpyHostToDevice));
+    im->h_pinned_bytes = 1u << 16;
+    QLR_CK(cudaMallocHost(&im->h_pinned, im->h_pinned_bytes));
+    QLR_CK(cudaMalloc(&im->d_stage, im->h_pinned_bytes));
+    im->fused_max_n = 8;
+    QLR_LOGD("cuda: %s, %d SMs, compute %d.%d", prop.name, prop.multiProcessorCount, prop.major,
+             prop.minor);
+    return QLR_OK;
+}
+
+extern "C" qlr_status qlr_backend_cuda_create(int n_threads, qlr_backend **out) {
+    (void)n_threads;
+    *out = NULL;
+    qlr_backend *be = (qlr_backend *)calloc(1, sizeof *be);
+    qlr_cuda_impl *im = (qlr_cuda_impl *)calloc(1, sizeof *im);
+    if (!be || !im) {
+        free(be);
+        free(im);
+        return qlr_errorf(QLR_ERR_NOMEM, "cuda: backend allocation");
+    }
+    be->name = "cuda";
+    be->kind = QLR_DEVICE_CUDA;
+    be->act_dtype = QLR_BF16;
+    be->host_visible = 0;
+    be->impl = im;
+    be->destroy = cu_destroy;
+    be->mem.alloc = cu_alloc;
+    be->mem.free = cu_free;
+    be->mem.memset0 = cu_memset0;
+    be->mem.h2d = cu_h2d;
+    be->mem.d2h = cu_d2h;
+    be->mem.d2d = cu_d2d;
+    be->mem.sync = cu_sync;
+    qlr_backend_ops *o = &be->ops;
+    o->embedding = qlr_cuda_embedding;
+    o->rmsnorm = qlr_cuda_rmsnorm;
+    o->rope = qlr_cuda_rope;
+    o->kv_store = qlr_cuda_kv_store;
+    o->attention = qlr_cuda_attention;
+    o->swiglu = qlr_cuda_swiglu;
+    o->add = qlr_cuda_add;
+    o->get_rows = qlr_cuda_get_rows;
+    o->nf4_linear = qlr_cuda_nf4_linear;
+    o->lora = qlr_cuda_lora;
+    o->lm_head = qlr_cuda_lm_head;
+    o->sample = qlr_cuda_sample;
+    o->rmsnorm_bwd = qlr_cuda_rmsnorm_bwd;
+    o->rope_bwd = qlr_cuda_rope_bwd;
+    o->swiglu_bwd = qlr_cuda_swiglu_bwd;
+    o->nf4_linear_dx = qlr_cuda_nf4_linear_dx;
+    qlr_status st = cu_init(be, im);
+    if (st != QLR_OK) {
+        cu_destroy(be);
+        return st;
+    }
+    *out = be;
+    return QLR_OK;
+}
+
+/* ---- extras (cuda_backend.h) ---- */
+
+extern "C" qlr_status qlr_cuda_reserve(qlr_backend *be, size_t bytes) {
+    QLR_ASSERT(be && be->kind == QLR_DEVICE_CUDA);
+    void *p;
+    return qlr_cuda_ws(be, bytes, &p);
+}
+
+extern "C" void *qlr_cuda_stream(qlr_backend *be) {
+    QLR_ASSERT(be && be->kind == QLR_DEVICE_CUDA);
+    return (void *)qlr_cuda_im(be)->stream;
+}
+
+extern "C" size_t qlr_cuda_peak_bytes(qlr_backend *be) {
+    QLR_ASSERT(be && be->kind == QLR_DEVICE_CUDA);
+    return qlr_cuda_im(be)->peak_bytes;
+}
+
+extern "C" const char *qlr_cuda_device_name(qlr_backend *be) {
+    QLR_ASSERT(be && be->kind == QLR_DEVICE_CUDA);
+    static char name[256];
+    cudaDeviceProp prop;
+    if (cudaGetDeviceProperties(&prop, qlr_cuda_im(be)->device) != cudaSuccess) return "unknown";
+    snprintf(name, sizeof name, "%s", prop.name);
+    return name;
+}
+
+extern "C" void qlr_cuda_set_fused_max_n(qlr_backend *be, int n) {
+    QLR_ASSERT(be && be->kind == QLR_DEVICE_CUDA);
+    qlr_cuda_im(be)->fused_max_n = n;
+}

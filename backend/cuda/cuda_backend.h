@@ -1,0 +1,50 @@
+/* backend/cuda/cuda_backend.h: what the CUDA backend offers beyond the op table of
+ * backend/backend.h, for tests and benchmarks: forcing an NF4 linear path, dequantizing an
+ * NF4 store to bf16, a raw bf16 GEMM, the stream, the workspace reservation and memory figures.
+ * C-callable; include after backend/backend.h. Every function takes a backend made by
+ * qlr_backend_cuda_create and asserts that it is one. */
+#ifndef QLR_BACKEND_CUDA_BACKEND_H
+#define QLR_BACKEND_CUDA_BACKEND_H
+
+#include "backend/backend.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Which kernel nf4_linear uses. AUTO: the fused decode kernel for n <= the fused limit and a
+ * row length divisible by 32, else dequantize into the workspace + cuBLASLt. */
+typedef enum qlr_cuda_nf4_path {
+    QLR_CUDA_NF4_AUTO = 0,
+    QLR_CUDA_NF4_FUSED = 1,     /* packed weights read directly (any n; slow for large n) */
+    QLR_CUDA_NF4_DEQUANT_GEMM = 2,
+} qlr_cuda_nf4_path;
+
+/* nf4_linear with a chosen path (same contract as the op). */
+qlr_status qlr_cuda_nf4_linear_path(qlr_backend *be, void *y, const void *x, const qlr_nf4 *w,
+                                    const float *bias, int64_t n, qlr_cuda_nf4_path path);
+/* Sets the largest n for which AUTO picks the fused kernel (default 8). */
+void qlr_cuda_set_fused_max_n(qlr_backend *be, int n);
+
+/* out [rows, cols] bf16 = dequantized w (device store, double quant or not). Async. */
+qlr_status qlr_cuda_nf4_dequant(qlr_backend *be, uint16_t *out, const qlr_nf4 *w);
+
+/* Row-major bf16 GEMM y [m, n] = x [m, k] · w [n, k]ᵀ through cuBLASLt with f32 accumulation;
+ * y is f32 when y_f32, else bf16. Async. */
+qlr_status qlr_cuda_gemm_bf16(qlr_backend *be, void *y, const uint16_t *x, const uint16_t *w,
+                              int64_t m, int64_t n, int64_t k, int y_f32);
+
+/* Grows the op workspace to `bytes` now (so that no allocation happens inside a forward). */
+qlr_status qlr_cuda_reserve(qlr_backend *be, size_t bytes);
+/* The backend's cudaStream_t, as a pointer. */
+void *qlr_cuda_stream(qlr_backend *be);
+/* Peak bytes allocated through be->mem.alloc and the workspaces since creation. */
+size_t qlr_cuda_peak_bytes(qlr_backend *be);
+/* Device name (static storage) and multiprocessor count. */
+const char *qlr_cuda_device_name(qlr_backend *be);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,118 @@
+/* backend/cuda/cuda_internal.h: what the CUDA op files share (C++/CUDA only, not public): the
+ * backend's private state (device, stream, cuBLASLt handle, workspaces), the one check macro
+ * QLR_CK for CUDA / cuBLAS / cuDNN / NCCL calls (status + "file:line: statement: error (device
+ * N)"), the launch check, and the op entry points that cuda_backend.cu wires into the table.
+ * Every launch goes on impl->stream; nothing here synchronises the host. */
+#ifndef QLR_BACKEND_CUDA_INTERNAL_H
+#define QLR_BACKEND_CUDA_INTERNAL_H
+
+#include <cublasLt.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <cudnn.h>
+#include <nccl.h>
+
+extern "C" {
+#include "backend/backend.h"
+}
+
+typedef struct qlr_cuda_alloc_rec {
+    void *p;
+    size_t bytes;
+} qlr_cuda_alloc_rec;
+
+typedef struct qlr_cuda_impl {
+    int device;
+    cudaStream_t stream;
+    cublasLtHandle_t lt;
+    void *lt_ws;                 /* cuBLASLt workspace */
+    size_t lt_ws_bytes;
+    void *ws;                    /* op workspace (NF4 dequant tile, attention partials, ...) */
+    size_t ws_bytes;
+    float *d_dynmap;             /* [256] signed dynamic map (double-quant decode) */
+    void *h_pinned;              /* pinned staging for sampling (params in, ids out) */
+    size_t h_pinned_bytes;
+    void *d_stage;               /* device twin of h_pinned */
+    int fused_max_n;             /* nf4_linear uses the fused decode kernel for n <= this */
+    int n_sm;
+    size_t peak_bytes, cur_bytes; /* bytes allocated through mem.alloc and the workspaces */
+    qlr_cuda_alloc_rec *allocs;   /* live mem.alloc blocks */
+    size_t n_allocs, cap_allocs;
+} qlr_cuda_impl;
+
+static inline qlr_cuda_impl *qlr_cuda_im(qlr_backend *be) { return (qlr_cuda_impl *)be->impl; }
+
+/* Error conversion for each library; the overloads let one macro check every call. */
+qlr_status qlr_cuda_fail(cudaError_t e, const char *stmt, const char *file, int line);
+qlr_status qlr_cuda_fail(cublasStatus_t e, const char *stmt, const char *file, int line);
+qlr_status qlr_cuda_fail(cudnnStatus_t e, const char *stmt, const char *file, int line);
+qlr_status qlr_cuda_fail(ncclResult_t e, const char *stmt, const char *file, int line);
+static inline bool qlr_cuda_ok(cudaError_t e) { return e == cudaSuccess; }
+static inline bool qlr_cuda_ok(cublasStatus_t e) { return e == CUBLAS_STATUS_SUCCESS; }
+static inline bool qlr_cuda_ok(cudnnStatus_t e) { return e == CUDNN_STATUS_SUCCESS; }
+static inline bool qlr_cuda_ok(ncclResult_t e) { return e == ncclSuccess; }
+
+/* Evaluates a CUDA/cuBLAS/cuDNN/NCCL call; on failure records the statement, file:line and the
+ * device and returns QLR_ERR_DEVICE from the enclosing function. */
+#define QLR_CK(expr)                                                                \
+    do {                                                                            \
+        auto qlr_ck_e_ = (expr);                                                    \
+        if (!qlr_cuda_ok(qlr_ck_e_))                                                \
+            return qlr_cuda_fail(qlr_ck_e_, #expr, __FILE__, __LINE__);             \
+    } while (0)
+
+/* After a kernel launch: a bad configuration shows up here (not a sync). */
+#define QLR_CK_LAUNCH() QLR_CK(cudaGetLastError())
+
+/* Grows impl->ws to at least `bytes` (a cudaMalloc: only on the first call of a new size, so
+ * plan it with qlr_cuda_reserve before timing or capturing). */
+qlr_status qlr_cuda_ws(qlr_backend *be, size_t bytes, void **out);
+
+static inline unsigned qlr_cuda_blocks(int64_t n, int threads) {
+    int64_t b = (n + threads - 1) / threads;
+    return (unsigned)(b > 0x7fffffff ? 0x7fffffff : (b < 1 ? 1 : b));
+}
+
+/* gemm.cu: D = alpha · A · Bᵀ + beta · C in row-major terms: a [m, k] bf16 (lda), b [n, k]
+ * bf16 (ldb), d [m, n] of d_type (bf16 or f32, ldd), C = D when beta != 0. trans_b = 1 takes
+ * b as [k, n] instead (D = A · B). */
+qlr_status qlr_cuda_gemm(qlr_backend *be, void *d, cudaDataType_t d_type, const void *a,
+                         const void *b, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
+                         int64_t ldd, float alpha, float beta, int trans_b);
+
+/* Op entries (each file's exported functions, wired in cuda_backend.cu). */
+qlr_status qlr_cuda_embedding(qlr_backend *be, void *out, const uint16_t *table, const int32_t *ids,
+                              int64_t n, int64_t d, int64_t vocab);
+qlr_status qlr_cuda_rmsnorm(qlr_backend *be, void *y, const void *x, const float *w, int64_t n,
+                            int64_t d, float eps);
+qlr_status qlr_cuda_rmsnorm_bwd(qlr_backend *be, void *dx, const void *dy, const void *x,
+                                const float *w, int64_t n, int64_t d, float eps);
+qlr_status qlr_cuda_rope(qlr_backend *be, void *x, const int32_t *pos, const float *inv_freq,
+                         int64_t n, int64_t n_heads, int64_t hd);
+qlr_status qlr_cuda_rope_bwd(qlr_backend *be, void *x, const int32_t *pos, const float *inv_freq,
+                             int64_t n, int64_t n_heads, int64_t hd);
+qlr_status qlr_cuda_kv_store(qlr_backend *be, void *k_cache, void *v_cache, const void *k,
+                             const void *v, const int32_t *seq, const int32_t *pos, int64_t n,
+                             int64_t n_kv, int64_t hd, int64_t ctx);
+qlr_status qlr_cuda_attention(qlr_backend *be, void *out, const void *q, const void *k_cache,
+                              const void *v_cache, const int32_t *seq, const int32_t *pos,
+                              int64_t n, int64_t n_heads, int64_t n_kv, int64_t hd, int64_t ctx,
+                              float scale);
+qlr_status qlr_cuda_swiglu(qlr_backend *be, void *out, const void *gate, const void *up, int64_t n);
+qlr_status qlr_cuda_swiglu_bwd(qlr_backend *be, void *dgate, void *dup, const void *dout,
+                               const void *gate, const void *up, int64_t n);
+qlr_status qlr_cuda_add(qlr_backend *be, void *y, const void *x, int64_t n);
+qlr_status qlr_cuda_get_rows(qlr_backend *be, void *dst, const void *src, const int32_t *rows,
+                             int64_t n, int64_t d);
+qlr_status qlr_cuda_nf4_linear(qlr_backend *be, void *y, const void *x, const qlr_nf4 *w,
+                               const float *bias, int64_t n);
+qlr_status qlr_cuda_nf4_linear_dx(qlr_backend *be, void *dx, const void *dy, const qlr_nf4 *w,
+                                  int64_t n);
+qlr_status qlr_cuda_lora(qlr_backend *be, void *y, const void *x, const qlr_lora_ref *l, int64_t n,
+                         int64_t in, int64_t out);
+qlr_status qlr_cuda_lm_head(qlr_backend *be, float *logits, const void *x, const uint16_t *w,
+                            int64_t n, int64_t d, int64_t vocab);
+qlr_status qlr_cuda_sample(qlr_backend *be, int32_t *out_ids, float *logits,
+                           const qlr_sampling *params, uint64_t *rng, int64_t n, int64_t vocab);
+
+#endif

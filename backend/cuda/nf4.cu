@@ -1,0 +1,327 @@
+/* backend/cuda/nf4.cu: NF4 (bitsandbytes layout, spec §1) on the GPU: dequantization to bf16
+ * (double-quant aware), the fused decode kernel that reads packed weights directly for a few
+ * tokens, and the nf4_linear / nf4_linear_dx ops. For many tokens (prefill, training) the layer's
+ * weight is dequantized into the workspace and multiplied by cuBLASLt (f32 accumulation).
+ * Absmax reconstruction and code scaling use round-to-nearest multiplies and adds without FMA
+ * contraction, so the dequantized values equal quant/nf4.c's before the bf16 rounding. */
+#include "backend/cuda/cuda_internal.h"
+
+extern "C" {
+#include "backend/cuda/cuda_backend.h"
+}
+
+__constant__ float c_nf4[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+
+/* The device-side view of a store (pointers on this device). */
+struct nf4_dev {
+    const uint8_t *codes;
+    const uint8_t *aq;    /* [n_blocks] when dq */
+    const float *dqa;     /* [n_dq_blocks] when dq */
+    const float *am;      /* [n_blocks] when !dq */
+    const float *dynmap;  /* [256] */
+    float off;
+    int dq;
+};
+
+static nf4_dev dev_view(qlr_backend *be, const qlr_nf4 *w) {
+    nf4_dev d;
+    d.codes = w->codes;
+    d.aq = w->absmax_q;
+    d.dqa = w->dq_absmax;
+    d.am = w->absmax;
+    d.dynmap = qlr_cuda_im(be)->d_dynmap;
+    d.off = w->dq_offset;
+    d.dq = w->dq;
+    return d;
+}
+
+/* First-level absmax of block b: dynmap[q] * nested + offset (no FMA, as the host code). */
+__device__ __forceinline__ float block_absmax(const nf4_dev &w, const float *dynmap, int64_t b) {
+    if (!w.dq) return __ldg(w.am + b);
+    return __fadd_rn(__fmul_rn(dynmap[__ldg(w.aq + b)], __ldg(w.dqa + (b >> 8))), w.off);
+}
+
+/* ---- dequantization ---- */
+
+/* Threads [0, n16) each expand 8 code bytes (16 elements, one 64-block) into two 16-byte
+ * stores; threads [n16, n16 + rem) each do one trailing element. out [n] bf16. */
+__global__ void nf4_dequant_kernel(nf4_dev w, __nv_bfloat16 *out, int64_t n) {
+    int64_t n16 = n >> 4;
+    int64_t g = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (g < n16) {
+        int64_t e0 = g << 4;
+        float a = block_absmax(w, w.dynmap, e0 >> 6);
+        uint2 c = __ldg((const uint2 *)(w.codes + (e0 >> 1)));
+        uint32_t cw[2] = {c.x, c.y};
+        __align__(16) __nv_bfloat162 v[8];
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            uint32_t byte = (cw[j >> 2] >> ((j & 3) * 8)) & 0xff;
+            v[j] = __floats2bfloat162_rn(__fmul_rn(c_nf4[byte >> 4], a), __fmul_rn(c_nf4[byte & 15], a));
+        }
+        uint4 *o = (uint4 *)(out + e0);
+        o[0] = *(uint4 *)&v[0];
+        o[1] = *(uint4 *)&v[4];
+    } else if (g < n16 + (n & 15)) {
+        int64_t e = (n16 << 4) + (g - n16);
+        float a = block_absmax(w, w.dynmap, e >> 6);
+        uint8_t byte = w.codes[e >> 1];
+        int code = (e & 1) ? (byte & 15) : (byte >> 4);
+        out[e] = __float2bfloat16_rn(__fmul_rn(c_nf4[code], a));
+    }
+}
+
+static qlr_status dequant_launch(qlr_backend *be, __nv_bfloat16 *out, const qlr_nf4 *w) {
+    int64_t n = w->rows * w->cols;
+    if (n <= 0) return QLR_OK;
+    QLR_ASSERT(((uintptr_t)w->codes & 7) == 0 && ((uintptr_t)out & 15) == 0);
+    int64_t threads = (n >> 4) + (n & 15);
+    nf4_dequant_kernel<<<qlr_cuda_blocks(threads, 256), 256, 0, qlr_cuda_im(be)->stream>>>(
+        dev_view(be, w), out, n);
+    QLR_CK_LAUNCH();
+    return QLR_OK;
+}
+
+extern "C" qlr_status qlr_cuda_nf4_dequant(qlr_backend *be, uint16_t *out, const qlr_nf4 *w) {
+    QLR_ASSERT(be && be->kind == QLR_DEVICE_CUDA);
+    return dequant_launch(be, (__nv_bfloat16 *)out, w);
+}
+
+/* ---- fused decode kernel ----
+ * y[t, r] = Σ_c x[t, c] · W[r, c] for M tokens, reading W's packed codes once.
+ * Block: 8 warps = WK warps along K × RG warps along rows; each warp owns RPW consecutive rows
+ * and the K-chunks kg, kg + WK, ... (a chunk is 1024 columns: 32 lanes × 32 columns, i.e. one
+ * 16-byte load of codes per lane and row; its 32 columns lie in one 64-block because cols is a
+ * multiple of 32). The lane keeps its chunk's x in registers (f32) and streams RPW rows with
+ * their loads issued together. A byte of two codes becomes a float2 through a shared table
+ * replicated 16 times, so that a half-warp's lookups never share a bank. Partial sums meet in
+ * shared memory. */
+#define GEMV_WARPS 8
+#define GEMV_RPW 4
+
+template <int M>
+__global__ void __launch_bounds__(256) nf4_gemv_kernel(nf4_dev w, const __nv_bfloat16 *__restrict__ x,
+                                                       __nv_bfloat16 *__restrict__ y,
+                                                       const float *__restrict__ bias, int rows,
+                                                       int cols, int n_tok, int wk) {
+    __shared__ float2 tab[256 * 16];
+    __shared__ float dyn[256];
+    __shared__ float part[GEMV_WARPS][GEMV_WARPS * GEMV_RPW][M];
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    for (int i = tid; i < 256 * 16; i += 256) {
+        int b = i >> 4;
+        tab[i] = make_float2(c_nf4[b >> 4], c_nf4[b & 15]);
+    }
+    dyn[tid] = w.dynmap[tid];
+    __syncthreads();
+
+    int rg_n = GEMV_WARPS / wk;
+    int kg = warp % wk, rg = warp / wk;
+    int rows_per_block = rg_n * GEMV_RPW;
+    int row0 = blockIdx.x * rows_per_block + rg * GEMV_RPW;
+    int kc = (cols + 1023) >> 10;
+    float acc[GEMV_RPW][M];
+#pragma unroll
+    for (int i = 0; i < GEMV_RPW; i++)
+#pragma unroll
+        for (int m = 0; m < M; m++) acc[i][m] = 0.0f;
+    const float2 *mytab = tab + (lane & 15);
+
+    for (int c = kg; c < kc; c += wk) {
+        int col = (c << 10) + (lane << 5);
+        if (col >= cols) continue;
+        float xf[M][32];
+#pragma unroll
+        for (int m = 0; m < M; m++) {
+            if (m < n_tok) {
+                const uint4 *xp = (const uint4 *)(x + (int64_t)m * cols + col);
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    uint4 u = __ldg(xp + j);
+                    uint32_t uu[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+                    for (int h = 0; h < 4; h++) {
+                        xf[m][j * 8 + h * 2] = __uint_as_float(uu[h] << 16);
+                        xf[m][j * 8 + h * 2 + 1] = __uint_as_float(uu[h] & 0xffff0000u);
+                    }
+                }
+            } else {
+#pragma unroll
+                for (int j = 0; j < 32; j++) xf[m][j] = 0.0f;
+            }
+        }
+        uint4 q[GEMV_RPW];
+        float a[GEMV_RPW];
+#pragma unroll
+        for (int i = 0; i < GEMV_RPW; i++) {
+            int r = row0 + i;
+            q[i] = make_uint4(0, 0, 0, 0);
+            a[i] = 0.0f;
+            if (r < rows) {
+                int64_t e = (int64_t)r * cols + col;
+                q[i] = __ldg((const uint4 *)(w.codes + (e >> 1)));
+                a[i] = block_absmax(w, dyn, e >> 6);
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < GEMV_RPW; i++) {
+            uint32_t qq[4] = {q[i].x, q[i].y, q[i].z, q[i].w};
+            float s[M];
+#pragma unroll
+            for (int m = 0; m < M; m++) s[m] = 0.0f;
+#pragma unroll
+            for (int j = 0; j < 16; j++) {
+                uint32_t byte = (qq[j >> 2] >> ((j & 3) * 8)) & 0xff;
+                float2 v = mytab[byte << 4];
+#pragma unroll
+                for (int m = 0; m < M; m++) {
+                    s[m] = fmaf(v.x, xf[m][2 * j], s[m]);
+                    s[m] = fmaf(v.y, xf[m][2 * j + 1], s[m]);
+                }
+            }
+#pragma unroll
+            for (int m = 0; m < M; m++) acc[i][m] = fmaf(s[m], a[i], acc[i][m]);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < GEMV_RPW; i++)
+#pragma unroll
+        for (int m = 0; m < M; m++) {
+            float v = acc[i][m];
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+            if (lane == 0) part[kg][rg * GEMV_RPW + i][m] = v;
+        }
+    __syncthreads();
+    for (int idx = tid; idx < rows_per_block * M; idx += 256) {
+        int lr = idx / M, m = idx % M;
+        int r = blockIdx.x * rows_per_block + lr;
+        if (r >= rows || m >= n_tok) continue;
+        float v = 0.0f;
+        for (int k = 0; k < wk; k++) v += part[k][lr][m];
+        if (bias) v += bias[r];
+        y[(int64_t)m * rows + r] = __float2bfloat16_rn(v);
+    }
+}
+
+static int fusable(const qlr_nf4 *w, const void *x, const void *y) {
+    return w->cols % 32 == 0 && ((uintptr_t)w->codes & 15) == 0 && ((uintptr_t)x & 15) == 0 &&
+           w->cols <= (1 << 30) && w->rows <= (1 << 30);
+}
+
+template <int M>
+static void gemv_launch(qlr_backend *be, const nf4_dev &d, const __nv_bfloat16 *x, __nv_bfloat16 *y,
+                        const float *bias, int rows, int cols, int n_tok) {
+    int kc = (cols + 1023) / 1024, wk = 1;
+    while (wk < kc && wk < GEMV_WARPS) wk *= 2;
+    int rpb = (GEMV_WARPS / wk) * GEMV_RPW;
+    unsigned blocks = (unsigned)((rows + rpb - 1) / rpb);
+    nf4_gemv_kernel<M><<<blocks, 256, 0, qlr_cuda_im(be)->stream>>>(d, x, y, bias, rows, cols, n_tok, wk);
+}
+
+static qlr_status fused_linear(qlr_backend *be, __nv_bfloat16 *y, const __nv_bfloat16 *x,
+                               const qlr_nf4 *w, const float *bias, int64_t n) {
+    nf4_dev d = dev_view(be, w);
+    int rows = (int)w->rows, cols = (int)w->cols;
+    for (int64_t t0 = 0; t0 < n; t0 += 4) {
+        int nt = (int)(n - t0 < 4 ? n - t0 : 4);
+        const __nv_bfloat16 *xt = x + t0 * cols;
+        __nv_bfloat16 *yt = y + t0 * rows;
+        switch (nt) {
+        case 1: gemv_launch<1>(be, d, xt, yt, bias, rows, cols, 1); break;
+        case 2: gemv_launch<2>(be, d, xt, yt, bias, rows, cols, 2); break;
+        case 3: gemv_launch<3>(be, d, xt, yt, bias, rows, cols, 3); break;
+        default: gemv_launch<4>(be, d, xt, yt, bias, rows, cols, 4); break;
+        }
+        QLR_CK_LAUNCH();
+    }
+    return QLR_OK;
+}
+
+/* ---- fallback for shapes cuBLASLt and the fused kernel do not take (row length not a multiple
+ * of 8): one warp per output element, per-element decode. Slow; only odd test shapes use it. */
+__global__ void nf4_linear_naive_kernel(nf4_dev w, const __nv_bfloat16 *x, __nv_bfloat16 *y,
+                                        const float *bias, int64_t rows, int64_t cols, int64_t n) {
+    int64_t gw = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (gw >= rows * n) return;
+    int64_t t = gw / rows, r = gw % rows;
+    float s = 0.0f;
+    for (int64_t c = lane; c < cols; c += 32) {
+        int64_t e = r * cols + c;
+        uint8_t byte = w.codes[e >> 1];
+        int code = (e & 1) ? (byte & 15) : (byte >> 4);
+        float wv = __fmul_rn(c_nf4[code], block_absmax(w, w.dynmap, e >> 6));
+        s = fmaf(wv, __bfloat162float(x[t * cols + c]), s);
+    }
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0) y[t * rows + r] = __float2bfloat16_rn(s + (bias ? bias[r] : 0.0f));
+}
+
+/* y [n, rows] += bias [rows] */
+__global__ void bias_add_kernel(__nv_bfloat16 *y, const float *bias, int64_t rows, int64_t total) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < total) y[i] = __float2bfloat16_rn(__bfloat162float(y[i]) + bias[i % rows]);
+}
+
+static qlr_status dequant_gemm_linear(qlr_backend *be, __nv_bfloat16 *y, const __nv_bfloat16 *x,
+                                      const qlr_nf4 *w, const float *bias, int64_t n) {
+    cudaStream_t st = qlr_cuda_im(be)->stream;
+    if (w->cols % 8 != 0) {
+        int64_t warps = w->rows * n;
+        nf4_linear_naive_kernel<<<qlr_cuda_blocks(warps * 32, 256), 256, 0, st>>>(
+            dev_view(be, w), x, y, bias, w->rows, w->cols, n);
+        QLR_CK_LAUNCH();
+        return QLR_OK;
+    }
+    void *ws;
+    QLR_TRY(qlr_cuda_ws(be, (size_t)(w->rows * w->cols) * 2, &ws));
+    QLR_TRY(dequant_launch(be, (__nv_bfloat16 *)ws, w));
+    QLR_TRY(qlr_cuda_gemm(be, y, CUDA_R_16BF, x, ws, n, w->rows, w->cols, w->cols, w->cols,
+                          w->rows, 1.0f, 0.0f, 0));
+    if (bias) {
+        int64_t total = n * w->rows;
+        bias_add_kernel<<<qlr_cuda_blocks(total, 256), 256, 0, st>>>(y, bias, w->rows, total);
+        QLR_CK_LAUNCH();
+    }
+    return QLR_OK;
+}
+
+extern "C" qlr_status qlr_cuda_nf4_linear_path(qlr_backend *be, void *y, const void *x,
+                                               const qlr_nf4 *w, const float *bias, int64_t n,
+                                               qlr_cuda_nf4_path path) {
+    QLR_ASSERT(be && be->kind == QLR_DEVICE_CUDA);
+    if (n <= 0 || w->rows <= 0) return QLR_OK;
+    QLR_ASSERT(w->cols > 0);
+    int can_fuse = fusable(w, x, y);
+    if (path == QLR_CUDA_NF4_AUTO)
+        path = (can_fuse && n <= qlr_cuda_im(be)->fused_max_n) ? QLR_CUDA_NF4_FUSED
+                                                               : QLR_CUDA_NF4_DEQUANT_GEMM;
+    if (path == QLR_CUDA_NF4_FUSED && can_fuse)
+        return fused_linear(be, (__nv_bfloat16 *)y, (const __nv_bfloat16 *)x, w, bias, n);
+    return dequant_gemm_linear(be, (__nv_bfloat16 *)y, (const __nv_bfloat16 *)x, w, bias, n);
+}
+
+qlr_status qlr_cuda_nf4_linear(qlr_backend *be, void *y, const void *x, const qlr_nf4 *w,
+                               const float *bias, int64_t n) {
+    return qlr_cuda_nf4_linear_path(be, y, x, w, bias, n, QLR_CUDA_NF4_AUTO);
+}
+
+/* dx [n, cols] = dy [n, rows] · W: dequantize, then a GEMM with W untransposed. */
+qlr_status qlr_cuda_nf4_linear_dx(qlr_backend *be, void *dx, const void *dy, const qlr_nf4 *w,
+                                  int64_t n) {
+    if (n <= 0) return QLR_OK;
+    if (w->cols % 8 != 0 || w->rows % 8 != 0)
+        return qlr_errorf(QLR_ERR_UNSUPPORTED, "cuda nf4_linear_dx: [%lld, %lld] weight: both "
+                          "dimensions must be multiples of 8", (long long)w->rows,
+                          (long long)w->cols);
+    void *ws;
+    QLR_TRY(qlr_cuda_ws(be, (size_t)(w->rows * w->cols) * 2, &ws));
+    QLR_TRY(dequant_launch(be, (__nv_bfloat16 *)ws, w));
+    return qlr_cuda_gemm(be, dx, CUDA_R_16BF, dy, ws, n, w->cols, w->rows, w->rows, w->cols,
+                         w->cols, 1.0f, 0.0f, 1);
+}

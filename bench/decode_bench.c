@@ -1,0 +1,563 @@
+/* bench/decode_bench.c: see decode_bench.h. A Llama forward written against the backend op table
+ * (embedding, RMSNorm, NF4 q/k/v/o/gate/up/down, RoPE, kv_store, attention, SwiGLU, residual
+ * adds, lm_head, greedy sampling) on random weights: NF4 codes and double-quant absmax bytes are
+ * random (never zeros, which run faster than real data), embeddings and lm_head random bf16.
+ * Measures: copy bandwidth (device-to-device, bytes read + written), cuBLASLt bf16 GEMM rate
+ * (8192^3), prefill tokens/s and its linear layers' share of the GEMM rate, decode tokens/s at
+ * batch 1/8/32/64 and batch-1 decode against the NF4 bandwidth bound, the fused-vs-dequant
+ * crossover of the NF4 linear, and peak device memory. Host wall clock around synchronised
+ * regions (a decode step ends in the sampler's device-to-host copy anyway). */
+#include "bench/decode_bench.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "backend/backend.h"
+#include "core/core.h"
+#ifdef QLR_BACKEND_CUDA
+#include <cuda_runtime_api.h>
+
+#include "backend/cuda/cuda_backend.h"
+#endif
+
+typedef struct mcfg {
+    const char *name;
+    int64_t hidden, layers, heads, kv, hd, ff, vocab;
+    int tied;
+    float theta;
+    int llama3;              /* llama3 rope scaling (factor 8, low 1, high 4, original 8192) */
+} mcfg;
+
+static const mcfg k_models[] = {
+    {"llama3-8b", 4096, 32, 32, 8, 128, 14336, 128256, 0, 500000.0f, 1},
+    {"smollm2-135m", 576, 30, 9, 3, 64, 1536, 49152, 1, 100000.0f, 0},
+};
+
+typedef struct blayer {
+    qlr_nf4 w[7]; /* q, k, v, o, gate, up, down */
+    float *ln1, *ln2;
+    void *kc, *vc;
+} blayer;
+
+typedef struct bmodel {
+    mcfg c;
+    qlr_backend *be;
+    blayer *L;
+    uint16_t *emb, *head;
+    float *lnf, *inv_freq;
+    int64_t n_seq, ctx, max_n;
+    void *x, *h, *q, *k, *v, *att, *g, *u;
+    float *logits;
+    int32_t *d_ids, *d_seq, *d_pos;
+    double nf4_bytes, nf4_params;
+} bmodel;
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static uint64_t xs_state = 0x9e3779b97f4a7c15ull;
+static void fill_random(void *p, size_t bytes) {
+    uint64_t s = xs_state;
+    uint8_t *b = p;
+    size_t i = 0;
+    for (; i + 8 <= bytes; i += 8) {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        memcpy(b + i, &s, 8);
+    }
+    for (; i < bytes; i++) b[i] = (uint8_t)(s >> (8 * (i & 7)));
+    xs_state = s;
+}
+
+/* bf16 values N-ish(0, sigma): random mantissa bits with a fixed small exponent range */
+static void fill_bf16(uint16_t *p, size_t n, float sigma) {
+    uint64_t s = xs_state;
+    for (size_t i = 0; i < n; i++) {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        float u = (float)((s >> 11) & 0xffffff) / 16777216.0f - 0.5f;
+        p[i] = qlr_f32_to_bf16(u * 3.4f * sigma);
+    }
+    xs_state = s;
+}
+
+static void *dalloc(bmodel *m, size_t bytes, qlr_status *st) {
+    if (*st != QLR_OK) return NULL;
+    void *p = m->be->mem.alloc(m->be, bytes);
+    if (!p) *st = qlr_error_status();
+    return p;
+}
+
+static qlr_status upload(bmodel *m, void *dst, const void *src, size_t bytes) {
+    return m->be->mem.h2d(m->be, dst, src, bytes);
+}
+
+static void model_free(bmodel *m) {
+    qlr_backend *be = m->be;
+    if (!be) return;
+    be->mem.sync(be);
+    if (m->L)
+        for (int64_t l = 0; l < m->c.layers; l++) {
+            for (int i = 0; i < 7; i++)
+                if (m->L[l].w[i].codes) qlr_backend_nf4_free(be, &m->L[l].w[i]);
+            be->mem.free(be, m->L[l].ln1);
+            be->mem.free(be, m->L[l].ln2);
+            be->mem.free(be, m->L[l].kc);
+            be->mem.free(be, m->L[l].vc);
+        }
+    free(m->L);
+    void *bufs[] = {m->emb, m->c.tied ? NULL : m->head, m->lnf, m->inv_freq, m->x, m->h, m->q,
+                    m->k, m->v, m->att, m->g, m->u, m->logits, m->d_ids, m->d_seq, m->d_pos};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+        if (bufs[i]) be->mem.free(be, bufs[i]);
+    memset(m, 0, sizeof *m);
+}
+
+static qlr_status model_create(qlr_backend *be, const mcfg *c, int64_t n_seq, int64_t ctx,
+                               int64_t max_n, bmodel *m) {
+    memset(m, 0, sizeof *m);
+    m->c = *c;
+    m->be = be;
+    m->n_seq = n_seq;
+    m->ctx = ctx;
+    m->max_n = max_n;
+    qlr_status st = QLR_OK;
+    int64_t H = c->heads * c->hd, KV = c->kv * c->hd;
+    int64_t shapes[7][2] = {{H, c->hidden}, {KV, c->hidden}, {KV, c->hidden}, {c->hidden, H},
+                            {c->ff, c->hidden}, {c->ff, c->hidden}, {c->hidden, c->ff}};
+    int64_t max_el = 0;
+    for (int i = 0; i < 7; i++)
+        if (shapes[i][0] * shapes[i][1] > max_el) max_el = shapes[i][0] * shapes[i][1];
+    /* random host bytes shared by every layer's upload (content does not matter for speed) */
+    int64_t max_blocks = (max_el + 63) / 64;
+    uint8_t *hcodes = malloc((size_t)(max_el / 2 + 16)), *haq = malloc((size_t)max_blocks + 16);
+    float *hdqa = malloc((size_t)(max_blocks / 256 + 2) * 4);
+    if (!hcodes || !haq || !hdqa) {
+        free(hcodes);
+        free(haq);
+        free(hdqa);
+        return qlr_errorf(QLR_ERR_NOMEM, "bench: host buffers");
+    }
+    fill_random(hcodes, (size_t)(max_el / 2 + 16));
+    fill_random(haq, (size_t)max_blocks + 16);
+    for (int64_t i = 0; i < max_blocks / 256 + 2; i++) hdqa[i] = 0.01f + 0.001f * (float)(i % 7);
+    float *ones = malloc((size_t)(c->ff > c->hidden ? c->ff : c->hidden) * 4);
+    for (int64_t i = 0; i < c->hidden; i++) ones[i] = 1.0f + 0.01f * (float)(i % 5);
+    m->L = calloc((size_t)c->layers, sizeof *m->L);
+    size_t cache_bytes = (size_t)(n_seq * ctx * KV) * 2;
+    for (int64_t l = 0; l < c->layers && st == QLR_OK; l++) {
+        blayer *L = &m->L[l];
+        for (int i = 0; i < 7 && st == QLR_OK; i++) {
+            qlr_nf4 h;
+            memset(&h, 0, sizeof h);
+            h.rows = shapes[i][0];
+            h.cols = shapes[i][1];
+            h.n = h.rows * h.cols;
+            h.n_blocks = (h.n + 63) / 64;
+            h.n_dq_blocks = (h.n_blocks + 255) / 256;
+            h.dq = 1;
+            h.codes = hcodes;
+            h.absmax_q = haq;
+            h.dq_absmax = hdqa;
+            h.dq_offset = 0.03f;
+            st = qlr_backend_nf4_upload(be, &h, &L->w[i], 0);
+            m->nf4_bytes += (double)((h.n + 1) / 2 + h.n_blocks + 4 * h.n_dq_blocks);
+            m->nf4_params += (double)h.n;
+        }
+        L->ln1 = dalloc(m, (size_t)c->hidden * 4, &st);
+        L->ln2 = dalloc(m, (size_t)c->hidden * 4, &st);
+        L->kc = dalloc(m, cache_bytes, &st);
+        L->vc = dalloc(m, cache_bytes, &st);
+        if (st == QLR_OK) st = upload(m, L->ln1, ones, (size_t)c->hidden * 4);
+        if (st == QLR_OK) st = upload(m, L->ln2, ones, (size_t)c->hidden * 4);
+        if (st == QLR_OK) st = be->mem.memset0(be, L->kc, cache_bytes);
+        if (st == QLR_OK) st = be->mem.memset0(be, L->vc, cache_bytes);
+        if (st == QLR_OK) st = be->mem.sync(be);
+    }
+    free(hcodes);
+    free(haq);
+    free(hdqa);
+    /* embedding and lm_head (tied: one table) */
+    size_t tab = (size_t)(c->vocab * c->hidden);
+    uint16_t *ht = malloc(tab * 2);
+    if (!ht) st = qlr_errorf(QLR_ERR_NOMEM, "bench: host table");
+    if (st == QLR_OK) fill_bf16(ht, tab, 0.02f);
+    m->emb = dalloc(m, tab * 2, &st);
+    if (st == QLR_OK) st = upload(m, m->emb, ht, tab * 2);
+    if (c->tied) m->head = m->emb;
+    else {
+        m->head = dalloc(m, tab * 2, &st);
+        if (st == QLR_OK) st = upload(m, m->head, ht, tab * 2);
+    }
+    if (st == QLR_OK) st = be->mem.sync(be);
+    free(ht);
+    m->lnf = dalloc(m, (size_t)c->hidden * 4, &st);
+    if (st == QLR_OK) st = upload(m, m->lnf, ones, (size_t)c->hidden * 4);
+    /* inverse frequencies, with llama3 scaling for the 8B */
+    float *inv = malloc((size_t)(c->hd / 2) * 4);
+    for (int64_t j = 0; j < c->hd / 2; j++) {
+        double f = pow((double)c->theta, -2.0 * (double)j / (double)c->hd);
+        if (c->llama3) {
+            double factor = 8, lo = 1, hi = 4, orig = 8192;
+            double wl = 2 * M_PI / f, low_wl = orig / lo, high_wl = orig / hi;
+            if (wl > low_wl) f /= factor;
+            else if (wl >= high_wl) {
+                double sm = (orig / wl - lo) / (hi - lo);
+                f = (1 - sm) * f / factor + sm * f;
+            }
+        }
+        inv[j] = (float)f;
+    }
+    m->inv_freq = dalloc(m, (size_t)(c->hd / 2) * 4, &st);
+    if (st == QLR_OK) st = upload(m, m->inv_freq, inv, (size_t)(c->hd / 2) * 4);
+    if (st == QLR_OK) st = be->mem.sync(be);
+    free(inv);
+    size_t es = qlr_backend_act_size(be);
+    m->x = dalloc(m, (size_t)(max_n * c->hidden) * es, &st);
+    m->h = dalloc(m, (size_t)(max_n * c->hidden) * es, &st);
+    m->q = dalloc(m, (size_t)(max_n * H) * es, &st);
+    m->k = dalloc(m, (size_t)(max_n * KV) * es, &st);
+    m->v = dalloc(m, (size_t)(max_n * KV) * es, &st);
+    m->att = dalloc(m, (size_t)(max_n * H) * es, &st);
+    m->g = dalloc(m, (size_t)(max_n * c->ff) * es, &st);
+    m->u = dalloc(m, (size_t)(max_n * c->ff) * es, &st);
+    int64_t max_rows = n_seq > 1 ? n_seq : 1;
+    m->logits = dalloc(m, (size_t)(max_rows * c->vocab) * 4, &st);
+    m->d_ids = dalloc(m, (size_t)max_n * 4, &st);
+    m->d_seq = dalloc(m, (size_t)max_n * 4, &st);
+    m->d_pos = dalloc(m, (size_t)max_n * 4, &st);
+    /* random activations for the linear-only timings */
+    if (st == QLR_OK) {
+        size_t nb = (size_t)(max_n * c->ff);
+        uint16_t *hx = malloc(nb * 2);
+        fill_bf16(hx, nb, 1.0f);
+        st = upload(m, m->g, hx, nb * 2);
+        if (st == QLR_OK) st = be->mem.sync(be);
+        free(hx);
+    }
+    free(ones);
+    if (st != QLR_OK) model_free(m);
+    return st;
+}
+
+/* One forward over n tokens; logits for the last token of each sequence when `last_rows` > 0
+ * (the last `last_rows` tokens), then greedy sampling into out_ids (host). */
+static qlr_status forward(bmodel *m, int64_t n, const int32_t *ids, const int32_t *seq,
+                          const int32_t *pos, int64_t last_rows, int32_t *out_ids) {
+    qlr_backend *be = m->be;
+    const mcfg *c = &m->c;
+    qlr_backend_ops *o = &be->ops;
+    int64_t H = c->heads * c->hd, KV = c->kv * c->hd;
+    size_t es = qlr_backend_act_size(be);
+    QLR_TRY(be->mem.h2d(be, m->d_ids, ids, (size_t)n * 4));
+    QLR_TRY(be->mem.h2d(be, m->d_seq, seq, (size_t)n * 4));
+    QLR_TRY(be->mem.h2d(be, m->d_pos, pos, (size_t)n * 4));
+    QLR_TRY(o->embedding(be, m->x, m->emb, m->d_ids, n, c->hidden, c->vocab));
+    float scale = 1.0f / sqrtf((float)c->hd);
+    for (int64_t l = 0; l < c->layers; l++) {
+        blayer *L = &m->L[l];
+        QLR_TRY(o->rmsnorm(be, m->h, m->x, L->ln1, n, c->hidden, 1e-5f));
+        QLR_TRY(o->nf4_linear(be, m->q, m->h, &L->w[0], NULL, n));
+        QLR_TRY(o->nf4_linear(be, m->k, m->h, &L->w[1], NULL, n));
+        QLR_TRY(o->nf4_linear(be, m->v, m->h, &L->w[2], NULL, n));
+        QLR_TRY(o->rope(be, m->q, m->d_pos, m->inv_freq, n, c->heads, c->hd));
+        QLR_TRY(o->rope(be, m->k, m->d_pos, m->inv_freq, n, c->kv, c->hd));
+        QLR_TRY(o->kv_store(be, L->kc, L->vc, m->k, m->v, m->d_seq, m->d_pos, n, c->kv, c->hd,
+                            m->ctx));
+        QLR_TRY(o->attention(be, m->att, m->q, L->kc, L->vc, m->d_seq, m->d_pos, n, c->heads,
+                             c->kv, c->hd, m->ctx, scale));
+        QLR_TRY(o->nf4_linear(be, m->h, m->att, &L->w[3], NULL, n));
+        QLR_TRY(o->add(be, m->x, m->h, n * c->hidden));
+        QLR_TRY(o->rmsnorm(be, m->h, m->x, L->ln2, n, c->hidden, 1e-5f));
+        QLR_TRY(o->nf4_linear(be, m->g, m->h, &L->w[4], NULL, n));
+        QLR_TRY(o->nf4_linear(be, m->u, m->h, &L->w[5], NULL, n));
+        QLR_TRY(o->swiglu(be, m->g, m->g, m->u, n * c->ff));
+        QLR_TRY(o->nf4_linear(be, m->h, m->g, &L->w[6], NULL, n));
+        QLR_TRY(o->add(be, m->x, m->h, n * c->hidden));
+    }
+    (void)H;
+    (void)KV;
+    int64_t r0 = n - last_rows;
+    char *xl = (char *)m->x + (size_t)(r0 * c->hidden) * es;
+    QLR_TRY(o->rmsnorm(be, m->h, xl, m->lnf, last_rows, c->hidden, 1e-5f));
+    QLR_TRY(o->lm_head(be, m->logits, m->h, m->head, last_rows, c->hidden, c->vocab));
+    qlr_sampling sp[64];
+    uint64_t rng[64];
+    for (int64_t i = 0; i < last_rows && i < 64; i++) {
+        sp[i] = qlr_sampling_default();
+        rng[i] = (uint64_t)i;
+    }
+    QLR_ASSERT(last_rows <= 64);
+    return o->sample(be, out_ids, m->logits, sp, rng, last_rows, c->vocab);
+}
+
+/* Seconds for one pass over every NF4 linear of the model at n tokens, best of `reps`. */
+static qlr_status time_linears(bmodel *m, int64_t n, int path, int reps, double *out) {
+    qlr_backend *be = m->be;
+    double best = 1e30;
+    for (int r = 0; r < reps + 1; r++) {
+        QLR_TRY(be->mem.sync(be));
+        double t0 = now_s();
+        for (int64_t l = 0; l < m->c.layers; l++)
+            for (int i = 0; i < 7; i++) {
+#ifdef QLR_BACKEND_CUDA
+                QLR_TRY(qlr_cuda_nf4_linear_path(be, m->u, m->g, &m->L[l].w[i], NULL, n,
+                                                 (qlr_cuda_nf4_path)path));
+#else
+                (void)path;
+                QLR_TRY(be->ops.nf4_linear(be, m->u, m->g, &m->L[l].w[i], NULL, n));
+#endif
+            }
+        QLR_TRY(be->mem.sync(be));
+        double t = now_s() - t0;
+        if (r > 0 && t < best) best = t; /* r = 0 warms up */
+    }
+    *out = best;
+    return QLR_OK;
+}
+
+static qlr_status measure_copy_bw(qlr_backend *be, double *gbps) {
+    size_t bytes = (size_t)1 << 30;
+    void *a = be->mem.alloc(be, bytes), *b = be->mem.alloc(be, bytes);
+    if (!a || !b) {
+        if (a) be->mem.free(be, a);
+        if (b) be->mem.free(be, b);
+        return qlr_error_status();
+    }
+    uint8_t *h = malloc(1 << 24);
+    fill_random(h, 1 << 24);
+    for (size_t off = 0; off < bytes; off += 1 << 24) QLR_TRY(be->mem.h2d(be, (char *)a + off, h, 1 << 24));
+    QLR_TRY(be->mem.sync(be));
+    free(h);
+    QLR_TRY(be->mem.d2d(be, b, a, bytes));
+    QLR_TRY(be->mem.sync(be));
+    int reps = 20;
+    double t0 = now_s();
+    for (int i = 0; i < reps; i++) QLR_TRY(be->mem.d2d(be, (i & 1) ? a : b, (i & 1) ? b : a, bytes));
+    QLR_TRY(be->mem.sync(be));
+    double t = now_s() - t0;
+    *gbps = 2.0 * (double)bytes * reps / t / 1e9;
+    be->mem.free(be, a);
+    be->mem.free(be, b);
+    return QLR_OK;
+}
+
+static qlr_status measure_gemm(qlr_backend *be, double *tflops) {
+#ifdef QLR_BACKEND_CUDA
+    int64_t N = 8192;
+    size_t el = (size_t)(N * N);
+    void *a = be->mem.alloc(be, el * 2), *b = be->mem.alloc(be, el * 2), *c = be->mem.alloc(be, el * 2);
+    if (!a || !b || !c) return qlr_error_status();
+    uint16_t *h = malloc(el * 2);
+    fill_bf16(h, el, 1.0f);
+    QLR_TRY(be->mem.h2d(be, a, h, el * 2));
+    fill_bf16(h, el, 1.0f);
+    QLR_TRY(be->mem.h2d(be, b, h, el * 2));
+    QLR_TRY(be->mem.sync(be));
+    free(h);
+    for (int i = 0; i < 3; i++) QLR_TRY(qlr_cuda_gemm_bf16(be, c, a, b, N, N, N, 0));
+    QLR_TRY(be->mem.sync(be));
+    int reps = 20;
+    double t0 = now_s();
+    for (int i = 0; i < reps; i++) QLR_TRY(qlr_cuda_gemm_bf16(be, c, a, b, N, N, N, 0));
+    QLR_TRY(be->mem.sync(be));
+    double t = now_s() - t0;
+    *tflops = 2.0 * (double)N * N * N * reps / t / 1e12;
+    be->mem.free(be, a);
+    be->mem.free(be, b);
+    be->mem.free(be, c);
+    return QLR_OK;
+#else
+    *tflops = 0;
+    return qlr_errorf(QLR_ERR_UNSUPPORTED, "bench: GEMM rate needs the CUDA backend");
+#endif
+}
+
+static size_t device_used(void) {
+#ifdef QLR_BACKEND_CUDA
+    size_t fr = 0, tot = 0;
+    if (cudaMemGetInfo(&fr, &tot) == cudaSuccess) return tot - fr;
+#endif
+    return 0;
+}
+
+static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_decode_opts *o,
+                              double bw_gbps, double gemm_tflops, FILE *js, size_t *peak_used) {
+    static const int batches[] = {1, 8, 32, 64};
+    int64_t max_b = 64;
+    int64_t ctx = o->prefill_tokens;
+    if (o->decode_ctx + o->decode_steps + 8 > ctx) ctx = o->decode_ctx + o->decode_steps + 8;
+    int64_t max_n = o->prefill_tokens > max_b ? o->prefill_tokens : max_b;
+    bmodel m;
+    double t0 = now_s();
+    fprintf(stderr, "bench %s: creating random NF4 model...\n", c->name);
+    QLR_TRY(model_create(be, c, max_b, ctx, max_n, &m));
+    fprintf(stderr, "bench %s: ready in %.1f s (%.2f GB of NF4 weights)\n", c->name, now_s() - t0,
+            m.nf4_bytes / 1e9);
+#ifdef QLR_BACKEND_CUDA
+    /* the largest workspace a forward needs, allocated now rather than inside a timed step */
+    size_t ws = (size_t)(c->ff * c->hidden) * 2;
+    size_t att_ws = (size_t)(max_b * c->heads * 32 * (c->hd + 2)) * 4;
+    size_t smp_ws = (size_t)(max_b * c->vocab) * 4;
+    if (att_ws > ws) ws = att_ws;
+    if (smp_ws > ws) ws = smp_ws;
+    QLR_TRY(qlr_cuda_reserve(be, ws));
+#endif
+    qlr_status st = QLR_OK;
+    int reps = o->quick ? 1 : 3;
+    int32_t *ids = calloc((size_t)max_n, 4), *seq = calloc((size_t)max_n, 4);
+    int32_t *pos = calloc((size_t)max_n, 4), out[64];
+    for (int64_t i = 0; i < max_n; i++) ids[i] = (int32_t)((i * 7919) % c->vocab);
+
+    /* prefill: one sequence of prefill_tokens */
+    int64_t P = o->prefill_tokens;
+    for (int64_t i = 0; i < P; i++) seq[i] = 0, pos[i] = (int32_t)i;
+    double best_pf = 1e30;
+    for (int r = 0; r < reps + 1 && st == QLR_OK; r++) {
+        st = be->mem.sync(be);
+        double s0 = now_s();
+        if (st == QLR_OK) st = forward(&m, P, ids, seq, pos, 1, out);
+        double t = now_s() - s0;
+        if (r > 0 && t < best_pf) best_pf = t;
+    }
+    double lin_pf = 0;
+    if (st == QLR_OK) st = time_linears(&m, P, 0, reps, &lin_pf);
+    double pf_flops = 2.0 * (double)P * m.nf4_params;
+    size_t used = device_used();
+    if (used > *peak_used) *peak_used = used;
+
+    /* decode: seq 0's first decode_ctx positions are filled by a prefill, then copied to every
+     * other sequence so each batch row attends over a real context */
+    int64_t D = o->decode_ctx;
+    for (int64_t i = 0; i < D && st == QLR_OK; i++) seq[i] = 0, pos[i] = (int32_t)i;
+    if (st == QLR_OK) st = forward(&m, D, ids, seq, pos, 1, out);
+    size_t rowb = (size_t)(c->kv * c->hd) * 2;
+    for (int64_t l = 0; l < c->layers && st == QLR_OK; l++)
+        for (int64_t s = 1; s < max_b && st == QLR_OK; s++) {
+            size_t off = (size_t)(s * ctx) * rowb;
+            st = be->mem.d2d(be, (char *)m.L[l].kc + off, m.L[l].kc, (size_t)D * rowb);
+            if (st == QLR_OK) st = be->mem.d2d(be, (char *)m.L[l].vc + off, m.L[l].vc, (size_t)D * rowb);
+        }
+    double dec_s[4] = {0};
+    for (int bi = 0; bi < 4 && st == QLR_OK; bi++) {
+        int B = batches[bi];
+        int32_t tok[64];
+        for (int b = 0; b < B; b++) tok[b] = (int32_t)(b + 1);
+        int steps = o->quick ? 3 : o->decode_steps, warm = 2;
+        double t_start = 0;
+        for (int s = 0; s < steps + warm && st == QLR_OK; s++) {
+            if (s == warm) {
+                st = be->mem.sync(be);
+                t_start = now_s();
+            }
+            for (int b = 0; b < B; b++) seq[b] = b, pos[b] = (int32_t)(D + s);
+            st = forward(&m, B, tok, seq, pos, B, out);
+            for (int b = 0; b < B; b++) tok[b] = out[b];
+        }
+        dec_s[bi] = (now_s() - t_start) / steps;
+        fprintf(stderr, "bench %s: decode batch %d: %.3f ms/step, %.1f tokens/s\n", c->name, B,
+                1e3 * dec_s[bi], B / dec_s[bi]);
+    }
+    used = device_used();
+    if (used > *peak_used) *peak_used = used;
+
+    /* NF4 linear crossover: fused kernel vs dequantize + cuBLASLt, per token count */
+    static const int sweep[] = {1, 2, 4, 8, 16, 32, 64};
+    double fz[7] = {0}, dg[7] = {0};
+    for (int i = 0; i < 7 && st == QLR_OK; i++) {
+        st = time_linears(&m, sweep[i], 1, reps, &fz[i]);
+        if (st == QLR_OK) st = time_linears(&m, sweep[i], 2, reps, &dg[i]);
+    }
+    if (st != QLR_OK) {
+        free(ids);
+        free(seq);
+        free(pos);
+        model_free(&m);
+        return st;
+    }
+    double bound = m.nf4_bytes / (bw_gbps * 1e9);
+    double head_bytes = (double)(c->vocab * c->hidden) * 2;
+    fprintf(js, "    {\"model\": \"%s\", \"hidden\": %lld, \"layers\": %lld, \"heads\": %lld, "
+            "\"kv_heads\": %lld, \"head_dim\": %lld, \"ff\": %lld, \"vocab\": %lld,\n",
+            c->name, (long long)c->hidden, (long long)c->layers, (long long)c->heads,
+            (long long)c->kv, (long long)c->hd, (long long)c->ff, (long long)c->vocab);
+    fprintf(js, "     \"nf4_weight_bytes\": %.0f, \"nf4_params\": %.0f, \"lm_head_bytes\": %.0f,\n",
+            m.nf4_bytes, m.nf4_params, head_bytes);
+    fprintf(js, "     \"prefill\": {\"tokens\": %lld, \"seconds\": %.6f, \"tokens_per_s\": %.1f, "
+            "\"linear_seconds\": %.6f, \"linear_tflops\": %.1f, \"linear_fraction_of_gemm_rate\": %.3f},\n",
+            (long long)P, best_pf, P / best_pf, lin_pf, pf_flops / lin_pf / 1e12,
+            pf_flops / lin_pf / 1e12 / gemm_tflops);
+    fprintf(js, "     \"decode_context\": %lld, \"decode\": [", (long long)D);
+    for (int bi = 0; bi < 4; bi++)
+        fprintf(js, "%s{\"batch\": %d, \"step_ms\": %.4f, \"tokens_per_s\": %.1f}", bi ? ", " : "",
+                batches[bi], 1e3 * dec_s[bi], batches[bi] / dec_s[bi]);
+    fprintf(js, "],\n");
+    fprintf(js, "     \"decode_b1_nf4_bound_ms\": %.4f, \"decode_b1_fraction_of_bandwidth_bound\": %.3f, "
+            "\"decode_b1_linears_ms\": %.4f, \"decode_b1_linears_fraction_of_bandwidth_bound\": %.3f, "
+            "\"decode_b1_fraction_all_weights_bound\": %.3f,\n",
+            1e3 * bound, bound / dec_s[0], 1e3 * fz[0], bound / fz[0],
+            (m.nf4_bytes + head_bytes) / (bw_gbps * 1e9) / dec_s[0]);
+    fprintf(js, "     \"nf4_linear_sweep\": [");
+    for (int i = 0; i < 7; i++)
+        fprintf(js, "%s{\"n\": %d, \"fused_ms\": %.4f, \"dequant_gemm_ms\": %.4f}", i ? ", " : "",
+                sweep[i], 1e3 * fz[i], 1e3 * dg[i]);
+    fprintf(js, "],\n");
+#ifdef QLR_BACKEND_CUDA
+    fprintf(js, "     \"peak_allocated_bytes\": %zu, \"peak_device_used_bytes\": %zu}",
+            qlr_cuda_peak_bytes(be), *peak_used);
+#else
+    fprintf(js, "     \"peak_device_used_bytes\": %zu}", *peak_used);
+#endif
+    free(ids);
+    free(seq);
+    free(pos);
+    model_free(&m);
+    return QLR_OK;
+}
+
+qlr_bench_decode_opts qlr_bench_decode_default_opts(void) {
+    qlr_bench_decode_opts o = {"all", 2048, 512, 20, 0};
+    return o;
+}
+
+qlr_status qlr_bench_decode(const qlr_bench_decode_opts *o, FILE *js) {
+    qlr_backend *be;
+    QLR_TRY(qlr_backend_create("cuda", 0, &be));
+    double bw = 0, gemm = 0;
+    qlr_status st = measure_copy_bw(be, &bw);
+    if (st == QLR_OK) st = measure_gemm(be, &gemm);
+#ifdef QLR_BACKEND_CUDA
+    char dev[256];
+    snprintf(dev, sizeof dev, "%s", qlr_cuda_device_name(be));
+#else
+    const char *dev = "none";
+#endif
+    qlr_backend_free(be);
+    QLR_TRY(st);
+    fprintf(stderr, "bench: copy bandwidth %.0f GB/s, bf16 GEMM %.0f TFLOP/s\n", bw, gemm);
+    fprintf(js, "{\"bench\": \"decode\", \"device\": \"%s\", \"copy_bandwidth_GBps\": %.1f, "
+            "\"gemm_bf16_tflops\": %.1f, \"models\": [\n", dev, bw, gemm);
+    int first = 1;
+    for (size_t i = 0; i < sizeof k_models / sizeof k_models[0] && st == QLR_OK; i++) {
+        if (strcmp(o->models, "all") && strcmp(o->models, k_models[i].name)) continue;
+        if (!first) fprintf(js, ",\n");
+        first = 0;
+        size_t peak = 0;
+        /* a fresh backend per model, so that its peak-memory figure is its own */
+        st = qlr_backend_create("cuda", 0, &be);
+        if (st == QLR_OK) {
+            st = bench_model(be, &k_models[i], o, bw, gemm, js, &peak);
+            qlr_backend_free(be);
+        }
+    }
+    fprintf(js, "\n]}\n");
+    fflush(js);
+    return st;
+}
