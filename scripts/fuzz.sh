@@ -24,9 +24,10 @@ BUILD=${QLR_FUZZ_BUILD_DIR:-build-fuzz}
 CC_BIN=${CC:-clang}
 command -v "$CC_BIN" >/dev/null || { echo "fuzz.sh: $CC_BIN not found (apt-get install clang)" >&2; exit 1; }
 
+mkdir -p "$BUILD"
 cmake -S . -B "$BUILD" -DQLR_FUZZ=ON -DQLR_CUDA=OFF -DCMAKE_C_COMPILER="$CC_BIN" \
-      -DCMAKE_BUILD_TYPE=RelWithDebInfo >"$BUILD.configure.log" 2>&1 \
-  || { cat "$BUILD.configure.log" >&2; exit 1; }
+      -DCMAKE_BUILD_TYPE=RelWithDebInfo >"$BUILD/configure.log" 2>&1 \
+  || { cat "$BUILD/configure.log" >&2; exit 1; }
 cmake --build "$BUILD" -j "${QLR_JOBS:-$(nproc)}" --target qlr_fuzz_all
 
 names=("$@")
