@@ -90,8 +90,9 @@ const qlr_lora_module *qlr_lora_get_const(const qlr_lora *l, int32_t layer, qlr_
 /* alpha/r, or alpha/sqrt(r) with rsLoRA (computed in double, returned as float). */
 float qlr_lora_compute_scale(double alpha, int32_t r, int use_rslora);
 
-/* Refuses an adapter made for another base: arch (when both known), layer count, and every
- * module's in/out against `base`. The message names the tensor in GGUF naming
+/* Refuses an adapter made for another base: arch (when both known), a tensor in a layer the base
+ * does not have (fewer layers is allowed, as PEFT layers_to_transform), every module's in/out
+ * against `base`, then the head layout (n_heads, n_kv_heads, head_dim) when both know it. The message names the tensor in GGUF naming
  * ("blk.3.attn_q.weight.lora_b: out 960 but the base model's attn_q has 576 rows ..."), prefixed
  * with `src`. QLR_ERR_INVALID on mismatch. */
 qlr_status qlr_lora_check_base(const qlr_lora *l, const qlr_lora_base *base, const char *src);
