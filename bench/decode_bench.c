@@ -247,18 +247,14 @@ static qlr_status model_create(qlr_backend *be, const mcfg *c, int64_t n_seq, in
     return st;
 }
 
-/* One forward over n tokens; logits for the last token of each sequence when `last_rows` > 0
- * (the last `last_rows` tokens), then greedy sampling into out_ids (host). */
-static qlr_status forward(bmodel *m, int64_t n, const int32_t *ids, const int32_t *seq,
-                          const int32_t *pos, int64_t last_rows, int32_t *out_ids) {
+/* The device part of one forward over n tokens whose ids/seq/pos are already on the device:
+ * embedding .. lm_head for the last `last_rows` tokens. No host synchronisation, so that a
+ * decode step can be captured into a CUDA graph. */
+static qlr_status forward_device(bmodel *m, int64_t n, int64_t last_rows) {
     qlr_backend *be = m->be;
     const mcfg *c = &m->c;
     qlr_backend_ops *o = &be->ops;
-    int64_t H = c->heads * c->hd, KV = c->kv * c->hd;
     size_t es = qlr_backend_act_size(be);
-    QLR_TRY(be->mem.h2d(be, m->d_ids, ids, (size_t)n * 4));
-    QLR_TRY(be->mem.h2d(be, m->d_seq, seq, (size_t)n * 4));
-    QLR_TRY(be->mem.h2d(be, m->d_pos, pos, (size_t)n * 4));
     QLR_TRY(o->embedding(be, m->x, m->emb, m->d_ids, n, c->hidden, c->vocab));
     float scale = 1.0f / sqrtf((float)c->hd);
     for (int64_t l = 0; l < c->layers; l++) {
@@ -282,21 +278,59 @@ static qlr_status forward(bmodel *m, int64_t n, const int32_t *ids, const int32_
         QLR_TRY(o->nf4_linear(be, m->h, m->g, &L->w[6], NULL, n));
         QLR_TRY(o->add(be, m->x, m->h, n * c->hidden));
     }
-    (void)H;
-    (void)KV;
     int64_t r0 = n - last_rows;
     char *xl = (char *)m->x + (size_t)(r0 * c->hidden) * es;
     QLR_TRY(o->rmsnorm(be, m->h, xl, m->lnf, last_rows, c->hidden, 1e-5f));
-    QLR_TRY(o->lm_head(be, m->logits, m->h, m->head, last_rows, c->hidden, c->vocab));
+    return o->lm_head(be, m->logits, m->h, m->head, last_rows, c->hidden, c->vocab);
+}
+
+static qlr_status upload_tokens(bmodel *m, int64_t n, const int32_t *ids, const int32_t *seq,
+                                const int32_t *pos) {
+    qlr_backend *be = m->be;
+    QLR_TRY(be->mem.h2d(be, m->d_ids, ids, (size_t)n * 4));
+    QLR_TRY(be->mem.h2d(be, m->d_seq, seq, (size_t)n * 4));
+    return be->mem.h2d(be, m->d_pos, pos, (size_t)n * 4);
+}
+
+/* Greedy sampling of the last_rows logits rows into out_ids (host); synchronises. */
+static qlr_status sample_greedy(bmodel *m, int64_t last_rows, int32_t *out_ids) {
     qlr_sampling sp[64];
     uint64_t rng[64];
-    for (int64_t i = 0; i < last_rows && i < 64; i++) {
+    QLR_ASSERT(last_rows <= 64);
+    for (int64_t i = 0; i < last_rows; i++) {
         sp[i] = qlr_sampling_default();
         rng[i] = (uint64_t)i;
     }
-    QLR_ASSERT(last_rows <= 64);
-    return o->sample(be, out_ids, m->logits, sp, rng, last_rows, c->vocab);
+    return m->be->ops.sample(m->be, out_ids, m->logits, sp, rng, last_rows, m->c.vocab);
 }
+
+/* One whole forward: upload, device part, greedy sampling. */
+static qlr_status forward(bmodel *m, int64_t n, const int32_t *ids, const int32_t *seq,
+                          const int32_t *pos, int64_t last_rows, int32_t *out_ids) {
+    QLR_TRY(upload_tokens(m, n, ids, seq, pos));
+    QLR_TRY(forward_device(m, n, last_rows));
+    return sample_greedy(m, last_rows, out_ids);
+}
+
+#ifdef QLR_BACKEND_CUDA
+/* Captures forward_device(n, last_rows) into a CUDA graph (the decode step of a server). */
+static qlr_status capture_step(bmodel *m, int64_t n, int64_t last_rows, cudaGraphExec_t *exec) {
+    cudaStream_t st = (cudaStream_t)qlr_cuda_stream(m->be);
+    cudaGraph_t g;
+    if (cudaStreamBeginCapture(st, cudaStreamCaptureModeRelaxed) != cudaSuccess)
+        return qlr_errorf(QLR_ERR_DEVICE, "bench: cudaStreamBeginCapture failed");
+    qlr_status s = forward_device(m, n, last_rows);
+    cudaError_t e = cudaStreamEndCapture(st, &g);
+    if (s != QLR_OK) return s;
+    if (e != cudaSuccess)
+        return qlr_errorf(QLR_ERR_DEVICE, "bench: graph capture: %s", cudaGetErrorString(e));
+    e = cudaGraphInstantiate(exec, g, 0);
+    cudaGraphDestroy(g);
+    if (e != cudaSuccess)
+        return qlr_errorf(QLR_ERR_DEVICE, "bench: graph instantiate: %s", cudaGetErrorString(e));
+    return QLR_OK;
+}
+#endif
 
 /* Seconds for one pass over every NF4 linear of the model at n tokens, best of `reps`. */
 static qlr_status time_linears(bmodel *m, int64_t n, int path, int reps, double *out) {
@@ -445,7 +479,7 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
             st = be->mem.d2d(be, (char *)m.L[l].kc + off, m.L[l].kc, (size_t)D * rowb);
             if (st == QLR_OK) st = be->mem.d2d(be, (char *)m.L[l].vc + off, m.L[l].vc, (size_t)D * rowb);
         }
-    double dec_s[4] = {0};
+    double dec_s[4] = {0}, dec_graph_s[4] = {0};
     for (int bi = 0; bi < 4 && st == QLR_OK; bi++) {
         int B = batches[bi];
         int32_t tok[64];
@@ -462,8 +496,31 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
             for (int b = 0; b < B; b++) tok[b] = out[b];
         }
         dec_s[bi] = (now_s() - t_start) / steps;
-        fprintf(stderr, "bench %s: decode batch %d: %.3f ms/step, %.1f tokens/s\n", c->name, B,
-                1e3 * dec_s[bi], B / dec_s[bi]);
+#ifdef QLR_BACKEND_CUDA
+        /* the same step replayed from a CUDA graph (no per-kernel launch cost) */
+        cudaGraphExec_t exec = NULL;
+        if (st == QLR_OK) st = capture_step(&m, B, B, &exec);
+        cudaStream_t cs = (cudaStream_t)qlr_cuda_stream(be);
+        for (int s = 0; s < steps + warm && st == QLR_OK; s++) {
+            if (s == warm) {
+                st = be->mem.sync(be);
+                t_start = now_s();
+            }
+            for (int b = 0; b < B; b++) seq[b] = b, pos[b] = (int32_t)(D + s);
+            st = upload_tokens(&m, B, tok, seq, pos);
+            if (st == QLR_OK && cudaGraphLaunch(exec, cs) != cudaSuccess)
+                st = qlr_errorf(QLR_ERR_DEVICE, "bench: cudaGraphLaunch failed");
+            if (st == QLR_OK) st = sample_greedy(&m, B, out);
+            for (int b = 0; b < B; b++) tok[b] = out[b];
+        }
+        dec_graph_s[bi] = (now_s() - t_start) / steps;
+        if (exec) cudaGraphExecDestroy(exec);
+#else
+        dec_graph_s[bi] = dec_s[bi];
+#endif
+        fprintf(stderr, "bench %s: decode batch %d: %.3f ms/step eager, %.3f ms/step graph, "
+                "%.1f tokens/s\n", c->name, B, 1e3 * dec_s[bi], 1e3 * dec_graph_s[bi],
+                B / dec_graph_s[bi]);
     }
     used = device_used();
     if (used > *peak_used) *peak_used = used;
@@ -496,14 +553,16 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
             pf_flops / lin_pf / 1e12 / gemm_tflops);
     fprintf(js, "     \"decode_context\": %lld, \"decode\": [", (long long)D);
     for (int bi = 0; bi < 4; bi++)
-        fprintf(js, "%s{\"batch\": %d, \"step_ms\": %.4f, \"tokens_per_s\": %.1f}", bi ? ", " : "",
-                batches[bi], 1e3 * dec_s[bi], batches[bi] / dec_s[bi]);
+        fprintf(js, "%s{\"batch\": %d, \"step_ms\": %.4f, \"tokens_per_s\": %.1f, "
+                "\"eager_step_ms\": %.4f, \"eager_tokens_per_s\": %.1f}", bi ? ", " : "",
+                batches[bi], 1e3 * dec_graph_s[bi], batches[bi] / dec_graph_s[bi],
+                1e3 * dec_s[bi], batches[bi] / dec_s[bi]);
     fprintf(js, "],\n");
     fprintf(js, "     \"decode_b1_nf4_bound_ms\": %.4f, \"decode_b1_fraction_of_bandwidth_bound\": %.3f, "
             "\"decode_b1_linears_ms\": %.4f, \"decode_b1_linears_fraction_of_bandwidth_bound\": %.3f, "
             "\"decode_b1_fraction_all_weights_bound\": %.3f,\n",
-            1e3 * bound, bound / dec_s[0], 1e3 * fz[0], bound / fz[0],
-            (m.nf4_bytes + head_bytes) / (bw_gbps * 1e9) / dec_s[0]);
+            1e3 * bound, bound / dec_graph_s[0], 1e3 * fz[0], bound / fz[0],
+            (m.nf4_bytes + head_bytes) / (bw_gbps * 1e9) / dec_graph_s[0]);
     fprintf(js, "     \"nf4_linear_sweep\": [");
     for (int i = 0; i < 7; i++)
         fprintf(js, "%s{\"n\": %d, \"fused_ms\": %.4f, \"dequant_gemm_ms\": %.4f}", i ? ", " : "",

@@ -20,11 +20,12 @@ echo "== build ==" | tee -a "$OUT/build.log"
 cmake --build "$BUILD" -j"$(nproc)" --target test_cuda_nf4 test_cuda_ops test_cuda_attention \
       test_cuda_sample bench_decode >> "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 echo "== gpu tests ==" | tee "$OUT/ctest_gpu.log"
-ctest --test-dir "$BUILD" -L gpu --output-on-failure --timeout 300 2>&1 | tee -a "$OUT/ctest_gpu.log"
-rc=${PIPESTATUS[0]}
+ctest --test-dir "$BUILD" -L gpu -V --timeout 300 >> "$OUT/ctest_gpu.log" 2>&1
+rc=$?
+grep -E "Test +#|tests passed|FAIL" "$OUT/ctest_gpu.log" | head -40
 if command -v compute-sanitizer > /dev/null; then
   echo "== compute-sanitizer memcheck: test_cuda_attention ==" | tee "$OUT/sanitizer.log"
-  timeout 240 compute-sanitizer --tool memcheck --leak-check none \
+  timeout 240 compute-sanitizer --tool memcheck \
       "$BUILD/tests/gpu/test_cuda_attention" >> "$OUT/sanitizer.log" 2>&1
   echo "memcheck exit: $?" | tee -a "$OUT/sanitizer.log"
   grep -E "ERROR SUMMARY|passed" "$OUT/sanitizer.log" | tail -3

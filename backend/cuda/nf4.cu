@@ -6,6 +6,8 @@
  * contraction, so the dequantized values equal quant/nf4.c's before the bf16 rounding. */
 #include "backend/cuda/cuda_internal.h"
 
+#include <cuda_fp16.h>
+
 extern "C" {
 #include "backend/cuda/cuda_backend.h"
 }
@@ -50,6 +52,11 @@ __device__ __forceinline__ float block_absmax(const nf4_dev &w, const float *dyn
 /* Threads [0, n16) each expand 8 code bytes (16 elements, one 64-block) into two 16-byte
  * stores; threads [n16, n16 + rem) each do one trailing element. out [n] bf16. */
 __global__ void nf4_dequant_kernel(nf4_dev w, __nv_bfloat16 *out, int64_t n) {
+    /* a shared copy of the table: lanes reading different codes would serialise on the
+     * constant cache, but hit 16 distinct banks here */
+    __shared__ float t[16];
+    if (threadIdx.x < 16) t[threadIdx.x] = c_nf4[threadIdx.x];
+    __syncthreads();
     int64_t n16 = n >> 4;
     int64_t g = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (g < n16) {
@@ -61,7 +68,7 @@ __global__ void nf4_dequant_kernel(nf4_dev w, __nv_bfloat16 *out, int64_t n) {
 #pragma unroll
         for (int j = 0; j < 8; j++) {
             uint32_t byte = (cw[j >> 2] >> ((j & 3) * 8)) & 0xff;
-            v[j] = __floats2bfloat162_rn(__fmul_rn(c_nf4[byte >> 4], a), __fmul_rn(c_nf4[byte & 15], a));
+            v[j] = __floats2bfloat162_rn(__fmul_rn(t[byte >> 4], a), __fmul_rn(t[byte & 15], a));
         }
         uint4 *o = (uint4 *)(out + e0);
         o[0] = *(uint4 *)&v[0];
@@ -71,7 +78,7 @@ __global__ void nf4_dequant_kernel(nf4_dev w, __nv_bfloat16 *out, int64_t n) {
         float a = block_absmax(w, w.dynmap, e >> 6);
         uint8_t byte = w.codes[e >> 1];
         int code = (e & 1) ? (byte & 15) : (byte >> 4);
-        out[e] = __float2bfloat16_rn(__fmul_rn(c_nf4[code], a));
+        out[e] = __float2bfloat16_rn(__fmul_rn(t[code], a));
     }
 }
 
@@ -93,118 +100,124 @@ extern "C" qlr_status qlr_cuda_nf4_dequant(qlr_backend *be, uint16_t *out, const
 
 /* ---- fused decode kernel ----
  * y[t, r] = Σ_c x[t, c] · W[r, c] for M tokens, reading W's packed codes once.
- * Block: 8 warps = WK warps along K × RG warps along rows; each warp owns RPW consecutive rows
- * and the K-chunks kg, kg + WK, ... (a chunk is 1024 columns: 32 lanes × 32 columns, i.e. one
- * 16-byte load of codes per lane and row; its 32 columns lie in one 64-block because cols is a
- * multiple of 32). The lane keeps its chunk's x in registers (f32) and streams RPW rows with
- * their loads issued together. A byte of two codes becomes a float2 through a shared table
- * replicated 16 times, so that a half-warp's lookups never share a bank. Partial sums meet in
- * shared memory. */
+ * Block: 8 warps = WK warps along K × RG warps along rows; a tile is RG × RPW rows; blocks loop
+ * over tiles (a persistent grid, so the lookup table below is built once per block). A warp owns
+ * RPW consecutive rows of the tile and the K-chunks kg, kg + WK, ... (a chunk is 1024 columns:
+ * 32 lanes × 32 columns, one 16-byte load of codes per lane and row; its 32 columns lie in one
+ * 64-block because cols is a multiple of 32). The lane keeps its chunk's x in registers (f32)
+ * and streams RPW rows with their loads issued together. A byte (two codes) becomes two NF4
+ * values through a shared table of f16 pairs (f16 holds the NF4 values to 2^-12; bf16 would
+ * round them to 2^-9) replicated once per lane, so lookups never conflict on a bank: 2 bytes of
+ * shared-memory traffic per weight. Partial sums meet in shared memory. */
 #define GEMV_WARPS 8
-#define GEMV_RPW 4
+#define GEMV_RPW 8
 
 template <int M>
 __global__ void __launch_bounds__(256) nf4_gemv_kernel(nf4_dev w, const __nv_bfloat16 *__restrict__ x,
                                                        __nv_bfloat16 *__restrict__ y,
                                                        const float *__restrict__ bias, int rows,
                                                        int cols, int n_tok, int wk) {
-    __shared__ float2 tab[256 * 16];
+    __shared__ __half2 tab[256 * 32];
     __shared__ float dyn[256];
     __shared__ float part[GEMV_WARPS][GEMV_WARPS * GEMV_RPW][M];
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    for (int i = tid; i < 256 * 16; i += 256) {
-        int b = i >> 4;
-        tab[i] = make_float2(c_nf4[b >> 4], c_nf4[b & 15]);
+    for (int i = tid; i < 256 * 32; i += 256) {
+        int b = i >> 5;
+        tab[i] = __floats2half2_rn(c_nf4[b >> 4], c_nf4[b & 15]);
     }
     dyn[tid] = w.dynmap[tid];
     __syncthreads();
 
     int rg_n = GEMV_WARPS / wk;
     int kg = warp % wk, rg = warp / wk;
-    int rows_per_block = rg_n * GEMV_RPW;
-    int row0 = blockIdx.x * rows_per_block + rg * GEMV_RPW;
+    int rows_per_tile = rg_n * GEMV_RPW;
+    int n_tiles = (rows + rows_per_tile - 1) / rows_per_tile;
     int kc = (cols + 1023) >> 10;
-    float acc[GEMV_RPW][M];
-#pragma unroll
-    for (int i = 0; i < GEMV_RPW; i++)
-#pragma unroll
-        for (int m = 0; m < M; m++) acc[i][m] = 0.0f;
-    const float2 *mytab = tab + (lane & 15);
+    const __half2 *mytab = tab + lane;
 
-    for (int c = kg; c < kc; c += wk) {
-        int col = (c << 10) + (lane << 5);
-        if (col >= cols) continue;
-        float xf[M][32];
+    for (int tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
+        int row0 = tile * rows_per_tile + rg * GEMV_RPW;
+        float acc[GEMV_RPW][M];
 #pragma unroll
-        for (int m = 0; m < M; m++) {
-            if (m < n_tok) {
-                const uint4 *xp = (const uint4 *)(x + (int64_t)m * cols + col);
+        for (int i = 0; i < GEMV_RPW; i++)
 #pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    uint4 u = __ldg(xp + j);
-                    uint32_t uu[4] = {u.x, u.y, u.z, u.w};
+            for (int m = 0; m < M; m++) acc[i][m] = 0.0f;
+        for (int c = kg; c < kc; c += wk) {
+            int col = (c << 10) + (lane << 5);
+            if (col >= cols) continue;
+            uint4 q[GEMV_RPW];
+            float a[GEMV_RPW];
 #pragma unroll
-                    for (int h = 0; h < 4; h++) {
-                        xf[m][j * 8 + h * 2] = __uint_as_float(uu[h] << 16);
-                        xf[m][j * 8 + h * 2 + 1] = __uint_as_float(uu[h] & 0xffff0000u);
+            for (int i = 0; i < GEMV_RPW; i++) {
+                int r = row0 + i;
+                q[i] = make_uint4(0, 0, 0, 0);
+                a[i] = 0.0f;
+                if (r < rows) {
+                    int64_t e = (int64_t)r * cols + col;
+                    q[i] = __ldg((const uint4 *)(w.codes + (e >> 1)));
+                    a[i] = block_absmax(w, dyn, e >> 6);
+                }
+            }
+            float xf[M][32];
+#pragma unroll
+            for (int m = 0; m < M; m++) {
+                if (m < n_tok) {
+                    const uint4 *xp = (const uint4 *)(x + (int64_t)m * cols + col);
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        uint4 u = __ldg(xp + j);
+                        uint32_t uu[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+                        for (int h = 0; h < 4; h++) {
+                            xf[m][j * 8 + h * 2] = __uint_as_float(uu[h] << 16);
+                            xf[m][j * 8 + h * 2 + 1] = __uint_as_float(uu[h] & 0xffff0000u);
+                        }
+                    }
+                } else {
+#pragma unroll
+                    for (int j = 0; j < 32; j++) xf[m][j] = 0.0f;
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < GEMV_RPW; i++) {
+                uint32_t qq[4] = {q[i].x, q[i].y, q[i].z, q[i].w};
+                float s[M];
+#pragma unroll
+                for (int m = 0; m < M; m++) s[m] = 0.0f;
+#pragma unroll
+                for (int j = 0; j < 16; j++) {
+                    uint32_t byte = (qq[j >> 2] >> ((j & 3) * 8)) & 0xff;
+                    float2 v = __half22float2(mytab[byte << 5]);
+#pragma unroll
+                    for (int m = 0; m < M; m++) {
+                        s[m] = fmaf(v.x, xf[m][2 * j], s[m]);
+                        s[m] = fmaf(v.y, xf[m][2 * j + 1], s[m]);
                     }
                 }
-            } else {
 #pragma unroll
-                for (int j = 0; j < 32; j++) xf[m][j] = 0.0f;
-            }
-        }
-        uint4 q[GEMV_RPW];
-        float a[GEMV_RPW];
-#pragma unroll
-        for (int i = 0; i < GEMV_RPW; i++) {
-            int r = row0 + i;
-            q[i] = make_uint4(0, 0, 0, 0);
-            a[i] = 0.0f;
-            if (r < rows) {
-                int64_t e = (int64_t)r * cols + col;
-                q[i] = __ldg((const uint4 *)(w.codes + (e >> 1)));
-                a[i] = block_absmax(w, dyn, e >> 6);
+                for (int m = 0; m < M; m++) acc[i][m] = fmaf(s[m], a[i], acc[i][m]);
             }
         }
 #pragma unroll
-        for (int i = 0; i < GEMV_RPW; i++) {
-            uint32_t qq[4] = {q[i].x, q[i].y, q[i].z, q[i].w};
-            float s[M];
+        for (int i = 0; i < GEMV_RPW; i++)
 #pragma unroll
-            for (int m = 0; m < M; m++) s[m] = 0.0f;
+            for (int m = 0; m < M; m++) {
+                float v = acc[i][m];
 #pragma unroll
-            for (int j = 0; j < 16; j++) {
-                uint32_t byte = (qq[j >> 2] >> ((j & 3) * 8)) & 0xff;
-                float2 v = mytab[byte << 4];
-#pragma unroll
-                for (int m = 0; m < M; m++) {
-                    s[m] = fmaf(v.x, xf[m][2 * j], s[m]);
-                    s[m] = fmaf(v.y, xf[m][2 * j + 1], s[m]);
-                }
+                for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+                if (lane == 0) part[kg][rg * GEMV_RPW + i][m] = v;
             }
-#pragma unroll
-            for (int m = 0; m < M; m++) acc[i][m] = fmaf(s[m], a[i], acc[i][m]);
+        __syncthreads();
+        for (int idx = tid; idx < rows_per_tile * M; idx += 256) {
+            int lr = idx / M, m = idx % M;
+            int r = tile * rows_per_tile + lr;
+            if (r >= rows || m >= n_tok) continue;
+            float v = 0.0f;
+            for (int k = 0; k < wk; k++) v += part[k][lr][m];
+            if (bias) v += bias[r];
+            y[(int64_t)m * rows + r] = __float2bfloat16_rn(v);
         }
-    }
-#pragma unroll
-    for (int i = 0; i < GEMV_RPW; i++)
-#pragma unroll
-        for (int m = 0; m < M; m++) {
-            float v = acc[i][m];
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-            if (lane == 0) part[kg][rg * GEMV_RPW + i][m] = v;
-        }
-    __syncthreads();
-    for (int idx = tid; idx < rows_per_block * M; idx += 256) {
-        int lr = idx / M, m = idx % M;
-        int r = blockIdx.x * rows_per_block + lr;
-        if (r >= rows || m >= n_tok) continue;
-        float v = 0.0f;
-        for (int k = 0; k < wk; k++) v += part[k][lr][m];
-        if (bias) v += bias[r];
-        y[(int64_t)m * rows + r] = __float2bfloat16_rn(v);
+        __syncthreads();
     }
 }
 
@@ -218,8 +231,16 @@ static void gemv_launch(qlr_backend *be, const nf4_dev &d, const __nv_bfloat16 *
                         const float *bias, int rows, int cols, int n_tok) {
     int kc = (cols + 1023) / 1024, wk = 1;
     while (wk < kc && wk < GEMV_WARPS) wk *= 2;
-    int rpb = (GEMV_WARPS / wk) * GEMV_RPW;
-    unsigned blocks = (unsigned)((rows + rpb - 1) / rpb);
+    int rpt = (GEMV_WARPS / wk) * GEMV_RPW;
+    int tiles = (rows + rpt - 1) / rpt;
+    static int per_sm = 0; /* resident blocks per SM for this M (same device for the process) */
+    if (!per_sm) {
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, nf4_gemv_kernel<M>, 256, 0) !=
+                cudaSuccess || per_sm < 1)
+            per_sm = 1;
+    }
+    int blocks = qlr_cuda_im(be)->n_sm * per_sm;
+    if (blocks > tiles) blocks = tiles;
     nf4_gemv_kernel<M><<<blocks, 256, 0, qlr_cuda_im(be)->stream>>>(d, x, y, bias, rows, cols, n_tok, wk);
 }
 
