@@ -464,6 +464,38 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
     double lin_pf = 0;
     if (st == QLR_OK) st = time_linears(&m, P, 0, reps, &lin_pf);
     double pf_flops = 2.0 * (double)P * m.nf4_params;
+    /* attention alone over the prefill (the caches hold this prefill's K/V) */
+    double att_pf = 1e30;
+    for (int r = 0; r < reps + 1 && st == QLR_OK; r++) {
+        st = be->mem.sync(be);
+        double s0 = now_s();
+        for (int64_t l = 0; l < c->layers && st == QLR_OK; l++)
+            st = be->ops.attention(be, m.att, m.q, m.L[l].kc, m.L[l].vc, m.d_seq, m.d_pos, P,
+                                   c->heads, c->kv, c->hd, m.ctx, 1.0f / sqrtf((float)c->hd));
+        if (st == QLR_OK) st = be->mem.sync(be);
+        double t = now_s() - s0;
+        if (r > 0 && t < att_pf) att_pf = t;
+    }
+    /* causal: half of the 4·P²·hd·heads multiply-adds of full attention */
+    double att_flops = 2.0 * (double)P * (double)P * (double)(c->hd * c->heads) * (double)c->layers;
+    double dq_s = 0;
+#ifdef QLR_BACKEND_CUDA
+    /* the dequantization kernel alone (bytes: NF4 in, bf16 out) */
+    dq_s = 1e30;
+    void *wsp = be->mem.alloc(be, (size_t)(c->ff * c->hidden) * 2);
+    if (!wsp) st = qlr_error_status();
+    for (int r = 0; r < reps + 1 && st == QLR_OK; r++) {
+        st = be->mem.sync(be);
+        double s0 = now_s();
+        for (int64_t l = 0; l < c->layers && st == QLR_OK; l++)
+            for (int i = 0; i < 7 && st == QLR_OK; i++)
+                st = qlr_cuda_nf4_dequant(be, wsp, &m.L[l].w[i]);
+        if (st == QLR_OK) st = be->mem.sync(be);
+        double t = now_s() - s0;
+        if (r > 0 && t < dq_s) dq_s = t;
+    }
+    if (wsp) be->mem.free(be, wsp);
+#endif
     size_t used = device_used();
     if (used > *peak_used) *peak_used = used;
 
@@ -548,9 +580,12 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
     fprintf(js, "     \"nf4_weight_bytes\": %.0f, \"nf4_params\": %.0f, \"lm_head_bytes\": %.0f,\n",
             m.nf4_bytes, m.nf4_params, head_bytes);
     fprintf(js, "     \"prefill\": {\"tokens\": %lld, \"seconds\": %.6f, \"tokens_per_s\": %.1f, "
-            "\"linear_seconds\": %.6f, \"linear_tflops\": %.1f, \"linear_fraction_of_gemm_rate\": %.3f},\n",
+            "\"linear_seconds\": %.6f, \"linear_tflops\": %.1f, \"linear_fraction_of_gemm_rate\": %.3f, "
+            "\"attention_seconds\": %.6f, \"attention_tflops\": %.1f, \"dequant_seconds\": %.6f, "
+            "\"dequant_GBps\": %.0f},\n",
             (long long)P, best_pf, P / best_pf, lin_pf, pf_flops / lin_pf / 1e12,
-            pf_flops / lin_pf / 1e12 / gemm_tflops);
+            pf_flops / lin_pf / 1e12 / gemm_tflops, att_pf, att_flops / att_pf / 1e12, dq_s,
+            dq_s > 0 ? (m.nf4_bytes + 2.0 * m.nf4_params) / dq_s / 1e9 : 0.0);
     fprintf(js, "     \"decode_context\": %lld, \"decode\": [", (long long)D);
     for (int bi = 0; bi < 4; bi++)
         fprintf(js, "%s{\"batch\": %d, \"step_ms\": %.4f, \"tokens_per_s\": %.1f, "
