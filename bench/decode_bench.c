@@ -499,6 +499,60 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
     size_t used = device_used();
     if (used > *peak_used) *peak_used = used;
 
+    /* NF4 linear crossover per token count: fused FMA kernel, fused tensor-core kernel,
+     * dequantize + cuBLASLt; the fastest becomes the AUTO policy used by the decode steps */
+    static const int sweep[] = {1, 2, 4, 8, 16, 32, 64};
+    double fz[7] = {0}, dg[7] = {0}, mm[7] = {0};
+    int best[7];
+    for (int i = 0; i < 7 && st == QLR_OK; i++) {
+        st = time_linears(&m, sweep[i], 1, reps, &fz[i]);
+        if (st == QLR_OK) st = time_linears(&m, sweep[i], 2, reps, &dg[i]);
+        if (st == QLR_OK) st = time_linears(&m, sweep[i], 3, reps, &mm[i]);
+        best[i] = fz[i] <= dg[i] && fz[i] <= mm[i] ? 1 : (mm[i] <= dg[i] ? 3 : 2);
+    }
+#ifdef QLR_BACKEND_CUDA
+    {
+        int pmax[8], np = 0;
+        qlr_cuda_nf4_path ppath[8];
+        for (int i = 0; i < 7; i++) {
+            if (np && (int)ppath[np - 1] == best[i]) pmax[np - 1] = sweep[i];
+            else {
+                pmax[np] = sweep[i];
+                ppath[np++] = (qlr_cuda_nf4_path)best[i];
+            }
+        }
+        if (st == QLR_OK) st = qlr_cuda_set_nf4_policy(be, np, pmax, ppath);
+    }
+#endif
+
+    /* steady-state rate of each kernel on single weight shapes at n = 1 (GB/s of NF4 bytes) */
+    static const int shape_idx[4] = {0, 1, 4, 6}; /* q, k, gate, down */
+    double shp[4][3] = {{0}};
+    for (int si = 0; si < 4 && st == QLR_OK; si++) {
+        const qlr_nf4 *w = &m.L[0].w[shape_idx[si]];
+        double bytes = (double)((w->n + 1) / 2 + w->n_blocks + 4 * w->n_dq_blocks);
+        static const int paths[3] = {1, 3, 2};
+        for (int pi = 0; pi < 3 && st == QLR_OK; pi++) {
+            int iters = 50;
+            for (int it = 0; it < iters + 5 && st == QLR_OK; it++) {
+                if (it == 5) {
+                    st = be->mem.sync(be);
+                    t0 = now_s();
+                }
+                /* rotate over the layers so that the weights do not sit in L2 */
+                const qlr_nf4 *wl = &m.L[it % c->layers].w[shape_idx[si]];
+#ifdef QLR_BACKEND_CUDA
+                if (st == QLR_OK)
+                    st = qlr_cuda_nf4_linear_path(be, m.u, m.g, wl, NULL, 1, (qlr_cuda_nf4_path)paths[pi]);
+#else
+                (void)wl;
+#endif
+            }
+            if (st == QLR_OK) st = be->mem.sync(be);
+            shp[si][pi] = bytes * iters / (now_s() - t0) / 1e9;
+        }
+    }
+
     /* decode: seq 0's first decode_ctx positions are filled by a prefill, then copied to every
      * other sequence so each batch row attends over a real context */
     int64_t D = o->decode_ctx;
@@ -557,13 +611,6 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
     used = device_used();
     if (used > *peak_used) *peak_used = used;
 
-    /* NF4 linear crossover: fused kernel vs dequantize + cuBLASLt, per token count */
-    static const int sweep[] = {1, 2, 4, 8, 16, 32, 64};
-    double fz[7] = {0}, dg[7] = {0};
-    for (int i = 0; i < 7 && st == QLR_OK; i++) {
-        st = time_linears(&m, sweep[i], 1, reps, &fz[i]);
-        if (st == QLR_OK) st = time_linears(&m, sweep[i], 2, reps, &dg[i]);
-    }
     if (st != QLR_OK) {
         free(ids);
         free(seq);
@@ -596,12 +643,21 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
     fprintf(js, "     \"decode_b1_nf4_bound_ms\": %.4f, \"decode_b1_fraction_of_bandwidth_bound\": %.3f, "
             "\"decode_b1_linears_ms\": %.4f, \"decode_b1_linears_fraction_of_bandwidth_bound\": %.3f, "
             "\"decode_b1_fraction_all_weights_bound\": %.3f,\n",
-            1e3 * bound, bound / dec_graph_s[0], 1e3 * fz[0], bound / fz[0],
+            1e3 * bound, bound / dec_graph_s[0], 1e3 * (best[0] == 1 ? fz[0] : best[0] == 3 ? mm[0] : dg[0]),
+            bound / (best[0] == 1 ? fz[0] : best[0] == 3 ? mm[0] : dg[0]),
             (m.nf4_bytes + head_bytes) / (bw_gbps * 1e9) / dec_graph_s[0]);
+    fprintf(js, "     \"nf4_gemv_n1_GBps\": [");
+    static const char *shape_names[4] = {"q_proj", "k_proj", "gate_proj", "down_proj"};
+    for (int si = 0; si < 4; si++)
+        fprintf(js, "%s{\"shape\": \"%s\", \"fused\": %.0f, \"fused_mma\": %.0f, \"dequant_gemm\": %.0f}",
+                si ? ", " : "", shape_names[si], shp[si][0], shp[si][1], shp[si][2]);
+    fprintf(js, "],\n");
     fprintf(js, "     \"nf4_linear_sweep\": [");
     for (int i = 0; i < 7; i++)
-        fprintf(js, "%s{\"n\": %d, \"fused_ms\": %.4f, \"dequant_gemm_ms\": %.4f}", i ? ", " : "",
-                sweep[i], 1e3 * fz[i], 1e3 * dg[i]);
+        fprintf(js, "%s{\"n\": %d, \"fused_ms\": %.4f, \"fused_mma_ms\": %.4f, "
+                "\"dequant_gemm_ms\": %.4f, \"chosen\": \"%s\"}", i ? ", " : "", sweep[i],
+                1e3 * fz[i], 1e3 * mm[i], 1e3 * dg[i],
+                best[i] == 1 ? "fused" : best[i] == 3 ? "fused_mma" : "dequant_gemm");
     fprintf(js, "],\n");
 #ifdef QLR_BACKEND_CUDA
     fprintf(js, "     \"peak_allocated_bytes\": %zu, \"peak_device_used_bytes\": %zu}",

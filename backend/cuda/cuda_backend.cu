@@ -184,7 +184,9 @@ static qlr_status cu_init(qlr_backend *be, qlr_cuda_impl *im) {
     im->h_pinned_bytes = 1u << 16;
     QLR_CK(cudaMallocHost(&im->h_pinned, im->h_pinned_bytes));
     QLR_CK(cudaMalloc(&im->d_stage, im->h_pinned_bytes));
-    im->fused_max_n = 8;
+    im->n_policy = 1;
+    im->policy_max_n[0] = 8;
+    im->policy_path[0] = QLR_CUDA_NF4_FUSED;
     QLR_LOGD("cuda: %s, %d SMs, compute %d.%d", prop.name, prop.multiProcessorCount, prop.major,
              prop.minor);
     return QLR_OK;
@@ -266,7 +268,3 @@ extern "C" const char *qlr_cuda_device_name(qlr_backend *be) {
     return name;
 }
 
-extern "C" void qlr_cuda_set_fused_max_n(qlr_backend *be, int n) {
-    QLR_ASSERT(be && be->kind == QLR_DEVICE_CUDA);
-    qlr_cuda_im(be)->fused_max_n = n;
-}

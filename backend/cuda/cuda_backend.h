@@ -12,19 +12,24 @@
 extern "C" {
 #endif
 
-/* Which kernel nf4_linear uses. AUTO: the fused decode kernel for n <= the fused limit and a
- * row length divisible by 32, else dequantize into the workspace + cuBLASLt. */
+/* Which kernel nf4_linear uses. AUTO follows the policy (qlr_cuda_set_nf4_policy) for row
+ * lengths divisible by 32, else dequantize into the workspace + cuBLASLt. */
 typedef enum qlr_cuda_nf4_path {
     QLR_CUDA_NF4_AUTO = 0,
-    QLR_CUDA_NF4_FUSED = 1,     /* packed weights read directly (any n; slow for large n) */
+    QLR_CUDA_NF4_FUSED = 1,       /* packed weights read directly, f32 FMA (slow for large n) */
     QLR_CUDA_NF4_DEQUANT_GEMM = 2,
+    QLR_CUDA_NF4_FUSED_MMA = 3,   /* packed weights read directly, bf16 tensor cores (n <= 64
+                                     per pass) */
 } qlr_cuda_nf4_path;
 
 /* nf4_linear with a chosen path (same contract as the op). */
 qlr_status qlr_cuda_nf4_linear_path(qlr_backend *be, void *y, const void *x, const qlr_nf4 *w,
                                     const float *bias, int64_t n, qlr_cuda_nf4_path path);
-/* Sets the largest n for which AUTO picks the fused kernel (default 8). */
-void qlr_cuda_set_fused_max_n(qlr_backend *be, int n);
+/* Sets the AUTO policy: for n <= max_n[0] use paths[0], else for n <= max_n[1] paths[1], ...,
+ * past the last entry dequantize + cuBLASLt. At most 8 entries; QLR_ERR_INVALID beyond.
+ * Default: n <= 8 fused (FMA), else dequantize + cuBLASLt. */
+qlr_status qlr_cuda_set_nf4_policy(qlr_backend *be, int n_entries, const int *max_n,
+                                   const qlr_cuda_nf4_path *paths);
 
 /* out [rows, cols] bf16 = dequantized w (device store, double quant or not). Async. */
 qlr_status qlr_cuda_nf4_dequant(qlr_backend *be, uint16_t *out, const qlr_nf4 *w);

@@ -16,6 +16,8 @@ extern "C" {
 #include "backend/backend.h"
 }
 
+#define QLR_CUDA_MAX_POLICY 8
+
 typedef struct qlr_cuda_alloc_rec {
     void *p;
     size_t bytes;
@@ -33,7 +35,11 @@ typedef struct qlr_cuda_impl {
     void *h_pinned;              /* pinned staging for sampling (params in, ids out) */
     size_t h_pinned_bytes;
     void *d_stage;               /* device twin of h_pinned */
-    int fused_max_n;             /* nf4_linear uses the fused decode kernel for n <= this */
+    /* nf4_linear AUTO policy: the first entry with n <= policy_max_n[i] gives the path
+     * (qlr_cuda_nf4_path); past the last entry, dequantize + cuBLASLt */
+    int n_policy;
+    int policy_max_n[QLR_CUDA_MAX_POLICY];
+    int policy_path[QLR_CUDA_MAX_POLICY];
     int n_sm;
     size_t peak_bytes, cur_bytes; /* bytes allocated through mem.alloc and the workspaces */
     qlr_cuda_alloc_rec *allocs;   /* live mem.alloc blocks */

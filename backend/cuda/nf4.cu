@@ -41,6 +41,29 @@ static nf4_dev dev_view(qlr_backend *be, const qlr_nf4 *w) {
     return d;
 }
 
+/* The raw loads behind block b's absmax, issued before anything uses them: a warp issues its
+ * loads in order and stalls at the first instruction that needs a result, so looking up the
+ * dynamic map right after loading the code would cost one memory latency per row. */
+struct absmax_raw {
+    uint32_t q;
+    float d;
+};
+__device__ __forceinline__ absmax_raw absmax_load(const nf4_dev &w, int64_t b) {
+    absmax_raw r;
+    if (!w.dq) {
+        r.q = 0;
+        r.d = __ldg(w.am + b);
+    } else {
+        r.q = __ldg(w.aq + b);
+        r.d = __ldg(w.dqa + (b >> 8));
+    }
+    return r;
+}
+__device__ __forceinline__ float absmax_decode(const nf4_dev &w, const float *dynmap, absmax_raw r) {
+    if (!w.dq) return r.d;
+    return __fadd_rn(__fmul_rn(dynmap[r.q], r.d), w.off);
+}
+
 /* First-level absmax of block b: dynmap[q] * nested + offset (no FMA, as the host code). */
 __device__ __forceinline__ float block_absmax(const nf4_dev &w, const float *dynmap, int64_t b) {
     if (!w.dq) return __ldg(w.am + b);
@@ -61,8 +84,8 @@ __global__ void nf4_dequant_kernel(nf4_dev w, __nv_bfloat16 *out, int64_t n) {
     int64_t g = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (g < n16) {
         int64_t e0 = g << 4;
-        float a = block_absmax(w, w.dynmap, e0 >> 6);
         uint2 c = __ldg((const uint2 *)(w.codes + (e0 >> 1)));
+        float a = block_absmax(w, w.dynmap, e0 >> 6);
         uint32_t cw[2] = {c.x, c.y};
         __align__(16) __nv_bfloat162 v[8];
 #pragma unroll
@@ -146,18 +169,18 @@ __global__ void __launch_bounds__(256) nf4_gemv_kernel(nf4_dev w, const __nv_bfl
             int col = (c << 10) + (lane << 5);
             if (col >= cols) continue;
             uint4 q[GEMV_RPW];
+            absmax_raw ar[GEMV_RPW];
             float a[GEMV_RPW];
 #pragma unroll
             for (int i = 0; i < GEMV_RPW; i++) {
-                int r = row0 + i;
-                q[i] = make_uint4(0, 0, 0, 0);
-                a[i] = 0.0f;
-                if (r < rows) {
-                    int64_t e = (int64_t)r * cols + col;
-                    q[i] = __ldg((const uint4 *)(w.codes + (e >> 1)));
-                    a[i] = block_absmax(w, dyn, e >> 6);
-                }
+                int r = row0 + i < rows ? row0 + i : rows - 1; /* clamped: loads stay in bounds */
+                int64_t e = (int64_t)r * cols + col;
+                q[i] = __ldg((const uint4 *)(w.codes + (e >> 1)));
+                ar[i] = absmax_load(w, e >> 6);
             }
+#pragma unroll
+            for (int i = 0; i < GEMV_RPW; i++)
+                a[i] = row0 + i < rows ? absmax_decode(w, dyn, ar[i]) : 0.0f;
             float xf[M][32];
 #pragma unroll
             for (int m = 0; m < M; m++) {
@@ -219,6 +242,176 @@ __global__ void __launch_bounds__(256) nf4_gemv_kernel(nf4_dev w, const __nv_bfl
         }
         __syncthreads();
     }
+}
+
+/* ---- fused decode kernel on tensor cores ----
+ * The same product through mma.sync m16n8k16 (bf16 in, f32 accumulate), for 1..64 tokens:
+ * a warp owns 16 weight rows (A) and multiplies them by up to 8 tokens per MMA (B), NG token
+ * groups reusing each decoded A fragment. Lane (g = lane/4, t = lane%4) loads 16 bytes (32
+ * columns, one 64-block) of rows g and g + 8 and 32 columns of x for token g of each group.
+ * The k order inside an MMA does not change the sum, so the lane's own 32 columns serve as its
+ * fragment columns: in step s (0..7) its bytes 2s and 2s+1 are the A pairs (2t, 2t+1) and
+ * (2t+8, 2t+9) and x words 2s, 2s+1 the matching B pairs, so neither operand is shuffled.
+ * A byte becomes a bf16 pair through a per-lane replicated shared table and is scaled by the
+ * block's absmax with one bf16x2 multiply (so weights carry bf16 rounding twice: ~2^-8, like
+ * the dequantize + GEMM path). Warps of a block split K; partial tiles meet in shared memory. */
+#define MMA_WARPS 8
+
+__device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                         uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
+                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t bmul2(uint32_t t, __nv_bfloat162 s) {
+    __nv_bfloat162 v = __hmul2(*(const __nv_bfloat162 *)&t, s);
+    return *(uint32_t *)&v;
+}
+
+template <int NG>
+__global__ void __launch_bounds__(MMA_WARPS * 32, 2) nf4_mma_kernel(nf4_dev w,
+                                                                 const __nv_bfloat16 *__restrict__ x,
+                                                                 __nv_bfloat16 *__restrict__ y,
+                                                                 const float *__restrict__ bias,
+                                                                 int rows, int cols, int n_tok) {
+    constexpr int U = NG >= 4 ? 1 : 4 / NG; /* K-chunks whose loads are in flight together */
+    __shared__ uint32_t tab[256 * 32];
+    __shared__ float dyn[256];
+    __shared__ float part[NG * 8][16]; /* [token][row of the tile], summed over the warps */
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    for (int i = tid; i < 256 * 32; i += MMA_WARPS * 32) {
+        int b = i >> 5;
+        __nv_bfloat162 v = __floats2bfloat162_rn(c_nf4[b >> 4], c_nf4[b & 15]);
+        tab[i] = *(uint32_t *)&v;
+    }
+    dyn[tid] = w.dynmap[tid];
+    __syncthreads();
+    const uint32_t *mytab = tab + lane;
+    int n_tiles = (rows + 15) >> 4;
+    int kc = (cols + 127) >> 7; /* 128-column chunks */
+    for (int tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
+        int ra = tile * 16 + g, rb = ra + 8;
+        for (int i = tid; i < NG * 8 * 16; i += MMA_WARPS * 32) part[i >> 4][i & 15] = 0.0f;
+        __syncthreads();
+        float acc[NG][4];
+#pragma unroll
+        for (int q = 0; q < NG; q++) acc[q][0] = acc[q][1] = acc[q][2] = acc[q][3] = 0.0f;
+        for (int c0 = warp; c0 < kc; c0 += MMA_WARPS * U) {
+            uint4 qa[U], qb[U];
+            absmax_raw ara[U], arb[U];
+            __nv_bfloat162 sa[U], sb[U];
+            uint4 xv[U][NG][4];
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                int col = ((c0 + u * MMA_WARPS) << 7) + (t << 5);
+                bool kin = (c0 + u * MMA_WARPS) < kc && col < cols;
+                qa[u] = qb[u] = make_uint4(0, 0, 0, 0);
+                ara[u].q = arb[u].q = 0;
+                ara[u].d = arb[u].d = 0.0f;
+                if (kin && ra < rows) {
+                    int64_t e = (int64_t)ra * cols + col;
+                    qa[u] = __ldg((const uint4 *)(w.codes + (e >> 1)));
+                    ara[u] = absmax_load(w, e >> 6);
+                }
+                if (kin && rb < rows) {
+                    int64_t e = (int64_t)rb * cols + col;
+                    qb[u] = __ldg((const uint4 *)(w.codes + (e >> 1)));
+                    arb[u] = absmax_load(w, e >> 6);
+                }
+#pragma unroll
+                for (int q = 0; q < NG; q++) {
+                    int tok = q * 8 + g;
+#pragma unroll
+                    for (int j = 0; j < 4; j++) xv[u][q][j] = make_uint4(0, 0, 0, 0);
+                    if (kin && tok < n_tok) {
+                        const uint4 *xp = (const uint4 *)(x + (int64_t)tok * cols + col);
+#pragma unroll
+                        for (int j = 0; j < 4; j++) xv[u][q][j] = __ldg(xp + j);
+                    }
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                int col = ((c0 + u * MMA_WARPS) << 7) + (t << 5);
+                bool kin = (c0 + u * MMA_WARPS) < kc && col < cols;
+                float fa = kin && ra < rows ? absmax_decode(w, dyn, ara[u]) : 0.0f;
+                float fb = kin && rb < rows ? absmax_decode(w, dyn, arb[u]) : 0.0f;
+                sa[u] = __floats2bfloat162_rn(fa, fa);
+                sb[u] = __floats2bfloat162_rn(fb, fb);
+            }
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                uint32_t wa[4] = {qa[u].x, qa[u].y, qa[u].z, qa[u].w};
+                uint32_t wb[4] = {qb[u].x, qb[u].y, qb[u].z, qb[u].w};
+#pragma unroll
+                for (int s = 0; s < 8; s++) {
+                    uint32_t A = wa[s >> 1] >> ((s & 1) * 16), B = wb[s >> 1] >> ((s & 1) * 16);
+                    uint32_t a0 = bmul2(mytab[(A & 0xff) << 5], sa[u]);
+                    uint32_t a2 = bmul2(mytab[((A >> 8) & 0xff) << 5], sa[u]);
+                    uint32_t a1 = bmul2(mytab[(B & 0xff) << 5], sb[u]);
+                    uint32_t a3 = bmul2(mytab[((B >> 8) & 0xff) << 5], sb[u]);
+#pragma unroll
+                    for (int q = 0; q < NG; q++) {
+                        const uint32_t *xw = (const uint32_t *)&xv[u][q][0];
+                        mma_bf16(acc[q], a0, a1, a2, a3, xw[2 * s], xw[2 * s + 1]);
+                    }
+                }
+            }
+        }
+        /* D[row][token]: c0,c1 = row g, tokens 2t, 2t+1; c2,c3 = row g + 8 */
+#pragma unroll
+        for (int q = 0; q < NG; q++) {
+            atomicAdd(&part[q * 8 + 2 * t][g], acc[q][0]);
+            atomicAdd(&part[q * 8 + 2 * t + 1][g], acc[q][1]);
+            atomicAdd(&part[q * 8 + 2 * t][g + 8], acc[q][2]);
+            atomicAdd(&part[q * 8 + 2 * t + 1][g + 8], acc[q][3]);
+        }
+        __syncthreads();
+        for (int idx = tid; idx < NG * 8 * 16; idx += MMA_WARPS * 32) {
+            int tok = idx >> 4, lr = idx & 15, r = tile * 16 + lr;
+            if (tok >= n_tok || r >= rows) continue;
+            float v = part[tok][lr];
+            if (bias) v += bias[r];
+            y[(int64_t)tok * rows + r] = __float2bfloat16_rn(v);
+        }
+        __syncthreads();
+    }
+}
+
+template <int NG>
+static void mma_launch(qlr_backend *be, const nf4_dev &d, const __nv_bfloat16 *x, __nv_bfloat16 *y,
+                       const float *bias, int rows, int cols, int n_tok) {
+    int tiles = (rows + 15) / 16;
+    static int per_sm = 0;
+    if (!per_sm) {
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, nf4_mma_kernel<NG>,
+                                                          MMA_WARPS * 32, 0) != cudaSuccess ||
+            per_sm < 1)
+            per_sm = 1;
+    }
+    int blocks = qlr_cuda_im(be)->n_sm * per_sm;
+    if (blocks > tiles) blocks = tiles;
+    nf4_mma_kernel<NG><<<blocks, MMA_WARPS * 32, 0, qlr_cuda_im(be)->stream>>>(d, x, y, bias, rows,
+                                                                               cols, n_tok);
+}
+
+static qlr_status mma_linear(qlr_backend *be, __nv_bfloat16 *y, const __nv_bfloat16 *x,
+                             const qlr_nf4 *w, const float *bias, int64_t n) {
+    nf4_dev d = dev_view(be, w);
+    int rows = (int)w->rows, cols = (int)w->cols;
+    for (int64_t t0 = 0; t0 < n; t0 += 64) {
+        int nt = (int)(n - t0 < 64 ? n - t0 : 64);
+        const __nv_bfloat16 *xt = x + t0 * cols;
+        __nv_bfloat16 *yt = y + t0 * rows;
+        if (nt <= 8) mma_launch<1>(be, d, xt, yt, bias, rows, cols, nt);
+        else if (nt <= 16) mma_launch<2>(be, d, xt, yt, bias, rows, cols, nt);
+        else if (nt <= 32) mma_launch<4>(be, d, xt, yt, bias, rows, cols, nt);
+        else mma_launch<8>(be, d, xt, yt, bias, rows, cols, nt);
+        QLR_CK_LAUNCH();
+    }
+    return QLR_OK;
 }
 
 static int fusable(const qlr_nf4 *w, const void *x, const void *y) {
@@ -319,12 +512,36 @@ extern "C" qlr_status qlr_cuda_nf4_linear_path(qlr_backend *be, void *y, const v
     if (n <= 0 || w->rows <= 0) return QLR_OK;
     QLR_ASSERT(w->cols > 0);
     int can_fuse = fusable(w, x, y);
-    if (path == QLR_CUDA_NF4_AUTO)
-        path = (can_fuse && n <= qlr_cuda_im(be)->fused_max_n) ? QLR_CUDA_NF4_FUSED
-                                                               : QLR_CUDA_NF4_DEQUANT_GEMM;
+    if (path == QLR_CUDA_NF4_AUTO) {
+        qlr_cuda_impl *im = qlr_cuda_im(be);
+        path = QLR_CUDA_NF4_DEQUANT_GEMM;
+        if (can_fuse)
+            for (int i = 0; i < im->n_policy; i++)
+                if (n <= im->policy_max_n[i]) {
+                    path = (qlr_cuda_nf4_path)im->policy_path[i];
+                    break;
+                }
+    }
     if (path == QLR_CUDA_NF4_FUSED && can_fuse)
         return fused_linear(be, (__nv_bfloat16 *)y, (const __nv_bfloat16 *)x, w, bias, n);
+    if (path == QLR_CUDA_NF4_FUSED_MMA && can_fuse)
+        return mma_linear(be, (__nv_bfloat16 *)y, (const __nv_bfloat16 *)x, w, bias, n);
     return dequant_gemm_linear(be, (__nv_bfloat16 *)y, (const __nv_bfloat16 *)x, w, bias, n);
+}
+
+extern "C" qlr_status qlr_cuda_set_nf4_policy(qlr_backend *be, int n_entries, const int *max_n,
+                                              const qlr_cuda_nf4_path *paths) {
+    QLR_ASSERT(be && be->kind == QLR_DEVICE_CUDA);
+    qlr_cuda_impl *im = qlr_cuda_im(be);
+    if (n_entries < 0 || n_entries > QLR_CUDA_MAX_POLICY)
+        return qlr_errorf(QLR_ERR_INVALID, "cuda nf4 policy: %d entries (at most %d)", n_entries,
+                          QLR_CUDA_MAX_POLICY);
+    for (int i = 0; i < n_entries; i++) {
+        im->policy_max_n[i] = max_n[i];
+        im->policy_path[i] = (int)paths[i];
+    }
+    im->n_policy = n_entries;
+    return QLR_OK;
 }
 
 qlr_status qlr_cuda_nf4_linear(qlr_backend *be, void *y, const void *x, const qlr_nf4 *w,

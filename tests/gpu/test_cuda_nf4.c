@@ -1,7 +1,8 @@
 /* tests/gpu/test_cuda_nf4.c: NF4 on the GPU against the host store and the CPU op:
  * dequantization (bit-exact to bf16, with and without double quant, partial last block, odd
  * element counts, zero and extreme blocks), nf4_linear through the fused decode kernel, the
- * dequantize + cuBLASLt path and the automatic choice (1..33 tokens, bias), and nf4_linear_dx. */
+ * dequantize + cuBLASLt path, the tensor-core fused kernel and the automatic choice (1..65
+ * tokens, bias), and nf4_linear_dx. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -52,7 +53,8 @@ static void test_dequant(int64_t rows, int64_t cols, int dq) {
 }
 
 static const char *path_name(qlr_cuda_nf4_path p) {
-    return p == QLR_CUDA_NF4_FUSED ? "fused" : p == QLR_CUDA_NF4_DEQUANT_GEMM ? "dequant+gemm" : "auto";
+    return p == QLR_CUDA_NF4_FUSED ? "fused" : p == QLR_CUDA_NF4_DEQUANT_GEMM ? "dequant+gemm"
+         : p == QLR_CUDA_NF4_FUSED_MMA ? "fused-mma" : "auto";
 }
 
 static void test_linear(int64_t rows, int64_t cols, int dq, int64_t n, int with_bias) {
@@ -71,7 +73,7 @@ static void test_linear(int64_t rows, int64_t cols, int dq, int64_t n, int with_
     memcpy(ref, cy.p, (size_t)(n * rows) * 4);
     double rms = gh_rms(ref, n * rows);
     gh_buf gx = gh_act(g_gpu, x, n * cols), gb = gh_raw(g_gpu, bias, (size_t)rows * 4);
-    for (int pi = 0; pi < 3; pi++) {
+    for (int pi = 0; pi < 4; pi++) {
         qlr_cuda_nf4_path path = (qlr_cuda_nf4_path)pi;
         char what[128];
         snprintf(what, sizeof what, "nf4_linear %s [%lld,%lld] dq=%d n=%lld%s", path_name(path),
@@ -79,8 +81,9 @@ static void test_linear(int64_t rows, int64_t cols, int dq, int64_t n, int with_
         gh_buf gy = gh_alloc(g_gpu, (size_t)(n * rows) * 2);
         CHECK_OK(qlr_cuda_nf4_linear_path(g_gpu, gy.p, gx.p, &dgpu, with_bias ? gb.p : NULL, n, path));
         gh_read_act(g_gpu, gy.p, got, n * rows);
-        /* bf16 output rounding (2^-9 relative) plus, on the dequant path, bf16 weights (2^-9 per
-         * weight, averaging over the row): 2^-7 of the output RMS and 2^-7 relative, 4x margin */
+        /* bf16 output rounding (2^-9 relative) plus, on the dequant and MMA paths, bf16 weights
+         * (2^-9 per weight; the MMA path rounds the table and the absmax too, ~2^-8; errors
+         * average over the row): 2^-7 of the output RMS and 2^-7 relative */
         gh_compare(what, got, ref, n * rows, rms * 0x1p-7, 0x1p-7);
         gh_free_checked(g_gpu, &gy, what);
     }
@@ -134,7 +137,7 @@ int main(void) {
 
     static const int64_t lshapes[][2] = {{96, 64}, {33, 100}, {64, 576}, {1536, 576}, {576, 1536},
                                          {256, 4096}, {128, 14336}, {200, 3104}};
-    static const int64_t ns[] = {1, 2, 3, 4, 5, 8, 33};
+    static const int64_t ns[] = {1, 3, 5, 8, 12, 17, 33, 64, 65};
     for (size_t i = 0; i < sizeof lshapes / sizeof lshapes[0]; i++)
         for (size_t j = 0; j < sizeof ns / sizeof ns[0]; j++)
             test_linear(lshapes[i][0], lshapes[i][1], (int)((i + j) & 1), ns[j], j == 2 || j == 5);
