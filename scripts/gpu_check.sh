@@ -18,17 +18,19 @@ cmake -S . -B "$BUILD" -DQLR_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$ARCH" \
       -DCMAKE_BUILD_TYPE=Release >> "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
 echo "== build ==" | tee -a "$OUT/build.log"
 cmake --build "$BUILD" -j"$(nproc)" --target test_cuda_nf4 test_cuda_ops test_cuda_attention \
-      test_cuda_sample bench_decode >> "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+      test_cuda_sample test_cuda_forward bench_decode >> "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 echo "== gpu tests ==" | tee "$OUT/ctest_gpu.log"
 ctest --test-dir "$BUILD" -L gpu -V --timeout 300 >> "$OUT/ctest_gpu.log" 2>&1
 rc=$?
 grep -E "Test +#|tests passed|FAIL" "$OUT/ctest_gpu.log" | head -40
 if command -v compute-sanitizer > /dev/null; then
-  echo "== compute-sanitizer memcheck: test_cuda_attention ==" | tee "$OUT/sanitizer.log"
-  timeout 240 compute-sanitizer --tool memcheck \
-      "$BUILD/tests/gpu/test_cuda_attention" >> "$OUT/sanitizer.log" 2>&1
-  echo "memcheck exit: $?" | tee -a "$OUT/sanitizer.log"
-  grep -E "ERROR SUMMARY|passed" "$OUT/sanitizer.log" | tail -3
+  : > "$OUT/sanitizer.log"
+  for t in test_cuda_attention test_cuda_forward; do
+    echo "== compute-sanitizer memcheck: $t ==" | tee -a "$OUT/sanitizer.log"
+    timeout 200 compute-sanitizer --tool memcheck "$BUILD/tests/gpu/$t" >> "$OUT/sanitizer.log" 2>&1
+    echo "memcheck $t exit: $?" | tee -a "$OUT/sanitizer.log"
+  done
+  grep -E "ERROR SUMMARY|passed, " "$OUT/sanitizer.log" | tail -4
 fi
 echo "== bench_decode ==" | tee "$OUT/bench.log"
 "$BUILD/bench/bench_decode" --out "$OUT/bench_decode.json" "$@" 2>&1 | tee -a "$OUT/bench.log"
