@@ -2,10 +2,10 @@
  * mix of prefill and decode tokens (token t, head h sees rows 0..pos[t] of sequence seq[t], KV
  * head h / (n_heads / n_kv)). Two kernels, picked by the token count (seq/pos stay on the device,
  * so the host never waits to look at them):
- *  - n <= 64 (decode, short chunks): split-KV "flash decoding": one block per (token, KV head,
- *    split) serves all query heads of the group, online softmax in f32, partials combined by a
- *    second kernel;
- *  - n > 64 (prefill): a tiled flash kernel on tensor cores (WMMA bf16 16x16x16, f32
+ *  - n <= 64 and head_dim 64 or 128 (decode, short chunks): split-KV "flash decoding": one block
+ *    per (token, KV head, split) serves all query heads of the group, online softmax in f32,
+ *    partials combined by a second kernel;
+ *  - n > 64 or other head dims (prefill): a tiled flash kernel on tensor cores (WMMA bf16 16x16x16, f32
  *    accumulation): 64 query tokens x one head per block, 64-key tiles, online softmax; a tile
  *    whose tokens belong to several sequences handles them one sequence after another.
  * Caches are [n_seq_max, ctx, n_kv, hd] bf16; hd must be a multiple of 16 and at most 256. */
@@ -61,12 +61,18 @@ struct att_args {
     float scale;
 };
 
-/* partial layout: [(t * n_heads + h) * nsplit + s] -> {m, l, o[hd]} f32 */
+/* partial layout: [(t * n_heads + h) * nsplit + s] -> {m, l, o[hd]} f32.
+ * HD is a template parameter so that a key's whole row is loaded with all its 16-byte loads in
+ * flight before the dot products, and V rows DEC_VUNROLL at a time. */
+#define DEC_VUNROLL 16
+
+template <int HD>
 __global__ void __launch_bounds__(DEC_THREADS) att_decode_kernel(att_args a, float *part) {
     extern __shared__ float sm[];
     int nsplit = gridDim.x, s = blockIdx.x, g = blockIdx.y;
     int64_t t = blockIdx.z;
-    int G = (int)(a.n_heads / a.n_kv), hd = (int)a.hd, tid = threadIdx.x;
+    const int hd = HD;
+    int G = (int)(a.n_heads / a.n_kv), tid = threadIdx.x;
     float *qs = sm;                         /* [G][hd] */
     float *sc = qs + G * hd;                /* [G][DEC_KEYS] */
     float *mrow = sc + G * DEC_KEYS;        /* [G] running max */
@@ -94,7 +100,9 @@ __global__ void __launch_bounds__(DEC_THREADS) att_decode_kernel(att_args a, flo
         lrow[tid] = 0.0f;
     }
     /* o accumulators: thread covers d-pair dp for heads gi = gsub, gsub + gstep, ... */
-    int npair = hd / 2, dp = tid % npair, gsub = tid / npair, gstep = DEC_THREADS / npair;
+    const int npair = hd / 2;
+    int dp = tid % npair, gsub = tid / npair;
+    const int gstep = DEC_THREADS / npair;
     float2 o[DEC_MAXG];
 #pragma unroll
     for (int i = 0; i < DEC_MAXG; i++) o[i] = make_float2(0.0f, 0.0f);
@@ -105,15 +113,18 @@ __global__ void __launch_bounds__(DEC_THREADS) att_decode_kernel(att_args a, flo
 
     for (int64_t p0 = k0; p0 < k1; p0 += DEC_KEYS) {
         int nk = (int)(k1 - p0 < DEC_KEYS ? k1 - p0 : DEC_KEYS);
-        /* scores: one key per thread per step, 16-byte loads along hd */
+        /* scores: one key per thread, its row loaded whole first */
         for (int j = tid; j < nk; j += DEC_THREADS) {
             const uint4 *kp = (const uint4 *)(kbase + (p0 + j) * kv_stride);
+            uint4 kr[HD / 8];
+#pragma unroll
+            for (int d8 = 0; d8 < HD / 8; d8++) kr[d8] = __ldg(kp + d8);
             float accs[DEC_MAXG];
 #pragma unroll
             for (int gi = 0; gi < DEC_MAXG; gi++) accs[gi] = 0.0f;
-            for (int d8 = 0; d8 < hd / 8; d8++) {
-                uint4 u = __ldg(kp + d8);
-                uint32_t uu[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+            for (int d8 = 0; d8 < HD / 8; d8++) {
+                uint32_t uu[4] = {kr[d8].x, kr[d8].y, kr[d8].z, kr[d8].w};
                 float kf[8];
 #pragma unroll
                 for (int h2 = 0; h2 < 4; h2++) {
@@ -156,7 +167,7 @@ __global__ void __launch_bounds__(DEC_THREADS) att_decode_kernel(att_args a, flo
             }
         }
         __syncthreads();
-        /* o += p · v */
+        /* o += p · v, DEC_VUNROLL rows of V in flight */
 #pragma unroll
         for (int i = 0; i < DEC_MAXG; i++) {
             int gi = gsub + i * gstep;
@@ -166,16 +177,27 @@ __global__ void __launch_bounds__(DEC_THREADS) att_decode_kernel(att_args a, flo
             }
         }
         if (gsub < G) {
-            for (int j = 0; j < nk; j++) {
-                float2 vv = __bfloat1622float2(
-                    *(const __nv_bfloat162 *)(vbase + (p0 + j) * kv_stride + 2 * dp));
+            const bf16 *vcol = vbase + p0 * kv_stride + 2 * dp;
+            for (int j0 = 0; j0 < nk; j0 += DEC_VUNROLL) {
+                float2 vv[DEC_VUNROLL];
 #pragma unroll
-                for (int i = 0; i < DEC_MAXG; i++) {
-                    int gi = gsub + i * gstep;
-                    if (gi < G) {
-                        float pj = sc[gi * DEC_KEYS + j];
-                        o[i].x = fmaf(pj, vv.x, o[i].x);
-                        o[i].y = fmaf(pj, vv.y, o[i].y);
+                for (int u = 0; u < DEC_VUNROLL; u++) {
+                    vv[u] = make_float2(0.0f, 0.0f);
+                    if (j0 + u < nk)
+                        vv[u] = __bfloat1622float2(
+                            *(const __nv_bfloat162 *)(vcol + (int64_t)(j0 + u) * kv_stride));
+                }
+#pragma unroll
+                for (int u = 0; u < DEC_VUNROLL; u++) {
+                    if (j0 + u >= nk) break;
+#pragma unroll
+                    for (int i = 0; i < DEC_MAXG; i++) {
+                        int gi = gsub + i * gstep;
+                        if (gi < G) {
+                            float pj = sc[gi * DEC_KEYS + j0 + u];
+                            o[i].x = fmaf(pj, vv[u].x, o[i].x);
+                            o[i].y = fmaf(pj, vv[u].y, o[i].y);
+                        }
                     }
                 }
             }
@@ -224,6 +246,7 @@ __global__ void att_combine_kernel(att_args a, const float *part, int nsplit) {
 #define PF_BR 64
 #define PF_BC 64
 #define PF_WARPS 4
+#define PF_LOADS 8 /* uint4 loads of K and of V in flight per thread */
 
 struct pf_smem {
     int ldq, lds, ldp, ldo;
@@ -305,15 +328,27 @@ __global__ void __launch_bounds__(PF_WARPS * 32) att_prefill_kernel(att_args a) 
         const bf16 *kb = a.kc + ((int64_t)cs * a.ctx * a.n_kv + g) * hd;
         const bf16 *vb = a.vc + ((int64_t)cs * a.ctx * a.n_kv + g) * hd;
         for (int j0 = 0; j0 <= kmax; j0 += PF_BC) {
-            for (int i = tid; i < PF_BC * hd8; i += blockDim.x) {
-                int r = i / hd8, c8 = i % hd8;
-                uint4 ku = make_uint4(0, 0, 0, 0), vu = ku;
-                if (j0 + r <= kmax) {
-                    ku = *(const uint4 *)(kb + (int64_t)(j0 + r) * kv_stride + c8 * 8);
-                    vu = *(const uint4 *)(vb + (int64_t)(j0 + r) * kv_stride + c8 * 8);
+            /* every load of the tile is issued before the first store (a store right after its
+             * load would wait a full memory latency per element) */
+            for (int base = tid; base < PF_BC * hd8; base += PF_LOADS * PF_WARPS * 32) {
+                uint4 ku[PF_LOADS], vu[PF_LOADS];
+#pragma unroll
+                for (int u = 0; u < PF_LOADS; u++) {
+                    int i = base + u * PF_WARPS * 32, r = i / hd8, c8 = i % hd8;
+                    ku[u] = vu[u] = make_uint4(0, 0, 0, 0);
+                    if (i < PF_BC * hd8 && j0 + r <= kmax) {
+                        ku[u] = __ldg((const uint4 *)(kb + (int64_t)(j0 + r) * kv_stride + c8 * 8));
+                        vu[u] = __ldg((const uint4 *)(vb + (int64_t)(j0 + r) * kv_stride + c8 * 8));
+                    }
                 }
-                *(uint4 *)(Ks + r * L.ldq + c8 * 8) = ku;
-                *(uint4 *)(Vs + r * L.ldq + c8 * 8) = vu;
+#pragma unroll
+                for (int u = 0; u < PF_LOADS; u++) {
+                    int i = base + u * PF_WARPS * 32, r = i / hd8, c8 = i % hd8;
+                    if (i < PF_BC * hd8) {
+                        *(uint4 *)(Ks + r * L.ldq + c8 * 8) = ku[u];
+                        *(uint4 *)(Vs + r * L.ldq + c8 * 8) = vu[u];
+                    }
+                }
             }
             __syncthreads();
             /* S_w [16, 64] = Q_w · Kᵀ */
@@ -402,14 +437,13 @@ qlr_status qlr_cuda_attention(qlr_backend *be, void *out, const void *q, const v
                               float scale) {
     if (n <= 0) return QLR_OK;
     QLR_ASSERT(n_kv > 0 && n_heads % n_kv == 0);
-    if (hd % 16 != 0 || hd > 256 || n_heads / n_kv > DEC_MAXG)
+    if (hd % 16 != 0 || hd > 256)
         return qlr_errorf(QLR_ERR_UNSUPPORTED, "cuda attention: head_dim %lld (needs a multiple "
-                          "of 16, at most 256) with %lld query heads per KV head (at most %d)",
-                          (long long)hd, (long long)(n_heads / n_kv), DEC_MAXG);
+                          "of 16, at most 256)", (long long)hd);
     qlr_cuda_impl *im = qlr_cuda_im(be);
     att_args a = {(bf16 *)out, (const bf16 *)q, (const bf16 *)k_cache, (const bf16 *)v_cache,
                   seq, pos, n, n_heads, n_kv, hd, ctx, scale};
-    if (n > 64) {
+    if (n > 64 || (hd != 64 && hd != 128) || n_heads / n_kv > DEC_MAXG) {
         pf_smem L = pf_layout((int)hd);
         QLR_CK(cudaFuncSetAttribute(att_prefill_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     (int)L.bytes));
@@ -425,11 +459,18 @@ qlr_status qlr_cuda_attention(qlr_backend *be, void *out, const void *q, const v
     QLR_TRY(qlr_cuda_ws(be, (size_t)(n * n_heads * nsplit * (hd + 2)) * 4, &ws));
     int G = (int)(n_heads / n_kv);
     size_t smem = ((size_t)G * hd + (size_t)G * DEC_KEYS + 3 * DEC_MAXG) * 4;
-    if (smem > 48 * 1024)
-        QLR_CK(cudaFuncSetAttribute(att_decode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    (int)smem));
     dim3 grid((unsigned)nsplit, (unsigned)n_kv, (unsigned)n);
-    att_decode_kernel<<<grid, DEC_THREADS, smem, im->stream>>>(a, (float *)ws);
+    if (hd == 64) {
+        if (smem > 48 * 1024)
+            QLR_CK(cudaFuncSetAttribute(att_decode_kernel<64>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        att_decode_kernel<64><<<grid, DEC_THREADS, smem, im->stream>>>(a, (float *)ws);
+    } else {
+        if (smem > 48 * 1024)
+            QLR_CK(cudaFuncSetAttribute(att_decode_kernel<128>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        att_decode_kernel<128><<<grid, DEC_THREADS, smem, im->stream>>>(a, (float *)ws);
+    }
     QLR_CK_LAUNCH();
     att_combine_kernel<<<(unsigned)(n * n_heads), 128, 0, im->stream>>>(a, (const float *)ws,
                                                                         (int)nsplit);
