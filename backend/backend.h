@@ -152,6 +152,43 @@ typedef struct qlr_backend_ops {
     qlr_status (*lora_bwd)(qlr_backend *be, float *da, float *db, void *dx, const void *dy,
                            const void *x, const qlr_lora_ref *l, int64_t n, int64_t in,
                            int64_t out);
+
+    /* ---- training (model/train.c; appended after the ops above, never reordered) ---- */
+
+    /* Causal GQA attention inside packed sequences, over the micro-batch's own K/V (no cache):
+     * token t (query head h) attends tokens start[t]..t with KV head h / (n_heads / n_kv).
+     * start[t] [n] int32 is the index of the first token of t's sequence (tokens of one
+     * sequence contiguous and in order, so attention never crosses sequences).
+     * q, out [n, n_heads, hd] act; k, v [n, n_kv, hd] act (already RoPE'd); lse [n, n_heads]
+     * f32 = logsumexp of the scaled scores, written when not NULL. */
+    qlr_status (*attention_varlen)(qlr_backend *be, void *out, float *lse, const void *q,
+                                   const void *k, const void *v, const int32_t *start, int64_t n,
+                                   int64_t n_heads, int64_t n_kv, int64_t hd, float scale);
+    /* Its backward: dq [n, n_heads, hd], dk, dv [n, n_kv, hd] act (all overwritten) from dout
+     * and the forward q, k, v, out and lse (lse / out may be NULL: recomputed). */
+    qlr_status (*attention_varlen_bwd)(qlr_backend *be, void *dq, void *dk, void *dv,
+                                       const void *dout, const void *q, const void *k,
+                                       const void *v, const void *out, const float *lse,
+                                       const int32_t *start, int64_t n, int64_t n_heads,
+                                       int64_t n_kv, int64_t hd, float scale);
+    /* Fused lm_head + cross-entropy on one chunk of rows (the caller loops over chunks, so
+     * [tokens x vocab] logits never exist): logits = x · Wᵀ into `logits` [n, vocab] f32
+     * (scratch, overwritten); loss[i] = logsumexp(logits[i]) - logits[i, targets[i]] in f32,
+     * and 0 where targets[i] < 0 (the ignore index, -100). If dx is not NULL:
+     * dx [n, d] act = grad_scale · (softmax(logits[i]) - onehot(targets[i])) · W, 0 rows for
+     * ignored targets. x [n, d] act; w [vocab, d] bf16; targets [n] int32 (each < vocab: the
+     * caller validates); loss [n] f32. */
+    qlr_status (*lm_head_ce)(qlr_backend *be, float *loss, void *dx, float *logits, const void *x,
+                             const uint16_t *w, const int32_t *targets, int64_t n, int64_t d,
+                             int64_t vocab, float grad_scale);
+    /* Inverted dropout with a counter-based mask: y[i] = keep(seed, i) ? x[i] / (1 - p) : 0,
+     * keep(seed, i) = (splitmix64(seed + i · 0x9E3779B97F4A7C15) >> 40) · 2⁻²⁴ >= p, where
+     * splitmix64(z) = z ^= z >> 30, z *= 0xBF58476D1CE4E5B9, z ^= z >> 27,
+     * z *= 0x94D049BB133111EB, z ^= z >> 31 (mod 2⁶⁴). The same (seed, n, p) gives the same mask
+     * on every backend, so the backward applies the same call to the gradient. n values act;
+     * y may equal x; 0 <= p < 1. */
+    qlr_status (*dropout)(qlr_backend *be, void *y, const void *x, int64_t n, float p,
+                          uint64_t seed);
 } qlr_backend_ops;
 
 /* Device memory and synchronisation. */

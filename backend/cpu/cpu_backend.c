@@ -104,6 +104,10 @@ qlr_status qlr_backend_cpu_create(int n_threads, qlr_backend **out) {
     o->kv_store_bwd = qlr_cpu_kv_store_bwd;
     o->nf4_linear_dx = qlr_cpu_nf4_linear_dx;
     o->lora_bwd = qlr_cpu_lora_bwd;
+    o->attention_varlen = qlr_cpu_attention_varlen;
+    o->attention_varlen_bwd = qlr_cpu_attention_varlen_bwd;
+    o->lm_head_ce = qlr_cpu_lm_head_ce;
+    o->dropout = qlr_cpu_dropout;
     *out = be;
     return QLR_OK;
 }

@@ -77,4 +77,19 @@ qlr_status qlr_cpu_lm_head(qlr_backend *be, float *logits, const void *x, const 
 qlr_status qlr_cpu_sample(qlr_backend *be, int32_t *out_ids, float *logits,
                           const qlr_sampling *params, uint64_t *rng, int64_t n, int64_t vocab);
 
+/* ops_train.c */
+qlr_status qlr_cpu_attention_varlen(qlr_backend *be, void *out, float *lse, const void *q,
+                                    const void *k, const void *v, const int32_t *start, int64_t n,
+                                    int64_t n_heads, int64_t n_kv, int64_t hd, float scale);
+qlr_status qlr_cpu_attention_varlen_bwd(qlr_backend *be, void *dq, void *dk, void *dv,
+                                        const void *dout, const void *q, const void *k,
+                                        const void *v, const void *out, const float *lse,
+                                        const int32_t *start, int64_t n, int64_t n_heads,
+                                        int64_t n_kv, int64_t hd, float scale);
+qlr_status qlr_cpu_lm_head_ce(qlr_backend *be, float *loss, void *dx, float *logits, const void *x,
+                              const uint16_t *w, const int32_t *targets, int64_t n, int64_t d,
+                              int64_t vocab, float grad_scale);
+qlr_status qlr_cpu_dropout(qlr_backend *be, void *y, const void *x, int64_t n, float p,
+                           uint64_t seed);
+
 #endif
