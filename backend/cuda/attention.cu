@@ -91,9 +91,24 @@ __global__ void __launch_bounds__(DEC_THREADS) att_decode_kernel(att_args a, flo
         }
         return;
     }
-    for (int i = tid; i < G * hd; i += DEC_THREADS) {
-        int gi = i / hd, d = i % hd;
-        qs[i] = __bfloat162float(a.q[(t * a.n_heads + (int64_t)g * G + gi) * hd + d]);
+    {
+        /* q of the group's heads is contiguous: [G * hd] bf16 as pairs, all loads first */
+        const __nv_bfloat162 *qp = (const __nv_bfloat162 *)(a.q + (t * a.n_heads + (int64_t)g * G) * hd);
+        constexpr int QL = (DEC_MAXG * HD / 2 + DEC_THREADS - 1) / DEC_THREADS;
+        float2 qv[QL];
+#pragma unroll
+        for (int u = 0; u < QL; u++) {
+            int i = tid + u * DEC_THREADS;
+            qv[u] = i < G * hd / 2 ? __bfloat1622float2(qp[i]) : make_float2(0.0f, 0.0f);
+        }
+#pragma unroll
+        for (int u = 0; u < QL; u++) {
+            int i = tid + u * DEC_THREADS;
+            if (i < G * hd / 2) {
+                qs[2 * i] = qv[u].x;
+                qs[2 * i + 1] = qv[u].y;
+            }
+        }
     }
     if (tid < G) {
         mrow[tid] = -INFINITY;
@@ -220,24 +235,29 @@ __global__ void __launch_bounds__(DEC_THREADS) att_decode_kernel(att_args a, flo
 }
 
 __global__ void att_combine_kernel(att_args a, const float *part, int nsplit) {
+    __shared__ float scl[32]; /* exp(m_s - M) / L per split (nsplit <= 32) */
     int64_t th = blockIdx.x; /* t * n_heads + h */
-    int hd = (int)a.hd;
+    int hd = (int)a.hd, tid = threadIdx.x;
     const float *p = part + th * nsplit * (hd + 2);
-    float M = -INFINITY;
-    for (int s = 0; s < nsplit; s++) M = fmaxf(M, p[s * (hd + 2)]);
-    float L = 0.0f;
-    for (int s = 0; s < nsplit; s++) {
-        float m = p[s * (hd + 2)];
-        if (m != -INFINITY) L += p[s * (hd + 2) + 1] * expf(m - M);
+    if (tid < 32) {
+        /* one warp: the splits' statistics loaded in parallel, reduced by shuffles */
+        float m = tid < nsplit ? p[tid * (hd + 2)] : -INFINITY;
+        float l = tid < nsplit ? p[tid * (hd + 2) + 1] : 0.0f;
+        float M = m;
+        for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+        float e = (m == -INFINITY) ? 0.0f : expf(m - M);
+        float L = l * e;
+        for (int o = 16; o > 0; o >>= 1) L += __shfl_xor_sync(0xffffffffu, L, o);
+        scl[tid] = L > 0.0f ? e / L : 0.0f;
     }
-    float inv = L > 0.0f ? 1.0f / L : 0.0f;
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+    __syncthreads();
+    for (int d = tid; d < hd; d += blockDim.x) {
         float o = 0.0f;
-        for (int s = 0; s < nsplit; s++) {
-            float m = p[s * (hd + 2)];
-            if (m != -INFINITY) o += p[s * (hd + 2) + 2 + d] * expf(m - M);
-        }
-        a.out[th * hd + d] = __float2bfloat16_rn(o * inv);
+        /* independent loads: the compiler keeps several in flight */
+#pragma unroll 8
+        for (int s = 0; s < nsplit; s++)
+            if (scl[s] != 0.0f) o += p[s * (hd + 2) + 2 + d] * scl[s];
+        a.out[th * hd + d] = __float2bfloat16_rn(o);
     }
 }
 

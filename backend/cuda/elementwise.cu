@@ -20,7 +20,8 @@ __global__ void gather_rows_kernel(bf16 *out, const bf16 *src, const int32_t *id
         if ((d & 7) == 0) {
             const uint4 *s4 = (const uint4 *)s;
             uint4 *o4 = (uint4 *)o;
-            for (int64_t j = threadIdx.x; j < d / 8; j += blockDim.x) o4[j] = s4[j];
+#pragma unroll 4
+            for (int64_t j = threadIdx.x; j < d / 8; j += blockDim.x) o4[j] = __ldg(s4 + j);
         } else {
             for (int64_t j = threadIdx.x; j < d; j += blockDim.x) o[j] = s[j];
         }

@@ -18,6 +18,55 @@ static __device__ float block_sum(float v, float *red) {
     return s;
 }
 
+/* Rows of d <= NORM_VEC * 8 * NORM_THREADS values with d % 8 == 0 (every model width) keep
+ * their values in registers between the two passes; all loads are issued before any use. */
+#define NORM_VEC 4
+
+__global__ void rmsnorm_vec_kernel(bf16 *y, const bf16 *x, const float *w, int64_t n, int64_t d,
+                                   float eps) {
+    __shared__ float red[NORM_THREADS / 32];
+    int64_t d8 = d / 8;
+    for (int64_t row = blockIdx.x; row < n; row += gridDim.x) {
+        const uint4 *xr = (const uint4 *)(x + row * d);
+        uint4 v[NORM_VEC];
+#pragma unroll
+        for (int u = 0; u < NORM_VEC; u++) {
+            int64_t j = threadIdx.x + u * NORM_THREADS;
+            v[u] = j < d8 ? xr[j] : make_uint4(0, 0, 0, 0);
+        }
+        float ss = 0.0f;
+#pragma unroll
+        for (int u = 0; u < NORM_VEC; u++) {
+            const __nv_bfloat162 *h = (const __nv_bfloat162 *)&v[u];
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                float2 f = __bfloat1622float2(h[k]);
+                ss = fmaf(f.x, f.x, ss);
+                ss = fmaf(f.y, f.y, ss);
+            }
+        }
+        ss = block_sum(ss, red);
+        float r = 1.0f / sqrtf(ss / (float)d + eps);
+        uint4 *yr = (uint4 *)(y + row * d);
+#pragma unroll
+        for (int u = 0; u < NORM_VEC; u++) {
+            int64_t j = threadIdx.x + u * NORM_THREADS;
+            if (j >= d8) continue;
+            const __nv_bfloat162 *h = (const __nv_bfloat162 *)&v[u];
+            const float4 *wp = (const float4 *)(w + j * 8);
+            float4 w0 = wp[0], w1 = wp[1];
+            float ww[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+            __align__(16) __nv_bfloat162 o[4];
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                float2 f = __bfloat1622float2(h[k]);
+                o[k] = __floats2bfloat162_rn(f.x * r * ww[2 * k], f.y * r * ww[2 * k + 1]);
+            }
+            yr[j] = *(uint4 *)o;
+        }
+    }
+}
+
 __global__ void rmsnorm_kernel(bf16 *y, const bf16 *x, const float *w, int64_t n, int64_t d,
                                float eps) {
     __shared__ float red[NORM_THREADS / 32];
@@ -64,8 +113,13 @@ static unsigned norm_grid(int64_t n) { return (unsigned)(n < 65535 ? (n > 0 ? n 
 qlr_status qlr_cuda_rmsnorm(qlr_backend *be, void *y, const void *x, const float *w, int64_t n,
                             int64_t d, float eps) {
     if (n <= 0) return QLR_OK;
-    rmsnorm_kernel<<<norm_grid(n), NORM_THREADS, 0, qlr_cuda_im(be)->stream>>>(
-        (bf16 *)y, (const bf16 *)x, w, n, d, eps);
+    if (d % 8 == 0 && d <= (int64_t)NORM_VEC * 8 * NORM_THREADS && ((uintptr_t)x & 15) == 0 &&
+        ((uintptr_t)y & 15) == 0 && ((uintptr_t)w & 15) == 0)
+        rmsnorm_vec_kernel<<<norm_grid(n), NORM_THREADS, 0, qlr_cuda_im(be)->stream>>>(
+            (bf16 *)y, (const bf16 *)x, w, n, d, eps);
+    else
+        rmsnorm_kernel<<<norm_grid(n), NORM_THREADS, 0, qlr_cuda_im(be)->stream>>>(
+            (bf16 *)y, (const bf16 *)x, w, n, d, eps);
     QLR_CK_LAUNCH();
     return QLR_OK;
 }

@@ -53,6 +53,7 @@ __device__ __forceinline__ bool in_set(const row_ctx &c, int64_t i, uint32_t k) 
 /* F(τ) = Σ w over candidates with key >= τ (key > τ when strict) */
 __device__ double mass_ge(const row_ctx &c, uint32_t tau, bool strict, double *red) {
     double s = 0.0;
+#pragma unroll 8
     for (int64_t i = threadIdx.x; i < c.vocab; i += SAMPLE_THREADS) {
         uint32_t k = fkey(c.x[i]);
         if (in_set(c, i, k) && (strict ? k > tau : k >= tau)) s += (double)c.w[i];
@@ -132,6 +133,7 @@ __device__ int64_t first_crossing(const row_ctx &c, double target, bool ge, doub
 __device__ long long count_ge(const float *x, int64_t vocab, uint32_t tau, bool strict,
                               long long *redi) {
     long long n = 0;
+#pragma unroll 8
     for (int64_t i = threadIdx.x; i < vocab; i += SAMPLE_THREADS) {
         uint32_t k = fkey(x[i]);
         n += strict ? (k > tau) : (k >= tau);
@@ -155,6 +157,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(const float *log
     /* argmax, ties to the lowest id (also the max for the weights) */
     float bv = -INFINITY;
     int64_t bi = -1;
+#pragma unroll 8
     for (int64_t i = threadIdx.x; i < vocab; i += SAMPLE_THREADS) {
         float v = x[i];
         if (bi < 0 || v > bv) {
