@@ -184,9 +184,13 @@ static qlr_status cu_init(qlr_backend *be, qlr_cuda_impl *im) {
     im->h_pinned_bytes = 1u << 16;
     QLR_CK(cudaMallocHost(&im->h_pinned, im->h_pinned_bytes));
     QLR_CK(cudaMalloc(&im->d_stage, im->h_pinned_bytes));
-    im->n_policy = 1;
-    im->policy_max_n[0] = 8;
+    /* measured on an H100 (bench_decode, Llama-3.1-8B and SmolLM2 shapes): the FMA kernel wins
+     * at one token, the tensor-core kernel from 2 to 32 tokens, dequantize + cuBLASLt at 64 */
+    im->n_policy = 2;
+    im->policy_max_n[0] = 1;
     im->policy_path[0] = QLR_CUDA_NF4_FUSED;
+    im->policy_max_n[1] = 48;
+    im->policy_path[1] = QLR_CUDA_NF4_FUSED_MMA;
     QLR_LOGD("cuda: %s, %d SMs, compute %d.%d", prop.name, prop.multiProcessorCount, prop.major,
              prop.minor);
     return QLR_OK;

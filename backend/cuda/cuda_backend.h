@@ -27,7 +27,7 @@ qlr_status qlr_cuda_nf4_linear_path(qlr_backend *be, void *y, const void *x, con
                                     const float *bias, int64_t n, qlr_cuda_nf4_path path);
 /* Sets the AUTO policy: for n <= max_n[0] use paths[0], else for n <= max_n[1] paths[1], ...,
  * past the last entry dequantize + cuBLASLt. At most 8 entries; QLR_ERR_INVALID beyond.
- * Default: n <= 8 fused (FMA), else dequantize + cuBLASLt. */
+ * Default: n = 1 fused (FMA), n <= 48 fused (tensor cores), else dequantize + cuBLASLt. */
 qlr_status qlr_cuda_set_nf4_policy(qlr_backend *be, int n_entries, const int *max_n,
                                    const qlr_cuda_nf4_path *paths);
 

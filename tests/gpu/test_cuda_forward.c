@@ -121,6 +121,16 @@ static void step(fmodel *m, const int32_t *ids, int64_t n, int32_t p0, float *ou
     CHECK_OK(be->mem.sync(be));
 }
 
+static double rel_l2(const float *got, const float *ref, int n) {
+    double num = 0, den = 0;
+    for (int i = 0; i < n; i++) {
+        double d = (double)got[i] - ref[i];
+        num += d * d;
+        den += (double)ref[i] * ref[i];
+    }
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
 static int argmax(const float *v, int n, float *second) {
     int b = 0;
     for (int i = 1; i < n; i++)
@@ -162,9 +172,14 @@ int main(void) {
     float *lc = malloc(VOCAB * 4), *lg = malloc(VOCAB * 4);
     step(&mc, prompt, 7, 0, lc);
     step(&mg, prompt, 7, 0, lg);
-    /* logits after the prefill: bf16 activations through 4 layers; 3% of the logit RMS */
+    /* logits after the prefill: the GPU rounds activations to bf16 (2^-9) about 15 times per
+     * layer; on the H100 this gave a relative L2 error of 1.1% and a worst element of 4.2% of
+     * the logit RMS among 4096 (about 4 sigma): bound the L2 error by 2% and each element by 6%
+     * of the RMS (+3% relative) */
     double rms = gh_rms(lc, VOCAB);
-    gh_compare("forward prefill logits (7 tokens)", lg, lc, VOCAB, 0.03 * rms, 0.03);
+    gh_compare("forward prefill logits (7 tokens)", lg, lc, VOCAB, 0.06 * rms, 0.03);
+    CHECK_MSG(rel_l2(lg, lc, VOCAB) <= 0.02, "prefill logits: relative L2 error %.4f > 0.02",
+              rel_l2(lg, lc, VOCAB));
     int same = 0, close = 0, bad = 0;
     for (int s = 0; s < 32; s++) {
         float c2, g2;
@@ -189,7 +204,9 @@ int main(void) {
            close, bad);
     CHECK_MSG(bad == 0, "greedy decode diverged beyond bf16 rounding");
     CHECK_MSG(same >= 16, "only %d of 32 greedy steps identical", same);
-    gh_compare("forward decode logits (step 39)", lg, lc, VOCAB, 0.03 * rms, 0.03);
+    gh_compare("forward decode logits (step 39)", lg, lc, VOCAB, 0.06 * rms, 0.03);
+    CHECK_MSG(rel_l2(lg, lc, VOCAB) <= 0.02, "decode logits: relative L2 error %.4f > 0.02",
+              rel_l2(lg, lc, VOCAB));
     destroy(&mc);
     destroy(&mg);
     for (int l = 0; l < NL; l++)
