@@ -9,6 +9,7 @@
 #include "core/core.h"
 #include "formats/gguf.h"
 #include "model/model_internal.h"
+#include "quant/ggml_quants.h"
 
 qlr_model_load_params qlr_model_load_params_default(void) {
     qlr_model_load_params p = {1, 1, 0};
@@ -121,9 +122,9 @@ static qlr_status gguf_tensor_f32(const qlr_gguf *g, const char *name, uint64_t 
                           path, name, (unsigned long long)t->ne[0], (unsigned long long)t->ne[1],
                           (unsigned long long)ne0, (unsigned long long)ne1);
     }
-    if (qlr_model_ggml_check(t->type) != QLR_OK)
+    if (qlr_ggml_type_check(t->type) != QLR_OK)
         return qlr_error_prefix("%s: tensor '%s'", path, name);
-    qlr_status st = qlr_model_ggml_dequant(t->type, t->data, (size_t)t->size, (int64_t)ne0,
+    qlr_status st = qlr_ggml_dequant(t->type, t->data, (size_t)t->size, (int64_t)ne0,
                                      (int64_t)(ne1 ? ne1 : 1), buf);
     if (st != QLR_OK) return qlr_error_prefix("%s: tensor '%s'", path, name);
     return QLR_OK;

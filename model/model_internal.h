@@ -11,11 +11,6 @@ qlr_status qlr_model_upload_f32(qlr_model *m, const float *src, int64_t n, float
 qlr_status qlr_model_upload_bf16(qlr_model *m, float *buf, int64_t n, uint16_t **out);
 qlr_status qlr_model_upload_nf4(qlr_model *m, const float *w, int64_t rows, int64_t cols, int dq,
                                 qlr_nf4 *out);
-/* quant/ggml_quants.h through ggml_bridge.c (formats/gguf.h clashes with it). */
-qlr_status qlr_model_ggml_check(uint32_t type);
-qlr_status qlr_model_ggml_dequant(uint32_t type, const void *src, size_t bytes, int64_t ne0,
-                                  int64_t nrows, float *dst);
-const char *qlr_model_ggml_type_name(uint32_t type);
 /* HF folder (config.json + safetensors); loader_hf.c. */
 qlr_status qlr_model_load_hf(const char *dir, qlr_model *m, const qlr_model_load_params *p);
 

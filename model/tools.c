@@ -13,6 +13,7 @@
 #include "formats/json.h"
 #include "formats/safetensors.h"
 #include "model/model_internal.h"
+#include "quant/ggml_quants.h"
 
 qlr_status qlr_model_print_nf4_error(const char *path, FILE *out) {
     qlr_gguf *g = NULL;
@@ -54,8 +55,8 @@ qlr_status qlr_model_print_nf4_error(const char *path, FILE *out) {
                                 (unsigned long long)t->ne[1], (long long)in, (long long)o);
                 break;
             }
-            if ((st = qlr_model_ggml_check(t->type)) != QLR_OK ||
-                (st = qlr_model_ggml_dequant(t->type, t->data, (size_t)t->size, in, o, buf)) != QLR_OK) {
+            if ((st = qlr_ggml_type_check(t->type)) != QLR_OK ||
+                (st = qlr_ggml_dequant(t->type, t->data, (size_t)t->size, in, o, buf)) != QLR_OK) {
                 qlr_error_prefix("%s: tensor '%s'", path, name);
                 break;
             }
@@ -68,7 +69,7 @@ qlr_status qlr_model_print_nf4_error(const char *path, FILE *out) {
             char shape[32];
             snprintf(shape, sizeof shape, "[%lld, %lld]", (long long)o, (long long)in);
             fprintf(out, "%-28s %-6s %-13s %10.4f%% %10.2f%% %11.4g\n", name,
-                    qlr_model_ggml_type_name(t->type), shape, 100 * e.rel_rms_err,
+                    qlr_ggml_type_name(t->type), shape, 100 * e.rel_rms_err,
                     100 * e.max_rel_err, e.max_abs_err);
             sum_err2 += e.rms_err * e.rms_err * (double)(o * in);
             sum_ref2 += e.rms_ref * e.rms_ref * (double)(o * in);
