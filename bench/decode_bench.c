@@ -546,6 +546,7 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
                     st = qlr_cuda_nf4_linear_path(be, m.u, m.g, wl, NULL, 1, (qlr_cuda_nf4_path)paths[pi]);
 #else
                 (void)wl;
+                (void)paths;
 #endif
             }
             if (st == QLR_OK) st = be->mem.sync(be);
