@@ -307,7 +307,9 @@ static qlr_status tokenize_chat(const qlr_data_record *rec, const qlr_tokenizer 
     qlr_status st = qlr_chat_render_messages(tmpl, rec->msgs, rec->n_msgs, 0, &r);
     if (st) {
         /* the template's refusal (role order, unknown role) is a property of this line */
-        st = qlr_errorf(QLR_ERR_FORMAT, "%s", qlr_error_msg());
+        char msg[512];
+        snprintf(msg, sizeof msg, "%s", qlr_error_msg());
+        st = qlr_errorf(QLR_ERR_FORMAT, "%s", msg);
         qlr_chat_render_free(&r);
         return st;
     }
