@@ -194,7 +194,10 @@ static void test_shapes(void) {
 
     /* quickstart plan on the demo model: SmolLM2's k/v LoRA B (192 x 16 = 3072 < 4096) keeps fp32 states */
     qlr_recipe r;
-    CHECK_OK(qlr_recipe_load(QLR_SOURCE_DIR "/recipes/smollm2-quickstart.yaml", NULL, 0, &r));
+    char set_model[4200];
+    snprintf(set_model, sizeof set_model, "base_model=%s", demo); /* QLR_DEMO_MODEL may point elsewhere */
+    const char *sets[1] = {set_model};
+    CHECK_OK(qlr_recipe_load(QLR_SOURCE_DIR "/recipes/smollm2-quickstart.yaml", sets, 1, &r));
     if (!r.base_model) return;
     qlr_model_shape q;
     CHECK_OK(qlr_model_shape_for_recipe(&r, &q));
