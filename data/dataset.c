@@ -530,7 +530,7 @@ static qlr_status absorb_chunk(qlr_dataset *ds, const qlr_data_source *src, uint
             if (!src->skip_bad_lines || j->st == QLR_ERR_NOMEM || j->st == QLR_ERR_INVALID)
                 return qlr_errorf(j->st == QLR_ERR_NOMEM || j->st == QLR_ERR_INVALID ? j->st : QLR_ERR_FORMAT,
                                   "%s:%llu: %s%s", src->path, (unsigned long long)j->lineno, j->err ? j->err : "?",
-                                  j->st == QLR_ERR_FORMAT ? " (on_bad_line: skip skips such lines)" : "");
+                                  j->st == QLR_ERR_FORMAT ? " (on_bad_line: skip would skip and count such lines)" : "");
             ds->stats.skipped++;
             if (ds->stats.skipped <= 3)
                 QLR_LOGW("%s:%llu: skipped: %s", src->path, (unsigned long long)j->lineno, j->err ? j->err : "?");
