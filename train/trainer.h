@@ -1,0 +1,137 @@
+/* train/trainer.h: the `qlora train` loop — recipe in, trained LoRA adapter out.
+ *
+ * Owns: the run options a recipe turns into (qlr_train_opts, filled by train/trainer_recipe.c,
+ * the only trainer file that includes train/recipe.h: recipe.h and backend.h/optim.h both define
+ * enumerators named QLR_DEVICE_* / QLR_LR_*, so they cannot meet in one translation unit), the
+ * loop (micro-batches, gradient accumulation with grad_scale = 1 / targets of the whole step,
+ * global-norm clipping, AdamW 8/32-bit, warmup + schedule, epochs or max_steps), the progress bar
+ * and metrics.jsonl, eval loss every eval_steps, checkpoints and resume (train/checkpoint.h),
+ * NaN/Inf stops, SIGINT/SIGTERM (through a flag the CLI sets) and the final adapter export.
+ * Also the LoRA compute copies the model's hooks point at (qlr_train_lora_dev): on a host-visible
+ * f32 backend they alias the fp32 masters; elsewhere they are act-dtype device buffers uploaded
+ * after every optimizer step. It does not own the forward/backward (model/train.h), the
+ * optimizer math (optim/), batching (data/) or the adapter formats (adapters/). */
+#ifndef QLR_TRAIN_TRAINER_H
+#define QLR_TRAIN_TRAINER_H
+
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "core/status.h"
+
+struct qlr_recipe;
+struct qlr_lora;
+struct qlr_model;
+
+/* One dataset, as data/dataset.h qlr_data_source wants it (paths resolved). */
+typedef struct qlr_train_dataset {
+    char *path;                 /* a JSONL file (a folder in the recipe is resolved to <split>.jsonl[.gz]) */
+    int format;                 /* qlr_data_format */
+    char *field, *field_messages, *field_role, *field_content; /* NULL = the format's default */
+    int skip_bad_lines;
+} qlr_train_dataset;
+
+/* Everything a run needs, with no recipe types (see the file comment). Strings are malloc'ed
+ * and freed by qlr_train_opts_free. */
+typedef struct qlr_train_opts {
+    char *recipe_path;          /* where the recipe came from (messages, the resume hint) */
+    char *recipe_yaml;          /* the effective recipe as YAML, absolute paths (checkpoint copy) */
+    char *base_model;           /* resolved path of the base model */
+    char *chat_template;        /* "tokenizer_default" or a built-in name */
+    qlr_train_dataset *datasets;
+    uint32_t n_datasets;
+    uint32_t sequence_len;
+    int sample_packing, drop_long, train_on_inputs;
+    double val_set_size;
+    uint32_t micro_batch_size, grad_accum;
+    double num_epochs;          /* used when max_steps == 0 */
+    uint64_t max_steps;
+    double lr;
+    int lr_schedule;            /* qlr_lr_schedule_type (same values as the recipe's qlr_lr_scheduler) */
+    double min_lr_ratio;
+    uint64_t warmup_steps;
+    double warmup_ratio;
+    double weight_decay, max_grad_norm, beta1, beta2, eps;
+    int adam_8bit;              /* 1: bnb AdamW8bit (32-bit for tensors < 4096); 0: adamw_torch */
+    uint32_t lora_r;
+    double lora_alpha, lora_dropout;
+    uint32_t lora_targets;      /* QLR_LORA_TARGET mask (bit i = qlr_linear_id i) */
+    int rslora;
+    uint64_t eval_steps, save_steps, logging_steps;
+    uint32_t save_total_limit;
+    char *output_dir;           /* resolved */
+    uint64_t seed;
+    int gradient_checkpointing;
+    char *device;               /* "cpu", "cuda" or "auto" */
+    int threads;                /* 0 = default */
+
+    /* run control (not from the recipe) */
+    int resume;                 /* 1: continue from resume_dir, or the latest checkpoint in output_dir */
+    char *resume_dir;           /* NULL = latest valid checkpoint in output_dir */
+    volatile sig_atomic_t *stop_flag; /* set by a signal handler: finish the step, checkpoint, stop */
+    uint64_t stop_after_step;   /* > 0: behave as if stopped by a signal after this step (tests) */
+    int progress;               /* 1: progress bar on stderr (default 1) */
+    int export_gguf;            /* 1: also write output_dir/adapter_model.gguf at the end (default 1) */
+    /* Called after every optimizer step (tests: inspect or perturb the adapter). Non-zero stops
+     * the run as a signal would. May be NULL. */
+    int (*on_step)(void *ud, uint64_t step, struct qlr_lora *adapter);
+    void *on_step_ud;
+} qlr_train_opts;
+
+/* Translates a loaded recipe into options (paths resolved against the recipe's folder, the
+ * effective recipe kept as YAML). QLR_ERR_NOMEM, or a path that does not fit. */
+qlr_status qlr_train_opts_from_recipe(const struct qlr_recipe *r, qlr_train_opts *o);
+/* qlr_recipe_load + qlr_train_opts_from_recipe + the memory plan check (qlr_plan_check against
+ * vram_budget; over budget is QLR_ERR_RANGE with the plan's advice, before anything is
+ * allocated). On failure *o is zeroed. */
+qlr_status qlr_train_opts_load(const char *recipe_path, const char *const *sets, int n_sets,
+                               qlr_train_opts *o);
+/* Frees the strings; safe on a zeroed struct. */
+void qlr_train_opts_free(qlr_train_opts *o);
+
+/* What a run did (filled by qlr_train_run, also on failure as far as it got). */
+typedef struct qlr_train_result {
+    uint64_t steps_done;        /* optimizer steps completed (counting those before a resume) */
+    uint64_t total_steps;
+    uint64_t resumed_from;      /* step of the checkpoint resumed from (0 = fresh start) */
+    double seconds;             /* wall time of this process's loop */
+    double final_loss;          /* loss of the last step (NaN when none) */
+    double eval_loss;           /* last eval loss (NaN when none) */
+    int stopped;                /* 1: stopped early by a signal, stop_after_step or on_step */
+    int nonfinite;              /* 1: stopped on a NaN/Inf loss or gradient norm */
+    char last_checkpoint[4096]; /* newest checkpoint written or resumed from ("" = none) */
+    char adapter_dir[4096];     /* final PEFT adapter folder ("" when not written) */
+    char adapter_gguf[4096];    /* final GGUF adapter ("" when not written) */
+} qlr_train_result;
+
+/* Runs the whole training: loads the model, tokenizes the data, creates (or resumes) the adapter
+ * and optimizer, loops, checkpoints, exports. Prints the progress bar and the summary lines on
+ * stderr. Returns QLR_OK for a completed or a cleanly stopped run (res->stopped says which);
+ * QLR_ERR_RANGE for a NaN/Inf stop (the message names the step and the last good checkpoint);
+ * otherwise the failing status with its message. */
+qlr_status qlr_train_run(const qlr_train_opts *o, qlr_train_result *res);
+
+/* ---- LoRA compute copies (shared with train/eval.c) ---- */
+
+/* Device compute copies of an adapter's A/B and the qlr_lora_ref hooks pointing at them. */
+typedef struct qlr_train_lora_dev {
+    struct qlr_model *model;    /* not owned */
+    const struct qlr_lora *lora;/* not owned */
+    int aliased;                /* 1: refs point at the fp32 masters (host-visible f32 backend) */
+    void *block;                /* device allocation of every copy (NULL when aliased) */
+    void **a, **b;              /* [n_layers * 7] device pointers (NULL when the module is absent) */
+    void *refs;                 /* [n_layers * 7] qlr_lora_ref */
+} qlr_train_lora_dev;
+
+/* Makes the compute copies, uploads them and sets model->layers[l].lora[i] for every module the
+ * adapter has (the model's other hooks are cleared). QLR_ERR_INVALID when the adapter does not
+ * fit the model (qlr_lora_check_base), QLR_ERR_NOMEM. */
+qlr_status qlr_train_lora_attach(struct qlr_model *m, const struct qlr_lora *l, qlr_train_lora_dev *d);
+/* Uploads the masters into the compute copies again (after an optimizer step); a no-op when
+ * aliased. */
+qlr_status qlr_train_lora_sync(qlr_train_lora_dev *d);
+/* Clears the model's hooks and frees the copies; safe on a zeroed struct. */
+void qlr_train_lora_detach(qlr_train_lora_dev *d);
+
+#endif

@@ -1,0 +1,155 @@
+/* train/trainer_recipe.c: recipe -> qlr_train_opts, and the memory-plan check before a run.
+ * The only trainer file that includes train/recipe.h (its enumerators QLR_DEVICE_* and QLR_LR_*
+ * clash with backend/backend.h and optim/optim.h), so the loop in trainer.c never sees recipe
+ * types. Does not open models or data. */
+#define _GNU_SOURCE
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/core.h"
+#include "train/plan.h"
+#include "train/recipe.h"
+#include "train/trainer.h"
+
+static char *dup_or_null(const char *s) { return s ? strdup(s) : NULL; }
+
+/* A dataset path that is a folder means <split>.jsonl (or .jsonl.gz) inside it. */
+static qlr_status dataset_file(const char *resolved, const char *split, char **out) {
+    if (!qlr_is_dir(resolved)) {
+        *out = strdup(resolved);
+        return *out ? QLR_OK : qlr_errorf(QLR_ERR_NOMEM, "out of memory");
+    }
+    static const char *ext[] = {".jsonl", ".jsonl.gz"};
+    for (int i = 0; i < 2; i++) {
+        char *p = NULL;
+        if (asprintf(&p, "%s/%s%s", resolved, split ? split : "train", ext[i]) < 0)
+            return qlr_errorf(QLR_ERR_NOMEM, "out of memory");
+        if (qlr_path_exists(p)) {
+            *out = p;
+            return QLR_OK;
+        }
+        free(p);
+    }
+    return qlr_errorf(QLR_ERR_NOT_FOUND, "%s: is a folder without %s.jsonl or %s.jsonl.gz", resolved,
+                      split ? split : "train", split ? split : "train");
+}
+
+qlr_status qlr_train_opts_from_recipe(const qlr_recipe *r, qlr_train_opts *o) {
+    memset(o, 0, sizeof *o);
+    char path[4096];
+    qlr_status st = QLR_OK;
+    o->recipe_path = dup_or_null(r->source);
+    if ((st = qlr_recipe_to_yaml(r, 1, &o->recipe_yaml))) goto fail;
+    if ((st = qlr_recipe_resolve(r, r->base_model, path, sizeof path))) goto fail;
+    char *canon = realpath(path, NULL);
+    o->base_model = canon ? canon : strdup(path);
+    o->chat_template = dup_or_null(r->chat_template ? r->chat_template : "tokenizer_default");
+    o->datasets = calloc(r->n_datasets ? r->n_datasets : 1, sizeof *o->datasets);
+    if (!o->base_model || !o->chat_template || !o->datasets) goto nomem;
+    o->n_datasets = r->n_datasets;
+    for (uint32_t i = 0; i < r->n_datasets; i++) {
+        const qlr_recipe_dataset *d = &r->datasets[i];
+        qlr_train_dataset *t = &o->datasets[i];
+        if ((st = qlr_recipe_resolve(r, d->path, path, sizeof path))) goto fail;
+        if ((st = dataset_file(path, d->split, &t->path))) goto fail;
+        t->format = (int)d->type;
+        t->field = dup_or_null(d->field);
+        t->field_messages = dup_or_null(d->field_messages);
+        t->field_role = dup_or_null(d->message_field_role);
+        t->field_content = dup_or_null(d->message_field_content);
+        t->skip_bad_lines = d->on_bad_line == QLR_ON_BAD_LINE_SKIP;
+    }
+    o->sequence_len = r->sequence_len;
+    o->sample_packing = r->sample_packing;
+    o->drop_long = r->truncation == QLR_TRUNCATION_DROP;
+    o->train_on_inputs = r->train_on_inputs;
+    o->val_set_size = r->val_set_size;
+    o->micro_batch_size = r->micro_batch_size;
+    o->grad_accum = r->gradient_accumulation_steps;
+    o->num_epochs = r->num_epochs;
+    o->max_steps = r->max_steps;
+    o->lr = r->learning_rate;
+    /* the recipe's scheduler values are optim's qlr_lr_schedule_type values (constant 0,
+     * linear 1, cosine 2) */
+    o->lr_schedule = (int)r->lr_scheduler;
+    o->min_lr_ratio = r->lr_scheduler == QLR_LR_COSINE ? r->cosine_min_lr_ratio : 0;
+    o->warmup_steps = r->warmup_steps;
+    o->warmup_ratio = r->warmup_ratio;
+    o->weight_decay = r->weight_decay;
+    o->max_grad_norm = r->max_grad_norm;
+    o->beta1 = r->adam_beta1;
+    o->beta2 = r->adam_beta2;
+    o->eps = r->adam_epsilon;
+    o->adam_8bit = qlr_optimizer_is_8bit(r->optimizer);
+    o->lora_r = r->lora_r;
+    o->lora_alpha = r->lora_alpha;
+    o->lora_dropout = r->lora_dropout;
+    o->lora_targets = qlr_recipe_lora_targets(r);
+    o->rslora = r->peft_use_rslora;
+    o->eval_steps = r->eval_steps;
+    o->save_steps = r->save_steps;
+    o->logging_steps = r->logging_steps ? r->logging_steps : 1;
+    o->save_total_limit = r->save_total_limit;
+    if ((st = qlr_recipe_resolve(r, r->output_dir, path, sizeof path))) goto fail;
+    o->output_dir = strdup(path);
+    o->seed = r->seed;
+    o->gradient_checkpointing = r->gradient_checkpointing;
+    o->device = strdup(r->device == QLR_DEVICE_CPU ? "cpu" : r->device == QLR_DEVICE_CUDA ? "cuda" : "auto");
+    o->progress = 1;
+    o->export_gguf = 1;
+    if (!o->output_dir || !o->device) goto nomem;
+    return QLR_OK;
+nomem:
+    st = qlr_errorf(QLR_ERR_NOMEM, "out of memory");
+fail:
+    qlr_train_opts_free(o);
+    return st;
+}
+
+qlr_status qlr_train_opts_load(const char *recipe_path, const char *const *sets, int n_sets, qlr_train_opts *o) {
+    memset(o, 0, sizeof *o);
+    qlr_recipe r;
+    QLR_TRY(qlr_recipe_load(recipe_path, sets, n_sets, &r));
+    qlr_model_shape shape;
+    qlr_plan plan;
+    memset(&plan, 0, sizeof plan);
+    qlr_status st = qlr_model_shape_for_recipe(&r, &shape);
+    if (st == QLR_OK && shape.source == QLR_SHAPE_PRESET) {
+        char path[4096];
+        if (qlr_recipe_resolve(&r, r.base_model, path, sizeof path) == QLR_OK && !qlr_path_exists(path))
+            st = qlr_errorf(QLR_ERR_NOT_FOUND, "%s: base_model %s not found%s", recipe_path, path,
+                            strstr(path, ".cache/models") ? " (scripts/setup.sh downloads the demo model)" : "");
+    }
+    if (st == QLR_OK) st = qlr_plan_build(&r, &shape, &plan);
+    if (st == QLR_OK && r.vram_budget) {
+        st = qlr_plan_check(&plan, &r, r.vram_budget);
+        if (st) qlr_error_prefix("%s: the memory plan does not fit vram_budget (see `qlora plan %s`)", recipe_path,
+                                 recipe_path);
+    }
+    if (st == QLR_OK) QLR_LOGD("memory plan: %.1f MiB", (double)plan.total / (1 << 20));
+    qlr_plan_free(&plan);
+    if (st == QLR_OK) st = qlr_train_opts_from_recipe(&r, o);
+    qlr_recipe_free(&r);
+    return st;
+}
+
+void qlr_train_opts_free(qlr_train_opts *o) {
+    if (!o) return;
+    free(o->recipe_path);
+    free(o->recipe_yaml);
+    free(o->base_model);
+    free(o->chat_template);
+    for (uint32_t i = 0; o->datasets && i < o->n_datasets; i++) {
+        qlr_train_dataset *t = &o->datasets[i];
+        free(t->path);
+        free(t->field);
+        free(t->field_messages);
+        free(t->field_role);
+        free(t->field_content);
+    }
+    free(o->datasets);
+    free(o->output_dir);
+    free(o->device);
+    free(o->resume_dir);
+    memset(o, 0, sizeof *o);
+}
