@@ -1,0 +1,163 @@
+/* tests/e2e/test_e2e_train.c: `qlora train` and `qlora eval` end to end on the demo model with
+ * the shipped quickstart recipe (max_steps 3, output_dir in a temp folder):
+ *  1. the run is interrupted with SIGINT after its first logged step: it must exit 0, say where
+ *     the checkpoint is, and leave a checkpoint with a manifest;
+ *  2. `--resume` finishes the 3 steps: metrics.jsonl has steps 1..3 (JSON, finite losses), the
+ *     final checkpoint, adapter/ (PEFT) and adapter_model.gguf exist;
+ *  3. `qlora eval -n 2` prints base and adapter results.
+ * Needs scripts/setup.sh's demo model (fails with that hint otherwise). */
+#include <errno.h>
+#include <jansson.h>
+#include <math.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "core/core.h"
+#include "tests/test_util.h"
+
+static char g_model[1024], g_out[700], g_recipe[700], g_set_out[800], g_set_model[1200], g_log[800];
+
+/* Starts qlora with argv (stdout+stderr into g_log); returns the pid. */
+static pid_t spawn(char *const *argv) {
+    pid_t pid = fork();
+    if (pid == 0) {
+        FILE *f = freopen(g_log, "w", stdout);
+        if (!f) _exit(127);
+        dup2(fileno(stdout), 2);
+        execv(argv[0], argv);
+        _exit(127);
+    }
+    return pid;
+}
+
+static int wait_rc(pid_t pid) {
+    int status = 0;
+    while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {}
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+static char *read_log(void) {
+    char *s = NULL;
+    size_t n;
+    if (qlr_file_read_all(g_log, 1 << 24, &s, &n)) return strdup("");
+    return s;
+}
+
+/* Lines of metrics.jsonl (checked as JSON); returns the count, -1 if missing. */
+static int metrics_lines(int check_finite) {
+    char path[800];
+    snprintf(path, sizeof path, "%s/metrics.jsonl", g_out);
+    FILE *f = fopen(path, "r");
+    if (!f) return -1;
+    char line[4096];
+    int n = 0;
+    while (fgets(line, sizeof line, f)) {
+        json_error_t e;
+        json_t *j = json_loads(line, 0, &e);
+        CHECK_MSG(j != NULL, "metrics line %d not JSON: %s", n + 1, e.text);
+        if (j) {
+            CHECK_EQ_INT(json_integer_value(json_object_get(j, "step")), n + 1);
+            double loss = json_number_value(json_object_get(j, "loss"));
+            if (check_finite) CHECK_MSG(isfinite(loss) && loss > 0, "step %d loss %g", n + 1, loss);
+            CHECK(json_is_number(json_object_get(j, "lr")));
+            CHECK(json_is_number(json_object_get(j, "grad_norm")));
+            CHECK(json_is_number(json_object_get(j, "tokens_per_s")));
+            json_decref(j);
+        }
+        n++;
+    }
+    fclose(f);
+    return n;
+}
+
+static void exists(const char *rel) {
+    char path[900];
+    snprintf(path, sizeof path, "%s/%s", g_out, rel);
+    CHECK_MSG(qlr_path_exists(path), "%s missing", path);
+}
+
+int main(void) {
+    const char *env = getenv("QLR_DEMO_MODEL");
+    snprintf(g_model, sizeof g_model, "%s",
+             env && *env ? env : QLR_SOURCE_DIR "/.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if (!qlr_path_exists(g_model)) {
+        CHECK_MSG(0, "demo model %s not found: run scripts/setup.sh (or set QLR_DEMO_MODEL)", g_model);
+        return test_finish();
+    }
+    snprintf(g_recipe, sizeof g_recipe, "%s/recipes/smollm2-quickstart.yaml", QLR_SOURCE_DIR);
+    snprintf(g_out, sizeof g_out, "%s/run", test_tmpdir());
+    snprintf(g_set_out, sizeof g_set_out, "output_dir=%s", g_out);
+    snprintf(g_set_model, sizeof g_set_model, "base_model=%s", g_model);
+    snprintf(g_log, sizeof g_log, "%s/log.txt", test_tmpdir());
+    char *train[] = {QLR_QLORA_BIN, "train", g_recipe, "--set", "max_steps=3", "--set", g_set_out, "--set",
+                     g_set_model, "--set", "val_set_size=0.01", "--set", "save_steps=0", "--set", "device=cpu",
+                     "--quiet", NULL};
+
+    /* 1. interrupted after the first step */
+    pid_t pid = spawn(train);
+    int n = 0;
+    for (int i = 0; i < 6000 && n < 1; i++) { /* up to 10 minutes */
+        struct timespec ts = {0, 100 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+        n = metrics_lines(0);
+        int status;
+        if (waitpid(pid, &status, WNOHANG) == pid) {
+            char *log = read_log();
+            CHECK_MSG(0, "qlora train ended before it was interrupted:\n%s", log);
+            free(log);
+            return test_finish();
+        }
+    }
+    kill(pid, SIGINT);
+    int rc = wait_rc(pid);
+    char *log = read_log();
+    CHECK_MSG(rc == 0, "interrupted run: exit %d\n%s", rc, log);
+    CHECK_MSG(strstr(log, "stopped at step") && strstr(log, "--resume"), "interrupted run log:\n%s", log);
+    free(log);
+    char *latest = NULL;
+    int ck = 0;
+    for (int s = 1; s <= 3; s++) {
+        char rel[64];
+        snprintf(rel, sizeof rel, "checkpoint-%d/manifest.json", s);
+        char path[900];
+        snprintf(path, sizeof path, "%s/%s", g_out, rel);
+        ck |= qlr_path_exists(path);
+    }
+    CHECK_MSG(ck, "no checkpoint after SIGINT in %s", g_out);
+    free(latest);
+
+    /* 2. resume to the end */
+    char *resume[20];
+    int k = 0;
+    for (; train[k]; k++) resume[k] = train[k];
+    resume[k++] = "--resume";
+    resume[k] = NULL;
+    rc = wait_rc(spawn(resume));
+    log = read_log();
+    CHECK_MSG(rc == 0, "resumed run: exit %d\n%s", rc, log);
+    CHECK_MSG(strstr(log, "done: 3 steps") != NULL, "resumed run log:\n%s", log);
+    free(log);
+    CHECK_EQ_INT(metrics_lines(1), 3);
+    exists("checkpoint-3/manifest.json");
+    exists("checkpoint-3/optimizer.bin");
+    exists("checkpoint-3/adapter/adapter_model.safetensors");
+    exists("adapter/adapter_config.json");
+    exists("adapter/adapter_model.safetensors");
+    exists("adapter_model.gguf");
+
+    /* 3. eval, 2 examples */
+    char *eval[] = {QLR_QLORA_BIN, "eval", g_recipe, "--set", g_set_out, "--set", g_set_model, "--set",
+                    "val_set_size=0.01", "--set", "device=cpu", "-n", "2", "--quiet", NULL};
+    rc = wait_rc(spawn(eval));
+    log = read_log();
+    CHECK_MSG(rc == 0, "qlora eval: exit %d\n%s", rc, log);
+    CHECK_MSG(strstr(log, "base ") && strstr(log, "adapter ") && strstr(log, "exact match: base"), "eval output:\n%s",
+              log);
+    free(log);
+    return test_finish();
+}
