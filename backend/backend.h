@@ -189,6 +189,29 @@ typedef struct qlr_backend_ops {
      * y may equal x; 0 <= p < 1. */
     qlr_status (*dropout)(qlr_backend *be, void *y, const void *x, int64_t n, float p,
                           uint64_t seed);
+
+    /* ---- optional fused forward ops (appended, never reordered). NULL (the CPU backend) means
+     * the caller composes the separate ops above; a backend that sets one must give the result
+     * of that composition (act-dtype rounding of every intermediate included, up to its own
+     * ops' arithmetic). ---- */
+
+    /* k (1..3) NF4 linears of one input: y[i] = x · w[i]ᵀ (+ bias[i]) for i < k, as k
+     * nf4_linear calls. Every w[i] has the same cols; bias NULL or k entries (each may be NULL). */
+    qlr_status (*nf4_linear_multi)(qlr_backend *be, int k, void *const *y, const void *x,
+                                   const qlr_nf4 *const *w, const float *const *bias, int64_t n);
+    /* y = swiglu(gate, up) · wᵀ (+ bias): swiglu(be, gate, gate, up, n · w->cols) then
+     * nf4_linear(be, y, gate, w, bias, n). gate [n, w->cols] is scratch (unspecified after). */
+    qlr_status (*swiglu_nf4_linear)(qlr_backend *be, void *y, void *gate, const void *up,
+                                    const qlr_nf4 *w, const float *bias, int64_t n);
+    /* Residual add then RMSNorm: add(be, x, dx, n · d) then rmsnorm(be, y, x, w, n, d, eps)
+     * (x [n, d] updated in place; y must not alias x or dx). */
+    qlr_status (*add_rmsnorm)(qlr_backend *be, void *x, void *y, const void *dx, const float *w,
+                              int64_t n, int64_t d, float eps);
+    /* rope(q, n_heads), rope(k, n_kv) in place, then kv_store(k, v) (same arguments as those). */
+    qlr_status (*rope_kv_store)(qlr_backend *be, void *q, void *k, const void *v, void *k_cache,
+                                void *v_cache, const int32_t *seq, const int32_t *pos,
+                                const float *inv_freq, int64_t n, int64_t n_heads, int64_t n_kv,
+                                int64_t hd, int64_t ctx);
 } qlr_backend_ops;
 
 /* Device memory and synchronisation. */

@@ -48,10 +48,11 @@ typedef struct bmodel {
     uint16_t *emb, *head;
     float *lnf, *inv_freq;
     int64_t n_seq, ctx, max_n;
-    void *x, *h, *q, *k, *v, *att, *g, *u;
+    void *x, *h, *q, *k, *v, *att, *g, *u, *o;
     float *logits;
     int32_t *d_ids, *d_seq, *d_pos;
     double nf4_bytes, nf4_params;
+    int use_fused; /* call the optional fused ops when the backend has them */
 } bmodel;
 
 static double now_s(void) {
@@ -114,7 +115,7 @@ static void model_free(bmodel *m) {
         }
     free(m->L);
     void *bufs[] = {m->emb, m->c.tied ? NULL : m->head, m->lnf, m->inv_freq, m->x, m->h, m->q,
-                    m->k, m->v, m->att, m->g, m->u, m->logits, m->d_ids, m->d_seq, m->d_pos};
+                    m->k, m->v, m->att, m->g, m->u, m->o, m->logits, m->d_ids, m->d_seq, m->d_pos};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i]) be->mem.free(be, bufs[i]);
     memset(m, 0, sizeof *m);
@@ -226,6 +227,7 @@ static qlr_status model_create(qlr_backend *be, const mcfg *c, int64_t n_seq, in
     m->k = dalloc(m, (size_t)(max_n * KV) * es, &st);
     m->v = dalloc(m, (size_t)(max_n * KV) * es, &st);
     m->att = dalloc(m, (size_t)(max_n * H) * es, &st);
+    m->o = dalloc(m, (size_t)(max_n * c->hidden) * es, &st);
     m->g = dalloc(m, (size_t)(max_n * c->ff) * es, &st);
     m->u = dalloc(m, (size_t)(max_n * c->ff) * es, &st);
     int64_t max_rows = n_seq > 1 ? n_seq : 1;
@@ -259,24 +261,60 @@ static qlr_status forward_device(bmodel *m, int64_t n, int64_t last_rows) {
     float scale = 1.0f / sqrtf((float)c->hd);
     for (int64_t l = 0; l < c->layers; l++) {
         blayer *L = &m->L[l];
-        QLR_TRY(o->rmsnorm(be, m->h, m->x, L->ln1, n, c->hidden, 1e-5f));
-        QLR_TRY(o->nf4_linear(be, m->q, m->h, &L->w[0], NULL, n));
-        QLR_TRY(o->nf4_linear(be, m->k, m->h, &L->w[1], NULL, n));
-        QLR_TRY(o->nf4_linear(be, m->v, m->h, &L->w[2], NULL, n));
-        QLR_TRY(o->rope(be, m->q, m->d_pos, m->inv_freq, n, c->heads, c->hd));
-        QLR_TRY(o->rope(be, m->k, m->d_pos, m->inv_freq, n, c->kv, c->hd));
-        QLR_TRY(o->kv_store(be, L->kc, L->vc, m->k, m->v, m->d_seq, m->d_pos, n, c->kv, c->hd,
-                            m->ctx));
+        /* the fused ops when the backend has them (model/forward.c does the same); the MLP's
+         * residual add is deferred into the next layer's add_rmsnorm */
+        int fz = m->use_fused;
+        if (fz && l > 0 && o->add_rmsnorm)
+            QLR_TRY(o->add_rmsnorm(be, m->x, m->h, m->o, L->ln1, n, c->hidden, 1e-5f));
+        else
+            QLR_TRY(o->rmsnorm(be, m->h, m->x, L->ln1, n, c->hidden, 1e-5f));
+        if (fz && o->nf4_linear_multi) {
+            void *ys[3] = {m->q, m->k, m->v};
+            const qlr_nf4 *ws[3] = {&L->w[0], &L->w[1], &L->w[2]};
+            QLR_TRY(o->nf4_linear_multi(be, 3, ys, m->h, ws, NULL, n));
+        } else {
+            QLR_TRY(o->nf4_linear(be, m->q, m->h, &L->w[0], NULL, n));
+            QLR_TRY(o->nf4_linear(be, m->k, m->h, &L->w[1], NULL, n));
+            QLR_TRY(o->nf4_linear(be, m->v, m->h, &L->w[2], NULL, n));
+        }
+        if (fz && o->rope_kv_store) {
+            QLR_TRY(o->rope_kv_store(be, m->q, m->k, m->v, L->kc, L->vc, m->d_seq, m->d_pos,
+                                     m->inv_freq, n, c->heads, c->kv, c->hd, m->ctx));
+        } else {
+            QLR_TRY(o->rope(be, m->q, m->d_pos, m->inv_freq, n, c->heads, c->hd));
+            QLR_TRY(o->rope(be, m->k, m->d_pos, m->inv_freq, n, c->kv, c->hd));
+            QLR_TRY(o->kv_store(be, L->kc, L->vc, m->k, m->v, m->d_seq, m->d_pos, n, c->kv, c->hd,
+                                m->ctx));
+        }
         QLR_TRY(o->attention(be, m->att, m->q, L->kc, L->vc, m->d_seq, m->d_pos, n, c->heads,
                              c->kv, c->hd, m->ctx, scale));
-        QLR_TRY(o->nf4_linear(be, m->h, m->att, &L->w[3], NULL, n));
-        QLR_TRY(o->add(be, m->x, m->h, n * c->hidden));
-        QLR_TRY(o->rmsnorm(be, m->h, m->x, L->ln2, n, c->hidden, 1e-5f));
-        QLR_TRY(o->nf4_linear(be, m->g, m->h, &L->w[4], NULL, n));
-        QLR_TRY(o->nf4_linear(be, m->u, m->h, &L->w[5], NULL, n));
-        QLR_TRY(o->swiglu(be, m->g, m->g, m->u, n * c->ff));
-        QLR_TRY(o->nf4_linear(be, m->h, m->g, &L->w[6], NULL, n));
-        QLR_TRY(o->add(be, m->x, m->h, n * c->hidden));
+        if (fz && o->add_rmsnorm) {
+            QLR_TRY(o->nf4_linear(be, m->o, m->att, &L->w[3], NULL, n));
+        } else {
+            QLR_TRY(o->nf4_linear(be, m->h, m->att, &L->w[3], NULL, n));
+        }
+        if (fz && o->add_rmsnorm) {
+            QLR_TRY(o->add_rmsnorm(be, m->x, m->h, m->o, L->ln2, n, c->hidden, 1e-5f));
+        } else {
+            QLR_TRY(o->add(be, m->x, m->h, n * c->hidden));
+            QLR_TRY(o->rmsnorm(be, m->h, m->x, L->ln2, n, c->hidden, 1e-5f));
+        }
+        if (fz && o->nf4_linear_multi) {
+            void *ys[2] = {m->g, m->u};
+            const qlr_nf4 *ws[2] = {&L->w[4], &L->w[5]};
+            QLR_TRY(o->nf4_linear_multi(be, 2, ys, m->h, ws, NULL, n));
+        } else {
+            QLR_TRY(o->nf4_linear(be, m->g, m->h, &L->w[4], NULL, n));
+            QLR_TRY(o->nf4_linear(be, m->u, m->h, &L->w[5], NULL, n));
+        }
+        if (fz && o->swiglu_nf4_linear) {
+            QLR_TRY(o->swiglu_nf4_linear(be, m->o, m->g, m->u, &L->w[6], NULL, n));
+        } else {
+            QLR_TRY(o->swiglu(be, m->g, m->g, m->u, n * c->ff));
+            QLR_TRY(o->nf4_linear(be, m->o, m->g, &L->w[6], NULL, n));
+        }
+        if (!(fz && o->add_rmsnorm) || l + 1 == c->layers)
+            QLR_TRY(o->add(be, m->x, m->o, n * c->hidden));
     }
     int64_t r0 = n - last_rows;
     char *xl = (char *)m->x + (size_t)(r0 * c->hidden) * es;
@@ -433,6 +471,7 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
     double t0 = now_s();
     fprintf(stderr, "bench %s: creating random NF4 model...\n", c->name);
     QLR_TRY(model_create(be, c, max_b, ctx, max_n, &m));
+    m.use_fused = 1;
     fprintf(stderr, "bench %s: ready in %.1f s (%.2f GB of NF4 weights)\n", c->name, now_s() - t0,
             m.nf4_bytes / 1e9);
 #ifdef QLR_BACKEND_CUDA
@@ -525,6 +564,72 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
     }
 #endif
 
+    /* the n = 1 kernel's register-cap variant (2 or 3 blocks per SM): the faster one stays */
+    double var_s[2] = {0, 0};
+#ifdef QLR_BACKEND_CUDA
+    for (int vi = 0; vi < 2 && st == QLR_OK; vi++) {
+        qlr_cuda_set_gemv1_variant(be, vi ? 3 : 2);
+        st = time_linears(&m, 1, 1, reps, &var_s[vi]);
+    }
+    qlr_cuda_set_gemv1_variant(be, var_s[1] < var_s[0] ? 3 : 2);
+    if (st == QLR_OK) st = time_linears(&m, 1, 1, reps, &fz[0]);
+    /* n = 1 kernels alone in CUDA graphs (no launch gaps from the host): each shape once per
+     * layer (32 launches rotate over the layers' weights, so nothing sits in L2), GB/s of NF4
+     * bytes; plus q/k/v and gate/up merged into one launch and the SwiGLU-fused down */
+    double gshp[7] = {0};
+    static const char *gnames[7] = {"q_proj", "k_proj", "gate_proj", "down_proj", "qkv_merged",
+                                    "gate_up_merged", "down_swiglu"};
+    for (int si = 0; si < 7 && st == QLR_OK; si++) {
+        cudaStream_t cs = (cudaStream_t)qlr_cuda_stream(be);
+        cudaGraph_t gr;
+        cudaGraphExec_t ge = NULL;
+        double bytes = 0;
+        if (cudaStreamBeginCapture(cs, cudaStreamCaptureModeRelaxed) != cudaSuccess) {
+            st = qlr_errorf(QLR_ERR_DEVICE, "bench: capture");
+            break;
+        }
+        for (int64_t l = 0; l < c->layers && st == QLR_OK; l++) {
+            blayer *L = &m.L[l];
+            const qlr_nf4 *w1 = si == 0 ? &L->w[0] : si == 1 ? &L->w[1] : si == 2 ? &L->w[4] : &L->w[6];
+            if (si < 4) {
+                st = qlr_cuda_nf4_linear_path(be, m.u, m.g, w1, NULL, 1, QLR_CUDA_NF4_FUSED);
+                bytes += (double)((w1->n + 1) / 2 + w1->n_blocks + 4 * w1->n_dq_blocks);
+            } else if (si < 6) {
+                void *ys[3] = {m.q, m.k, m.v};
+                if (si == 5) ys[0] = m.u, ys[1] = m.att;
+                const qlr_nf4 *ws[3] = {&L->w[0], &L->w[1], &L->w[2]};
+                if (si == 5) ws[0] = &L->w[4], ws[1] = &L->w[5];
+                int k = si == 4 ? 3 : 2;
+                st = be->ops.nf4_linear_multi(be, k, ys, m.h, ws, NULL, 1);
+                for (int i = 0; i < k; i++)
+                    bytes += (double)((ws[i]->n + 1) / 2 + ws[i]->n_blocks + 4 * ws[i]->n_dq_blocks);
+            } else {
+                st = be->ops.swiglu_nf4_linear(be, m.o, m.g, m.u, &L->w[6], NULL, 1);
+                bytes += (double)((L->w[6].n + 1) / 2 + L->w[6].n_blocks + 4 * L->w[6].n_dq_blocks);
+            }
+        }
+        cudaError_t e = cudaStreamEndCapture(cs, &gr);
+        if (st == QLR_OK && e != cudaSuccess) st = qlr_errorf(QLR_ERR_DEVICE, "bench: capture end");
+        if (st == QLR_OK && cudaGraphInstantiate(&ge, gr, 0) != cudaSuccess)
+            st = qlr_errorf(QLR_ERR_DEVICE, "bench: instantiate");
+        if (e == cudaSuccess) cudaGraphDestroy(gr);
+        double best_g = 1e30;
+        for (int r = 0; r < 6 && st == QLR_OK; r++) {
+            st = be->mem.sync(be);
+            double s0 = now_s();
+            if (st == QLR_OK && cudaGraphLaunch(ge, cs) != cudaSuccess)
+                st = qlr_errorf(QLR_ERR_DEVICE, "bench: graph launch");
+            if (st == QLR_OK) st = be->mem.sync(be);
+            double t = now_s() - s0;
+            if (r > 0 && t < best_g) best_g = t;
+        }
+        if (ge) cudaGraphExecDestroy(ge);
+        gshp[si] = bytes / best_g / 1e9;
+        fprintf(stderr, "bench %s: n=1 %s in a graph: %.0f GB/s (%.1f us per launch)\n", c->name,
+                gnames[si], gshp[si], 1e6 * best_g / (double)c->layers);
+    }
+#endif
+
     /* steady-state rate of each kernel on single weight shapes at n = 1 (GB/s of NF4 bytes) */
     static const int shape_idx[4] = {0, 1, 4, 6}; /* q, k, gate, down */
     double shp[4][3] = {{0}};
@@ -566,7 +671,7 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
             st = be->mem.d2d(be, (char *)m.L[l].kc + off, m.L[l].kc, (size_t)D * rowb);
             if (st == QLR_OK) st = be->mem.d2d(be, (char *)m.L[l].vc + off, m.L[l].vc, (size_t)D * rowb);
         }
-    double dec_s[4] = {0}, dec_graph_s[4] = {0};
+    double dec_s[4] = {0}, dec_graph_s[4] = {0}, dec_b1_unfused = 0;
     for (int bi = 0; bi < 4 && st == QLR_OK; bi++) {
         int B = batches[bi];
         int32_t tok[64];
@@ -602,6 +707,29 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
         }
         dec_graph_s[bi] = (now_s() - t_start) / steps;
         if (exec) cudaGraphExecDestroy(exec);
+        exec = NULL;
+        if (B == 1 && st == QLR_OK) {
+            /* the same batch-1 step with the separate ops (no fused entries) for comparison */
+            m.use_fused = 0;
+            st = capture_step(&m, B, B, &exec);
+            m.use_fused = 1;
+            for (int s = 0; s < steps + warm && st == QLR_OK; s++) {
+                if (s == warm) {
+                    st = be->mem.sync(be);
+                    t_start = now_s();
+                }
+                for (int b = 0; b < B; b++) seq[b] = b, pos[b] = (int32_t)(D + s);
+                st = upload_tokens(&m, B, tok, seq, pos);
+                if (st == QLR_OK && cudaGraphLaunch(exec, cs) != cudaSuccess)
+                    st = qlr_errorf(QLR_ERR_DEVICE, "bench: cudaGraphLaunch failed");
+                if (st == QLR_OK) st = sample_greedy(&m, B, out);
+                for (int b = 0; b < B; b++) tok[b] = out[b];
+            }
+            dec_b1_unfused = (now_s() - t_start) / steps;
+            if (exec) cudaGraphExecDestroy(exec);
+            fprintf(stderr, "bench %s: decode batch 1 without fused ops: %.3f ms/step graph\n",
+                    c->name, 1e3 * dec_b1_unfused);
+        }
 #else
         dec_graph_s[bi] = dec_s[bi];
 #endif
@@ -647,6 +775,15 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
             1e3 * bound, bound / dec_graph_s[0], 1e3 * (best[0] == 1 ? fz[0] : best[0] == 3 ? mm[0] : dg[0]),
             bound / (best[0] == 1 ? fz[0] : best[0] == 3 ? mm[0] : dg[0]),
             (m.nf4_bytes + head_bytes) / (bw_gbps * 1e9) / dec_graph_s[0]);
+#ifdef QLR_BACKEND_CUDA
+    fprintf(js, "     \"gemv1_variant_linears_ms\": {\"2_blocks_per_sm\": %.4f, \"3_blocks_per_sm\": %.4f},\n",
+            1e3 * var_s[0], 1e3 * var_s[1]);
+    fprintf(js, "     \"nf4_gemv_n1_graph_GBps\": {");
+    for (int si = 0; si < 7; si++)
+        fprintf(js, "%s\"%s\": %.0f", si ? ", " : "", gnames[si], gshp[si]);
+    fprintf(js, "},\n");
+    fprintf(js, "     \"decode_b1_unfused_graph_step_ms\": %.4f,\n", 1e3 * dec_b1_unfused);
+#endif
     fprintf(js, "     \"nf4_gemv_n1_GBps\": [");
     static const char *shape_names[4] = {"q_proj", "k_proj", "gate_proj", "down_proj"};
     for (int si = 0; si < 4; si++)

@@ -202,27 +202,76 @@ qlr_status qlr_model_forward(qlr_forward *f, qlr_kv_cache *kv, const qlr_batch *
     QLR_TRY(be->ops.embedding(be, x, m->tok_embd, ids, n, d, c->n_vocab));
     if (f->hidden_fn) f->hidden_fn(f->hidden_ud, -1, x, n, d);
     float scale = 1.0f / sqrtf((float)hd);
+    /* Optional fused ops (NULL on the CPU: the separate ops below, in the same order). Without a
+     * hidden-state callback the residual add of a layer's MLP is deferred into the next layer's
+     * add_rmsnorm (`pending`). */
+    const qlr_backend_ops *op = &be->ops;
+    void *pending = NULL;
     for (int32_t l = 0; l < c->n_layers; l++) {
         const qlr_layer *L = &m->layers[l];
-        QLR_TRY(be->ops.rmsnorm(be, xn, x, L->attn_norm, n, d, c->rms_eps));
-        QLR_TRY(linear(be, L, QLR_LIN_Q, q, xn, n));
-        QLR_TRY(linear(be, L, QLR_LIN_K, k, xn, n));
-        QLR_TRY(linear(be, L, QLR_LIN_V, v, xn, n));
-        QLR_TRY(be->ops.rope(be, q, pos, m->inv_freq, n, nh, hd));
-        QLR_TRY(be->ops.rope(be, k, pos, m->inv_freq, n, nkv, hd));
-        QLR_TRY(be->ops.kv_store(be, kv->k[l], kv->v[l], k, v, seq, pos, n, nkv, hd, kv->ctx));
-        QLR_TRY(be->ops.attention(be, att, q, kv->k[l], kv->v[l], seq, pos, n, nh, nkv, hd,
-                                  kv->ctx, scale));
+        if (pending) QLR_TRY(op->add_rmsnorm(be, x, xn, pending, L->attn_norm, n, d, c->rms_eps));
+        else QLR_TRY(op->rmsnorm(be, xn, x, L->attn_norm, n, d, c->rms_eps));
+        pending = NULL;
+        if (op->nf4_linear_multi && L->w[QLR_LIN_K].cols == L->w[QLR_LIN_Q].cols &&
+            L->w[QLR_LIN_V].cols == L->w[QLR_LIN_Q].cols) {
+            void *ys[3] = {q, k, v};
+            const qlr_nf4 *ws[3] = {&L->w[QLR_LIN_Q], &L->w[QLR_LIN_K], &L->w[QLR_LIN_V]};
+            const float *bs[3] = {L->bias[QLR_LIN_Q], L->bias[QLR_LIN_K], L->bias[QLR_LIN_V]};
+            QLR_TRY(op->nf4_linear_multi(be, 3, ys, xn, ws, bs, n));
+            for (int i = 0; i < 3; i++)
+                if (L->lora[QLR_LIN_Q + i])
+                    QLR_TRY(op->lora(be, ys[i], xn, L->lora[QLR_LIN_Q + i], n, ws[i]->cols,
+                                     ws[i]->rows));
+        } else {
+            QLR_TRY(linear(be, L, QLR_LIN_Q, q, xn, n));
+            QLR_TRY(linear(be, L, QLR_LIN_K, k, xn, n));
+            QLR_TRY(linear(be, L, QLR_LIN_V, v, xn, n));
+        }
+        if (op->rope_kv_store) {
+            QLR_TRY(op->rope_kv_store(be, q, k, v, kv->k[l], kv->v[l], seq, pos, m->inv_freq, n, nh,
+                                      nkv, hd, kv->ctx));
+        } else {
+            QLR_TRY(op->rope(be, q, pos, m->inv_freq, n, nh, hd));
+            QLR_TRY(op->rope(be, k, pos, m->inv_freq, n, nkv, hd));
+            QLR_TRY(op->kv_store(be, kv->k[l], kv->v[l], k, v, seq, pos, n, nkv, hd, kv->ctx));
+        }
+        QLR_TRY(op->attention(be, att, q, kv->k[l], kv->v[l], seq, pos, n, nh, nkv, hd, kv->ctx,
+                              scale));
         QLR_TRY(linear(be, L, QLR_LIN_O, o, att, n));
-        QLR_TRY(be->ops.add(be, x, o, n * d));
-        QLR_TRY(be->ops.rmsnorm(be, xn, x, L->ffn_norm, n, d, c->rms_eps));
-        QLR_TRY(linear(be, L, QLR_LIN_GATE, gate, xn, n));
-        QLR_TRY(linear(be, L, QLR_LIN_UP, up, xn, n));
-        QLR_TRY(be->ops.swiglu(be, gate, gate, up, n * c->d_ff));
-        QLR_TRY(linear(be, L, QLR_LIN_DOWN, o, gate, n));
-        QLR_TRY(be->ops.add(be, x, o, n * d));
-        if (f->hidden_fn) f->hidden_fn(f->hidden_ud, l, x, n, d);
+        if (op->add_rmsnorm) {
+            QLR_TRY(op->add_rmsnorm(be, x, xn, o, L->ffn_norm, n, d, c->rms_eps));
+        } else {
+            QLR_TRY(op->add(be, x, o, n * d));
+            QLR_TRY(op->rmsnorm(be, xn, x, L->ffn_norm, n, d, c->rms_eps));
+        }
+        if (op->nf4_linear_multi && L->w[QLR_LIN_UP].cols == L->w[QLR_LIN_GATE].cols) {
+            void *ys[2] = {gate, up};
+            const qlr_nf4 *ws[2] = {&L->w[QLR_LIN_GATE], &L->w[QLR_LIN_UP]};
+            const float *bs[2] = {L->bias[QLR_LIN_GATE], L->bias[QLR_LIN_UP]};
+            QLR_TRY(op->nf4_linear_multi(be, 2, ys, xn, ws, bs, n));
+            for (int i = 0; i < 2; i++)
+                if (L->lora[QLR_LIN_GATE + i])
+                    QLR_TRY(op->lora(be, ys[i], xn, L->lora[QLR_LIN_GATE + i], n, ws[i]->cols,
+                                     ws[i]->rows));
+        } else {
+            QLR_TRY(linear(be, L, QLR_LIN_GATE, gate, xn, n));
+            QLR_TRY(linear(be, L, QLR_LIN_UP, up, xn, n));
+        }
+        if (op->swiglu_nf4_linear && !L->lora[QLR_LIN_DOWN]) {
+            QLR_TRY(op->swiglu_nf4_linear(be, o, gate, up, &L->w[QLR_LIN_DOWN],
+                                          L->bias[QLR_LIN_DOWN], n));
+        } else {
+            QLR_TRY(op->swiglu(be, gate, gate, up, n * c->d_ff));
+            QLR_TRY(linear(be, L, QLR_LIN_DOWN, o, gate, n));
+        }
+        if (op->add_rmsnorm && !f->hidden_fn) {
+            pending = o;
+        } else {
+            QLR_TRY(op->add(be, x, o, n * d));
+            if (f->hidden_fn) f->hidden_fn(f->hidden_ud, l, x, n, d);
+        }
     }
+    if (pending) QLR_TRY(op->add(be, x, pending, n * d));
     int32_t nl = b->n_logits;
     *logits = f->buf[B_LOGITS];
     if (nl == 0) return QLR_OK;

@@ -186,6 +186,7 @@ static qlr_status cu_init(qlr_backend *be, qlr_cuda_impl *im) {
     QLR_CK(cudaMalloc(&im->d_stage, im->h_pinned_bytes));
     /* measured on an H100 (bench_decode, Llama-3.1-8B and SmolLM2 shapes): the FMA kernel wins
      * at one token, the tensor-core kernel from 2 to 32 tokens, dequantize + cuBLASLt at 64 */
+    im->gemv1_variant = 2;
     im->n_policy = 2;
     im->policy_max_n[0] = 1;
     im->policy_path[0] = QLR_CUDA_NF4_FUSED;
@@ -236,6 +237,10 @@ extern "C" qlr_status qlr_backend_cuda_create(int n_threads, qlr_backend **out) 
     o->rope_bwd = qlr_cuda_rope_bwd;
     o->swiglu_bwd = qlr_cuda_swiglu_bwd;
     o->nf4_linear_dx = qlr_cuda_nf4_linear_dx;
+    o->nf4_linear_multi = qlr_cuda_nf4_linear_multi;
+    o->swiglu_nf4_linear = qlr_cuda_swiglu_nf4_linear;
+    o->add_rmsnorm = qlr_cuda_add_rmsnorm;
+    o->rope_kv_store = qlr_cuda_rope_kv_store;
     qlr_status st = cu_init(be, im);
     if (st != QLR_OK) {
         cu_destroy(be);
@@ -243,6 +248,15 @@ extern "C" qlr_status qlr_backend_cuda_create(int n_threads, qlr_backend **out) 
     }
     *out = be;
     return QLR_OK;
+}
+
+int qlr_cuda_pdl_enabled(void) {
+    static int on = -1;
+    if (on < 0) {
+        const char *e = getenv("QLR_CUDA_PDL");
+        on = e ? atoi(e) != 0 : 1;
+    }
+    return on;
 }
 
 /* ---- extras (cuda_backend.h) ---- */

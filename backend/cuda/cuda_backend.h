@@ -31,6 +31,10 @@ qlr_status qlr_cuda_nf4_linear_path(qlr_backend *be, void *y, const void *x, con
 qlr_status qlr_cuda_set_nf4_policy(qlr_backend *be, int n_entries, const int *max_n,
                                    const qlr_cuda_nf4_path *paths);
 
+/* The n = 1 fused kernel's register cap: 2 (128 registers, 2 blocks per SM; the default) or 3
+ * (80 registers, 3 blocks per SM). For the benchmark's tuning. */
+void qlr_cuda_set_gemv1_variant(qlr_backend *be, int variant);
+
 /* out [rows, cols] bf16 = dequantized w (device store, double quant or not). Async. */
 qlr_status qlr_cuda_nf4_dequant(qlr_backend *be, uint16_t *out, const qlr_nf4 *w);
 

@@ -41,6 +41,7 @@ typedef struct qlr_cuda_impl {
     int policy_max_n[QLR_CUDA_MAX_POLICY];
     int policy_path[QLR_CUDA_MAX_POLICY];
     int n_sm;
+    int gemv1_variant;            /* n = 1 NF4 kernel: 2 or 3 resident blocks per SM (register cap) */
     size_t peak_bytes, cur_bytes; /* bytes allocated through mem.alloc and the workspaces */
     qlr_cuda_alloc_rec *allocs;   /* live mem.alloc blocks */
     size_t n_allocs, cap_allocs;
@@ -73,6 +74,38 @@ static inline bool qlr_cuda_ok(ncclResult_t e) { return e == ncclSuccess; }
 /* Grows impl->ws to at least `bytes` (a cudaMalloc: only on the first call of a new size, so
  * plan it with qlr_cuda_reserve before timing or capturing). */
 qlr_status qlr_cuda_ws(qlr_backend *be, size_t bytes, void **out);
+
+/* Programmatic dependent launch (Hopper): a kernel launched by qlr_cuda_launch with pdl = 1 may
+ * start while the previous kernel on the stream finishes; it must call qlr_pdl_wait() before
+ * touching memory that earlier work writes or reads (only constant inputs such as weights may be
+ * read before). qlr_pdl_trigger() lets the next such kernel start early; it never lets it pass
+ * its own wait before this grid has completed. QLR_CUDA_PDL=0 turns the attribute off. */
+__device__ __forceinline__ void qlr_pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void qlr_pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+int qlr_cuda_pdl_enabled(void);
+template <typename... KArgs, typename... Args>
+static inline cudaError_t qlr_cuda_launch(void (*kern)(KArgs...), dim3 grid, dim3 block,
+                                          size_t smem, cudaStream_t st, int pdl, Args... args) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = st;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = pdl && qlr_cuda_pdl_enabled() ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, kern, args...);
+}
 
 static inline unsigned qlr_cuda_blocks(int64_t n, int threads) {
     int64_t b = (n + threads - 1) / threads;
@@ -118,6 +151,17 @@ qlr_status qlr_cuda_lora(qlr_backend *be, void *y, const void *x, const qlr_lora
                          int64_t in, int64_t out);
 qlr_status qlr_cuda_lm_head(qlr_backend *be, float *logits, const void *x, const uint16_t *w,
                             int64_t n, int64_t d, int64_t vocab);
+/* Fused ops (the optional entries at the end of the op table). */
+qlr_status qlr_cuda_nf4_linear_multi(qlr_backend *be, int k, void *const *y, const void *x,
+                                     const qlr_nf4 *const *w, const float *const *bias, int64_t n);
+qlr_status qlr_cuda_swiglu_nf4_linear(qlr_backend *be, void *y, void *gate, const void *up,
+                                      const qlr_nf4 *w, const float *bias, int64_t n);
+qlr_status qlr_cuda_add_rmsnorm(qlr_backend *be, void *x, void *y, const void *dx, const float *w,
+                                int64_t n, int64_t d, float eps);
+qlr_status qlr_cuda_rope_kv_store(qlr_backend *be, void *q, void *k, const void *v, void *k_cache,
+                                  void *v_cache, const int32_t *seq, const int32_t *pos,
+                                  const float *inv_freq, int64_t n, int64_t n_heads, int64_t n_kv,
+                                  int64_t hd, int64_t ctx);
 qlr_status qlr_cuda_sample(qlr_backend *be, int32_t *out_ids, float *logits,
                            const qlr_sampling *params, uint64_t *rng, int64_t n, int64_t vocab);
 

@@ -7,6 +7,8 @@
 #include "backend/cuda/cuda_internal.h"
 
 #include <cuda_fp16.h>
+#include <stdlib.h>
+#include <string.h>
 
 extern "C" {
 #include "backend/cuda/cuda_backend.h"
@@ -414,6 +416,259 @@ static qlr_status mma_linear(qlr_backend *be, __nv_bfloat16 *y, const __nv_bfloa
     return QLR_OK;
 }
 
+/* ---- n = 1 decode GEMV (the batch-1 hot path) ----
+ * y_m = x · W_mᵀ (+ bias_m) for up to 3 matrices sharing x and cols (q/k/v, gate/up) in one
+ * launch. Work unit: a group of GEMV1_RPW consecutive rows of one matrix; groups of all matrices
+ * are numbered one after another. A block of wk x rg warps owns a contiguous run of G x rg
+ * groups: warp (kg, rg) takes 1024-column chunks kg, kg + wk, ... and, for each, its groups
+ * rg, rg + rg_n, ...; partial row sums meet in shared memory once, at the end (one barrier per
+ * block, none in the loop). The grid never exceeds the resident block count (no second wave).
+ * Per chunk a lane converts its 32 x values once to f16 pairs scaled by a power of two (largest
+ * |x| of the lane's 32 values scaled into [1, 2), so no f16 overflow and no loss of bf16 bits),
+ * then streams rows: a 16-byte code load (32 weights, one 64-block), one shared f16-pair table
+ * lookup per byte and one HFMA2 per byte (two accumulators of 8 products each, f16), then the
+ * lane's f32 partial = sum * absmax / scale. The next group's code and absmax loads are issued
+ * before the current group's math. With `up` set, x = silu(x) * up rounded to bf16 first (the
+ * SwiGLU op fused into the down projection). Programmatic dependent launch: the table, the
+ * dynamic map and the first group's weight loads are issued before griddepcontrol.wait (weights
+ * are never written by the previous kernel); x and y only after it. */
+#define GEMV1_RPW 4
+#define GEMV1_MAXPART 2048 /* floats of partial sums per block (wk x rows) */
+
+struct gemv1_mat {
+    nf4_dev w;
+    __nv_bfloat16 *y;
+    const float *bias;
+    int rows, g0, ng; /* first global group, group count */
+};
+struct gemv1_args {
+    gemv1_mat m[3];
+    int nm, cols, kc, wk, rg, G, n_groups;
+    const __nv_bfloat16 *x, *up;
+};
+
+struct gemv1_ld {
+    uint4 q[GEMV1_RPW];
+    absmax_raw a[GEMV1_RPW];
+};
+
+__device__ __forceinline__ int gemv1_mat_of(const gemv1_args &A, int g) {
+    return (A.nm > 2 && g >= A.m[2].g0) ? 2 : (A.nm > 1 && g >= A.m[1].g0) ? 1 : 0;
+}
+
+/* Field selection by compare-and-select: a run-time index into the parameter array would copy
+ * it to local memory. */
+#define GEMV1_SEL(A, mi, f) ((mi) == 2 ? (A).m[2].f : (mi) == 1 ? (A).m[1].f : (A).m[0].f)
+
+__device__ __forceinline__ void gemv1_load(const gemv1_args &A, int g, int col, gemv1_ld &L) {
+    int mi = gemv1_mat_of(A, g);
+    nf4_dev w;
+    w.codes = GEMV1_SEL(A, mi, w.codes);
+    w.aq = GEMV1_SEL(A, mi, w.aq);
+    w.dqa = GEMV1_SEL(A, mi, w.dqa);
+    w.am = GEMV1_SEL(A, mi, w.am);
+    w.dq = GEMV1_SEL(A, mi, w.dq);
+    int rows = GEMV1_SEL(A, mi, rows);
+    int r0 = (g - GEMV1_SEL(A, mi, g0)) * GEMV1_RPW;
+#pragma unroll
+    for (int i = 0; i < GEMV1_RPW; i++) {
+        int r = r0 + i < rows ? r0 + i : rows - 1; /* clamped: loads stay in bounds */
+        int64_t e = (int64_t)r * A.cols + col;
+        L.q[i] = __ldg((const uint4 *)(w.codes + (e >> 1)));
+        L.a[i] = absmax_load(w, e >> 6);
+    }
+}
+
+__device__ __forceinline__ float silu_f(float g) { return g / (1.0f + expf(-g)); }
+
+template <int MINB>
+__global__ void __launch_bounds__(256, MINB) nf4_gemv1_kernel(gemv1_args A) {
+    __shared__ __align__(16) __half2 tab[256 * 32];
+    __shared__ float dyn[256];
+    __shared__ float part[GEMV1_MAXPART];
+    qlr_pdl_trigger();
+    int nthr = blockDim.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    /* table: entry b (two codes) replicated once per lane; 16-byte stores */
+    for (int i = tid; i < 256 * 8; i += nthr) {
+        int b = i >> 3;
+        __half2 v = __floats2half2_rn(c_nf4[b >> 4], c_nf4[b & 15]);
+        uint32_t u = *(uint32_t *)&v;
+        ((uint4 *)tab)[i] = make_uint4(u, u, u, u);
+    }
+    for (int i = tid; i < 256; i += nthr) dyn[i] = A.m[0].w.dynmap[i];
+    int rows_blk = A.G * A.rg * GEMV1_RPW;
+    for (int i = tid; i < A.wk * rows_blk; i += nthr) part[i] = 0.0f;
+    int kg = warp % A.wk, rgi = warp / A.wk;
+    int gb0 = blockIdx.x * A.G * A.rg; /* first group of the block */
+    /* first group's weights before the dependency wait */
+    gemv1_ld cur;
+    int c0 = kg, g_first = gb0 + rgi;
+    /* lanes past the end of a partial last chunk (cols % 1024 != 0) stay in the loop, for the
+     * full-warp shuffles: their x is 0 and their loads read column 0 */
+    int col0 = (c0 << 10) + (lane << 5);
+    bool have = g_first < A.n_groups && c0 < A.kc; /* warp-uniform */
+    if (have) gemv1_load(A, g_first, col0 < A.cols ? col0 : 0, cur);
+    qlr_pdl_wait();
+    __syncthreads();
+    const __half2 *mytab = tab + lane;
+    for (int c = kg; c < A.kc; c += A.wk) {
+        int col = (c << 10) + (lane << 5);
+        bool act = col < A.cols; /* cols % 32 == 0: a lane's 32 columns are whole or absent */
+        if (!act) col = 0;
+        /* x chunk -> 16 scaled f16 pairs */
+        uint32_t xw[16];
+        const uint4 *xp = (const uint4 *)(A.x + col);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            uint4 u = act ? __ldg(xp + j) : make_uint4(0, 0, 0, 0);
+            xw[4 * j] = u.x, xw[4 * j + 1] = u.y, xw[4 * j + 2] = u.z, xw[4 * j + 3] = u.w;
+        }
+        if (A.up) {
+            const uint4 *up = (const uint4 *)(A.up + col);
+            uint32_t uw[16];
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                uint4 u = act ? __ldg(up + j) : make_uint4(0, 0, 0, 0);
+                uw[4 * j] = u.x, uw[4 * j + 1] = u.y, uw[4 * j + 2] = u.z, uw[4 * j + 3] = u.w;
+            }
+#pragma unroll
+            for (int j = 0; j < 16; j++) {
+                float g0 = __uint_as_float(xw[j] << 16), g1 = __uint_as_float(xw[j] & 0xffff0000u);
+                float u0 = __uint_as_float(uw[j] << 16), u1 = __uint_as_float(uw[j] & 0xffff0000u);
+                __nv_bfloat162 s = __floats2bfloat162_rn(silu_f(g0) * u0, silu_f(g1) * u1);
+                xw[j] = *(uint32_t *)&s;
+            }
+        }
+        uint32_t mx = 0;
+#pragma unroll
+        for (int j = 0; j < 16; j++) mx = __vmaxu2(mx, xw[j] & 0x7fff7fffu);
+        mx = max(mx >> 16, mx & 0xffffu);
+        int E = (int)(mx >> 7); /* biased exponent of the largest |x| (255: inf/nan) */
+        E = E < 1 ? 1 : (E > 253 ? 253 : E);
+        float scale = __int_as_float((254 - E) << 23), inv = __int_as_float(E << 23);
+        __half2 xh[16];
+#pragma unroll
+        for (int j = 0; j < 16; j++)
+            xh[j] = __floats2half2_rn(__uint_as_float(xw[j] << 16) * scale,
+                                      __uint_as_float(xw[j] & 0xffff0000u) * scale);
+        if (c != c0) {
+            have = gb0 + rgi < A.n_groups;
+            if (have) gemv1_load(A, gb0 + rgi, col, cur);
+        }
+        for (int j = 0; j < A.G; j++) {
+            int lg = rgi + j * A.rg, g = gb0 + lg;
+            if (!have) break;
+            gemv1_ld nxt;
+            int gn = g + A.rg;
+            bool hn = j + 1 < A.G && gn < A.n_groups;
+            if (hn) gemv1_load(A, gn, col, nxt);
+            int mi = gemv1_mat_of(A, g);
+            float v[GEMV1_RPW];
+#pragma unroll
+            for (int i = 0; i < GEMV1_RPW; i++) {
+                uint32_t qq[4] = {cur.q[i].x, cur.q[i].y, cur.q[i].z, cur.q[i].w};
+                __half2 s0 = __float2half2_rn(0.0f), s1 = s0;
+#pragma unroll
+                for (int b = 0; b < 16; b += 2) {
+                    uint32_t b0 = (qq[b >> 2] >> ((b & 3) * 8)) & 0xff;
+                    uint32_t b1 = (qq[b >> 2] >> (((b + 1) & 3) * 8)) & 0xff;
+                    s0 = __hfma2(mytab[b0 << 5], xh[b], s0);
+                    s1 = __hfma2(mytab[b1 << 5], xh[b + 1], s1);
+                }
+                float2 f = __half22float2(__hadd2(s0, s1));
+                float a = GEMV1_SEL(A, mi, w.dq)
+                              ? __fadd_rn(__fmul_rn(dyn[cur.a[i].q], cur.a[i].d), GEMV1_SEL(A, mi, w.off))
+                              : cur.a[i].d;
+                v[i] = (f.x + f.y) * (a * inv);
+            }
+            /* reduce-scatter: lanes with (lane & 7) == 0 end with row ((lane >> 3) & 3) */
+            bool hi16 = lane & 16, hi8 = lane & 8;
+            float k0 = hi16 ? v[2] : v[0], k1 = hi16 ? v[3] : v[1];
+            float s0 = hi16 ? v[0] : v[2], s1 = hi16 ? v[1] : v[3];
+            k0 += __shfl_xor_sync(0xffffffffu, s0, 16);
+            k1 += __shfl_xor_sync(0xffffffffu, s1, 16);
+            float kk = hi8 ? k1 : k0, ss = hi8 ? k0 : k1;
+            kk += __shfl_xor_sync(0xffffffffu, ss, 8);
+            kk += __shfl_xor_sync(0xffffffffu, kk, 4);
+            kk += __shfl_xor_sync(0xffffffffu, kk, 2);
+            kk += __shfl_xor_sync(0xffffffffu, kk, 1);
+            if ((lane & 7) == 0) part[kg * rows_blk + lg * GEMV1_RPW + (lane >> 3)] += kk;
+            if (!hn) break;
+            cur = nxt;
+        }
+    }
+    __syncthreads();
+    for (int lr = tid; lr < rows_blk; lr += nthr) {
+        int g = gb0 + lr / GEMV1_RPW;
+        if (g >= A.n_groups) break;
+        int mi = gemv1_mat_of(A, g);
+        int r = (g - GEMV1_SEL(A, mi, g0)) * GEMV1_RPW + lr % GEMV1_RPW;
+        if (r >= GEMV1_SEL(A, mi, rows)) continue;
+        float s = 0.0f;
+        for (int k = 0; k < A.wk; k++) s += part[k * rows_blk + lr];
+        const float *bias = GEMV1_SEL(A, mi, bias);
+        if (bias) s += bias[r];
+        GEMV1_SEL(A, mi, y)[r] = __float2bfloat16_rn(s);
+    }
+}
+
+/* One launch for k (1..3) matrices of equal cols at n = 1; every one fusable. */
+static qlr_status gemv1_launch(qlr_backend *be, int k, __nv_bfloat16 *const *y,
+                               const __nv_bfloat16 *x, const __nv_bfloat16 *up,
+                               const qlr_nf4 *const *w, const float *const *bias) {
+    qlr_cuda_impl *im = qlr_cuda_im(be);
+    gemv1_args A;
+    memset(&A, 0, sizeof A);
+    A.nm = k;
+    A.cols = (int)w[0]->cols;
+    A.kc = (A.cols + 1023) >> 10;
+    A.x = x;
+    A.up = up;
+    int ng = 0;
+    for (int i = 0; i < k; i++) {
+        A.m[i].w = dev_view(be, w[i]);
+        A.m[i].y = y[i];
+        A.m[i].bias = bias ? bias[i] : NULL;
+        A.m[i].rows = (int)w[i]->rows;
+        A.m[i].g0 = ng;
+        A.m[i].ng = (A.m[i].rows + GEMV1_RPW - 1) / GEMV1_RPW;
+        ng += A.m[i].ng;
+    }
+    A.n_groups = ng;
+    /* K split: at most 8 warps; a warp takes ceil(kc / wk) chunks */
+    int per = (A.kc + 7) / 8;
+    A.wk = (A.kc + per - 1) / per;
+    A.rg = 8 / A.wk;
+    int threads = A.wk * A.rg * 32;
+    /* variant: register cap for 2 (128 registers) or 3 (80) resident blocks per SM */
+    int v3 = im->gemv1_variant == 3;
+    static int occ[2][9];
+    int wi = threads / 32;
+    if (!occ[v3][wi]) {
+        cudaError_t e = v3 ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ[v3][wi],
+                                                                          nf4_gemv1_kernel<3>, threads, 0)
+                           : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ[v3][wi],
+                                                                          nf4_gemv1_kernel<2>, threads, 0);
+        if (e != cudaSuccess || occ[v3][wi] < 1) occ[v3][wi] = 1;
+    }
+    int slots = im->n_sm * occ[v3][wi];
+    int rounds = (ng + A.rg - 1) / A.rg;
+    int G = (rounds + slots - 1) / slots;
+    int gmax = GEMV1_MAXPART / (A.wk * A.rg * GEMV1_RPW);
+    if (G > gmax) G = gmax;
+    if (G < 1) G = 1;
+    A.G = G;
+    unsigned blocks = (unsigned)((rounds + G - 1) / G);
+    if (v3)
+        QLR_CK(qlr_cuda_launch(nf4_gemv1_kernel<3>, dim3(blocks), dim3((unsigned)threads), 0,
+                               im->stream, 1, A));
+    else
+        QLR_CK(qlr_cuda_launch(nf4_gemv1_kernel<2>, dim3(blocks), dim3((unsigned)threads), 0,
+                               im->stream, 1, A));
+    QLR_CK_LAUNCH();
+    return QLR_OK;
+}
+
 static int fusable(const qlr_nf4 *w, const void *x, const void *y) {
     return w->cols % 32 == 0 && ((uintptr_t)w->codes & 15) == 0 && ((uintptr_t)x & 15) == 0 &&
            w->cols <= (1 << 30) && w->rows <= (1 << 30);
@@ -439,6 +694,12 @@ static void gemv_launch(qlr_backend *be, const nf4_dev &d, const __nv_bfloat16 *
 
 static qlr_status fused_linear(qlr_backend *be, __nv_bfloat16 *y, const __nv_bfloat16 *x,
                                const qlr_nf4 *w, const float *bias, int64_t n) {
+    if (n == 1) {
+        __nv_bfloat16 *ys[1] = {y};
+        const qlr_nf4 *ws[1] = {w};
+        const float *bs[1] = {bias};
+        return gemv1_launch(be, 1, ys, x, NULL, ws, bs);
+    }
     nf4_dev d = dev_view(be, w);
     int rows = (int)w->rows, cols = (int)w->cols;
     for (int64_t t0 = 0; t0 < n; t0 += 4) {
@@ -562,4 +823,50 @@ qlr_status qlr_cuda_nf4_linear_dx(qlr_backend *be, void *dx, const void *dy, con
     QLR_TRY(dequant_launch(be, (__nv_bfloat16 *)ws, w));
     return qlr_cuda_gemm(be, dx, CUDA_R_16BF, dy, ws, n, w->cols, w->rows, w->rows, w->cols,
                          w->cols, 1.0f, 0.0f, 1);
+}
+
+/* k (1..3) NF4 linears sharing their input: y[i] = x · W[i]ᵀ (+ bias[i]). One launch of the n = 1
+ * kernel when n is 1, the AUTO policy picks the fused path at n = 1 and every weight has the
+ * same cols and is fusable; otherwise one nf4_linear per matrix (same results as the op). */
+qlr_status qlr_cuda_nf4_linear_multi(qlr_backend *be, int k, void *const *y, const void *x,
+                                     const qlr_nf4 *const *w, const float *const *bias, int64_t n) {
+    QLR_ASSERT(be && be->kind == QLR_DEVICE_CUDA && k >= 1 && k <= 3);
+    qlr_cuda_impl *im = qlr_cuda_im(be);
+    int one = n == 1 && im->n_policy > 0 && im->policy_max_n[0] >= 1 &&
+              im->policy_path[0] == QLR_CUDA_NF4_FUSED;
+    for (int i = 0; i < k && one; i++)
+        one = w[i]->cols == w[0]->cols && w[i]->rows > 0 && fusable(w[i], x, y[i]);
+    if (one) {
+        __nv_bfloat16 *ys[3];
+        for (int i = 0; i < k; i++) ys[i] = (__nv_bfloat16 *)y[i];
+        return gemv1_launch(be, k, ys, (const __nv_bfloat16 *)x, NULL, w, bias);
+    }
+    for (int i = 0; i < k; i++)
+        QLR_TRY(qlr_cuda_nf4_linear(be, y[i], x, w[i], bias ? bias[i] : NULL, n));
+    return QLR_OK;
+}
+
+/* y = (silu(gate) · up) · Wᵀ (+ bias). At n = 1 on the fused path one launch (the SwiGLU values
+ * rounded to bf16 as the swiglu op does, never stored); otherwise swiglu into gate, then the
+ * linear (gate's contents afterwards are unspecified, as the op contract says). */
+qlr_status qlr_cuda_swiglu_nf4_linear(qlr_backend *be, void *y, void *gate, const void *up,
+                                      const qlr_nf4 *w, const float *bias, int64_t n) {
+    QLR_ASSERT(be && be->kind == QLR_DEVICE_CUDA);
+    qlr_cuda_impl *im = qlr_cuda_im(be);
+    if (n == 1 && im->n_policy > 0 && im->policy_max_n[0] >= 1 &&
+        im->policy_path[0] == QLR_CUDA_NF4_FUSED && w->rows > 0 && fusable(w, gate, y) &&
+        ((uintptr_t)up & 15) == 0) {
+        __nv_bfloat16 *ys[1] = {(__nv_bfloat16 *)y};
+        const qlr_nf4 *ws[1] = {w};
+        const float *bs[1] = {bias};
+        return gemv1_launch(be, 1, ys, (const __nv_bfloat16 *)gate, (const __nv_bfloat16 *)up, ws,
+                            bs);
+    }
+    QLR_TRY(qlr_cuda_swiglu(be, gate, gate, up, n * w->cols));
+    return qlr_cuda_nf4_linear(be, y, gate, w, bias, n);
+}
+
+extern "C" void qlr_cuda_set_gemv1_variant(qlr_backend *be, int variant) {
+    QLR_ASSERT(be && be->kind == QLR_DEVICE_CUDA);
+    qlr_cuda_im(be)->gemv1_variant = variant == 3 ? 3 : 2;
 }

@@ -132,3 +132,76 @@ qlr_status qlr_cuda_rmsnorm_bwd(qlr_backend *be, void *dx, const void *dy, const
     QLR_CK_LAUNCH();
     return QLR_OK;
 }
+
+/* ---- fused residual add + RMSNorm (the add_rmsnorm op): x += dx (rounded to bf16, stored),
+ * then y = rmsnorm(x) on the rounded values, as the two separate ops compute it. One block per
+ * row; rows of d % 8 == 0, d <= NORM_VEC * 8 * NORM_THREADS stay in registers. Launched with
+ * programmatic dependent launch (waits before its first load). */
+__global__ void add_rmsnorm_vec_kernel(bf16 *x, bf16 *y, const bf16 *dx, const float *w,
+                                       int64_t n, int64_t d, float eps) {
+    __shared__ float red[NORM_THREADS / 32];
+    qlr_pdl_trigger();
+    qlr_pdl_wait();
+    int64_t d8 = d / 8;
+    for (int64_t row = blockIdx.x; row < n; row += gridDim.x) {
+        uint4 *xr = (uint4 *)(x + row * d);
+        const uint4 *dr = (const uint4 *)(dx + row * d);
+        uint4 v[NORM_VEC], a[NORM_VEC];
+#pragma unroll
+        for (int u = 0; u < NORM_VEC; u++) {
+            int64_t j = threadIdx.x + u * NORM_THREADS;
+            v[u] = j < d8 ? xr[j] : make_uint4(0, 0, 0, 0);
+            a[u] = j < d8 ? dr[j] : make_uint4(0, 0, 0, 0);
+        }
+        float ss = 0.0f;
+#pragma unroll
+        for (int u = 0; u < NORM_VEC; u++) {
+            __nv_bfloat162 *h = (__nv_bfloat162 *)&v[u];
+            const __nv_bfloat162 *g = (const __nv_bfloat162 *)&a[u];
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                float2 f = __bfloat1622float2(h[k]), e = __bfloat1622float2(g[k]);
+                h[k] = __floats2bfloat162_rn(f.x + e.x, f.y + e.y);
+                f = __bfloat1622float2(h[k]);
+                ss = fmaf(f.x, f.x, ss);
+                ss = fmaf(f.y, f.y, ss);
+            }
+            int64_t j = threadIdx.x + u * NORM_THREADS;
+            if (j < d8) xr[j] = v[u];
+        }
+        ss = block_sum(ss, red);
+        float r = 1.0f / sqrtf(ss / (float)d + eps);
+        uint4 *yr = (uint4 *)(y + row * d);
+#pragma unroll
+        for (int u = 0; u < NORM_VEC; u++) {
+            int64_t j = threadIdx.x + u * NORM_THREADS;
+            if (j >= d8) continue;
+            const __nv_bfloat162 *h = (const __nv_bfloat162 *)&v[u];
+            const float4 *wp = (const float4 *)(w + j * 8);
+            float4 w0 = wp[0], w1 = wp[1];
+            float ww[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+            __align__(16) __nv_bfloat162 o[4];
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                float2 f = __bfloat1622float2(h[k]);
+                o[k] = __floats2bfloat162_rn(f.x * r * ww[2 * k], f.y * r * ww[2 * k + 1]);
+            }
+            yr[j] = *(uint4 *)o;
+        }
+    }
+}
+
+qlr_status qlr_cuda_add_rmsnorm(qlr_backend *be, void *x, void *y, const void *dx, const float *w,
+                                int64_t n, int64_t d, float eps) {
+    if (n <= 0) return QLR_OK;
+    if (d % 8 == 0 && d <= (int64_t)NORM_VEC * 8 * NORM_THREADS && ((uintptr_t)x & 15) == 0 &&
+        ((uintptr_t)y & 15) == 0 && ((uintptr_t)dx & 15) == 0 && ((uintptr_t)w & 15) == 0) {
+        QLR_CK(qlr_cuda_launch(add_rmsnorm_vec_kernel, dim3(norm_grid(n)), dim3(NORM_THREADS), 0,
+                               qlr_cuda_im(be)->stream, 1, (bf16 *)x, (bf16 *)y, (const bf16 *)dx,
+                               w, n, d, eps));
+        QLR_CK_LAUNCH();
+        return QLR_OK;
+    }
+    QLR_TRY(qlr_cuda_add(be, x, dx, n * d));
+    return qlr_cuda_rmsnorm(be, y, x, w, n, d, eps);
+}
