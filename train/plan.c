@@ -258,7 +258,7 @@ qlr_status qlr_plan_build(const qlr_recipe *r, const qlr_model_shape *s, qlr_pla
     memset(p, 0, sizeof *p);
     QLR_TRY(check_shape(s->name, s));
     p->shape = *s;
-    p->cuda = r->device != QLR_DEVICE_CPU;
+    p->cuda = r->device != QLR_RECIPE_DEVICE_CPU;
     const uint64_t T = (uint64_t)r->micro_batch_size * r->sequence_len;
     const uint64_t H = s->hidden, L = s->n_layers, F = s->ff, V = s->vocab, R = r->lora_r;
     const uint64_t qd = (uint64_t)s->n_heads * s->head_dim, kvd = (uint64_t)s->n_kv_heads * s->head_dim;

@@ -526,7 +526,7 @@ qlr_status qlr_recipe_defaults(qlr_recipe *r) {
     r->seed = 42;
     r->gradient_checkpointing = 1;
     r->bf16 = QLR_BF16_AUTO;
-    r->device = QLR_DEVICE_AUTO;
+    r->device = QLR_RECIPE_DEVICE_AUTO;
     r->vram_budget = 0;
     return QLR_OK;
 }

@@ -18,6 +18,7 @@
 #include <stdio.h>
 
 #include "core/status.h"
+#include "optim/optim.h"
 
 typedef enum qlr_dataset_type {
     QLR_DATASET_ALPACA = 0,     /* {"instruction", "input"?, "output"} */
@@ -34,12 +35,6 @@ typedef enum qlr_on_bad_line {
     QLR_ON_BAD_LINE_SKIP,       /* skip it, count it, report the count once */
 } qlr_on_bad_line;
 
-typedef enum qlr_lr_scheduler {
-    QLR_LR_CONSTANT = 0,
-    QLR_LR_LINEAR,              /* warmup, then linear decay to 0 */
-    QLR_LR_COSINE,              /* warmup, then cosine decay to cosine_min_lr_ratio * learning_rate */
-} qlr_lr_scheduler;
-
 typedef enum qlr_optimizer {
     QLR_OPTIM_ADAMW_8BIT = 0,   /* blockwise 8-bit states (bitsandbytes AdamW8bit layout) */
     QLR_OPTIM_ADAMW_BNB_8BIT,   /* axolotl's name for the same optimizer */
@@ -51,11 +46,11 @@ typedef enum qlr_truncation {
     QLR_TRUNCATION_DROP,        /* drop it (counted and reported) */
 } qlr_truncation;
 
-typedef enum qlr_device_kind {
-    QLR_DEVICE_AUTO = 0,        /* cuda when built with CUDA and a GPU is present, else cpu */
-    QLR_DEVICE_CPU,
-    QLR_DEVICE_CUDA,
-} qlr_device_kind;
+typedef enum qlr_recipe_device {
+    QLR_RECIPE_DEVICE_AUTO = 0,        /* cuda when built with CUDA and a GPU is present, else cpu */
+    QLR_RECIPE_DEVICE_CPU,
+    QLR_RECIPE_DEVICE_CUDA,
+} qlr_recipe_device;
 
 typedef enum qlr_bf16_mode {
     QLR_BF16_AUTO = 0,          /* bf16 compute where the device supports it (sm80+, cpu reference: fp32) */
@@ -118,7 +113,7 @@ typedef struct qlr_recipe {
 
     /* optimizer and schedule */
     double learning_rate;       /* default 2e-4; (0, 1] */
-    qlr_lr_scheduler lr_scheduler; /* default cosine */
+    qlr_lr_schedule_type lr_scheduler; /* optim/optim.h: constant|linear|cosine; default cosine */
     double cosine_min_lr_ratio; /* default 0; [0, 1]; cosine only */
     uint64_t warmup_steps;      /* default 0; exclusive with warmup_ratio */
     double warmup_ratio;        /* default 0; [0, 1) fraction of total steps; exclusive with warmup_steps */
@@ -148,7 +143,7 @@ typedef struct qlr_recipe {
     /* compute */
     int gradient_checkpointing; /* default true: keep one [tokens, hidden] per layer, recompute in backward */
     qlr_bf16_mode bf16;         /* default auto (true|false|auto) */
-    qlr_device_kind device;     /* default auto (cpu|cuda|auto) */
+    qlr_recipe_device device;     /* default auto (cpu|cuda|auto) */
     uint64_t vram_budget;       /* default 0 = no budget (the device's free memory); bytes, written "16GiB" */
 } qlr_recipe;
 

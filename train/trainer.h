@@ -1,8 +1,7 @@
 /* train/trainer.h: the `qlora train` loop — recipe in, trained LoRA adapter out.
  *
- * Owns: the run options a recipe turns into (qlr_train_opts, filled by train/trainer_recipe.c,
- * the only trainer file that includes train/recipe.h: recipe.h and backend.h/optim.h both define
- * enumerators named QLR_DEVICE_* / QLR_LR_*, so they cannot meet in one translation unit), the
+ * Owns: the run options a recipe turns into (qlr_train_opts, filled by train/trainer_recipe.c so
+ * that the loop works from plain options and tests can drive it without a recipe file), the
  * loop (micro-batches, gradient accumulation with grad_scale = 1 / targets of the whole step,
  * global-norm clipping, AdamW 8/32-bit, warmup + schedule, epochs or max_steps), the progress bar
  * and metrics.jsonl, eval loss every eval_steps, checkpoints and resume (train/checkpoint.h),
@@ -48,7 +47,7 @@ typedef struct qlr_train_opts {
     double num_epochs;          /* used when max_steps == 0 */
     uint64_t max_steps;
     double lr;
-    int lr_schedule;            /* qlr_lr_schedule_type (same values as the recipe's qlr_lr_scheduler) */
+    int lr_schedule;            /* qlr_lr_schedule_type (optim/optim.h) */
     double min_lr_ratio;
     uint64_t warmup_steps;
     double warmup_ratio;

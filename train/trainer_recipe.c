@@ -1,7 +1,6 @@
 /* train/trainer_recipe.c: recipe -> qlr_train_opts, and the memory-plan check before a run.
- * The only trainer file that includes train/recipe.h (its enumerators QLR_DEVICE_* and QLR_LR_*
- * clash with backend/backend.h and optim/optim.h), so the loop in trainer.c never sees recipe
- * types. Does not open models or data. */
+ * The loop in trainer.c works from qlr_train_opts only, so tests drive it without a recipe
+ * file. Does not open models or data. */
 #define _GNU_SOURCE
 #include <stdlib.h>
 #include <string.h>
@@ -94,7 +93,7 @@ qlr_status qlr_train_opts_from_recipe(const qlr_recipe *r, qlr_train_opts *o) {
     o->output_dir = strdup(path);
     o->seed = r->seed;
     o->gradient_checkpointing = r->gradient_checkpointing;
-    o->device = strdup(r->device == QLR_DEVICE_CPU ? "cpu" : r->device == QLR_DEVICE_CUDA ? "cuda" : "auto");
+    o->device = strdup(r->device == QLR_RECIPE_DEVICE_CPU ? "cpu" : r->device == QLR_RECIPE_DEVICE_CUDA ? "cuda" : "auto");
     o->progress = 1;
     o->export_gguf = 1;
     if (!o->output_dir || !o->device) goto nomem;

@@ -218,7 +218,7 @@ static void test_shapes(void) {
     CHECK_EQ_INT(p.ce_chunk, 1024);
     qlr_plan_free(&p);
     /* on the CPU: no CUDA workspaces */
-    r.device = QLR_DEVICE_CPU;
+    r.device = QLR_RECIPE_DEVICE_CPU;
     CHECK_OK(qlr_plan_build(&r, &q, &p));
     CHECK_EQ_INT(p.comp_bytes[QLR_PLAN_CUDA_CONTEXT], 0);
     CHECK_EQ_INT(p.comp_bytes[QLR_PLAN_BLAS_WS], 0);

@@ -129,7 +129,7 @@ static void test_defaults(void) {
     CHECK_EQ_INT(r.seed, 42);
     CHECK_EQ_INT(r.gradient_checkpointing, 1);
     CHECK_EQ_INT(r.bf16, QLR_BF16_AUTO);
-    CHECK_EQ_INT(r.device, QLR_DEVICE_AUTO);
+    CHECK_EQ_INT(r.device, QLR_RECIPE_DEVICE_AUTO);
     CHECK_EQ_INT(r.vram_budget, 0);
     char buf[256];
     CHECK_OK(qlr_recipe_resolve(&r, "x/y.gguf", buf, sizeof buf));
@@ -246,7 +246,7 @@ static void test_all_keys(void) {
     CHECK_EQ_INT(r.seed, 4294967295ll);
     CHECK_EQ_INT(r.gradient_checkpointing, 0);
     CHECK_EQ_INT(r.bf16, QLR_BF16_OFF);
-    CHECK_EQ_INT(r.device, QLR_DEVICE_CPU);
+    CHECK_EQ_INT(r.device, QLR_RECIPE_DEVICE_CPU);
     CHECK_EQ_INT(r.vram_budget, 24000000000ll);
 
     /* round trip: write -> parse -> equal (relative paths kept) */
