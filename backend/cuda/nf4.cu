@@ -362,15 +362,21 @@ __global__ void __launch_bounds__(MMA_WARPS * 32, 2) nf4_mma_kernel(nf4_dev w,
                 }
             }
         }
-        /* D[row][token]: c0,c1 = row g, tokens 2t, 2t+1; c2,c3 = row g + 8 */
+        /* D[row][token]: c0,c1 = row g, tokens 2t, 2t+1; c2,c3 = row g + 8. The warps add their
+         * partial sums one after another in warp order (not with atomics), so the result is
+         * bitwise the same on every run; within a warp every lane owns distinct cells. */
+        for (int wi = 0; wi < MMA_WARPS; wi++) {
+            if (warp == wi) {
 #pragma unroll
-        for (int q = 0; q < NG; q++) {
-            atomicAdd(&part[q * 8 + 2 * t][g], acc[q][0]);
-            atomicAdd(&part[q * 8 + 2 * t + 1][g], acc[q][1]);
-            atomicAdd(&part[q * 8 + 2 * t][g + 8], acc[q][2]);
-            atomicAdd(&part[q * 8 + 2 * t + 1][g + 8], acc[q][3]);
+                for (int q = 0; q < NG; q++) {
+                    part[q * 8 + 2 * t][g] += acc[q][0];
+                    part[q * 8 + 2 * t + 1][g] += acc[q][1];
+                    part[q * 8 + 2 * t][g + 8] += acc[q][2];
+                    part[q * 8 + 2 * t + 1][g + 8] += acc[q][3];
+                }
+            }
+            __syncthreads();
         }
-        __syncthreads();
         for (int idx = tid; idx < NG * 8 * 16; idx += MMA_WARPS * 32) {
             int tok = idx >> 4, lr = idx & 15, r = tile * 16 + lr;
             if (tok >= n_tok || r >= rows) continue;
