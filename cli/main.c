@@ -54,7 +54,7 @@ const char *qlr_cli_demo_model(void) {
 static void usage(FILE *f) {
     fprintf(f, "qlora %s: QLoRA fine-tuning and multi-adapter serving\n\n", QLR_VERSION);
     fprintf(f, "usage: qlora <command> [options]   (qlora <command> --help for details)\n\ncommands:\n");
-    for (int i = 0; i < g_n_cmds; i++) fprintf(f, "  %-10s %s\n", g_cmds[i]->name, g_cmds[i]->summary);
+    for (int i = 0; i < g_n_cmds; i++) fprintf(f, "  %-12s %s\n", g_cmds[i]->name, g_cmds[i]->summary);
     fprintf(f, "\nenvironment: QLR_LOG=error|warn|info|debug, QLR_THREADS=N, QLR_DEMO_MODEL=path\n");
 }
 
