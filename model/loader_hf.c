@@ -2,28 +2,25 @@
  * files, sharded through model.safetensors.index.json or not) in f32, f16 or bf16, streaming
  * tensor by tensor like the GGUF loader: widen to f32 on the host, quantize decoder linears to
  * NF4, keep embeddings/lm_head as bf16 and norms/biases as f32. HF checkpoints are already in
- * rotate-half order: no Q/K permutation. bitsandbytes 4-bit checkpoints are refused for now. */
+ * rotate-half order: no Q/K permutation. Decoder linears saved by bitsandbytes' Linear4bit
+ * (spec §1.7) are taken as stored, without re-quantization (model/loader_bnb.c); a checkpoint
+ * may mix them with unquantized linears (llm_int8_skip_modules). */
 #include <stdlib.h>
 #include <string.h>
 
 #include "core/core.h"
 #include "formats/safetensors.h"
+#include "model/loader_bnb.h"
 #include "model/model_internal.h"
 
 static qlr_status st_tensor_f32(const qlr_st_set *s, const char *dir, const char *name, int64_t d0,
                                 int64_t d1, float *buf) {
     const qlr_st_tensor *t = qlr_st_set_find(s, name);
-    if (!t) {
-        char q[512];
-        snprintf(q, sizeof q, "%s.absmax", name);
-        if (qlr_st_set_find(s, q) || qlr_st_set_find(s, "model.layers.0.self_attn.q_proj.weight.absmax"))
-            return qlr_errorf(QLR_ERR_UNSUPPORTED, "%s: tensor '%s' is a bitsandbytes 4-bit "
-                              "checkpoint; loading those is not supported yet", dir, name);
-        return qlr_errorf(QLR_ERR_NOT_FOUND, "%s: tensor '%s' is missing", dir, name);
-    }
-    if (t->dtype == QLR_ST_U8 && qlr_st_set_find(s, "model.layers.0.self_attn.q_proj.weight.absmax"))
-        return qlr_errorf(QLR_ERR_UNSUPPORTED, "%s: tensor '%s' is bitsandbytes 4-bit; loading "
-                          "those is not supported yet", dir, name);
+    if (qlr_bnb_has_quant_state(s, name))
+        return qlr_errorf(QLR_ERR_UNSUPPORTED, "%s: tensor '%s' is bitsandbytes 4-bit; only the "
+                          "decoder linears may be (embeddings, norms, biases and lm_head must be "
+                          "F32, F16 or BF16)", dir, name);
+    if (!t) return qlr_errorf(QLR_ERR_NOT_FOUND, "%s: tensor '%s' is missing", dir, name);
     int ok = d1 ? (t->n_dims == 2 && t->shape[0] == (uint64_t)d0 && t->shape[1] == (uint64_t)d1)
                 : (t->n_dims == 1 && t->shape[0] == (uint64_t)d0);
     if (!ok) {
@@ -62,6 +59,7 @@ qlr_status qlr_model_load_hf(const char *dir, qlr_model *m, const qlr_model_load
     char cfgp[4096];
     snprintf(cfgp, sizeof cfgp, "%s/config.json", dir);
     QLR_TRY(qlr_model_config_from_hf(cfgp, &m->cfg));
+    QLR_TRY(qlr_bnb_check_config(cfgp, NULL));
     qlr_model_config *c = &m->cfg;
     if (p->max_layers > 0 && p->max_layers < c->n_layers) c->n_layers = p->max_layers;
     qlr_st_set *s = NULL;
@@ -84,6 +82,7 @@ qlr_status qlr_model_load_hf(const char *dir, qlr_model *m, const qlr_model_load
     float inv[1024];
     qlr_model_rope_inv_freq(c, NULL, inv);
     if ((st = qlr_model_upload_f32(m, inv, c->head_dim / 2, &m->inv_freq)) != QLR_OK) goto done;
+    int64_t n_bnb = 0;
     int64_t total = 3 + (int64_t)c->n_layers * (9 + (c->qkv_bias ? 3 : 0)), done_n = 0;
     if (p->progress) bar = qlr_progress_begin("loading", (uint64_t)total, "tensors");
 #define STEP()                                              \
@@ -120,8 +119,13 @@ qlr_status qlr_model_load_hf(const char *dir, qlr_model *m, const qlr_model_load
             qlr_model_linear_shape(c, (qlr_linear_id)i, &o, &in);
             const char *grp = i <= QLR_LIN_O ? "self_attn" : "mlp";
             snprintf(n, sizeof n, "model.layers.%d.%s.%s.weight", l, grp, qlr_linear_hf_name((qlr_linear_id)i));
-            st = st_tensor_f32(s, dir, n, o, in, buf);
-            if (st == QLR_OK) st = qlr_model_upload_nf4(m, buf, o, in, p->double_quant, &L->w[i]);
+            if (qlr_bnb_has_quant_state(s, n)) {
+                st = qlr_model_upload_bnb(m, s, dir, n, o, in, &L->w[i]);
+                n_bnb++;
+            } else {
+                st = st_tensor_f32(s, dir, n, o, in, buf);
+                if (st == QLR_OK) st = qlr_model_upload_nf4(m, buf, o, in, p->double_quant, &L->w[i]);
+            }
             STEP();
             if (c->qkv_bias && i <= QLR_LIN_V) {
                 snprintf(n, sizeof n, "model.layers.%d.%s.%s.bias", l, grp, qlr_linear_hf_name((qlr_linear_id)i));
@@ -132,6 +136,9 @@ qlr_status qlr_model_load_hf(const char *dir, qlr_model *m, const qlr_model_load
         }
     }
 #undef STEP
+    if (n_bnb)
+        QLR_LOGI("%s: %lld of %lld decoder linears loaded as stored (bitsandbytes 4-bit nf4)", dir,
+                 (long long)n_bnb, (long long)c->n_layers * QLR_LIN_COUNT);
 done:
     if (bar) qlr_progress_end(bar);
     free(buf);
