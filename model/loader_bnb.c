@@ -3,8 +3,9 @@
  * `.nested_absmax`, `.nested_quant_map` and the JSON blob `.quant_state.bitsandbytes__nf4` are
  * validated against each other and against the expected [out, in], then the stored bytes go
  * into the NF4 store unchanged (no re-quantization). The backends decode with the built-in NF4
- * table and signed dynamic map, so a checkpoint whose maps differ (beyond 1 ulp) is refused
- * by name rather than silently decoded with other values. Also the config.json
+ * table and signed dynamic map (bitsandbytes' own values, bit for bit), so a checkpoint whose
+ * maps differ in any bit is refused naming the entry rather than decoded with other values. Also
+ * the config.json
  * quantization_config check. The unpacked quant-state form (quant_type, blocksize, ... as
  * separate items) cannot occur in safetensors, which hold only tensors, so it is not read. */
 #include <math.h>
@@ -84,7 +85,8 @@ static qlr_status check_1d(const char *src, const char *weight, const char *key,
                       (unsigned long long)n, why ? why : "");
 }
 
-/* Distance in units in the last place between two finite floats (UINT32_MAX for NaN/inf). */
+/* Distance in units in the last place between two finite floats (UINT32_MAX for NaN/inf);
+ * only for the message: any difference refuses. */
 static uint32_t ulps(float a, float b) {
     if (!isfinite(a) || !isfinite(b)) return UINT32_MAX;
     int32_t ia, ib;
@@ -97,43 +99,32 @@ static uint32_t ulps(float a, float b) {
     return d > (int64_t)UINT32_MAX ? UINT32_MAX : (uint32_t)d;
 }
 
-/* Compares a stored f32 map (possibly unaligned bytes) with ours. Returns the number of
- * entries that are not bit-identical; *worst gets the index of the largest distance and
- * *worst_ulps that distance. */
-static int map_compare(const void *data, const float *ref, int n, int *worst, uint32_t *worst_ulps,
-                       float *worst_val) {
-    const uint8_t *p = data;
-    int diff = 0;
-    *worst = -1;
-    *worst_ulps = 0;
+/* The stored f32 map t (n entries, possibly unaligned bytes) must equal ref bit for bit: the
+ * tables are bitsandbytes' own (quant/dynmap.c, quant/nf4.c), so a real checkpoint matches
+ * exactly and anything else (even one ulp, even -0 for +0) is another map. Returns
+ * QLR_ERR_UNSUPPORTED naming the key and the first differing entry, else QLR_OK. */
+static qlr_status check_map(const char *src, const char *weight, const char *key,
+                            const qlr_st_tensor *t, const float *ref, int n, const char *what) {
+    const uint8_t *p = t->data;
+    int first = -1, diff = 0;
+    float fv = 0;
     for (int i = 0; i < n; i++) {
         float v;
         memcpy(&v, p + 4 * (size_t)i, 4);
-        uint32_t u = ulps(v, ref[i]);
-        if (memcmp(&v, &ref[i], 4) != 0) diff++;
-        if (u > *worst_ulps || (*worst < 0 && memcmp(&v, &ref[i], 4) != 0)) {
-            *worst = i, *worst_ulps = u, *worst_val = v;
-        }
+        if (memcmp(&v, &ref[i], 4) == 0) continue;
+        if (first < 0) first = i, fv = v;
+        diff++;
     }
-    return diff;
-}
-
-static qlr_status check_map(const char *src, const char *weight, const char *key,
-                            const qlr_st_tensor *t, const float *ref, int n, const char *what) {
-    int worst;
-    uint32_t wu;
-    float wv = 0;
-    int diff = map_compare(t->data, ref, n, &worst, &wu, &wv);
-    if (!diff) return QLR_OK;
-    if (wu <= 1) {
-        QLR_LOGW("%s: bitsandbytes 4-bit weight '%s': key '%s': %d entries differ from %s by one "
-                 "ulp; decoding with the built-in map (absmax may differ in its last bit)", src,
-                 weight, key, diff, what);
-        return QLR_OK;
-    }
+    if (first < 0) return QLR_OK;
+    uint32_t u = ulps(fv, ref[first]);
+    char dist[48];
+    if (u == UINT32_MAX) snprintf(dist, sizeof dist, "not finite");
+    else if (u == 0) snprintf(dist, sizeof dist, "sign of zero differs");
+    else snprintf(dist, sizeof dist, "%lu ulp%s apart", (unsigned long)u, u == 1 ? "" : "s");
     return qlr_errorf(QLR_ERR_UNSUPPORTED, "%s: bitsandbytes 4-bit weight '%s': key '%s' is not %s "
-                      "(entry %d is %.9g, expected %.9g); only that map is supported", src, weight,
-                      key, what, worst, (double)wv, (double)ref[worst]);
+                      "(entry %d is %.9g, expected %.9g, %s; %d of %d entries differ); only that "
+                      "map, bit for bit, is supported", src, weight, key, what, first, (double)fv,
+                      (double)ref[first], dist, diff, n);
 }
 
 /* ---- the view ---- */

@@ -28,10 +28,10 @@ qlr_status qlr_bnb_check_config(const char *config_path, int *is_bnb4);
  * quant_type "nf4" — fp4 refused by name; blocksize 64 — others QLR_ERR_UNSUPPORTED; dtype
  * float32/float16/bfloat16; shape == [rows, cols]; when nested nested_blocksize 256,
  * nested_dtype float32, nested_offset finite), every tensor's dtype and size against the shape
- * (overflow-checked), quant_map == the NF4 table and nested_quant_map == our signed dynamic map
- * (both within 1 ulp per entry, with a warning when not bit-identical; the CPU and CUDA
- * backends decode with the built-in maps, so a map that differs more is refused naming the
- * tensor). `src` (the folder) starts every message; messages name the weight and the key.
+ * (overflow-checked), quant_map == the NF4 table and nested_quant_map == the signed dynamic map
+ * (qlr_dynmap_signed, bitsandbytes' own values), both bit for bit: the CPU and CUDA backends
+ * decode with the built-in maps, so a map that differs in any entry (even by one ulp) is
+ * refused with QLR_ERR_UNSUPPORTED naming the key and the first differing entry. `src` (the folder) starts every message; messages name the weight and the key.
  * The nested state is the store's dq = 1 form; a non-nested one gives dq = 0 (f32 absmax). */
 qlr_status qlr_bnb_nf4_view(const qlr_st_set *s, const char *src, const char *weight, int64_t rows,
                             int64_t cols, qlr_nf4 *out);

@@ -1,8 +1,8 @@
-/* quant/dynmap.h: bitsandbytes' 8-bit dynamic maps (spec §2.2, Appendix A) and blockwise 8-bit
+/* quant/dynmap.h: bitsandbytes' 8-bit dynamic maps (spec §2.2) and blockwise 8-bit
  * quantization over a 256-entry map: the scheme of NF4 double quantization (signed map, block
  * 256) and of the 8-bit AdamW states (signed map for m, unsigned for v, block 256). The tables
- * themselves (qlr_dynmap_signed / qlr_dynmap_unsigned) and qlr_dynmap_nearest are declared in
- * quant/nf4.h. */
+ * themselves (qlr_dynmap_signed / qlr_dynmap_unsigned, bitsandbytes' own values as measured, see
+ * tests/data/quant/bnb_dynmap.txt) and qlr_dynmap_nearest are declared in quant/nf4.h. */
 #ifndef QLR_QUANT_DYNMAP_H
 #define QLR_QUANT_DYNMAP_H
 
@@ -10,9 +10,10 @@
 
 #include "core/status.h"
 
-/* Computes bnb's create_dynamic_map(signed, max_exponent_bits=7, total_bits=8) in float32
- * (torch.linspace's scalar path), sorted ascending. Equals the literal tables bit for bit.
- * Cannot fail. */
+/* Emulates bnb's create_dynamic_map(signed, max_exponent_bits=7, total_bits=8) in float32
+ * (torch.linspace's scalar path), sorted ascending: the §2.2 algorithm, equal to spec Appendix A.
+ * It is NOT the table in use: it is within 2 ulps of qlr_dynmap_signed / qlr_dynmap_unsigned
+ * (bnb's measured values) but differs from them in 42 / 31 entries. Cannot fail. */
 void qlr_dynmap_create(int is_signed, float out[256]);
 
 /* Blockwise 8-bit quantization of x[n] over `map` (256 entries, ascending):

@@ -1,6 +1,7 @@
 /* tests/optim/test_adamw.c: AdamW (8-bit blockwise as bitsandbytes, bnb 32-bit, PyTorch
  * 32-bit). The 8-bit step is compared with tests/data/optim/adamw8bit_ref.bin, written by
- * tests/tools/adamw8bit_ref.py from the spec text alone; the rest are checks computed by hand
+ * tests/tools/adamw8bit_ref.py from the spec text alone (with bitsandbytes' measured maps,
+ * tests/data/quant/bnb_dynmap.txt); the rest are checks computed by hand
  * here: one-element steps, bias correction at t = 1, weight-decay order, the 4096 threshold,
  * the state1 sign fix, non-finite gradients, all-zero blocks, serialization round trips and a
  * least-squares problem that 8-bit AdamW must solve about as well as 32-bit AdamW. */
@@ -61,7 +62,7 @@ static void test_reference_file(void) {
     memcpy(&hp.eps, b + 32, 4);
     memcpy(&hp.weight_decay, b + 36, 4);
     size_t off = 40;
-    /* the maps the script built from §2.2 must be our tables, bit for bit */
+    /* the maps the script read from tests/data/quant/bnb_dynmap.txt must be our tables, bit for bit */
     CHECK(memcmp(b + off, Q1, 1024) == 0);
     CHECK(memcmp(b + off + 1024, Q2, 1024) == 0);
     off += 2048;

@@ -2,9 +2,11 @@
 """tests/tools/adamw8bit_ref.py: an independent reference for bitsandbytes' blockwise 8-bit
 AdamW, written from the text of ../shared/specs/FORMATS.md §2.2-2.3 (not from our C code).
 
-It builds the dynamic maps with the §2.2 algorithm, generates a deterministic input (5000
-parameters, 3 steps of gradients, some of them NaN/Inf), runs §2.3 in IEEE float32 and writes
-tests/data/optim/adamw8bit_ref.bin, which tests/optim/test_adamw.c compares against.
+It reads the dynamic maps (qmap1 signed, qmap2 unsigned) as bitsandbytes itself computes them from
+tests/data/quant/bnb_dynmap.txt (measured from bitsandbytes 0.50.2; the §2.2 float32 emulation
+differs from them by up to 2 ulps in 73 entries, so it is not used), generates a deterministic
+input (5000 parameters, 3 steps of gradients, some of them NaN/Inf), runs §2.3 in IEEE float32
+and writes tests/data/optim/adamw8bit_ref.bin, which tests/optim/test_adamw.c compares against.
 
 Float32 is emulated in pure Python: every +, -, *, /, sqrt of float32 inputs is done in double
 and rounded to float32, which equals the correctly rounded float32 result (double has more than
@@ -39,7 +41,6 @@ Usage: python3 tests/tools/adamw8bit_ref.py [OUT]   (default: tests/data/optim/a
 """
 import math
 import os
-import re
 import struct
 import sys
 
@@ -58,50 +59,27 @@ def f32(x):
 
 # ---------------------------------------------------------------- §2.2 dynamic maps
 
-def linspace_f32(start, end, steps):
-    """torch.linspace in float32, scalar path: first half from start, second half from end."""
-    start, end = f32(start), f32(end)
-    step = f32((end - start) / (steps - 1))
-    out = []
-    half = steps // 2
-    for i in range(steps):
-        if i < half:
-            out.append(f32(start + f32(i * step)))
-        else:
-            out.append(f32(end - f32((steps - 1 - i) * step)))
-    return out
-
-
-def dynamic_map(signed):
-    vals = []
-    for i in range(7):
-        k = 2 ** i if signed else 2 ** (i + 1)
-        pts = linspace_f32(0.1, 1.0, k + 1)
-        mids = [f32(f32(pts[j] + pts[j + 1]) / 2.0) for j in range(k)]
-        scale = f32(10.0 ** (i - 6))
-        for mval in mids:
-            vals.append(f32(scale * mval))
-            if signed:
-                vals.append(f32(-scale * mval))
-    vals += [0.0, 1.0]
-    assert len(vals) == 256, len(vals)
-    return sorted(vals)
-
-
-def appendix_a(spec_path):
-    """The two tables printed in Appendix A of the spec, or None when the spec is not found."""
-    if not os.path.exists(spec_path):
-        return None
-    text = open(spec_path, encoding="utf-8").read()
-    out = []
-    for title in ("### A.1", "### A.2"):
-        at = text.index(title)
-        block = text[at:text.index("```", text.index("```", at) + 3)]
-        table = {}
-        for idx, val in re.findall(r"(\d+):\s*([-+0-9.eE]+)", block):
-            table[int(idx)] = f32(float(val))
-        out.append([table[i] for i in range(256)])
-    return out
+def bnb_maps(path):
+    """bitsandbytes' signed and unsigned dynamic maps from tests/data/quant/bnb_dynmap.txt
+    (lines "index signed-hex unsigned-hex signed-%.9g unsigned-%.9g", '#' comments)."""
+    sgn, uns = [], []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("#") or not line.strip():
+                continue
+            idx, hs, hu, ds, du = line.split()
+            s, u = float.fromhex(hs), float.fromhex(hu)
+            if int(idx) != len(sgn) or f32(s) != s or f32(u) != u:
+                sys.exit(f"{path}: bad line {line.strip()!r}")
+            if "%.9g" % s != ds or "%.9g" % u != du:
+                sys.exit(f"{path}: decimal columns disagree with the hex ones: {line.strip()!r}")
+            sgn.append(s)
+            uns.append(u)
+    if len(sgn) != 256 or sgn != sorted(sgn) or uns != sorted(uns):
+        sys.exit(f"{path}: expected 256 ascending entries per map")
+    if sgn[127] != 0.0 or sgn[255] != 1.0 or uns[0] != 0.0 or uns[255] != 1.0:
+        sys.exit(f"{path}: landmarks of §2.2 (0.0 and 1.0) not where expected")
+    return sgn, uns
 
 
 # ---------------------------------------------------------------- §2.3 one step
@@ -210,14 +188,7 @@ def main():
     root = os.path.normpath(os.path.join(here, "..", ".."))
     out_path = sys.argv[1] if len(sys.argv) > 1 else os.path.join(root, "tests", "data", "optim",
                                                                   "adamw8bit_ref.bin")
-    q1, q2 = dynamic_map(True), dynamic_map(False)
-    spec = appendix_a(os.path.join(root, "..", "shared", "specs", "FORMATS.md"))
-    if spec is not None:
-        d1 = sum(1 for a, b in zip(q1, spec[0]) if a != b)
-        d2 = sum(1 for a, b in zip(q2, spec[1]) if a != b)
-        print(f"maps vs spec Appendix A: {d1} signed and {d2} unsigned entries differ")
-        if d1 or d2:
-            sys.exit("generated maps disagree with Appendix A; fix the generator first")
+    q1, q2 = bnb_maps(os.path.join(root, "tests", "data", "quant", "bnb_dynmap.txt"))
     mids1 = [f32(f32(q1[j] + q1[j + 1]) * 0.5) for j in range(255)]
     mids2 = [f32(f32(q2[j] + q2[j + 1]) * 0.5) for j in range(255)]
 
