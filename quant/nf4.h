@@ -17,9 +17,10 @@
 
 /* The 16 NF4 code values (spec §1.1), index = code. */
 extern const float qlr_nf4_table[16];
-/* bnb's signed dynamic map (spec §2.2 / Appendix A.1), 256 entries ascending. */
+/* bnb's signed dynamic map, 256 entries ascending: the values bitsandbytes itself computes (see
+ * quant/dynmap.c; within 2 ulps of the spec's Appendix A.1 emulation, not equal to it). */
 extern const float qlr_dynmap_signed[256];
-/* bnb's unsigned dynamic map (Appendix A.2). */
+/* bnb's unsigned dynamic map, likewise (Appendix A.2 is the emulation). */
 extern const float qlr_dynmap_unsigned[256];
 
 /* One NF4-quantized matrix [rows, cols] (PyTorch [out, in]). Host memory unless a backend
