@@ -5,6 +5,8 @@
 #ifndef QLR_BACKEND_CPU_INTERNAL_H
 #define QLR_BACKEND_CPU_INTERNAL_H
 
+#include <math.h>
+
 #include "backend/backend.h"
 
 #define QLR_CPU_MAX_THREADS 256
@@ -91,5 +93,19 @@ qlr_status qlr_cpu_lm_head_ce(qlr_backend *be, float *loss, void *dx, float *log
                               int64_t vocab, float grad_scale);
 qlr_status qlr_cpu_dropout(qlr_backend *be, void *y, const void *x, int64_t n, float p,
                            uint64_t seed);
+
+/* Softmax over scores already in w[0..n) whose maximum is mx, in place: w[p] = exp(w[p] - mx) / sum.
+ * Returns the log-sum-exp mx + log(sum). Shared by the cache and varlen attention ops so both
+ * round identically. */
+static inline float qlr_cpu_softmax_inplace(float *w, int64_t n, float mx) {
+    float sum = 0.0f;
+    for (int64_t p = 0; p < n; p++) {
+        w[p] = expf(w[p] - mx);
+        sum += w[p];
+    }
+    float inv = 1.0f / sum;
+    for (int64_t p = 0; p < n; p++) w[p] *= inv;
+    return mx + logf(sum);
+}
 
 #endif

@@ -76,13 +76,7 @@ static int64_t att_probs(const att_ctx *c, int64_t t, int64_t h, float *w) {
         w[p] = d;
         if (d > mx) mx = d;
     }
-    float sum = 0.0f;
-    for (int64_t p = 0; p < np; p++) {
-        w[p] = expf(w[p] - mx);
-        sum += w[p];
-    }
-    float inv = 1.0f / sum;
-    for (int64_t p = 0; p < np; p++) w[p] *= inv;
+    qlr_cpu_softmax_inplace(w, np, mx);
     return np;
 }
 

@@ -37,14 +37,7 @@ static int64_t vatt_probs(const vatt_ctx *c, int64_t t, int64_t h, float *w, flo
         w[p] = d;
         if (d > mx) mx = d;
     }
-    float sum = 0.0f;
-    for (int64_t p = 0; p < np; p++) {
-        w[p] = expf(w[p] - mx);
-        sum += w[p];
-    }
-    float inv = 1.0f / sum;
-    for (int64_t p = 0; p < np; p++) w[p] *= inv;
-    *lse = mx + logf(sum);
+    *lse = qlr_cpu_softmax_inplace(w, np, mx);
     return np;
 }
 
