@@ -10,6 +10,7 @@
 #include "core/log.h"
 #include "core/progress.h"
 #include "core/status.h"
+#include "core/strbuf.h"
 #include "core/threads.h"
 
 #endif

@@ -3,6 +3,7 @@
  * jansson does all parsing; the writer is ours only because jansson prints reals with 17
  * significant digits (0.05 -> 0.050000000000000003), which PEFT's files never contain. */
 #include "formats/json.h"
+#include "core/strbuf.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -224,28 +225,6 @@ qlr_status qlr_json_get_array_opt(const json_t *obj, const char *src, const char
 
 /* ---- pretty writer ---------------------------------------------------------------------- */
 
-typedef struct sbuf {
-    char *p;
-    size_t n, cap;
-    int oom;
-} sbuf;
-
-static void sb_put(sbuf *b, const char *s, size_t n) {
-    if (b->oom) return;
-    if (b->n + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 256;
-        while (cap < b->n + n + 1) cap *= 2;
-        char *p = realloc(b->p, cap);
-        if (!p) { b->oom = 1; return; }
-        b->p = p;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->n, s, n);
-    b->n += n;
-    b->p[b->n] = 0;
-}
-static void sb_puts(sbuf *b, const char *s) { sb_put(b, s, strlen(s)); }
-
 /* Decodes one UTF-8 sequence (jansson guarantees valid UTF-8 in strings). */
 static size_t utf8_next(const unsigned char *s, size_t n, uint32_t *cp) {
     unsigned c = s[0];
@@ -259,9 +238,9 @@ static size_t utf8_next(const unsigned char *s, size_t n, uint32_t *cp) {
 
 /* Python's ensure_ascii string escaping: \" \\ \n \r \t \b \f, other controls and every
  * non-ASCII code point as \uXXXX (lowercase hex, surrogate pairs above U+FFFF). */
-static void put_string(sbuf *b, const char *s, size_t n) {
+static void put_string(qlr_strbuf *b, const char *s, size_t n) {
     char tmp[16];
-    sb_put(b, "\"", 1);
+    qlr_strbuf_put(b, "\"", 1);
     size_t i = 0;
     while (i < n) {
         unsigned char c = (unsigned char)s[i];
@@ -270,20 +249,20 @@ static void put_string(sbuf *b, const char *s, size_t n) {
             while (j < n && (unsigned char)s[j] >= 0x20 && (unsigned char)s[j] < 0x7F &&
                    s[j] != '"' && s[j] != '\\')
                 j++;
-            sb_put(b, s + i, j - i);
+            qlr_strbuf_put(b, s + i, j - i);
             i = j;
             continue;
         }
         uint32_t cp;
         i += utf8_next((const unsigned char *)s + i, n - i, &cp);
         switch (cp) {
-        case '"': sb_puts(b, "\\\""); break;
-        case '\\': sb_puts(b, "\\\\"); break;
-        case '\n': sb_puts(b, "\\n"); break;
-        case '\r': sb_puts(b, "\\r"); break;
-        case '\t': sb_puts(b, "\\t"); break;
-        case '\b': sb_puts(b, "\\b"); break;
-        case '\f': sb_puts(b, "\\f"); break;
+        case '"': qlr_strbuf_puts(b, "\\\""); break;
+        case '\\': qlr_strbuf_puts(b, "\\\\"); break;
+        case '\n': qlr_strbuf_puts(b, "\\n"); break;
+        case '\r': qlr_strbuf_puts(b, "\\r"); break;
+        case '\t': qlr_strbuf_puts(b, "\\t"); break;
+        case '\b': qlr_strbuf_puts(b, "\\b"); break;
+        case '\f': qlr_strbuf_puts(b, "\\f"); break;
         default:
             if (cp >= 0x10000) {
                 uint32_t v = cp - 0x10000;
@@ -291,15 +270,15 @@ static void put_string(sbuf *b, const char *s, size_t n) {
             } else {
                 snprintf(tmp, sizeof(tmp), "\\u%04x", cp);
             }
-            sb_puts(b, tmp);
+            qlr_strbuf_puts(b, tmp);
         }
     }
-    sb_put(b, "\"", 1);
+    qlr_strbuf_put(b, "\"", 1);
 }
 
 /* Python repr(float): the shortest digits that round-trip; positional notation when the
  * decimal exponent e is in [-5, 16) with ".0" added to integers, else d[.ddd]e+XX. */
-static void put_real(sbuf *b, double x) {
+static void put_real(qlr_strbuf *b, double x) {
     char tmp[40];
     int prec = 1;
     for (; prec <= 17; prec++) {
@@ -339,27 +318,27 @@ static void put_real(sbuf *b, double x) {
         else
             out[o++] = '0';
     }
-    sb_put(b, out, o);
+    qlr_strbuf_put(b, out, o);
 }
 
-static void put_indent(sbuf *b, int depth) {
-    sb_put(b, "\n", 1);
-    for (int i = 0; i < depth; i++) sb_put(b, "  ", 2);
+static void put_indent(qlr_strbuf *b, int depth) {
+    qlr_strbuf_put(b, "\n", 1);
+    for (int i = 0; i < depth; i++) qlr_strbuf_put(b, "  ", 2);
 }
 
 static int cmp_key(const void *a, const void *b) {
     return strcmp(*(const char *const *)a, *(const char *const *)b);
 }
 
-static qlr_status put_value(sbuf *b, const json_t *v, int depth) {
+static qlr_status put_value(qlr_strbuf *b, const json_t *v, int depth) {
     char tmp[32];
     switch (json_typeof(v)) {
-    case JSON_NULL: sb_puts(b, "null"); return QLR_OK;
-    case JSON_TRUE: sb_puts(b, "true"); return QLR_OK;
-    case JSON_FALSE: sb_puts(b, "false"); return QLR_OK;
+    case JSON_NULL: qlr_strbuf_puts(b, "null"); return QLR_OK;
+    case JSON_TRUE: qlr_strbuf_puts(b, "true"); return QLR_OK;
+    case JSON_FALSE: qlr_strbuf_puts(b, "false"); return QLR_OK;
     case JSON_INTEGER:
         snprintf(tmp, sizeof(tmp), "%" JSON_INTEGER_FORMAT, json_integer_value(v));
-        sb_puts(b, tmp);
+        qlr_strbuf_puts(b, tmp);
         return QLR_OK;
     case JSON_REAL: {
         double d = json_real_value(v);
@@ -372,20 +351,20 @@ static qlr_status put_value(sbuf *b, const json_t *v, int depth) {
         return QLR_OK;
     case JSON_ARRAY: {
         size_t n = json_array_size(v);
-        if (n == 0) { sb_puts(b, "[]"); return QLR_OK; }
-        sb_puts(b, "[");
+        if (n == 0) { qlr_strbuf_puts(b, "[]"); return QLR_OK; }
+        qlr_strbuf_puts(b, "[");
         for (size_t i = 0; i < n; i++) {
-            if (i) sb_puts(b, ",");
+            if (i) qlr_strbuf_puts(b, ",");
             put_indent(b, depth + 1);
             QLR_TRY(put_value(b, json_array_get(v, i), depth + 1));
         }
         put_indent(b, depth);
-        sb_puts(b, "]");
+        qlr_strbuf_puts(b, "]");
         return QLR_OK;
     }
     case JSON_OBJECT: {
         size_t n = json_object_size(v);
-        if (n == 0) { sb_puts(b, "{}"); return QLR_OK; }
+        if (n == 0) { qlr_strbuf_puts(b, "{}"); return QLR_OK; }
         const char **keys = malloc(n * sizeof(*keys));
         if (!keys) return qlr_errorf(QLR_ERR_NOMEM, "json: out of memory");
         size_t k = 0;
@@ -393,19 +372,19 @@ static qlr_status put_value(sbuf *b, const json_t *v, int depth) {
         json_t *val;
         json_object_foreach((json_t *)v, key, val) keys[k++] = key;
         qsort(keys, k, sizeof(*keys), cmp_key);
-        sb_puts(b, "{");
+        qlr_strbuf_puts(b, "{");
         qlr_status st = QLR_OK;
         for (size_t i = 0; i < k && st == QLR_OK; i++) {
-            if (i) sb_puts(b, ",");
+            if (i) qlr_strbuf_puts(b, ",");
             put_indent(b, depth + 1);
             put_string(b, keys[i], strlen(keys[i]));
-            sb_puts(b, ": ");
+            qlr_strbuf_puts(b, ": ");
             st = put_value(b, json_object_get(v, keys[i]), depth + 1);
         }
         free(keys);
         QLR_TRY(st);
         put_indent(b, depth);
-        sb_puts(b, "}");
+        qlr_strbuf_puts(b, "}");
         return QLR_OK;
     }
     }
@@ -415,10 +394,10 @@ static qlr_status put_value(sbuf *b, const json_t *v, int depth) {
 qlr_status qlr_json_dump_pretty(const json_t *v, char **out, size_t *n) {
     QLR_ASSERT(v != NULL && out != NULL);
     *out = NULL;
-    sbuf b = {0};
+    qlr_strbuf b = {0};
     qlr_status st = put_value(&b, v, 0);
     if (st == QLR_OK && b.oom) st = qlr_errorf(QLR_ERR_NOMEM, "json: out of memory while writing");
-    if (st == QLR_OK && !b.p) sb_put(&b, "", 0);
+    if (st == QLR_OK && !b.p) qlr_strbuf_put(&b, "", 0);
     if (st != QLR_OK || b.oom) {
         free(b.p);
         return st != QLR_OK ? st : qlr_errorf(QLR_ERR_NOMEM, "json: out of memory while writing");

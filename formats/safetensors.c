@@ -3,6 +3,7 @@
  * JSON parsing is jansson's through formats/json.h; this file owns the format rules only.
  * It does not convert dtypes: tensors are exposed as mapped bytes. */
 #include "formats/safetensors.h"
+#include "core/strbuf.h"
 
 #include <dirent.h>
 #include <stdlib.h>
@@ -851,51 +852,30 @@ qlr_status qlr_st_writer_add(qlr_st_writer *w, const char *name, qlr_st_dtype dt
     return QLR_OK;
 }
 
-typedef struct hbuf {
-    char *p;
-    size_t n, cap;
-    int oom;
-} hbuf;
-
-static void hb_put(hbuf *b, const char *s, size_t n) {
-    if (b->oom) return;
-    if (b->n + n + 8 > b->cap) {
-        size_t cap = b->cap ? b->cap : 1024;
-        while (cap < b->n + n + 8) cap *= 2;
-        char *p = realloc(b->p, cap);
-        if (!p) { b->oom = 1; return; }
-        b->p = p;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->n, s, n);
-    b->n += n;
-}
-static void hb_puts(hbuf *b, const char *s) { hb_put(b, s, strlen(s)); }
-
 /* serde_json string escaping: \" \\ \b \f \n \r \t, other controls \u00xx, the rest as is. */
-static void hb_string(hbuf *b, const char *s) {
+static void hb_string(qlr_strbuf *b, const char *s) {
     char tmp[8];
-    hb_put(b, "\"", 1);
+    qlr_strbuf_put(b, "\"", 1);
     for (; *s; s++) {
         unsigned char c = (unsigned char)*s;
         switch (c) {
-        case '"': hb_puts(b, "\\\""); break;
-        case '\\': hb_puts(b, "\\\\"); break;
-        case '\b': hb_puts(b, "\\b"); break;
-        case '\f': hb_puts(b, "\\f"); break;
-        case '\n': hb_puts(b, "\\n"); break;
-        case '\r': hb_puts(b, "\\r"); break;
-        case '\t': hb_puts(b, "\\t"); break;
+        case '"': qlr_strbuf_puts(b, "\\\""); break;
+        case '\\': qlr_strbuf_puts(b, "\\\\"); break;
+        case '\b': qlr_strbuf_puts(b, "\\b"); break;
+        case '\f': qlr_strbuf_puts(b, "\\f"); break;
+        case '\n': qlr_strbuf_puts(b, "\\n"); break;
+        case '\r': qlr_strbuf_puts(b, "\\r"); break;
+        case '\t': qlr_strbuf_puts(b, "\\t"); break;
         default:
             if (c < 0x20) {
                 snprintf(tmp, sizeof(tmp), "\\u%04x", c);
-                hb_puts(b, tmp);
+                qlr_strbuf_puts(b, tmp);
             } else {
-                hb_put(b, (const char *)&c, 1);
+                qlr_strbuf_put(b, (const char *)&c, 1);
             }
         }
     }
-    hb_put(b, "\"", 1);
+    qlr_strbuf_put(b, "\"", 1);
 }
 
 static int cmp_wtensor(const void *a, const void *b) {
@@ -905,37 +885,37 @@ static int cmp_wtensor(const void *a, const void *b) {
 }
 
 /* Header text and the tensors in data order (*order, malloc'ed). */
-static qlr_status build_header(qlr_st_writer *w, hbuf *b, wtensor ***order) {
+static qlr_status build_header(qlr_st_writer *w, qlr_strbuf *b, wtensor ***order) {
     char tmp[64];
     wtensor **o = malloc((w->n ? w->n : 1) * sizeof(*o));
     if (!o) return qlr_errorf(QLR_ERR_NOMEM, "safetensors writer: out of memory");
     for (size_t i = 0; i < w->n; i++) o[i] = &w->t[i];
     qsort(o, w->n, sizeof(*o), cmp_wtensor);
-    hb_puts(b, "{");
+    qlr_strbuf_puts(b, "{");
     int first = 1;
     if (w->n_meta) {
-        hb_puts(b, "\"__metadata__\":{");
+        qlr_strbuf_puts(b, "\"__metadata__\":{");
         for (size_t i = 0; i < w->n_meta; i++) {
-            if (i) hb_puts(b, ",");
+            if (i) qlr_strbuf_puts(b, ",");
             hb_string(b, w->meta_k[i]);
-            hb_puts(b, ":");
+            qlr_strbuf_puts(b, ":");
             hb_string(b, w->meta_v[i]);
         }
-        hb_puts(b, "}");
+        qlr_strbuf_puts(b, "}");
         first = 0;
     }
     uint64_t off = 0;
     for (size_t i = 0; i < w->n; i++) {
         wtensor *t = o[i];
-        if (!first) hb_puts(b, ",");
+        if (!first) qlr_strbuf_puts(b, ",");
         first = 0;
         hb_string(b, t->name);
-        hb_puts(b, ":{\"dtype\":\"");
-        hb_puts(b, k_dtypes[t->dtype].name);
-        hb_puts(b, "\",\"shape\":[");
+        qlr_strbuf_puts(b, ":{\"dtype\":\"");
+        qlr_strbuf_puts(b, k_dtypes[t->dtype].name);
+        qlr_strbuf_puts(b, "\",\"shape\":[");
         for (uint32_t d = 0; d < t->n_dims; d++) {
             snprintf(tmp, sizeof(tmp), "%s%llu", d ? "," : "", (unsigned long long)t->shape[d]);
-            hb_puts(b, tmp);
+            qlr_strbuf_puts(b, tmp);
         }
         uint64_t end;
         if (!qlr_add_ok(off, t->nbytes, &end)) {
@@ -944,11 +924,11 @@ static qlr_status build_header(qlr_st_writer *w, hbuf *b, wtensor ***order) {
         }
         snprintf(tmp, sizeof(tmp), "],\"data_offsets\":[%llu,%llu]}", (unsigned long long)off,
                  (unsigned long long)end);
-        hb_puts(b, tmp);
+        qlr_strbuf_puts(b, tmp);
         off = end;
     }
-    hb_puts(b, "}");
-    while (b->n % 8) hb_puts(b, " ");
+    qlr_strbuf_puts(b, "}");
+    while (b->n % 8) qlr_strbuf_puts(b, " ");
     if (b->oom) {
         free(o);
         return qlr_errorf(QLR_ERR_NOMEM, "safetensors writer: out of memory");
@@ -958,7 +938,7 @@ static qlr_status build_header(qlr_st_writer *w, hbuf *b, wtensor ***order) {
 }
 
 qlr_status qlr_st_writer_header(qlr_st_writer *w, char **out, size_t *n) {
-    hbuf b = {0};
+    qlr_strbuf b = {0};
     wtensor **o = NULL;
     qlr_status st = build_header(w, &b, &o);
     free(o);
@@ -972,7 +952,7 @@ qlr_status qlr_st_writer_header(qlr_st_writer *w, char **out, size_t *n) {
 }
 
 qlr_status qlr_st_writer_write(qlr_st_writer *w, const char *path) {
-    hbuf b = {0};
+    qlr_strbuf b = {0};
     wtensor **o = NULL;
     qlr_status st = build_header(w, &b, &o);
     if (st != QLR_OK) {

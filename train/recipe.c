@@ -6,6 +6,7 @@
  * Cross-key rules (required keys, exclusive pairs, per-dataset-type fields) live in
  * validate(). YAML syntax is formats/yaml.c's business. */
 #include "train/recipe.h"
+#include "core/strbuf.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -888,41 +889,17 @@ int qlr_recipe_equal(const qlr_recipe *a, const qlr_recipe *b) {
     return 1;
 }
 
-typedef struct sbuf {
-    char *p;
-    size_t n, cap;
-    int oom;
-} sbuf;
-
-static void sb_printf(sbuf *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void sb_printf(sbuf *s, const char *fmt, ...) {
-    if (s->oom) return;
-    for (;;) {
-        va_list ap;
-        va_start(ap, fmt);
-        int k = vsnprintf(s->p ? s->p + s->n : NULL, s->p ? s->cap - s->n : 0, fmt, ap);
-        va_end(ap);
-        if (k < 0) { s->oom = 1; return; }
-        if (s->p && s->n + (size_t)k < s->cap) { s->n += (size_t)k; return; }
-        size_t nc = (s->cap ? s->cap * 2 : 4096) + (size_t)k;
-        char *np = realloc(s->p, nc);
-        if (!np) { s->oom = 1; return; }
-        s->p = np;
-        s->cap = nc;
-    }
-}
-
-static void sb_quoted(sbuf *s, const char *str) {
+static void sb_quoted(qlr_strbuf *s, const char *str) {
     size_t need = qlr_yaml_quote(NULL, 0, str);
     char *q = malloc(need + 1);
     if (!q) { s->oom = 1; return; }
     qlr_yaml_quote(q, need + 1, str);
-    sb_printf(s, "%s", q);
+    qlr_strbuf_printf(s, "%s", q);
     free(q);
 }
 
 /* A path field, resolved when asked and it is relative (base_model only if it exists). */
-static void sb_path(sbuf *s, const qlr_recipe *r, const char *p, int absolute, int only_if_exists) {
+static void sb_path(qlr_strbuf *s, const qlr_recipe *r, const char *p, int absolute, int only_if_exists) {
     char buf[4096];
     if (absolute && p[0] != '/' && qlr_recipe_resolve(r, p, buf, sizeof buf) == QLR_OK &&
         (!only_if_exists || qlr_path_exists(buf))) {
@@ -932,71 +909,71 @@ static void sb_path(sbuf *s, const qlr_recipe *r, const char *p, int absolute, i
     } else sb_quoted(s, p);
 }
 
-static void emit(sbuf *s, const qlr_recipe *r, int absolute, int comments) {
-    if (comments) sb_printf(s, "# qlora recipe (effective values; every key written)\n");
+static void emit(qlr_strbuf *s, const qlr_recipe *r, int absolute, int comments) {
+    if (comments) qlr_strbuf_printf(s, "# qlora recipe (effective values; every key written)\n");
     for (int i = 0; i < N_KEYS; i++) {
         const key_def *k = &g_keys[i];
         const char *p = (const char *)r + k->off;
         char v[64];
         size_t start = s->n;
-        sb_printf(s, "%s: ", k->name);
+        qlr_strbuf_printf(s, "%s: ", k->name);
         switch (k->kind) {
         case K_STR:
             if (*(char *const *)p) {
                 int is_path = !strcmp(k->name, "base_model") || !strcmp(k->name, "output_dir");
                 if (is_path) sb_path(s, r, *(char *const *)p, absolute, !strcmp(k->name, "base_model"));
                 else sb_quoted(s, *(char *const *)p);
-            } else sb_printf(s, "null");
+            } else qlr_strbuf_printf(s, "null");
             break;
         case K_ENUM:
-            if (k->names == g_template_names) sb_printf(s, "%s", *(char *const *)p ? *(char *const *)p : "null");
-            else sb_printf(s, "%s", k->names[*(const int *)p]);
+            if (k->names == g_template_names) qlr_strbuf_printf(s, "%s", *(char *const *)p ? *(char *const *)p : "null");
+            else qlr_strbuf_printf(s, "%s", k->names[*(const int *)p]);
             break;
-        case K_ADAPTER: sb_printf(s, "qlora"); break;
-        case K_U32: sb_printf(s, "%u", *(const uint32_t *)p); break;
-        case K_U64: sb_printf(s, "%llu", (unsigned long long)*(const uint64_t *)p); break;
-        case K_F64: fmt_double(v, sizeof v, *(const double *)p); sb_printf(s, "%s", v); break;
-        case K_BOOL: sb_printf(s, "%s", *(const int *)p ? "true" : "false"); break;
-        case K_BF16: sb_printf(s, "%s", g_bf16_names[*(const int *)p]); break;
-        case K_SIZE: fmt_size(v, sizeof v, *(const uint64_t *)p); sb_printf(s, "%s", v); break;
+        case K_ADAPTER: qlr_strbuf_printf(s, "qlora"); break;
+        case K_U32: qlr_strbuf_printf(s, "%u", *(const uint32_t *)p); break;
+        case K_U64: qlr_strbuf_printf(s, "%llu", (unsigned long long)*(const uint64_t *)p); break;
+        case K_F64: fmt_double(v, sizeof v, *(const double *)p); qlr_strbuf_printf(s, "%s", v); break;
+        case K_BOOL: qlr_strbuf_printf(s, "%s", *(const int *)p ? "true" : "false"); break;
+        case K_BF16: qlr_strbuf_printf(s, "%s", g_bf16_names[*(const int *)p]); break;
+        case K_SIZE: fmt_size(v, sizeof v, *(const uint64_t *)p); qlr_strbuf_printf(s, "%s", v); break;
         case K_MODULES: {
             uint32_t m = *(const uint32_t *)p;
-            sb_printf(s, "[");
+            qlr_strbuf_printf(s, "[");
             for (int b = 0, first = 1; b < QLR_LORA_N_MODULES; b++)
-                if (m & (1u << b)) { sb_printf(s, "%s%s", first ? "" : ", ", g_module_names[b]); first = 0; }
-            sb_printf(s, "]");
+                if (m & (1u << b)) { qlr_strbuf_printf(s, "%s%s", first ? "" : ", ", g_module_names[b]); first = 0; }
+            qlr_strbuf_printf(s, "]");
             break;
         }
         case K_DATASETS:
-            if (comments) sb_printf(s, "  # %s\n", k->help);
-            else sb_printf(s, "\n");
+            if (comments) qlr_strbuf_printf(s, "  # %s\n", k->help);
+            else qlr_strbuf_printf(s, "\n");
             for (uint32_t d = 0; d < r->n_datasets; d++) {
                 const qlr_recipe_dataset *ds = &r->datasets[d];
-                sb_printf(s, "  - path: ");
+                qlr_strbuf_printf(s, "  - path: ");
                 sb_path(s, r, ds->path, absolute, 0);
-                sb_printf(s, "\n    type: %s\n", g_ds_type_names[ds->type]);
+                qlr_strbuf_printf(s, "\n    type: %s\n", g_ds_type_names[ds->type]);
                 const char *names[] = {"split", "field", "field_messages", "message_field_role", "message_field_content"};
                 const char *vals[] = {ds->split, ds->field, ds->field_messages, ds->message_field_role,
                                       ds->message_field_content};
                 for (int j = 0; j < 5; j++)
                     if (vals[j]) {
-                        sb_printf(s, "    %s: ", names[j]);
+                        qlr_strbuf_printf(s, "    %s: ", names[j]);
                         sb_quoted(s, vals[j]);
-                        sb_printf(s, "\n");
+                        qlr_strbuf_printf(s, "\n");
                     }
-                sb_printf(s, "    on_bad_line: %s\n", g_bad_line_names[ds->on_bad_line]);
+                qlr_strbuf_printf(s, "    on_bad_line: %s\n", g_bad_line_names[ds->on_bad_line]);
             }
             continue;
         }
         if (comments) {
             size_t w = s->n - start;
-            sb_printf(s, "%*s# %s\n", w < 40 ? (int)(40 - w) : 1, "", k->help);
-        } else sb_printf(s, "\n");
+            qlr_strbuf_printf(s, "%*s# %s\n", w < 40 ? (int)(40 - w) : 1, "", k->help);
+        } else qlr_strbuf_printf(s, "\n");
     }
 }
 
 qlr_status qlr_recipe_to_yaml(const qlr_recipe *r, int absolute_paths, char **text) {
-    sbuf s = {0};
+    qlr_strbuf s = {0};
     emit(&s, r, absolute_paths, 1);
     if (s.oom || !s.p) {
         free(s.p);
@@ -1015,7 +992,7 @@ qlr_status qlr_recipe_write(const qlr_recipe *r, const char *path) {
 }
 
 void qlr_recipe_print(const qlr_recipe *r, FILE *f) {
-    sbuf s = {0};
+    qlr_strbuf s = {0};
     emit(&s, r, 0, 0);
     if (s.p) fputs(s.p, f);
     free(s.p);

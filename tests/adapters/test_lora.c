@@ -516,31 +516,10 @@ static void test_resolve(void) {
 
 /* ---- the Python readers ---- */
 
-typedef struct sbuf {
-    char *s;
-    size_t n, cap;
-} sbuf;
-
-static void sb_add(sbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void sb_add(sbuf *b, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    int k = vsnprintf(NULL, 0, fmt, ap);
-    va_end(ap);
-    if (b->n + (size_t)k + 1 > b->cap) {
-        b->cap = (b->n + (size_t)k + 1) * 2;
-        b->s = realloc(b->s, b->cap);
-    }
-    va_start(ap, fmt);
-    vsnprintf(b->s + b->n, (size_t)k + 1, fmt, ap);
-    va_end(ap);
-    b->n += (size_t)k;
-}
-
 static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
 
 /* Runs the helper; returns 77 when the package is missing, else its status; *out its stdout. */
-static int run_py(const char *mode, const char *path, sbuf *out) {
+static int run_py(const char *mode, const char *path, qlr_strbuf *out) {
     char cmd[1400];
     snprintf(cmd, sizeof cmd, "'%s' '%s/tests/adapters/lora_py_check.py' %s '%s'", QLR_PYTHON3, QLR_SOURCE_DIR, mode,
              path);
@@ -548,15 +527,15 @@ static int run_py(const char *mode, const char *path, sbuf *out) {
     if (!f) return -1;
     char buf[4096];
     size_t n;
-    while ((n = fread(buf, 1, sizeof buf, f)) > 0) sb_add(out, "%.*s", (int)n, buf);
+    while ((n = fread(buf, 1, sizeof buf, f)) > 0) qlr_strbuf_printf(out, "%.*s", (int)n, buf);
     int st = pclose(f);
     return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
 
-static void sorted_lines(sbuf *b, char **lines, int n) {
+static void sorted_lines(qlr_strbuf *b, char **lines, int n) {
     qsort(lines, (size_t)n, sizeof *lines, cmp_str);
     for (int i = 0; i < n; i++) {
-        sb_add(b, "%s\n", lines[i]);
+        qlr_strbuf_printf(b, "%s\n", lines[i]);
         free(lines[i]);
     }
 }
@@ -571,7 +550,7 @@ static void test_python(void) {
     CHECK_OK(qlr_lora_save_peft(l, pd));
 
     /* gguf-py */
-    sbuf got = {0}, want = {0};
+    qlr_strbuf got = {0}, want = {0};
     int rc = run_py("gguf", gp, &got);
     if (rc == 77) {
         printf("note: python 'gguf' package not importable by %s: gguf-py check skipped\n", QLR_PYTHON3);
@@ -580,7 +559,7 @@ static void test_python(void) {
         float af = (float)(7.5 * sqrt(3.0));
         uint32_t bits;
         memcpy(&bits, &af, 4);
-        sb_add(&want, "kv general.architecture STRING llama\nkv general.type STRING adapter\n"
+        qlr_strbuf_printf(&want, "kv general.architecture STRING llama\nkv general.type STRING adapter\n"
                       "kv adapter.type STRING lora\nkv adapter.lora.alpha FLOAT32 0x%08x\n"
                       "kv general.quantization_version UINT32 2\n", bits);
         char *lines[64];
@@ -602,11 +581,11 @@ static void test_python(void) {
                 free(b);
             }
         sorted_lines(&want, lines, n);
-        CHECK_MSG(got.s && !strcmp(got.s, want.s), "gguf-py listing differs:\n--- got\n%s--- want\n%s",
-                  got.s ? got.s : "", want.s);
+        CHECK_MSG(got.p && !strcmp(got.p, want.p), "gguf-py listing differs:\n--- got\n%s--- want\n%s",
+                  got.p ? got.p : "", want.p);
     }
-    free(got.s);
-    free(want.s);
+    free(got.p);
+    free(want.p);
 
     /* safetensors */
     memset(&got, 0, sizeof got);
@@ -616,7 +595,7 @@ static void test_python(void) {
         printf("note: python 'safetensors' package not importable by %s: PEFT file check skipped\n", QLR_PYTHON3);
     } else {
         CHECK_EQ_INT(rc, 0);
-        sb_add(&want, "meta format pt\n");
+        qlr_strbuf_printf(&want, "meta format pt\n");
         char *lines[64];
         int n = 0;
         char nm[192];
@@ -634,14 +613,14 @@ static void test_python(void) {
                          qlr_crc32(0, m->b, (size_t)R * m->out * 4));
             }
         sorted_lines(&want, lines, n);
-        sb_add(&want, "config sorted-indent2 yes\n"
+        qlr_strbuf_printf(&want, "config sorted-indent2 yes\n"
                       "config peft_type LORA r 3 lora_alpha 7.5 use_rslora True "
                       "target_modules q_proj,k_proj,v_proj,o_proj,gate_proj,down_proj\n");
-        CHECK_MSG(got.s && !strcmp(got.s, want.s), "safetensors listing differs:\n--- got\n%s--- want\n%s",
-                  got.s ? got.s : "", want.s);
+        CHECK_MSG(got.p && !strcmp(got.p, want.p), "safetensors listing differs:\n--- got\n%s--- want\n%s",
+                  got.p ? got.p : "", want.p);
     }
-    free(got.s);
-    free(want.s);
+    free(got.p);
+    free(want.p);
     for (int L = 0; L < 2; L++) l->mods[L * QLR_LIN_COUNT + QLR_LIN_UP].a = NULL;
     qlr_lora_free(l);
 }

@@ -146,6 +146,18 @@ static void test_threads(void) {
     CHECK(qlr_n_threads() >= 1);
 }
 
+static void test_strbuf(void) {
+    qlr_strbuf b = {0};
+    qlr_strbuf_put(&b, "ab", 2);
+    qlr_strbuf_puts(&b, "c");
+    for (int i = 0; i < 1000; i++) qlr_strbuf_printf(&b, "%d,", i % 10); /* forces several regrowths */
+    CHECK(!b.oom && b.n == 3 + 2000 && strncmp(b.p, "abc0,1,", 7) == 0 && b.p[b.n] == 0);
+    qlr_strbuf_put(&b, "x\0y", 3);                                      /* embedded NUL kept */
+    CHECK(b.n == 2006 && b.p[2004] == 0 && b.p[2005] == 'y');
+    qlr_strbuf_free(&b);
+    CHECK(b.p == NULL && b.n == 0);
+}
+
 int main(void) {
     test_f16();
     test_bf16();
@@ -153,5 +165,6 @@ int main(void) {
     test_arena();
     test_errors();
     test_threads();
+    test_strbuf();
     return test_finish();
 }

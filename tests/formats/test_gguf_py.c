@@ -13,40 +13,19 @@
 #include "tests/formats/test_gguf_sample.h"
 #include "tests/test_util.h"
 
-typedef struct sbuf {
-    char *s;
-    size_t n, cap;
-} sbuf;
-
-static void sb_printf(sbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void sb_printf(sbuf *b, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    int k = vsnprintf(NULL, 0, fmt, ap);
-    va_end(ap);
-    if (b->n + (size_t)k + 1 > b->cap) {
-        b->cap = (b->n + (size_t)k + 1) * 2;
-        b->s = realloc(b->s, b->cap);
-    }
-    va_start(ap, fmt);
-    vsnprintf(b->s + b->n, (size_t)k + 1, fmt, ap);
-    va_end(ap);
-    b->n += (size_t)k;
-}
-
-static void sb_hex(sbuf *b, const void *p, uint64_t n) {
+static void sb_hex(qlr_strbuf *b, const void *p, uint64_t n) {
     const uint8_t *u = p;
-    if (!n) sb_printf(b, " -");
-    else sb_printf(b, " ");
-    for (uint64_t i = 0; i < n; i++) sb_printf(b, "%02x", u[i]);
+    if (!n) qlr_strbuf_printf(b, " -");
+    else qlr_strbuf_printf(b, " ");
+    for (uint64_t i = 0; i < n; i++) qlr_strbuf_printf(b, "%02x", u[i]);
 }
 
 /* Our reader's listing in the format of test_gguf_py.py. */
-static void list_ours(const qlr_gguf *g, sbuf *b) {
-    sb_printf(b, "header %u %u %" PRIu64 "\n", qlr_gguf_version(g), qlr_gguf_alignment(g), qlr_gguf_data_offset(g));
+static void list_ours(const qlr_gguf *g, qlr_strbuf *b) {
+    qlr_strbuf_printf(b, "header %u %u %" PRIu64 "\n", qlr_gguf_version(g), qlr_gguf_alignment(g), qlr_gguf_data_offset(g));
     for (int64_t i = 0; i < qlr_gguf_n_kv(g); i++) {
         qlr_gguf_type t = qlr_gguf_kv_type(g, i);
-        sb_printf(b, "kv %s %s", qlr_gguf_kv_key(g, i), qlr_gguf_type_name(t));
+        qlr_strbuf_printf(b, "kv %s %s", qlr_gguf_kv_key(g, i), qlr_gguf_type_name(t));
         const char *s;
         uint64_t len, n;
         if (t == QLR_GGUF_STRING) {
@@ -56,7 +35,7 @@ static void list_ours(const qlr_gguf *g, sbuf *b) {
             qlr_gguf_type et;
             const void *data;
             qlr_gguf_kv_arr(g, i, &et, &n, &data);
-            sb_printf(b, " %s %" PRIu64, qlr_gguf_type_name(et), n);
+            qlr_strbuf_printf(b, " %s %" PRIu64, qlr_gguf_type_name(et), n);
             for (uint64_t k = 0; k < n; k++) {
                 if (et == QLR_GGUF_STRING) {
                     qlr_gguf_kv_arr_str(g, i, k, &s, &len);
@@ -69,26 +48,26 @@ static void list_ours(const qlr_gguf *g, sbuf *b) {
         } else {
             sb_hex(b, qlr_gguf_kv_scalar(g, i), qlr_gguf_scalar_size(t));
         }
-        sb_printf(b, "\n");
+        qlr_strbuf_printf(b, "\n");
     }
     for (int64_t i = 0; i < qlr_gguf_n_tensors(g); i++) {
         const qlr_gguf_tensor *t = qlr_gguf_tensor_at(g, i);
-        sb_printf(b, "tensor %s %u", t->name, t->type);
-        for (uint32_t d = 0; d < t->n_dims; d++) sb_printf(b, " %" PRIu64, t->ne[d]);
-        sb_printf(b, " %" PRIu64 " %" PRIu64 " %08x\n", qlr_gguf_data_offset(g) + t->offset, t->size,
+        qlr_strbuf_printf(b, "tensor %s %u", t->name, t->type);
+        for (uint32_t d = 0; d < t->n_dims; d++) qlr_strbuf_printf(b, " %" PRIu64, t->ne[d]);
+        qlr_strbuf_printf(b, " %" PRIu64 " %" PRIu64 " %08x\n", qlr_gguf_data_offset(g) + t->offset, t->size,
                   qlr_crc32(0, t->data, t->size));
     }
 }
 
 /* Runs the Python lister; returns its exit status (77 = gguf-py missing), output in *out. */
-static int list_python(const char *path, sbuf *out) {
+static int list_python(const char *path, qlr_strbuf *out) {
     char cmd[2048];
     snprintf(cmd, sizeof cmd, "'%s' '%s/tests/formats/test_gguf_py.py' '%s' 2>&1", QLR_PYTHON3, QLR_SOURCE_DIR, path);
     FILE *p = popen(cmd, "r");
     if (!p) return -1;
     char buf[4096];
     size_t k;
-    while ((k = fread(buf, 1, sizeof buf, p)) > 0) sb_printf(out, "%.*s", (int)k, buf);
+    while ((k = fread(buf, 1, sizeof buf, p)) > 0) qlr_strbuf_printf(out, "%.*s", (int)k, buf);
     int st = pclose(p);
     return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
@@ -104,23 +83,23 @@ static int compare(uint32_t alignment) {
     qlr_gguf *g = NULL;
     CHECK_OK(qlr_gguf_open(path, &g));
     if (!g) return 0;
-    sbuf ours = {0}, theirs = {0};
+    qlr_strbuf ours = {0}, theirs = {0};
     list_ours(g, &ours);
     qlr_gguf_close(g);
     int rc = list_python(path, &theirs);
     if (rc == 77) {
-        printf("SKIP: %s", theirs.s ? theirs.s : "gguf-py not importable\n");
-        free(ours.s);
-        free(theirs.s);
+        printf("SKIP: %s", theirs.p ? theirs.p : "gguf-py not importable\n");
+        free(ours.p);
+        free(theirs.p);
         return 77;
     }
-    CHECK_MSG(rc == 0, "gguf-py reader failed (exit %d):\n%s", rc, theirs.s ? theirs.s : "");
-    int same = theirs.s && ours.s && !strcmp(ours.s, theirs.s);
-    CHECK_MSG(same, "listings differ (alignment %u)\n--- ours ---\n%s--- gguf-py ---\n%s", alignment, ours.s,
-              theirs.s ? theirs.s : "");
+    CHECK_MSG(rc == 0, "gguf-py reader failed (exit %d):\n%s", rc, theirs.p ? theirs.p : "");
+    int same = theirs.p && ours.p && !strcmp(ours.p, theirs.p);
+    CHECK_MSG(same, "listings differ (alignment %u)\n--- ours ---\n%s--- gguf-py ---\n%s", alignment, ours.p,
+              theirs.p ? theirs.p : "");
     if (same) printf("alignment %u: gguf-py lists the same keys, values and tensors\n", alignment);
-    free(ours.s);
-    free(theirs.s);
+    free(ours.p);
+    free(theirs.p);
     return 0;
 }
 
