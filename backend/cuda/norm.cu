@@ -22,6 +22,31 @@ static __device__ float block_sum(float v, float *red) {
  * their values in registers between the two passes; all loads are issued before any use. */
 #define NORM_VEC 4
 
+/* The second pass shared by rmsnorm and add+rmsnorm: y = v · r · w for the row held in registers
+ * (v: this thread's NORM_VEC chunks of 8 bf16), r = 1 / sqrt(ss / d + eps). */
+static __device__ __forceinline__ void norm_store_row(bf16 *y, const uint4 *v, const float *w, float ss,
+                                                      int64_t d, float eps) {
+    int64_t d8 = d / 8;
+    float r = 1.0f / sqrtf(ss / (float)d + eps);
+    uint4 *yr = (uint4 *)y;
+#pragma unroll
+    for (int u = 0; u < NORM_VEC; u++) {
+        int64_t j = threadIdx.x + u * NORM_THREADS;
+        if (j >= d8) continue;
+        const __nv_bfloat162 *h = (const __nv_bfloat162 *)&v[u];
+        const float4 *wp = (const float4 *)(w + j * 8);
+        float4 w0 = wp[0], w1 = wp[1];
+        float ww[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+        __align__(16) __nv_bfloat162 o[4];
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            float2 f = __bfloat1622float2(h[k]);
+            o[k] = __floats2bfloat162_rn(f.x * r * ww[2 * k], f.y * r * ww[2 * k + 1]);
+        }
+        yr[j] = *(uint4 *)o;
+    }
+}
+
 __global__ void rmsnorm_vec_kernel(bf16 *y, const bf16 *x, const float *w, int64_t n, int64_t d,
                                    float eps) {
     __shared__ float red[NORM_THREADS / 32];
@@ -45,25 +70,7 @@ __global__ void rmsnorm_vec_kernel(bf16 *y, const bf16 *x, const float *w, int64
                 ss = fmaf(f.y, f.y, ss);
             }
         }
-        ss = block_sum(ss, red);
-        float r = 1.0f / sqrtf(ss / (float)d + eps);
-        uint4 *yr = (uint4 *)(y + row * d);
-#pragma unroll
-        for (int u = 0; u < NORM_VEC; u++) {
-            int64_t j = threadIdx.x + u * NORM_THREADS;
-            if (j >= d8) continue;
-            const __nv_bfloat162 *h = (const __nv_bfloat162 *)&v[u];
-            const float4 *wp = (const float4 *)(w + j * 8);
-            float4 w0 = wp[0], w1 = wp[1];
-            float ww[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
-            __align__(16) __nv_bfloat162 o[4];
-#pragma unroll
-            for (int k = 0; k < 4; k++) {
-                float2 f = __bfloat1622float2(h[k]);
-                o[k] = __floats2bfloat162_rn(f.x * r * ww[2 * k], f.y * r * ww[2 * k + 1]);
-            }
-            yr[j] = *(uint4 *)o;
-        }
+        norm_store_row(y + row * d, v, w, block_sum(ss, red), d, eps);
     }
 }
 
@@ -169,25 +176,7 @@ __global__ void add_rmsnorm_vec_kernel(bf16 *x, bf16 *y, const bf16 *dx, const f
             int64_t j = threadIdx.x + u * NORM_THREADS;
             if (j < d8) xr[j] = v[u];
         }
-        ss = block_sum(ss, red);
-        float r = 1.0f / sqrtf(ss / (float)d + eps);
-        uint4 *yr = (uint4 *)(y + row * d);
-#pragma unroll
-        for (int u = 0; u < NORM_VEC; u++) {
-            int64_t j = threadIdx.x + u * NORM_THREADS;
-            if (j >= d8) continue;
-            const __nv_bfloat162 *h = (const __nv_bfloat162 *)&v[u];
-            const float4 *wp = (const float4 *)(w + j * 8);
-            float4 w0 = wp[0], w1 = wp[1];
-            float ww[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
-            __align__(16) __nv_bfloat162 o[4];
-#pragma unroll
-            for (int k = 0; k < 4; k++) {
-                float2 f = __bfloat1622float2(h[k]);
-                o[k] = __floats2bfloat162_rn(f.x * r * ww[2 * k], f.y * r * ww[2 * k + 1]);
-            }
-            yr[j] = *(uint4 *)o;
-        }
+        norm_store_row(y + row * d, v, w, block_sum(ss, red), d, eps);
     }
 }
 
