@@ -17,6 +17,7 @@
 #include "backend/backend.h"
 #include "core/core.h"
 #ifdef QLR_BACKEND_CUDA
+#include <cuda_profiler_api.h>
 #include <cuda_runtime_api.h>
 
 #include "backend/cuda/cuda_backend.h"
@@ -53,6 +54,9 @@ typedef struct bmodel {
     int32_t *d_ids, *d_seq, *d_pos;
     double nf4_bytes, nf4_params;
     int use_fused; /* call the optional fused ops when the backend has them */
+    qlr_nf4 head_nf4;  /* the lm_head as NF4 (serving with a 4-bit output projection) */
+    double head_nf4_bytes;
+    int use_nf4_head;  /* single-row logits through head_nf4 */
 } bmodel;
 
 static double now_s(void) {
@@ -114,6 +118,7 @@ static void model_free(bmodel *m) {
             be->mem.free(be, m->L[l].vc);
         }
     free(m->L);
+    if (m->head_nf4.codes) qlr_backend_nf4_free(be, &m->head_nf4);
     void *bufs[] = {m->emb, m->c.tied ? NULL : m->head, m->lnf, m->inv_freq, m->x, m->h, m->q,
                     m->k, m->v, m->att, m->g, m->u, m->o, m->logits, m->d_ids, m->d_seq, m->d_pos};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
@@ -182,6 +187,37 @@ static qlr_status model_create(qlr_backend *be, const mcfg *c, int64_t n_seq, in
         if (st == QLR_OK) st = be->mem.memset0(be, L->vc, cache_bytes);
         if (st == QLR_OK) st = be->mem.sync(be);
     }
+#ifdef QLR_BACKEND_CUDA
+    /* the lm_head again as NF4 (random codes; the bf16 table below stays the default) */
+    if (st == QLR_OK && !c->tied) {
+        int64_t hn = c->vocab * c->hidden, hb = (hn + 63) / 64;
+        uint8_t *hc = malloc((size_t)(hn / 2 + 16)), *ha = malloc((size_t)hb + 16);
+        float *hd = malloc((size_t)(hb / 256 + 2) * 4);
+        if (!hc || !ha || !hd) st = qlr_errorf(QLR_ERR_NOMEM, "bench: host buffers");
+        if (st == QLR_OK) {
+            fill_random(hc, (size_t)(hn / 2 + 16));
+            fill_random(ha, (size_t)hb + 16);
+            for (int64_t i = 0; i < hb / 256 + 2; i++) hd[i] = 0.01f + 0.001f * (float)(i % 7);
+            qlr_nf4 h;
+            memset(&h, 0, sizeof h);
+            h.rows = c->vocab;
+            h.cols = c->hidden;
+            h.n = hn;
+            h.n_blocks = hb;
+            h.n_dq_blocks = (hb + 255) / 256;
+            h.dq = 1;
+            h.codes = hc;
+            h.absmax_q = ha;
+            h.dq_absmax = hd;
+            h.dq_offset = 0.03f;
+            st = qlr_backend_nf4_upload(be, &h, &m->head_nf4, 0);
+            m->head_nf4_bytes = (double)((hn + 1) / 2 + hb + 4 * h.n_dq_blocks);
+        }
+        free(hc);
+        free(ha);
+        free(hd);
+    }
+#endif
     free(hcodes);
     free(haq);
     free(hdqa);
@@ -319,6 +355,9 @@ static qlr_status forward_device(bmodel *m, int64_t n, int64_t last_rows) {
     int64_t r0 = n - last_rows;
     char *xl = (char *)m->x + (size_t)(r0 * c->hidden) * es;
     QLR_TRY(o->rmsnorm(be, m->h, xl, m->lnf, last_rows, c->hidden, 1e-5f));
+#ifdef QLR_BACKEND_CUDA
+    if (m->use_nf4_head && last_rows == 1) return qlr_cuda_nf4_logits(be, m->logits, m->h, &m->head_nf4);
+#endif
     return o->lm_head(be, m->logits, m->h, m->head, last_rows, c->hidden, c->vocab);
 }
 
@@ -367,6 +406,31 @@ static qlr_status capture_step(bmodel *m, int64_t n, int64_t last_rows, cudaGrap
     if (e != cudaSuccess)
         return qlr_errorf(QLR_ERR_DEVICE, "bench: graph instantiate: %s", cudaGetErrorString(e));
     return QLR_OK;
+}
+#endif
+
+#ifdef QLR_BACKEND_CUDA
+/* QLR_BENCH_PROFILE_STEP=1: a prefill of ctx tokens, then one eager batch-1 decode step (bf16
+ * lm_head, then NF4 lm_head) between cudaProfilerStart/Stop, for `ncu --profile-from-start off`
+ * to time every kernel of a step; nothing else is measured. */
+static qlr_status profile_step(bmodel *m, int64_t D, int32_t *ids, int32_t *seq, int32_t *pos) {
+    int32_t out[1], tok[1] = {1};
+    for (int64_t i = 0; i < D; i++) seq[i] = 0, pos[i] = (int32_t)i;
+    QLR_TRY(forward(m, D, ids, seq, pos, 1, out));
+    seq[0] = 0;
+    pos[0] = (int32_t)D;
+    QLR_TRY(forward(m, 1, tok, seq, pos, 1, out)); /* warm-up: plans, workspaces */
+    QLR_TRY(m->be->mem.sync(m->be));
+    cudaProfilerStart();
+    qlr_status st = forward(m, 1, tok, seq, pos, 1, out);
+    if (st == QLR_OK && m->head_nf4.codes) {
+        m->use_nf4_head = 1;
+        st = forward(m, 1, tok, seq, pos, 1, out);
+        m->use_nf4_head = 0;
+    }
+    if (st == QLR_OK) st = m->be->mem.sync(m->be);
+    cudaProfilerStop();
+    return st;
 }
 #endif
 
@@ -489,6 +553,17 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
     int32_t *pos = calloc((size_t)max_n, 4), out[64];
     for (int64_t i = 0; i < max_n; i++) ids[i] = (int32_t)((i * 7919) % c->vocab);
 
+#ifdef QLR_BACKEND_CUDA
+    const char *prof = getenv("QLR_BENCH_PROFILE_STEP");
+    if (prof && !strcmp(prof, "1")) {
+        st = profile_step(&m, o->decode_ctx, ids, seq, pos);
+        free(ids);
+        free(seq);
+        free(pos);
+        model_free(&m);
+        return st;
+    }
+#endif
     /* prefill: one sequence of prefill_tokens */
     int64_t P = o->prefill_tokens;
     for (int64_t i = 0; i < P; i++) seq[i] = 0, pos[i] = (int32_t)i;
@@ -565,13 +640,16 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
 #endif
 
     /* the n = 1 kernel's register-cap variant (2 or 3 blocks per SM): the faster one stays */
-    double var_s[2] = {0, 0};
+    double var_s[3] = {0, 0, 0};
 #ifdef QLR_BACKEND_CUDA
-    for (int vi = 0; vi < 2 && st == QLR_OK; vi++) {
-        qlr_cuda_set_gemv1_variant(be, vi ? 3 : 2);
+    static const int var_id[3] = {2, 3, 4};
+    int var_best = 0;
+    for (int vi = 0; vi < 3 && st == QLR_OK; vi++) {
+        qlr_cuda_set_gemv1_variant(be, var_id[vi]);
         st = time_linears(&m, 1, 1, reps, &var_s[vi]);
+        if (vi > 0 && var_s[vi] < var_s[var_best]) var_best = vi;
     }
-    qlr_cuda_set_gemv1_variant(be, var_s[1] < var_s[0] ? 3 : 2);
+    qlr_cuda_set_gemv1_variant(be, var_id[var_best]);
     if (st == QLR_OK) st = time_linears(&m, 1, 1, reps, &fz[0]);
     /* n = 1 kernels alone in CUDA graphs (no launch gaps from the host): each shape once per
      * layer (32 launches rotate over the layers' weights, so nothing sits in L2), GB/s of NF4
@@ -671,7 +749,7 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
             st = be->mem.d2d(be, (char *)m.L[l].kc + off, m.L[l].kc, (size_t)D * rowb);
             if (st == QLR_OK) st = be->mem.d2d(be, (char *)m.L[l].vc + off, m.L[l].vc, (size_t)D * rowb);
         }
-    double dec_s[4] = {0}, dec_graph_s[4] = {0}, dec_b1_unfused = 0;
+    double dec_s[4] = {0}, dec_graph_s[4] = {0}, dec_b1_unfused = 0, dec_b1_nf4head = 0;
     for (int bi = 0; bi < 4 && st == QLR_OK; bi++) {
         int B = batches[bi];
         int32_t tok[64];
@@ -727,6 +805,29 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
             }
             dec_b1_unfused = (now_s() - t_start) / steps;
             if (exec) cudaGraphExecDestroy(exec);
+            exec = NULL;
+            if (m.head_nf4.codes && st == QLR_OK) {
+                /* and with the lm_head in NF4 as well (every weight read per token is NF4) */
+                m.use_nf4_head = 1;
+                st = capture_step(&m, B, B, &exec);
+                m.use_nf4_head = 0;
+                for (int s = 0; s < steps + warm && st == QLR_OK; s++) {
+                    if (s == warm) {
+                        st = be->mem.sync(be);
+                        t_start = now_s();
+                    }
+                    for (int b = 0; b < B; b++) seq[b] = b, pos[b] = (int32_t)(D + s);
+                    st = upload_tokens(&m, B, tok, seq, pos);
+                    if (st == QLR_OK && cudaGraphLaunch(exec, cs) != cudaSuccess)
+                        st = qlr_errorf(QLR_ERR_DEVICE, "bench: cudaGraphLaunch failed");
+                    if (st == QLR_OK) st = sample_greedy(&m, B, out);
+                    for (int b = 0; b < B; b++) tok[b] = out[b];
+                }
+                dec_b1_nf4head = (now_s() - t_start) / steps;
+                if (exec) cudaGraphExecDestroy(exec);
+                fprintf(stderr, "bench %s: decode batch 1 with an NF4 lm_head: %.3f ms/step graph\n",
+                        c->name, 1e3 * dec_b1_nf4head);
+            }
             fprintf(stderr, "bench %s: decode batch 1 without fused ops: %.3f ms/step graph\n",
                     c->name, 1e3 * dec_b1_unfused);
         }
@@ -776,13 +877,21 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
             bound / (best[0] == 1 ? fz[0] : best[0] == 3 ? mm[0] : dg[0]),
             (m.nf4_bytes + head_bytes) / (bw_gbps * 1e9) / dec_graph_s[0]);
 #ifdef QLR_BACKEND_CUDA
-    fprintf(js, "     \"gemv1_variant_linears_ms\": {\"2_blocks_per_sm\": %.4f, \"3_blocks_per_sm\": %.4f},\n",
-            1e3 * var_s[0], 1e3 * var_s[1]);
+    fprintf(js, "     \"gemv1_variant_linears_ms\": {\"registers_2_blocks_per_sm\": %.4f, "
+            "\"registers_3_blocks_per_sm\": %.4f, \"streaming\": %.4f},\n",
+            1e3 * var_s[0], 1e3 * var_s[1], 1e3 * var_s[2]);
     fprintf(js, "     \"nf4_gemv_n1_graph_GBps\": {");
     for (int si = 0; si < 7; si++)
         fprintf(js, "%s\"%s\": %.0f", si ? ", " : "", gnames[si], gshp[si]);
     fprintf(js, "},\n");
     fprintf(js, "     \"decode_b1_unfused_graph_step_ms\": %.4f,\n", 1e3 * dec_b1_unfused);
+    if (dec_b1_nf4head > 0) {
+        double nb = m.nf4_bytes + m.head_nf4_bytes;
+        fprintf(js, "     \"decode_b1_nf4_lm_head\": {\"step_ms\": %.4f, \"tokens_per_s\": %.1f, "
+                "\"nf4_weight_bytes\": %.0f, \"nf4_bound_ms\": %.4f, \"fraction_of_bandwidth_bound\": %.3f},\n",
+                1e3 * dec_b1_nf4head, 1.0 / dec_b1_nf4head, nb, 1e3 * nb / (bw_gbps * 1e9),
+                nb / (bw_gbps * 1e9) / dec_b1_nf4head);
+    }
 #endif
     fprintf(js, "     \"nf4_gemv_n1_GBps\": [");
     static const char *shape_names[4] = {"q_proj", "k_proj", "gate_proj", "down_proj"};

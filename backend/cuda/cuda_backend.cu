@@ -186,7 +186,7 @@ static qlr_status cu_init(qlr_backend *be, qlr_cuda_impl *im) {
     QLR_CK(cudaMalloc(&im->d_stage, im->h_pinned_bytes));
     /* measured on an H100 (bench_decode, Llama-3.1-8B and SmolLM2 shapes): the FMA kernel wins
      * at one token, the tensor-core kernel from 2 to 32 tokens, dequantize + cuBLASLt at 64 */
-    im->gemv1_variant = 2;
+    im->gemv1_variant = 4; /* the streaming n = 1 kernel where it applies (nf4.cu) */
     im->n_policy = 2;
     im->policy_max_n[0] = 1;
     im->policy_path[0] = QLR_CUDA_NF4_FUSED;

@@ -31,9 +31,16 @@ qlr_status qlr_cuda_nf4_linear_path(qlr_backend *be, void *y, const void *x, con
 qlr_status qlr_cuda_set_nf4_policy(qlr_backend *be, int n_entries, const int *max_n,
                                    const qlr_cuda_nf4_path *paths);
 
-/* The n = 1 fused kernel's register cap: 2 (128 registers, 2 blocks per SM; the default) or 3
- * (80 registers, 3 blocks per SM). For the benchmark's tuning. */
+/* The n = 1 fused kernel: 4 (the default) streams weights through shared memory (cp.async
+ * stages) where the shape allows (cols a multiple of 1024, at most 32768), else the register
+ * kernel with 2 blocks per SM; 2 or 3 force the register kernel with its 128- or 80-register cap
+ * (2 or 3 blocks per SM). For the benchmark's tuning and comparisons. */
 void qlr_cuda_set_gemv1_variant(qlr_backend *be, int variant);
+
+/* logits [rows] f32 = x [cols] bf16 · Wᵀ for one token with an NF4 output projection (a 4-bit
+ * lm_head for serving). QLR_ERR_UNSUPPORTED unless cols % 1024 == 0, cols <= 32768 and the
+ * arrays are 16-byte aligned. Async. */
+qlr_status qlr_cuda_nf4_logits(qlr_backend *be, float *logits, const void *x, const qlr_nf4 *w);
 
 /* out [rows, cols] bf16 = dequantized w (device store, double quant or not). Async. */
 qlr_status qlr_cuda_nf4_dequant(qlr_backend *be, uint16_t *out, const qlr_nf4 *w);

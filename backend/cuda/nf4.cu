@@ -618,11 +618,312 @@ __global__ void __launch_bounds__(256, MINB) nf4_gemv1_kernel(gemv1_args A) {
     }
 }
 
+/* ---- n = 1 streaming GEMV (variant 4, the default where it applies) ----
+ * The kernels above keep each warp's next rows in registers, one group ahead, so a multiprocessor
+ * has ~32 KB of weight loads in flight: less than the bandwidth-latency product of HBM3 under load
+ * (~3 TB/s x ~2 us / 132 SMs ~ 45 KB). This one streams the weights through shared memory with
+ * cp.async in GS_STAGES tiles of ~16 KB (whole consecutive rows of one matrix: code bytes, their
+ * absmax bytes and the few second-level floats), GS_STAGES - 1 tiles in flight per block, one
+ * block of up to 512 threads per SM, tiles dealt round-robin over a grid of at most one block per
+ * SM. Thread t owns columns units u = t % TU (+ TU) of 32 columns for the whole launch, so its x
+ * (scaled f16 pairs, as in the kernel above) is converted once; row partition p = t / TU takes
+ * rows p, p + P, ... of every tile. A code byte becomes an f16 pair through a per-lane table with
+ * entries 256 B apart, so one byte_perm of the code word and the lane offset gives the address
+ * (PRMT, LDS, HFMA2 per byte). Warp sums go to shared memory; after the next tile's barrier one
+ * thread per row adds its TU / 32 warp sums in a fixed order (bitwise reproducible) and writes y
+ * (bf16) or yf (f32). Weights are read before griddepcontrol.wait, x after. Needs cols % 1024 ==
+ * 0 (each warp within one row), cols <= 32768 and 16-byte aligned codes and absmax arrays. */
+#define GS_THREADS 512
+#define GS_TILE 16384
+#define GS_TAB 65536
+#define GS_DQA 8 /* second-level floats per tile at most */
+
+struct gs_mat {
+    const uint8_t *codes, *aq;
+    const float *dqa, *am;
+    float off;
+    int dq;
+    __nv_bfloat16 *y;
+    float *yf;
+    const float *bias;
+    int rows, t0; /* first global tile */
+};
+struct gs_args {
+    gs_mat m[3];
+    int nm, cols, rt, tu, p, n_tiles, stage_bytes, am_region;
+    const __nv_bfloat16 *x, *up;
+    const float *dynmap;
+};
+
+__device__ __forceinline__ void gs_cp16(void *dst, const void *src) {
+    unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+}
+__device__ __forceinline__ void gs_cp4(void *dst, const void *src) {
+    unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(d), "l"(src) : "memory");
+}
+__device__ __forceinline__ void gs_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void gs_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ int gs_mat_of(const gs_args &A, int j) {
+    return (A.nm > 2 && j >= A.m[2].t0) ? 2 : (A.nm > 1 && j >= A.m[1].t0) ? 1 : 0;
+}
+#define GS_SEL(A, mi, f) ((mi) == 2 ? (A).m[2].f : (mi) == 1 ? (A).m[1].f : (A).m[0].f)
+
+/* Issues tile j's copies into stage dst (every thread takes a share). */
+__device__ __forceinline__ void gs_issue(const gs_args &A, int j, uint8_t *dst, int tid, int nthr) {
+    int mi = gs_mat_of(A, j);
+    int rows = GS_SEL(A, mi, rows);
+    int64_t r0 = (int64_t)(j - GS_SEL(A, mi, t0)) * A.rt;
+    int rv = rows - r0 < A.rt ? (int)(rows - r0) : A.rt;
+    int64_t cols = A.cols;
+    const uint8_t *src = GS_SEL(A, mi, codes) + r0 * (cols >> 1);
+    int n16 = (int)((rv * cols) >> 5);
+    for (int i = tid; i < n16; i += nthr) gs_cp16(dst + 16 * i, src + 16 * i);
+    uint8_t *am = dst + (A.rt * cols >> 1);
+    if (GS_SEL(A, mi, dq)) {
+        const uint8_t *aq = GS_SEL(A, mi, aq) + r0 * (cols >> 6);
+        int a16 = (int)((rv * cols) >> 10);
+        for (int i = tid; i < a16; i += nthr) gs_cp16(am + 16 * i, aq + 16 * i);
+        int64_t first = (r0 * cols) >> 14, last = ((r0 + rv) * cols - 1) >> 14;
+        float *dd = (float *)(am + A.am_region);
+        if (tid <= (int)(last - first)) gs_cp4(dd + tid, GS_SEL(A, mi, dqa) + first + tid);
+    } else {
+        const float *af = GS_SEL(A, mi, am) + r0 * (cols >> 6);
+        int a16 = (int)((rv * cols) >> 8);
+        for (int i = tid; i < a16; i += nthr) gs_cp16(am + 16 * i, af + 4 * i);
+    }
+}
+
+/* Row sums of tile j (warp partials in part) -> y. */
+__device__ __forceinline__ void gs_write(const gs_args &A, int j, const float *part, int tid) {
+    int mi = gs_mat_of(A, j);
+    int rows = GS_SEL(A, mi, rows);
+    int64_t r0 = (int64_t)(j - GS_SEL(A, mi, t0)) * A.rt;
+    int rl = tid;
+    if (rl >= A.rt || r0 + rl >= rows) return;
+    int nwp = A.tu >> 5, w0 = (rl % A.p) * nwp;
+    float s = 0.0f;
+    for (int w = 0; w < nwp; w++) s += part[(w0 + w) * A.rt + rl];
+    const float *bias = GS_SEL(A, mi, bias);
+    if (bias) s += bias[r0 + rl];
+    float *yf = GS_SEL(A, mi, yf);
+    if (yf) yf[r0 + rl] = s;
+    else GS_SEL(A, mi, y)[r0 + rl] = __float2bfloat16_rn(s);
+}
+
+template <int S, int NU>
+__global__ void __launch_bounds__(GS_THREADS, 1) nf4_gemv1s_kernel(const __grid_constant__ gs_args A) {
+    extern __shared__ __align__(128) uint8_t gsm[];
+    uint8_t *tab = gsm;
+    float *dyn = (float *)(gsm + GS_TAB);
+    uint8_t *stg = gsm + GS_TAB + 1024;
+    int tid = threadIdx.x, nthr = blockDim.x, lane = tid & 31, warp = tid >> 5;
+    float *part = (float *)(stg + S * A.stage_bytes);
+    qlr_pdl_trigger();
+    int bid = blockIdx.x, G = gridDim.x;
+    int nk = bid < A.n_tiles ? (A.n_tiles - 1 - bid) / G + 1 : 0;
+    /* weights first: they never depend on the previous kernel */
+#pragma unroll
+    for (int k = 0; k < S - 1; k++) {
+        if (k < nk) gs_issue(A, bid + k * G, stg + k * A.stage_bytes, tid, nthr);
+        gs_commit();
+    }
+    for (int i = tid; i < 256 * 32; i += nthr) {
+        int b = i >> 5, l = i & 31;
+        *(__half2 *)(tab + b * 256 + l * 4) = __floats2half2_rn(c_nf4[b >> 4], c_nf4[b & 15]);
+    }
+    for (int i = tid; i < 256; i += nthr) dyn[i] = A.dynmap[i];
+    qlr_pdl_wait();
+    int p = tid / A.tu, ut = tid - p * A.tu;
+    bool comp = p < A.p;
+    __half2 xh[NU][16];
+    float inv[NU];
+#pragma unroll
+    for (int i = 0; i < NU; i++) {
+        int col = (ut + i * A.tu) << 5;
+        uint32_t xw[16];
+        const uint4 *xp = (const uint4 *)(A.x + col);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            uint4 u = comp ? __ldg(xp + j) : make_uint4(0, 0, 0, 0);
+            xw[4 * j] = u.x, xw[4 * j + 1] = u.y, xw[4 * j + 2] = u.z, xw[4 * j + 3] = u.w;
+        }
+        if (A.up) {
+            const uint4 *up = (const uint4 *)(A.up + col);
+            uint32_t uw[16];
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                uint4 u = comp ? __ldg(up + j) : make_uint4(0, 0, 0, 0);
+                uw[4 * j] = u.x, uw[4 * j + 1] = u.y, uw[4 * j + 2] = u.z, uw[4 * j + 3] = u.w;
+            }
+#pragma unroll
+            for (int j = 0; j < 16; j++) {
+                float g0 = __uint_as_float(xw[j] << 16), g1 = __uint_as_float(xw[j] & 0xffff0000u);
+                float u0 = __uint_as_float(uw[j] << 16), u1 = __uint_as_float(uw[j] & 0xffff0000u);
+                __nv_bfloat162 s = __floats2bfloat162_rn(silu_f(g0) * u0, silu_f(g1) * u1);
+                xw[j] = *(uint32_t *)&s;
+            }
+        }
+        uint32_t mx = 0;
+#pragma unroll
+        for (int j = 0; j < 16; j++) mx = __vmaxu2(mx, xw[j] & 0x7fff7fffu);
+        mx = max(mx >> 16, mx & 0xffffu);
+        int E = (int)(mx >> 7);
+        E = E < 1 ? 1 : (E > 253 ? 253 : E);
+        float scale = __int_as_float((254 - E) << 23);
+        inv[i] = __int_as_float(E << 23);
+#pragma unroll
+        for (int j = 0; j < 16; j++)
+            xh[i][j] = __floats2half2_rn(__uint_as_float(xw[j] << 16) * scale,
+                                         __uint_as_float(xw[j] & 0xffff0000u) * scale);
+    }
+    const int cols = A.cols, rb = cols >> 1, ab = cols >> 6, rpt = A.rt / A.p;
+    const uint32_t lane4 = (uint32_t)lane << 2;
+    const int nw = nthr >> 5;
+    for (int k = 0; k < nk; k++) {
+        gs_wait<S - 2>();
+        __syncthreads();
+        if (k > 0) gs_write(A, bid + (k - 1) * G, part + ((k - 1) & 1) * nw * A.rt, tid);
+        if (k + S - 1 < nk) gs_issue(A, bid + (k + S - 1) * G, stg + ((k + S - 1) % S) * A.stage_bytes, tid, nthr);
+        gs_commit();
+        if (!comp) continue;
+        int j = bid + k * G, mi = gs_mat_of(A, j);
+        int rows = GS_SEL(A, mi, rows), dq = GS_SEL(A, mi, dq);
+        float off = GS_SEL(A, mi, off);
+        int64_t r0 = (int64_t)(j - GS_SEL(A, mi, t0)) * A.rt;
+        int rv = rows - r0 < A.rt ? (int)(rows - r0) : A.rt;
+        const uint8_t *sc = stg + (k % S) * A.stage_bytes;
+        const uint8_t *am8 = sc + A.rt * rb;
+        const float *amf = (const float *)am8;
+        const float *dqs = (const float *)(am8 + A.am_region);
+        int64_t first = (r0 * cols) >> 14;
+        float *pp = part + (k & 1) * nw * A.rt;
+        for (int s = 0; s < rpt; s++) {
+            int rl = p + s * A.p;
+            if (rl >= rv) break; /* warp-uniform: a warp lies in one partition */
+            float v = 0.0f;
+#pragma unroll
+            for (int i = 0; i < NU; i++) {
+                int u = ut + i * A.tu;
+                uint4 q = *(const uint4 *)(sc + rl * rb + (u << 4));
+                int blk = rl * ab + (u >> 1);
+                float a;
+                if (dq) {
+                    int di = (int)((((r0 + rl) * cols + (u << 5)) >> 14) - first);
+                    a = __fadd_rn(__fmul_rn(dyn[am8[blk]], dqs[di]), off);
+                } else {
+                    a = amf[blk];
+                }
+                uint32_t qq[4] = {q.x, q.y, q.z, q.w};
+                __half2 s0 = __float2half2_rn(0.0f), s1 = s0;
+#pragma unroll
+                for (int b = 0; b < 16; b += 2) {
+                    uint32_t o0 = __byte_perm(qq[b >> 2], lane4, 0x5504u | ((b & 3) << 4));
+                    uint32_t o1 = __byte_perm(qq[b >> 2], lane4, 0x5504u | (((b + 1) & 3) << 4));
+                    s0 = __hfma2(*(const __half2 *)(tab + o0), xh[i][b], s0);
+                    s1 = __hfma2(*(const __half2 *)(tab + o1), xh[i][b + 1], s1);
+                }
+                float2 f = __half22float2(__hadd2(s0, s1));
+                v += (f.x + f.y) * (a * inv[i]);
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+            if (lane == 0) pp[warp * A.rt + rl] = v;
+        }
+    }
+    gs_wait<0>();
+    __syncthreads();
+    if (nk > 0) gs_write(A, bid + (nk - 1) * G, part + ((nk - 1) & 1) * nw * A.rt, tid);
+}
+
+#define GS_STAGES 4
+
+/* Whether the streaming kernel takes these k matrices (equal cols). */
+static int gs_fits(int k, const qlr_nf4 *const *w) {
+    int64_t cols = w[0]->cols;
+    if (cols % 1024 != 0 || cols > 32768) return 0;
+    for (int i = 0; i < k; i++) {
+        if (w[i]->cols != cols || w[i]->rows <= 0 || ((uintptr_t)w[i]->codes & 15)) return 0;
+        if (w[i]->dq ? ((uintptr_t)w[i]->absmax_q & 15) || ((uintptr_t)w[i]->dq_absmax & 3)
+                     : ((uintptr_t)w[i]->absmax & 15))
+            return 0;
+    }
+    return 1;
+}
+
+template <int S, int NU>
+static qlr_status gs_launch_t(qlr_backend *be, const gs_args &A, int threads, size_t smem) {
+    qlr_cuda_impl *im = qlr_cuda_im(be);
+    static int ready = 0; /* per instantiation: the opt-in to more than 48 KB of shared memory */
+    if (!ready) {
+        QLR_CK(cudaFuncSetAttribute(nf4_gemv1s_kernel<S, NU>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    (int)(GS_TAB + 1024 + S * 20480 + 2 * 16 * 32 * 4)));
+        ready = 1;
+    }
+    unsigned blocks = (unsigned)(A.n_tiles < im->n_sm ? A.n_tiles : im->n_sm);
+    QLR_CK(qlr_cuda_launch(nf4_gemv1s_kernel<S, NU>, dim3(blocks), dim3((unsigned)threads), smem,
+                           im->stream, 1, A));
+    QLR_CK_LAUNCH();
+    return QLR_OK;
+}
+
+/* y[i] (bf16) or yf[i] (f32) = x · W[i]ᵀ (+ bias[i]) for k (1..3) matrices that gs_fits. */
+static qlr_status gs_launch(qlr_backend *be, int k, __nv_bfloat16 *const *y, float *const *yf,
+                            const __nv_bfloat16 *x, const __nv_bfloat16 *up,
+                            const qlr_nf4 *const *w, const float *const *bias) {
+    gs_args A;
+    memset(&A, 0, sizeof A);
+    int cols = (int)w[0]->cols, U = cols >> 5, NU = U <= GS_THREADS ? 1 : 2;
+    A.nm = k;
+    A.cols = cols;
+    A.tu = U / NU;
+    A.p = GS_THREADS / A.tu;
+    int rt0 = GS_TILE / (cols >> 1);
+    A.rt = rt0 < A.p ? A.p : rt0 / A.p * A.p;
+    A.x = x;
+    A.up = up;
+    A.dynmap = qlr_cuda_im(be)->d_dynmap;
+    int any_f32 = 0, nt = 0;
+    for (int i = 0; i < k; i++) {
+        gs_mat &m = A.m[i];
+        m.codes = w[i]->codes;
+        m.aq = w[i]->absmax_q;
+        m.dqa = w[i]->dq_absmax;
+        m.am = w[i]->absmax;
+        m.off = w[i]->dq_offset;
+        m.dq = w[i]->dq;
+        m.y = y ? y[i] : NULL;
+        m.yf = yf ? yf[i] : NULL;
+        m.bias = bias ? bias[i] : NULL;
+        m.rows = (int)w[i]->rows;
+        m.t0 = nt;
+        nt += (m.rows + A.rt - 1) / A.rt;
+        any_f32 |= !m.dq;
+    }
+    A.n_tiles = nt;
+    int64_t tile_w = (int64_t)A.rt * cols;
+    QLR_ASSERT(tile_w / 16384 + 2 <= GS_DQA && A.rt <= 32);
+    A.am_region = (int)(any_f32 ? tile_w / 16 : tile_w / 64);
+    A.am_region = (A.am_region + 15) & ~15;
+    A.stage_bytes = (int)(((tile_w >> 1) + A.am_region + 4 * GS_DQA + 127) & ~127);
+    QLR_ASSERT(A.stage_bytes <= 20480);
+    int threads = A.tu * A.p;
+    size_t smem = (size_t)GS_TAB + 1024 + (size_t)GS_STAGES * A.stage_bytes +
+                  2 * (size_t)(threads / 32) * A.rt * 4;
+    if (NU == 1) return gs_launch_t<GS_STAGES, 1>(be, A, threads, smem);
+    return gs_launch_t<GS_STAGES, 2>(be, A, threads, smem);
+}
+
 /* One launch for k (1..3) matrices of equal cols at n = 1; every one fusable. */
 static qlr_status gemv1_launch(qlr_backend *be, int k, __nv_bfloat16 *const *y,
                                const __nv_bfloat16 *x, const __nv_bfloat16 *up,
                                const qlr_nf4 *const *w, const float *const *bias) {
     qlr_cuda_impl *im = qlr_cuda_im(be);
+    if (im->gemv1_variant == 4 && gs_fits(k, w)) return gs_launch(be, k, y, NULL, x, up, w, bias);
     gemv1_args A;
     memset(&A, 0, sizeof A);
     A.nm = k;
@@ -874,5 +1175,19 @@ qlr_status qlr_cuda_swiglu_nf4_linear(qlr_backend *be, void *y, void *gate, cons
 
 extern "C" void qlr_cuda_set_gemv1_variant(qlr_backend *be, int variant) {
     QLR_ASSERT(be && be->kind == QLR_DEVICE_CUDA);
-    qlr_cuda_im(be)->gemv1_variant = variant == 3 ? 3 : 2;
+    qlr_cuda_im(be)->gemv1_variant = variant == 3 || variant == 4 ? variant : 2;
+}
+
+/* logits [vocab] f32 = x [cols] · Wᵀ for an NF4 output projection at n = 1 (serving with a 4-bit
+ * lm_head); the streaming kernel's f32 output. */
+extern "C" qlr_status qlr_cuda_nf4_logits(qlr_backend *be, float *logits, const void *x,
+                                          const qlr_nf4 *w) {
+    QLR_ASSERT(be && be->kind == QLR_DEVICE_CUDA);
+    const qlr_nf4 *ws[1] = {w};
+    if (!gs_fits(1, ws) || ((uintptr_t)x & 15))
+        return qlr_errorf(QLR_ERR_UNSUPPORTED, "cuda nf4 logits: [%lld, %lld] weight: needs cols "
+                          "a multiple of 1024 (at most 32768) and 16-byte aligned arrays",
+                          (long long)w->rows, (long long)w->cols);
+    float *yf[1] = {logits};
+    return gs_launch(be, 1, NULL, yf, (const __nv_bfloat16 *)x, NULL, ws, NULL);
 }

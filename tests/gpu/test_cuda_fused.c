@@ -2,11 +2,15 @@
  * table) against the composition of the separate CPU reference ops they replace:
  * nf4_linear_multi (q/k/v and gate/up in one launch; partial row groups, a partial 1024-column
  * chunk, bias, n = 1 and the n > 1 fallback), swiglu_nf4_linear, add_rmsnorm (vectorised and
- * fallback widths) and rope_kv_store (head dims 64 and 128, GQA, large positions). */
+ * fallback widths) and rope_kv_store (head dims 64 and 128, GQA, large positions); the n = 1
+ * kernels behind them: the streaming kernel (variant 4: cols multiples of 1024 up to 32768,
+ * partial tiles, fewer tiles than SMs, both absmax forms, two runs bitwise equal) and the register
+ * kernel (variant 2) on the same inputs, and the f32-output NF4 logits entry. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend/cuda/cuda_backend.h"
 #include "core/core.h"
 #include "tests/gpu/gpu_harness.h"
 #include "tests/test_util.h"
@@ -195,6 +199,114 @@ static void test_rope_kv(int64_t n, int64_t nh, int64_t nkv, int64_t hd, int64_t
     free(got); free(q); free(k); free(v); free(inv); free(pos); free(seq); free(zero);
 }
 
+/* nf4_linear_multi at n = 1 under the streaming kernel (variant 4) and the register kernel
+ * (variant 2), each against the CPU; variant 4 run twice must give the same bytes. With `up`, the
+ * SwiGLU-fused single-matrix op instead. */
+static void test_variants(int k, const int64_t *rows, int64_t cols, int dq, int with_bias, int swiglu) {
+    wpair w[3];
+    float *bias[3] = {0}, *ref[3] = {0};
+    gh_buf gb[3], gy[3];
+    float *x = randv(cols, 1.0f), *u = randv(cols, 1.0f);
+    x[3] = -300.0f; /* a large activation in the middle of a 32-column unit */
+    gh_buf cx = gh_act(g_cpu, x, cols), gx = gh_act(g_gpu, x, cols);
+    gh_buf cu = gh_act(g_cpu, u, cols), gu = gh_act(g_gpu, u, cols);
+    if (swiglu) CHECK_OK(g_cpu->ops.swiglu(g_cpu, cx.p, cx.p, cu.p, cols));
+    for (int i = 0; i < k; i++) {
+        make_w(&w[i], rows[i], cols, dq);
+        bias[i] = randv(rows[i], 0.1f);
+        gh_buf cb = gh_raw(g_cpu, bias[i], (size_t)rows[i] * 4);
+        gb[i] = gh_raw(g_gpu, bias[i], (size_t)rows[i] * 4);
+        gh_buf cy = gh_alloc(g_cpu, (size_t)rows[i] * 4);
+        CHECK_OK(g_cpu->ops.nf4_linear(g_cpu, cy.p, cx.p, &w[i].cpu, with_bias ? cb.p : NULL, 1));
+        ref[i] = malloc((size_t)rows[i] * 4);
+        memcpy(ref[i], cy.p, (size_t)rows[i] * 4);
+        gh_free_checked(g_cpu, &cy, "cpu y");
+        gh_free_checked(g_cpu, &cb, "cpu bias");
+        gy[i] = gh_alloc(g_gpu, (size_t)rows[i] * 2);
+    }
+    static const int variants[3] = {4, 4, 2};
+    uint16_t *first[3] = {0};
+    for (int vi = 0; vi < 3; vi++) {
+        qlr_cuda_set_gemv1_variant(g_gpu, variants[vi]);
+        void *ys[3];
+        const qlr_nf4 *ws[3];
+        const float *bs[3];
+        for (int i = 0; i < k; i++) ys[i] = gy[i].p, ws[i] = &w[i].gpu, bs[i] = with_bias ? gb[i].p : NULL;
+        if (swiglu)
+            CHECK_OK(g_gpu->ops.swiglu_nf4_linear(g_gpu, ys[0], gx.p, gu.p, ws[0], bs[0], 1));
+        else
+            CHECK_OK(g_gpu->ops.nf4_linear_multi(g_gpu, k, ys, gx.p, ws, bs, 1));
+        for (int i = 0; i < k; i++) {
+            float *got = malloc((size_t)rows[i] * 4);
+            gh_read_act(g_gpu, gy[i].p, got, rows[i]);
+            char what[160];
+            snprintf(what, sizeof what, "n=1 variant %d%s k=%d #%d [%lld,%lld] dq=%d%s", variants[vi],
+                     swiglu ? " swiglu" : "", k, i, (long long)rows[i], (long long)cols, dq,
+                     with_bias ? " bias" : "");
+            double rms = gh_rms(ref[i], rows[i]);
+            /* as test_multi: bf16 output rounding plus f16 products (2^-11 each); with SwiGLU
+             * also the bf16 rounding of silu(g)·u that the CPU reference keeps in f32 (as
+             * test_swiglu_linear) */
+            double tol = swiglu ? 0x1p-6 : 0x1p-7;
+            gh_compare(what, got, ref[i], rows[i], rms * tol, tol);
+            uint16_t *raw = malloc((size_t)rows[i] * 2);
+            CHECK_OK(g_gpu->mem.d2h(g_gpu, raw, gy[i].p, (size_t)rows[i] * 2));
+            CHECK_OK(g_gpu->mem.sync(g_gpu));
+            if (vi == 0) first[i] = raw;
+            else {
+                if (vi == 1) CHECK_MSG(!memcmp(first[i], raw, (size_t)rows[i] * 2), "%s: two runs differ", what);
+                free(raw);
+            }
+            free(got);
+        }
+    }
+    qlr_cuda_set_gemv1_variant(g_gpu, 4);
+    for (int i = 0; i < k; i++) {
+        gh_free_checked(g_gpu, &gy[i], "y");
+        gh_free_checked(g_gpu, &gb[i], "bias");
+        free(first[i]);
+        free(ref[i]);
+        free(bias[i]);
+        free_w(&w[i]);
+    }
+    gh_free_checked(g_gpu, &gx, "x");
+    gh_free_checked(g_cpu, &cx, "cpu x");
+    gh_free_checked(g_gpu, &gu, "up");
+    gh_free_checked(g_cpu, &cu, "cpu up");
+    free(x);
+    free(u);
+}
+
+/* qlr_cuda_nf4_logits (f32 out) against the CPU linear; and its refusal of a shape it cannot take. */
+static void test_logits(int64_t rows, int64_t cols, int dq) {
+    wpair w;
+    make_w(&w, rows, cols, dq);
+    float *x = randv(cols, 1.0f);
+    gh_buf cx = gh_act(g_cpu, x, cols), gx = gh_act(g_gpu, x, cols);
+    gh_buf cy = gh_alloc(g_cpu, (size_t)rows * 4), gy = gh_alloc(g_gpu, (size_t)rows * 4);
+    CHECK_OK(g_cpu->ops.nf4_linear(g_cpu, cy.p, cx.p, &w.cpu, NULL, 1));
+    qlr_status st = qlr_cuda_nf4_logits(g_gpu, gy.p, gx.p, &w.gpu);
+    char what[96];
+    snprintf(what, sizeof what, "nf4 logits [%lld,%lld] dq=%d", (long long)rows, (long long)cols, dq);
+    if (cols % 1024 == 0) {
+        CHECK_OK(st);
+        float *got = malloc((size_t)rows * 4);
+        CHECK_OK(g_gpu->mem.d2h(g_gpu, got, gy.p, (size_t)rows * 4));
+        CHECK_OK(g_gpu->mem.sync(g_gpu));
+        /* f32 output: only the f16 products (2^-11 each, 32 per partial sum) */
+        gh_compare(what, got, cy.p, rows, gh_rms(cy.p, rows) * 0x1p-9, 0x1p-9);
+        free(got);
+    } else {
+        CHECK_MSG(st == QLR_ERR_UNSUPPORTED, "%s: expected QLR_ERR_UNSUPPORTED, got %d", what, (int)st);
+    }
+    gh_free_checked(g_gpu, &gy, what);
+    gh_free_checked(g_cpu, &cy, "cpu y");
+    gh_free_checked(g_gpu, &gx, "x");
+    gh_free_checked(g_cpu, &cx, "cpu x");
+    free(x);
+    free_w(&w);
+}
+
 int main(void) {
     if (!gh_init()) {
         CHECK_MSG(0, "no usable CUDA device (this test is label gpu: run it on a GPU machine)");
@@ -211,6 +323,21 @@ int main(void) {
     test_multi(2, ffn, 14336, 1, 1, 1);
     test_multi(3, qkv, 576, 3, 1, 1);  /* n > 1: per-matrix fallback */
     test_multi(1, odd, 100, 1, 1, 0);  /* cols % 32 != 0: not fusable */
+    static const int64_t s3[3] = {37, 1001, 8}, s2[2] = {4099, 3}, s1[1] = {513}, s7[1] = {7};
+    static const int64_t s77[1] = {77}, s300[1] = {300};
+    for (int dq = 0; dq <= 1; dq++) {
+        test_variants(3, s3, 1024, dq, 1, 0);
+        test_variants(2, s2, 3072, dq, dq, 0); /* 96 units: 5 row partitions of 480 threads */
+    }
+    test_variants(1, s1, 28672, 1, 1, 0);      /* two 32-column units per thread */
+    test_variants(1, s7, 2048, 1, 0, 0);       /* fewer tiles than multiprocessors */
+    test_variants(1, s300, 14336, 1, 1, 1);    /* SwiGLU fused; two rows per tile */
+    test_variants(1, s77, 28672, 0, 0, 1);
+    test_variants(3, big, 4096, 1, 1, 0);
+    test_variants(1, s7, 576, 1, 1, 0);        /* not a multiple of 1024: register kernel */
+    test_logits(5000, 4096, 1);
+    test_logits(1001, 1024, 0);
+    test_logits(64, 576, 1);
     test_swiglu_linear(576, 1536, 1);
     test_swiglu_linear(130, 3104, 1);
     test_swiglu_linear(4096, 14336, 1);
