@@ -146,6 +146,7 @@ static void cu_destroy(qlr_backend *be) {
     qlr_cuda_impl *im = qlr_cuda_im(be);
     if (im) {
         if (im->stream) cudaStreamSynchronize(im->stream);
+        qlr_cuda_sdpa_release(im);
         if (im->lt) cublasLtDestroy(im->lt);
         cudaFree(im->lt_ws);
         cudaFree(im->ws);

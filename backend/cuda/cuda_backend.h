@@ -50,6 +50,20 @@ qlr_status qlr_cuda_nf4_dequant(qlr_backend *be, uint16_t *out, const qlr_nf4 *w
 qlr_status qlr_cuda_gemm_bf16(qlr_backend *be, void *y, const uint16_t *x, const uint16_t *w,
                               int64_t m, int64_t n, int64_t k, int y_f32);
 
+/* Causal GQA prefill attention of one sequence through cuDNN's fused scaled-dot-product
+ * attention (its flash-attention engine, picked by cuDNN's heuristics): out [S, H, D] bf16 =
+ * softmax(scale · q kᵀ, causal) v for q [S, H, D] and k, v [S, KV, D] bf16, token-major; query i
+ * sees keys 0..i, query head h reads KV head h / (H / KV). Needs H % KV == 0 (QLR_ERR_INVALID
+ * otherwise) and 16-byte aligned pointers. The execution plan of (S, H, KV, D) is built on the
+ * first call (cuDNN may compile a kernel then: up to about a second) and cached in the backend,
+ * so later calls only execute; the workspace comes from the op workspace (qlr_cuda_reserve).
+ * QLR_ERR_UNSUPPORTED, with cuDNN's reason, when cuDNN cannot serve the shape or cannot be
+ * loaded: fall back to the attention op then. QLR_ERR_DEVICE on other cuDNN/CUDA failures.
+ * Async on the backend's stream. Not part of the op table. */
+qlr_status qlr_cuda_attention_prefill_cudnn(qlr_backend *be, void *out, const void *q,
+                                            const void *k, const void *v, int64_t S, int64_t H,
+                                            int64_t KV, int64_t D, float scale);
+
 /* Grows the op workspace to `bytes` now (so that no allocation happens inside a forward). */
 qlr_status qlr_cuda_reserve(qlr_backend *be, size_t bytes);
 /* The backend's cudaStream_t, as a pointer. */

@@ -23,6 +23,8 @@ typedef struct qlr_cuda_alloc_rec {
     size_t bytes;
 } qlr_cuda_alloc_rec;
 
+struct qlr_cuda_sdpa_cache; /* attention_cudnn.cu */
+
 typedef struct qlr_cuda_impl {
     int device;
     cudaStream_t stream;
@@ -45,6 +47,8 @@ typedef struct qlr_cuda_impl {
     size_t peak_bytes, cur_bytes; /* bytes allocated through mem.alloc and the workspaces */
     qlr_cuda_alloc_rec *allocs;   /* live mem.alloc blocks */
     size_t n_allocs, cap_allocs;
+    cudnnHandle_t dnn;                /* on `stream`, made on first use (attention_cudnn.cu) */
+    struct qlr_cuda_sdpa_cache *sdpa; /* cuDNN SDPA execution plans per shape */
 } qlr_cuda_impl;
 
 static inline qlr_cuda_impl *qlr_cuda_im(qlr_backend *be) { return (qlr_cuda_impl *)be->impl; }
@@ -118,6 +122,10 @@ static inline unsigned qlr_cuda_blocks(int64_t n, int threads) {
 qlr_status qlr_cuda_gemm(qlr_backend *be, void *d, cudaDataType_t d_type, const void *a,
                          const void *b, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
                          int64_t ldd, float alpha, float beta, int trans_b);
+
+/* attention_cudnn.cu: destroys the cached SDPA plans and the cuDNN handle (backend teardown,
+ * after the stream is idle). */
+void qlr_cuda_sdpa_release(qlr_cuda_impl *im);
 
 /* Op entries (each file's exported functions, wired in cuda_backend.cu). */
 qlr_status qlr_cuda_embedding(qlr_backend *be, void *out, const uint16_t *table, const int32_t *ids,

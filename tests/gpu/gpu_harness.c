@@ -113,3 +113,7 @@ int gh_compare(const char *what, const float *got, const float *ref, int64_t n, 
               worst >= 0 ? got[worst] : 0.0, worst >= 0 ? ref[worst] : 0.0, atol, rtol);
     return nbad == 0;
 }
+
+int gh_compare_attention(const char *what, const float *got, const float *ref, int64_t n) {
+    return gh_compare(what, got, ref, n, 8e-3, 0x1p-7);
+}

@@ -43,6 +43,11 @@ void gh_read_act(qlr_backend *be, const void *p, float *out, int64_t n);
  * the worst element, max abs error and ||got - ref|| / ||ref||. Returns 1 on pass. */
 int gh_compare(const char *what, const float *got, const float *ref, int64_t n, double atol,
                double rtol);
+/* gh_compare with the tolerance of bf16 attention kernels against the f32 CPU reference (inputs
+ * N(0, 1) rounded to bf16): outputs are convex combinations of the values, so each is at most
+ * max|v|; the bf16 output costs 2^-9 relative and kernels that round the softmax weights to bf16
+ * for the tensor-core P·V product another 2^-9 per weight -> 8e-3 absolute + 2^-7 relative. */
+int gh_compare_attention(const char *what, const float *got, const float *ref, int64_t n);
 /* Root mean square of x. */
 double gh_rms(const float *x, int64_t n);
 
