@@ -524,6 +524,118 @@ static size_t device_used(void) {
     return 0;
 }
 
+/* Prefill attention of one sequence alone, ours (the attention op over a cache holding the same
+ * K/V: seq 0, positions 0..S-1) against cuDNN's fused SDPA (qlr_cuda_attention_prefill_cudnn),
+ * on this model's head shape for S = P, 4096 and 8192 (larger S only, each where memory allows):
+ * best of `reps` runs of `layers` back-to-back calls, causal flops 2·S²·hd·heads per call, the
+ * first cuDNN call (plan build, maybe a kernel compile) timed apart, and the largest difference
+ * between the two outputs. Writes a JSON array into js (null without CUDA). A cuDNN refusal is
+ * recorded (and its reason printed), not returned. */
+static qlr_status bench_attention_sdpa(qlr_backend *be, const mcfg *c, int64_t P, int reps,
+                                       char *js, size_t cap) {
+    snprintf(js, cap, "null");
+#ifdef QLR_BACKEND_CUDA
+    const int64_t sizes[3] = {P, 4096, 8192}, H = c->heads, KV = c->kv, D = c->hd;
+    const float scale = 1.0f / sqrtf((float)D);
+    size_t len = (size_t)snprintf(js, cap, "[");
+    qlr_status st = QLR_OK;
+    for (int si = 0; si < 3 && st == QLR_OK; si++) {
+        int64_t S = sizes[si];
+        if (si > 0 && S <= P) continue;
+        size_t nq = (size_t)(S * H * D), nk = (size_t)(S * KV * D);
+        void *q = be->mem.alloc(be, nq * 2), *k = be->mem.alloc(be, nk * 2);
+        void *v = be->mem.alloc(be, nk * 2), *o1 = be->mem.alloc(be, nq * 2);
+        void *o2 = be->mem.alloc(be, nq * 2), *ds = be->mem.alloc(be, (size_t)S * 4);
+        void *dp = be->mem.alloc(be, (size_t)S * 4);
+        uint16_t *h = malloc(nq * 2), *h2 = malloc(nq * 2);
+        int32_t *hi = malloc((size_t)S * 4);
+        double ours = 1e30, dnn = 1e30, first = 0, maxd = 0;
+        const char *dnn_state = "ok";
+        if (!q || !k || !v || !o1 || !o2 || !ds || !dp || !h || !h2 || !hi) {
+            fprintf(stderr, "bench %s: attention S=%lld skipped: %s\n", c->name, (long long)S,
+                    qlr_error_msg());
+            len += (size_t)snprintf(js + len, len < cap ? cap - len : 0, "%s{\"tokens\": %lld, "
+                                    "\"skipped\": \"out of memory\"}", len > 1 ? ", " : "",
+                                    (long long)S);
+        } else {
+            /* q, k, v; seq 0 and positions 0..S-1 (a [1, S, KV, D] cache is k itself) */
+            fill_bf16(h, nq, 1.0f);
+            st = be->mem.h2d(be, q, h, nq * 2);
+            fill_bf16(h, nk, 1.0f);
+            if (st == QLR_OK) st = be->mem.h2d(be, k, h, nk * 2);
+            fill_bf16(h2, nk, 1.0f);
+            if (st == QLR_OK) st = be->mem.h2d(be, v, h2, nk * 2);
+            for (int64_t i = 0; i < S; i++) hi[i] = 0;
+            if (st == QLR_OK) st = be->mem.h2d(be, ds, hi, (size_t)S * 4);
+            for (int64_t i = 0; i < S; i++) hi[i] = (int32_t)i;
+            if (st == QLR_OK) st = be->mem.h2d(be, dp, hi, (size_t)S * 4);
+            for (int r = 0; r < reps + 1 && st == QLR_OK; r++) {
+                st = be->mem.sync(be);
+                double s0 = now_s();
+                for (int64_t l = 0; l < (r ? c->layers : 1) && st == QLR_OK; l++)
+                    st = be->ops.attention(be, o1, q, k, v, ds, dp, S, H, KV, D, S, scale);
+                if (st == QLR_OK) st = be->mem.sync(be);
+                double t = (now_s() - s0) / (double)c->layers;
+                if (r > 0 && t < ours) ours = t;
+            }
+            qlr_status ds_st = QLR_OK;
+            for (int r = 0; r < reps + 1 && st == QLR_OK && ds_st == QLR_OK; r++) {
+                st = be->mem.sync(be);
+                double s0 = now_s();
+                for (int64_t l = 0; l < (r ? c->layers : 1) && ds_st == QLR_OK; l++)
+                    ds_st = qlr_cuda_attention_prefill_cudnn(be, o2, q, k, v, S, H, KV, D, scale);
+                if (st == QLR_OK) st = be->mem.sync(be);
+                double t = now_s() - s0;
+                if (r == 0) first = t;
+                else if (t / (double)c->layers < dnn) dnn = t / (double)c->layers;
+            }
+            if (ds_st != QLR_OK) {
+                dnn_state = qlr_status_str(ds_st);
+                fprintf(stderr, "bench %s: cuDNN SDPA at S=%lld: %s\n", c->name, (long long)S,
+                        qlr_error_msg());
+            } else if (st == QLR_OK) {
+                st = be->mem.d2h(be, h, o1, nq * 2);
+                if (st == QLR_OK) st = be->mem.d2h(be, h2, o2, nq * 2);
+                if (st == QLR_OK) st = be->mem.sync(be);
+                for (size_t i = 0; i < nq && st == QLR_OK; i++) {
+                    double d = fabs((double)qlr_bf16_to_f32(h[i]) - (double)qlr_bf16_to_f32(h2[i]));
+                    if (d > maxd || d != d) maxd = d;
+                }
+            }
+            double fl = 2.0 * (double)S * (double)S * (double)(D * H);
+            int ok = ds_st == QLR_OK;
+            fprintf(stderr, "bench %s: prefill attention S=%lld: ours %.3f ms (%.1f TFLOP/s), "
+                    "cuDNN %.3f ms (%.1f TFLOP/s, first call %.1f ms), max |diff| %.3g\n",
+                    c->name, (long long)S, 1e3 * ours, fl / ours / 1e12, ok ? 1e3 * dnn : 0.0,
+                    ok ? fl / dnn / 1e12 : 0.0, 1e3 * first, maxd);
+            len += (size_t)snprintf(js + len, len < cap ? cap - len : 0, "%s{\"tokens\": %lld, "
+                                    "\"ours_ms\": %.4f, \"ours_tflops\": %.1f, \"cudnn\": "
+                                    "\"%s\", \"cudnn_ms\": %.4f, \"cudnn_tflops\": %.1f, "
+                                    "\"cudnn_over_ours\": %.2f, \"cudnn_first_call_ms\": %.1f, "
+                                    "\"max_abs_diff\": %.3g}", len > 1 ? ", " : "",
+                                    (long long)S, 1e3 * ours, fl / ours / 1e12, dnn_state,
+                                    ok ? 1e3 * dnn : 0.0, ok ? fl / dnn / 1e12 : 0.0,
+                                    ok ? ours / dnn : 0.0, 1e3 * first, maxd);
+        }
+        be->mem.free(be, q);
+        be->mem.free(be, k);
+        be->mem.free(be, v);
+        be->mem.free(be, o1);
+        be->mem.free(be, o2);
+        be->mem.free(be, ds);
+        be->mem.free(be, dp);
+        free(h);
+        free(h2);
+        free(hi);
+    }
+    if (len < cap) snprintf(js + len, cap - len, "]");
+    return st;
+#else
+    (void)be, (void)c, (void)P, (void)reps;
+    return QLR_OK;
+#endif
+}
+
 static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_decode_opts *o,
                               double bw_gbps, double gemm_tflops, FILE *js, size_t *peak_used) {
     static const int batches[] = {1, 8, 32, 64};
@@ -592,6 +704,8 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
     }
     /* causal: half of the 4·P²·hd·heads multiply-adds of full attention */
     double att_flops = 2.0 * (double)P * (double)P * (double)(c->hd * c->heads) * (double)c->layers;
+    char sdpa_js[1536];
+    if (st == QLR_OK) st = bench_attention_sdpa(be, c, P, reps, sdpa_js, sizeof sdpa_js);
     double dq_s = 0;
 #ifdef QLR_BACKEND_CUDA
     /* the dequantization kernel alone (bytes: NF4 in, bf16 out) */
@@ -859,10 +973,10 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
     fprintf(js, "     \"prefill\": {\"tokens\": %lld, \"seconds\": %.6f, \"tokens_per_s\": %.1f, "
             "\"linear_seconds\": %.6f, \"linear_tflops\": %.1f, \"linear_fraction_of_gemm_rate\": %.3f, "
             "\"attention_seconds\": %.6f, \"attention_tflops\": %.1f, \"dequant_seconds\": %.6f, "
-            "\"dequant_GBps\": %.0f},\n",
+            "\"dequant_GBps\": %.0f, \"attention_sdpa\": %s},\n",
             (long long)P, best_pf, P / best_pf, lin_pf, pf_flops / lin_pf / 1e12,
             pf_flops / lin_pf / 1e12 / gemm_tflops, att_pf, att_flops / att_pf / 1e12, dq_s,
-            dq_s > 0 ? (m.nf4_bytes + 2.0 * m.nf4_params) / dq_s / 1e9 : 0.0);
+            dq_s > 0 ? (m.nf4_bytes + 2.0 * m.nf4_params) / dq_s / 1e9 : 0.0, sdpa_js);
     fprintf(js, "     \"decode_context\": %lld, \"decode\": [", (long long)D);
     for (int bi = 0; bi < 4; bi++)
         fprintf(js, "%s{\"batch\": %d, \"step_ms\": %.4f, \"tokens_per_s\": %.1f, "
