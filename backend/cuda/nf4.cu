@@ -618,31 +618,36 @@ __global__ void __launch_bounds__(256, MINB) nf4_gemv1_kernel(gemv1_args A) {
     }
 }
 
-/* ---- n = 1 streaming GEMV (variant 4, the default where it applies) ----
+/* ---- n = 1 streaming GEMV (variant 4, the default where it applies; sm_90) ----
  * The kernels above keep each warp's next rows in registers, one group ahead, so a multiprocessor
  * has ~32 KB of weight loads in flight: less than the bandwidth-latency product of HBM3 under load
  * (~3 TB/s x ~2 us / 132 SMs ~ 45 KB). This one streams the weights through shared memory with
- * cp.async in GS_STAGES tiles of ~16 KB (whole consecutive rows of one matrix: code bytes, their
- * absmax bytes and the few second-level floats), GS_STAGES - 1 tiles in flight per block, one
- * block of up to 512 threads per SM, tiles dealt round-robin over a grid of at most one block per
- * SM. Thread t owns columns units u = t % TU (+ TU) of 32 columns for the whole launch, so its x
- * (scaled f16 pairs, as in the kernel above) is converted once; row partition p = t / TU takes
- * rows p, p + P, ... of every tile. A code byte becomes an f16 pair through a per-lane table with
- * entries 256 B apart, so one byte_perm of the code word and the lane offset gives the address
- * (PRMT, LDS, HFMA2 per byte). Warp sums go to shared memory; after the next tile's barrier one
- * thread per row adds its TU / 32 warp sums in a fixed order (bitwise reproducible) and writes y
- * (bf16) or yf (f32). Weights are read before griddepcontrol.wait, x after. Needs cols % 1024 ==
- * 0 (each warp within one row), cols <= 32768 and 16-byte aligned codes and absmax arrays. */
+ * the bulk copy engine: tiles of ~32 KB of codes (whole consecutive rows of one matrix: code
+ * bytes, their absmax bytes and 8 second-level floats around them) in GS_STAGES stages, each
+ * completing on its own mbarrier, GS_STAGES - 1 tiles in flight per block; one thread issues
+ * three copies per tile, so the other threads only compute. One block of up to 512 threads per
+ * SM, tiles dealt round-robin over a grid of at most one block per SM. Thread t owns column
+ * units (32 columns) u = t % TU (+ TU) for the whole launch, so its x (scaled f16 pairs, as in
+ * the kernel above) is converted once, and takes four items per tile: rows p, p + P, p + 2P,
+ * p + 3P of its unit (NU = 1), or rows p, p + 1 of both units (NU = 2, P = 1), all in flight
+ * together. A code byte becomes an f16 pair through a per-lane table with entries 256 B apart, so
+ * one byte_perm of the code word and the lane offset gives the address (PRMT, LDS, HFMA2 per
+ * byte). Warp sums go to shared memory; after the next tile's barrier one thread per row adds
+ * its TU / 32 warp sums in a fixed order (bitwise reproducible) and writes y (bf16) or yf (f32).
+ * Weights are requested before griddepcontrol.wait, x read after. Needs cols % 1024 == 0 (each
+ * warp within one row), cols <= 32768, one absmax form per launch, 16-byte aligned arrays and at
+ * least 8 second-level floats per matrix (>= 128 Ki weights). */
 #define GS_THREADS 512
-#define GS_TILE 16384
 #define GS_TAB 65536
-#define GS_DQA 8 /* second-level floats per tile at most */
+#define GS_HDR 1152 /* dynamic map (1 KB) + mbarriers */
+#define GS_STAGES 4
+#define GS_MAXSTAGE (32768 + 2048 + 32)
 
 struct gs_mat {
     const uint8_t *codes, *aq;
     const float *dqa, *am;
     float off;
-    int dq;
+    int n_dq;
     __nv_bfloat16 *y;
     float *yf;
     const float *bias;
@@ -655,82 +660,99 @@ struct gs_args {
     const float *dynmap;
 };
 
-__device__ __forceinline__ void gs_cp16(void *dst, const void *src) {
-    unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
-}
-__device__ __forceinline__ void gs_cp4(void *dst, const void *src) {
-    unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(d), "l"(src) : "memory");
-}
-__device__ __forceinline__ void gs_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N> __device__ __forceinline__ void gs_wait() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
+__device__ __forceinline__ unsigned gs_smem(const void *p) { return (unsigned)__cvta_generic_to_shared(p); }
 
 __device__ __forceinline__ int gs_mat_of(const gs_args &A, int j) {
     return (A.nm > 2 && j >= A.m[2].t0) ? 2 : (A.nm > 1 && j >= A.m[1].t0) ? 1 : 0;
 }
 #define GS_SEL(A, mi, f) ((mi) == 2 ? (A).m[2].f : (mi) == 1 ? (A).m[1].f : (A).m[0].f)
 
-/* Issues tile j's copies into stage dst (every thread takes a share). */
-__device__ __forceinline__ void gs_issue(const gs_args &A, int j, uint8_t *dst, int tid, int nthr) {
+/* First second-level float copied for a tile starting at weight e (8 floats, in bounds). */
+__device__ __forceinline__ int64_t gs_dq0(int64_t e, int n_dq) {
+    int64_t f = (e >> 14) & ~(int64_t)3;
+    return f < n_dq - 8 ? f : n_dq - 8;
+}
+
+/* Tile j -> stage dst, completing on bar (one thread). */
+template <int DQ>
+__device__ __forceinline__ void gs_issue(const gs_args &A, int j, uint8_t *dst, uint64_t *bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     int mi = gs_mat_of(A, j);
     int rows = GS_SEL(A, mi, rows);
     int64_t r0 = (int64_t)(j - GS_SEL(A, mi, t0)) * A.rt;
-    int rv = rows - r0 < A.rt ? (int)(rows - r0) : A.rt;
-    int64_t cols = A.cols;
-    const uint8_t *src = GS_SEL(A, mi, codes) + r0 * (cols >> 1);
-    int n16 = (int)((rv * cols) >> 5);
-    for (int i = tid; i < n16; i += nthr) gs_cp16(dst + 16 * i, src + 16 * i);
-    uint8_t *am = dst + (A.rt * cols >> 1);
-    if (GS_SEL(A, mi, dq)) {
-        const uint8_t *aq = GS_SEL(A, mi, aq) + r0 * (cols >> 6);
-        int a16 = (int)((rv * cols) >> 10);
-        for (int i = tid; i < a16; i += nthr) gs_cp16(am + 16 * i, aq + 16 * i);
-        int64_t first = (r0 * cols) >> 14, last = ((r0 + rv) * cols - 1) >> 14;
-        float *dd = (float *)(am + A.am_region);
-        if (tid <= (int)(last - first)) gs_cp4(dd + tid, GS_SEL(A, mi, dqa) + first + tid);
+    int64_t rv = rows - r0 < A.rt ? rows - r0 : A.rt, cols = A.cols;
+    unsigned cb = (unsigned)(rv * cols >> 1), ab = (unsigned)(DQ ? rv * cols >> 6 : rv * cols >> 4);
+    unsigned tx = cb + ab + (DQ ? 32u : 0u);
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(gs_smem(bar)), "r"(tx)
+                 : "memory");
+    const void *src[3];
+    unsigned off[3] = {0, (unsigned)(A.rt * cols >> 1), (unsigned)(A.rt * cols >> 1) + A.am_region};
+    unsigned len[3] = {cb, ab, 32};
+    src[0] = GS_SEL(A, mi, codes) + r0 * (cols >> 1);
+    if (DQ) {
+        src[1] = GS_SEL(A, mi, aq) + r0 * (cols >> 6);
+        src[2] = GS_SEL(A, mi, dqa) + gs_dq0(r0 * cols, GS_SEL(A, mi, n_dq));
     } else {
-        const float *af = GS_SEL(A, mi, am) + r0 * (cols >> 6);
-        int a16 = (int)((rv * cols) >> 8);
-        for (int i = tid; i < a16; i += nthr) gs_cp16(am + 16 * i, af + 4 * i);
+        src[1] = GS_SEL(A, mi, am) + r0 * (cols >> 6);
     }
+#pragma unroll
+    for (int i = 0; i < (DQ ? 3 : 2); i++)
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                     ::"r"(gs_smem(dst + off[i])), "l"(src[i]), "r"(len[i]), "r"(gs_smem(bar))
+                     : "memory");
+#endif
+}
+
+__device__ __forceinline__ void gs_wait(uint64_t *bar, unsigned parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    unsigned done;
+    do {
+        asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                     " selp.u32 %0, 1, 0, p;\n}"
+                     : "=r"(done)
+                     : "r"(gs_smem(bar)), "r"(parity)
+                     : "memory");
+    } while (!done);
+#endif
 }
 
 /* Row sums of tile j (warp partials in part) -> y. */
 __device__ __forceinline__ void gs_write(const gs_args &A, int j, const float *part, int tid) {
+    if (tid >= A.rt) return;
     int mi = gs_mat_of(A, j);
     int rows = GS_SEL(A, mi, rows);
-    int64_t r0 = (int64_t)(j - GS_SEL(A, mi, t0)) * A.rt;
-    int rl = tid;
-    if (rl >= A.rt || r0 + rl >= rows) return;
-    int nwp = A.tu >> 5, w0 = (rl % A.p) * nwp;
+    int64_t r = (int64_t)(j - GS_SEL(A, mi, t0)) * A.rt + tid;
+    if (r >= rows) return;
+    int nwp = A.tu >> 5, w0 = (tid % A.p) * nwp;
     float s = 0.0f;
-    for (int w = 0; w < nwp; w++) s += part[(w0 + w) * A.rt + rl];
+    for (int w = 0; w < nwp; w++) s += part[(w0 + w) * A.rt + tid];
     const float *bias = GS_SEL(A, mi, bias);
-    if (bias) s += bias[r0 + rl];
+    if (bias) s += bias[r];
     float *yf = GS_SEL(A, mi, yf);
-    if (yf) yf[r0 + rl] = s;
-    else GS_SEL(A, mi, y)[r0 + rl] = __float2bfloat16_rn(s);
+    if (yf) yf[r] = s;
+    else GS_SEL(A, mi, y)[r] = __float2bfloat16_rn(s);
 }
 
-template <int S, int NU>
+template <int NU, int DQ>
 __global__ void __launch_bounds__(GS_THREADS, 1) nf4_gemv1s_kernel(const __grid_constant__ gs_args A) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     extern __shared__ __align__(128) uint8_t gsm[];
     uint8_t *tab = gsm;
     float *dyn = (float *)(gsm + GS_TAB);
-    uint8_t *stg = gsm + GS_TAB + 1024;
+    uint64_t *bar = (uint64_t *)(gsm + GS_TAB + 1024);
+    uint8_t *stg = gsm + GS_TAB + GS_HDR;
     int tid = threadIdx.x, nthr = blockDim.x, lane = tid & 31, warp = tid >> 5;
-    float *part = (float *)(stg + S * A.stage_bytes);
+    float *part = (float *)(stg + GS_STAGES * A.stage_bytes);
+    const int S = GS_STAGES;
     qlr_pdl_trigger();
     int bid = blockIdx.x, G = gridDim.x;
     int nk = bid < A.n_tiles ? (A.n_tiles - 1 - bid) / G + 1 : 0;
-    /* weights first: they never depend on the previous kernel */
-#pragma unroll
-    for (int k = 0; k < S - 1; k++) {
-        if (k < nk) gs_issue(A, bid + k * G, stg + k * A.stage_bytes, tid, nthr);
-        gs_commit();
+    if (tid == 0) {
+        for (int i = 0; i < S; i++)
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(gs_smem(bar + i)) : "memory");
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        /* weights first: they never depend on the previous kernel */
+        for (int k = 0; k < S - 1 && k < nk; k++) gs_issue<DQ>(A, bid + k * G, stg + k * A.stage_bytes, bar + k);
     }
     for (int i = tid; i < 256 * 32; i += nthr) {
         int b = i >> 5, l = i & 31;
@@ -739,7 +761,6 @@ __global__ void __launch_bounds__(GS_THREADS, 1) nf4_gemv1s_kernel(const __grid_
     for (int i = tid; i < 256; i += nthr) dyn[i] = A.dynmap[i];
     qlr_pdl_wait();
     int p = tid / A.tu, ut = tid - p * A.tu;
-    bool comp = p < A.p;
     __half2 xh[NU][16];
     float inv[NU];
 #pragma unroll
@@ -749,7 +770,7 @@ __global__ void __launch_bounds__(GS_THREADS, 1) nf4_gemv1s_kernel(const __grid_
         const uint4 *xp = (const uint4 *)(A.x + col);
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            uint4 u = comp ? __ldg(xp + j) : make_uint4(0, 0, 0, 0);
+            uint4 u = __ldg(xp + j);
             xw[4 * j] = u.x, xw[4 * j + 1] = u.y, xw[4 * j + 2] = u.z, xw[4 * j + 3] = u.w;
         }
         if (A.up) {
@@ -757,7 +778,7 @@ __global__ void __launch_bounds__(GS_THREADS, 1) nf4_gemv1s_kernel(const __grid_
             uint32_t uw[16];
 #pragma unroll
             for (int j = 0; j < 4; j++) {
-                uint4 u = comp ? __ldg(up + j) : make_uint4(0, 0, 0, 0);
+                uint4 u = __ldg(up + j);
                 uw[4 * j] = u.x, uw[4 * j + 1] = u.y, uw[4 * j + 2] = u.z, uw[4 * j + 3] = u.w;
             }
 #pragma unroll
@@ -781,91 +802,137 @@ __global__ void __launch_bounds__(GS_THREADS, 1) nf4_gemv1s_kernel(const __grid_
             xh[i][j] = __floats2half2_rn(__uint_as_float(xw[j] << 16) * scale,
                                          __uint_as_float(xw[j] & 0xffff0000u) * scale);
     }
-    const int cols = A.cols, rb = cols >> 1, ab = cols >> 6, rpt = A.rt / A.p;
+    const int cols = A.cols, rb = cols >> 1, ab = cols >> 6;
     const uint32_t lane4 = (uint32_t)lane << 2;
     const int nw = nthr >> 5;
+    /* items: (row, unit, x) = (p + iP, ut, 0) for NU = 1; (p + (i >> 1), ut + (i & 1) TU, i & 1)
+     * for NU = 2 (P = 1) */
+    int irow[4], iu[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        irow[i] = NU == 1 ? p + i * A.p : p + (i >> 1);
+        iu[i] = NU == 1 ? ut : ut + (i & 1) * A.tu;
+    }
+    const bool hi16 = lane & 16, hi8 = lane & 8;
     for (int k = 0; k < nk; k++) {
-        gs_wait<S - 2>();
-        __syncthreads();
+        __syncthreads(); /* stage (k - 1) % S is free, part[(k - 1) & 1] complete */
+        if (tid == 0 && k + S - 1 < nk)
+            gs_issue<DQ>(A, bid + (k + S - 1) * G, stg + ((k + S - 1) % S) * A.stage_bytes,
+                         bar + (k + S - 1) % S);
         if (k > 0) gs_write(A, bid + (k - 1) * G, part + ((k - 1) & 1) * nw * A.rt, tid);
-        if (k + S - 1 < nk) gs_issue(A, bid + (k + S - 1) * G, stg + ((k + S - 1) % S) * A.stage_bytes, tid, nthr);
-        gs_commit();
-        if (!comp) continue;
         int j = bid + k * G, mi = gs_mat_of(A, j);
-        int rows = GS_SEL(A, mi, rows), dq = GS_SEL(A, mi, dq);
-        float off = GS_SEL(A, mi, off);
+        int rows = GS_SEL(A, mi, rows);
         int64_t r0 = (int64_t)(j - GS_SEL(A, mi, t0)) * A.rt;
         int rv = rows - r0 < A.rt ? (int)(rows - r0) : A.rt;
+        gs_wait(bar + k % S, (unsigned)(k / S) & 1);
+        if (p >= A.p || irow[0] >= rv) continue; /* warp-uniform: a warp lies in one partition */
         const uint8_t *sc = stg + (k % S) * A.stage_bytes;
         const uint8_t *am8 = sc + A.rt * rb;
-        const float *amf = (const float *)am8;
+        float v[4];
+        int e0 = 0, dd = 0;
+        float off = 0.0f;
         const float *dqs = (const float *)(am8 + A.am_region);
-        int64_t first = (r0 * cols) >> 14;
-        float *pp = part + (k & 1) * nw * A.rt;
-        for (int s = 0; s < rpt; s++) {
-            int rl = p + s * A.p;
-            if (rl >= rv) break; /* warp-uniform: a warp lies in one partition */
-            float v = 0.0f;
+        if (DQ) {
+            int64_t base = r0 * cols;
+            e0 = (int)(base & 16383);
+            dd = (int)((base >> 14) - gs_dq0(base, GS_SEL(A, mi, n_dq)));
+            off = GS_SEL(A, mi, off);
+        }
+        uint32_t w[4][4];
+        float am[4];
 #pragma unroll
-            for (int i = 0; i < NU; i++) {
-                int u = ut + i * A.tu;
-                uint4 q = *(const uint4 *)(sc + rl * rb + (u << 4));
-                int blk = rl * ab + (u >> 1);
-                float a;
-                if (dq) {
-                    int di = (int)((((r0 + rl) * cols + (u << 5)) >> 14) - first);
-                    a = __fadd_rn(__fmul_rn(dyn[am8[blk]], dqs[di]), off);
-                } else {
-                    a = amf[blk];
-                }
-                uint32_t qq[4] = {q.x, q.y, q.z, q.w};
-                __half2 s0 = __float2half2_rn(0.0f), s1 = s0;
+        for (int i = 0; i < 4; i++) {
+            int rl = irow[i] < rv ? irow[i] : irow[0]; /* clamped: computed, not written */
+            uint4 q = *(const uint4 *)(sc + rl * rb + (iu[i] << 4));
+            w[i][0] = q.x, w[i][1] = q.y, w[i][2] = q.z, w[i][3] = q.w;
+            int blk = rl * ab + (iu[i] >> 1);
+            if (DQ)
+                am[i] = __fadd_rn(__fmul_rn(dyn[am8[blk]], dqs[((e0 + rl * cols + (iu[i] << 5)) >> 14) + dd]), off);
+            else
+                am[i] = ((const float *)am8)[blk];
+        }
+        __half2 acc[4][2];
 #pragma unroll
-                for (int b = 0; b < 16; b += 2) {
-                    uint32_t o0 = __byte_perm(qq[b >> 2], lane4, 0x5504u | ((b & 3) << 4));
-                    uint32_t o1 = __byte_perm(qq[b >> 2], lane4, 0x5504u | (((b + 1) & 3) << 4));
-                    s0 = __hfma2(*(const __half2 *)(tab + o0), xh[i][b], s0);
-                    s1 = __hfma2(*(const __half2 *)(tab + o1), xh[i][b + 1], s1);
-                }
-                float2 f = __half22float2(__hadd2(s0, s1));
-                v += (f.x + f.y) * (a * inv[i]);
+        for (int i = 0; i < 4; i++) acc[i][0] = acc[i][1] = __float2half2_rn(0.0f);
+#pragma unroll
+        for (int b = 0; b < 16; b += 2) {
+            const uint32_t s0 = 0x5504u | ((b & 3) << 4), s1 = 0x5504u | (((b + 1) & 3) << 4);
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const __half2 *xi = xh[NU == 1 ? 0 : (i & 1)];
+                __half2 t0 = *(const __half2 *)(tab + __byte_perm(w[i][b >> 2], lane4, s0));
+                __half2 t1 = *(const __half2 *)(tab + __byte_perm(w[i][b >> 2], lane4, s1));
+                acc[i][0] = __hfma2(t0, xi[b], acc[i][0]);
+                acc[i][1] = __hfma2(t1, xi[b + 1], acc[i][1]);
             }
+        }
 #pragma unroll
-            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-            if (lane == 0) pp[warp * A.rt + rl] = v;
+        for (int i = 0; i < 4; i++) {
+            float2 f = __half22float2(__hadd2(acc[i][0], acc[i][1]));
+            v[i] = (f.x + f.y) * (am[i] * inv[NU == 1 ? 0 : (i & 1)]);
+        }
+        float *pp = part + (k & 1) * nw * A.rt;
+        if (NU == 1) {
+            /* four rows: reduce-scatter, lanes 0 / 8 / 16 / 24 end with rows 0 / 1 / 2 / 3 */
+            float k0 = hi16 ? v[2] : v[0], k1 = hi16 ? v[3] : v[1];
+            float s0 = hi16 ? v[0] : v[2], s1 = hi16 ? v[1] : v[3];
+            k0 += __shfl_xor_sync(0xffffffffu, s0, 16);
+            k1 += __shfl_xor_sync(0xffffffffu, s1, 16);
+            float kk = hi8 ? k1 : k0, ss = hi8 ? k0 : k1;
+            kk += __shfl_xor_sync(0xffffffffu, ss, 8);
+            kk += __shfl_xor_sync(0xffffffffu, kk, 4);
+            kk += __shfl_xor_sync(0xffffffffu, kk, 2);
+            kk += __shfl_xor_sync(0xffffffffu, kk, 1);
+            int ri = (hi16 ? 2 : 0) + (hi8 ? 1 : 0);
+            int rl = p + ri * A.p;
+            if ((lane & 7) == 0 && rl < rv) pp[warp * A.rt + rl] = kk;
+        } else {
+            /* two rows of two units each: lanes 0 / 16 end with rows p / p + 1 */
+            float a0 = v[0] + v[1], a1 = v[2] + v[3];
+            float kk = hi16 ? a1 : a0, ss = hi16 ? a0 : a1;
+            kk += __shfl_xor_sync(0xffffffffu, ss, 16);
+#pragma unroll
+            for (int o = 8; o > 0; o >>= 1) kk += __shfl_xor_sync(0xffffffffu, kk, o);
+            int rl = p + (hi16 ? 1 : 0);
+            if ((lane & 15) == 0 && rl < rv) pp[warp * A.rt + rl] = kk;
         }
     }
-    gs_wait<0>();
     __syncthreads();
     if (nk > 0) gs_write(A, bid + (nk - 1) * G, part + ((nk - 1) & 1) * nw * A.rt, tid);
+#endif
 }
 
-#define GS_STAGES 4
-
-/* Whether the streaming kernel takes these k matrices (equal cols). */
-static int gs_fits(int k, const qlr_nf4 *const *w) {
+/* Whether the streaming kernel takes these k matrices (equal cols) on this device. */
+static int gs_fits(qlr_backend *be, int k, const qlr_nf4 *const *w) {
+    static int major = -1; /* one device per process for this check: the bulk copies need sm_90 */
+    if (major < 0 && cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
+                                            qlr_cuda_im(be)->device) != cudaSuccess)
+        major = 0;
+    if (major < 9) return 0;
     int64_t cols = w[0]->cols;
     if (cols % 1024 != 0 || cols > 32768) return 0;
     for (int i = 0; i < k; i++) {
         if (w[i]->cols != cols || w[i]->rows <= 0 || ((uintptr_t)w[i]->codes & 15)) return 0;
-        if (w[i]->dq ? ((uintptr_t)w[i]->absmax_q & 15) || ((uintptr_t)w[i]->dq_absmax & 3)
+        if (w[i]->dq != w[0]->dq) return 0; /* one absmax form per launch */
+        if (w[i]->dq ? ((uintptr_t)w[i]->absmax_q & 15) || ((uintptr_t)w[i]->dq_absmax & 15) ||
+                           w[i]->n_dq_blocks < 8
                      : ((uintptr_t)w[i]->absmax & 15))
             return 0;
     }
     return 1;
 }
 
-template <int S, int NU>
+template <int NU, int DQ>
 static qlr_status gs_launch_t(qlr_backend *be, const gs_args &A, int threads, size_t smem) {
     qlr_cuda_impl *im = qlr_cuda_im(be);
     static int ready = 0; /* per instantiation: the opt-in to more than 48 KB of shared memory */
     if (!ready) {
-        QLR_CK(cudaFuncSetAttribute(nf4_gemv1s_kernel<S, NU>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    (int)(GS_TAB + 1024 + S * 20480 + 2 * 16 * 32 * 4)));
+        QLR_CK(cudaFuncSetAttribute(nf4_gemv1s_kernel<NU, DQ>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    (int)(GS_TAB + GS_HDR + GS_STAGES * GS_MAXSTAGE + 2 * 16 * 64 * 4)));
         ready = 1;
     }
     unsigned blocks = (unsigned)(A.n_tiles < im->n_sm ? A.n_tiles : im->n_sm);
-    QLR_CK(qlr_cuda_launch(nf4_gemv1s_kernel<S, NU>, dim3(blocks), dim3((unsigned)threads), smem,
+    QLR_CK(qlr_cuda_launch(nf4_gemv1s_kernel<NU, DQ>, dim3(blocks), dim3((unsigned)threads), smem,
                            im->stream, 1, A));
     QLR_CK_LAUNCH();
     return QLR_OK;
@@ -882,12 +949,11 @@ static qlr_status gs_launch(qlr_backend *be, int k, __nv_bfloat16 *const *y, flo
     A.cols = cols;
     A.tu = U / NU;
     A.p = GS_THREADS / A.tu;
-    int rt0 = GS_TILE / (cols >> 1);
-    A.rt = rt0 < A.p ? A.p : rt0 / A.p * A.p;
+    A.rt = NU == 1 ? 4 * A.p : 2; /* four items per thread per tile: ~32 KB of codes */
     A.x = x;
     A.up = up;
     A.dynmap = qlr_cuda_im(be)->d_dynmap;
-    int any_f32 = 0, nt = 0;
+    int nt = 0, dq = w[0]->dq;
     for (int i = 0; i < k; i++) {
         gs_mat &m = A.m[i];
         m.codes = w[i]->codes;
@@ -895,27 +961,26 @@ static qlr_status gs_launch(qlr_backend *be, int k, __nv_bfloat16 *const *y, flo
         m.dqa = w[i]->dq_absmax;
         m.am = w[i]->absmax;
         m.off = w[i]->dq_offset;
-        m.dq = w[i]->dq;
+        m.n_dq = (int)w[i]->n_dq_blocks;
         m.y = y ? y[i] : NULL;
         m.yf = yf ? yf[i] : NULL;
         m.bias = bias ? bias[i] : NULL;
         m.rows = (int)w[i]->rows;
         m.t0 = nt;
         nt += (m.rows + A.rt - 1) / A.rt;
-        any_f32 |= !m.dq;
     }
     A.n_tiles = nt;
     int64_t tile_w = (int64_t)A.rt * cols;
-    QLR_ASSERT(tile_w / 16384 + 2 <= GS_DQA && A.rt <= 32);
-    A.am_region = (int)(any_f32 ? tile_w / 16 : tile_w / 64);
-    A.am_region = (A.am_region + 15) & ~15;
-    A.stage_bytes = (int)(((tile_w >> 1) + A.am_region + 4 * GS_DQA + 127) & ~127);
-    QLR_ASSERT(A.stage_bytes <= 20480);
+    QLR_ASSERT(A.rt <= 64 && tile_w <= 65536);
+    A.am_region = (int)(dq ? tile_w / 64 : tile_w / 16);
+    A.stage_bytes = (int)(((tile_w >> 1) + A.am_region + 32 + 127) & ~127);
+    QLR_ASSERT(A.stage_bytes <= GS_MAXSTAGE + 128);
     int threads = A.tu * A.p;
-    size_t smem = (size_t)GS_TAB + 1024 + (size_t)GS_STAGES * A.stage_bytes +
+    size_t smem = (size_t)GS_TAB + GS_HDR + (size_t)GS_STAGES * A.stage_bytes +
                   2 * (size_t)(threads / 32) * A.rt * 4;
-    if (NU == 1) return gs_launch_t<GS_STAGES, 1>(be, A, threads, smem);
-    return gs_launch_t<GS_STAGES, 2>(be, A, threads, smem);
+    if (dq)
+        return NU == 1 ? gs_launch_t<1, 1>(be, A, threads, smem) : gs_launch_t<2, 1>(be, A, threads, smem);
+    return NU == 1 ? gs_launch_t<1, 0>(be, A, threads, smem) : gs_launch_t<2, 0>(be, A, threads, smem);
 }
 
 /* One launch for k (1..3) matrices of equal cols at n = 1; every one fusable. */
@@ -923,7 +988,7 @@ static qlr_status gemv1_launch(qlr_backend *be, int k, __nv_bfloat16 *const *y,
                                const __nv_bfloat16 *x, const __nv_bfloat16 *up,
                                const qlr_nf4 *const *w, const float *const *bias) {
     qlr_cuda_impl *im = qlr_cuda_im(be);
-    if (im->gemv1_variant == 4 && gs_fits(k, w)) return gs_launch(be, k, y, NULL, x, up, w, bias);
+    if (im->gemv1_variant == 4 && gs_fits(be, k, w)) return gs_launch(be, k, y, NULL, x, up, w, bias);
     gemv1_args A;
     memset(&A, 0, sizeof A);
     A.nm = k;
@@ -1184,7 +1249,7 @@ extern "C" qlr_status qlr_cuda_nf4_logits(qlr_backend *be, float *logits, const 
                                           const qlr_nf4 *w) {
     QLR_ASSERT(be && be->kind == QLR_DEVICE_CUDA);
     const qlr_nf4 *ws[1] = {w};
-    if (!gs_fits(1, ws) || ((uintptr_t)x & 15))
+    if (!gs_fits(be, 1, ws) || ((uintptr_t)x & 15))
         return qlr_errorf(QLR_ERR_UNSUPPORTED, "cuda nf4 logits: [%lld, %lld] weight: needs cols "
                           "a multiple of 1024 (at most 32768) and 16-byte aligned arrays",
                           (long long)w->rows, (long long)w->cols);

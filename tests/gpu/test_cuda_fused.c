@@ -3,7 +3,7 @@
  * nf4_linear_multi (q/k/v and gate/up in one launch; partial row groups, a partial 1024-column
  * chunk, bias, n = 1 and the n > 1 fallback), swiglu_nf4_linear, add_rmsnorm (vectorised and
  * fallback widths) and rope_kv_store (head dims 64 and 128, GQA, large positions); the n = 1
- * kernels behind them: the streaming kernel (variant 4: cols multiples of 1024 up to 32768,
+ * kernels behind them: the streaming kernel (variant 4, sm_90: cols multiples of 1024 up to 32768,
  * partial tiles, fewer tiles than SMs, both absmax forms, two runs bitwise equal) and the register
  * kernel (variant 2) on the same inputs, and the f32-output NF4 logits entry. */
 #include <math.h>
@@ -323,18 +323,21 @@ int main(void) {
     test_multi(2, ffn, 14336, 1, 1, 1);
     test_multi(3, qkv, 576, 3, 1, 1);  /* n > 1: per-matrix fallback */
     test_multi(1, odd, 100, 1, 1, 0);  /* cols % 32 != 0: not fusable */
-    static const int64_t s3[3] = {37, 1001, 8}, s2[2] = {4099, 3}, s1[1] = {513}, s7[1] = {7};
-    static const int64_t s77[1] = {77}, s300[1] = {300};
+    /* streaming-kernel shapes (>= 128 Ki weights per matrix): partial last tiles, 96 units (5
+     * row partitions of 480 threads), two units per thread (28672), fewer tiles than SMs */
+    static const int64_t s3[3] = {200, 1001, 129}, s2[2] = {4099, 43}, s1[1] = {513};
+    static const int64_t s7[1] = {7}, s77[1] = {77}, s300[1] = {300};
     for (int dq = 0; dq <= 1; dq++) {
         test_variants(3, s3, 1024, dq, 1, 0);
-        test_variants(2, s2, 3072, dq, dq, 0); /* 96 units: 5 row partitions of 480 threads */
+        test_variants(2, s2, 3072, dq, dq, 0);
     }
-    test_variants(1, s1, 28672, 1, 1, 0);      /* two 32-column units per thread */
-    test_variants(1, s7, 2048, 1, 0, 0);       /* fewer tiles than multiprocessors */
-    test_variants(1, s300, 14336, 1, 1, 1);    /* SwiGLU fused; two rows per tile */
+    test_variants(1, s1, 28672, 1, 1, 0);
+    test_variants(1, s300, 2048, 1, 0, 0);
+    test_variants(1, s300, 14336, 1, 1, 1);    /* SwiGLU fused */
     test_variants(1, s77, 28672, 0, 0, 1);
     test_variants(3, big, 4096, 1, 1, 0);
     test_variants(1, s7, 576, 1, 1, 0);        /* not a multiple of 1024: register kernel */
+    test_variants(1, s7, 2048, 1, 1, 0);       /* under 8 second-level floats: register kernel */
     test_logits(5000, 4096, 1);
     test_logits(1001, 1024, 0);
     test_logits(64, 576, 1);
