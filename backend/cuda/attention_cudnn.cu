@@ -12,6 +12,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 extern "C" {
 #include "backend/cuda/cuda_backend.h"
@@ -330,6 +331,12 @@ static qlr_status plan_make(qlr_cuda_impl *im, sdpa_entry *e, cudnnBackendDescri
     return QLR_OK;
 }
 
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return 1e3 * (double)ts.tv_sec + 1e-6 * (double)ts.tv_nsec;
+}
+
 /* A cuDNN refusal while planning (status UNSUPPORTED, or DEVICE for a rejected attribute):
  * the shape or graph form is not served, the caller falls back. Anything else is ours. */
 static int refused(qlr_status st) { return st == QLR_ERR_UNSUPPORTED || st == QLR_ERR_DEVICE; }
@@ -345,7 +352,9 @@ static qlr_status sdpa_plan(qlr_cuda_impl *im, sdpa_entry *e, cudnnBackendDescri
     for (int mi = 0; mi < 3; mi++) {
         cudnnBackendDescriptor_t cfg[SDPA_MAX_CFG];
         int64_t n_cfg = 0;
+        double t0 = now_ms();
         qlr_status st = heur_configs(e, graph, modes[mi], cfg, &n_cfg);
+        double t_heur = now_ms() - t0;
         if (st != QLR_OK) {
             if (!refused(st)) return st;
             if (!first[0])
@@ -356,14 +365,16 @@ static qlr_status sdpa_plan(qlr_cuda_impl *im, sdpa_entry *e, cudnnBackendDescri
             cudnnBackendDescriptor_t plan;
             QLR_TRY(dnn_new(e, CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR, &plan));
             tried++;
+            t0 = now_ms();
             st = plan_make(im, e, plan, cfg[i]);
             if (st == QLR_OK) {
                 e->plan = plan;
                 QLR_LOGD("cuda sdpa: S=%lld H=%lld KV=%lld D=%lld: engine %lld (heuristics %s, "
-                         "config %lld of %lld), workspace %lld bytes", (long long)e->S,
-                         (long long)e->H, (long long)e->KV, (long long)e->D,
-                         (long long)engine_index(e, cfg[i]), mode_name[mi], (long long)i + 1,
-                         (long long)n_cfg, (long long)e->ws_bytes);
+                         "config %lld of %lld), workspace %lld bytes; heuristics %.1f ms, plan "
+                         "%.1f ms", (long long)e->S, (long long)e->H, (long long)e->KV,
+                         (long long)e->D, (long long)engine_index(e, cfg[i]), mode_name[mi],
+                         (long long)i + 1, (long long)n_cfg, (long long)e->ws_bytes, t_heur,
+                         now_ms() - t0);
                 return QLR_OK;
             }
             if (!refused(st)) return st;
