@@ -50,7 +50,7 @@ qlr_status qlr_cuda_kv_store(qlr_backend *be, void *k_cache, void *v_cache, cons
 /* ---- decode: split-KV ---- */
 
 #define DEC_THREADS 128
-#define DEC_KEYS 256   /* keys per pass */
+#define DEC_KEYS 64    /* keys per pass: 32 per warp pair, one key per lane */
 #define DEC_MAXG 16    /* query heads per KV head */
 
 struct att_args {
@@ -61,118 +61,121 @@ struct att_args {
     float scale;
 };
 
-/* partial layout: [(t * n_heads + h) * nsplit + s] -> {m, l, o[hd]} f32.
- * HD is a template parameter so that a key's whole row is loaded with all its 16-byte loads in
- * flight before the dot products, and V rows DEC_VUNROLL at a time. */
-#define DEC_VUNROLL 16
+__device__ __forceinline__ void dec_cp16(void *dst, const void *src) {
+    unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+}
 
+/* One block per (split s, KV head g, token t): keys [k0, k1) of the token's sequence for the G
+ * query heads of the group, in passes of DEC_KEYS keys. Per pass every load is issued before any
+ * math: the V rows go to shared memory by cp.async, and each thread holds half of one key's K
+ * row in registers (warps 0-1: dims [0, HD/2), warps 2-3: [HD/2, HD); lane = key), so a pass
+ * costs one memory latency. Scores (f32, both halves added in shared memory), an online softmax
+ * per head (one warp per head), then o += p · v with each thread owning a pair of dims for half
+ * of the heads. Writes the split's {m, l, o[HD]} (unnormalised) for att_combine_kernel.
+ * partial layout: [(t * n_heads + h) * nsplit + s] -> {m, l, o[hd]} f32. */
 template <int HD>
 __global__ void __launch_bounds__(DEC_THREADS) att_decode_kernel(att_args a, float *part) {
-    extern __shared__ float sm[];
+    __shared__ __align__(16) bf16 vs[DEC_KEYS * HD];
+    __shared__ __align__(16) float qs[DEC_MAXG * HD];
+    __shared__ float sc[2][DEC_MAXG][DEC_KEYS];
+    __shared__ float mrow[DEC_MAXG], lrow[DEC_MAXG], alpha[DEC_MAXG];
+    qlr_pdl_wait();
+    qlr_pdl_trigger();
     int nsplit = gridDim.x, s = blockIdx.x, g = blockIdx.y;
     int64_t t = blockIdx.z;
-    const int hd = HD;
-    int G = (int)(a.n_heads / a.n_kv), tid = threadIdx.x;
-    float *qs = sm;                         /* [G][hd] */
-    float *sc = qs + G * hd;                /* [G][DEC_KEYS] */
-    float *mrow = sc + G * DEC_KEYS;        /* [G] running max */
-    float *lrow = mrow + DEC_MAXG;          /* [G] running sum */
-    float *alpha = lrow + DEC_MAXG;         /* [G] rescale of this pass */
+    int G = (int)(a.n_heads / a.n_kv), tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     int64_t L = (int64_t)a.pos[t] + 1, sq = a.seq[t];
     int64_t chunk = (L + nsplit - 1) / nsplit;
-    if (chunk < 64) chunk = 64;
+    chunk = (chunk + DEC_KEYS - 1) / DEC_KEYS * DEC_KEYS;
     int64_t k0 = s * chunk, k1 = k0 + chunk < L ? k0 + chunk : L;
     int64_t pbase = (t * a.n_heads + (int64_t)g * G) * nsplit + s;
     if (k0 >= k1) {
         for (int i = tid; i < G; i += DEC_THREADS) {
-            float *p = part + (pbase + (int64_t)i * nsplit) * (hd + 2);
+            float *p = part + (pbase + (int64_t)i * nsplit) * (HD + 2);
             p[0] = -INFINITY;
             p[1] = 0.0f;
         }
         return;
     }
+    const int64_t kv_stride = a.n_kv * HD; /* between positions */
+    const bf16 *kbase = a.kc + (sq * a.ctx * a.n_kv + g) * HD;
+    const bf16 *vbase = a.vc + (sq * a.ctx * a.n_kv + g) * HD;
     {
-        /* q of the group's heads is contiguous: [G * hd] bf16 as pairs, all loads first */
-        const __nv_bfloat162 *qp = (const __nv_bfloat162 *)(a.q + (t * a.n_heads + (int64_t)g * G) * hd);
-        constexpr int QL = (DEC_MAXG * HD / 2 + DEC_THREADS - 1) / DEC_THREADS;
-        float2 qv[QL];
-#pragma unroll
-        for (int u = 0; u < QL; u++) {
-            int i = tid + u * DEC_THREADS;
-            qv[u] = i < G * hd / 2 ? __bfloat1622float2(qp[i]) : make_float2(0.0f, 0.0f);
-        }
-#pragma unroll
-        for (int u = 0; u < QL; u++) {
-            int i = tid + u * DEC_THREADS;
-            if (i < G * hd / 2) {
-                qs[2 * i] = qv[u].x;
-                qs[2 * i + 1] = qv[u].y;
-            }
+        const __nv_bfloat162 *qp = (const __nv_bfloat162 *)(a.q + (t * a.n_heads + (int64_t)g * G) * HD);
+        for (int i = tid; i < G * HD / 2; i += DEC_THREADS) {
+            float2 f = __bfloat1622float2(qp[i]);
+            qs[2 * i] = f.x;
+            qs[2 * i + 1] = f.y;
         }
     }
     if (tid < G) {
         mrow[tid] = -INFINITY;
         lrow[tid] = 0.0f;
     }
-    /* o accumulators: thread covers d-pair dp for heads gi = gsub, gsub + gstep, ... */
-    const int npair = hd / 2;
-    int dp = tid % npair, gsub = tid / npair;
-    const int gstep = DEC_THREADS / npair;
+    const int half = warp >> 1, key = ((warp & 1) << 5) + lane;
+    const int npair = HD / 2, dp = tid % npair, gsub = tid / npair, gstep = DEC_THREADS / npair;
     float2 o[DEC_MAXG];
 #pragma unroll
     for (int i = 0; i < DEC_MAXG; i++) o[i] = make_float2(0.0f, 0.0f);
-    const int64_t kv_stride = a.n_kv * hd; /* between positions */
-    const bf16 *kbase = a.kc + (sq * a.ctx * a.n_kv + g) * hd;
-    const bf16 *vbase = a.vc + (sq * a.ctx * a.n_kv + g) * hd;
-    __syncthreads();
-
     for (int64_t p0 = k0; p0 < k1; p0 += DEC_KEYS) {
         int nk = (int)(k1 - p0 < DEC_KEYS ? k1 - p0 : DEC_KEYS);
-        /* scores: one key per thread, its row loaded whole first */
-        for (int j = tid; j < nk; j += DEC_THREADS) {
-            const uint4 *kp = (const uint4 *)(kbase + (p0 + j) * kv_stride);
-            uint4 kr[HD / 8];
+        __syncthreads(); /* vs / sc of the previous pass are consumed; qs, mrow written */
+        /* V rows of the pass -> shared memory (rows past nk are not read) */
+        for (int i = tid; i < nk * (HD / 8); i += DEC_THREADS) {
+            int j = i / (HD / 8), c = i % (HD / 8);
+            dec_cp16(vs + j * HD + c * 8, vbase + (p0 + j) * kv_stride + c * 8);
+        }
+        asm volatile("cp.async.commit_group;" ::: "memory");
+        /* this thread's half K row */
+        uint4 kr[HD / 16];
+        int kj = key < nk ? key : 0;
+        const uint4 *kp = (const uint4 *)(kbase + (p0 + kj) * kv_stride + half * (HD / 2));
 #pragma unroll
-            for (int d8 = 0; d8 < HD / 8; d8++) kr[d8] = __ldg(kp + d8);
-            float accs[DEC_MAXG];
+        for (int d8 = 0; d8 < HD / 16; d8++) kr[d8] = __ldg(kp + d8);
+        float acc[DEC_MAXG];
 #pragma unroll
-            for (int gi = 0; gi < DEC_MAXG; gi++) accs[gi] = 0.0f;
+        for (int gi = 0; gi < DEC_MAXG; gi++) acc[gi] = 0.0f;
 #pragma unroll
-            for (int d8 = 0; d8 < HD / 8; d8++) {
-                uint32_t uu[4] = {kr[d8].x, kr[d8].y, kr[d8].z, kr[d8].w};
-                float kf[8];
+        for (int d8 = 0; d8 < HD / 16; d8++) {
+            uint32_t uu[4] = {kr[d8].x, kr[d8].y, kr[d8].z, kr[d8].w};
+            float kf[8];
 #pragma unroll
-                for (int h2 = 0; h2 < 4; h2++) {
-                    kf[2 * h2] = __uint_as_float(uu[h2] << 16);
-                    kf[2 * h2 + 1] = __uint_as_float(uu[h2] & 0xffff0000u);
-                }
-#pragma unroll
-                for (int gi = 0; gi < DEC_MAXG; gi++) {
-                    if (gi < G) {
-                        const float *qq = qs + gi * hd + d8 * 8;
-#pragma unroll
-                        for (int e = 0; e < 8; e++) accs[gi] = fmaf(qq[e], kf[e], accs[gi]);
-                    }
-                }
+            for (int h2 = 0; h2 < 4; h2++) {
+                kf[2 * h2] = __uint_as_float(uu[h2] << 16);
+                kf[2 * h2 + 1] = __uint_as_float(uu[h2] & 0xffff0000u);
             }
 #pragma unroll
-            for (int gi = 0; gi < DEC_MAXG; gi++)
-                if (gi < G) sc[gi * DEC_KEYS + j] = accs[gi] * a.scale;
+            for (int gi = 0; gi < DEC_MAXG; gi++) {
+                if (gi < G) {
+                    const float4 *qq = (const float4 *)(qs + gi * HD + half * (HD / 2) + d8 * 8);
+                    float4 q0 = qq[0], q1 = qq[1];
+                    acc[gi] = fmaf(q0.x, kf[0], acc[gi]);
+                    acc[gi] = fmaf(q0.y, kf[1], acc[gi]);
+                    acc[gi] = fmaf(q0.z, kf[2], acc[gi]);
+                    acc[gi] = fmaf(q0.w, kf[3], acc[gi]);
+                    acc[gi] = fmaf(q1.x, kf[4], acc[gi]);
+                    acc[gi] = fmaf(q1.y, kf[5], acc[gi]);
+                    acc[gi] = fmaf(q1.z, kf[6], acc[gi]);
+                    acc[gi] = fmaf(q1.w, kf[7], acc[gi]);
+                }
+            }
         }
+#pragma unroll
+        for (int gi = 0; gi < DEC_MAXG; gi++)
+            if (gi < G) sc[half][gi][key] = acc[gi];
         __syncthreads();
-        /* softmax statistics: warp w handles heads w, w + 4, ... */
-        int lane = tid & 31, warp = tid >> 5;
+        /* softmax statistics: warp w handles heads w, w + 4, ...; lane takes keys lane, lane + 32 */
         for (int gi = warp; gi < G; gi += DEC_THREADS / 32) {
-            float mx = -INFINITY;
-            for (int j = lane; j < nk; j += 32) mx = fmaxf(mx, sc[gi * DEC_KEYS + j]);
+            float e0 = lane < nk ? (sc[0][gi][lane] + sc[1][gi][lane]) * a.scale : -INFINITY;
+            float e1 = lane + 32 < nk ? (sc[0][gi][lane + 32] + sc[1][gi][lane + 32]) * a.scale : -INFINITY;
+            float mx = fmaxf(e0, e1);
             for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
             float mold = mrow[gi], mnew = fmaxf(mold, mx);
-            float sum = 0.0f;
-            for (int j = lane; j < nk; j += 32) {
-                float e = expf(sc[gi * DEC_KEYS + j] - mnew);
-                sc[gi * DEC_KEYS + j] = e;
-                sum += e;
-            }
+            float p0v = lane < nk ? expf(e0 - mnew) : 0.0f, p1v = lane + 32 < nk ? expf(e1 - mnew) : 0.0f;
+            sc[0][gi][lane] = p0v;
+            sc[0][gi][lane + 32] = p1v;
+            float sum = p0v + p1v;
             for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
             if (lane == 0) {
                 float al = expf(mold - mnew); /* mold = -inf on the first pass: 0 */
@@ -181,8 +184,9 @@ __global__ void __launch_bounds__(DEC_THREADS) att_decode_kernel(att_args a, flo
                 mrow[gi] = mnew;
             }
         }
+        asm volatile("cp.async.wait_group 0;" ::: "memory");
         __syncthreads();
-        /* o += p · v, DEC_VUNROLL rows of V in flight */
+        /* o += p · v */
 #pragma unroll
         for (int i = 0; i < DEC_MAXG; i++) {
             int gi = gsub + i * gstep;
@@ -192,38 +196,27 @@ __global__ void __launch_bounds__(DEC_THREADS) att_decode_kernel(att_args a, flo
             }
         }
         if (gsub < G) {
-            const bf16 *vcol = vbase + p0 * kv_stride + 2 * dp;
-            for (int j0 = 0; j0 < nk; j0 += DEC_VUNROLL) {
-                float2 vv[DEC_VUNROLL];
+            const __nv_bfloat162 *vcol = (const __nv_bfloat162 *)vs + dp;
+#pragma unroll 4
+            for (int j = 0; j < nk; j++) {
+                float2 vv = __bfloat1622float2(vcol[j * (HD / 2)]);
 #pragma unroll
-                for (int u = 0; u < DEC_VUNROLL; u++) {
-                    vv[u] = make_float2(0.0f, 0.0f);
-                    if (j0 + u < nk)
-                        vv[u] = __bfloat1622float2(
-                            *(const __nv_bfloat162 *)(vcol + (int64_t)(j0 + u) * kv_stride));
-                }
-#pragma unroll
-                for (int u = 0; u < DEC_VUNROLL; u++) {
-                    if (j0 + u >= nk) break;
-#pragma unroll
-                    for (int i = 0; i < DEC_MAXG; i++) {
-                        int gi = gsub + i * gstep;
-                        if (gi < G) {
-                            float pj = sc[gi * DEC_KEYS + j0 + u];
-                            o[i].x = fmaf(pj, vv[u].x, o[i].x);
-                            o[i].y = fmaf(pj, vv[u].y, o[i].y);
-                        }
+                for (int i = 0; i < DEC_MAXG; i++) {
+                    int gi = gsub + i * gstep;
+                    if (gi < G) {
+                        float pj = sc[0][gi][j];
+                        o[i].x = fmaf(pj, vv.x, o[i].x);
+                        o[i].y = fmaf(pj, vv.y, o[i].y);
                     }
                 }
             }
         }
-        __syncthreads();
     }
 #pragma unroll
     for (int i = 0; i < DEC_MAXG; i++) {
         int gi = gsub + i * gstep;
         if (gi < G) {
-            float *p = part + (pbase + (int64_t)gi * nsplit) * (hd + 2);
+            float *p = part + (pbase + (int64_t)gi * nsplit) * (HD + 2);
             if (dp == 0) {
                 p[0] = mrow[gi];
                 p[1] = lrow[gi];
@@ -236,6 +229,8 @@ __global__ void __launch_bounds__(DEC_THREADS) att_decode_kernel(att_args a, flo
 
 __global__ void att_combine_kernel(att_args a, const float *part, int nsplit) {
     __shared__ float scl[32]; /* exp(m_s - M) / L per split (nsplit <= 32) */
+    qlr_pdl_wait();
+    qlr_pdl_trigger();
     int64_t th = blockIdx.x; /* t * n_heads + h */
     int hd = (int)a.hd, tid = threadIdx.x;
     const float *p = part + th * nsplit * (hd + 2);
@@ -472,28 +467,22 @@ qlr_status qlr_cuda_attention(qlr_backend *be, void *out, const void *q, const v
         QLR_CK_LAUNCH();
         return QLR_OK;
     }
-    int64_t nsplit = (ctx + 127) / 128;
+    /* splits of at least DEC_KEYS keys; the kernel sizes them from the real length on the device */
+    int64_t nsplit = (ctx + DEC_KEYS - 1) / DEC_KEYS;
     if (nsplit > 32) nsplit = 32;
     if (nsplit < 1) nsplit = 1;
     void *ws;
     QLR_TRY(qlr_cuda_ws(be, (size_t)(n * n_heads * nsplit * (hd + 2)) * 4, &ws));
-    int G = (int)(n_heads / n_kv);
-    size_t smem = ((size_t)G * hd + (size_t)G * DEC_KEYS + 3 * DEC_MAXG) * 4;
     dim3 grid((unsigned)nsplit, (unsigned)n_kv, (unsigned)n);
-    if (hd == 64) {
-        if (smem > 48 * 1024)
-            QLR_CK(cudaFuncSetAttribute(att_decode_kernel<64>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-        att_decode_kernel<64><<<grid, DEC_THREADS, smem, im->stream>>>(a, (float *)ws);
-    } else {
-        if (smem > 48 * 1024)
-            QLR_CK(cudaFuncSetAttribute(att_decode_kernel<128>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-        att_decode_kernel<128><<<grid, DEC_THREADS, smem, im->stream>>>(a, (float *)ws);
-    }
+    if (hd == 64)
+        QLR_CK(qlr_cuda_launch(att_decode_kernel<64>, grid, dim3(DEC_THREADS), 0, im->stream, 1, a,
+                               (float *)ws));
+    else
+        QLR_CK(qlr_cuda_launch(att_decode_kernel<128>, grid, dim3(DEC_THREADS), 0, im->stream, 1, a,
+                               (float *)ws));
     QLR_CK_LAUNCH();
-    att_combine_kernel<<<(unsigned)(n * n_heads), 128, 0, im->stream>>>(a, (const float *)ws,
-                                                                        (int)nsplit);
+    QLR_CK(qlr_cuda_launch(att_combine_kernel, dim3((unsigned)(n * n_heads)), dim3(128), 0,
+                           im->stream, 1, a, (const float *)ws, (int)nsplit));
     QLR_CK_LAUNCH();
     return QLR_OK;
 }
