@@ -60,8 +60,14 @@ qlr_status qlr_backend_nf4_upload(qlr_backend *be, qlr_nf4 *host, qlr_nf4 *dev, 
         st = upload_buf(be, (void **)&dev->absmax, host->absmax, (size_t)host->n_blocks * 4);
     if (st == QLR_OK && host->dq)
         st = upload_buf(be, (void **)&dev->absmax_q, host->absmax_q, (size_t)host->n_blocks);
-    if (st == QLR_OK && host->dq)
-        st = upload_buf(be, (void **)&dev->dq_absmax, host->dq_absmax, (size_t)host->n_dq_blocks * 4);
+    if (st == QLR_OK && host->dq) {
+        /* QLR_NF4_DQ_PAD zero floats after the second-level table (aligned 32-byte reads) */
+        size_t bytes = (size_t)host->n_dq_blocks * 4, pad = QLR_NF4_DQ_PAD * 4;
+        dev->dq_absmax = be->mem.alloc(be, bytes + pad);
+        if (!dev->dq_absmax) st = qlr_error_status();
+        if (st == QLR_OK) st = be->mem.memset0(be, (char *)dev->dq_absmax + bytes, pad);
+        if (st == QLR_OK && bytes) st = be->mem.h2d(be, dev->dq_absmax, host->dq_absmax, bytes);
+    }
     if (st != QLR_OK) qlr_backend_nf4_free(be, dev);
     return st;
 }

@@ -72,14 +72,16 @@ __device__ __forceinline__ void dec_cp16(void *dst, const void *src) {
  * row in registers (warps 0-1: dims [0, HD/2), warps 2-3: [HD/2, HD); lane = key), so a pass
  * costs one memory latency. Scores (f32, both halves added in shared memory), an online softmax
  * per head (one warp per head), then o += p · v with each thread owning a pair of dims for half
- * of the heads. Writes the split's {m, l, o[HD]} (unnormalised) for att_combine_kernel.
+ * of the heads. MG (4, 8 or 16) bounds the group size G: the per-head loops are unrolled to MG,
+ * so a small MG keeps predicated-off work out of the inner loops.
+ * Writes the split's {m, l, o[HD]} (unnormalised) for att_combine_kernel.
  * partial layout: [(t * n_heads + h) * nsplit + s] -> {m, l, o[hd]} f32. */
-template <int HD>
+template <int HD, int MG>
 __global__ void __launch_bounds__(DEC_THREADS) att_decode_kernel(att_args a, float *part) {
     __shared__ __align__(16) bf16 vs[DEC_KEYS * HD];
-    __shared__ __align__(16) float qs[DEC_MAXG * HD];
-    __shared__ float sc[2][DEC_MAXG][DEC_KEYS];
-    __shared__ float mrow[DEC_MAXG], lrow[DEC_MAXG], alpha[DEC_MAXG];
+    __shared__ __align__(16) float qs[MG * HD];
+    __shared__ float sc[2][MG][DEC_KEYS];
+    __shared__ float mrow[MG], lrow[MG], alpha[MG];
     qlr_pdl_wait();
     qlr_pdl_trigger();
     int nsplit = gridDim.x, s = blockIdx.x, g = blockIdx.y;
@@ -115,9 +117,9 @@ __global__ void __launch_bounds__(DEC_THREADS) att_decode_kernel(att_args a, flo
     }
     const int half = warp >> 1, key = ((warp & 1) << 5) + lane;
     const int npair = HD / 2, dp = tid % npair, gsub = tid / npair, gstep = DEC_THREADS / npair;
-    float2 o[DEC_MAXG];
+    float2 o[MG];
 #pragma unroll
-    for (int i = 0; i < DEC_MAXG; i++) o[i] = make_float2(0.0f, 0.0f);
+    for (int i = 0; i < MG; i++) o[i] = make_float2(0.0f, 0.0f);
     for (int64_t p0 = k0; p0 < k1; p0 += DEC_KEYS) {
         int nk = (int)(k1 - p0 < DEC_KEYS ? k1 - p0 : DEC_KEYS);
         __syncthreads(); /* vs / sc of the previous pass are consumed; qs, mrow written */
@@ -133,9 +135,9 @@ __global__ void __launch_bounds__(DEC_THREADS) att_decode_kernel(att_args a, flo
         const uint4 *kp = (const uint4 *)(kbase + (p0 + kj) * kv_stride + half * (HD / 2));
 #pragma unroll
         for (int d8 = 0; d8 < HD / 16; d8++) kr[d8] = __ldg(kp + d8);
-        float acc[DEC_MAXG];
+        float acc[MG];
 #pragma unroll
-        for (int gi = 0; gi < DEC_MAXG; gi++) acc[gi] = 0.0f;
+        for (int gi = 0; gi < MG; gi++) acc[gi] = 0.0f;
 #pragma unroll
         for (int d8 = 0; d8 < HD / 16; d8++) {
             uint32_t uu[4] = {kr[d8].x, kr[d8].y, kr[d8].z, kr[d8].w};
@@ -146,7 +148,7 @@ __global__ void __launch_bounds__(DEC_THREADS) att_decode_kernel(att_args a, flo
                 kf[2 * h2 + 1] = __uint_as_float(uu[h2] & 0xffff0000u);
             }
 #pragma unroll
-            for (int gi = 0; gi < DEC_MAXG; gi++) {
+            for (int gi = 0; gi < MG; gi++) {
                 if (gi < G) {
                     const float4 *qq = (const float4 *)(qs + gi * HD + half * (HD / 2) + d8 * 8);
                     float4 q0 = qq[0], q1 = qq[1];
@@ -162,7 +164,7 @@ __global__ void __launch_bounds__(DEC_THREADS) att_decode_kernel(att_args a, flo
             }
         }
 #pragma unroll
-        for (int gi = 0; gi < DEC_MAXG; gi++)
+        for (int gi = 0; gi < MG; gi++)
             if (gi < G) sc[half][gi][key] = acc[gi];
         __syncthreads();
         /* softmax statistics: warp w handles heads w, w + 4, ...; lane takes keys lane, lane + 32 */
@@ -188,7 +190,7 @@ __global__ void __launch_bounds__(DEC_THREADS) att_decode_kernel(att_args a, flo
         __syncthreads();
         /* o += p · v */
 #pragma unroll
-        for (int i = 0; i < DEC_MAXG; i++) {
+        for (int i = 0; i < MG; i++) {
             int gi = gsub + i * gstep;
             if (gi < G) {
                 o[i].x *= alpha[gi];
@@ -201,7 +203,7 @@ __global__ void __launch_bounds__(DEC_THREADS) att_decode_kernel(att_args a, flo
             for (int j = 0; j < nk; j++) {
                 float2 vv = __bfloat1622float2(vcol[j * (HD / 2)]);
 #pragma unroll
-                for (int i = 0; i < DEC_MAXG; i++) {
+                for (int i = 0; i < MG; i++) {
                     int gi = gsub + i * gstep;
                     if (gi < G) {
                         float pj = sc[0][gi][j];
@@ -213,7 +215,7 @@ __global__ void __launch_bounds__(DEC_THREADS) att_decode_kernel(att_args a, flo
         }
     }
 #pragma unroll
-    for (int i = 0; i < DEC_MAXG; i++) {
+    for (int i = 0; i < MG; i++) {
         int gi = gsub + i * gstep;
         if (gi < G) {
             float *p = part + (pbase + (int64_t)gi * nsplit) * (HD + 2);
@@ -474,12 +476,20 @@ qlr_status qlr_cuda_attention(qlr_backend *be, void *out, const void *q, const v
     void *ws;
     QLR_TRY(qlr_cuda_ws(be, (size_t)(n * n_heads * nsplit * (hd + 2)) * 4, &ws));
     dim3 grid((unsigned)nsplit, (unsigned)n_kv, (unsigned)n);
-    if (hd == 64)
-        QLR_CK(qlr_cuda_launch(att_decode_kernel<64>, grid, dim3(DEC_THREADS), 0, im->stream, 1, a,
-                               (float *)ws));
-    else
-        QLR_CK(qlr_cuda_launch(att_decode_kernel<128>, grid, dim3(DEC_THREADS), 0, im->stream, 1, a,
-                               (float *)ws));
+    int G = (int)(n_heads / n_kv);
+#define DEC_LAUNCH(HD_, MG_)                                                                      \
+    QLR_CK(qlr_cuda_launch(att_decode_kernel<HD_, MG_>, grid, dim3(DEC_THREADS), 0, im->stream, 1, \
+                           a, (float *)ws))
+    if (hd == 64) {
+        if (G <= 4) DEC_LAUNCH(64, 4);
+        else if (G <= 8) DEC_LAUNCH(64, 8);
+        else DEC_LAUNCH(64, 16);
+    } else {
+        if (G <= 4) DEC_LAUNCH(128, 4);
+        else if (G <= 8) DEC_LAUNCH(128, 8);
+        else DEC_LAUNCH(128, 16);
+    }
+#undef DEC_LAUNCH
     QLR_CK_LAUNCH();
     QLR_CK(qlr_cuda_launch(att_combine_kernel, dim3((unsigned)(n * n_heads)), dim3(128), 0,
                            im->stream, 1, a, (const float *)ws, (int)nsplit));

@@ -635,8 +635,8 @@ __global__ void __launch_bounds__(256, MINB) nf4_gemv1_kernel(gemv1_args A) {
  * byte). Warp sums go to shared memory; after the next tile's barrier one thread per row adds
  * its TU / 32 warp sums in a fixed order (bitwise reproducible) and writes y (bf16) or yf (f32).
  * Weights are requested before griddepcontrol.wait, x read after. Needs cols % 1024 == 0 (each
- * warp within one row), cols <= 32768, one absmax form per launch, 16-byte aligned arrays and at
- * least 8 second-level floats per matrix (>= 128 Ki weights). */
+ * warp within one row), cols <= 32768, one absmax form per launch, 16-byte aligned arrays and
+ * stores from qlr_backend_nf4_upload (the padded second-level table). */
 #define GS_THREADS 512
 #define GS_TAB 65536
 #define GS_HDR 1152 /* dynamic map (1 KB) + mbarriers */
@@ -647,7 +647,6 @@ struct gs_mat {
     const uint8_t *codes, *aq;
     const float *dqa, *am;
     float off;
-    int n_dq;
     __nv_bfloat16 *y;
     float *yf;
     const float *bias;
@@ -667,11 +666,9 @@ __device__ __forceinline__ int gs_mat_of(const gs_args &A, int j) {
 }
 #define GS_SEL(A, mi, f) ((mi) == 2 ? (A).m[2].f : (mi) == 1 ? (A).m[1].f : (A).m[0].f)
 
-/* First second-level float copied for a tile starting at weight e (8 floats, in bounds). */
-__device__ __forceinline__ int64_t gs_dq0(int64_t e, int n_dq) {
-    int64_t f = (e >> 14) & ~(int64_t)3;
-    return f < n_dq - 8 ? f : n_dq - 8;
-}
+/* First second-level float copied for a tile starting at weight e: 8 floats from a 16-byte
+ * boundary, in bounds thanks to the QLR_NF4_DQ_PAD floats after every uploaded table. */
+__device__ __forceinline__ int64_t gs_dq0(int64_t e) { return (e >> 14) & ~(int64_t)3; }
 
 /* Tile j -> stage dst, completing on bar (one thread). */
 template <int DQ>
@@ -691,7 +688,7 @@ __device__ __forceinline__ void gs_issue(const gs_args &A, int j, uint8_t *dst, 
     src[0] = GS_SEL(A, mi, codes) + r0 * (cols >> 1);
     if (DQ) {
         src[1] = GS_SEL(A, mi, aq) + r0 * (cols >> 6);
-        src[2] = GS_SEL(A, mi, dqa) + gs_dq0(r0 * cols, GS_SEL(A, mi, n_dq));
+        src[2] = GS_SEL(A, mi, dqa) + gs_dq0(r0 * cols);
     } else {
         src[1] = GS_SEL(A, mi, am) + r0 * (cols >> 6);
     }
@@ -835,7 +832,7 @@ __global__ void __launch_bounds__(GS_THREADS, 1) nf4_gemv1s_kernel(const __grid_
         if (DQ) {
             int64_t base = r0 * cols;
             e0 = (int)(base & 16383);
-            dd = (int)((base >> 14) - gs_dq0(base, GS_SEL(A, mi, n_dq)));
+            dd = (int)((base >> 14) - gs_dq0(base));
             off = GS_SEL(A, mi, off);
         }
         uint32_t w[4][4];
@@ -914,8 +911,7 @@ static int gs_fits(qlr_backend *be, int k, const qlr_nf4 *const *w) {
     for (int i = 0; i < k; i++) {
         if (w[i]->cols != cols || w[i]->rows <= 0 || ((uintptr_t)w[i]->codes & 15)) return 0;
         if (w[i]->dq != w[0]->dq) return 0; /* one absmax form per launch */
-        if (w[i]->dq ? ((uintptr_t)w[i]->absmax_q & 15) || ((uintptr_t)w[i]->dq_absmax & 15) ||
-                           w[i]->n_dq_blocks < 8
+        if (w[i]->dq ? ((uintptr_t)w[i]->absmax_q & 15) || ((uintptr_t)w[i]->dq_absmax & 15)
                      : ((uintptr_t)w[i]->absmax & 15))
             return 0;
     }
@@ -961,7 +957,6 @@ static qlr_status gs_launch(qlr_backend *be, int k, __nv_bfloat16 *const *y, flo
         m.dqa = w[i]->dq_absmax;
         m.am = w[i]->absmax;
         m.off = w[i]->dq_offset;
-        m.n_dq = (int)w[i]->n_dq_blocks;
         m.y = y ? y[i] : NULL;
         m.yf = yf ? yf[i] : NULL;
         m.bias = bias ? bias[i] : NULL;

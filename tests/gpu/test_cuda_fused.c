@@ -337,7 +337,7 @@ int main(void) {
     test_variants(1, s77, 28672, 0, 0, 1);
     test_variants(3, big, 4096, 1, 1, 0);
     test_variants(1, s7, 576, 1, 1, 0);        /* not a multiple of 1024: register kernel */
-    test_variants(1, s7, 2048, 1, 1, 0);       /* under 8 second-level floats: register kernel */
+    test_variants(1, s7, 2048, 1, 1, 0);       /* one partial tile, a second-level table of one float */
     test_logits(5000, 4096, 1);
     test_logits(1001, 1024, 0);
     test_logits(64, 576, 1);
