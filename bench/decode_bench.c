@@ -57,7 +57,6 @@ typedef struct bmodel {
     qlr_nf4 head_nf4;  /* the lm_head as NF4 (serving with a 4-bit output projection) */
     double head_nf4_bytes;
     int use_nf4_head;  /* single-row logits through head_nf4 */
-    int fresh_prefill; /* this forward is one sequence at positions 0..n-1 (set by forward()) */
 } bmodel;
 
 static double now_s(void) {
@@ -296,7 +295,6 @@ static qlr_status forward_device(bmodel *m, int64_t n, int64_t last_rows) {
     size_t es = qlr_backend_act_size(be);
     QLR_TRY(o->embedding(be, m->x, m->emb, m->d_ids, n, c->hidden, c->vocab));
     float scale = 1.0f / sqrtf((float)c->hd);
-    int fresh = m->fresh_prefill && n > 64 && o->attention_fresh;
     for (int64_t l = 0; l < c->layers; l++) {
         blayer *L = &m->L[l];
         /* the fused ops when the backend has them (model/forward.c does the same); the MLP's
@@ -324,17 +322,8 @@ static qlr_status forward_device(bmodel *m, int64_t n, int64_t last_rows) {
             QLR_TRY(o->kv_store(be, L->kc, L->vc, m->k, m->v, m->d_seq, m->d_pos, n, c->kv, c->hd,
                                 m->ctx));
         }
-        /* a fresh prefill over its own k/v (model/forward.c does the same) */
-        qlr_status ast = QLR_ERR_UNSUPPORTED;
-        if (fresh) {
-            ast = o->attention_fresh(be, m->att, m->q, m->k, m->v, n, c->heads, c->kv, c->hd,
-                                     scale);
-            if (ast == QLR_ERR_UNSUPPORTED) qlr_error_clear(), fresh = 0;
-            else QLR_TRY(ast);
-        }
-        if (ast == QLR_ERR_UNSUPPORTED)
-            QLR_TRY(o->attention(be, m->att, m->q, L->kc, L->vc, m->d_seq, m->d_pos, n, c->heads,
-                                 c->kv, c->hd, m->ctx, scale));
+        QLR_TRY(o->attention(be, m->att, m->q, L->kc, L->vc, m->d_seq, m->d_pos, n, c->heads,
+                             c->kv, c->hd, m->ctx, scale));
         if (fz && o->add_rmsnorm) {
             QLR_TRY(o->nf4_linear(be, m->o, m->att, &L->w[3], NULL, n));
         } else {
@@ -396,12 +385,7 @@ static qlr_status sample_greedy(bmodel *m, int64_t last_rows, int32_t *out_ids) 
 static qlr_status forward(bmodel *m, int64_t n, const int32_t *ids, const int32_t *seq,
                           const int32_t *pos, int64_t last_rows, int32_t *out_ids) {
     QLR_TRY(upload_tokens(m, n, ids, seq, pos));
-    m->fresh_prefill = 1;
-    for (int64_t i = 0; i < n; i++)
-        if (seq[i] != seq[0] || pos[i] != i) m->fresh_prefill = 0;
-    qlr_status st = forward_device(m, n, last_rows);
-    m->fresh_prefill = 0;
-    QLR_TRY(st);
+    QLR_TRY(forward_device(m, n, last_rows));
     return sample_greedy(m, last_rows, out_ids);
 }
 
