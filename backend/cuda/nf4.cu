@@ -641,7 +641,7 @@ __global__ void __launch_bounds__(256, MINB) nf4_gemv1_kernel(gemv1_args A) {
 #define GS_TAB 65536
 #define GS_HDR 1152 /* dynamic map (1 KB) + mbarriers */
 #define GS_STAGES 4
-#define GS_MAXSTAGE (32768 + 4096 + 32) /* codes + f32 absmax (no double quant) + dq floats */
+#define GS_MAXSTAGE ((32768 + 4096 + 32 + 127) & ~127) /* codes + f32 absmax (no double quant) + dq floats, as stage_bytes rounds */
 
 struct gs_mat {
     const uint8_t *codes, *aq;
