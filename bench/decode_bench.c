@@ -432,6 +432,33 @@ static qlr_status profile_step(bmodel *m, int64_t D, int32_t *ids, int32_t *seq,
     cudaProfilerStop();
     return st;
 }
+
+/* Captures a batch-B decode step (as the model is configured now) and replays it warm + steps
+ * times at positions D + s, feeding the greedy tokens back; *sec = seconds per timed step. */
+static qlr_status graph_decode(bmodel *m, int B, int64_t D, int steps, int warm, int32_t *tok,
+                               int32_t *seq, int32_t *pos, double *sec) {
+    qlr_backend *be = m->be;
+    cudaGraphExec_t exec = NULL;
+    int32_t out[64];
+    qlr_status st = capture_step(m, B, B, &exec);
+    cudaStream_t cs = (cudaStream_t)qlr_cuda_stream(be);
+    double t_start = now_s();
+    for (int s = 0; s < steps + warm && st == QLR_OK; s++) {
+        if (s == warm) {
+            st = be->mem.sync(be);
+            t_start = now_s();
+        }
+        for (int b = 0; b < B; b++) seq[b] = b, pos[b] = (int32_t)(D + s);
+        st = upload_tokens(m, B, tok, seq, pos);
+        if (st == QLR_OK && cudaGraphLaunch(exec, cs) != cudaSuccess)
+            st = qlr_errorf(QLR_ERR_DEVICE, "bench: cudaGraphLaunch failed");
+        if (st == QLR_OK) st = sample_greedy(m, B, out);
+        for (int b = 0; b < B; b++) tok[b] = out[b];
+    }
+    *sec = (now_s() - t_start) / steps;
+    if (exec) cudaGraphExecDestroy(exec);
+    return st;
+}
 #endif
 
 /* Seconds for one pass over every NF4 linear of the model at n tokens, best of `reps`. */
@@ -882,63 +909,17 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
         dec_s[bi] = (now_s() - t_start) / steps;
 #ifdef QLR_BACKEND_CUDA
         /* the same step replayed from a CUDA graph (no per-kernel launch cost) */
-        cudaGraphExec_t exec = NULL;
-        if (st == QLR_OK) st = capture_step(&m, B, B, &exec);
-        cudaStream_t cs = (cudaStream_t)qlr_cuda_stream(be);
-        for (int s = 0; s < steps + warm && st == QLR_OK; s++) {
-            if (s == warm) {
-                st = be->mem.sync(be);
-                t_start = now_s();
-            }
-            for (int b = 0; b < B; b++) seq[b] = b, pos[b] = (int32_t)(D + s);
-            st = upload_tokens(&m, B, tok, seq, pos);
-            if (st == QLR_OK && cudaGraphLaunch(exec, cs) != cudaSuccess)
-                st = qlr_errorf(QLR_ERR_DEVICE, "bench: cudaGraphLaunch failed");
-            if (st == QLR_OK) st = sample_greedy(&m, B, out);
-            for (int b = 0; b < B; b++) tok[b] = out[b];
-        }
-        dec_graph_s[bi] = (now_s() - t_start) / steps;
-        if (exec) cudaGraphExecDestroy(exec);
-        exec = NULL;
+        if (st == QLR_OK) st = graph_decode(&m, B, D, steps, warm, tok, seq, pos, &dec_graph_s[bi]);
         if (B == 1 && st == QLR_OK) {
             /* the same batch-1 step with the separate ops (no fused entries) for comparison */
             m.use_fused = 0;
-            st = capture_step(&m, B, B, &exec);
+            st = graph_decode(&m, B, D, steps, warm, tok, seq, pos, &dec_b1_unfused);
             m.use_fused = 1;
-            for (int s = 0; s < steps + warm && st == QLR_OK; s++) {
-                if (s == warm) {
-                    st = be->mem.sync(be);
-                    t_start = now_s();
-                }
-                for (int b = 0; b < B; b++) seq[b] = b, pos[b] = (int32_t)(D + s);
-                st = upload_tokens(&m, B, tok, seq, pos);
-                if (st == QLR_OK && cudaGraphLaunch(exec, cs) != cudaSuccess)
-                    st = qlr_errorf(QLR_ERR_DEVICE, "bench: cudaGraphLaunch failed");
-                if (st == QLR_OK) st = sample_greedy(&m, B, out);
-                for (int b = 0; b < B; b++) tok[b] = out[b];
-            }
-            dec_b1_unfused = (now_s() - t_start) / steps;
-            if (exec) cudaGraphExecDestroy(exec);
-            exec = NULL;
             if (m.head_nf4.codes && st == QLR_OK) {
                 /* and with the lm_head in NF4 as well (every weight read per token is NF4) */
                 m.use_nf4_head = 1;
-                st = capture_step(&m, B, B, &exec);
+                st = graph_decode(&m, B, D, steps, warm, tok, seq, pos, &dec_b1_nf4head);
                 m.use_nf4_head = 0;
-                for (int s = 0; s < steps + warm && st == QLR_OK; s++) {
-                    if (s == warm) {
-                        st = be->mem.sync(be);
-                        t_start = now_s();
-                    }
-                    for (int b = 0; b < B; b++) seq[b] = b, pos[b] = (int32_t)(D + s);
-                    st = upload_tokens(&m, B, tok, seq, pos);
-                    if (st == QLR_OK && cudaGraphLaunch(exec, cs) != cudaSuccess)
-                        st = qlr_errorf(QLR_ERR_DEVICE, "bench: cudaGraphLaunch failed");
-                    if (st == QLR_OK) st = sample_greedy(&m, B, out);
-                    for (int b = 0; b < B; b++) tok[b] = out[b];
-                }
-                dec_b1_nf4head = (now_s() - t_start) / steps;
-                if (exec) cudaGraphExecDestroy(exec);
                 fprintf(stderr, "bench %s: decode batch 1 with an NF4 lm_head: %.3f ms/step graph\n",
                         c->name, 1e3 * dec_b1_nf4head);
             }

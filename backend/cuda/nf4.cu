@@ -487,6 +487,49 @@ __device__ __forceinline__ void gemv1_load(const gemv1_args &A, int g, int col, 
 
 __device__ __forceinline__ float silu_f(float g) { return g / (1.0f + expf(-g)); }
 
+/* A lane's 32 columns of x (from col; zeros when !act) as 16 f16 pairs scaled by a power of two
+ * that puts the largest |x| into [1, 2) (no f16 overflow, no loss of bf16 bits); with up, x is
+ * silu(x) · up rounded to bf16 first (the SwiGLU op fused into the down projection). Returns the
+ * inverse scale. */
+__device__ __forceinline__ float gemv_x_f16(const __nv_bfloat16 *x, const __nv_bfloat16 *upv, int col,
+                                            bool act, __half2 xh[16]) {
+    uint32_t xw[16];
+    const uint4 *xp = (const uint4 *)(x + col);
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        uint4 u = act ? __ldg(xp + j) : make_uint4(0, 0, 0, 0);
+        xw[4 * j] = u.x, xw[4 * j + 1] = u.y, xw[4 * j + 2] = u.z, xw[4 * j + 3] = u.w;
+    }
+    if (upv) {
+        const uint4 *up = (const uint4 *)(upv + col);
+        uint32_t uw[16];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            uint4 u = act ? __ldg(up + j) : make_uint4(0, 0, 0, 0);
+            uw[4 * j] = u.x, uw[4 * j + 1] = u.y, uw[4 * j + 2] = u.z, uw[4 * j + 3] = u.w;
+        }
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+            float g0 = __uint_as_float(xw[j] << 16), g1 = __uint_as_float(xw[j] & 0xffff0000u);
+            float u0 = __uint_as_float(uw[j] << 16), u1 = __uint_as_float(uw[j] & 0xffff0000u);
+            __nv_bfloat162 s = __floats2bfloat162_rn(silu_f(g0) * u0, silu_f(g1) * u1);
+            xw[j] = *(uint32_t *)&s;
+        }
+    }
+    uint32_t mx = 0;
+#pragma unroll
+    for (int j = 0; j < 16; j++) mx = __vmaxu2(mx, xw[j] & 0x7fff7fffu);
+    mx = max(mx >> 16, mx & 0xffffu);
+    int E = (int)(mx >> 7); /* biased exponent of the largest |x| (255: inf/nan) */
+    E = E < 1 ? 1 : (E > 253 ? 253 : E);
+    float scale = __int_as_float((254 - E) << 23);
+#pragma unroll
+    for (int j = 0; j < 16; j++)
+        xh[j] = __floats2half2_rn(__uint_as_float(xw[j] << 16) * scale,
+                                  __uint_as_float(xw[j] & 0xffff0000u) * scale);
+    return __int_as_float(E << 23);
+}
+
 template <int MINB>
 __global__ void __launch_bounds__(256, MINB) nf4_gemv1_kernel(gemv1_args A) {
     __shared__ __align__(16) __half2 tab[256 * 32];
@@ -522,41 +565,8 @@ __global__ void __launch_bounds__(256, MINB) nf4_gemv1_kernel(gemv1_args A) {
         bool act = col < A.cols; /* cols % 32 == 0: a lane's 32 columns are whole or absent */
         if (!act) col = 0;
         /* x chunk -> 16 scaled f16 pairs */
-        uint32_t xw[16];
-        const uint4 *xp = (const uint4 *)(A.x + col);
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            uint4 u = act ? __ldg(xp + j) : make_uint4(0, 0, 0, 0);
-            xw[4 * j] = u.x, xw[4 * j + 1] = u.y, xw[4 * j + 2] = u.z, xw[4 * j + 3] = u.w;
-        }
-        if (A.up) {
-            const uint4 *up = (const uint4 *)(A.up + col);
-            uint32_t uw[16];
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                uint4 u = act ? __ldg(up + j) : make_uint4(0, 0, 0, 0);
-                uw[4 * j] = u.x, uw[4 * j + 1] = u.y, uw[4 * j + 2] = u.z, uw[4 * j + 3] = u.w;
-            }
-#pragma unroll
-            for (int j = 0; j < 16; j++) {
-                float g0 = __uint_as_float(xw[j] << 16), g1 = __uint_as_float(xw[j] & 0xffff0000u);
-                float u0 = __uint_as_float(uw[j] << 16), u1 = __uint_as_float(uw[j] & 0xffff0000u);
-                __nv_bfloat162 s = __floats2bfloat162_rn(silu_f(g0) * u0, silu_f(g1) * u1);
-                xw[j] = *(uint32_t *)&s;
-            }
-        }
-        uint32_t mx = 0;
-#pragma unroll
-        for (int j = 0; j < 16; j++) mx = __vmaxu2(mx, xw[j] & 0x7fff7fffu);
-        mx = max(mx >> 16, mx & 0xffffu);
-        int E = (int)(mx >> 7); /* biased exponent of the largest |x| (255: inf/nan) */
-        E = E < 1 ? 1 : (E > 253 ? 253 : E);
-        float scale = __int_as_float((254 - E) << 23), inv = __int_as_float(E << 23);
         __half2 xh[16];
-#pragma unroll
-        for (int j = 0; j < 16; j++)
-            xh[j] = __floats2half2_rn(__uint_as_float(xw[j] << 16) * scale,
-                                      __uint_as_float(xw[j] & 0xffff0000u) * scale);
+        float inv = gemv_x_f16(A.x, A.up, col, act, xh);
         if (c != c0) {
             have = gb0 + rgi < A.n_groups;
             if (have) gemv1_load(A, gb0 + rgi, col, cur);
@@ -761,44 +771,7 @@ __global__ void __launch_bounds__(GS_THREADS, 1) nf4_gemv1s_kernel(const __grid_
     __half2 xh[NU][16];
     float inv[NU];
 #pragma unroll
-    for (int i = 0; i < NU; i++) {
-        int col = (ut + i * A.tu) << 5;
-        uint32_t xw[16];
-        const uint4 *xp = (const uint4 *)(A.x + col);
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            uint4 u = __ldg(xp + j);
-            xw[4 * j] = u.x, xw[4 * j + 1] = u.y, xw[4 * j + 2] = u.z, xw[4 * j + 3] = u.w;
-        }
-        if (A.up) {
-            const uint4 *up = (const uint4 *)(A.up + col);
-            uint32_t uw[16];
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                uint4 u = __ldg(up + j);
-                uw[4 * j] = u.x, uw[4 * j + 1] = u.y, uw[4 * j + 2] = u.z, uw[4 * j + 3] = u.w;
-            }
-#pragma unroll
-            for (int j = 0; j < 16; j++) {
-                float g0 = __uint_as_float(xw[j] << 16), g1 = __uint_as_float(xw[j] & 0xffff0000u);
-                float u0 = __uint_as_float(uw[j] << 16), u1 = __uint_as_float(uw[j] & 0xffff0000u);
-                __nv_bfloat162 s = __floats2bfloat162_rn(silu_f(g0) * u0, silu_f(g1) * u1);
-                xw[j] = *(uint32_t *)&s;
-            }
-        }
-        uint32_t mx = 0;
-#pragma unroll
-        for (int j = 0; j < 16; j++) mx = __vmaxu2(mx, xw[j] & 0x7fff7fffu);
-        mx = max(mx >> 16, mx & 0xffffu);
-        int E = (int)(mx >> 7);
-        E = E < 1 ? 1 : (E > 253 ? 253 : E);
-        float scale = __int_as_float((254 - E) << 23);
-        inv[i] = __int_as_float(E << 23);
-#pragma unroll
-        for (int j = 0; j < 16; j++)
-            xh[i][j] = __floats2half2_rn(__uint_as_float(xw[j] << 16) * scale,
-                                         __uint_as_float(xw[j] & 0xffff0000u) * scale);
-    }
+    for (int i = 0; i < NU; i++) inv[i] = gemv_x_f16(A.x, A.up, (ut + i * A.tu) << 5, true, xh[i]);
     const int cols = A.cols, rb = cols >> 1, ab = cols >> 6;
     const uint32_t lane4 = (uint32_t)lane << 2;
     const int nw = nthr >> 5;
