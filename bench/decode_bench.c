@@ -780,9 +780,10 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
     }
 #endif
 
-    /* the n = 1 kernel's register-cap variant (2 or 3 blocks per SM): the faster one stays */
-    double var_s[3] = {0, 0, 0};
+    /* the n = 1 kernel variant (register kernel with 2 or 3 blocks per SM, or streaming): the
+     * fastest stays */
 #ifdef QLR_BACKEND_CUDA
+    double var_s[3] = {0, 0, 0};
     static const int var_id[3] = {2, 3, 4};
     int var_best = 0;
     for (int vi = 0; vi < 3 && st == QLR_OK; vi++) {
@@ -890,7 +891,10 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
             st = be->mem.d2d(be, (char *)m.L[l].kc + off, m.L[l].kc, (size_t)D * rowb);
             if (st == QLR_OK) st = be->mem.d2d(be, (char *)m.L[l].vc + off, m.L[l].vc, (size_t)D * rowb);
         }
-    double dec_s[4] = {0}, dec_graph_s[4] = {0}, dec_b1_unfused = 0, dec_b1_nf4head = 0;
+    double dec_s[4] = {0}, dec_graph_s[4] = {0};
+#ifdef QLR_BACKEND_CUDA
+    double dec_b1_unfused = 0, dec_b1_nf4head = 0;
+#endif
     for (int bi = 0; bi < 4 && st == QLR_OK; bi++) {
         int B = batches[bi];
         int32_t tok[64];
