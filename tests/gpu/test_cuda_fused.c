@@ -5,7 +5,8 @@
  * fallback widths) and rope_kv_store (head dims 64 and 128, GQA, large positions); the n = 1
  * kernels behind them: the streaming kernel (variant 4, sm_90: cols multiples of 1024 up to 32768,
  * partial tiles, fewer tiles than SMs, both absmax forms, two runs bitwise equal) and the register
- * kernel (variant 2) on the same inputs, and the f32-output NF4 logits entry. */
+ * kernel (variant 2) on the same inputs, and the f32-output NF4 logits entry; the norm-fused
+ * norm_nf4_linear_multi and the three-phase attn_out_ffn (one launch each at n = 1). */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -277,6 +278,189 @@ static void test_variants(int k, const int64_t *rows, int64_t cols, int dq, int 
     free(u);
 }
 
+/* Reads n act values of a GPU buffer as raw bf16 (for bitwise comparisons). */
+static uint16_t *raw_bf16(const gh_buf *b, int64_t n) {
+    uint16_t *r = malloc((size_t)n * 2);
+    CHECK_OK(g_gpu->mem.d2h(g_gpu, r, b->p, (size_t)n * 2));
+    CHECK_OK(g_gpu->mem.sync(g_gpu));
+    return r;
+}
+
+/* norm_nf4_linear_multi (residual add + RMSNorm + k linears) against the CPU composition
+ * add, rmsnorm, nf4_linear, under the streaming kernel (variant 4: one launch at n = 1) and the
+ * register kernel (variant 2: the separate CUDA ops); h_out and xn checked too, and h_out
+ * bitwise equal to the add_rmsnorm op's. */
+static void test_norm_multi(int k, const int64_t *rows, int64_t d, int64_t n, int dq, int with_dx,
+                            int with_bias) {
+    wpair w[3];
+    float *bias[3] = {0};
+    gh_buf cb[3], gb[3], cy[3], gy[3];
+    float *x = randv(n * d, 1.0f), *dx = randv(n * d, 0.5f), *nw = randv(d, 1.0f);
+    x[1] = 200.0f; /* a large residual value */
+    gh_buf cx = gh_act(g_cpu, x, n * d), cd = gh_act(g_cpu, dx, n * d);
+    gh_buf gx = gh_act(g_gpu, x, n * d), gd = gh_act(g_gpu, dx, n * d);
+    gh_buf cw = gh_raw(g_cpu, nw, (size_t)d * 4), gw = gh_raw(g_gpu, nw, (size_t)d * 4);
+    gh_buf cxn = gh_alloc(g_cpu, (size_t)(n * d) * 4);
+    gh_buf gh = gh_alloc(g_gpu, (size_t)(n * d) * 2), gxn = gh_alloc(g_gpu, (size_t)(n * d) * 2);
+    /* reference: the GPU's own add_rmsnorm for h (bitwise), the CPU for xn and y */
+    gh_buf gx2 = gh_act(g_gpu, x, n * d), gy2 = gh_alloc(g_gpu, (size_t)(n * d) * 2);
+    if (with_dx) {
+        CHECK_OK(g_cpu->ops.add(g_cpu, cx.p, cd.p, n * d));
+        CHECK_OK(g_gpu->ops.add_rmsnorm(g_gpu, gx2.p, gy2.p, gd.p, gw.p, n, d, 1e-5f));
+    }
+    CHECK_OK(g_cpu->ops.rmsnorm(g_cpu, cxn.p, cx.p, cw.p, n, d, 1e-5f));
+    uint16_t *h_ref = raw_bf16(&gx2, n * d);
+    for (int i = 0; i < k; i++) {
+        make_w(&w[i], rows[i], d, dq);
+        bias[i] = randv(rows[i], 0.1f);
+        cb[i] = gh_raw(g_cpu, bias[i], (size_t)rows[i] * 4);
+        gb[i] = gh_raw(g_gpu, bias[i], (size_t)rows[i] * 4);
+        cy[i] = gh_alloc(g_cpu, (size_t)(n * rows[i]) * 4);
+        gy[i] = gh_alloc(g_gpu, (size_t)(n * rows[i]) * 2);
+        CHECK_OK(g_cpu->ops.nf4_linear(g_cpu, cy[i].p, cxn.p, &w[i].cpu, with_bias ? cb[i].p : NULL, n));
+    }
+    static const int variants[2] = {4, 2};
+    for (int vi = 0; vi < 2; vi++) {
+        qlr_cuda_set_gemv1_variant(g_gpu, variants[vi]);
+        void *ys[3];
+        const qlr_nf4 *ws[3];
+        const float *bs[3];
+        for (int i = 0; i < k; i++) ys[i] = gy[i].p, ws[i] = &w[i].gpu, bs[i] = with_bias ? gb[i].p : NULL;
+        CHECK(g_gpu->ops.norm_nf4_linear_multi != NULL);
+        CHECK_OK(g_gpu->ops.norm_nf4_linear_multi(g_gpu, k, ys, gh.p, gxn.p, gx.p, with_dx ? gd.p : NULL,
+                                                  gw.p, 1e-5f, ws, bs, n));
+        char what[160];
+        float *got = malloc((size_t)(n * d) * 4);
+        snprintf(what, sizeof what, "norm_nf4_linear_multi v%d k=%d d=%lld n=%lld dq=%d%s%s", variants[vi],
+                 k, (long long)d, (long long)n, dq, with_dx ? " add" : "", with_bias ? " bias" : "");
+        if (with_dx) {
+            uint16_t *h = raw_bf16(&gh, n * d);
+            CHECK_MSG(!memcmp(h, h_ref, (size_t)(n * d) * 2), "%s: h_out differs from add_rmsnorm's", what);
+            free(h);
+        }
+        gh_read_act(g_gpu, gxn.p, got, n * d);
+        /* xn: one bf16 rounding of h, one of xn, and f32 sums in another order */
+        gh_compare(what, got, cxn.p, n * d, gh_rms(cxn.p, n * d) * 0x1p-8, 0x1p-7);
+        free(got);
+        for (int i = 0; i < k; i++) {
+            got = malloc((size_t)(n * rows[i]) * 4);
+            gh_read_act(g_gpu, gy[i].p, got, n * rows[i]);
+            /* as test_multi, plus the bf16 roundings of h and xn (2^-9 each) */
+            double rms = gh_rms(cy[i].p, n * rows[i]);
+            gh_compare(what, got, cy[i].p, n * rows[i], rms * 0x1p-6, 0x1p-6);
+            free(got);
+        }
+    }
+    qlr_cuda_set_gemv1_variant(g_gpu, 4);
+    for (int i = 0; i < k; i++) {
+        gh_free_checked(g_gpu, &gy[i], "y");
+        gh_free_checked(g_cpu, &cy[i], "cpu y");
+        gh_free_checked(g_gpu, &gb[i], "bias");
+        gh_free_checked(g_cpu, &cb[i], "cpu bias");
+        free(bias[i]);
+        free_w(&w[i]);
+    }
+    gh_free_checked(g_gpu, &gh, "h_out");
+    gh_free_checked(g_gpu, &gxn, "xn");
+    gh_free_checked(g_gpu, &gx, "x");
+    gh_free_checked(g_gpu, &gd, "dx");
+    gh_free_checked(g_gpu, &gw, "norm w");
+    gh_free_checked(g_gpu, &gx2, "x2");
+    gh_free_checked(g_gpu, &gy2, "y2");
+    gh_free_checked(g_cpu, &cx, "cpu x");
+    gh_free_checked(g_cpu, &cd, "cpu dx");
+    gh_free_checked(g_cpu, &cw, "cpu w");
+    gh_free_checked(g_cpu, &cxn, "cpu xn");
+    free(h_ref);
+    free(x);
+    free(dx);
+    free(nw);
+}
+
+/* attn_out_ffn (o -> add + RMSNorm -> gate/up -> SwiGLU -> down; one three-phase launch at n = 1
+ * under variant 4, the separate ops under variant 2) against the CPU composition, with y written
+ * over o as model/forward.c does; variant 4 run three times must give the same bytes (the phase
+ * counters reset themselves between launches). */
+static void test_attn_out_ffn(int64_t d, int64_t ff, int64_t n, int dq, int with_bias) {
+    wpair w[4];
+    const int64_t wr[4] = {d, ff, ff, d}, wc[4] = {d, d, d, ff};
+    float *bias[4] = {0};
+    gh_buf cb[4], gb[4];
+    for (int i = 0; i < 4; i++) {
+        make_w(&w[i], wr[i], wc[i], dq);
+        bias[i] = randv(wr[i], 0.1f);
+        cb[i] = gh_raw(g_cpu, bias[i], (size_t)wr[i] * 4);
+        gb[i] = gh_raw(g_gpu, bias[i], (size_t)wr[i] * 4);
+    }
+    float *att = randv(n * d, 1.0f), *x = randv(n * d, 1.0f), *nw = randv(d, 1.0f);
+    x[5] = -150.0f;
+    gh_buf ca = gh_act(g_cpu, att, n * d), cx = gh_act(g_cpu, x, n * d);
+    gh_buf cw = gh_raw(g_cpu, nw, (size_t)d * 4);
+    gh_buf co = gh_alloc(g_cpu, (size_t)(n * d) * 4), cxn = gh_alloc(g_cpu, (size_t)(n * d) * 4);
+    gh_buf cg = gh_alloc(g_cpu, (size_t)(n * ff) * 4), cu = gh_alloc(g_cpu, (size_t)(n * ff) * 4);
+    gh_buf cy = gh_alloc(g_cpu, (size_t)(n * d) * 4);
+    const float *cbs[4];
+    for (int i = 0; i < 4; i++) cbs[i] = with_bias ? cb[i].p : NULL;
+    CHECK_OK(g_cpu->ops.nf4_linear(g_cpu, co.p, ca.p, &w[0].cpu, cbs[0], n));
+    CHECK_OK(g_cpu->ops.add(g_cpu, cx.p, co.p, n * d));
+    CHECK_OK(g_cpu->ops.rmsnorm(g_cpu, cxn.p, cx.p, cw.p, n, d, 1e-5f));
+    CHECK_OK(g_cpu->ops.nf4_linear(g_cpu, cg.p, cxn.p, &w[1].cpu, cbs[1], n));
+    CHECK_OK(g_cpu->ops.nf4_linear(g_cpu, cu.p, cxn.p, &w[2].cpu, cbs[2], n));
+    CHECK_OK(g_cpu->ops.swiglu(g_cpu, cg.p, cg.p, cu.p, n * ff));
+    CHECK_OK(g_cpu->ops.nf4_linear(g_cpu, cy.p, cg.p, &w[3].cpu, cbs[3], n));
+    gh_buf ga = gh_act(g_gpu, att, n * d), gx = gh_act(g_gpu, x, n * d);
+    gh_buf gw = gh_raw(g_gpu, nw, (size_t)d * 4);
+    gh_buf go = gh_alloc(g_gpu, (size_t)(n * d) * 2), gh = gh_alloc(g_gpu, (size_t)(n * d) * 2);
+    gh_buf gxn = gh_alloc(g_gpu, (size_t)(n * d) * 2);
+    gh_buf gg = gh_alloc(g_gpu, (size_t)(n * ff) * 2), gu = gh_alloc(g_gpu, (size_t)(n * ff) * 2);
+    const qlr_nf4 *ws[4];
+    const float *gbs[4];
+    for (int i = 0; i < 4; i++) ws[i] = &w[i].gpu, gbs[i] = with_bias ? gb[i].p : NULL;
+    static const int variants[4] = {4, 4, 4, 2};
+    uint16_t *first = NULL;
+    float *got = malloc((size_t)(n * d) * 4);
+    for (int vi = 0; vi < 4; vi++) {
+        qlr_cuda_set_gemv1_variant(g_gpu, variants[vi]);
+        CHECK(g_gpu->ops.attn_out_ffn != NULL);
+        CHECK_OK(g_gpu->ops.attn_out_ffn(g_gpu, go.p, gh.p, gxn.p, go.p, gg.p, gu.p, ga.p, gx.p, gw.p,
+                                         1e-5f, ws, with_bias ? gbs : NULL, n));
+        char what[160];
+        snprintf(what, sizeof what, "attn_out_ffn v%d run %d d=%lld ff=%lld n=%lld dq=%d%s", variants[vi],
+                 vi, (long long)d, (long long)ff, (long long)n, dq, with_bias ? " bias" : "");
+        gh_read_act(g_gpu, gh.p, got, n * d);
+        /* h: o's error (bf16 output, f16 products) plus one bf16 rounding of the sum */
+        gh_compare(what, got, cx.p, n * d, gh_rms(co.p, n * d) * 0x1p-6, 0x1p-8);
+        gh_read_act(g_gpu, gxn.p, got, n * d);
+        gh_compare(what, got, cxn.p, n * d, gh_rms(cxn.p, n * d) * 0x1p-6, 0x1p-6);
+        gh_read_act(g_gpu, go.p, got, n * d);
+        /* y after four linears and the bf16 roundings of o, h, xn, gate, up and silu·up */
+        gh_compare(what, got, cy.p, n * d, gh_rms(cy.p, n * d) * 0x1p-5, 0x1p-5);
+        uint16_t *raw = raw_bf16(&go, n * d);
+        if (vi == 0) first = raw;
+        else {
+            if (variants[vi] == 4)
+                CHECK_MSG(!memcmp(first, raw, (size_t)(n * d) * 2), "%s: differs from run 0", what);
+            free(raw);
+        }
+    }
+    qlr_cuda_set_gemv1_variant(g_gpu, 4);
+    free(first);
+    free(got);
+    for (int i = 0; i < 4; i++) {
+        gh_free_checked(g_gpu, &gb[i], "bias");
+        gh_free_checked(g_cpu, &cb[i], "cpu bias");
+        free(bias[i]);
+        free_w(&w[i]);
+    }
+    gh_buf *gbufs[] = {&ga, &gx, &gw, &go, &gh, &gxn, &gg, &gu};
+    for (size_t i = 0; i < sizeof gbufs / sizeof gbufs[0]; i++) gh_free_checked(g_gpu, gbufs[i], "attn_out_ffn");
+    gh_buf *cbufs[] = {&ca, &cx, &cw, &co, &cxn, &cg, &cu, &cy};
+    for (size_t i = 0; i < sizeof cbufs / sizeof cbufs[0]; i++) gh_free_checked(g_cpu, cbufs[i], "cpu");
+    free(att);
+    free(x);
+    free(nw);
+}
+
 /* qlr_cuda_nf4_logits (f32 out) against the CPU linear; and its refusal of a shape it cannot take. */
 static void test_logits(int64_t rows, int64_t cols, int dq) {
     wpair w;
@@ -338,6 +522,20 @@ int main(void) {
     test_variants(3, big, 4096, 1, 1, 0);
     test_variants(1, s7, 576, 1, 1, 0);        /* not a multiple of 1024: register kernel */
     test_variants(1, s7, 2048, 1, 1, 0);       /* one partial tile, a second-level table of one float */
+    /* norm_nf4_linear_multi: Llama q/k/v widths, partial tiles, no addend (first layer), a width
+     * the streaming kernel does not take (576), n > 1 (separate ops) */
+    test_norm_multi(3, big, 4096, 1, 1, 1, 0);
+    test_norm_multi(2, s2, 3072, 1, 0, 0, 1);
+    test_norm_multi(3, s3, 1024, 1, 1, 1, 1);
+    test_norm_multi(3, qkv, 576, 1, 1, 1, 1);
+    test_norm_multi(3, s3, 1024, 2, 1, 1, 0);
+    /* attn_out_ffn: Llama-3.1-8B widths, both absmax forms, biases, SmolLM2 widths (separate ops),
+     * n > 1 */
+    test_attn_out_ffn(4096, 14336, 1, 1, 0);
+    test_attn_out_ffn(1024, 3072, 1, 0, 1);
+    test_attn_out_ffn(2048, 5120, 1, 1, 1);
+    test_attn_out_ffn(576, 1536, 1, 1, 0);
+    test_attn_out_ffn(1024, 2048, 3, 1, 1);
     test_logits(5000, 4096, 1);
     test_logits(1001, 1024, 0);
     test_logits(64, 576, 1);
