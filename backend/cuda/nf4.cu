@@ -673,7 +673,7 @@ __global__ void __launch_bounds__(256, MINB) nf4_gemv1_kernel(gemv1_args A) {
  * and for LoRA). */
 #define GS_THREADS 512
 #define GS_TAB 65536
-#define GS_HDR 1280 /* dynamic map (1 KB), mbarriers (32 B), phase geometry (32 B), reduction slots (64 B), tile records (128 B) */
+#define GS_HDR 1152 /* dynamic map (1 KB), mbarriers (32 B), phase geometry (32 B), reduction slots (64 B) */
 #define GS_STAGES 4
 #define GS_MAXSTAGE ((32768 + 4096 + 32 + 127) & ~127) /* codes + f32 absmax (no double quant) + dq floats, as stage_bytes rounds */
 #define GS_PART 1024 /* floats of warp partial sums per tile parity (warps x rows per tile) */
@@ -721,19 +721,13 @@ __device__ __forceinline__ int gs_mat_of(const gs_args &A, int j) {
  * boundary, in bounds thanks to the QLR_NF4_DQ_PAD floats after every uploaded table. */
 __device__ __forceinline__ int64_t gs_dq0(int64_t e) { return (e >> 14) & ~(int64_t)3; }
 
-/* Tile j -> stage dst, completing on bar (one thread); its record {matrix, first row, rows,
- * double-quant offset} goes to rec for the threads that compute and write it, so that they read
- * shared memory instead of the parameter block. */
+/* Tile j -> stage dst, completing on bar (one thread). */
 template <int DQ>
-__device__ __forceinline__ void gs_issue(const gs_args &A, int j, uint8_t *dst, uint64_t *bar, int *rec) {
+__device__ __forceinline__ void gs_issue(const gs_args &A, int j, uint8_t *dst, uint64_t *bar) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     int mi = gs_mat_of(A, j), pi = GS_M(A, mi, ph), rows = GS_M(A, mi, rows), rt = GS_P(A, pi, rt);
     int64_t r0 = (int64_t)(j - GS_M(A, mi, t0)) * rt;
     int64_t rv = rows - r0 < rt ? rows - r0 : rt, cols = GS_P(A, pi, cols);
-    rec[0] = mi;
-    rec[1] = (int)r0;
-    rec[2] = (int)rv;
-    rec[3] = __float_as_int(GS_M(A, mi, off));
     unsigned cb = (unsigned)(rv * cols >> 1), ab = (unsigned)(DQ ? rv * cols >> 6 : rv * cols >> 4);
     unsigned tx = cb + ab + (DQ ? 32u : 0u);
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(gs_smem(bar)), "r"(tx)
@@ -769,14 +763,13 @@ __device__ __forceinline__ void gs_wait(uint64_t *bar, unsigned parity) {
 #endif
 }
 
-/* Row sums of a tile (its record rec, warp partials in part, its phase's geometry geo) -> y. */
-__device__ __forceinline__ void gs_write(const gs_args &A, const int *rec, const int *geo,
-                                         const float *part, int tid) {
-    int rv = rec[2];
-    if (tid >= rv) return;
-    int mi = rec[0], rt = geo[1];
-    int64_t r = (int64_t)rec[1] + tid;
-    int nwp = geo[4] >> 5, w0 = (tid % geo[2]) * nwp;
+/* Row sums of tile j (warp partials in part) -> y. */
+__device__ __forceinline__ void gs_write(const gs_args &A, int j, const float *part, int tid) {
+    int mi = gs_mat_of(A, j), pi = GS_M(A, mi, ph), rt = GS_P(A, pi, rt);
+    if (tid >= rt) return;
+    int64_t r = (int64_t)(j - GS_M(A, mi, t0)) * rt + tid;
+    if (r >= GS_M(A, mi, rows)) return;
+    int nwp = GS_P(A, pi, tu) >> 5, w0 = (tid % GS_P(A, pi, p)) * nwp;
     float s = 0.0f;
     for (int w = 0; w < nwp; w++) s += part[(w0 + w) * rt + tid];
     const float *bias = GS_M(A, mi, bias);
@@ -895,7 +888,6 @@ __global__ void __launch_bounds__(GS_THREADS, 1) nf4_gemv1s_kernel(const __grid_
     float *dyn = (float *)(gsm + GS_TAB);
     uint64_t *bar = (uint64_t *)(gsm + GS_TAB + 1024);
     float *red = (float *)(gsm + GS_TAB + 1024 + 64);
-    int *recs = (int *)(gsm + GS_TAB + 1024 + 128); /* 2 S tile records of 4 ints: tile k in k % 2S */
     uint8_t *stg = gsm + GS_TAB + GS_HDR;
     int tid = threadIdx.x, nthr = blockDim.x, lane = tid & 31, warp = tid >> 5;
     float *part = (float *)(stg + GS_STAGES * A.stage_bytes);
@@ -908,8 +900,7 @@ __global__ void __launch_bounds__(GS_THREADS, 1) nf4_gemv1s_kernel(const __grid_
             asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(gs_smem(bar + i)) : "memory");
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
         /* weights first: they never depend on the previous kernel */
-        for (int k = 0; k < S - 1 && k < nk; k++)
-            gs_issue<DQ>(A, bid + k * G, stg + k * A.stage_bytes, bar + k, recs + 4 * k);
+        for (int k = 0; k < S - 1 && k < nk; k++) gs_issue<DQ>(A, bid + k * G, stg + k * A.stage_bytes, bar + k);
     }
     for (int i = tid; i < 256 * 32; i += nthr) {
         int b = i >> 5, l = i & 31;
@@ -933,7 +924,7 @@ __global__ void __launch_bounds__(GS_THREADS, 1) nf4_gemv1s_kernel(const __grid_
         int ph = GS_M(A, gs_mat_of(A, bid + k * G), ph);
         if (cur >= 0 || ph > 0) {
             __syncthreads(); /* the previous tile's partials are complete */
-            if (k > 0) gs_write(A, recs + 4 * ((k - 1) % (2 * S)), geo, part + ((k - 1) & 1) * GS_PART, tid);
+            if (k > 0) gs_write(A, bid + (k - 1) * G, part + ((k - 1) & 1) * GS_PART, tid);
             __syncthreads(); /* and its rows written */
             if (tid == 0) {
                 if (cur >= 0) gs_signal(A, cur, done);
@@ -963,13 +954,14 @@ __global__ void __launch_bounds__(GS_THREADS, 1) nf4_gemv1s_kernel(const __grid_
             __syncthreads(); /* stage (k - 1) % S is free, part[(k - 1) & 1] complete */
             if (tid == 0 && k + S - 1 < nk)
                 gs_issue<DQ>(A, bid + (k + S - 1) * G, stg + ((k + S - 1) % S) * A.stage_bytes,
-                             bar + (k + S - 1) % S, recs + 4 * ((k + S - 1) % (2 * S)));
-            if (k > kfirst) gs_write(A, recs + 4 * ((k - 1) % (2 * S)), geo, part + ((k - 1) & 1) * GS_PART, tid);
+                             bar + (k + S - 1) % S);
+            if (k > kfirst) gs_write(A, bid + (k - 1) * G, part + ((k - 1) & 1) * GS_PART, tid);
+            int j = bid + k * G, mi = gs_mat_of(A, j);
             done++;
-            const int *rec = recs + 4 * (k % (2 * S));
             const int cols = geo[0], rb = cols >> 1, ab = cols >> 6, rt = geo[1], pp = geo[2];
-            const int64_t r0 = rec[1];
-            const int rv = rec[2];
+            int rows = GS_M(A, mi, rows);
+            int64_t r0 = (int64_t)(j - GS_M(A, mi, t0)) * rt;
+            int rv = rows - r0 < rt ? (int)(rows - r0) : rt;
             gs_wait(bar + k % S, (unsigned)(k / S) & 1);
             /* items: (row, unit, x) = (p + i pp, ut, 0) for NU = 1; (p + (i >> 1), ut + (i & 1) tu,
              * i & 1) for NU = 2 (pp = 1) */
@@ -990,7 +982,7 @@ __global__ void __launch_bounds__(GS_THREADS, 1) nf4_gemv1s_kernel(const __grid_
                 int64_t base = r0 * cols;
                 e0 = (int)(base & 16383);
                 dd = (int)((base >> 14) - gs_dq0(base));
-                off = __int_as_float(rec[3]);
+                off = GS_M(A, mi, off);
             }
             uint32_t w[4][4];
             float am[4];
@@ -1053,7 +1045,7 @@ __global__ void __launch_bounds__(GS_THREADS, 1) nf4_gemv1s_kernel(const __grid_
         }
     }
     __syncthreads();
-    if (nk > 0) gs_write(A, recs + 4 * ((nk - 1) % (2 * S)), geo, part + ((nk - 1) & 1) * GS_PART, tid);
+    if (nk > 0) gs_write(A, bid + (nk - 1) * G, part + ((nk - 1) & 1) * GS_PART, tid);
     if (A.nph > 1) {
         __syncthreads();
         if (tid == 0) {
