@@ -673,7 +673,7 @@ __global__ void __launch_bounds__(256, MINB) nf4_gemv1_kernel(gemv1_args A) {
  * and for LoRA). */
 #define GS_THREADS 512
 #define GS_TAB 65536
-#define GS_HDR 1152 /* dynamic map (1 KB), mbarriers (32 B), phase geometry (32 B), reduction slots (64 B) */
+#define GS_HDR 1152 /* dynamic map (1 KB), mbarriers (64 B), reduction slots (64 B) */
 #define GS_STAGES 4
 #define GS_MAXSTAGE ((32768 + 4096 + 32 + 127) & ~127) /* codes + f32 absmax (no double quant) + dq floats, as stage_bytes rounds */
 #define GS_PART 1024 /* floats of warp partial sums per tile parity (warps x rows per tile) */
@@ -912,136 +912,117 @@ __global__ void __launch_bounds__(GS_THREADS, 1) nf4_gemv1s_kernel(const __grid_
     float inv[NU];
     int cur = -1, done = 0; /* current phase, its tiles computed by this block */
     /* the current phase's geometry, in registers (set at each phase's first tile) */
-    /* the current phase's geometry: shared (uniform, re-read per tile: few live registers) and
-     * this thread's partition p and unit ut */
-    int *geo = (int *)(gsm + GS_TAB + 1024 + 32); /* cols, rt, p count, am_region, tu */
-    int p = 0, ut = 0;
+    int cols = 0, rb = 0, ab = 0, rt = 0, pp = 1, amr = 0, p = 0;
+    int irow[4] = {0, 0, 0, 0}, iu[4] = {0, 0, 0, 0};
     const uint32_t lane4 = (uint32_t)lane << 2;
     const bool hi16 = lane & 16, hi8 = lane & 8;
-    int k = 0;
-    while (k < nk) {
-        /* a segment: this block's consecutive tiles of one phase */
-        int ph = GS_M(A, gs_mat_of(A, bid + k * G), ph);
-        if (cur >= 0 || ph > 0) {
-            __syncthreads(); /* the previous tile's partials are complete */
-            if (k > 0) gs_write(A, bid + (k - 1) * G, part + ((k - 1) & 1) * GS_PART, tid);
-            __syncthreads(); /* and its rows written */
-            if (tid == 0) {
-                if (cur >= 0) gs_signal(A, cur, done);
-                if (ph > 0) gs_await(A, ph - 1);
+    for (int k = 0; k < nk; k++) {
+        __syncthreads(); /* stage (k - 1) % S is free, part[(k - 1) & 1] complete */
+        if (tid == 0 && k + S - 1 < nk)
+            gs_issue<DQ>(A, bid + (k + S - 1) * G, stg + ((k + S - 1) % S) * A.stage_bytes,
+                         bar + (k + S - 1) % S);
+        if (k > 0) gs_write(A, bid + (k - 1) * G, part + ((k - 1) & 1) * GS_PART, tid);
+        int j = bid + k * G, mi = gs_mat_of(A, j), ph = GS_M(A, mi, ph);
+        if (ph != cur) {
+            if (cur >= 0 || ph > 0) {
+                __syncthreads(); /* the previous tile's rows are written */
+                if (tid == 0) {
+                    if (cur >= 0) gs_signal(A, cur, done);
+                    if (ph > 0) gs_await(A, ph - 1);
+                }
+                __syncthreads();
             }
-            __syncthreads();
-        }
-        cur = ph;
-        done = 0;
-        gs_prologue<NU>(A, A.ph[cur], tid, red, xh, inv);
-        {
+            cur = ph;
+            done = 0;
+            gs_prologue<NU>(A, A.ph[cur], tid, red, xh, inv);
+            cols = GS_P(A, cur, cols), rb = cols >> 1, ab = cols >> 6, rt = GS_P(A, cur, rt);
+            pp = GS_P(A, cur, p), amr = GS_P(A, cur, am_region);
             int tu = GS_P(A, cur, tu);
             p = tid / tu;
-            ut = tid - p * tu;
-            if (tid == 0) {
-                geo[0] = GS_P(A, cur, cols);
-                geo[1] = GS_P(A, cur, rt);
-                geo[2] = GS_P(A, cur, p);
-                geo[3] = GS_P(A, cur, am_region);
-                geo[4] = tu;
-            }
-        }
-        int t1 = GS_P(A, cur, t0) + GS_P(A, cur, n_tiles);
-        int kend = t1 > bid ? (t1 - 1 - bid) / G + 1 : 0, kfirst = k;
-        kend = kend < nk ? kend : nk;
-        for (; k < kend; k++) {
-            __syncthreads(); /* stage (k - 1) % S is free, part[(k - 1) & 1] complete */
-            if (tid == 0 && k + S - 1 < nk)
-                gs_issue<DQ>(A, bid + (k + S - 1) * G, stg + ((k + S - 1) % S) * A.stage_bytes,
-                             bar + (k + S - 1) % S);
-            if (k > kfirst) gs_write(A, bid + (k - 1) * G, part + ((k - 1) & 1) * GS_PART, tid);
-            int j = bid + k * G, mi = gs_mat_of(A, j);
-            done++;
-            const int cols = geo[0], rb = cols >> 1, ab = cols >> 6, rt = geo[1], pp = geo[2];
-            int rows = GS_M(A, mi, rows);
-            int64_t r0 = (int64_t)(j - GS_M(A, mi, t0)) * rt;
-            int rv = rows - r0 < rt ? (int)(rows - r0) : rt;
-            gs_wait(bar + k % S, (unsigned)(k / S) & 1);
-            /* items: (row, unit, x) = (p + i pp, ut, 0) for NU = 1; (p + (i >> 1), ut + (i & 1) tu,
-             * i & 1) for NU = 2 (pp = 1) */
-            int irow[4], iu[4];
+            int ut = tid - p * tu;
+            /* items: (row, unit, x) = (p + i pp, ut, 0) for NU = 1; (p + (i >> 1), ut + (i & 1)
+             * tu, i & 1) for NU = 2 (pp = 1) */
 #pragma unroll
             for (int i = 0; i < 4; i++) {
                 irow[i] = NU == 1 ? p + i * pp : p + (i >> 1);
-                iu[i] = NU == 1 ? ut : ut + (i & 1) * geo[4];
+                iu[i] = NU == 1 ? ut : ut + (i & 1) * tu;
             }
-            if (p >= pp || irow[0] >= rv) continue; /* warp-uniform: a warp lies in one partition */
-            const uint8_t *sc = stg + (k % S) * A.stage_bytes;
-            const uint8_t *am8 = sc + rt * rb;
-            float v[4];
-            int e0 = 0, dd = 0;
-            float off = 0.0f;
-            const float *dqs = (const float *)(am8 + geo[3]);
-            if (DQ) {
-                int64_t base = r0 * cols;
-                e0 = (int)(base & 16383);
-                dd = (int)((base >> 14) - gs_dq0(base));
-                off = GS_M(A, mi, off);
-            }
-            uint32_t w[4][4];
-            float am[4];
+        }
+        done++;
+        int rows = GS_M(A, mi, rows);
+        int64_t r0 = (int64_t)(j - GS_M(A, mi, t0)) * rt;
+        int rv = rows - r0 < rt ? (int)(rows - r0) : rt;
+        gs_wait(bar + k % S, (unsigned)(k / S) & 1);
+        if (p >= pp || irow[0] >= rv) continue; /* warp-uniform: a warp lies in one partition */
+        const uint8_t *sc = stg + (k % S) * A.stage_bytes;
+        const uint8_t *am8 = sc + rt * rb;
+        float v[4];
+        int e0 = 0, dd = 0;
+        float off = 0.0f;
+        const float *dqs = (const float *)(am8 + amr);
+        if (DQ) {
+            int64_t base = r0 * cols;
+            e0 = (int)(base & 16383);
+            dd = (int)((base >> 14) - gs_dq0(base));
+            off = GS_M(A, mi, off);
+        }
+        uint32_t w[4][4];
+        float am[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int rl = irow[i] < rv ? irow[i] : irow[0]; /* clamped: computed, not written */
+            uint4 q = *(const uint4 *)(sc + rl * rb + (iu[i] << 4));
+            w[i][0] = q.x, w[i][1] = q.y, w[i][2] = q.z, w[i][3] = q.w;
+            int blk = rl * ab + (iu[i] >> 1);
+            if (DQ)
+                am[i] = __fadd_rn(__fmul_rn(dyn[am8[blk]], dqs[((e0 + rl * cols + (iu[i] << 5)) >> 14) + dd]), off);
+            else
+                am[i] = ((const float *)am8)[blk];
+        }
+        __half2 acc[4][2];
+#pragma unroll
+        for (int i = 0; i < 4; i++) acc[i][0] = acc[i][1] = __float2half2_rn(0.0f);
+#pragma unroll
+        for (int b = 0; b < 16; b += 2) {
+            const uint32_t s0 = 0x5504u | ((b & 3) << 4), s1 = 0x5504u | (((b + 1) & 3) << 4);
 #pragma unroll
             for (int i = 0; i < 4; i++) {
-                int rl = irow[i] < rv ? irow[i] : irow[0]; /* clamped: computed, not written */
-                uint4 q = *(const uint4 *)(sc + rl * rb + (iu[i] << 4));
-                w[i][0] = q.x, w[i][1] = q.y, w[i][2] = q.z, w[i][3] = q.w;
-                int blk = rl * ab + (iu[i] >> 1);
-                if (DQ)
-                    am[i] = __fadd_rn(__fmul_rn(dyn[am8[blk]], dqs[((e0 + rl * cols + (iu[i] << 5)) >> 14) + dd]), off);
-                else
-                    am[i] = ((const float *)am8)[blk];
+                const __half2 *xi = xh[NU == 1 ? 0 : (i & 1)];
+                __half2 t0 = *(const __half2 *)(tab + __byte_perm(w[i][b >> 2], lane4, s0));
+                __half2 t1 = *(const __half2 *)(tab + __byte_perm(w[i][b >> 2], lane4, s1));
+                acc[i][0] = __hfma2(t0, xi[b], acc[i][0]);
+                acc[i][1] = __hfma2(t1, xi[b + 1], acc[i][1]);
             }
-            __half2 acc[4][2];
+        }
 #pragma unroll
-            for (int i = 0; i < 4; i++) acc[i][0] = acc[i][1] = __float2half2_rn(0.0f);
+        for (int i = 0; i < 4; i++) {
+            float2 f = __half22float2(__hadd2(acc[i][0], acc[i][1]));
+            v[i] = (f.x + f.y) * (am[i] * inv[NU == 1 ? 0 : (i & 1)]);
+        }
+        float *part_k = part + (k & 1) * GS_PART;
+        if (NU == 1) {
+            /* four rows: reduce-scatter, lanes 0 / 8 / 16 / 24 end with rows 0 / 1 / 2 / 3 */
+            float k0 = hi16 ? v[2] : v[0], k1 = hi16 ? v[3] : v[1];
+            float s0 = hi16 ? v[0] : v[2], s1 = hi16 ? v[1] : v[3];
+            k0 += __shfl_xor_sync(0xffffffffu, s0, 16);
+            k1 += __shfl_xor_sync(0xffffffffu, s1, 16);
+            float kk = hi8 ? k1 : k0, ss = hi8 ? k0 : k1;
+            kk += __shfl_xor_sync(0xffffffffu, ss, 8);
+            kk += __shfl_xor_sync(0xffffffffu, kk, 4);
+            kk += __shfl_xor_sync(0xffffffffu, kk, 2);
+            kk += __shfl_xor_sync(0xffffffffu, kk, 1);
+            int ri = (hi16 ? 2 : 0) + (hi8 ? 1 : 0);
+            int rl = p + ri * pp;
+            if ((lane & 7) == 0 && rl < rv) part_k[warp * rt + rl] = kk;
+        } else {
+            /* two rows of two units each: lanes 0 / 16 end with rows p / p + 1 */
+            float a0 = v[0] + v[1], a1 = v[2] + v[3];
+            float kk = hi16 ? a1 : a0, ss = hi16 ? a0 : a1;
+            kk += __shfl_xor_sync(0xffffffffu, ss, 16);
 #pragma unroll
-            for (int b = 0; b < 16; b += 2) {
-                const uint32_t s0 = 0x5504u | ((b & 3) << 4), s1 = 0x5504u | (((b + 1) & 3) << 4);
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    const __half2 *xi = xh[NU == 1 ? 0 : (i & 1)];
-                    __half2 t0 = *(const __half2 *)(tab + __byte_perm(w[i][b >> 2], lane4, s0));
-                    __half2 t1 = *(const __half2 *)(tab + __byte_perm(w[i][b >> 2], lane4, s1));
-                    acc[i][0] = __hfma2(t0, xi[b], acc[i][0]);
-                    acc[i][1] = __hfma2(t1, xi[b + 1], acc[i][1]);
-                }
-            }
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                float2 f = __half22float2(__hadd2(acc[i][0], acc[i][1]));
-                v[i] = (f.x + f.y) * (am[i] * inv[NU == 1 ? 0 : (i & 1)]);
-            }
-            float *part_k = part + (k & 1) * GS_PART;
-            if (NU == 1) {
-                /* four rows: reduce-scatter, lanes 0 / 8 / 16 / 24 end with rows 0 / 1 / 2 / 3 */
-                float k0 = hi16 ? v[2] : v[0], k1 = hi16 ? v[3] : v[1];
-                float s0 = hi16 ? v[0] : v[2], s1 = hi16 ? v[1] : v[3];
-                k0 += __shfl_xor_sync(0xffffffffu, s0, 16);
-                k1 += __shfl_xor_sync(0xffffffffu, s1, 16);
-                float kk = hi8 ? k1 : k0, ss = hi8 ? k0 : k1;
-                kk += __shfl_xor_sync(0xffffffffu, ss, 8);
-                kk += __shfl_xor_sync(0xffffffffu, kk, 4);
-                kk += __shfl_xor_sync(0xffffffffu, kk, 2);
-                kk += __shfl_xor_sync(0xffffffffu, kk, 1);
-                int ri = (hi16 ? 2 : 0) + (hi8 ? 1 : 0);
-                int rl = p + ri * pp;
-                if ((lane & 7) == 0 && rl < rv) part_k[warp * rt + rl] = kk;
-            } else {
-                /* two rows of two units each: lanes 0 / 16 end with rows p / p + 1 */
-                float a0 = v[0] + v[1], a1 = v[2] + v[3];
-                float kk = hi16 ? a1 : a0, ss = hi16 ? a0 : a1;
-                kk += __shfl_xor_sync(0xffffffffu, ss, 16);
-#pragma unroll
-                for (int o = 8; o > 0; o >>= 1) kk += __shfl_xor_sync(0xffffffffu, kk, o);
-                int rl = p + (hi16 ? 1 : 0);
-                if ((lane & 15) == 0 && rl < rv) part_k[warp * rt + rl] = kk;
-            }
+            for (int o = 8; o > 0; o >>= 1) kk += __shfl_xor_sync(0xffffffffu, kk, o);
+            int rl = p + (hi16 ? 1 : 0);
+            if ((lane & 15) == 0 && rl < rv) part_k[warp * rt + rl] = kk;
         }
     }
     __syncthreads();
