@@ -668,9 +668,8 @@ __global__ void __launch_bounds__(256, MINB) nf4_gemv1_kernel(gemv1_args A) {
  * barrier does; the last block out resets the counters). A grid of at most one block per SM
  * (the shared memory allows no second), so every block of the grid can be resident together.
  * An x of phase i is one of: plain, silu(x) · up (SwiGLU), or the RMSNorm of a residual row
- * plus an addend (each block reduces the sum of squares itself; the block that takes the
- * phase's first tile also writes the updated residual and the normalised row, for the next layer
- * and for LoRA). */
+ * plus an addend (the block reduces the sum of squares itself; block 0 also writes the updated
+ * residual and the normalised row, for the next layer and for LoRA). */
 #define GS_THREADS 512
 #define GS_TAB 65536
 #define GS_HDR 1152 /* dynamic map (1 KB), mbarriers (64 B), reduction slots (64 B) */
@@ -709,13 +708,12 @@ struct gs_args {
 __device__ __forceinline__ unsigned gs_smem(const void *p) { return (unsigned)__cvta_generic_to_shared(p); }
 
 __device__ __forceinline__ int gs_mat_of(const gs_args &A, int j) {
-    return (A.nm > 3 && j >= A.m[3].t0) ? 3 : (A.nm > 2 && j >= A.m[2].t0) ? 2
-                                           : (A.nm > 1 && j >= A.m[1].t0) ? 1 : 0;
+    int mi = 0;
+#pragma unroll
+    for (int i = 1; i < GS_MAXM; i++)
+        if (i < A.nm && j >= A.m[i].t0) mi = i;
+    return mi;
 }
-/* Field selection by compare-and-select with constant offsets: a run-time index into the
- * parameter block becomes a slow indexed load. */
-#define GS_M(A, mi, f) ((mi) == 3 ? (A).m[3].f : (mi) == 2 ? (A).m[2].f : (mi) == 1 ? (A).m[1].f : (A).m[0].f)
-#define GS_P(A, pi, f) ((pi) == 2 ? (A).ph[2].f : (pi) == 1 ? (A).ph[1].f : (A).ph[0].f)
 
 /* First second-level float copied for a tile starting at weight e: 8 floats from a 16-byte
  * boundary, in bounds thanks to the QLR_NF4_DQ_PAD floats after every uploaded table. */
@@ -725,22 +723,23 @@ __device__ __forceinline__ int64_t gs_dq0(int64_t e) { return (e >> 14) & ~(int6
 template <int DQ>
 __device__ __forceinline__ void gs_issue(const gs_args &A, int j, uint8_t *dst, uint64_t *bar) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    int mi = gs_mat_of(A, j), pi = GS_M(A, mi, ph), rows = GS_M(A, mi, rows), rt = GS_P(A, pi, rt);
-    int64_t r0 = (int64_t)(j - GS_M(A, mi, t0)) * rt;
-    int64_t rv = rows - r0 < rt ? rows - r0 : rt, cols = GS_P(A, pi, cols);
+    const gs_mat &M = A.m[gs_mat_of(A, j)];
+    const gs_phase &P = A.ph[M.ph];
+    int64_t r0 = (int64_t)(j - M.t0) * P.rt;
+    int64_t rv = M.rows - r0 < P.rt ? M.rows - r0 : P.rt, cols = P.cols;
     unsigned cb = (unsigned)(rv * cols >> 1), ab = (unsigned)(DQ ? rv * cols >> 6 : rv * cols >> 4);
     unsigned tx = cb + ab + (DQ ? 32u : 0u);
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(gs_smem(bar)), "r"(tx)
                  : "memory");
     const void *src[3];
-    unsigned off[3] = {0, (unsigned)(rt * cols >> 1), (unsigned)(rt * cols >> 1) + GS_P(A, pi, am_region)};
+    unsigned off[3] = {0, (unsigned)(P.rt * cols >> 1), (unsigned)(P.rt * cols >> 1) + P.am_region};
     unsigned len[3] = {cb, ab, 32};
-    src[0] = GS_M(A, mi, codes) + r0 * (cols >> 1);
+    src[0] = M.codes + r0 * (cols >> 1);
     if (DQ) {
-        src[1] = GS_M(A, mi, aq) + r0 * (cols >> 6);
-        src[2] = GS_M(A, mi, dqa) + gs_dq0(r0 * cols);
+        src[1] = M.aq + r0 * (cols >> 6);
+        src[2] = M.dqa + gs_dq0(r0 * cols);
     } else {
-        src[1] = GS_M(A, mi, am) + r0 * (cols >> 6);
+        src[1] = M.am + r0 * (cols >> 6);
     }
 #pragma unroll
     for (int i = 0; i < (DQ ? 3 : 2); i++)
@@ -765,18 +764,17 @@ __device__ __forceinline__ void gs_wait(uint64_t *bar, unsigned parity) {
 
 /* Row sums of tile j (warp partials in part) -> y. */
 __device__ __forceinline__ void gs_write(const gs_args &A, int j, const float *part, int tid) {
-    int mi = gs_mat_of(A, j), pi = GS_M(A, mi, ph), rt = GS_P(A, pi, rt);
-    if (tid >= rt) return;
-    int64_t r = (int64_t)(j - GS_M(A, mi, t0)) * rt + tid;
-    if (r >= GS_M(A, mi, rows)) return;
-    int nwp = GS_P(A, pi, tu) >> 5, w0 = (tid % GS_P(A, pi, p)) * nwp;
+    const gs_mat &M = A.m[gs_mat_of(A, j)];
+    const gs_phase &P = A.ph[M.ph];
+    if (tid >= P.rt) return;
+    int64_t r = (int64_t)(j - M.t0) * P.rt + tid;
+    if (r >= M.rows) return;
+    int nwp = P.tu >> 5, w0 = (tid % P.p) * nwp;
     float s = 0.0f;
-    for (int w = 0; w < nwp; w++) s += part[(w0 + w) * rt + tid];
-    const float *bias = GS_M(A, mi, bias);
-    if (bias) s += bias[r];
-    float *yf = GS_M(A, mi, yf);
-    if (yf) yf[r] = s;
-    else GS_M(A, mi, y)[r] = __float2bfloat16_rn(s);
+    for (int w = 0; w < nwp; w++) s += part[(w0 + w) * P.rt + tid];
+    if (M.bias) s += M.bias[r];
+    if (M.yf) M.yf[r] = s;
+    else M.y[r] = __float2bfloat16_rn(s);
 }
 
 /* Grid-wide: this block's `done` tiles of phase `ph` are written (after a block barrier). */
@@ -787,7 +785,7 @@ __device__ __forceinline__ void gs_signal(const gs_args &A, int ph, int done) {
 /* Spins until every tile of phase ph is written (one thread; a block barrier follows). */
 __device__ __forceinline__ void gs_await(const gs_args &A, int ph) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
-    unsigned want = (unsigned)GS_P(A, ph, n_tiles), got;
+    unsigned want = (unsigned)A.ph[ph].n_tiles, got;
     for (;;) {
         asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(got) : "l"(A.sync + ph) : "memory");
         if (got >= want) break;
@@ -803,7 +801,7 @@ template <int NU>
 __device__ __forceinline__ void gs_prologue(const gs_args &A, const gs_phase &P, int tid, float *red,
                                             __half2 (&xh)[NU][16], float (&inv)[NU]) {
     int p = tid / P.tu, ut = tid - p * P.tu;
-    bool act = p < P.p; /* threads past tu * p idle in this phase */
+    bool act = p < P.p;
     if (P.kind != GS_X_NORM) {
 #pragma unroll
         for (int i = 0; i < NU; i++) {
@@ -815,7 +813,7 @@ __device__ __forceinline__ void gs_prologue(const gs_args &A, const gs_phase &P,
     }
     /* h = residual + addend rounded to bf16 (the add op), xn = h · rsqrt(mean(h²) + eps) · w
      * rounded to bf16 (the rmsnorm op), the sum of squares over partition 0's threads in a
-     * fixed order; the block that takes the phase's first tile writes h_out and xn */
+     * fixed order */
     uint32_t hw[NU][16];
     float ss = 0.0f;
 #pragma unroll
@@ -849,7 +847,7 @@ __device__ __forceinline__ void gs_prologue(const gs_args &A, const gs_phase &P,
     float tot = 0.0f;
     for (int w = 0; w < nw; w++) tot += red[w];
     float r = 1.0f / sqrtf(tot / (float)P.cols + A.eps);
-    bool wr = blockIdx.x == (unsigned)(P.t0 % (int)gridDim.x) && p == 0; /* the block of the phase's first tile */
+    bool wr = blockIdx.x == 0 && p == 0;
 #pragma unroll
     for (int i = 0; i < NU; i++) {
         int col = (ut + i * P.tu) << 5;
@@ -911,9 +909,6 @@ __global__ void __launch_bounds__(GS_THREADS, 1) nf4_gemv1s_kernel(const __grid_
     __half2 xh[NU][16];
     float inv[NU];
     int cur = -1, done = 0; /* current phase, its tiles computed by this block */
-    /* the current phase's geometry, in registers (set at each phase's first tile) */
-    int cols = 0, rb = 0, ab = 0, rt = 0, pp = 1, amr = 0, p = 0;
-    int irow[4] = {0, 0, 0, 0}, iu[4] = {0, 0, 0, 0};
     const uint32_t lane4 = (uint32_t)lane << 2;
     const bool hi16 = lane & 16, hi8 = lane & 8;
     for (int k = 0; k < nk; k++) {
@@ -922,49 +917,48 @@ __global__ void __launch_bounds__(GS_THREADS, 1) nf4_gemv1s_kernel(const __grid_
             gs_issue<DQ>(A, bid + (k + S - 1) * G, stg + ((k + S - 1) % S) * A.stage_bytes,
                          bar + (k + S - 1) % S);
         if (k > 0) gs_write(A, bid + (k - 1) * G, part + ((k - 1) & 1) * GS_PART, tid);
-        int j = bid + k * G, mi = gs_mat_of(A, j), ph = GS_M(A, mi, ph);
-        if (ph != cur) {
-            if (cur >= 0 || ph > 0) {
+        int j = bid + k * G, mi = gs_mat_of(A, j);
+        const gs_mat &M = A.m[mi];
+        if (M.ph != cur) {
+            if (cur >= 0 || M.ph > 0) {
                 __syncthreads(); /* the previous tile's rows are written */
                 if (tid == 0) {
                     if (cur >= 0) gs_signal(A, cur, done);
-                    if (ph > 0) gs_await(A, ph - 1);
+                    if (M.ph > 0) gs_await(A, M.ph - 1);
                 }
                 __syncthreads();
             }
-            cur = ph;
+            cur = M.ph;
             done = 0;
             gs_prologue<NU>(A, A.ph[cur], tid, red, xh, inv);
-            cols = GS_P(A, cur, cols), rb = cols >> 1, ab = cols >> 6, rt = GS_P(A, cur, rt);
-            pp = GS_P(A, cur, p), amr = GS_P(A, cur, am_region);
-            int tu = GS_P(A, cur, tu);
-            p = tid / tu;
-            int ut = tid - p * tu;
-            /* items: (row, unit, x) = (p + i pp, ut, 0) for NU = 1; (p + (i >> 1), ut + (i & 1)
-             * tu, i & 1) for NU = 2 (pp = 1) */
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                irow[i] = NU == 1 ? p + i * pp : p + (i >> 1);
-                iu[i] = NU == 1 ? ut : ut + (i & 1) * tu;
-            }
         }
         done++;
-        int rows = GS_M(A, mi, rows);
-        int64_t r0 = (int64_t)(j - GS_M(A, mi, t0)) * rt;
-        int rv = rows - r0 < rt ? (int)(rows - r0) : rt;
+        const gs_phase &P = A.ph[cur];
+        const int cols = P.cols, rb = cols >> 1, ab = cols >> 6;
+        int p = tid / P.tu, ut = tid - p * P.tu;
+        int64_t r0 = (int64_t)(j - M.t0) * P.rt;
+        int rv = M.rows - r0 < P.rt ? (int)(M.rows - r0) : P.rt;
         gs_wait(bar + k % S, (unsigned)(k / S) & 1);
-        if (p >= pp || irow[0] >= rv) continue; /* warp-uniform: a warp lies in one partition */
+        /* items: (row, unit, x) = (p + iP, ut, 0) for NU = 1; (p + (i >> 1), ut + (i & 1) TU,
+         * i & 1) for NU = 2 (P = 1) */
+        int irow[4], iu[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            irow[i] = NU == 1 ? p + i * P.p : p + (i >> 1);
+            iu[i] = NU == 1 ? ut : ut + (i & 1) * P.tu;
+        }
+        if (p >= P.p || irow[0] >= rv) continue; /* warp-uniform: a warp lies in one partition */
         const uint8_t *sc = stg + (k % S) * A.stage_bytes;
-        const uint8_t *am8 = sc + rt * rb;
+        const uint8_t *am8 = sc + P.rt * rb;
         float v[4];
         int e0 = 0, dd = 0;
         float off = 0.0f;
-        const float *dqs = (const float *)(am8 + amr);
+        const float *dqs = (const float *)(am8 + P.am_region);
         if (DQ) {
             int64_t base = r0 * cols;
             e0 = (int)(base & 16383);
             dd = (int)((base >> 14) - gs_dq0(base));
-            off = GS_M(A, mi, off);
+            off = M.off;
         }
         uint32_t w[4][4];
         float am[4];
@@ -999,7 +993,7 @@ __global__ void __launch_bounds__(GS_THREADS, 1) nf4_gemv1s_kernel(const __grid_
             float2 f = __half22float2(__hadd2(acc[i][0], acc[i][1]));
             v[i] = (f.x + f.y) * (am[i] * inv[NU == 1 ? 0 : (i & 1)]);
         }
-        float *part_k = part + (k & 1) * GS_PART;
+        float *pp = part + (k & 1) * GS_PART;
         if (NU == 1) {
             /* four rows: reduce-scatter, lanes 0 / 8 / 16 / 24 end with rows 0 / 1 / 2 / 3 */
             float k0 = hi16 ? v[2] : v[0], k1 = hi16 ? v[3] : v[1];
@@ -1012,8 +1006,8 @@ __global__ void __launch_bounds__(GS_THREADS, 1) nf4_gemv1s_kernel(const __grid_
             kk += __shfl_xor_sync(0xffffffffu, kk, 2);
             kk += __shfl_xor_sync(0xffffffffu, kk, 1);
             int ri = (hi16 ? 2 : 0) + (hi8 ? 1 : 0);
-            int rl = p + ri * pp;
-            if ((lane & 7) == 0 && rl < rv) part_k[warp * rt + rl] = kk;
+            int rl = p + ri * P.p;
+            if ((lane & 7) == 0 && rl < rv) pp[warp * P.rt + rl] = kk;
         } else {
             /* two rows of two units each: lanes 0 / 16 end with rows p / p + 1 */
             float a0 = v[0] + v[1], a1 = v[2] + v[3];
@@ -1022,7 +1016,7 @@ __global__ void __launch_bounds__(GS_THREADS, 1) nf4_gemv1s_kernel(const __grid_
 #pragma unroll
             for (int o = 8; o > 0; o >>= 1) kk += __shfl_xor_sync(0xffffffffu, kk, o);
             int rl = p + (hi16 ? 1 : 0);
-            if ((lane & 15) == 0 && rl < rv) part_k[warp * rt + rl] = kk;
+            if ((lane & 15) == 0 && rl < rv) pp[warp * P.rt + rl] = kk;
         }
     }
     __syncthreads();
