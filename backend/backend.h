@@ -212,26 +212,6 @@ typedef struct qlr_backend_ops {
                                 void *v_cache, const int32_t *seq, const int32_t *pos,
                                 const float *inv_freq, int64_t n, int64_t n_heads, int64_t n_kv,
                                 int64_t hd, int64_t ctx);
-    /* RMSNorm (after a residual add) feeding k (1..3) NF4 linears of one input width d: with dx,
-     * h = x + dx is written to h_out (h_out must not alias x or dx), without it h = x (h_out
-     * unused); xn = rmsnorm(h, norm_w, eps) is written to xn (for LoRA hooks); y[i] = xn · w[i]ᵀ
-     * (+ bias[i]). The composition add_rmsnorm (or rmsnorm), nf4_linear_multi. x, dx, h_out,
-     * xn [n, d] act, d = w[i]->cols; norm_w [d] f32. */
-    qlr_status (*norm_nf4_linear_multi)(qlr_backend *be, int k, void *const *y, void *h_out,
-                                        void *xn, const void *x, const void *dx,
-                                        const float *norm_w, float eps, const qlr_nf4 *const *w,
-                                        const float *const *bias, int64_t n);
-    /* The feed-forward half of a layer (for layers with no LoRA on o, gate, up, down), from the
-     * attention output: o = att · w[0]ᵀ (+ bias[0]); h_out = x + o; xn = rmsnorm(h_out, norm_w,
-     * eps); gate = xn · w[1]ᵀ, up = xn · w[2]ᵀ (+ bias[1], bias[2]); y = (silu(gate) · up) ·
-     * w[3]ᵀ (+ bias[3]). The composition nf4_linear, add_rmsnorm, nf4_linear_multi,
-     * swiglu_nf4_linear. att [n, w[0]->cols]; x, h_out, xn, o, y [n, d]; gate, up [n, d_ff]
-     * (scratch afterwards); bias NULL or 4 entries (each may be NULL). h_out must not alias x,
-     * o or y; y may equal o. */
-    qlr_status (*attn_out_ffn)(qlr_backend *be, void *y, void *h_out, void *xn, void *o,
-                               void *gate, void *up, const void *att, const void *x,
-                               const float *norm_w, float eps, const qlr_nf4 *const *w,
-                               const float *const *bias, int64_t n);
 } qlr_backend_ops;
 
 /* Device memory and synchronisation. */

@@ -49,12 +49,11 @@ typedef struct bmodel {
     uint16_t *emb, *head;
     float *lnf, *inv_freq;
     int64_t n_seq, ctx, max_n;
-    void *x, *x2, *h, *q, *k, *v, *att, *g, *u, *o;
+    void *x, *h, *q, *k, *v, *att, *g, *u, *o;
     float *logits;
     int32_t *d_ids, *d_seq, *d_pos;
     double nf4_bytes, nf4_params;
-    int use_fused; /* call the optional fused ops when the backend has them (2: all but the
-                    * norm- and phase-fused norm_nf4_linear_multi and attn_out_ffn) */
+    int use_fused; /* call the optional fused ops when the backend has them */
     qlr_nf4 head_nf4;  /* the lm_head as NF4 (serving with a 4-bit output projection) */
     double head_nf4_bytes;
     int use_nf4_head;  /* single-row logits through head_nf4 */
@@ -120,7 +119,7 @@ static void model_free(bmodel *m) {
         }
     free(m->L);
     if (m->head_nf4.codes) qlr_backend_nf4_free(be, &m->head_nf4);
-    void *bufs[] = {m->emb, m->c.tied ? NULL : m->head, m->lnf, m->inv_freq, m->x, m->x2, m->h, m->q,
+    void *bufs[] = {m->emb, m->c.tied ? NULL : m->head, m->lnf, m->inv_freq, m->x, m->h, m->q,
                     m->k, m->v, m->att, m->g, m->u, m->o, m->logits, m->d_ids, m->d_seq, m->d_pos};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i]) be->mem.free(be, bufs[i]);
@@ -259,7 +258,6 @@ static qlr_status model_create(qlr_backend *be, const mcfg *c, int64_t n_seq, in
     free(inv);
     size_t es = qlr_backend_act_size(be);
     m->x = dalloc(m, (size_t)(max_n * c->hidden) * es, &st);
-    m->x2 = dalloc(m, (size_t)(max_n * c->hidden) * es, &st);
     m->h = dalloc(m, (size_t)(max_n * c->hidden) * es, &st);
     m->q = dalloc(m, (size_t)(max_n * H) * es, &st);
     m->k = dalloc(m, (size_t)(max_n * KV) * es, &st);
@@ -297,29 +295,24 @@ static qlr_status forward_device(bmodel *m, int64_t n, int64_t last_rows) {
     size_t es = qlr_backend_act_size(be);
     QLR_TRY(o->embedding(be, m->x, m->emb, m->d_ids, n, c->hidden, c->vocab));
     float scale = 1.0f / sqrtf((float)c->hd);
-    /* the fused ops when the backend has them, in model/forward.c's order: the MLP's residual
-     * add is deferred into the next layer's norm, and the norm-fused ops write the residual to
-     * the other buffer of the pair (x, x2); xr is the current one */
-    int fz = m->use_fused;
-    void *xr = m->x, *xs = m->x2, *tmp, *pending = NULL;
     for (int64_t l = 0; l < c->layers; l++) {
         blayer *L = &m->L[l];
-        void *ys[3] = {m->q, m->k, m->v};
-        const qlr_nf4 *ws[3] = {&L->w[0], &L->w[1], &L->w[2]};
-        if (fz == 1 && o->norm_nf4_linear_multi) {
-            QLR_TRY(o->norm_nf4_linear_multi(be, 3, ys, xs, m->h, xr, pending, L->ln1, 1e-5f, ws,
-                                             NULL, n));
-            if (pending) tmp = xr, xr = xs, xs = tmp;
+        /* the fused ops when the backend has them (model/forward.c does the same); the MLP's
+         * residual add is deferred into the next layer's add_rmsnorm */
+        int fz = m->use_fused;
+        if (fz && l > 0 && o->add_rmsnorm)
+            QLR_TRY(o->add_rmsnorm(be, m->x, m->h, m->o, L->ln1, n, c->hidden, 1e-5f));
+        else
+            QLR_TRY(o->rmsnorm(be, m->h, m->x, L->ln1, n, c->hidden, 1e-5f));
+        if (fz && o->nf4_linear_multi) {
+            void *ys[3] = {m->q, m->k, m->v};
+            const qlr_nf4 *ws[3] = {&L->w[0], &L->w[1], &L->w[2]};
+            QLR_TRY(o->nf4_linear_multi(be, 3, ys, m->h, ws, NULL, n));
         } else {
-            if (pending) QLR_TRY(o->add_rmsnorm(be, xr, m->h, pending, L->ln1, n, c->hidden, 1e-5f));
-            else QLR_TRY(o->rmsnorm(be, m->h, xr, L->ln1, n, c->hidden, 1e-5f));
-            if (fz && o->nf4_linear_multi) {
-                QLR_TRY(o->nf4_linear_multi(be, 3, ys, m->h, ws, NULL, n));
-            } else {
-                for (int i = 0; i < 3; i++) QLR_TRY(o->nf4_linear(be, ys[i], m->h, ws[i], NULL, n));
-            }
+            QLR_TRY(o->nf4_linear(be, m->q, m->h, &L->w[0], NULL, n));
+            QLR_TRY(o->nf4_linear(be, m->k, m->h, &L->w[1], NULL, n));
+            QLR_TRY(o->nf4_linear(be, m->v, m->h, &L->w[2], NULL, n));
         }
-        pending = NULL;
         if (fz && o->rope_kv_store) {
             QLR_TRY(o->rope_kv_store(be, m->q, m->k, m->v, L->kc, L->vc, m->d_seq, m->d_pos,
                                      m->inv_freq, n, c->heads, c->kv, c->hd, m->ctx));
@@ -331,40 +324,36 @@ static qlr_status forward_device(bmodel *m, int64_t n, int64_t last_rows) {
         }
         QLR_TRY(o->attention(be, m->att, m->q, L->kc, L->vc, m->d_seq, m->d_pos, n, c->heads,
                              c->kv, c->hd, m->ctx, scale));
-        if (fz == 1 && o->attn_out_ffn) {
-            const qlr_nf4 *fw[4] = {&L->w[3], &L->w[4], &L->w[5], &L->w[6]};
-            QLR_TRY(o->attn_out_ffn(be, m->o, xs, m->h, m->o, m->g, m->u, m->att, xr, L->ln2, 1e-5f,
-                                    fw, NULL, n));
-            tmp = xr, xr = xs, xs = tmp;
-        } else {
+        if (fz && o->add_rmsnorm) {
             QLR_TRY(o->nf4_linear(be, m->o, m->att, &L->w[3], NULL, n));
-            if (fz && o->add_rmsnorm) {
-                QLR_TRY(o->add_rmsnorm(be, xr, m->h, m->o, L->ln2, n, c->hidden, 1e-5f));
-            } else {
-                QLR_TRY(o->add(be, xr, m->o, n * c->hidden));
-                QLR_TRY(o->rmsnorm(be, m->h, xr, L->ln2, n, c->hidden, 1e-5f));
-            }
-            if (fz && o->nf4_linear_multi) {
-                void *ys2[2] = {m->g, m->u};
-                const qlr_nf4 *ws2[2] = {&L->w[4], &L->w[5]};
-                QLR_TRY(o->nf4_linear_multi(be, 2, ys2, m->h, ws2, NULL, n));
-            } else {
-                QLR_TRY(o->nf4_linear(be, m->g, m->h, &L->w[4], NULL, n));
-                QLR_TRY(o->nf4_linear(be, m->u, m->h, &L->w[5], NULL, n));
-            }
-            if (fz && o->swiglu_nf4_linear) {
-                QLR_TRY(o->swiglu_nf4_linear(be, m->o, m->g, m->u, &L->w[6], NULL, n));
-            } else {
-                QLR_TRY(o->swiglu(be, m->g, m->g, m->u, n * c->ff));
-                QLR_TRY(o->nf4_linear(be, m->o, m->g, &L->w[6], NULL, n));
-            }
+        } else {
+            QLR_TRY(o->nf4_linear(be, m->h, m->att, &L->w[3], NULL, n));
         }
-        if (fz && o->add_rmsnorm) pending = m->o;
-        else QLR_TRY(o->add(be, xr, m->o, n * c->hidden));
+        if (fz && o->add_rmsnorm) {
+            QLR_TRY(o->add_rmsnorm(be, m->x, m->h, m->o, L->ln2, n, c->hidden, 1e-5f));
+        } else {
+            QLR_TRY(o->add(be, m->x, m->h, n * c->hidden));
+            QLR_TRY(o->rmsnorm(be, m->h, m->x, L->ln2, n, c->hidden, 1e-5f));
+        }
+        if (fz && o->nf4_linear_multi) {
+            void *ys[2] = {m->g, m->u};
+            const qlr_nf4 *ws[2] = {&L->w[4], &L->w[5]};
+            QLR_TRY(o->nf4_linear_multi(be, 2, ys, m->h, ws, NULL, n));
+        } else {
+            QLR_TRY(o->nf4_linear(be, m->g, m->h, &L->w[4], NULL, n));
+            QLR_TRY(o->nf4_linear(be, m->u, m->h, &L->w[5], NULL, n));
+        }
+        if (fz && o->swiglu_nf4_linear) {
+            QLR_TRY(o->swiglu_nf4_linear(be, m->o, m->g, m->u, &L->w[6], NULL, n));
+        } else {
+            QLR_TRY(o->swiglu(be, m->g, m->g, m->u, n * c->ff));
+            QLR_TRY(o->nf4_linear(be, m->o, m->g, &L->w[6], NULL, n));
+        }
+        if (!(fz && o->add_rmsnorm) || l + 1 == c->layers)
+            QLR_TRY(o->add(be, m->x, m->o, n * c->hidden));
     }
-    if (pending) QLR_TRY(o->add(be, xr, pending, n * c->hidden));
     int64_t r0 = n - last_rows;
-    char *xl = (char *)xr + (size_t)(r0 * c->hidden) * es;
+    char *xl = (char *)m->x + (size_t)(r0 * c->hidden) * es;
     QLR_TRY(o->rmsnorm(be, m->h, xl, m->lnf, last_rows, c->hidden, 1e-5f));
 #ifdef QLR_BACKEND_CUDA
     if (m->use_nf4_head && last_rows == 1) return qlr_cuda_nf4_logits(be, m->logits, m->h, &m->head_nf4);
@@ -904,7 +893,7 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
         }
     double dec_s[4] = {0}, dec_graph_s[4] = {0};
 #ifdef QLR_BACKEND_CUDA
-    double dec_b1_unfused = 0, dec_b1_nf4head = 0, dec_b1_fused2 = 0;
+    double dec_b1_unfused = 0, dec_b1_nf4head = 0;
 #endif
     for (int bi = 0; bi < 4 && st == QLR_OK; bi++) {
         int B = batches[bi];
@@ -929,8 +918,6 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
             /* the same batch-1 step with the separate ops (no fused entries) for comparison */
             m.use_fused = 0;
             st = graph_decode(&m, B, D, steps, warm, tok, seq, pos, &dec_b1_unfused);
-            m.use_fused = 2;
-            if (st == QLR_OK) st = graph_decode(&m, B, D, steps, warm, tok, seq, pos, &dec_b1_fused2);
             m.use_fused = 1;
             if (m.head_nf4.codes && st == QLR_OK) {
                 /* and with the lm_head in NF4 as well (every weight read per token is NF4) */
@@ -940,9 +927,8 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
                 fprintf(stderr, "bench %s: decode batch 1 with an NF4 lm_head: %.3f ms/step graph\n",
                         c->name, 1e3 * dec_b1_nf4head);
             }
-            fprintf(stderr, "bench %s: decode batch 1 without fused ops: %.3f ms/step graph; without "
-                    "the norm/phase-fused ops: %.3f\n", c->name, 1e3 * dec_b1_unfused,
-                    1e3 * dec_b1_fused2);
+            fprintf(stderr, "bench %s: decode batch 1 without fused ops: %.3f ms/step graph\n",
+                    c->name, 1e3 * dec_b1_unfused);
         }
 #else
         dec_graph_s[bi] = dec_s[bi];
@@ -998,7 +984,6 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
         fprintf(js, "%s\"%s\": %.0f", si ? ", " : "", gnames[si], gshp[si]);
     fprintf(js, "},\n");
     fprintf(js, "     \"decode_b1_unfused_graph_step_ms\": %.4f,\n", 1e3 * dec_b1_unfused);
-    fprintf(js, "     \"decode_b1_no_norm_phase_fusion_graph_step_ms\": %.4f,\n", 1e3 * dec_b1_fused2);
     if (dec_b1_nf4head > 0) {
         double nb = m.nf4_bytes + m.head_nf4_bytes;
         fprintf(js, "     \"decode_b1_nf4_lm_head\": {\"step_ms\": %.4f, \"tokens_per_s\": %.1f, "

@@ -61,7 +61,7 @@ void qlr_kv_cache_free(qlr_kv_cache *kv) {
 
 /* ---- workspace plan ---- */
 
-enum { B_X, B_X2, B_XN, B_Q, B_K, B_V, B_ATT, B_O, B_GATE, B_UP, B_XL, B_LOGITS, B_IDS, B_POS, B_SEQ,
+enum { B_X, B_XN, B_Q, B_K, B_V, B_ATT, B_O, B_GATE, B_UP, B_XL, B_LOGITS, B_IDS, B_POS, B_SEQ,
        B_ROWS, B_COUNT };
 
 struct qlr_forward {
@@ -81,7 +81,6 @@ static void plan(const qlr_model_config *c, qlr_backend *be, int32_t T, int32_t 
     uint64_t d = (uint64_t)c->d_model, q = (uint64_t)c->n_heads * c->head_dim,
              kv = (uint64_t)c->n_kv_heads * c->head_dim, ff = (uint64_t)c->d_ff;
     sz[B_X] = T * d * a;
-    sz[B_X2] = T * d * a;
     sz[B_XN] = T * d * a;
     sz[B_Q] = T * q * a;
     sz[B_K] = T * kv * a;
@@ -205,35 +204,29 @@ qlr_status qlr_model_forward(qlr_forward *f, qlr_kv_cache *kv, const qlr_batch *
     float scale = 1.0f / sqrtf((float)hd);
     /* Optional fused ops (NULL on the CPU: the separate ops below, in the same order). Without a
      * hidden-state callback the residual add of a layer's MLP is deferred into the next layer's
-     * norm (`pending`). The norm-fused ops write the updated residual to the other buffer of the
-     * pair (x, x2), so `xr` is the current residual and `xs` the spare. */
+     * add_rmsnorm (`pending`). */
     const qlr_backend_ops *op = &be->ops;
-    void *pending = NULL, *xr = x, *xs = f->buf[B_X2], *tmp;
-    int defer = op->add_rmsnorm && !f->hidden_fn;
+    void *pending = NULL;
     for (int32_t l = 0; l < c->n_layers; l++) {
         const qlr_layer *L = &m->layers[l];
-        /* attention half: norm -> q/k/v (+LoRA) -> RoPE -> KV store -> attention */
-        int multi = op->nf4_linear_multi && L->w[QLR_LIN_K].cols == L->w[QLR_LIN_Q].cols &&
-                    L->w[QLR_LIN_V].cols == L->w[QLR_LIN_Q].cols;
-        void *ys[3] = {q, k, v};
-        const qlr_nf4 *ws[3] = {&L->w[QLR_LIN_Q], &L->w[QLR_LIN_K], &L->w[QLR_LIN_V]};
-        const float *bs[3] = {L->bias[QLR_LIN_Q], L->bias[QLR_LIN_K], L->bias[QLR_LIN_V]};
-        if (multi && op->norm_nf4_linear_multi) {
-            QLR_TRY(op->norm_nf4_linear_multi(be, 3, ys, xs, xn, xr, pending, L->attn_norm,
-                                              c->rms_eps, ws, bs, n));
-            if (pending) tmp = xr, xr = xs, xs = tmp;
-        } else {
-            if (pending) QLR_TRY(op->add_rmsnorm(be, xr, xn, pending, L->attn_norm, n, d, c->rms_eps));
-            else QLR_TRY(op->rmsnorm(be, xn, xr, L->attn_norm, n, d, c->rms_eps));
-            if (multi) QLR_TRY(op->nf4_linear_multi(be, 3, ys, xn, ws, bs, n));
-            else
-                for (int i = 0; i < 3; i++)
-                    QLR_TRY(be->ops.nf4_linear(be, ys[i], xn, ws[i], bs[i], n));
-        }
+        if (pending) QLR_TRY(op->add_rmsnorm(be, x, xn, pending, L->attn_norm, n, d, c->rms_eps));
+        else QLR_TRY(op->rmsnorm(be, xn, x, L->attn_norm, n, d, c->rms_eps));
         pending = NULL;
-        for (int i = 0; i < 3; i++)
-            if (L->lora[QLR_LIN_Q + i])
-                QLR_TRY(op->lora(be, ys[i], xn, L->lora[QLR_LIN_Q + i], n, ws[i]->cols, ws[i]->rows));
+        if (op->nf4_linear_multi && L->w[QLR_LIN_K].cols == L->w[QLR_LIN_Q].cols &&
+            L->w[QLR_LIN_V].cols == L->w[QLR_LIN_Q].cols) {
+            void *ys[3] = {q, k, v};
+            const qlr_nf4 *ws[3] = {&L->w[QLR_LIN_Q], &L->w[QLR_LIN_K], &L->w[QLR_LIN_V]};
+            const float *bs[3] = {L->bias[QLR_LIN_Q], L->bias[QLR_LIN_K], L->bias[QLR_LIN_V]};
+            QLR_TRY(op->nf4_linear_multi(be, 3, ys, xn, ws, bs, n));
+            for (int i = 0; i < 3; i++)
+                if (L->lora[QLR_LIN_Q + i])
+                    QLR_TRY(op->lora(be, ys[i], xn, L->lora[QLR_LIN_Q + i], n, ws[i]->cols,
+                                     ws[i]->rows));
+        } else {
+            QLR_TRY(linear(be, L, QLR_LIN_Q, q, xn, n));
+            QLR_TRY(linear(be, L, QLR_LIN_K, k, xn, n));
+            QLR_TRY(linear(be, L, QLR_LIN_V, v, xn, n));
+        }
         if (op->rope_kv_store) {
             QLR_TRY(op->rope_kv_store(be, q, k, v, kv->k[l], kv->v[l], seq, pos, m->inv_freq, n, nh,
                                       nkv, hd, kv->ctx));
@@ -244,61 +237,48 @@ qlr_status qlr_model_forward(qlr_forward *f, qlr_kv_cache *kv, const qlr_batch *
         }
         QLR_TRY(op->attention(be, att, q, kv->k[l], kv->v[l], seq, pos, n, nh, nkv, hd, kv->ctx,
                               scale));
-        /* feed-forward half: o (+LoRA) -> residual -> norm -> gate/up (+LoRA) -> SwiGLU -> down
-         * (+LoRA); one op when the backend has it and no LoRA sits on these four */
-        if (op->attn_out_ffn && !L->lora[QLR_LIN_O] && !L->lora[QLR_LIN_GATE] &&
-            !L->lora[QLR_LIN_UP] && !L->lora[QLR_LIN_DOWN]) {
-            const qlr_nf4 *fw[4] = {&L->w[QLR_LIN_O], &L->w[QLR_LIN_GATE], &L->w[QLR_LIN_UP],
-                                    &L->w[QLR_LIN_DOWN]};
-            const float *fb[4] = {L->bias[QLR_LIN_O], L->bias[QLR_LIN_GATE], L->bias[QLR_LIN_UP],
-                                  L->bias[QLR_LIN_DOWN]};
-            QLR_TRY(op->attn_out_ffn(be, o, xs, xn, o, gate, up, att, xr, L->ffn_norm, c->rms_eps,
-                                     fw, fb, n));
-            tmp = xr, xr = xs, xs = tmp;
+        QLR_TRY(linear(be, L, QLR_LIN_O, o, att, n));
+        if (op->add_rmsnorm) {
+            QLR_TRY(op->add_rmsnorm(be, x, xn, o, L->ffn_norm, n, d, c->rms_eps));
         } else {
-            QLR_TRY(linear(be, L, QLR_LIN_O, o, att, n));
-            if (op->add_rmsnorm) {
-                QLR_TRY(op->add_rmsnorm(be, xr, xn, o, L->ffn_norm, n, d, c->rms_eps));
-            } else {
-                QLR_TRY(op->add(be, xr, o, n * d));
-                QLR_TRY(op->rmsnorm(be, xn, xr, L->ffn_norm, n, d, c->rms_eps));
-            }
-            if (op->nf4_linear_multi && L->w[QLR_LIN_UP].cols == L->w[QLR_LIN_GATE].cols) {
-                void *ys2[2] = {gate, up};
-                const qlr_nf4 *ws2[2] = {&L->w[QLR_LIN_GATE], &L->w[QLR_LIN_UP]};
-                const float *bs2[2] = {L->bias[QLR_LIN_GATE], L->bias[QLR_LIN_UP]};
-                QLR_TRY(op->nf4_linear_multi(be, 2, ys2, xn, ws2, bs2, n));
-                for (int i = 0; i < 2; i++)
-                    if (L->lora[QLR_LIN_GATE + i])
-                        QLR_TRY(op->lora(be, ys2[i], xn, L->lora[QLR_LIN_GATE + i], n, ws2[i]->cols,
-                                         ws2[i]->rows));
-            } else {
-                QLR_TRY(linear(be, L, QLR_LIN_GATE, gate, xn, n));
-                QLR_TRY(linear(be, L, QLR_LIN_UP, up, xn, n));
-            }
-            if (op->swiglu_nf4_linear && !L->lora[QLR_LIN_DOWN]) {
-                QLR_TRY(op->swiglu_nf4_linear(be, o, gate, up, &L->w[QLR_LIN_DOWN],
-                                              L->bias[QLR_LIN_DOWN], n));
-            } else {
-                QLR_TRY(op->swiglu(be, gate, gate, up, n * c->d_ff));
-                QLR_TRY(linear(be, L, QLR_LIN_DOWN, o, gate, n));
-            }
+            QLR_TRY(op->add(be, x, o, n * d));
+            QLR_TRY(op->rmsnorm(be, xn, x, L->ffn_norm, n, d, c->rms_eps));
         }
-        if (defer) {
+        if (op->nf4_linear_multi && L->w[QLR_LIN_UP].cols == L->w[QLR_LIN_GATE].cols) {
+            void *ys[2] = {gate, up};
+            const qlr_nf4 *ws[2] = {&L->w[QLR_LIN_GATE], &L->w[QLR_LIN_UP]};
+            const float *bs[2] = {L->bias[QLR_LIN_GATE], L->bias[QLR_LIN_UP]};
+            QLR_TRY(op->nf4_linear_multi(be, 2, ys, xn, ws, bs, n));
+            for (int i = 0; i < 2; i++)
+                if (L->lora[QLR_LIN_GATE + i])
+                    QLR_TRY(op->lora(be, ys[i], xn, L->lora[QLR_LIN_GATE + i], n, ws[i]->cols,
+                                     ws[i]->rows));
+        } else {
+            QLR_TRY(linear(be, L, QLR_LIN_GATE, gate, xn, n));
+            QLR_TRY(linear(be, L, QLR_LIN_UP, up, xn, n));
+        }
+        if (op->swiglu_nf4_linear && !L->lora[QLR_LIN_DOWN]) {
+            QLR_TRY(op->swiglu_nf4_linear(be, o, gate, up, &L->w[QLR_LIN_DOWN],
+                                          L->bias[QLR_LIN_DOWN], n));
+        } else {
+            QLR_TRY(op->swiglu(be, gate, gate, up, n * c->d_ff));
+            QLR_TRY(linear(be, L, QLR_LIN_DOWN, o, gate, n));
+        }
+        if (op->add_rmsnorm && !f->hidden_fn) {
             pending = o;
         } else {
-            QLR_TRY(op->add(be, xr, o, n * d));
-            if (f->hidden_fn) f->hidden_fn(f->hidden_ud, l, xr, n, d);
+            QLR_TRY(op->add(be, x, o, n * d));
+            if (f->hidden_fn) f->hidden_fn(f->hidden_ud, l, x, n, d);
         }
     }
-    if (pending) QLR_TRY(op->add(be, xr, pending, n * d));
+    if (pending) QLR_TRY(op->add(be, x, pending, n * d));
     int32_t nl = b->n_logits;
     *logits = f->buf[B_LOGITS];
     if (nl == 0) return QLR_OK;
     for (int32_t i = 0; i < nl; i++) f->rows_host[i] = b->logit_rows ? b->logit_rows[i] : i;
     QLR_TRY(be->mem.h2d(be, rows, f->rows_host, (size_t)nl * 4));
     void *xl = f->buf[B_XL];
-    QLR_TRY(be->ops.get_rows(be, xl, xr, rows, nl, d));
+    QLR_TRY(be->ops.get_rows(be, xl, x, rows, nl, d));
     QLR_TRY(be->ops.rmsnorm(be, xl, xl, m->out_norm, nl, d, c->rms_eps));
     QLR_TRY(be->ops.lm_head(be, *logits, xl, m->lm_head, nl, d, c->n_vocab));
     return QLR_OK;

@@ -151,7 +151,6 @@ static void cu_destroy(qlr_backend *be) {
         cudaFree(im->lt_ws);
         cudaFree(im->ws);
         cudaFree(im->d_dynmap);
-        cudaFree(im->d_gs_sync);
         cudaFree(im->d_att_cnt);
         cudaFree(im->d_stage);
         cudaFreeHost(im->h_pinned);
@@ -184,8 +183,6 @@ static qlr_status cu_init(qlr_backend *be, qlr_cuda_impl *im) {
     track_alloc(im, im->lt_ws_bytes);
     QLR_CK(cudaMalloc(&im->d_dynmap, 256 * sizeof(float)));
     QLR_CK(cudaMemcpy(im->d_dynmap, qlr_dynmap_signed, 256 * sizeof(float), cudaMemcpyHostToDevice));
-    QLR_CK(cudaMalloc(&im->d_gs_sync, 4 * sizeof(unsigned)));
-    QLR_CK(cudaMemset(im->d_gs_sync, 0, 4 * sizeof(unsigned)));
     QLR_CK(cudaMalloc(&im->d_att_cnt, QLR_CUDA_ATT_COUNTERS * sizeof(unsigned)));
     QLR_CK(cudaMemset(im->d_att_cnt, 0, QLR_CUDA_ATT_COUNTERS * sizeof(unsigned)));
     im->h_pinned_bytes = 1u << 16;
@@ -248,8 +245,6 @@ extern "C" qlr_status qlr_backend_cuda_create(int n_threads, qlr_backend **out) 
     o->swiglu_nf4_linear = qlr_cuda_swiglu_nf4_linear;
     o->add_rmsnorm = qlr_cuda_add_rmsnorm;
     o->rope_kv_store = qlr_cuda_rope_kv_store;
-    o->norm_nf4_linear_multi = qlr_cuda_norm_nf4_linear_multi;
-    o->attn_out_ffn = qlr_cuda_attn_out_ffn;
     qlr_status st = cu_init(be, im);
     if (st != QLR_OK) {
         cu_destroy(be);

@@ -36,7 +36,6 @@ typedef struct qlr_cuda_impl {
     size_t ws_bytes;
     float *d_dynmap;             /* [256] signed dynamic map (double-quant decode) */
     unsigned *d_att_cnt;         /* [QLR_CUDA_ATT_COUNTERS] decode attention merge counters (attention.cu), 0 between launches */
-    unsigned *d_gs_sync;         /* [4] phase counters of the streaming n = 1 kernel (nf4.cu), 0 between launches */
     void *h_pinned;              /* pinned staging for sampling (params in, ids out) */
     size_t h_pinned_bytes;
     void *d_stage;               /* device twin of h_pinned */
@@ -169,17 +168,6 @@ qlr_status qlr_cuda_swiglu_nf4_linear(qlr_backend *be, void *y, void *gate, cons
                                       const qlr_nf4 *w, const float *bias, int64_t n);
 qlr_status qlr_cuda_add_rmsnorm(qlr_backend *be, void *x, void *y, const void *dx, const float *w,
                                 int64_t n, int64_t d, float eps);
-/* add_rmsnorm out of place: x_out = x + dx (x_out may equal x), then y = rmsnorm(x_out). */
-qlr_status qlr_cuda_add_rmsnorm_to(qlr_backend *be, void *x_out, void *y, const void *x,
-                                   const void *dx, const float *w, int64_t n, int64_t d, float eps);
-qlr_status qlr_cuda_norm_nf4_linear_multi(qlr_backend *be, int k, void *const *y, void *h_out,
-                                          void *xn, const void *x, const void *dx,
-                                          const float *norm_w, float eps, const qlr_nf4 *const *w,
-                                          const float *const *bias, int64_t n);
-qlr_status qlr_cuda_attn_out_ffn(qlr_backend *be, void *y, void *h_out, void *xn, void *o,
-                                 void *gate, void *up, const void *att, const void *x,
-                                 const float *norm_w, float eps, const qlr_nf4 *const *w,
-                                 const float *const *bias, int64_t n);
 qlr_status qlr_cuda_rope_kv_store(qlr_backend *be, void *q, void *k, const void *v, void *k_cache,
                                   void *v_cache, const int32_t *seq, const int32_t *pos,
                                   const float *inv_freq, int64_t n, int64_t n_heads, int64_t n_kv,

@@ -491,12 +491,13 @@ __device__ __forceinline__ float silu_f(float g) { return g / (1.0f + expf(-g));
  * that puts the largest |x| into [1, 2) (no f16 overflow, no loss of bf16 bits); with up, x is
  * silu(x) · up rounded to bf16 first (the SwiGLU op fused into the down projection). Returns the
  * inverse scale. */
-__device__ __forceinline__ void gemv_x_words(const __nv_bfloat16 *x, const __nv_bfloat16 *upv, int col,
-                                             bool act, bool coherent, uint32_t xw[16]) {
+__device__ __forceinline__ float gemv_x_f16(const __nv_bfloat16 *x, const __nv_bfloat16 *upv, int col,
+                                            bool act, __half2 xh[16]) {
+    uint32_t xw[16];
     const uint4 *xp = (const uint4 *)(x + col);
 #pragma unroll
     for (int j = 0; j < 4; j++) {
-        uint4 u = act ? (coherent ? __ldcg(xp + j) : __ldg(xp + j)) : make_uint4(0, 0, 0, 0);
+        uint4 u = act ? __ldg(xp + j) : make_uint4(0, 0, 0, 0);
         xw[4 * j] = u.x, xw[4 * j + 1] = u.y, xw[4 * j + 2] = u.z, xw[4 * j + 3] = u.w;
     }
     if (upv) {
@@ -504,7 +505,7 @@ __device__ __forceinline__ void gemv_x_words(const __nv_bfloat16 *x, const __nv_
         uint32_t uw[16];
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            uint4 u = act ? (coherent ? __ldcg(up + j) : __ldg(up + j)) : make_uint4(0, 0, 0, 0);
+            uint4 u = act ? __ldg(up + j) : make_uint4(0, 0, 0, 0);
             uw[4 * j] = u.x, uw[4 * j + 1] = u.y, uw[4 * j + 2] = u.z, uw[4 * j + 3] = u.w;
         }
 #pragma unroll
@@ -515,11 +516,6 @@ __device__ __forceinline__ void gemv_x_words(const __nv_bfloat16 *x, const __nv_
             xw[j] = *(uint32_t *)&s;
         }
     }
-}
-
-/* 16 bf16 pairs -> f16 pairs scaled by a power of two that puts the largest |x| into [1, 2);
- * returns the inverse scale. */
-__device__ __forceinline__ float gemv_x_scale(const uint32_t xw[16], __half2 xh[16]) {
     uint32_t mx = 0;
 #pragma unroll
     for (int j = 0; j < 16; j++) mx = __vmaxu2(mx, xw[j] & 0x7fff7fffu);
@@ -532,13 +528,6 @@ __device__ __forceinline__ float gemv_x_scale(const uint32_t xw[16], __half2 xh[
         xh[j] = __floats2half2_rn(__uint_as_float(xw[j] << 16) * scale,
                                   __uint_as_float(xw[j] & 0xffff0000u) * scale);
     return __int_as_float(E << 23);
-}
-
-__device__ __forceinline__ float gemv_x_f16(const __nv_bfloat16 *x, const __nv_bfloat16 *upv, int col,
-                                            bool act, __half2 xh[16]) {
-    uint32_t xw[16];
-    gemv_x_words(x, upv, col, act, false, xw);
-    return gemv_x_scale(xw, xh);
 }
 
 template <int MINB>
@@ -657,29 +646,12 @@ __global__ void __launch_bounds__(256, MINB) nf4_gemv1_kernel(gemv1_args A) {
  * its TU / 32 warp sums in a fixed order (bitwise reproducible) and writes y (bf16) or yf (f32).
  * Weights are requested before griddepcontrol.wait, x read after. Needs cols % 1024 == 0 (each
  * warp within one row), cols <= 32768, one absmax form per launch, 16-byte aligned arrays and
- * stores from qlr_backend_nf4_upload (the padded second-level table).
- * Phases (qlr_cuda_gs_*): one launch may run up to GS_MAXPH phases one after the other, each a
- * set of matrices of equal cols fed by one x, the later ones reading what the earlier ones wrote
- * (o_proj -> add + RMSNorm -> gate/up -> SwiGLU -> down). The tile list runs through the phases
- * in order and the weight stream never stops at a phase boundary: a block issues the next
- * phase's tiles while it still computes the last ones of the previous phase. Before its first
- * tile of phase i a block waits until every tile of phase i - 1 is written (a per-phase counter
- * in global memory; each block adds its tile count after a barrier and a fence, as a grid-wide
- * barrier does; the last block out resets the counters). A grid of at most one block per SM
- * (the shared memory allows no second), so every block of the grid can be resident together.
- * An x of phase i is one of: plain, silu(x) · up (SwiGLU), or the RMSNorm of a residual row
- * plus an addend (the block reduces the sum of squares itself; block 0 also writes the updated
- * residual and the normalised row, for the next layer and for LoRA). */
+ * stores from qlr_backend_nf4_upload (the padded second-level table). */
 #define GS_THREADS 512
 #define GS_TAB 65536
-#define GS_HDR 1152 /* dynamic map (1 KB), mbarriers (64 B), reduction slots (64 B) */
+#define GS_HDR 1152 /* dynamic map (1 KB) + mbarriers */
 #define GS_STAGES 4
 #define GS_MAXSTAGE ((32768 + 4096 + 32 + 127) & ~127) /* codes + f32 absmax (no double quant) + dq floats, as stage_bytes rounds */
-#define GS_PART 1024 /* floats of warp partial sums per tile parity (warps x rows per tile) */
-#define GS_MAXM 4
-#define GS_MAXPH 3
-
-enum { GS_X_PLAIN = 0, GS_X_SWIGLU = 1, GS_X_NORM = 2 };
 
 struct gs_mat {
     const uint8_t *codes, *aq;
@@ -688,32 +660,21 @@ struct gs_mat {
     __nv_bfloat16 *y;
     float *yf;
     const float *bias;
-    int rows, t0, ph; /* first global tile, phase */
-};
-struct gs_phase {
-    int cols, rt, tu, p, am_region, t0, n_tiles, kind;
-    const __nv_bfloat16 *x, *aux; /* plain: x; SwiGLU: gate, up; norm: residual, addend (or NULL) */
-    const float *nw;              /* norm weights [cols] */
-    __nv_bfloat16 *h_out, *xn_out; /* norm: the updated residual (when aux), the normalised row */
+    int rows, t0; /* first global tile */
 };
 struct gs_args {
-    gs_mat m[GS_MAXM];
-    gs_phase ph[GS_MAXPH];
-    int nm, nph, n_tiles, stage_bytes;
-    float eps;
+    gs_mat m[3];
+    int nm, cols, rt, tu, p, n_tiles, stage_bytes, am_region;
+    const __nv_bfloat16 *x, *up;
     const float *dynmap;
-    unsigned *sync; /* [GS_MAXPH]: tiles done per phase, then blocks done (nph > 1) */
 };
 
 __device__ __forceinline__ unsigned gs_smem(const void *p) { return (unsigned)__cvta_generic_to_shared(p); }
 
 __device__ __forceinline__ int gs_mat_of(const gs_args &A, int j) {
-    int mi = 0;
-#pragma unroll
-    for (int i = 1; i < GS_MAXM; i++)
-        if (i < A.nm && j >= A.m[i].t0) mi = i;
-    return mi;
+    return (A.nm > 2 && j >= A.m[2].t0) ? 2 : (A.nm > 1 && j >= A.m[1].t0) ? 1 : 0;
 }
+#define GS_SEL(A, mi, f) ((mi) == 2 ? (A).m[2].f : (mi) == 1 ? (A).m[1].f : (A).m[0].f)
 
 /* First second-level float copied for a tile starting at weight e: 8 floats from a 16-byte
  * boundary, in bounds thanks to the QLR_NF4_DQ_PAD floats after every uploaded table. */
@@ -723,23 +684,23 @@ __device__ __forceinline__ int64_t gs_dq0(int64_t e) { return (e >> 14) & ~(int6
 template <int DQ>
 __device__ __forceinline__ void gs_issue(const gs_args &A, int j, uint8_t *dst, uint64_t *bar) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    const gs_mat &M = A.m[gs_mat_of(A, j)];
-    const gs_phase &P = A.ph[M.ph];
-    int64_t r0 = (int64_t)(j - M.t0) * P.rt;
-    int64_t rv = M.rows - r0 < P.rt ? M.rows - r0 : P.rt, cols = P.cols;
+    int mi = gs_mat_of(A, j);
+    int rows = GS_SEL(A, mi, rows);
+    int64_t r0 = (int64_t)(j - GS_SEL(A, mi, t0)) * A.rt;
+    int64_t rv = rows - r0 < A.rt ? rows - r0 : A.rt, cols = A.cols;
     unsigned cb = (unsigned)(rv * cols >> 1), ab = (unsigned)(DQ ? rv * cols >> 6 : rv * cols >> 4);
     unsigned tx = cb + ab + (DQ ? 32u : 0u);
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(gs_smem(bar)), "r"(tx)
                  : "memory");
     const void *src[3];
-    unsigned off[3] = {0, (unsigned)(P.rt * cols >> 1), (unsigned)(P.rt * cols >> 1) + P.am_region};
+    unsigned off[3] = {0, (unsigned)(A.rt * cols >> 1), (unsigned)(A.rt * cols >> 1) + A.am_region};
     unsigned len[3] = {cb, ab, 32};
-    src[0] = M.codes + r0 * (cols >> 1);
+    src[0] = GS_SEL(A, mi, codes) + r0 * (cols >> 1);
     if (DQ) {
-        src[1] = M.aq + r0 * (cols >> 6);
-        src[2] = M.dqa + gs_dq0(r0 * cols);
+        src[1] = GS_SEL(A, mi, aq) + r0 * (cols >> 6);
+        src[2] = GS_SEL(A, mi, dqa) + gs_dq0(r0 * cols);
     } else {
-        src[1] = M.am + r0 * (cols >> 6);
+        src[1] = GS_SEL(A, mi, am) + r0 * (cols >> 6);
     }
 #pragma unroll
     for (int i = 0; i < (DQ ? 3 : 2); i++)
@@ -764,118 +725,19 @@ __device__ __forceinline__ void gs_wait(uint64_t *bar, unsigned parity) {
 
 /* Row sums of tile j (warp partials in part) -> y. */
 __device__ __forceinline__ void gs_write(const gs_args &A, int j, const float *part, int tid) {
-    const gs_mat &M = A.m[gs_mat_of(A, j)];
-    const gs_phase &P = A.ph[M.ph];
-    if (tid >= P.rt) return;
-    int64_t r = (int64_t)(j - M.t0) * P.rt + tid;
-    if (r >= M.rows) return;
-    int nwp = P.tu >> 5, w0 = (tid % P.p) * nwp;
+    if (tid >= A.rt) return;
+    int mi = gs_mat_of(A, j);
+    int rows = GS_SEL(A, mi, rows);
+    int64_t r = (int64_t)(j - GS_SEL(A, mi, t0)) * A.rt + tid;
+    if (r >= rows) return;
+    int nwp = A.tu >> 5, w0 = (tid % A.p) * nwp;
     float s = 0.0f;
-    for (int w = 0; w < nwp; w++) s += part[(w0 + w) * P.rt + tid];
-    if (M.bias) s += M.bias[r];
-    if (M.yf) M.yf[r] = s;
-    else M.y[r] = __float2bfloat16_rn(s);
-}
-
-/* Grid-wide: this block's `done` tiles of phase `ph` are written (after a block barrier). */
-__device__ __forceinline__ void gs_signal(const gs_args &A, int ph, int done) {
-    __threadfence();
-    atomicAdd(A.sync + ph, (unsigned)done);
-}
-/* Spins until every tile of phase ph is written (one thread; a block barrier follows). */
-__device__ __forceinline__ void gs_await(const gs_args &A, int ph) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
-    unsigned want = (unsigned)A.ph[ph].n_tiles, got;
-    for (;;) {
-        asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(got) : "l"(A.sync + ph) : "memory");
-        if (got >= want) break;
-        __nanosleep(64);
-    }
-    __threadfence();
-#endif
-}
-
-/* Phase P's x for this thread's units: f16 pairs and inverse scales (see gemv_x_scale). Every
- * thread of the block calls it (the norm kind has block barriers). */
-template <int NU>
-__device__ __forceinline__ void gs_prologue(const gs_args &A, const gs_phase &P, int tid, float *red,
-                                            __half2 (&xh)[NU][16], float (&inv)[NU]) {
-    int p = tid / P.tu, ut = tid - p * P.tu;
-    bool act = p < P.p;
-    if (P.kind != GS_X_NORM) {
-#pragma unroll
-        for (int i = 0; i < NU; i++) {
-            uint32_t xw[16];
-            gemv_x_words(P.x, P.kind == GS_X_SWIGLU ? P.aux : NULL, (ut + i * P.tu) << 5, act, true, xw);
-            inv[i] = gemv_x_scale(xw, xh[i]);
-        }
-        return;
-    }
-    /* h = residual + addend rounded to bf16 (the add op), xn = h · rsqrt(mean(h²) + eps) · w
-     * rounded to bf16 (the rmsnorm op), the sum of squares over partition 0's threads in a
-     * fixed order */
-    uint32_t hw[NU][16];
-    float ss = 0.0f;
-#pragma unroll
-    for (int i = 0; i < NU; i++) {
-        int col = (ut + i * P.tu) << 5;
-        gemv_x_words(P.x, NULL, col, act, true, hw[i]);
-        if (P.aux) {
-            uint32_t dw[16];
-            gemv_x_words(P.aux, NULL, col, act, true, dw);
-#pragma unroll
-            for (int j = 0; j < 16; j++) {
-                __nv_bfloat162 s = __floats2bfloat162_rn(
-                    __uint_as_float(hw[i][j] << 16) + __uint_as_float(dw[j] << 16),
-                    __uint_as_float(hw[i][j] & 0xffff0000u) + __uint_as_float(dw[j] & 0xffff0000u));
-                hw[i][j] = *(uint32_t *)&s;
-            }
-        }
-#pragma unroll
-        for (int j = 0; j < 16; j++) {
-            float a = __uint_as_float(hw[i][j] << 16), b = __uint_as_float(hw[i][j] & 0xffff0000u);
-            ss = fmaf(a, a, ss);
-            ss = fmaf(b, b, ss);
-        }
-    }
-    if (p != 0) ss = 0.0f;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-    int nw = blockDim.x >> 5;
-    if ((tid & 31) == 0) red[tid >> 5] = ss;
-    __syncthreads();
-    float tot = 0.0f;
-    for (int w = 0; w < nw; w++) tot += red[w];
-    float r = 1.0f / sqrtf(tot / (float)P.cols + A.eps);
-    bool wr = blockIdx.x == 0 && p == 0;
-#pragma unroll
-    for (int i = 0; i < NU; i++) {
-        int col = (ut + i * P.tu) << 5;
-        uint32_t xw[16];
-        const float4 *wp = (const float4 *)(P.nw + col);
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-            float4 w4 = act ? __ldg(wp + j) : make_float4(0, 0, 0, 0);
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                uint32_t v = hw[i][2 * j + h];
-                float w0 = h ? w4.z : w4.x, w1 = h ? w4.w : w4.y;
-                __nv_bfloat162 s = __floats2bfloat162_rn(__uint_as_float(v << 16) * r * w0,
-                                                         __uint_as_float(v & 0xffff0000u) * r * w1);
-                xw[2 * j + h] = *(uint32_t *)&s;
-            }
-        }
-        if (wr && act) {
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                if (P.aux && P.h_out)
-                    ((uint4 *)(P.h_out + col))[j] = make_uint4(hw[i][4 * j], hw[i][4 * j + 1], hw[i][4 * j + 2], hw[i][4 * j + 3]);
-                if (P.xn_out)
-                    ((uint4 *)(P.xn_out + col))[j] = make_uint4(xw[4 * j], xw[4 * j + 1], xw[4 * j + 2], xw[4 * j + 3]);
-            }
-        }
-        inv[i] = gemv_x_scale(xw, xh[i]);
-    }
+    for (int w = 0; w < nwp; w++) s += part[(w0 + w) * A.rt + tid];
+    const float *bias = GS_SEL(A, mi, bias);
+    if (bias) s += bias[r];
+    float *yf = GS_SEL(A, mi, yf);
+    if (yf) yf[r] = s;
+    else GS_SEL(A, mi, y)[r] = __float2bfloat16_rn(s);
 }
 
 template <int NU, int DQ>
@@ -885,7 +747,6 @@ __global__ void __launch_bounds__(GS_THREADS, 1) nf4_gemv1s_kernel(const __grid_
     uint8_t *tab = gsm;
     float *dyn = (float *)(gsm + GS_TAB);
     uint64_t *bar = (uint64_t *)(gsm + GS_TAB + 1024);
-    float *red = (float *)(gsm + GS_TAB + 1024 + 64);
     uint8_t *stg = gsm + GS_TAB + GS_HDR;
     int tid = threadIdx.x, nthr = blockDim.x, lane = tid & 31, warp = tid >> 5;
     float *part = (float *)(stg + GS_STAGES * A.stage_bytes);
@@ -906,59 +767,46 @@ __global__ void __launch_bounds__(GS_THREADS, 1) nf4_gemv1s_kernel(const __grid_
     }
     for (int i = tid; i < 256; i += nthr) dyn[i] = A.dynmap[i];
     qlr_pdl_wait();
+    int p = tid / A.tu, ut = tid - p * A.tu;
     __half2 xh[NU][16];
     float inv[NU];
-    int cur = -1, done = 0; /* current phase, its tiles computed by this block */
+#pragma unroll
+    for (int i = 0; i < NU; i++) inv[i] = gemv_x_f16(A.x, A.up, (ut + i * A.tu) << 5, true, xh[i]);
+    const int cols = A.cols, rb = cols >> 1, ab = cols >> 6;
     const uint32_t lane4 = (uint32_t)lane << 2;
+    const int nw = nthr >> 5;
+    /* items: (row, unit, x) = (p + iP, ut, 0) for NU = 1; (p + (i >> 1), ut + (i & 1) TU, i & 1)
+     * for NU = 2 (P = 1) */
+    int irow[4], iu[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        irow[i] = NU == 1 ? p + i * A.p : p + (i >> 1);
+        iu[i] = NU == 1 ? ut : ut + (i & 1) * A.tu;
+    }
     const bool hi16 = lane & 16, hi8 = lane & 8;
     for (int k = 0; k < nk; k++) {
         __syncthreads(); /* stage (k - 1) % S is free, part[(k - 1) & 1] complete */
         if (tid == 0 && k + S - 1 < nk)
             gs_issue<DQ>(A, bid + (k + S - 1) * G, stg + ((k + S - 1) % S) * A.stage_bytes,
                          bar + (k + S - 1) % S);
-        if (k > 0) gs_write(A, bid + (k - 1) * G, part + ((k - 1) & 1) * GS_PART, tid);
+        if (k > 0) gs_write(A, bid + (k - 1) * G, part + ((k - 1) & 1) * nw * A.rt, tid);
         int j = bid + k * G, mi = gs_mat_of(A, j);
-        const gs_mat &M = A.m[mi];
-        if (M.ph != cur) {
-            if (cur >= 0 || M.ph > 0) {
-                __syncthreads(); /* the previous tile's rows are written */
-                if (tid == 0) {
-                    if (cur >= 0) gs_signal(A, cur, done);
-                    if (M.ph > 0) gs_await(A, M.ph - 1);
-                }
-                __syncthreads();
-            }
-            cur = M.ph;
-            done = 0;
-            gs_prologue<NU>(A, A.ph[cur], tid, red, xh, inv);
-        }
-        done++;
-        const gs_phase &P = A.ph[cur];
-        const int cols = P.cols, rb = cols >> 1, ab = cols >> 6;
-        int p = tid / P.tu, ut = tid - p * P.tu;
-        int64_t r0 = (int64_t)(j - M.t0) * P.rt;
-        int rv = M.rows - r0 < P.rt ? (int)(M.rows - r0) : P.rt;
+        int rows = GS_SEL(A, mi, rows);
+        int64_t r0 = (int64_t)(j - GS_SEL(A, mi, t0)) * A.rt;
+        int rv = rows - r0 < A.rt ? (int)(rows - r0) : A.rt;
         gs_wait(bar + k % S, (unsigned)(k / S) & 1);
-        /* items: (row, unit, x) = (p + iP, ut, 0) for NU = 1; (p + (i >> 1), ut + (i & 1) TU,
-         * i & 1) for NU = 2 (P = 1) */
-        int irow[4], iu[4];
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            irow[i] = NU == 1 ? p + i * P.p : p + (i >> 1);
-            iu[i] = NU == 1 ? ut : ut + (i & 1) * P.tu;
-        }
-        if (p >= P.p || irow[0] >= rv) continue; /* warp-uniform: a warp lies in one partition */
+        if (p >= A.p || irow[0] >= rv) continue; /* warp-uniform: a warp lies in one partition */
         const uint8_t *sc = stg + (k % S) * A.stage_bytes;
-        const uint8_t *am8 = sc + P.rt * rb;
+        const uint8_t *am8 = sc + A.rt * rb;
         float v[4];
         int e0 = 0, dd = 0;
         float off = 0.0f;
-        const float *dqs = (const float *)(am8 + P.am_region);
+        const float *dqs = (const float *)(am8 + A.am_region);
         if (DQ) {
             int64_t base = r0 * cols;
             e0 = (int)(base & 16383);
             dd = (int)((base >> 14) - gs_dq0(base));
-            off = M.off;
+            off = GS_SEL(A, mi, off);
         }
         uint32_t w[4][4];
         float am[4];
@@ -993,7 +841,7 @@ __global__ void __launch_bounds__(GS_THREADS, 1) nf4_gemv1s_kernel(const __grid_
             float2 f = __half22float2(__hadd2(acc[i][0], acc[i][1]));
             v[i] = (f.x + f.y) * (am[i] * inv[NU == 1 ? 0 : (i & 1)]);
         }
-        float *pp = part + (k & 1) * GS_PART;
+        float *pp = part + (k & 1) * nw * A.rt;
         if (NU == 1) {
             /* four rows: reduce-scatter, lanes 0 / 8 / 16 / 24 end with rows 0 / 1 / 2 / 3 */
             float k0 = hi16 ? v[2] : v[0], k1 = hi16 ? v[3] : v[1];
@@ -1006,8 +854,8 @@ __global__ void __launch_bounds__(GS_THREADS, 1) nf4_gemv1s_kernel(const __grid_
             kk += __shfl_xor_sync(0xffffffffu, kk, 2);
             kk += __shfl_xor_sync(0xffffffffu, kk, 1);
             int ri = (hi16 ? 2 : 0) + (hi8 ? 1 : 0);
-            int rl = p + ri * P.p;
-            if ((lane & 7) == 0 && rl < rv) pp[warp * P.rt + rl] = kk;
+            int rl = p + ri * A.p;
+            if ((lane & 7) == 0 && rl < rv) pp[warp * A.rt + rl] = kk;
         } else {
             /* two rows of two units each: lanes 0 / 16 end with rows p / p + 1 */
             float a0 = v[0] + v[1], a1 = v[2] + v[3];
@@ -1016,24 +864,11 @@ __global__ void __launch_bounds__(GS_THREADS, 1) nf4_gemv1s_kernel(const __grid_
 #pragma unroll
             for (int o = 8; o > 0; o >>= 1) kk += __shfl_xor_sync(0xffffffffu, kk, o);
             int rl = p + (hi16 ? 1 : 0);
-            if ((lane & 15) == 0 && rl < rv) pp[warp * P.rt + rl] = kk;
+            if ((lane & 15) == 0 && rl < rv) pp[warp * A.rt + rl] = kk;
         }
     }
     __syncthreads();
-    if (nk > 0) gs_write(A, bid + (nk - 1) * G, part + ((nk - 1) & 1) * GS_PART, tid);
-    if (A.nph > 1) {
-        __syncthreads();
-        if (tid == 0) {
-            /* phases that later blocks may still wait for */
-            if (cur >= 0 && cur < A.nph - 1) gs_signal(A, cur, done);
-            /* the last block out resets the counters for the next launch (nobody waits now) */
-            __threadfence();
-            if (atomicAdd(A.sync + GS_MAXPH, 1u) == (unsigned)G - 1) {
-                for (int i = 0; i <= GS_MAXPH; i++) A.sync[i] = 0;
-                __threadfence();
-            }
-        }
-    }
+    if (nk > 0) gs_write(A, bid + (nk - 1) * G, part + ((nk - 1) & 1) * nw * A.rt, tid);
 #endif
 }
 
@@ -1056,46 +891,15 @@ static int gs_fits(qlr_backend *be, int k, const qlr_nf4 *const *w) {
     return 1;
 }
 
-/* One phase of a streaming launch: k (1..3) matrices of equal cols, their outputs (bf16 y or f32
- * yf) and their x (kind GS_X_*: x alone; x = gate, aux = up; x = residual, aux = addend). */
-struct gs_spec {
-    int k, kind;
-    const qlr_nf4 *w[3];
-    __nv_bfloat16 *y[3];
-    float *yf[3];
-    const float *bias[3];
-    const __nv_bfloat16 *x, *aux;
-    const float *nw;
-    __nv_bfloat16 *h_out, *xn_out;
-};
-
-static int gs_nu(int64_t cols) { return (cols >> 5) <= GS_THREADS ? 1 : 2; }
-
-/* Whether one streaming launch takes these phases: every phase's matrices gs_fits, one absmax
- * form and one units-per-thread count throughout, 16-byte aligned x arrays. */
-static int gs_fits_phases(qlr_backend *be, int nph, const gs_spec *s) {
-    if (nph < 1 || nph > GS_MAXPH) return 0;
-    for (int i = 0; i < nph; i++) {
-        if (!gs_fits(be, s[i].k, s[i].w) || s[i].w[0]->dq != s[0].w[0]->dq ||
-            gs_nu(s[i].w[0]->cols) != gs_nu(s[0].w[0]->cols))
-            return 0;
-        if (((uintptr_t)s[i].x | (uintptr_t)s[i].aux | (uintptr_t)s[i].nw | (uintptr_t)s[i].h_out |
-             (uintptr_t)s[i].xn_out) & 15)
-            return 0;
-    }
-    return 1;
-}
-
 template <int NU, int DQ>
 static qlr_status gs_launch_t(qlr_backend *be, const gs_args &A, int threads, size_t smem) {
     qlr_cuda_impl *im = qlr_cuda_im(be);
     static int ready = 0; /* per instantiation: the opt-in to more than 48 KB of shared memory */
     if (!ready) {
         QLR_CK(cudaFuncSetAttribute(nf4_gemv1s_kernel<NU, DQ>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    (int)(GS_TAB + GS_HDR + GS_STAGES * GS_MAXSTAGE + 2 * GS_PART * 4)));
+                                    (int)(GS_TAB + GS_HDR + GS_STAGES * GS_MAXSTAGE + 2 * 16 * 64 * 4)));
         ready = 1;
     }
-    /* at most one block per SM: with phases, every block must be resident at once */
     unsigned blocks = (unsigned)(A.n_tiles < im->n_sm ? A.n_tiles : im->n_sm);
     QLR_CK(qlr_cuda_launch(nf4_gemv1s_kernel<NU, DQ>, dim3(blocks), dim3((unsigned)threads), smem,
                            im->stream, 1, A));
@@ -1103,83 +907,48 @@ static qlr_status gs_launch_t(qlr_backend *be, const gs_args &A, int threads, si
     return QLR_OK;
 }
 
-/* One launch of the streaming kernel over nph phases that gs_fits_phases accepts. */
-static qlr_status gs_run(qlr_backend *be, int nph, const gs_spec *s, float eps) {
-    qlr_cuda_impl *im = qlr_cuda_im(be);
-    gs_args A;
-    memset(&A, 0, sizeof A);
-    int NU = gs_nu(s[0].w[0]->cols), dq = s[0].w[0]->dq, nt = 0, nm = 0, threads = 0, stage = 0;
-    for (int pi = 0; pi < nph; pi++) {
-        gs_phase &P = A.ph[pi];
-        int cols = (int)s[pi].w[0]->cols;
-        P.cols = cols;
-        P.tu = (cols >> 5) / NU;
-        P.p = GS_THREADS / P.tu;
-        P.rt = NU == 1 ? 4 * P.p : 2; /* four items per thread per tile: ~32 KB of codes */
-        int64_t tile_w = (int64_t)P.rt * cols;
-        QLR_ASSERT(P.rt <= 64 && tile_w <= 65536 && (P.tu * P.p / 32) * P.rt <= GS_PART);
-        P.am_region = (int)(dq ? tile_w / 64 : tile_w / 16);
-        int sb = (int)(((tile_w >> 1) + P.am_region + 32 + 127) & ~127);
-        QLR_ASSERT(sb <= GS_MAXSTAGE);
-        stage = sb > stage ? sb : stage;
-        threads = P.tu * P.p > threads ? P.tu * P.p : threads;
-        P.kind = s[pi].kind;
-        P.x = s[pi].x;
-        P.aux = s[pi].aux;
-        P.nw = s[pi].nw;
-        P.h_out = s[pi].h_out;
-        P.xn_out = s[pi].xn_out;
-        P.t0 = nt;
-        for (int i = 0; i < s[pi].k; i++, nm++) {
-            QLR_ASSERT(nm < GS_MAXM);
-            const qlr_nf4 *w = s[pi].w[i];
-            gs_mat &m = A.m[nm];
-            m.codes = w->codes;
-            m.aq = w->absmax_q;
-            m.dqa = w->dq_absmax;
-            m.am = w->absmax;
-            m.off = w->dq_offset;
-            m.y = s[pi].y[i];
-            m.yf = s[pi].yf[i];
-            m.bias = s[pi].bias[i];
-            m.rows = (int)w->rows;
-            m.t0 = nt;
-            m.ph = pi;
-            nt += (m.rows + P.rt - 1) / P.rt;
-        }
-        P.n_tiles = nt - P.t0;
-    }
-    A.nm = nm;
-    A.nph = nph;
-    A.n_tiles = nt;
-    A.stage_bytes = stage;
-    A.eps = eps;
-    A.dynmap = im->d_dynmap;
-    A.sync = nph > 1 ? im->d_gs_sync : NULL;
-    size_t smem = (size_t)GS_TAB + GS_HDR + (size_t)GS_STAGES * stage + 2 * (size_t)GS_PART * 4;
-    if (dq)
-        return NU == 1 ? gs_launch_t<1, 1>(be, A, threads, smem) : gs_launch_t<2, 1>(be, A, threads, smem);
-    return NU == 1 ? gs_launch_t<1, 0>(be, A, threads, smem) : gs_launch_t<2, 0>(be, A, threads, smem);
-}
-
-/* y[i] (bf16) or yf[i] (f32) = x · W[i]ᵀ (+ bias[i]) for k (1..3) matrices that gs_fits; with up,
- * x = silu(x) · up (SwiGLU). */
+/* y[i] (bf16) or yf[i] (f32) = x · W[i]ᵀ (+ bias[i]) for k (1..3) matrices that gs_fits. */
 static qlr_status gs_launch(qlr_backend *be, int k, __nv_bfloat16 *const *y, float *const *yf,
                             const __nv_bfloat16 *x, const __nv_bfloat16 *up,
                             const qlr_nf4 *const *w, const float *const *bias) {
-    gs_spec s;
-    memset(&s, 0, sizeof s);
-    s.k = k;
-    s.kind = up ? GS_X_SWIGLU : GS_X_PLAIN;
-    s.x = x;
-    s.aux = up;
+    gs_args A;
+    memset(&A, 0, sizeof A);
+    int cols = (int)w[0]->cols, U = cols >> 5, NU = U <= GS_THREADS ? 1 : 2;
+    A.nm = k;
+    A.cols = cols;
+    A.tu = U / NU;
+    A.p = GS_THREADS / A.tu;
+    A.rt = NU == 1 ? 4 * A.p : 2; /* four items per thread per tile: ~32 KB of codes */
+    A.x = x;
+    A.up = up;
+    A.dynmap = qlr_cuda_im(be)->d_dynmap;
+    int nt = 0, dq = w[0]->dq;
     for (int i = 0; i < k; i++) {
-        s.w[i] = w[i];
-        s.y[i] = y ? y[i] : NULL;
-        s.yf[i] = yf ? yf[i] : NULL;
-        s.bias[i] = bias ? bias[i] : NULL;
+        gs_mat &m = A.m[i];
+        m.codes = w[i]->codes;
+        m.aq = w[i]->absmax_q;
+        m.dqa = w[i]->dq_absmax;
+        m.am = w[i]->absmax;
+        m.off = w[i]->dq_offset;
+        m.y = y ? y[i] : NULL;
+        m.yf = yf ? yf[i] : NULL;
+        m.bias = bias ? bias[i] : NULL;
+        m.rows = (int)w[i]->rows;
+        m.t0 = nt;
+        nt += (m.rows + A.rt - 1) / A.rt;
     }
-    return gs_run(be, 1, &s, 0.0f);
+    A.n_tiles = nt;
+    int64_t tile_w = (int64_t)A.rt * cols;
+    QLR_ASSERT(A.rt <= 64 && tile_w <= 65536);
+    A.am_region = (int)(dq ? tile_w / 64 : tile_w / 16);
+    A.stage_bytes = (int)(((tile_w >> 1) + A.am_region + 32 + 127) & ~127);
+    QLR_ASSERT(A.stage_bytes <= GS_MAXSTAGE + 128);
+    int threads = A.tu * A.p;
+    size_t smem = (size_t)GS_TAB + GS_HDR + (size_t)GS_STAGES * A.stage_bytes +
+                  2 * (size_t)(threads / 32) * A.rt * 4;
+    if (dq)
+        return NU == 1 ? gs_launch_t<1, 1>(be, A, threads, smem) : gs_launch_t<2, 1>(be, A, threads, smem);
+    return NU == 1 ? gs_launch_t<1, 0>(be, A, threads, smem) : gs_launch_t<2, 0>(be, A, threads, smem);
 }
 
 /* One launch for k (1..3) matrices of equal cols at n = 1; every one fusable. */
@@ -1435,93 +1204,6 @@ qlr_status qlr_cuda_swiglu_nf4_linear(qlr_backend *be, void *y, void *gate, cons
     }
     QLR_TRY(qlr_cuda_swiglu(be, gate, gate, up, n * w->cols));
     return qlr_cuda_nf4_linear(be, y, gate, w, bias, n);
-}
-
-/* Whether n rows go to the streaming kernel: one token, the fused n = 1 policy, variant 4. */
-static int gs_policy(qlr_backend *be, int64_t n) {
-    qlr_cuda_impl *im = qlr_cuda_im(be);
-    return n == 1 && im->n_policy > 0 && im->policy_max_n[0] >= 1 &&
-           im->policy_path[0] == QLR_CUDA_NF4_FUSED && im->gemv1_variant == 4;
-}
-
-/* The norm_nf4_linear_multi op: at n = 1 one streaming launch whose prologue adds, normalises
- * (block 0 writes h_out and xn) and converts; otherwise add_rmsnorm (out of place) or rmsnorm,
- * then nf4_linear_multi. */
-qlr_status qlr_cuda_norm_nf4_linear_multi(qlr_backend *be, int k, void *const *y, void *h_out,
-                                          void *xn, const void *x, const void *dx,
-                                          const float *norm_w, float eps, const qlr_nf4 *const *w,
-                                          const float *const *bias, int64_t n) {
-    QLR_ASSERT(be && be->kind == QLR_DEVICE_CUDA && k >= 1 && k <= 3);
-    int64_t d = w[0]->cols;
-    QLR_ASSERT(!dx || (h_out && h_out != x && h_out != dx));
-    if (gs_policy(be, n)) {
-        gs_spec s;
-        memset(&s, 0, sizeof s);
-        s.k = k;
-        s.kind = GS_X_NORM;
-        for (int i = 0; i < k; i++) {
-            s.w[i] = w[i];
-            s.y[i] = (__nv_bfloat16 *)y[i];
-            s.bias[i] = bias ? bias[i] : NULL;
-        }
-        s.x = (const __nv_bfloat16 *)x;
-        s.aux = (const __nv_bfloat16 *)dx;
-        s.nw = norm_w;
-        s.h_out = dx ? (__nv_bfloat16 *)h_out : NULL;
-        s.xn_out = (__nv_bfloat16 *)xn;
-        if (gs_fits_phases(be, 1, &s)) return gs_run(be, 1, &s, eps);
-    }
-    if (dx) QLR_TRY(qlr_cuda_add_rmsnorm_to(be, h_out, xn, x, dx, norm_w, n, d, eps));
-    else QLR_TRY(qlr_cuda_rmsnorm(be, xn, x, norm_w, n, d, eps));
-    return qlr_cuda_nf4_linear_multi(be, k, y, xn, w, bias, n);
-}
-
-/* The attn_out_ffn op: at n = 1 one streaming launch of three phases (o; add + RMSNorm ->
- * gate, up; SwiGLU -> down) when the device has the phase counters; otherwise the composition. */
-qlr_status qlr_cuda_attn_out_ffn(qlr_backend *be, void *y, void *h_out, void *xn, void *o,
-                                 void *gate, void *up, const void *att, const void *x,
-                                 const float *norm_w, float eps, const qlr_nf4 *const *w,
-                                 const float *const *bias, int64_t n) {
-    QLR_ASSERT(be && be->kind == QLR_DEVICE_CUDA);
-    QLR_ASSERT(w[1]->cols == w[0]->rows && w[2]->cols == w[0]->rows && w[2]->rows == w[1]->rows &&
-               w[3]->cols == w[1]->rows && w[3]->rows == w[0]->rows);
-    QLR_ASSERT(h_out != x && h_out != o && h_out != y);
-    const float *b[4] = {NULL, NULL, NULL, NULL};
-    if (bias)
-        for (int i = 0; i < 4; i++) b[i] = bias[i];
-    if (gs_policy(be, n) && qlr_cuda_im(be)->d_gs_sync) {
-        gs_spec s[3];
-        memset(s, 0, sizeof s);
-        s[0].k = 1;
-        s[0].kind = GS_X_PLAIN;
-        s[0].w[0] = w[0];
-        s[0].y[0] = (__nv_bfloat16 *)o;
-        s[0].bias[0] = b[0];
-        s[0].x = (const __nv_bfloat16 *)att;
-        s[1].k = 2;
-        s[1].kind = GS_X_NORM;
-        s[1].w[0] = w[1], s[1].w[1] = w[2];
-        s[1].y[0] = (__nv_bfloat16 *)gate, s[1].y[1] = (__nv_bfloat16 *)up;
-        s[1].bias[0] = b[1], s[1].bias[1] = b[2];
-        s[1].x = (const __nv_bfloat16 *)x;
-        s[1].aux = (const __nv_bfloat16 *)o;
-        s[1].nw = norm_w;
-        s[1].h_out = (__nv_bfloat16 *)h_out;
-        s[1].xn_out = (__nv_bfloat16 *)xn;
-        s[2].k = 1;
-        s[2].kind = GS_X_SWIGLU;
-        s[2].w[0] = w[3];
-        s[2].y[0] = (__nv_bfloat16 *)y;
-        s[2].bias[0] = b[3];
-        s[2].x = (const __nv_bfloat16 *)gate;
-        s[2].aux = (const __nv_bfloat16 *)up;
-        if (gs_fits_phases(be, 3, s)) return gs_run(be, 3, s, eps);
-    }
-    QLR_TRY(qlr_cuda_nf4_linear(be, o, att, w[0], b[0], n));
-    QLR_TRY(qlr_cuda_add_rmsnorm_to(be, h_out, xn, x, o, norm_w, n, w[0]->rows, eps));
-    void *ys[2] = {gate, up};
-    QLR_TRY(qlr_cuda_nf4_linear_multi(be, 2, ys, xn, w + 1, b + 1, n));
-    return qlr_cuda_swiglu_nf4_linear(be, y, gate, up, w[3], b[3], n);
 }
 
 extern "C" void qlr_cuda_set_gemv1_variant(qlr_backend *be, int variant) {

@@ -140,19 +140,18 @@ qlr_status qlr_cuda_rmsnorm_bwd(qlr_backend *be, void *dx, const void *dy, const
     return QLR_OK;
 }
 
-/* ---- fused residual add + RMSNorm (the add_rmsnorm op): xo = x + dx (rounded to bf16, stored;
- * xo may be x), then y = rmsnorm(xo) on the rounded values, as the two separate ops compute it. One block per
+/* ---- fused residual add + RMSNorm (the add_rmsnorm op): x += dx (rounded to bf16, stored),
+ * then y = rmsnorm(x) on the rounded values, as the two separate ops compute it. One block per
  * row; rows of d % 8 == 0, d <= NORM_VEC * 8 * NORM_THREADS stay in registers. Launched with
  * programmatic dependent launch (waits before its first load). */
-__global__ void add_rmsnorm_vec_kernel(bf16 *xo, bf16 *y, const bf16 *x, const bf16 *dx,
-                                       const float *w, int64_t n, int64_t d, float eps) {
+__global__ void add_rmsnorm_vec_kernel(bf16 *x, bf16 *y, const bf16 *dx, const float *w,
+                                       int64_t n, int64_t d, float eps) {
     __shared__ float red[NORM_THREADS / 32];
     qlr_pdl_trigger();
     qlr_pdl_wait();
     int64_t d8 = d / 8;
     for (int64_t row = blockIdx.x; row < n; row += gridDim.x) {
-        const uint4 *xr = (const uint4 *)(x + row * d);
-        uint4 *xw = (uint4 *)(xo + row * d);
+        uint4 *xr = (uint4 *)(x + row * d);
         const uint4 *dr = (const uint4 *)(dx + row * d);
         uint4 v[NORM_VEC], a[NORM_VEC];
 #pragma unroll
@@ -175,30 +174,23 @@ __global__ void add_rmsnorm_vec_kernel(bf16 *xo, bf16 *y, const bf16 *x, const b
                 ss = fmaf(f.y, f.y, ss);
             }
             int64_t j = threadIdx.x + u * NORM_THREADS;
-            if (j < d8) xw[j] = v[u];
+            if (j < d8) xr[j] = v[u];
         }
         norm_store_row(y + row * d, v, w, block_sum(ss, red), d, eps);
     }
 }
 
-qlr_status qlr_cuda_add_rmsnorm_to(qlr_backend *be, void *xo, void *y, const void *x,
-                                   const void *dx, const float *w, int64_t n, int64_t d, float eps) {
+qlr_status qlr_cuda_add_rmsnorm(qlr_backend *be, void *x, void *y, const void *dx, const float *w,
+                                int64_t n, int64_t d, float eps) {
     if (n <= 0) return QLR_OK;
-    if (d % 8 == 0 && d <= (int64_t)NORM_VEC * 8 * NORM_THREADS &&
-        (((uintptr_t)x | (uintptr_t)xo | (uintptr_t)y | (uintptr_t)dx | (uintptr_t)w) & 15) == 0) {
+    if (d % 8 == 0 && d <= (int64_t)NORM_VEC * 8 * NORM_THREADS && ((uintptr_t)x & 15) == 0 &&
+        ((uintptr_t)y & 15) == 0 && ((uintptr_t)dx & 15) == 0 && ((uintptr_t)w & 15) == 0) {
         QLR_CK(qlr_cuda_launch(add_rmsnorm_vec_kernel, dim3(norm_grid(n)), dim3(NORM_THREADS), 0,
-                               qlr_cuda_im(be)->stream, 1, (bf16 *)xo, (bf16 *)y, (const bf16 *)x,
-                               (const bf16 *)dx, w, n, d, eps));
+                               qlr_cuda_im(be)->stream, 1, (bf16 *)x, (bf16 *)y, (const bf16 *)dx,
+                               w, n, d, eps));
         QLR_CK_LAUNCH();
         return QLR_OK;
     }
-    if (xo != x) QLR_CK(cudaMemcpyAsync(xo, x, (size_t)(n * d) * 2, cudaMemcpyDeviceToDevice,
-                                        qlr_cuda_im(be)->stream));
-    QLR_TRY(qlr_cuda_add(be, xo, dx, n * d));
-    return qlr_cuda_rmsnorm(be, y, xo, w, n, d, eps);
-}
-
-qlr_status qlr_cuda_add_rmsnorm(qlr_backend *be, void *x, void *y, const void *dx, const float *w,
-                                int64_t n, int64_t d, float eps) {
-    return qlr_cuda_add_rmsnorm_to(be, x, y, x, dx, w, n, d, eps);
+    QLR_TRY(qlr_cuda_add(be, x, dx, n * d));
+    return qlr_cuda_rmsnorm(be, y, x, w, n, d, eps);
 }
