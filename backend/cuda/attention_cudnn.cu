@@ -4,9 +4,10 @@
  * (Q·Kᵀ -> scale -> causal mask from generated row/column indices -> softmax -> ·V), an engine
  * from the heuristics, and the finalized execution plan kept in a small per-backend cache so
  * that later calls of the same shape only bind pointers and execute on the backend's stream.
- * Owns the backend's cuDNN handle. Not in the op table: attention.cu's kernels serve the
- * attention op; qlr_cuda_attention_prefill_cudnn is for callers that pick it explicitly and fall
- * back on QLR_ERR_UNSUPPORTED. */
+ * Owns the backend's cuDNN handle. attention.cu's kernels serve the attention op;
+ * qlr_cuda_attention_prefill_cudnn serves the optional attention_fresh op (fresh prefills above
+ * 64 tokens, cuda_backend.cu) and callers that pick it explicitly, all falling back on
+ * QLR_ERR_UNSUPPORTED. */
 #include "backend/cuda/cuda_internal.h"
 
 #include <math.h>

@@ -198,6 +198,25 @@ static qlr_status cu_init(qlr_backend *be, qlr_cuda_impl *im) {
     return QLR_OK;
 }
 
+/* The attention_fresh op (a prefill of one sequence from position 0 over its own k/v): cuDNN's
+ * fused SDPA (qlr_cuda_attention_prefill_cudnn) for n > 64 tokens; at or below 64 the attention
+ * kernels are as good, so QLR_ERR_UNSUPPORTED (nothing written) and the caller falls back to the
+ * attention op, as it does when cuDNN refuses the shape or cannot be loaded (its reason is logged
+ * once per process at debug level; the caller clears the error). QLR_CUDA_SDPA=0 leaves the op
+ * out of the table (our attention kernels for every prefill; said once at info level). */
+static qlr_status cu_attention_fresh(qlr_backend *be, void *out, const void *q, const void *k,
+                                     const void *v, int64_t n, int64_t n_heads, int64_t n_kv,
+                                     int64_t hd, float scale) {
+    if (n <= 64)
+        return qlr_errorf(QLR_ERR_UNSUPPORTED, "cuda attention_fresh: %lld tokens (cuDNN SDPA is "
+                          "used above 64)", (long long)n);
+    qlr_status st = qlr_cuda_attention_prefill_cudnn(be, out, q, k, v, n, n_heads, n_kv, hd, scale);
+    static int logged = 0;
+    if (st == QLR_ERR_UNSUPPORTED && !__atomic_exchange_n(&logged, 1, __ATOMIC_RELAXED))
+        QLR_LOGD("cuda: fresh prefills fall back to the attention kernels: %s", qlr_error_msg());
+    return st;
+}
+
 extern "C" qlr_status qlr_backend_cuda_create(int n_threads, qlr_backend **out) {
     (void)n_threads;
     *out = NULL;
@@ -242,6 +261,15 @@ extern "C" qlr_status qlr_backend_cuda_create(int n_threads, qlr_backend **out) 
     o->swiglu_nf4_linear = qlr_cuda_swiglu_nf4_linear;
     o->add_rmsnorm = qlr_cuda_add_rmsnorm;
     o->rope_kv_store = qlr_cuda_rope_kv_store;
+    const char *sdpa = getenv("QLR_CUDA_SDPA");
+    if (!sdpa || atoi(sdpa) != 0) {
+        o->attention_fresh = cu_attention_fresh;
+    } else {
+        static int said = 0;
+        if (!__atomic_exchange_n(&said, 1, __ATOMIC_RELAXED))
+            QLR_LOGI("cuda: QLR_CUDA_SDPA=0: fresh prefills use our attention kernels, not cuDNN's "
+                     "SDPA");
+    }
     qlr_status st = cu_init(be, im);
     if (st != QLR_OK) {
         cu_destroy(be);

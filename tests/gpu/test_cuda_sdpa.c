@@ -1,9 +1,10 @@
 /* tests/gpu/test_cuda_sdpa.c: cuDNN's fused SDPA (qlr_cuda_attention_prefill_cudnn: one causal
  * GQA prefill of S tokens) against the CPU reference attention op over a cache filled with the
- * same K/V, for S in {1, 17, 128, 300, 2048}, (H, KV) in {(32, 8), (8, 8), (16, 2)} and D in
- * {64, 128}; a second call of each shape (the cached plan) must give bitwise the same output.
- * A shape cuDNN reports unsupported is printed; it fails the test only for the shapes we rely
- * on (Llama-3.1-8B: S 2048, H 32, KV 8, D 128) and D = 64 with H = KV. Bad arguments must be
+ * same K/V, for S in {1, 17, 128, 300, 2048}, (H, KV) in {(32, 8), (8, 8), (16, 2), (9, 3)}
+ * and D in {64, 128}; a second call of each shape (the cached plan) must give bitwise the same
+ * output. A shape cuDNN reports unsupported is printed; it fails the test only for the shapes we
+ * rely on (Llama-3.1-8B: S 2048, H 32, KV 8, D 128; SmolLM2's H 9, KV 3, D 64 above 64 tokens,
+ * which test_cuda_forward's prefill uses) and D = 64 with H = KV. Bad arguments must be
  * refused with a status, not a crash. */
 #include <math.h>
 #include <stdlib.h>
@@ -17,7 +18,8 @@ static uint64_t rng = 0x5d9a;
 static int n_unsupported;
 
 static int must_be_served(int64_t S, int64_t H, int64_t KV, int64_t D) {
-    return (S == 2048 && H == 32 && KV == 8 && D == 128) || (D == 64 && H == KV);
+    return (S == 2048 && H == 32 && KV == 8 && D == 128) || (D == 64 && H == KV) ||
+           (H == 9 && KV == 3 && D == 64 && S > 64);
 }
 
 /* out [S, H, D] of the CPU op (seq 0, positions 0..S-1 over a cache holding k/v) */
@@ -125,10 +127,10 @@ int main(void) {
     }
     bad_arguments();
     static const int64_t seqs[] = {1, 17, 128, 300, 2048};
-    static const int64_t heads[][2] = {{32, 8}, {8, 8}, {16, 2}};
+    static const int64_t heads[][2] = {{32, 8}, {8, 8}, {16, 2}, {9, 3}};
     static const int64_t dims[] = {64, 128};
     for (size_t di = 0; di < 2; di++)
-        for (size_t hi = 0; hi < 3; hi++)
+        for (size_t hi = 0; hi < 4; hi++)
             for (size_t si = 0; si < 5; si++)
                 run_case(seqs[si], heads[hi][0], heads[hi][1], dims[di]);
     printf("%d shape(s) reported unsupported by cuDNN\n", n_unsupported);
