@@ -26,7 +26,7 @@ extern "C" {
  * the plans tried. */
 #define SDPA_MAX_DESC 192
 #define SDPA_MAX_CFG 8    /* engine configs tried per heuristics mode */
-#define SDPA_CACHE 16     /* shapes remembered per backend (round robin) */
+#define SDPA_CACHE 32     /* shapes remembered per backend (round robin) */
 
 typedef struct sdpa_entry {
     int64_t S, H, KV, D;

@@ -2,11 +2,12 @@
  * random NF4 weights, tied bf16 embeddings) composed from the op table, run on the CPU backend
  * and twice on the CUDA backend: "ours" (the attention op everywhere) and "cudnn" (rope_kv_store,
  * and a fresh prefill above 64 tokens through the optional attention_fresh op, i.e. cuDNN's
- * SDPA, as model/forward.c does). Cases: a 7-token prefill then 32 greedy decode steps; a
- * 150-token prefill then 16 steps, where attention_fresh must serve every layer. All three
- * models are fed the CPU's token (teacher forcing), so every step is compared (run_case says
- * how). During the 150-token prefill each layer's attention_fresh input and output are kept, and
- * afterwards compared with the CPU attention op and our attention kernel on the same q/k/v. */
+ * SDPA for its first 128 rows here, as model/forward.c does). Cases: a 7-token prefill then 32
+ * greedy decode steps; a 150-token prefill then 16 steps, where attention_fresh must serve every
+ * layer. All three models are fed the CPU's token (teacher forcing), so every step is compared
+ * (judge() says how). During the 150-token prefill each layer's attention_fresh input and output
+ * are kept, and afterwards compared with the CPU attention op and our attention kernel on the
+ * same q/k/v. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
