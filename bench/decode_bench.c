@@ -692,7 +692,9 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
     int64_t max_b = 64;
     int64_t ctx = o->prefill_tokens;
     if (o->decode_ctx + o->decode_steps + 8 > ctx) ctx = o->decode_ctx + o->decode_steps + 8;
+    /* tokens of one forward: the prefill, a decode batch, or the decode context's prefill */
     int64_t max_n = o->prefill_tokens > max_b ? o->prefill_tokens : max_b;
+    if (o->decode_ctx > max_n) max_n = o->decode_ctx;
     bmodel m;
     double t0 = now_s();
     fprintf(stderr, "bench %s: creating random NF4 model...\n", c->name);

@@ -236,9 +236,10 @@ static qlr_status fresh_index(qlr_cuda_impl *im, int64_t n) {
  * (qlr_cuda_attention_prefill_cudnn: being causal, those rows depend only on the first m keys, so
  * they are a fresh prefill of m tokens); the last n - m (< 64) rows through the attention op
  * (split-KV kernel) over k/v viewed as the cache of one sequence of ctx = n rows. cuDNN builds a
- * plan per shape, 37-65 ms on an H100 for each new length (up to 1.2 s when it compiles a
+ * plan per shape, 35-105 ms on an H100 for each new length (up to 1.2 s when it compiles a
  * kernel), which exact lengths would pay for most new prompts; this pays it once per multiple of
- * 64. At or below 64 tokens the attention kernels are as good: QLR_ERR_UNSUPPORTED (nothing
+ * 64. The tail costs up to 0.3 ms per layer at 2047 tokens of Llama-3.1-8B (PERF_NOTES.md 9):
+ * the whole op still beats our prefill kernel at every length measured. At or below 64 tokens the attention kernels are as good: QLR_ERR_UNSUPPORTED (nothing
  * written), as when cuDNN refuses the shape or cannot be loaded (its reason is logged once per
  * process at debug level); the caller clears the error and uses the attention op.
  * QLR_CUDA_SDPA=0 leaves the op out of the table (our attention kernels for every prefill; said
