@@ -212,6 +212,19 @@ typedef struct qlr_backend_ops {
                                 void *v_cache, const int32_t *seq, const int32_t *pos,
                                 const float *inv_freq, int64_t n, int64_t n_heads, int64_t n_kv,
                                 int64_t hd, int64_t ctx);
+    /* Causal GQA attention of a fresh prefill: the n tokens of ONE sequence at positions
+     * 0..n-1, over their own k/v (no cache): token t (query head h) attends tokens 0..t with
+     * KV head h / (n_heads / n_kv); softmax(q·kᵀ · scale) · v. q, out [n, n_heads, hd] act;
+     * k, v [n, n_kv, hd] act (the same tokens' roped K and V, i.e. what kv_store writes).
+     * Must equal the attention op for a batch that is one sequence at positions 0..n-1 (whose
+     * cache rows 0..n-1 hold this k/v), within the attention tolerance (both may round the
+     * softmax weights to the act dtype before the product with v). May return
+     * QLR_ERR_UNSUPPORTED (shape, size or library not served; nothing written): the caller
+     * clears the error (qlr_error_clear) and uses the attention op. The caller still stores
+     * k/v into the cache (kv_store) for later decode steps. */
+    qlr_status (*attention_fresh)(qlr_backend *be, void *out, const void *q, const void *k,
+                                  const void *v, int64_t n, int64_t n_heads, int64_t n_kv,
+                                  int64_t hd, float scale);
 } qlr_backend_ops;
 
 /* Device memory and synchronisation. */

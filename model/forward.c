@@ -1,7 +1,8 @@
 /* model/forward.c: the KV cache, the forward workspace (one device allocation carved from a
  * table of sizes) and the transformer forward for a batch of tokens from any number of
  * sequences at any positions, written only against the backend op table:
- *   embedding -> per layer [RMSNorm -> q/k/v (+LoRA) -> RoPE -> KV store -> attention ->
+ *   embedding -> per layer [RMSNorm -> q/k/v (+LoRA) -> RoPE -> KV store -> attention (over
+ *   the batch's own k/v for a fresh prefill when the backend has attention_fresh) ->
  *   o (+LoRA) -> residual -> RMSNorm -> gate/up (+LoRA) -> SwiGLU -> down (+LoRA) -> residual]
  *   -> gather the rows whose logits are wanted -> final RMSNorm -> lm_head. */
 #include <math.h>
@@ -177,6 +178,14 @@ static qlr_status check_batch(const qlr_forward *f, const qlr_kv_cache *kv, cons
     return QLR_OK;
 }
 
+/* 1 when the batch is one sequence at positions 0..n-1: a fresh prefill, whose attention over
+ * the cache equals attention over the batch's own k/v (the attention_fresh op). */
+static int fresh_prefill(const qlr_batch *b) {
+    for (int32_t i = 0; i < b->n; i++)
+        if (b->seq[i] != b->seq[0] || b->pos[i] != i) return 0;
+    return 1;
+}
+
 static qlr_status linear(qlr_backend *be, const qlr_layer *L, qlr_linear_id id, void *y,
                          const void *x, int64_t n) {
     QLR_TRY(be->ops.nf4_linear(be, y, x, &L->w[id], L->bias[id], n));
@@ -207,6 +216,10 @@ qlr_status qlr_model_forward(qlr_forward *f, qlr_kv_cache *kv, const qlr_batch *
      * add_rmsnorm (`pending`). */
     const qlr_backend_ops *op = &be->ops;
     void *pending = NULL;
+    /* A fresh prefill longer than 64 tokens goes through attention_fresh when the backend has it
+     * (k/v are still stored into the cache for later steps); on QLR_ERR_UNSUPPORTED the error is
+     * cleared and this forward uses the attention op from then on. */
+    int fresh = op->attention_fresh && n > 64 && fresh_prefill(b);
     for (int32_t l = 0; l < c->n_layers; l++) {
         const qlr_layer *L = &m->layers[l];
         if (pending) QLR_TRY(op->add_rmsnorm(be, x, xn, pending, L->attn_norm, n, d, c->rms_eps));
@@ -235,8 +248,19 @@ qlr_status qlr_model_forward(qlr_forward *f, qlr_kv_cache *kv, const qlr_batch *
             QLR_TRY(op->rope(be, k, pos, m->inv_freq, n, nkv, hd));
             QLR_TRY(op->kv_store(be, kv->k[l], kv->v[l], k, v, seq, pos, n, nkv, hd, kv->ctx));
         }
-        QLR_TRY(op->attention(be, att, q, kv->k[l], kv->v[l], seq, pos, n, nh, nkv, hd, kv->ctx,
-                              scale));
+        qlr_status ast = QLR_ERR_UNSUPPORTED;
+        if (fresh) {
+            ast = op->attention_fresh(be, att, q, k, v, n, nh, nkv, hd, scale);
+            if (ast == QLR_ERR_UNSUPPORTED) {
+                qlr_error_clear();
+                fresh = 0;
+            } else {
+                QLR_TRY(ast);
+            }
+        }
+        if (ast == QLR_ERR_UNSUPPORTED)
+            QLR_TRY(op->attention(be, att, q, kv->k[l], kv->v[l], seq, pos, n, nh, nkv, hd,
+                                  kv->ctx, scale));
         QLR_TRY(linear(be, L, QLR_LIN_O, o, att, n));
         if (op->add_rmsnorm) {
             QLR_TRY(op->add_rmsnorm(be, x, xn, o, L->ffn_norm, n, d, c->rms_eps));

@@ -4,9 +4,10 @@
  * (Q·Kᵀ -> scale -> causal mask from generated row/column indices -> softmax -> ·V), an engine
  * from the heuristics, and the finalized execution plan kept in a small per-backend cache so
  * that later calls of the same shape only bind pointers and execute on the backend's stream.
- * Owns the backend's cuDNN handle. Not in the op table: attention.cu's kernels serve the
- * attention op; qlr_cuda_attention_prefill_cudnn is for callers that pick it explicitly and fall
- * back on QLR_ERR_UNSUPPORTED. */
+ * Owns the backend's cuDNN handle. attention.cu's kernels serve the attention op;
+ * qlr_cuda_attention_prefill_cudnn serves the optional attention_fresh op (fresh prefills above
+ * 64 tokens, cuda_backend.cu) and callers that pick it explicitly, all falling back on
+ * QLR_ERR_UNSUPPORTED. */
 #include "backend/cuda/cuda_internal.h"
 
 #include <math.h>
@@ -25,7 +26,7 @@ extern "C" {
  * the plans tried. */
 #define SDPA_MAX_DESC 192
 #define SDPA_MAX_CFG 8    /* engine configs tried per heuristics mode */
-#define SDPA_CACHE 16     /* shapes remembered per backend (round robin) */
+#define SDPA_CACHE 32     /* shapes remembered per backend (round robin) */
 
 typedef struct sdpa_entry {
     int64_t S, H, KV, D;

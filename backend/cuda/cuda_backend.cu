@@ -147,6 +147,7 @@ static void cu_destroy(qlr_backend *be) {
     if (im) {
         if (im->stream) cudaStreamSynchronize(im->stream);
         qlr_cuda_sdpa_release(im);
+        cudaFree(im->fresh_idx);
         if (im->lt) cublasLtDestroy(im->lt);
         cudaFree(im->lt_ws);
         cudaFree(im->ws);
@@ -201,6 +202,71 @@ static qlr_status cu_init(qlr_backend *be, qlr_cuda_impl *im) {
     return QLR_OK;
 }
 
+/* Device int32 [FRESH_ZEROS zeros | 0, 1, .., cap - 1] with cap >= n: the seq and pos arrays of
+ * attention_fresh's tail rows. Grown (synchronously: rare) when a longer prefill comes. */
+#define FRESH_ZEROS 64
+static qlr_status fresh_index(qlr_cuda_impl *im, int64_t n) {
+    if (n <= im->fresh_cap) return QLR_OK;
+    int64_t cap = n > 2 * im->fresh_cap ? n : 2 * im->fresh_cap;
+    if (cap < 4096) cap = 4096;
+    size_t bytes = (size_t)(FRESH_ZEROS + cap) * 4;
+    int32_t *h = (int32_t *)malloc(bytes), *d = NULL;
+    if (!h) return qlr_errorf(QLR_ERR_NOMEM, "cuda attention_fresh: %zu-byte position table", bytes);
+    for (int64_t i = 0; i < FRESH_ZEROS + cap; i++)
+        h[i] = i < FRESH_ZEROS ? 0 : (int32_t)(i - FRESH_ZEROS);
+    cudaError_t e = cudaMalloc(&d, bytes);
+    if (e == cudaSuccess) e = cudaMemcpy(d, h, bytes, cudaMemcpyHostToDevice);
+    free(h);
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        cudaFree(d);
+        return qlr_errorf(QLR_ERR_NOMEM, "cuda attention_fresh: %zu-byte position table: %s", bytes,
+                          cudaGetErrorString(e));
+    }
+    if (im->fresh_idx) {
+        QLR_CK(cudaStreamSynchronize(im->stream));
+        cudaFree(im->fresh_idx);
+        im->cur_bytes -= (size_t)(FRESH_ZEROS + im->fresh_cap) * 4;
+    }
+    im->fresh_idx = d;
+    im->fresh_cap = cap;
+    track_alloc(im, bytes);
+    return QLR_OK;
+}
+
+/* The attention_fresh op (a prefill of one sequence from position 0 over its own k/v), n > 64:
+ * rows 0..m-1, m = n rounded down to a multiple of 64, through cuDNN's fused SDPA
+ * (qlr_cuda_attention_prefill_cudnn: being causal, those rows depend only on the first m keys, so
+ * they are a fresh prefill of m tokens); the last n - m (< 64) rows through the attention op
+ * (split-KV kernel) over k/v viewed as the cache of one sequence of ctx = n rows. cuDNN builds a
+ * plan per shape, 35-105 ms on an H100 for each new length (up to 1.2 s when it compiles a
+ * kernel), which exact lengths would pay for most new prompts; this pays it once per multiple of
+ * 64. The tail costs up to 0.3 ms per layer at 2047 tokens of Llama-3.1-8B (PERF_NOTES.md 9):
+ * the whole op still beats our prefill kernel at every length measured. At or below 64 tokens the attention kernels are as good: QLR_ERR_UNSUPPORTED (nothing
+ * written), as when cuDNN refuses the shape or cannot be loaded (its reason is logged once per
+ * process at debug level); the caller clears the error and uses the attention op.
+ * QLR_CUDA_SDPA=0 leaves the op out of the table (our attention kernels for every prefill; said
+ * once at info level). */
+static qlr_status cu_attention_fresh(qlr_backend *be, void *out, const void *q, const void *k,
+                                     const void *v, int64_t n, int64_t n_heads, int64_t n_kv,
+                                     int64_t hd, float scale) {
+    if (n <= 64)
+        return qlr_errorf(QLR_ERR_UNSUPPORTED, "cuda attention_fresh: %lld tokens (cuDNN SDPA is "
+                          "used above 64)", (long long)n);
+    qlr_cuda_impl *im = qlr_cuda_im(be);
+    int64_t m = n / 64 * 64, tail = n - m;
+    QLR_TRY(fresh_index(im, n));
+    qlr_status st = qlr_cuda_attention_prefill_cudnn(be, out, q, k, v, m, n_heads, n_kv, hd, scale);
+    static int logged = 0;
+    if (st == QLR_ERR_UNSUPPORTED && !__atomic_exchange_n(&logged, 1, __ATOMIC_RELAXED))
+        QLR_LOGD("cuda: fresh prefills fall back to the attention kernels: %s", qlr_error_msg());
+    if (st != QLR_OK || tail == 0) return st;
+    size_t row = (size_t)(n_heads * hd) * 2; /* bytes of one token's q / out (bf16) */
+    return qlr_cuda_attention(be, (char *)out + (size_t)m * row, (const char *)q + (size_t)m * row,
+                              k, v, im->fresh_idx, im->fresh_idx + FRESH_ZEROS + m, tail, n_heads,
+                              n_kv, hd, n, scale);
+}
+
 extern "C" qlr_status qlr_backend_cuda_create(int n_threads, qlr_backend **out) {
     (void)n_threads;
     *out = NULL;
@@ -245,6 +311,15 @@ extern "C" qlr_status qlr_backend_cuda_create(int n_threads, qlr_backend **out) 
     o->swiglu_nf4_linear = qlr_cuda_swiglu_nf4_linear;
     o->add_rmsnorm = qlr_cuda_add_rmsnorm;
     o->rope_kv_store = qlr_cuda_rope_kv_store;
+    const char *sdpa = getenv("QLR_CUDA_SDPA");
+    if (!sdpa || atoi(sdpa) != 0) {
+        o->attention_fresh = cu_attention_fresh;
+    } else {
+        static int said = 0;
+        if (!__atomic_exchange_n(&said, 1, __ATOMIC_RELAXED))
+            QLR_LOGI("cuda: QLR_CUDA_SDPA=0: fresh prefills use our attention kernels, not cuDNN's "
+                     "SDPA");
+    }
     qlr_status st = cu_init(be, im);
     if (st != QLR_OK) {
         cu_destroy(be);

@@ -59,7 +59,8 @@ qlr_status qlr_cuda_gemm_bf16(qlr_backend *be, void *y, const uint16_t *x, const
  * so later calls only execute; the workspace comes from the op workspace (qlr_cuda_reserve).
  * QLR_ERR_UNSUPPORTED, with cuDNN's reason, when cuDNN cannot serve the shape or cannot be
  * loaded: fall back to the attention op then. QLR_ERR_DEVICE on other cuDNN/CUDA failures.
- * Async on the backend's stream. Not part of the op table. */
+ * Async on the backend's stream. The op table's attention_fresh (n > 64, unless QLR_CUDA_SDPA=0
+ * left it out) calls it for the first n rounded down to a multiple of 64 rows. */
 qlr_status qlr_cuda_attention_prefill_cudnn(qlr_backend *be, void *out, const void *q,
                                             const void *k, const void *v, int64_t S, int64_t H,
                                             int64_t KV, int64_t D, float scale);

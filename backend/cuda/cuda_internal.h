@@ -51,6 +51,8 @@ typedef struct qlr_cuda_impl {
     size_t n_allocs, cap_allocs;
     cudnnHandle_t dnn;                /* on `stream`, made on first use (attention_cudnn.cu) */
     struct qlr_cuda_sdpa_cache *sdpa; /* cuDNN SDPA execution plans per shape */
+    int32_t *fresh_idx;               /* attention_fresh's seq/pos table (cuda_backend.cu) */
+    int64_t fresh_cap;
 } qlr_cuda_impl;
 
 static inline qlr_cuda_impl *qlr_cuda_im(qlr_backend *be) { return (qlr_cuda_impl *)be->impl; }

@@ -1,9 +1,12 @@
 /* tests/gpu/test_cuda_sdpa.c: cuDNN's fused SDPA (qlr_cuda_attention_prefill_cudnn: one causal
  * GQA prefill of S tokens) against the CPU reference attention op over a cache filled with the
- * same K/V, for S in {1, 17, 128, 300, 2048}, (H, KV) in {(32, 8), (8, 8), (16, 2)} and D in
- * {64, 128}; a second call of each shape (the cached plan) must give bitwise the same output.
- * A shape cuDNN reports unsupported is printed; it fails the test only for the shapes we rely
- * on (Llama-3.1-8B: S 2048, H 32, KV 8, D 128) and D = 64 with H = KV. Bad arguments must be
+ * same K/V, for S in {1, 17, 128, 300, 2048}, (H, KV) in {(32, 8), (8, 8), (16, 2), (9, 3)}
+ * and D in {64, 128}; a second call of each shape (the cached plan) must give bitwise the same
+ * output. A shape cuDNN reports unsupported is printed; it fails the test only for the shapes we
+ * rely on (Llama-3.1-8B: S 2048, H 32, KV 8, D 128; SmolLM2's H 9, KV 3, D 64 above 64 tokens,
+ * which test_cuda_forward's prefill uses) and D = 64 with H = KV. The attention_fresh op (cuDNN
+ * for the first n rounded down to 64 rows, our kernel for the rest) for n = 64 (refused), 65, 128,
+ * 150, 300 on both GQA shapes and 4099 (a longer position table) on H 9. Bad arguments must be
  * refused with a status, not a crash. */
 #include <math.h>
 #include <stdlib.h>
@@ -17,7 +20,8 @@ static uint64_t rng = 0x5d9a;
 static int n_unsupported;
 
 static int must_be_served(int64_t S, int64_t H, int64_t KV, int64_t D) {
-    return (S == 2048 && H == 32 && KV == 8 && D == 128) || (D == 64 && H == KV);
+    return (S == 2048 && H == 32 && KV == 8 && D == 128) || (D == 64 && H == KV) ||
+           (H == 9 && KV == 3 && D == 64 && S > 64);
 }
 
 /* out [S, H, D] of the CPU op (seq 0, positions 0..S-1 over a cache holding k/v) */
@@ -100,6 +104,45 @@ static void run_case(int64_t S, int64_t H, int64_t KV, int64_t D) {
     free(v);
 }
 
+/* The attention_fresh op (cuDNN for the first n rounded down to 64 rows, the attention op for
+ * the rest) against the CPU op, guards around the output; n <= 64 is refused with nothing
+ * written. */
+static void fresh_case(int64_t S, int64_t H, int64_t KV, int64_t D) {
+    int64_t nq = S * H * D, nk = S * KV * D;
+    float scale = 1.0f / sqrtf((float)D);
+    float *q = malloc((size_t)nq * 4), *k = malloc((size_t)nk * 4), *v = malloc((size_t)nk * 4);
+    gh_randn_bf16(q, nq, 1.0f, &rng);
+    gh_randn_bf16(k, nk, 1.0f, &rng);
+    gh_randn_bf16(v, nk, 1.0f, &rng);
+    char what[128];
+    snprintf(what, sizeof what, "attention_fresh S=%lld H=%lld KV=%lld D=%lld", (long long)S,
+             (long long)H, (long long)KV, (long long)D);
+    gh_buf bq = gh_act(g_gpu, q, nq), bk = gh_act(g_gpu, k, nk), bv = gh_act(g_gpu, v, nk);
+    gh_buf bo = gh_act(g_gpu, q, nq); /* refused: must still hold q */
+    qlr_status st = g_gpu->ops.attention_fresh(g_gpu, bo.p, bq.p, bk.p, bv.p, S, H, KV, D, scale);
+    float *ref = malloc((size_t)nq * 4), *got = malloc((size_t)nq * 4);
+    gh_read_act(g_gpu, bo.p, got, nq);
+    if (S <= 64) {
+        CHECK_MSG(st == QLR_ERR_UNSUPPORTED, "%s: %s, expected QLR_ERR_UNSUPPORTED", what,
+                  qlr_status_str(st));
+        qlr_error_clear();
+        CHECK_MSG(!memcmp(got, q, (size_t)nq * 4), "%s: refused, but the output was written", what);
+    } else {
+        CHECK_MSG(st == QLR_OK, "%s: %s", what, qlr_error_msg());
+        cpu_reference(ref, q, k, v, S, H, KV, D, scale);
+        gh_compare_attention(what, got, ref, nq);
+    }
+    gh_free_checked(g_gpu, &bq, "q");
+    gh_free_checked(g_gpu, &bk, "k");
+    gh_free_checked(g_gpu, &bv, "v");
+    gh_free_checked(g_gpu, &bo, "attention_fresh out");
+    free(q);
+    free(k);
+    free(v);
+    free(ref);
+    free(got);
+}
+
 /* Input errors return a status (and write nothing). */
 static void bad_arguments(void) {
     gh_buf b = gh_alloc(g_gpu, 4096);
@@ -125,13 +168,20 @@ int main(void) {
     }
     bad_arguments();
     static const int64_t seqs[] = {1, 17, 128, 300, 2048};
-    static const int64_t heads[][2] = {{32, 8}, {8, 8}, {16, 2}};
+    static const int64_t heads[][2] = {{32, 8}, {8, 8}, {16, 2}, {9, 3}};
     static const int64_t dims[] = {64, 128};
     for (size_t di = 0; di < 2; di++)
-        for (size_t hi = 0; hi < 3; hi++)
+        for (size_t hi = 0; hi < 4; hi++)
             for (size_t si = 0; si < 5; si++)
                 run_case(seqs[si], heads[hi][0], heads[hi][1], dims[di]);
     printf("%d shape(s) reported unsupported by cuDNN\n", n_unsupported);
+    CHECK_MSG(g_gpu->ops.attention_fresh != NULL, "the CUDA backend has no attention_fresh op "
+              "(QLR_CUDA_SDPA=0 in the environment?)");
+    static const int64_t fresh_n[] = {64, 65, 128, 150, 300, 4099};
+    for (size_t i = 0; g_gpu->ops.attention_fresh && i < sizeof fresh_n / sizeof fresh_n[0]; i++) {
+        fresh_case(fresh_n[i], 9, 3, 64);
+        if (fresh_n[i] < 4096) fresh_case(fresh_n[i], 32, 8, 128); /* the CPU reference's time */
+    }
     gh_done();
     return test_finish();
 }
