@@ -66,58 +66,6 @@ __device__ __forceinline__ void dec_cp16(void *dst, const void *src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
 }
 
-/* The softmax merge of token t's splits for query heads h0 .. h0 + G - 1 (partials written by
- * other blocks of this grid or by the previous kernel: read through L2). */
-__device__ void att_combine_heads(const att_args &a, const float *part, int nsplit, int64_t t,
-                                  int64_t h0, int G, float *scl) {
-    int hd = (int)a.hd, tid = threadIdx.x;
-    for (int i = 0; i < G; i++) {
-        int64_t th = t * a.n_heads + h0 + i;
-        const float *p = part + th * nsplit * (hd + 2);
-        if (tid < 32) {
-            /* one warp: the splits' statistics loaded in parallel, reduced by shuffles */
-            float m = tid < nsplit ? __ldcg(p + tid * (hd + 2)) : -INFINITY;
-            float l = tid < nsplit ? __ldcg(p + tid * (hd + 2) + 1) : 0.0f;
-            float M = m;
-            for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
-            float e = (m == -INFINITY) ? 0.0f : expf(m - M);
-            float L = l * e;
-            for (int o = 16; o > 0; o >>= 1) L += __shfl_xor_sync(0xffffffffu, L, o);
-            scl[tid] = L > 0.0f ? e / L : 0.0f;
-        }
-        __syncthreads();
-        for (int d = tid; d < hd; d += blockDim.x) {
-            float o = 0.0f;
-            /* independent loads: the compiler keeps several in flight */
-#pragma unroll 8
-            for (int s = 0; s < nsplit; s++)
-                if (scl[s] != 0.0f) o += __ldcg(p + s * (hd + 2) + 2 + d) * scl[s];
-            a.out[th * hd + d] = __float2bfloat16_rn(o);
-        }
-        __syncthreads();
-    }
-}
-
-/* A decode block's end with cnt: after its partials, count it; the last of the nsplit blocks of
- * (t, g) merges and resets the count (every block of (t, g) has counted by then). scr: >= 32
- * floats of shared memory no longer in use. */
-__device__ __forceinline__ void att_decode_merge(const att_args &a, const float *part, unsigned *cnt,
-                                                 int nsplit, int64_t t, int g, int G, float *scr) {
-    __shared__ int last;
-    __syncthreads(); /* every partial of this block is written */
-    if (threadIdx.x == 0) {
-        __threadfence();
-        unsigned *c = cnt + t * a.n_kv + g;
-        last = atomicAdd(c, 1u) == (unsigned)nsplit - 1;
-        if (last) {
-            *c = 0;
-            __threadfence();
-        }
-    }
-    __syncthreads();
-    if (last) att_combine_heads(a, part, nsplit, t, (int64_t)g * G, G, scr);
-}
-
 /* One block per (split s, KV head g, token t): keys [k0, k1) of the token's sequence for the G
  * query heads of the group, in passes of DEC_KEYS keys. Per pass every load is issued before any
  * math: the V rows go to shared memory by cp.async, and each thread holds half of one key's K
@@ -127,12 +75,9 @@ __device__ __forceinline__ void att_decode_merge(const att_args &a, const float 
  * of the heads. MG (4, 8 or 16) bounds the group size G: the per-head loops are unrolled to MG,
  * so a small MG keeps predicated-off work out of the inner loops.
  * Writes the split's {m, l, o[HD]} (unnormalised) for att_combine_kernel.
- * partial layout: [(t * n_heads + h) * nsplit + s] -> {m, l, o[hd]} f32. With cnt (one
- * counter per (token, KV head), zero before the launch) the last block of a token's KV head to
- * finish merges the splits itself (att_combine_heads) and resets the counter; without it
- * att_combine_kernel does, as a second launch. */
+ * partial layout: [(t * n_heads + h) * nsplit + s] -> {m, l, o[hd]} f32. */
 template <int HD, int MG>
-__global__ void __launch_bounds__(DEC_THREADS) att_decode_kernel(att_args a, float *part, unsigned *cnt) {
+__global__ void __launch_bounds__(DEC_THREADS) att_decode_kernel(att_args a, float *part) {
     __shared__ __align__(16) bf16 vs[DEC_KEYS * HD];
     __shared__ __align__(16) float qs[MG * HD];
     __shared__ float sc[2][MG][DEC_KEYS];
@@ -153,7 +98,6 @@ __global__ void __launch_bounds__(DEC_THREADS) att_decode_kernel(att_args a, flo
             p[0] = -INFINITY;
             p[1] = 0.0f;
         }
-        if (cnt) att_decode_merge(a, part, cnt, nsplit, t, g, G, &sc[0][0][0]);
         return;
     }
     const int64_t kv_stride = a.n_kv * HD; /* between positions */
@@ -283,7 +227,6 @@ __global__ void __launch_bounds__(DEC_THREADS) att_decode_kernel(att_args a, flo
             p[3 + 2 * dp] = o[i].y;
         }
     }
-    if (cnt) att_decode_merge(a, part, cnt, nsplit, t, g, G, &sc[0][0][0]);
 }
 
 __global__ void att_combine_kernel(att_args a, const float *part, int nsplit) {
@@ -291,7 +234,28 @@ __global__ void att_combine_kernel(att_args a, const float *part, int nsplit) {
     qlr_pdl_wait();
     qlr_pdl_trigger();
     int64_t th = blockIdx.x; /* t * n_heads + h */
-    att_combine_heads(a, part, nsplit, th / a.n_heads, th % a.n_heads, 1, scl);
+    int hd = (int)a.hd, tid = threadIdx.x;
+    const float *p = part + th * nsplit * (hd + 2);
+    if (tid < 32) {
+        /* one warp: the splits' statistics loaded in parallel, reduced by shuffles */
+        float m = tid < nsplit ? p[tid * (hd + 2)] : -INFINITY;
+        float l = tid < nsplit ? p[tid * (hd + 2) + 1] : 0.0f;
+        float M = m;
+        for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+        float e = (m == -INFINITY) ? 0.0f : expf(m - M);
+        float L = l * e;
+        for (int o = 16; o > 0; o >>= 1) L += __shfl_xor_sync(0xffffffffu, L, o);
+        scl[tid] = L > 0.0f ? e / L : 0.0f;
+    }
+    __syncthreads();
+    for (int d = tid; d < hd; d += blockDim.x) {
+        float o = 0.0f;
+        /* independent loads: the compiler keeps several in flight */
+#pragma unroll 8
+        for (int s = 0; s < nsplit; s++)
+            if (scl[s] != 0.0f) o += p[s * (hd + 2) + 2 + d] * scl[s];
+        a.out[th * hd + d] = __float2bfloat16_rn(o);
+    }
 }
 
 /* ---- prefill: tiled WMMA flash attention ---- */
@@ -513,11 +477,9 @@ qlr_status qlr_cuda_attention(qlr_backend *be, void *out, const void *q, const v
     QLR_TRY(qlr_cuda_ws(be, (size_t)(n * n_heads * nsplit * (hd + 2)) * 4, &ws));
     dim3 grid((unsigned)nsplit, (unsigned)n_kv, (unsigned)n);
     int G = (int)(n_heads / n_kv);
-    /* the last block of each (token, KV head) merges the splits (counters from the backend) */
-    unsigned *cnt = n * n_kv <= QLR_CUDA_ATT_COUNTERS ? im->d_att_cnt : NULL;
 #define DEC_LAUNCH(HD_, MG_)                                                                      \
     QLR_CK(qlr_cuda_launch(att_decode_kernel<HD_, MG_>, grid, dim3(DEC_THREADS), 0, im->stream, 1, \
-                           a, (float *)ws, cnt))
+                           a, (float *)ws))
     if (hd == 64) {
         if (G <= 4) DEC_LAUNCH(64, 4);
         else if (G <= 8) DEC_LAUNCH(64, 8);
@@ -529,7 +491,6 @@ qlr_status qlr_cuda_attention(qlr_backend *be, void *out, const void *q, const v
     }
 #undef DEC_LAUNCH
     QLR_CK_LAUNCH();
-    if (cnt) return QLR_OK;
     QLR_CK(qlr_cuda_launch(att_combine_kernel, dim3((unsigned)(n * n_heads)), dim3(128), 0,
                            im->stream, 1, a, (const float *)ws, (int)nsplit));
     QLR_CK_LAUNCH();

@@ -152,7 +152,6 @@ static void cu_destroy(qlr_backend *be) {
         cudaFree(im->lt_ws);
         cudaFree(im->ws);
         cudaFree(im->d_dynmap);
-        cudaFree(im->d_att_cnt);
         cudaFree(im->d_stage);
         cudaFreeHost(im->h_pinned);
         free(im->allocs);
@@ -184,8 +183,6 @@ static qlr_status cu_init(qlr_backend *be, qlr_cuda_impl *im) {
     track_alloc(im, im->lt_ws_bytes);
     QLR_CK(cudaMalloc(&im->d_dynmap, 256 * sizeof(float)));
     QLR_CK(cudaMemcpy(im->d_dynmap, qlr_dynmap_signed, 256 * sizeof(float), cudaMemcpyHostToDevice));
-    QLR_CK(cudaMalloc(&im->d_att_cnt, QLR_CUDA_ATT_COUNTERS * sizeof(unsigned)));
-    QLR_CK(cudaMemset(im->d_att_cnt, 0, QLR_CUDA_ATT_COUNTERS * sizeof(unsigned)));
     im->h_pinned_bytes = 1u << 16;
     QLR_CK(cudaMallocHost(&im->h_pinned, im->h_pinned_bytes));
     QLR_CK(cudaMalloc(&im->d_stage, im->h_pinned_bytes));

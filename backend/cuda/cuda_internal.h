@@ -25,7 +25,6 @@ typedef struct qlr_cuda_alloc_rec {
 
 struct qlr_cuda_sdpa_cache; /* attention_cudnn.cu */
 
-#define QLR_CUDA_ATT_COUNTERS 65536
 typedef struct qlr_cuda_impl {
     int device;
     cudaStream_t stream;
@@ -35,7 +34,6 @@ typedef struct qlr_cuda_impl {
     void *ws;                    /* op workspace (NF4 dequant tile, attention partials, ...) */
     size_t ws_bytes;
     float *d_dynmap;             /* [256] signed dynamic map (double-quant decode) */
-    unsigned *d_att_cnt;         /* [QLR_CUDA_ATT_COUNTERS] decode attention merge counters (attention.cu), 0 between launches */
     void *h_pinned;              /* pinned staging for sampling (params in, ids out) */
     size_t h_pinned_bytes;
     void *d_stage;               /* device twin of h_pinned */
