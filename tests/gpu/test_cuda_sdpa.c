@@ -51,13 +51,17 @@ static void cpu_reference(float *ref, const float *q, const float *k, const floa
     free(zero);
 }
 
+/* n N(0, 1) values rounded to bf16 (malloc'd). */
+static float *randn(int64_t n) {
+    float *x = malloc((size_t)n * 4);
+    gh_randn_bf16(x, n, 1.0f, &rng);
+    return x;
+}
+
 static void run_case(int64_t S, int64_t H, int64_t KV, int64_t D) {
     int64_t nq = S * H * D, nk = S * KV * D;
     float scale = 1.0f / sqrtf((float)D);
-    float *q = malloc((size_t)nq * 4), *k = malloc((size_t)nk * 4), *v = malloc((size_t)nk * 4);
-    gh_randn_bf16(q, nq, 1.0f, &rng);
-    gh_randn_bf16(k, nk, 1.0f, &rng);
-    gh_randn_bf16(v, nk, 1.0f, &rng);
+    float *q = randn(nq), *k = randn(nk), *v = randn(nk);
     /* one large logit: the last query's head 0 aligned with key 0 (KV head 0), ~3·sqrt(D) */
     for (int64_t j = 0; j < D; j++) q[((S - 1) * H) * D + j] = 3.0f * k[j];
     char what[128];
@@ -110,10 +114,7 @@ static void run_case(int64_t S, int64_t H, int64_t KV, int64_t D) {
 static void fresh_case(int64_t S, int64_t H, int64_t KV, int64_t D) {
     int64_t nq = S * H * D, nk = S * KV * D;
     float scale = 1.0f / sqrtf((float)D);
-    float *q = malloc((size_t)nq * 4), *k = malloc((size_t)nk * 4), *v = malloc((size_t)nk * 4);
-    gh_randn_bf16(q, nq, 1.0f, &rng);
-    gh_randn_bf16(k, nk, 1.0f, &rng);
-    gh_randn_bf16(v, nk, 1.0f, &rng);
+    float *q = randn(nq), *k = randn(nk), *v = randn(nk);
     char what[128];
     snprintf(what, sizeof what, "attention_fresh S=%lld H=%lld KV=%lld D=%lld", (long long)S,
              (long long)H, (long long)KV, (long long)D);
