@@ -60,6 +60,7 @@ typedef struct bmodel {
     int fresh_prefill; /* this forward is one sequence at positions 0..n-1 (set by forward()) */
     int no_fresh;      /* 1: the attention op even for fresh prefills (our kernel, not cuDNN) */
     int fresh_served;  /* layers attention_fresh served (counts up) */
+    int pf_mask;       /* nf4_prefetch hints: 1 after q/k/v, 2 after o, 4 after down, 8 after gate/up */
 } bmodel;
 
 static double now_s(void) {
@@ -317,6 +318,10 @@ static qlr_status forward_device(bmodel *m, int64_t n, int64_t last_rows) {
             QLR_TRY(o->nf4_linear(be, m->k, m->h, &L->w[1], NULL, n));
             QLR_TRY(o->nf4_linear(be, m->v, m->h, &L->w[2], NULL, n));
         }
+        if (fz && o->nf4_prefetch && (m->pf_mask & 1)) {
+            const qlr_nf4 *nx[3] = {&L->w[3], &L->w[4], &L->w[5]};
+            QLR_TRY(o->nf4_prefetch(be, 3, nx, n));
+        }
         if (fz && o->rope_kv_store) {
             QLR_TRY(o->rope_kv_store(be, m->q, m->k, m->v, L->kc, L->vc, m->d_seq, m->d_pos,
                                      m->inv_freq, n, c->heads, c->kv, c->hd, m->ctx));
@@ -347,6 +352,10 @@ static qlr_status forward_device(bmodel *m, int64_t n, int64_t last_rows) {
         } else {
             QLR_TRY(o->nf4_linear(be, m->h, m->att, &L->w[3], NULL, n));
         }
+        if (fz && o->nf4_prefetch && (m->pf_mask & 2)) {
+            const qlr_nf4 *nx[3] = {&L->w[4], &L->w[5], &L->w[6]};
+            QLR_TRY(o->nf4_prefetch(be, 3, nx, n));
+        }
         if (fz && o->add_rmsnorm) {
             QLR_TRY(o->add_rmsnorm(be, m->x, m->h, m->o, L->ln2, n, c->hidden, 1e-5f));
         } else {
@@ -361,11 +370,20 @@ static qlr_status forward_device(bmodel *m, int64_t n, int64_t last_rows) {
             QLR_TRY(o->nf4_linear(be, m->g, m->h, &L->w[4], NULL, n));
             QLR_TRY(o->nf4_linear(be, m->u, m->h, &L->w[5], NULL, n));
         }
+        if (fz && o->nf4_prefetch && (m->pf_mask & 8)) {
+            const qlr_nf4 *nx[1] = {&L->w[6]};
+            QLR_TRY(o->nf4_prefetch(be, 1, nx, n));
+        }
         if (fz && o->swiglu_nf4_linear) {
             QLR_TRY(o->swiglu_nf4_linear(be, m->o, m->g, m->u, &L->w[6], NULL, n));
         } else {
             QLR_TRY(o->swiglu(be, m->g, m->g, m->u, n * c->ff));
             QLR_TRY(o->nf4_linear(be, m->o, m->g, &L->w[6], NULL, n));
+        }
+        if (fz && o->nf4_prefetch && (m->pf_mask & 4) && l + 1 < c->layers) {
+            blayer *N = &m->L[l + 1];
+            const qlr_nf4 *nx[4] = {&N->w[0], &N->w[1], &N->w[2], &N->w[3]};
+            QLR_TRY(o->nf4_prefetch(be, 4, nx, n));
         }
         if (!(fz && o->add_rmsnorm) || l + 1 == c->layers)
             QLR_TRY(o->add(be, m->x, m->o, n * c->hidden));
@@ -686,6 +704,17 @@ static qlr_status bench_attention_sdpa(qlr_backend *be, const mcfg *c, int64_t P
 #endif
 }
 
+/* nf4_prefetch settings timed at batch 1 (decode_b1_prefetch in the JSON) */
+#define PF_DEFAULT_MASK 7
+typedef struct pf_case {
+    double mb;
+    int mask, nf4_head;
+} pf_case;
+static const pf_case k_pf[] = {{0, 7, 0},  {16, 7, 0}, {24, 7, 0}, {32, 7, 0}, {40, 7, 0},
+                               {30, 1, 0}, {30, 3, 0}, {30, 5, 0}, {30, 15, 0}, {0, 7, 1},
+                               {30, 7, 1}};
+#define N_PF ((int)(sizeof k_pf / sizeof k_pf[0]))
+
 static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_decode_opts *o,
                               double bw_gbps, double gemm_tflops, FILE *js, size_t *peak_used) {
     static const int batches[] = {1, 8, 32, 64};
@@ -700,6 +729,7 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
     fprintf(stderr, "bench %s: creating random NF4 model...\n", c->name);
     QLR_TRY(model_create(be, c, max_b, ctx, max_n, &m));
     m.use_fused = 1;
+    m.pf_mask = PF_DEFAULT_MASK;
     fprintf(stderr, "bench %s: ready in %.1f s (%.2f GB of NF4 weights)\n", c->name, now_s() - t0,
             m.nf4_bytes / 1e9);
 #ifdef QLR_BACKEND_CUDA
@@ -929,7 +959,8 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
         }
     double dec_s[4] = {0}, dec_graph_s[4] = {0};
 #ifdef QLR_BACKEND_CUDA
-    double dec_b1_unfused = 0, dec_b1_nf4head = 0;
+    double dec_b1_unfused = 0, dec_b1_nf4head = 0, pf_s[N_PF] = {0};
+    size_t pf_default = qlr_cuda_prefetch_budget(be);
 #endif
     for (int bi = 0; bi < 4 && st == QLR_OK; bi++) {
         int B = batches[bi];
@@ -965,6 +996,19 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
             }
             fprintf(stderr, "bench %s: decode batch 1 without fused ops: %.3f ms/step graph\n",
                     c->name, 1e3 * dec_b1_unfused);
+            /* the nf4_prefetch hints: budgets (MB of L2) and call sites (pf_mask bits) */
+            for (int pi = 0; pi < N_PF && st == QLR_OK; pi++) {
+                qlr_cuda_set_prefetch(be, (size_t)(k_pf[pi].mb * 1048576.0));
+                m.pf_mask = k_pf[pi].mask;
+                m.use_nf4_head = k_pf[pi].nf4_head && m.head_nf4.codes;
+                st = graph_decode(&m, B, D, steps, warm, tok, seq, pos, &pf_s[pi]);
+                fprintf(stderr, "bench %s: decode batch 1, prefetch %.0f MB, sites %d%s: %.3f "
+                        "ms/step graph\n", c->name, k_pf[pi].mb, k_pf[pi].mask,
+                        m.use_nf4_head ? ", NF4 lm_head" : "", 1e3 * pf_s[pi]);
+            }
+            m.use_nf4_head = 0;
+            m.pf_mask = PF_DEFAULT_MASK;
+            qlr_cuda_set_prefetch(be, pf_default);
         }
 #else
         dec_graph_s[bi] = dec_s[bi];
@@ -1023,6 +1067,12 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
         fprintf(js, "%s\"%s\": %.0f", si ? ", " : "", gnames[si], gshp[si]);
     fprintf(js, "},\n");
     fprintf(js, "     \"decode_b1_unfused_graph_step_ms\": %.4f,\n", 1e3 * dec_b1_unfused);
+    fprintf(js, "     \"decode_b1_prefetch_default_MB\": %.1f, \"decode_b1_prefetch\": [",
+            (double)pf_default / 1048576.0);
+    for (int pi = 0; pi < N_PF; pi++)
+        fprintf(js, "%s{\"budget_MB\": %.0f, \"sites\": %d, \"nf4_lm_head\": %d, \"step_ms\": %.4f}",
+                pi ? ", " : "", k_pf[pi].mb, k_pf[pi].mask, k_pf[pi].nf4_head, 1e3 * pf_s[pi]);
+    fprintf(js, "],\n");
     if (dec_b1_nf4head > 0) {
         double nb = m.nf4_bytes + m.head_nf4_bytes;
         fprintf(js, "     \"decode_b1_nf4_lm_head\": {\"step_ms\": %.4f, \"tokens_per_s\": %.1f, "
