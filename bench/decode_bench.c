@@ -474,6 +474,79 @@ static qlr_status profile_step(bmodel *m, int64_t D, int32_t *ids, int32_t *seq,
     return st;
 }
 
+/* QLR_BENCH_PROBE=1: what the nf4_prefetch hint does to the linear after a small kernel, each
+ * sequence captured once per layer into a graph (batch 1, ctx D): attention alone; attention +
+ * o_proj (cold); prefetch(o) + attention + o_proj; attention + o_proj twice (the second from L2);
+ * the same for gate/up. Printed per layer in us; nothing else is measured. */
+static qlr_status probe_graph(bmodel *m, int variant, double *us) {
+    qlr_backend *be = m->be;
+    qlr_backend_ops *o = &be->ops;
+    const mcfg *c = &m->c;
+    cudaStream_t cs = (cudaStream_t)qlr_cuda_stream(be);
+    cudaGraph_t g;
+    cudaGraphExec_t ge = NULL;
+    if (cudaStreamBeginCapture(cs, cudaStreamCaptureModeRelaxed) != cudaSuccess)
+        return qlr_errorf(QLR_ERR_DEVICE, "bench: capture");
+    qlr_status st = QLR_OK;
+    for (int64_t l = 0; l < c->layers && st == QLR_OK; l++) {
+        blayer *L = &m->L[l];
+        const qlr_nf4 *po[1] = {&L->w[3]}, *pg[3] = {&L->w[3], &L->w[4], &L->w[5]};
+        const qlr_nf4 *gw[2] = {&L->w[4], &L->w[5]};
+        void *gy[2] = {m->g, m->u};
+        if (variant == 2) st = o->nf4_prefetch(be, 1, po, 1);
+        if (variant == 5) st = o->nf4_prefetch(be, 3, pg, 1);
+        if (st == QLR_OK && variant != 7 && variant != 8)
+            st = o->attention(be, m->att, m->q, L->kc, L->vc, m->d_seq, m->d_pos, 1, c->heads,
+                              c->kv, c->hd, m->ctx, 1.0f / sqrtf((float)c->hd));
+        if (st == QLR_OK && variant >= 1 && variant <= 6) st = o->nf4_linear(be, m->o, m->att, &L->w[3], NULL, 1);
+        if (st == QLR_OK && variant == 3) st = o->nf4_linear(be, m->o, m->att, &L->w[3], NULL, 1);
+        if (st == QLR_OK && variant >= 4) st = o->nf4_linear_multi(be, 2, gy, m->h, gw, NULL, 1);
+        if (st == QLR_OK && variant == 8) st = o->nf4_linear_multi(be, 2, gy, m->h, gw, NULL, 1);
+    }
+    cudaError_t e = cudaStreamEndCapture(cs, &g);
+    QLR_TRY(st);
+    if (e != cudaSuccess || cudaGraphInstantiate(&ge, g, 0) != cudaSuccess)
+        return qlr_errorf(QLR_ERR_DEVICE, "bench: probe graph");
+    cudaGraphDestroy(g);
+    double best = 1e30;
+    for (int r = 0; r < 8 && st == QLR_OK; r++) {
+        st = be->mem.sync(be);
+        double s0 = now_s();
+        if (cudaGraphLaunch(ge, cs) != cudaSuccess) st = qlr_errorf(QLR_ERR_DEVICE, "bench: launch");
+        if (st == QLR_OK) st = be->mem.sync(be);
+        double t = now_s() - s0;
+        if (r > 0 && t < best) best = t;
+    }
+    cudaGraphExecDestroy(ge);
+    *us = 1e6 * best / (double)c->layers;
+    return st;
+}
+
+static qlr_status probe_prefetch(bmodel *m, int64_t D, int32_t *ids, int32_t *seq, int32_t *pos) {
+    int32_t out[1], tok[1] = {1};
+    for (int64_t i = 0; i < D; i++) seq[i] = 0, pos[i] = (int32_t)i;
+    QLR_TRY(forward(m, D, ids, seq, pos, 1, out));
+    seq[0] = 0;
+    pos[0] = (int32_t)D;
+    QLR_TRY(upload_tokens(m, 1, tok, seq, pos));
+    static const char *names[9] = {
+        "attention", "attention + o", "prefetch(o) + attention + o", "attention + o + o",
+        "attention + o + gate/up", "prefetch(o,gate,up) + attention + o + gate/up",
+        "attention + o + gate/up (again)", "gate/up", "gate/up + gate/up"};
+    static const double mbs[3] = {16, 30, 40};
+    for (int bi = 0; bi < 3; bi++) {
+        qlr_cuda_set_prefetch(m->be, (size_t)(mbs[bi] * 1048576.0));
+        for (int v = 0; v < 9; v++) {
+            if (bi > 0 && v != 2 && v != 5) continue;
+            double us = 0;
+            QLR_TRY(probe_graph(m, v, &us));
+            fprintf(stderr, "probe %s: budget %.0f MB: %-48s %7.2f us per layer\n", m->c.name,
+                    mbs[bi], names[v], us);
+        }
+    }
+    return QLR_OK;
+}
+
 /* Captures a batch-B decode step (as the model is configured now) and replays it warm + steps
  * times at positions D + s, feeding the greedy tokens back; *sec = seconds per timed step. */
 static qlr_status graph_decode(bmodel *m, int B, int64_t D, int steps, int warm, int32_t *tok,
@@ -750,8 +823,10 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
 
 #ifdef QLR_BACKEND_CUDA
     const char *prof = getenv("QLR_BENCH_PROFILE_STEP");
-    if (prof && !strcmp(prof, "1")) {
-        st = profile_step(&m, o->decode_ctx, ids, seq, pos);
+    const char *probe = getenv("QLR_BENCH_PROBE");
+    if ((prof && !strcmp(prof, "1")) || (probe && !strcmp(probe, "1"))) {
+        st = prof && !strcmp(prof, "1") ? profile_step(&m, o->decode_ctx, ids, seq, pos)
+                                        : probe_prefetch(&m, o->decode_ctx, ids, seq, pos);
         free(ids);
         free(seq);
         free(pos);
