@@ -833,6 +833,25 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
         model_free(&m);
         return st;
     }
+    if (prof && !strcmp(prof, "2")) {
+        /* a batch-1 decode step from a CUDA graph, replayed 3 times between
+         * cudaProfilerStart/Stop (nsys --capture-range=cudaProfilerApi --cuda-graph-trace=node
+         * gives every kernel's start and end inside the graph) */
+        int32_t tok[1] = {1};
+        for (int64_t i = 0; i < o->decode_ctx; i++) seq[i] = 0, pos[i] = (int32_t)i;
+        st = forward(&m, o->decode_ctx, ids, seq, pos, 1, out);
+        double sec = 0;
+        if (st == QLR_OK) st = graph_decode(&m, 1, o->decode_ctx, 3, 2, tok, seq, pos, &sec);
+        cudaProfilerStart();
+        if (st == QLR_OK) st = graph_decode(&m, 1, o->decode_ctx, 3, 0, tok, seq, pos, &sec);
+        cudaProfilerStop();
+        fprintf(stderr, "bench %s: profiled graph step %.3f ms\n", c->name, 1e3 * sec);
+        free(ids);
+        free(seq);
+        free(pos);
+        model_free(&m);
+        return st;
+    }
 #endif
     /* prefill: one sequence of prefill_tokens, first as served (attention_fresh: cuDNN's SDPA
      * where the backend has it), then with the attention op (our kernel) */
