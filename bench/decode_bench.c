@@ -60,6 +60,8 @@ typedef struct bmodel {
     int fresh_prefill; /* this forward is one sequence at positions 0..n-1 (set by forward()) */
     int no_fresh;      /* 1: the attention op even for fresh prefills (our kernel, not cuDNN) */
     int fresh_served;  /* layers attention_fresh served (counts up) */
+    int skip;          /* QLR_BENCH_SKIP ablation (timing only, results meaningless): 1 attention,
+                          2 rope_kv, 4 norms, 8 q/k/v, 16 o, 32 gate/up, 64 down, 128 lm_head */
     int pf_mask;       /* nf4_prefetch hints: 1 after q/k/v, 2 after o, 4 after down, 8 after gate/up */
 } bmodel;
 
@@ -305,11 +307,13 @@ static qlr_status forward_device(bmodel *m, int64_t n, int64_t last_rows) {
         /* the fused ops when the backend has them (model/forward.c does the same); the MLP's
          * residual add is deferred into the next layer's add_rmsnorm */
         int fz = m->use_fused;
-        if (fz && l > 0 && o->add_rmsnorm)
+        if (m->skip & 4) {
+        } else if (fz && l > 0 && o->add_rmsnorm)
             QLR_TRY(o->add_rmsnorm(be, m->x, m->h, m->o, L->ln1, n, c->hidden, 1e-5f));
         else
             QLR_TRY(o->rmsnorm(be, m->h, m->x, L->ln1, n, c->hidden, 1e-5f));
-        if (fz && o->nf4_linear_multi) {
+        if (m->skip & 8) {
+        } else if (fz && o->nf4_linear_multi) {
             void *ys[3] = {m->q, m->k, m->v};
             const qlr_nf4 *ws[3] = {&L->w[0], &L->w[1], &L->w[2]};
             QLR_TRY(o->nf4_linear_multi(be, 3, ys, m->h, ws, NULL, n));
@@ -322,7 +326,8 @@ static qlr_status forward_device(bmodel *m, int64_t n, int64_t last_rows) {
             const qlr_nf4 *nx[3] = {&L->w[3], &L->w[4], &L->w[5]};
             QLR_TRY(o->nf4_prefetch(be, 3, nx, n));
         }
-        if (fz && o->rope_kv_store) {
+        if (m->skip & 2) {
+        } else if (fz && o->rope_kv_store) {
             QLR_TRY(o->rope_kv_store(be, m->q, m->k, m->v, L->kc, L->vc, m->d_seq, m->d_pos,
                                      m->inv_freq, n, c->heads, c->kv, c->hd, m->ctx));
         } else {
@@ -344,10 +349,11 @@ static qlr_status forward_device(bmodel *m, int64_t n, int64_t last_rows) {
                 m->fresh_served++;
             }
         }
-        if (ast == QLR_ERR_UNSUPPORTED)
+        if (ast == QLR_ERR_UNSUPPORTED && !(m->skip & 1))
             QLR_TRY(o->attention(be, m->att, m->q, L->kc, L->vc, m->d_seq, m->d_pos, n, c->heads,
                                  c->kv, c->hd, m->ctx, scale));
-        if (fz && o->add_rmsnorm) {
+        if (m->skip & 16) {
+        } else if (fz && o->add_rmsnorm) {
             QLR_TRY(o->nf4_linear(be, m->o, m->att, &L->w[3], NULL, n));
         } else {
             QLR_TRY(o->nf4_linear(be, m->h, m->att, &L->w[3], NULL, n));
@@ -356,13 +362,15 @@ static qlr_status forward_device(bmodel *m, int64_t n, int64_t last_rows) {
             const qlr_nf4 *nx[3] = {&L->w[4], &L->w[5], &L->w[6]};
             QLR_TRY(o->nf4_prefetch(be, 3, nx, n));
         }
-        if (fz && o->add_rmsnorm) {
+        if (m->skip & 4) {
+        } else if (fz && o->add_rmsnorm) {
             QLR_TRY(o->add_rmsnorm(be, m->x, m->h, m->o, L->ln2, n, c->hidden, 1e-5f));
         } else {
             QLR_TRY(o->add(be, m->x, m->h, n * c->hidden));
             QLR_TRY(o->rmsnorm(be, m->h, m->x, L->ln2, n, c->hidden, 1e-5f));
         }
-        if (fz && o->nf4_linear_multi) {
+        if (m->skip & 32) {
+        } else if (fz && o->nf4_linear_multi) {
             void *ys[2] = {m->g, m->u};
             const qlr_nf4 *ws[2] = {&L->w[4], &L->w[5]};
             QLR_TRY(o->nf4_linear_multi(be, 2, ys, m->h, ws, NULL, n));
@@ -374,7 +382,8 @@ static qlr_status forward_device(bmodel *m, int64_t n, int64_t last_rows) {
             const qlr_nf4 *nx[1] = {&L->w[6]};
             QLR_TRY(o->nf4_prefetch(be, 1, nx, n));
         }
-        if (fz && o->swiglu_nf4_linear) {
+        if (m->skip & 64) {
+        } else if (fz && o->swiglu_nf4_linear) {
             QLR_TRY(o->swiglu_nf4_linear(be, m->o, m->g, m->u, &L->w[6], NULL, n));
         } else {
             QLR_TRY(o->swiglu(be, m->g, m->g, m->u, n * c->ff));
@@ -394,6 +403,7 @@ static qlr_status forward_device(bmodel *m, int64_t n, int64_t last_rows) {
 #ifdef QLR_BACKEND_CUDA
     if (m->use_nf4_head && last_rows == 1) return qlr_cuda_nf4_logits(be, m->logits, m->h, &m->head_nf4);
 #endif
+    if (m->skip & 128) return QLR_OK;
     return o->lm_head(be, m->logits, m->h, m->head, last_rows, c->hidden, c->vocab);
 }
 
@@ -827,6 +837,27 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
     if ((prof && !strcmp(prof, "1")) || (probe && !strcmp(probe, "1"))) {
         st = prof && !strcmp(prof, "1") ? profile_step(&m, o->decode_ctx, ids, seq, pos)
                                         : probe_prefetch(&m, o->decode_ctx, ids, seq, pos);
+        free(ids);
+        free(seq);
+        free(pos);
+        model_free(&m);
+        return st;
+    }
+    const char *abl = getenv("QLR_BENCH_ABLATE");
+    if (abl && !strcmp(abl, "1")) {
+        /* the batch-1 graph step with kernels left out, one kind at a time (what each costs in
+         * place, overlap included); the numbers produced are meaningless, only the time counts */
+        int32_t tok[1] = {1};
+        for (int64_t i = 0; i < o->decode_ctx; i++) seq[i] = 0, pos[i] = (int32_t)i;
+        st = forward(&m, o->decode_ctx, ids, seq, pos, 1, out);
+        static const int masks[] = {0, 1, 2, 4, 8, 16, 32, 64, 128, 1 | 2 | 4 | 128, 8 | 16 | 32 | 64, 255};
+        for (size_t i = 0; i < sizeof masks / sizeof masks[0] && st == QLR_OK; i++) {
+            double sec = 0;
+            m.skip = masks[i];
+            st = graph_decode(&m, 1, o->decode_ctx, 20, 3, tok, seq, pos, &sec);
+            fprintf(stderr, "ablate %s: without %3d: %.3f ms/step graph\n", c->name, masks[i], 1e3 * sec);
+        }
+        m.skip = 0;
         free(ids);
         free(seq);
         free(pos);
