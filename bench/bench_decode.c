@@ -8,6 +8,9 @@
 
 #include "bench/decode_bench.h"
 #include "core/core.h"
+#ifdef QLR_BENCH_CUPTI
+#include "bench/cupti_trace.h"
+#endif
 
 static int usage(void) {
     fprintf(stderr, "usage: bench_decode [--model all|llama3-8b|smollm2-135m] [--prefill N] "
@@ -32,6 +35,9 @@ int main(int argc, char **argv) {
         else return usage();
     }
     if (o.prefill_tokens < 1 || o.decode_ctx < 1 || o.decode_steps < 1) return usage();
+#ifdef QLR_BENCH_CUPTI
+    if (qlr_bench_trace_begin() < 0) return 1;
+#endif
     FILE *f = out ? fopen(out, "w") : NULL;
     if (out && !f) {
         perror(out);
