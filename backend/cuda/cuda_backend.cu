@@ -176,9 +176,6 @@ static qlr_status cu_init(qlr_backend *be, qlr_cuda_impl *im) {
         return qlr_errorf(QLR_ERR_UNSUPPORTED, "cuda: %s is compute capability %d.%d; bf16 kernels "
                           "need 8.0 (Ampere) or newer", prop.name, prop.major, prop.minor);
     im->n_sm = prop.multiProcessorCount;
-    im->smem_optin = (int)prop.sharedMemPerBlockOptin;
-    const char *gss = getenv("QLR_CUDA_GS_STAGES"); /* A/B of the streaming kernel's depth */
-    im->gs_stages = gss ? atoi(gss) : 0;
     qlr_cuda_pf_init(im, (size_t)prop.l2CacheSize);
     QLR_CK(cudaStreamCreateWithFlags(&im->stream, cudaStreamNonBlocking));
     QLR_CK(cublasLtCreate(&im->lt));

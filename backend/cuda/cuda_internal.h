@@ -52,8 +52,6 @@ typedef struct qlr_cuda_impl {
     int policy_max_n[QLR_CUDA_MAX_POLICY];
     int policy_path[QLR_CUDA_MAX_POLICY];
     int n_sm;
-    int smem_optin;               /* shared memory per block with the opt-in (bytes) */
-    int gs_stages;                /* streaming n = 1 kernel: stage cap (0: as many as fit) */
     int gemv1_variant;            /* n = 1 NF4 kernel: 2 or 3 resident blocks per SM (register cap) */
     size_t peak_bytes, cur_bytes; /* bytes allocated through mem.alloc and the workspaces */
     qlr_cuda_alloc_rec *allocs;   /* live mem.alloc blocks */

@@ -633,9 +633,8 @@ __global__ void __launch_bounds__(256, MINB) nf4_gemv1_kernel(gemv1_args A) {
  * has ~32 KB of weight loads in flight: less than the bandwidth-latency product of HBM3 under load
  * (~3 TB/s x ~2 us / 132 SMs ~ 45 KB). This one streams the weights through shared memory with
  * the bulk copy engine: tiles of ~32 KB of codes (whole consecutive rows of one matrix: code
- * bytes, their absmax bytes and 8 second-level floats around them) in S stages (as many as the
- * shared memory holds, at most GS_MAXS), each completing on its own mbarrier, S - 1 tiles in
- * flight per block; one thread issues
+ * bytes, their absmax bytes and 8 second-level floats around them) in GS_STAGES stages, each
+ * completing on its own mbarrier, GS_STAGES - 1 tiles in flight per block; one thread issues
  * three copies per tile, so the other threads only compute. One block of up to 512 threads per
  * SM, tiles dealt round-robin over a grid of at most one block per SM. Thread t owns column
  * units (32 columns) u = t % TU (+ TU) for the whole launch, so its x (scaled f16 pairs, as in
@@ -651,7 +650,7 @@ __global__ void __launch_bounds__(256, MINB) nf4_gemv1_kernel(gemv1_args A) {
 #define GS_THREADS 512
 #define GS_TAB 65536
 #define GS_HDR 1152 /* dynamic map (1 KB) + mbarriers */
-#define GS_MAXS 8 /* stages: as many as fit in shared memory (gs_launch), at most this */
+#define GS_STAGES 4
 #define GS_MAXSTAGE ((32768 + 4096 + 32 + 127) & ~127) /* codes + f32 absmax (no double quant) + dq floats, as stage_bytes rounds */
 
 struct gs_mat {
@@ -665,7 +664,7 @@ struct gs_mat {
 };
 struct gs_args {
     gs_mat m[3];
-    int nm, cols, rt, tu, p, n_tiles, stage_bytes, am_region, stages;
+    int nm, cols, rt, tu, p, n_tiles, stage_bytes, am_region;
     const __nv_bfloat16 *x, *up;
     const float *dynmap;
 };
@@ -750,8 +749,8 @@ __global__ void __launch_bounds__(GS_THREADS, 1) nf4_gemv1s_kernel(const __grid_
     uint64_t *bar = (uint64_t *)(gsm + GS_TAB + 1024);
     uint8_t *stg = gsm + GS_TAB + GS_HDR;
     int tid = threadIdx.x, nthr = blockDim.x, lane = tid & 31, warp = tid >> 5;
-    const int S = A.stages;
-    float *part = (float *)(stg + S * A.stage_bytes);
+    float *part = (float *)(stg + GS_STAGES * A.stage_bytes);
+    const int S = GS_STAGES;
     qlr_pdl_trigger();
     int bid = blockIdx.x, G = gridDim.x;
     int nk = bid < A.n_tiles ? (A.n_tiles - 1 - bid) / G + 1 : 0;
@@ -898,7 +897,7 @@ static qlr_status gs_launch_t(qlr_backend *be, const gs_args &A, int threads, si
     static int ready = 0; /* per instantiation: the opt-in to more than 48 KB of shared memory */
     if (!ready) {
         QLR_CK(cudaFuncSetAttribute(nf4_gemv1s_kernel<NU, DQ>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    im->smem_optin));
+                                    (int)(GS_TAB + GS_HDR + GS_STAGES * GS_MAXSTAGE + 2 * 16 * 64 * 4)));
         ready = 1;
     }
     unsigned blocks = (unsigned)(A.n_tiles < im->n_sm ? A.n_tiles : im->n_sm);
@@ -946,14 +945,8 @@ static qlr_status gs_launch(qlr_backend *be, int k, __nv_bfloat16 *const *y, flo
     A.stage_bytes = (int)(((tile_w >> 1) + A.am_region + 32 + 127) & ~127);
     QLR_ASSERT(A.stage_bytes <= GS_MAXSTAGE + 128);
     int threads = A.tu * A.p;
-    /* as many stages as the shared memory holds: the bytes in flight per SM set the rate */
-    size_t fixed = (size_t)GS_TAB + GS_HDR + 2 * (size_t)(threads / 32) * A.rt * 4;
-    int64_t fit = ((int64_t)qlr_cuda_im(be)->smem_optin - (int64_t)fixed) / A.stage_bytes;
-    A.stages = (int)(fit < GS_MAXS ? fit : GS_MAXS);
-    if (qlr_cuda_im(be)->gs_stages > 0 && A.stages > qlr_cuda_im(be)->gs_stages)
-        A.stages = qlr_cuda_im(be)->gs_stages;
-    QLR_ASSERT(A.stages >= 2);
-    size_t smem = fixed + (size_t)A.stages * A.stage_bytes;
+    size_t smem = (size_t)GS_TAB + GS_HDR + (size_t)GS_STAGES * A.stage_bytes +
+                  2 * (size_t)(threads / 32) * A.rt * 4;
     if (dq)
         return NU == 1 ? gs_launch_t<1, 1>(be, A, threads, smem) : gs_launch_t<2, 1>(be, A, threads, smem);
     return NU == 1 ? gs_launch_t<1, 0>(be, A, threads, smem) : gs_launch_t<2, 0>(be, A, threads, smem);
