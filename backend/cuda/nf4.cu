@@ -741,7 +741,7 @@ __device__ __forceinline__ void gs_write(const gs_args &A, int j, const float *p
 }
 
 template <int NU, int DQ>
-__global__ void __launch_bounds__(GS_THREADS, 1) nf4_gemv1s_kernel(const __grid_constant__ gs_args A) {
+__global__ void __launch_bounds__(GS_THREADS + 32, 1) nf4_gemv1s_kernel(const __grid_constant__ gs_args A) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     extern __shared__ __align__(128) uint8_t gsm[];
     uint8_t *tab = gsm;
@@ -749,12 +749,16 @@ __global__ void __launch_bounds__(GS_THREADS, 1) nf4_gemv1s_kernel(const __grid_
     uint64_t *bar = (uint64_t *)(gsm + GS_TAB + 1024);
     uint8_t *stg = gsm + GS_TAB + GS_HDR;
     int tid = threadIdx.x, nthr = blockDim.x, lane = tid & 31, warp = tid >> 5;
+    /* the compute warps, then one producer warp: its lane 0 issues the tile copies and the whole
+     * warp adds the previous tile's warp sums into y, off the compute warps' path */
+    const int ncomp = A.tu * A.p, nw = ncomp >> 5;
+    const bool producer = tid >= ncomp;
     float *part = (float *)(stg + GS_STAGES * A.stage_bytes);
     const int S = GS_STAGES;
     qlr_pdl_trigger();
     int bid = blockIdx.x, G = gridDim.x;
     int nk = bid < A.n_tiles ? (A.n_tiles - 1 - bid) / G + 1 : 0;
-    if (tid == 0) {
+    if (producer && lane == 0) {
         for (int i = 0; i < S; i++)
             asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(gs_smem(bar + i)) : "memory");
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -767,6 +771,22 @@ __global__ void __launch_bounds__(GS_THREADS, 1) nf4_gemv1s_kernel(const __grid_
     }
     for (int i = tid; i < 256; i += nthr) dyn[i] = A.dynmap[i];
     qlr_pdl_wait();
+    if (producer) {
+        for (int k = 0; k < nk; k++) {
+            __syncthreads(); /* stage (k - 1) % S is free, part[(k - 1) & 1] complete */
+            if (lane == 0 && k + S - 1 < nk)
+                gs_issue<DQ>(A, bid + (k + S - 1) * G, stg + ((k + S - 1) % S) * A.stage_bytes,
+                             bar + (k + S - 1) % S);
+            if (k > 0)
+                for (int r = lane; r < A.rt; r += 32)
+                    gs_write(A, bid + (k - 1) * G, part + ((k - 1) & 1) * nw * A.rt, r);
+        }
+        __syncthreads();
+        if (nk > 0)
+            for (int r = lane; r < A.rt; r += 32)
+                gs_write(A, bid + (nk - 1) * G, part + ((nk - 1) & 1) * nw * A.rt, r);
+        return;
+    }
     int p = tid / A.tu, ut = tid - p * A.tu;
     __half2 xh[NU][16];
     float inv[NU];
@@ -774,28 +794,26 @@ __global__ void __launch_bounds__(GS_THREADS, 1) nf4_gemv1s_kernel(const __grid_
     for (int i = 0; i < NU; i++) inv[i] = gemv_x_f16(A.x, A.up, (ut + i * A.tu) << 5, true, xh[i]);
     const int cols = A.cols, rb = cols >> 1, ab = cols >> 6;
     const uint32_t lane4 = (uint32_t)lane << 2;
-    const int nw = nthr >> 5;
     /* items: (row, unit, x) = (p + iP, ut, 0) for NU = 1; (p + (i >> 1), ut + (i & 1) TU, i & 1)
-     * for NU = 2 (P = 1) */
-    int irow[4], iu[4];
+     * for NU = 2 (P = 1). Their offsets inside a stage are fixed for the launch; rows past a
+     * partial last tile read stale stage bytes and are computed but never written. */
+    int coff[4], boff[4], eoff[4];
 #pragma unroll
     for (int i = 0; i < 4; i++) {
-        irow[i] = NU == 1 ? p + i * A.p : p + (i >> 1);
-        iu[i] = NU == 1 ? ut : ut + (i & 1) * A.tu;
+        int row = NU == 1 ? p + i * A.p : p + (i >> 1), u = NU == 1 ? ut : ut + (i & 1) * A.tu;
+        coff[i] = row * rb + (u << 4);
+        boff[i] = row * ab + (u >> 1);
+        eoff[i] = row * cols + (u << 5);
     }
     const bool hi16 = lane & 16, hi8 = lane & 8;
     for (int k = 0; k < nk; k++) {
         __syncthreads(); /* stage (k - 1) % S is free, part[(k - 1) & 1] complete */
-        if (tid == 0 && k + S - 1 < nk)
-            gs_issue<DQ>(A, bid + (k + S - 1) * G, stg + ((k + S - 1) % S) * A.stage_bytes,
-                         bar + (k + S - 1) % S);
-        if (k > 0) gs_write(A, bid + (k - 1) * G, part + ((k - 1) & 1) * nw * A.rt, tid);
         int j = bid + k * G, mi = gs_mat_of(A, j);
         int rows = GS_SEL(A, mi, rows);
         int64_t r0 = (int64_t)(j - GS_SEL(A, mi, t0)) * A.rt;
         int rv = rows - r0 < A.rt ? (int)(rows - r0) : A.rt;
         gs_wait(bar + k % S, (unsigned)(k / S) & 1);
-        if (p >= A.p || irow[0] >= rv) continue; /* warp-uniform: a warp lies in one partition */
+        if (p >= rv) continue; /* warp-uniform: a warp lies in one partition */
         const uint8_t *sc = stg + (k % S) * A.stage_bytes;
         const uint8_t *am8 = sc + A.rt * rb;
         float v[4];
@@ -812,14 +830,12 @@ __global__ void __launch_bounds__(GS_THREADS, 1) nf4_gemv1s_kernel(const __grid_
         float am[4];
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            int rl = irow[i] < rv ? irow[i] : irow[0]; /* clamped: computed, not written */
-            uint4 q = *(const uint4 *)(sc + rl * rb + (iu[i] << 4));
+            uint4 q = *(const uint4 *)(sc + coff[i]);
             w[i][0] = q.x, w[i][1] = q.y, w[i][2] = q.z, w[i][3] = q.w;
-            int blk = rl * ab + (iu[i] >> 1);
             if (DQ)
-                am[i] = __fadd_rn(__fmul_rn(dyn[am8[blk]], dqs[((e0 + rl * cols + (iu[i] << 5)) >> 14) + dd]), off);
+                am[i] = __fadd_rn(__fmul_rn(dyn[am8[boff[i]]], dqs[((e0 + eoff[i]) >> 14) + dd]), off);
             else
-                am[i] = ((const float *)am8)[blk];
+                am[i] = ((const float *)am8)[boff[i]];
         }
         __half2 acc[4][2];
 #pragma unroll
@@ -868,7 +884,6 @@ __global__ void __launch_bounds__(GS_THREADS, 1) nf4_gemv1s_kernel(const __grid_
         }
     }
     __syncthreads();
-    if (nk > 0) gs_write(A, bid + (nk - 1) * G, part + ((nk - 1) & 1) * nw * A.rt, tid);
 #endif
 }
 
@@ -901,7 +916,7 @@ static qlr_status gs_launch_t(qlr_backend *be, const gs_args &A, int threads, si
         ready = 1;
     }
     unsigned blocks = (unsigned)(A.n_tiles < im->n_sm ? A.n_tiles : im->n_sm);
-    QLR_CK(qlr_cuda_launch(nf4_gemv1s_kernel<NU, DQ>, dim3(blocks), dim3((unsigned)threads), smem,
+    QLR_CK(qlr_cuda_launch(nf4_gemv1s_kernel<NU, DQ>, dim3(blocks), dim3((unsigned)threads + 32), smem,
                            im->stream, 1, A));
     QLR_CK_LAUNCH();
     return QLR_OK;
