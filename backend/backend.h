@@ -225,11 +225,6 @@ typedef struct qlr_backend_ops {
     qlr_status (*attention_fresh)(qlr_backend *be, void *out, const void *q, const void *k,
                                   const void *v, int64_t n, int64_t n_heads, int64_t n_kv,
                                   int64_t hd, float scale);
-    /* A hint, never needed for correctness: the next NF4 linears, over n tokens, read these k
-     * weights in this order (each from its first row). A backend may start moving their first
-     * bytes toward the compute units while the work queued before them runs (the CUDA backend:
-     * into L2, within a budget, at small n only). Writes nothing; results never change. */
-    qlr_status (*nf4_prefetch)(qlr_backend *be, int k, const qlr_nf4 *const *w, int64_t n);
 } qlr_backend_ops;
 
 /* Device memory and synchronisation. */

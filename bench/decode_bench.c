@@ -60,9 +60,8 @@ typedef struct bmodel {
     int fresh_prefill; /* this forward is one sequence at positions 0..n-1 (set by forward()) */
     int no_fresh;      /* 1: the attention op even for fresh prefills (our kernel, not cuDNN) */
     int fresh_served;  /* layers attention_fresh served (counts up) */
-    int skip;          /* QLR_BENCH_SKIP ablation (timing only, results meaningless): 1 attention,
+    int skip;          /* kinds of kernel left out (b1_marginal; timing only): 1 attention,
                           2 rope_kv, 4 norms, 8 q/k/v, 16 o, 32 gate/up, 64 down, 128 lm_head */
-    int pf_mask;       /* nf4_prefetch hints: 1 after q/k/v, 2 after o, 4 after down, 8 after gate/up */
 } bmodel;
 
 static double now_s(void) {
@@ -322,10 +321,6 @@ static qlr_status forward_device(bmodel *m, int64_t n, int64_t last_rows) {
             QLR_TRY(o->nf4_linear(be, m->k, m->h, &L->w[1], NULL, n));
             QLR_TRY(o->nf4_linear(be, m->v, m->h, &L->w[2], NULL, n));
         }
-        if (fz && o->nf4_prefetch && (m->pf_mask & 1)) {
-            const qlr_nf4 *nx[3] = {&L->w[3], &L->w[4], &L->w[5]};
-            QLR_TRY(o->nf4_prefetch(be, 3, nx, n));
-        }
         if (m->skip & 2) {
         } else if (fz && o->rope_kv_store) {
             QLR_TRY(o->rope_kv_store(be, m->q, m->k, m->v, L->kc, L->vc, m->d_seq, m->d_pos,
@@ -358,10 +353,6 @@ static qlr_status forward_device(bmodel *m, int64_t n, int64_t last_rows) {
         } else {
             QLR_TRY(o->nf4_linear(be, m->h, m->att, &L->w[3], NULL, n));
         }
-        if (fz && o->nf4_prefetch && (m->pf_mask & 2)) {
-            const qlr_nf4 *nx[3] = {&L->w[4], &L->w[5], &L->w[6]};
-            QLR_TRY(o->nf4_prefetch(be, 3, nx, n));
-        }
         if (m->skip & 4) {
         } else if (fz && o->add_rmsnorm) {
             QLR_TRY(o->add_rmsnorm(be, m->x, m->h, m->o, L->ln2, n, c->hidden, 1e-5f));
@@ -378,21 +369,12 @@ static qlr_status forward_device(bmodel *m, int64_t n, int64_t last_rows) {
             QLR_TRY(o->nf4_linear(be, m->g, m->h, &L->w[4], NULL, n));
             QLR_TRY(o->nf4_linear(be, m->u, m->h, &L->w[5], NULL, n));
         }
-        if (fz && o->nf4_prefetch && (m->pf_mask & 8)) {
-            const qlr_nf4 *nx[1] = {&L->w[6]};
-            QLR_TRY(o->nf4_prefetch(be, 1, nx, n));
-        }
         if (m->skip & 64) {
         } else if (fz && o->swiglu_nf4_linear) {
             QLR_TRY(o->swiglu_nf4_linear(be, m->o, m->g, m->u, &L->w[6], NULL, n));
         } else {
             QLR_TRY(o->swiglu(be, m->g, m->g, m->u, n * c->ff));
             QLR_TRY(o->nf4_linear(be, m->o, m->g, &L->w[6], NULL, n));
-        }
-        if (fz && o->nf4_prefetch && (m->pf_mask & 4) && l + 1 < c->layers) {
-            blayer *N = &m->L[l + 1];
-            const qlr_nf4 *nx[4] = {&N->w[0], &N->w[1], &N->w[2], &N->w[3]};
-            QLR_TRY(o->nf4_prefetch(be, 4, nx, n));
         }
         if (!(fz && o->add_rmsnorm) || l + 1 == c->layers)
             QLR_TRY(o->add(be, m->x, m->o, n * c->hidden));
@@ -482,79 +464,6 @@ static qlr_status profile_step(bmodel *m, int64_t D, int32_t *ids, int32_t *seq,
     if (st == QLR_OK) st = m->be->mem.sync(m->be);
     cudaProfilerStop();
     return st;
-}
-
-/* QLR_BENCH_PROBE=1: what the nf4_prefetch hint does to the linear after a small kernel, each
- * sequence captured once per layer into a graph (batch 1, ctx D): attention alone; attention +
- * o_proj (cold); prefetch(o) + attention + o_proj; attention + o_proj twice (the second from L2);
- * the same for gate/up. Printed per layer in us; nothing else is measured. */
-static qlr_status probe_graph(bmodel *m, int variant, double *us) {
-    qlr_backend *be = m->be;
-    qlr_backend_ops *o = &be->ops;
-    const mcfg *c = &m->c;
-    cudaStream_t cs = (cudaStream_t)qlr_cuda_stream(be);
-    cudaGraph_t g;
-    cudaGraphExec_t ge = NULL;
-    if (cudaStreamBeginCapture(cs, cudaStreamCaptureModeRelaxed) != cudaSuccess)
-        return qlr_errorf(QLR_ERR_DEVICE, "bench: capture");
-    qlr_status st = QLR_OK;
-    for (int64_t l = 0; l < c->layers && st == QLR_OK; l++) {
-        blayer *L = &m->L[l];
-        const qlr_nf4 *po[1] = {&L->w[3]}, *pg[3] = {&L->w[3], &L->w[4], &L->w[5]};
-        const qlr_nf4 *gw[2] = {&L->w[4], &L->w[5]};
-        void *gy[2] = {m->g, m->u};
-        if (variant == 2) st = o->nf4_prefetch(be, 1, po, 1);
-        if (variant == 5) st = o->nf4_prefetch(be, 3, pg, 1);
-        if (st == QLR_OK && variant != 7 && variant != 8)
-            st = o->attention(be, m->att, m->q, L->kc, L->vc, m->d_seq, m->d_pos, 1, c->heads,
-                              c->kv, c->hd, m->ctx, 1.0f / sqrtf((float)c->hd));
-        if (st == QLR_OK && variant >= 1 && variant <= 6) st = o->nf4_linear(be, m->o, m->att, &L->w[3], NULL, 1);
-        if (st == QLR_OK && variant == 3) st = o->nf4_linear(be, m->o, m->att, &L->w[3], NULL, 1);
-        if (st == QLR_OK && variant >= 4) st = o->nf4_linear_multi(be, 2, gy, m->h, gw, NULL, 1);
-        if (st == QLR_OK && variant == 8) st = o->nf4_linear_multi(be, 2, gy, m->h, gw, NULL, 1);
-    }
-    cudaError_t e = cudaStreamEndCapture(cs, &g);
-    QLR_TRY(st);
-    if (e != cudaSuccess || cudaGraphInstantiate(&ge, g, 0) != cudaSuccess)
-        return qlr_errorf(QLR_ERR_DEVICE, "bench: probe graph");
-    cudaGraphDestroy(g);
-    double best = 1e30;
-    for (int r = 0; r < 8 && st == QLR_OK; r++) {
-        st = be->mem.sync(be);
-        double s0 = now_s();
-        if (cudaGraphLaunch(ge, cs) != cudaSuccess) st = qlr_errorf(QLR_ERR_DEVICE, "bench: launch");
-        if (st == QLR_OK) st = be->mem.sync(be);
-        double t = now_s() - s0;
-        if (r > 0 && t < best) best = t;
-    }
-    cudaGraphExecDestroy(ge);
-    *us = 1e6 * best / (double)c->layers;
-    return st;
-}
-
-static qlr_status probe_prefetch(bmodel *m, int64_t D, int32_t *ids, int32_t *seq, int32_t *pos) {
-    int32_t out[1], tok[1] = {1};
-    for (int64_t i = 0; i < D; i++) seq[i] = 0, pos[i] = (int32_t)i;
-    QLR_TRY(forward(m, D, ids, seq, pos, 1, out));
-    seq[0] = 0;
-    pos[0] = (int32_t)D;
-    QLR_TRY(upload_tokens(m, 1, tok, seq, pos));
-    static const char *names[9] = {
-        "attention", "attention + o", "prefetch(o) + attention + o", "attention + o + o",
-        "attention + o + gate/up", "prefetch(o,gate,up) + attention + o + gate/up",
-        "attention + o + gate/up (again)", "gate/up", "gate/up + gate/up"};
-    static const double mbs[3] = {16, 30, 40};
-    for (int bi = 0; bi < 3; bi++) {
-        qlr_cuda_set_prefetch(m->be, (size_t)(mbs[bi] * 1048576.0));
-        for (int v = 0; v < 9; v++) {
-            if (bi > 0 && v != 2 && v != 5) continue;
-            double us = 0;
-            QLR_TRY(probe_graph(m, v, &us));
-            fprintf(stderr, "probe %s: budget %.0f MB: %-48s %7.2f us per layer\n", m->c.name,
-                    mbs[bi], names[v], us);
-        }
-    }
-    return QLR_OK;
 }
 
 /* Captures a batch-B decode step (as the model is configured now) and replays it warm + steps
@@ -787,16 +696,32 @@ static qlr_status bench_attention_sdpa(qlr_backend *be, const mcfg *c, int64_t P
 #endif
 }
 
-/* nf4_prefetch settings timed at batch 1 (decode_b1_prefetch in the JSON) */
-#define PF_DEFAULT_MASK 7
-typedef struct pf_case {
-    double mb;
-    int mask, nf4_head;
-} pf_case;
-static const pf_case k_pf[] = {{0, 7, 0},  {16, 7, 0}, {24, 7, 0}, {32, 7, 0}, {40, 7, 0},
-                               {30, 1, 0}, {30, 3, 0}, {30, 5, 0}, {30, 15, 0}, {0, 7, 1},
-                               {30, 7, 1}};
-#define N_PF ((int)(sizeof k_pf / sizeof k_pf[0]))
+#ifdef QLR_BACKEND_CUDA
+/* What each kernel kind costs in place in the batch-1 graph step (overlap included): the step
+ * timed with that kind left out (m->skip), subtracted from the full step. The values the
+ * skipping steps compute are meaningless; only their time counts. */
+#define N_ABL 12
+static const int k_abl_mask[N_ABL] = {0, 1, 2, 4, 8, 16, 32, 64, 128, 1 | 2 | 4 | 128, 8 | 16 | 32 | 64, 255};
+static const char *k_abl_name[N_ABL] = {"step", "attention", "rope_kv", "norms", "qkv", "o",
+                                        "gate_up", "down_swiglu", "lm_head", "non_linear_kernels",
+                                        "nf4_linears", "all_kernels"};
+static qlr_status b1_marginal(bmodel *m, int64_t D, int32_t *tok, int32_t *seq, int32_t *pos,
+                              double *ms) {
+    double sec[N_ABL];
+    qlr_status st = QLR_OK;
+    for (int i = 0; i < N_ABL && st == QLR_OK; i++) {
+        m->skip = k_abl_mask[i];
+        st = graph_decode(m, 1, D, 20, 3, tok, seq, pos, &sec[i]);
+    }
+    m->skip = 0;
+    for (int i = 0; i < N_ABL && st == QLR_OK; i++) {
+        ms[i] = 1e3 * (i == 0 ? sec[0] : sec[0] - sec[i]);
+        fprintf(stderr, "bench %s: decode batch 1, %s%s: %.3f ms\n", m->c.name,
+                i == 0 ? "" : "in place, ", k_abl_name[i], ms[i]);
+    }
+    return st;
+}
+#endif
 
 static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_decode_opts *o,
                               double bw_gbps, double gemm_tflops, FILE *js, size_t *peak_used) {
@@ -812,7 +737,6 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
     fprintf(stderr, "bench %s: creating random NF4 model...\n", c->name);
     QLR_TRY(model_create(be, c, max_b, ctx, max_n, &m));
     m.use_fused = 1;
-    m.pf_mask = PF_DEFAULT_MASK;
     fprintf(stderr, "bench %s: ready in %.1f s (%.2f GB of NF4 weights)\n", c->name, now_s() - t0,
             m.nf4_bytes / 1e9);
 #ifdef QLR_BACKEND_CUDA
@@ -833,31 +757,8 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
 
 #ifdef QLR_BACKEND_CUDA
     const char *prof = getenv("QLR_BENCH_PROFILE_STEP");
-    const char *probe = getenv("QLR_BENCH_PROBE");
-    if ((prof && !strcmp(prof, "1")) || (probe && !strcmp(probe, "1"))) {
-        st = prof && !strcmp(prof, "1") ? profile_step(&m, o->decode_ctx, ids, seq, pos)
-                                        : probe_prefetch(&m, o->decode_ctx, ids, seq, pos);
-        free(ids);
-        free(seq);
-        free(pos);
-        model_free(&m);
-        return st;
-    }
-    const char *abl = getenv("QLR_BENCH_ABLATE");
-    if (abl && !strcmp(abl, "1")) {
-        /* the batch-1 graph step with kernels left out, one kind at a time (what each costs in
-         * place, overlap included); the numbers produced are meaningless, only the time counts */
-        int32_t tok[1] = {1};
-        for (int64_t i = 0; i < o->decode_ctx; i++) seq[i] = 0, pos[i] = (int32_t)i;
-        st = forward(&m, o->decode_ctx, ids, seq, pos, 1, out);
-        static const int masks[] = {0, 1, 2, 4, 8, 16, 32, 64, 128, 1 | 2 | 4 | 128, 8 | 16 | 32 | 64, 255};
-        for (size_t i = 0; i < sizeof masks / sizeof masks[0] && st == QLR_OK; i++) {
-            double sec = 0;
-            m.skip = masks[i];
-            st = graph_decode(&m, 1, o->decode_ctx, 20, 3, tok, seq, pos, &sec);
-            fprintf(stderr, "ablate %s: without %3d: %.3f ms/step graph\n", c->name, masks[i], 1e3 * sec);
-        }
-        m.skip = 0;
+    if (prof && !strcmp(prof, "1")) {
+        st = profile_step(&m, o->decode_ctx, ids, seq, pos);
         free(ids);
         free(seq);
         free(pos);
@@ -1084,8 +985,7 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
         }
     double dec_s[4] = {0}, dec_graph_s[4] = {0};
 #ifdef QLR_BACKEND_CUDA
-    double dec_b1_unfused = 0, dec_b1_nf4head = 0, pf_s[N_PF] = {0};
-    size_t pf_default = qlr_cuda_prefetch_budget(be);
+    double dec_b1_unfused = 0, dec_b1_nf4head = 0, abl_ms[N_ABL] = {0};
 #endif
     for (int bi = 0; bi < 4 && st == QLR_OK; bi++) {
         int B = batches[bi];
@@ -1121,19 +1021,7 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
             }
             fprintf(stderr, "bench %s: decode batch 1 without fused ops: %.3f ms/step graph\n",
                     c->name, 1e3 * dec_b1_unfused);
-            /* the nf4_prefetch hints: budgets (MB of L2) and call sites (pf_mask bits) */
-            for (int pi = 0; pi < N_PF && st == QLR_OK; pi++) {
-                qlr_cuda_set_prefetch(be, (size_t)(k_pf[pi].mb * 1048576.0));
-                m.pf_mask = k_pf[pi].mask;
-                m.use_nf4_head = k_pf[pi].nf4_head && m.head_nf4.codes;
-                st = graph_decode(&m, B, D, steps, warm, tok, seq, pos, &pf_s[pi]);
-                fprintf(stderr, "bench %s: decode batch 1, prefetch %.0f MB, sites %d%s: %.3f "
-                        "ms/step graph\n", c->name, k_pf[pi].mb, k_pf[pi].mask,
-                        m.use_nf4_head ? ", NF4 lm_head" : "", 1e3 * pf_s[pi]);
-            }
-            m.use_nf4_head = 0;
-            m.pf_mask = PF_DEFAULT_MASK;
-            qlr_cuda_set_prefetch(be, pf_default);
+            if (st == QLR_OK) st = b1_marginal(&m, D, tok, seq, pos, abl_ms);
         }
 #else
         dec_graph_s[bi] = dec_s[bi];
@@ -1192,12 +1080,11 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
         fprintf(js, "%s\"%s\": %.0f", si ? ", " : "", gnames[si], gshp[si]);
     fprintf(js, "},\n");
     fprintf(js, "     \"decode_b1_unfused_graph_step_ms\": %.4f,\n", 1e3 * dec_b1_unfused);
-    fprintf(js, "     \"decode_b1_prefetch_default_MB\": %.1f, \"decode_b1_prefetch\": [",
-            (double)pf_default / 1048576.0);
-    for (int pi = 0; pi < N_PF; pi++)
-        fprintf(js, "%s{\"budget_MB\": %.0f, \"sites\": %d, \"nf4_lm_head\": %d, \"step_ms\": %.4f}",
-                pi ? ", " : "", k_pf[pi].mb, k_pf[pi].mask, k_pf[pi].nf4_head, 1e3 * pf_s[pi]);
-    fprintf(js, "],\n");
+    /* in place: "step" is the whole step; every other entry is what leaving that out saves */
+    fprintf(js, "     \"decode_b1_in_place_ms\": {");
+    for (int i = 0; i < N_ABL; i++)
+        fprintf(js, "%s\"%s\": %.4f", i ? ", " : "", k_abl_name[i], abl_ms[i]);
+    fprintf(js, "},\n");
     if (dec_b1_nf4head > 0) {
         double nb = m.nf4_bytes + m.head_nf4_bytes;
         fprintf(js, "     \"decode_b1_nf4_lm_head\": {\"step_ms\": %.4f, \"tokens_per_s\": %.1f, "

@@ -240,11 +240,6 @@ qlr_status qlr_model_forward(qlr_forward *f, qlr_kv_cache *kv, const qlr_batch *
             QLR_TRY(linear(be, L, QLR_LIN_K, k, xn, n));
             QLR_TRY(linear(be, L, QLR_LIN_V, v, xn, n));
         }
-        /* the next linears' weights toward the GPU while RoPE and attention run */
-        if (op->nf4_prefetch) {
-            const qlr_nf4 *nx[3] = {&L->w[QLR_LIN_O], &L->w[QLR_LIN_GATE], &L->w[QLR_LIN_UP]};
-            QLR_TRY(op->nf4_prefetch(be, 3, nx, n));
-        }
         if (op->rope_kv_store) {
             QLR_TRY(op->rope_kv_store(be, q, k, v, kv->k[l], kv->v[l], seq, pos, m->inv_freq, n, nh,
                                       nkv, hd, kv->ctx));
@@ -267,10 +262,6 @@ qlr_status qlr_model_forward(qlr_forward *f, qlr_kv_cache *kv, const qlr_batch *
             QLR_TRY(op->attention(be, att, q, kv->k[l], kv->v[l], seq, pos, n, nh, nkv, hd,
                                   kv->ctx, scale));
         QLR_TRY(linear(be, L, QLR_LIN_O, o, att, n));
-        if (op->nf4_prefetch) {
-            const qlr_nf4 *nx[3] = {&L->w[QLR_LIN_GATE], &L->w[QLR_LIN_UP], &L->w[QLR_LIN_DOWN]};
-            QLR_TRY(op->nf4_prefetch(be, 3, nx, n));
-        }
         if (op->add_rmsnorm) {
             QLR_TRY(op->add_rmsnorm(be, x, xn, o, L->ffn_norm, n, d, c->rms_eps));
         } else {
@@ -296,12 +287,6 @@ qlr_status qlr_model_forward(qlr_forward *f, qlr_kv_cache *kv, const qlr_batch *
         } else {
             QLR_TRY(op->swiglu(be, gate, gate, up, n * c->d_ff));
             QLR_TRY(linear(be, L, QLR_LIN_DOWN, o, gate, n));
-        }
-        if (op->nf4_prefetch && l + 1 < c->n_layers) {
-            const qlr_layer *N = &m->layers[l + 1];
-            const qlr_nf4 *nx[4] = {&N->w[QLR_LIN_Q], &N->w[QLR_LIN_K], &N->w[QLR_LIN_V],
-                                    &N->w[QLR_LIN_O]};
-            QLR_TRY(op->nf4_prefetch(be, 4, nx, n));
         }
         if (op->add_rmsnorm && !f->hidden_fn) {
             pending = o;

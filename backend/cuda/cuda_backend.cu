@@ -176,7 +176,6 @@ static qlr_status cu_init(qlr_backend *be, qlr_cuda_impl *im) {
         return qlr_errorf(QLR_ERR_UNSUPPORTED, "cuda: %s is compute capability %d.%d; bf16 kernels "
                           "need 8.0 (Ampere) or newer", prop.name, prop.major, prop.minor);
     im->n_sm = prop.multiProcessorCount;
-    qlr_cuda_pf_init(im, (size_t)prop.l2CacheSize);
     QLR_CK(cudaStreamCreateWithFlags(&im->stream, cudaStreamNonBlocking));
     QLR_CK(cublasLtCreate(&im->lt));
     im->lt_ws_bytes = 32u << 20;
@@ -309,7 +308,6 @@ extern "C" qlr_status qlr_backend_cuda_create(int n_threads, qlr_backend **out) 
     o->swiglu_nf4_linear = qlr_cuda_swiglu_nf4_linear;
     o->add_rmsnorm = qlr_cuda_add_rmsnorm;
     o->rope_kv_store = qlr_cuda_rope_kv_store;
-    o->nf4_prefetch = qlr_cuda_nf4_prefetch;
     const char *sdpa = getenv("QLR_CUDA_SDPA");
     if (!sdpa || atoi(sdpa) != 0) {
         o->attention_fresh = cu_attention_fresh;

@@ -65,10 +65,6 @@ qlr_status qlr_cuda_attention_prefill_cudnn(qlr_backend *be, void *out, const vo
                                             const void *k, const void *v, int64_t S, int64_t H,
                                             int64_t KV, int64_t D, float scale);
 
-/* The nf4_prefetch budget: at most `bytes` of NF4 weights requested into L2 ahead of the
- * linears (0: the hint does nothing). Default 60% of L2, or QLR_CUDA_PREFETCH_MB. */
-void qlr_cuda_set_prefetch(qlr_backend *be, size_t bytes);
-size_t qlr_cuda_prefetch_budget(qlr_backend *be);
 /* Grows the op workspace to `bytes` now (so that no allocation happens inside a forward). */
 qlr_status qlr_cuda_reserve(qlr_backend *be, size_t bytes);
 /* The backend's cudaStream_t, as a pointer. */

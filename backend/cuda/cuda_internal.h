@@ -25,15 +25,6 @@ typedef struct qlr_cuda_alloc_rec {
 
 struct qlr_cuda_sdpa_cache; /* attention_cudnn.cu */
 
-/* A weight prefix the nf4_prefetch hint requested and no linear has read yet (prefetch.cu). */
-#define QLR_CUDA_PF_RECS 8
-typedef struct qlr_cuda_pf_rec {
-    const void *codes; /* the weight (its codes array); NULL: free slot */
-    int64_t rows;      /* rows 0..rows requested */
-    size_t bytes;      /* bytes this record requested (codes + absmax) */
-    unsigned long long call;
-} qlr_cuda_pf_rec;
-
 typedef struct qlr_cuda_impl {
     int device;
     cudaStream_t stream;
@@ -60,9 +51,6 @@ typedef struct qlr_cuda_impl {
     struct qlr_cuda_sdpa_cache *sdpa; /* cuDNN SDPA execution plans per shape */
     int32_t *fresh_idx;               /* attention_fresh's seq/pos table (cuda_backend.cu) */
     int64_t fresh_cap;
-    size_t pf_budget;                 /* nf4_prefetch: most bytes requested ahead of the linears */
-    unsigned long long pf_calls;
-    qlr_cuda_pf_rec pf[QLR_CUDA_PF_RECS];
 } qlr_cuda_impl;
 
 static inline qlr_cuda_impl *qlr_cuda_im(qlr_backend *be) { return (qlr_cuda_impl *)be->impl; }
@@ -184,11 +172,6 @@ qlr_status qlr_cuda_rope_kv_store(qlr_backend *be, void *q, void *k, const void 
                                   void *v_cache, const int32_t *seq, const int32_t *pos,
                                   const float *inv_freq, int64_t n, int64_t n_heads, int64_t n_kv,
                                   int64_t hd, int64_t ctx);
-/* prefetch.cu: the nf4_prefetch hint; _init sets the budget from the L2 size (or
- * QLR_CUDA_PREFETCH_MB); _consumed forgets a weight's request once a linear has read it. */
-qlr_status qlr_cuda_nf4_prefetch(qlr_backend *be, int k, const qlr_nf4 *const *w, int64_t n);
-void qlr_cuda_pf_init(qlr_cuda_impl *im, size_t l2_bytes);
-void qlr_cuda_pf_consumed(qlr_cuda_impl *im, const qlr_nf4 *w);
 qlr_status qlr_cuda_sample(qlr_backend *be, int32_t *out_ids, float *logits,
                            const qlr_sampling *params, uint64_t *rng, int64_t n, int64_t vocab);
 

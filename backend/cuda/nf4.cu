@@ -926,7 +926,6 @@ static qlr_status gs_launch_t(qlr_backend *be, const gs_args &A, int threads, si
 static qlr_status gs_launch(qlr_backend *be, int k, __nv_bfloat16 *const *y, float *const *yf,
                             const __nv_bfloat16 *x, const __nv_bfloat16 *up,
                             const qlr_nf4 *const *w, const float *const *bias) {
-    for (int i = 0; i < k; i++) qlr_cuda_pf_consumed(qlr_cuda_im(be), w[i]);
     gs_args A;
     memset(&A, 0, sizeof A);
     int cols = (int)w[0]->cols, U = cols >> 5, NU = U <= GS_THREADS ? 1 : 2;
@@ -972,7 +971,6 @@ static qlr_status gemv1_launch(qlr_backend *be, int k, __nv_bfloat16 *const *y,
                                const __nv_bfloat16 *x, const __nv_bfloat16 *up,
                                const qlr_nf4 *const *w, const float *const *bias) {
     qlr_cuda_impl *im = qlr_cuda_im(be);
-    for (int i = 0; i < k; i++) qlr_cuda_pf_consumed(im, w[i]);
     if (im->gemv1_variant == 4 && gs_fits(be, k, w)) return gs_launch(be, k, y, NULL, x, up, w, bias);
     gemv1_args A;
     memset(&A, 0, sizeof A);
@@ -1129,7 +1127,6 @@ extern "C" qlr_status qlr_cuda_nf4_linear_path(qlr_backend *be, void *y, const v
     QLR_ASSERT(be && be->kind == QLR_DEVICE_CUDA);
     if (n <= 0 || w->rows <= 0) return QLR_OK;
     QLR_ASSERT(w->cols > 0);
-    qlr_cuda_pf_consumed(qlr_cuda_im(be), w);
     int can_fuse = fusable(w, x, y);
     if (path == QLR_CUDA_NF4_AUTO) {
         qlr_cuda_impl *im = qlr_cuda_im(be);

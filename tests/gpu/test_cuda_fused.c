@@ -5,8 +5,7 @@
  * fallback widths) and rope_kv_store (head dims 64 and 128, GQA, large positions); the n = 1
  * kernels behind them: the streaming kernel (variant 4, sm_90: cols multiples of 1024 up to 32768,
  * partial tiles, fewer tiles than SMs, both absmax forms, two runs bitwise equal) and the register
- * kernel (variant 2) on the same inputs, the f32-output NF4 logits entry, and the nf4_prefetch
- * hint (changes no byte of the results). */
+ * kernel (variant 2) on the same inputs, and the f32-output NF4 logits entry. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -308,74 +307,6 @@ static void test_logits(int64_t rows, int64_t cols, int dq) {
     free_w(&w);
 }
 
-/* The nf4_prefetch hint writes nothing: nf4_linear_multi gives the same bytes with no hint, after
- * a hint cut short inside the first matrix and continued, after one covering everything, and
- * after hints it must ignore (k = 0, prefill-sized n, an empty or misaligned weight view,
- * hints never followed by a linear). */
-static void test_prefetch(void) {
-    static const int64_t rows[3] = {4096, 1024, 513};
-    wpair w[3];
-    gh_buf gy[3];
-    void *ys[3];
-    const qlr_nf4 *ws[3];
-    for (int i = 0; i < 3; i++) {
-        make_w(&w[i], rows[i], 4096, i < 2);
-        gy[i] = gh_alloc(g_gpu, (size_t)rows[i] * 2);
-        ys[i] = gy[i].p;
-        ws[i] = &w[i].gpu;
-    }
-    float *x = randv(4096, 1.0f);
-    gh_buf gx = gh_act(g_gpu, x, 4096);
-    CHECK(g_gpu->ops.nf4_prefetch != NULL);
-    size_t dflt = qlr_cuda_prefetch_budget(g_gpu);
-    CHECK_MSG(dflt > 0, "default prefetch budget is 0");
-    uint16_t *ref[3], *got = malloc(4096 * 2);
-    qlr_cuda_set_prefetch(g_gpu, 0);
-    CHECK_OK(g_gpu->ops.nf4_prefetch(g_gpu, 3, ws, 1)); /* budget 0: nothing */
-    CHECK_OK(g_gpu->ops.nf4_linear_multi(g_gpu, 2, ys, gx.p, ws, NULL, 1));
-    CHECK_OK(g_gpu->ops.nf4_linear_multi(g_gpu, 1, ys + 2, gx.p, ws + 2, NULL, 1));
-    for (int i = 0; i < 3; i++) {
-        ref[i] = malloc((size_t)rows[i] * 2);
-        CHECK_OK(g_gpu->mem.d2h(g_gpu, ref[i], gy[i].p, (size_t)rows[i] * 2));
-    }
-    CHECK_OK(g_gpu->mem.sync(g_gpu));
-    qlr_nf4 odd = w[0].gpu, empty = w[1].gpu;
-    odd.codes += 3; /* a view no linear could take: the hint rounds inward, never outside */
-    odd.absmax_q += 1;
-    odd.rows -= 1;
-    empty.rows = 0;
-    const qlr_nf4 *weird[3] = {&odd, &empty, ws[2]};
-    static const size_t budgets[3] = {1u << 20, 64u << 20, 3u << 20};
-    for (int r = 0; r < 3; r++) {
-        qlr_cuda_set_prefetch(g_gpu, budgets[r]);
-        CHECK_OK(g_gpu->ops.nf4_prefetch(g_gpu, 3, ws, 1));
-        CHECK_OK(g_gpu->ops.nf4_prefetch(g_gpu, 3, ws, 1)); /* continues the first */
-        CHECK_OK(g_gpu->ops.nf4_prefetch(g_gpu, 0, NULL, 1));
-        CHECK_OK(g_gpu->ops.nf4_prefetch(g_gpu, 3, ws, 2048)); /* prefill: ignored */
-        CHECK_OK(g_gpu->ops.nf4_prefetch(g_gpu, 3, weird, 1));
-        if (r == 2) /* hints never followed by a linear: their records expire */
-            for (int i = 0; i < 8; i++) CHECK_OK(g_gpu->ops.nf4_prefetch(g_gpu, 2, ws + 1, 1));
-        CHECK_OK(g_gpu->ops.nf4_linear_multi(g_gpu, 2, ys, gx.p, ws, NULL, 1));
-        CHECK_OK(g_gpu->ops.nf4_linear_multi(g_gpu, 1, ys + 2, gx.p, ws + 2, NULL, 1));
-        for (int i = 0; i < 3; i++) {
-            CHECK_OK(g_gpu->mem.d2h(g_gpu, got, gy[i].p, (size_t)rows[i] * 2));
-            CHECK_OK(g_gpu->mem.sync(g_gpu));
-            CHECK_MSG(!memcmp(got, ref[i], (size_t)rows[i] * 2),
-                      "nf4_prefetch budget %zu: matrix %d differs from the run without the hint",
-                      budgets[r], i);
-        }
-    }
-    qlr_cuda_set_prefetch(g_gpu, dflt);
-    for (int i = 0; i < 3; i++) {
-        gh_free_checked(g_gpu, &gy[i], "prefetch y");
-        free(ref[i]);
-        free_w(&w[i]);
-    }
-    gh_free_checked(g_gpu, &gx, "x");
-    free(got);
-    free(x);
-}
-
 int main(void) {
     if (!gh_init()) {
         CHECK_MSG(0, "no usable CUDA device (this test is label gpu: run it on a GPU machine)");
@@ -419,7 +350,6 @@ int main(void) {
     test_rope_kv(1, 32, 8, 128, 1024, 1);
     test_rope_kv(5, 9, 3, 64, 64, 2);
     test_rope_kv(7, 4, 4, 128, 8192, 3);
-    test_prefetch();
     gh_done();
     return test_finish();
 }
