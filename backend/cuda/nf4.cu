@@ -485,11 +485,7 @@ __device__ __forceinline__ void gemv1_load(const gemv1_args &A, int g, int col, 
     }
 }
 
-/* silu with the hardware exponential and an IEEE reciprocal (~6 instructions, a few ulp of the
- * f32 silu before the bf16 rounding): every block of a SwiGLU-fused launch evaluates all its
- * columns after griddepcontrol.wait, so expf and a full division (~40 instructions) cost ~2 us
- * per launch on the critical path. */
-__device__ __forceinline__ float silu_f(float g) { return g * __frcp_rn(1.0f + __expf(-g)); }
+__device__ __forceinline__ float silu_f(float g) { return g / (1.0f + expf(-g)); }
 
 /* A lane's 32 columns of x (from col; zeros when !act) as 16 f16 pairs scaled by a power of two
  * that puts the largest |x| into [1, 2) (no f16 overflow, no loss of bf16 bits); with up, x is
