@@ -82,16 +82,43 @@ __global__ void __launch_bounds__(DEC_THREADS) att_decode_kernel(att_args a, flo
     __shared__ __align__(16) float qs[MG * HD];
     __shared__ float sc[2][MG][DEC_KEYS];
     __shared__ float mrow[MG], lrow[MG], alpha[MG];
-    qlr_pdl_wait();
-    qlr_pdl_trigger();
     int nsplit = gridDim.x, s = blockIdx.x, g = blockIdx.y;
     int64_t t = blockIdx.z;
     int G = (int)(a.n_heads / a.n_kv), tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    /* seq/pos come from the host before the forward's first kernel: readable before the wait */
     int64_t L = (int64_t)a.pos[t] + 1, sq = a.seq[t];
     int64_t chunk = (L + nsplit - 1) / nsplit;
     chunk = (chunk + DEC_KEYS - 1) / DEC_KEYS * DEC_KEYS;
     int64_t k0 = s * chunk, k1 = k0 + chunk < L ? k0 + chunk : L;
     int64_t pbase = (t * a.n_heads + (int64_t)g * G) * nsplit + s;
+    /* When no other token of this batch belongs to sequence sq, the previous kernel (kv_store)
+     * wrote only row L - 1 of it: the first pass's other K/V rows, from earlier forwards, are
+     * requested before griddepcontrol.wait (they overlap the RoPE/kv_store kernel) and the
+     * current row after it. */
+    int early = k0 < k1;
+    for (int64_t u = 0; u < a.n && early; u++)
+        if (u != t && a.seq[u] == sq) early = 0;
+    const int64_t kv_stride = a.n_kv * HD; /* between positions */
+    const bf16 *kbase = a.kc + (sq * a.ctx * a.n_kv + g) * HD;
+    const bf16 *vbase = a.vc + (sq * a.ctx * a.n_kv + g) * HD;
+    const int half = warp >> 1, key = ((warp & 1) << 5) + lane;
+    uint4 kr[HD / 16] = {}; /* keys past the pass: computed on zeros, never used */
+    int nk0 = (int)(k1 - k0 < DEC_KEYS ? k1 - k0 : DEC_KEYS);
+    if (early) {
+        for (int i = tid; i < nk0 * (HD / 8); i += DEC_THREADS) {
+            int j = i / (HD / 8), c = i % (HD / 8);
+            if (k0 + j != L - 1) dec_cp16(vs + j * HD + c * 8, vbase + (k0 + j) * kv_stride + c * 8);
+        }
+        /* never row L - 1 here: its later load must not meet a line cached before the wait */
+        int64_t kj = k0 + (key < nk0 ? key : 0);
+        if (kj != L - 1) {
+            const uint4 *kp = (const uint4 *)(kbase + kj * kv_stride + half * (HD / 2));
+#pragma unroll
+            for (int d8 = 0; d8 < HD / 16; d8++) kr[d8] = __ldg(kp + d8);
+        }
+    }
+    qlr_pdl_wait();
+    qlr_pdl_trigger();
     if (k0 >= k1) {
         for (int i = tid; i < G; i += DEC_THREADS) {
             float *p = part + (pbase + (int64_t)i * nsplit) * (HD + 2);
@@ -100,9 +127,6 @@ __global__ void __launch_bounds__(DEC_THREADS) att_decode_kernel(att_args a, flo
         }
         return;
     }
-    const int64_t kv_stride = a.n_kv * HD; /* between positions */
-    const bf16 *kbase = a.kc + (sq * a.ctx * a.n_kv + g) * HD;
-    const bf16 *vbase = a.vc + (sq * a.ctx * a.n_kv + g) * HD;
     {
         const __nv_bfloat162 *qp = (const __nv_bfloat162 *)(a.q + (t * a.n_heads + (int64_t)g * G) * HD);
         for (int i = tid; i < G * HD / 2; i += DEC_THREADS) {
@@ -115,7 +139,6 @@ __global__ void __launch_bounds__(DEC_THREADS) att_decode_kernel(att_args a, flo
         mrow[tid] = -INFINITY;
         lrow[tid] = 0.0f;
     }
-    const int half = warp >> 1, key = ((warp & 1) << 5) + lane;
     const int npair = HD / 2, dp = tid % npair, gsub = tid / npair, gstep = DEC_THREADS / npair;
     float2 o[MG];
 #pragma unroll
@@ -123,18 +146,32 @@ __global__ void __launch_bounds__(DEC_THREADS) att_decode_kernel(att_args a, flo
     for (int64_t p0 = k0; p0 < k1; p0 += DEC_KEYS) {
         int nk = (int)(k1 - p0 < DEC_KEYS ? k1 - p0 : DEC_KEYS);
         __syncthreads(); /* vs / sc of the previous pass are consumed; qs, mrow written */
-        /* V rows of the pass -> shared memory (rows past nk are not read) */
-        for (int i = tid; i < nk * (HD / 8); i += DEC_THREADS) {
-            int j = i / (HD / 8), c = i % (HD / 8);
-            dec_cp16(vs + j * HD + c * 8, vbase + (p0 + j) * kv_stride + c * 8);
-        }
-        asm volatile("cp.async.commit_group;" ::: "memory");
-        /* this thread's half K row */
-        uint4 kr[HD / 16];
-        int kj = key < nk ? key : 0;
-        const uint4 *kp = (const uint4 *)(kbase + (p0 + kj) * kv_stride + half * (HD / 2));
+        if (early && p0 == k0) {
+            /* the first pass's rows were requested before the wait, except the current one */
+            if (L - 1 < p0 + nk) {
+                int j = (int)(L - 1 - p0);
+                for (int c = tid; c < HD / 8; c += DEC_THREADS)
+                    dec_cp16(vs + j * HD + c * 8, vbase + (L - 1) * kv_stride + c * 8);
+                if (key == j) {
+                    const uint4 *kp = (const uint4 *)(kbase + (L - 1) * kv_stride + half * (HD / 2));
 #pragma unroll
-        for (int d8 = 0; d8 < HD / 16; d8++) kr[d8] = __ldg(kp + d8);
+                    for (int d8 = 0; d8 < HD / 16; d8++) kr[d8] = __ldcg(kp + d8);
+                }
+            }
+            asm volatile("cp.async.commit_group;" ::: "memory");
+        } else {
+            /* V rows of the pass -> shared memory (rows past nk are not read) */
+            for (int i = tid; i < nk * (HD / 8); i += DEC_THREADS) {
+                int j = i / (HD / 8), c = i % (HD / 8);
+                dec_cp16(vs + j * HD + c * 8, vbase + (p0 + j) * kv_stride + c * 8);
+            }
+            asm volatile("cp.async.commit_group;" ::: "memory");
+            /* this thread's half K row */
+            int kj = key < nk ? key : 0;
+            const uint4 *kp = (const uint4 *)(kbase + (p0 + kj) * kv_stride + half * (HD / 2));
+#pragma unroll
+            for (int d8 = 0; d8 < HD / 16; d8++) kr[d8] = __ldg(kp + d8);
+        }
         float acc[MG];
 #pragma unroll
         for (int gi = 0; gi < MG; gi++) acc[gi] = 0.0f;
