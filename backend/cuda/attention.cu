@@ -95,9 +95,8 @@ __global__ void __launch_bounds__(DEC_THREADS) att_decode_kernel(att_args a, flo
      * wrote only row L - 1 of it: the first pass's other K/V rows, from earlier forwards, are
      * requested before griddepcontrol.wait (they overlap the RoPE/kv_store kernel) and the
      * current row after it. */
-    int early = k0 < k1;
-    for (int64_t u = 0; u < a.n && early; u++)
-        if (u != t && a.seq[u] == sq) early = 0;
+    int shared_seq = tid < a.n && tid != t && a.seq[tid] == sq; /* n <= 64 < DEC_THREADS */
+    int early = k0 < k1 && !__syncthreads_or(shared_seq);
     const int64_t kv_stride = a.n_kv * HD; /* between positions */
     const bf16 *kbase = a.kc + (sq * a.ctx * a.n_kv + g) * HD;
     const bf16 *vbase = a.vc + (sq * a.ctx * a.n_kv + g) * HD;
