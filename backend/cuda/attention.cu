@@ -215,6 +215,7 @@ __global__ void __launch_bounds__(DEC_THREADS) att_decode_kernel(att_args a, flo
             sc[0][gi][lane + 32] = p1v;
             float sum = p0v + p1v;
             for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+            __syncwarp(); /* every lane has read mrow[gi] */
             if (lane == 0) {
                 float al = expf(mold - mnew); /* mold = -inf on the first pass: 0 */
                 alpha[gi] = al;
