@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # scripts/gpu_check.sh: on a machine with an NVIDIA GPU, builds the CUDA backend, its gpu-labelled
 # tests and the decode benchmark for one architecture (default sm_90, H100/H200) in build-gpu,
-# runs every gpu test (ctest -L gpu), one test under compute-sanitizer memcheck, and
+# runs every gpu test (ctest -L gpu), compute-sanitizer memcheck and racecheck, and
 # bench_decode, and writes the logs and the bench JSON under $OUT (default out/gpu_check).
 #   QLR_CUDA_ARCH=90 QLR_GPU_BUILD=build-gpu OUT=out/gpu_check scripts/gpu_check.sh [bench args]
 # Needs only core + quant + backend (no jansson/libyaml/PCRE2/libmicrohttpd). Exit status: that
@@ -31,6 +31,14 @@ if command -v compute-sanitizer > /dev/null; then
     echo "memcheck $t exit: $?" | tee -a "$OUT/sanitizer.log"
   done
   grep -E "ERROR SUMMARY|passed, " "$OUT/sanitizer.log" | tail -4
+  # shared-memory races in the attention kernels (a missing barrier was found this way)
+  echo "== compute-sanitizer racecheck: test_cuda_attention ==" | tee -a "$OUT/sanitizer.log"
+  timeout 300 compute-sanitizer --tool racecheck --error-exitcode 3 \
+      "$BUILD/tests/gpu/test_cuda_attention" >> "$OUT/sanitizer.log" 2>&1
+  rrc=$?
+  echo "racecheck test_cuda_attention exit: $rrc" | tee -a "$OUT/sanitizer.log"
+  grep -E "RACECHECK SUMMARY" "$OUT/sanitizer.log" | tail -1
+  [ "$rrc" -ne 0 ] && [ "$rc" -eq 0 ] && rc=$rrc
 fi
 echo "== bench_decode ==" | tee "$OUT/bench.log"
 "$BUILD/bench/bench_decode" --out "$OUT/bench_decode.json" "$@" 2>&1 | tee -a "$OUT/bench.log"

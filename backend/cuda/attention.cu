@@ -358,6 +358,7 @@ __global__ void __launch_bounds__(PF_WARPS * 32) att_prefill_kernel(att_args a) 
         *(uint4 *)(Qs + r * L.ldq + c8 * 8) = u;
     }
     for (int i = tid; i < PF_BR * hd; i += blockDim.x) Os[(i / hd) * L.ldo + i % hd] = 0.0f;
+    __syncthreads(); /* rseq complete before thread 0 scans it (racecheck found the gap) */
     if (tid == 0) {
         int mn = INT_MAX;
         for (int r = 0; r < PF_BR; r++)
