@@ -634,16 +634,19 @@ __global__ void __launch_bounds__(256, MINB) nf4_gemv1_kernel(gemv1_args A) {
  * (~3 TB/s x ~2 us / 132 SMs ~ 45 KB). This one streams the weights through shared memory with
  * the bulk copy engine: tiles of ~32 KB of codes (whole consecutive rows of one matrix: code
  * bytes, their absmax bytes and 8 second-level floats around them) in GS_STAGES stages, each
- * completing on its own mbarrier, GS_STAGES - 1 tiles in flight per block; one thread issues
- * three copies per tile, so the other threads only compute. One block of up to 512 threads per
- * SM, tiles dealt round-robin over a grid of at most one block per SM. Thread t owns column
+ * completing on its own mbarrier, GS_STAGES - 1 tiles in flight per block. A producer warp
+ * (after the compute warps) issues the three copies per tile and adds the previous tile's warp
+ * sums into y, so the compute warps only compute and no serial work sits on the per-tile
+ * barrier. One block of up to 512 compute threads + 32 per SM, tiles dealt round-robin over a
+ * grid of at most one block per SM. Thread t owns column
  * units (32 columns) u = t % TU (+ TU) for the whole launch, so its x (scaled f16 pairs, as in
  * the kernel above) is converted once, and takes four items per tile: rows p, p + P, p + 2P,
  * p + 3P of its unit (NU = 1), or rows p, p + 1 of both units (NU = 2, P = 1), all in flight
  * together. A code byte becomes an f16 pair through a per-lane table with entries 256 B apart, so
  * one byte_perm of the code word and the lane offset gives the address (PRMT, LDS, HFMA2 per
- * byte). Warp sums go to shared memory; after the next tile's barrier one thread per row adds
- * its TU / 32 warp sums in a fixed order (bitwise reproducible) and writes y (bf16) or yf (f32).
+ * byte). Warp sums go to shared memory; after the next tile's barrier a producer lane per row
+ * adds its TU / 32 warp sums in a fixed order (bitwise reproducible) and writes y (bf16) or yf
+ * (f32).
  * Weights are requested before griddepcontrol.wait, x read after. Needs cols % 1024 == 0 (each
  * warp within one row), cols <= 32768, one absmax form per launch, 16-byte aligned arrays and
  * stores from qlr_backend_nf4_upload (the padded second-level table). */
