@@ -306,30 +306,33 @@ static qlr_status forward_device(bmodel *m, int64_t n, int64_t last_rows) {
         /* the fused ops when the backend has them (model/forward.c does the same); the MLP's
          * residual add is deferred into the next layer's add_rmsnorm */
         int fz = m->use_fused;
-        if (m->skip & 4) {
-        } else if (fz && l > 0 && o->add_rmsnorm)
-            QLR_TRY(o->add_rmsnorm(be, m->x, m->h, m->o, L->ln1, n, c->hidden, 1e-5f));
-        else
-            QLR_TRY(o->rmsnorm(be, m->h, m->x, L->ln1, n, c->hidden, 1e-5f));
-        if (m->skip & 8) {
-        } else if (fz && o->nf4_linear_multi) {
-            void *ys[3] = {m->q, m->k, m->v};
-            const qlr_nf4 *ws[3] = {&L->w[0], &L->w[1], &L->w[2]};
-            QLR_TRY(o->nf4_linear_multi(be, 3, ys, m->h, ws, NULL, n));
-        } else {
-            QLR_TRY(o->nf4_linear(be, m->q, m->h, &L->w[0], NULL, n));
-            QLR_TRY(o->nf4_linear(be, m->k, m->h, &L->w[1], NULL, n));
-            QLR_TRY(o->nf4_linear(be, m->v, m->h, &L->w[2], NULL, n));
+        if (!(m->skip & 4)) {
+            if (fz && l > 0 && o->add_rmsnorm)
+                QLR_TRY(o->add_rmsnorm(be, m->x, m->h, m->o, L->ln1, n, c->hidden, 1e-5f));
+            else
+                QLR_TRY(o->rmsnorm(be, m->h, m->x, L->ln1, n, c->hidden, 1e-5f));
         }
-        if (m->skip & 2) {
-        } else if (fz && o->rope_kv_store) {
-            QLR_TRY(o->rope_kv_store(be, m->q, m->k, m->v, L->kc, L->vc, m->d_seq, m->d_pos,
-                                     m->inv_freq, n, c->heads, c->kv, c->hd, m->ctx));
-        } else {
-            QLR_TRY(o->rope(be, m->q, m->d_pos, m->inv_freq, n, c->heads, c->hd));
-            QLR_TRY(o->rope(be, m->k, m->d_pos, m->inv_freq, n, c->kv, c->hd));
-            QLR_TRY(o->kv_store(be, L->kc, L->vc, m->k, m->v, m->d_seq, m->d_pos, n, c->kv, c->hd,
-                                m->ctx));
+        if (!(m->skip & 8)) {
+            if (fz && o->nf4_linear_multi) {
+                void *ys[3] = {m->q, m->k, m->v};
+                const qlr_nf4 *ws[3] = {&L->w[0], &L->w[1], &L->w[2]};
+                QLR_TRY(o->nf4_linear_multi(be, 3, ys, m->h, ws, NULL, n));
+            } else {
+                QLR_TRY(o->nf4_linear(be, m->q, m->h, &L->w[0], NULL, n));
+                QLR_TRY(o->nf4_linear(be, m->k, m->h, &L->w[1], NULL, n));
+                QLR_TRY(o->nf4_linear(be, m->v, m->h, &L->w[2], NULL, n));
+            }
+        }
+        if (!(m->skip & 2)) {
+            if (fz && o->rope_kv_store) {
+                QLR_TRY(o->rope_kv_store(be, m->q, m->k, m->v, L->kc, L->vc, m->d_seq, m->d_pos,
+                                         m->inv_freq, n, c->heads, c->kv, c->hd, m->ctx));
+            } else {
+                QLR_TRY(o->rope(be, m->q, m->d_pos, m->inv_freq, n, c->heads, c->hd));
+                QLR_TRY(o->rope(be, m->k, m->d_pos, m->inv_freq, n, c->kv, c->hd));
+                QLR_TRY(o->kv_store(be, L->kc, L->vc, m->k, m->v, m->d_seq, m->d_pos, n, c->kv,
+                                    c->hd, m->ctx));
+            }
         }
         /* a fresh prefill over its own k/v (model/forward.c does the same) */
         qlr_status ast = QLR_ERR_UNSUPPORTED;
@@ -347,34 +350,38 @@ static qlr_status forward_device(bmodel *m, int64_t n, int64_t last_rows) {
         if (ast == QLR_ERR_UNSUPPORTED && !(m->skip & 1))
             QLR_TRY(o->attention(be, m->att, m->q, L->kc, L->vc, m->d_seq, m->d_pos, n, c->heads,
                                  c->kv, c->hd, m->ctx, scale));
-        if (m->skip & 16) {
-        } else if (fz && o->add_rmsnorm) {
-            QLR_TRY(o->nf4_linear(be, m->o, m->att, &L->w[3], NULL, n));
-        } else {
-            QLR_TRY(o->nf4_linear(be, m->h, m->att, &L->w[3], NULL, n));
+        if (!(m->skip & 16)) {
+            if (fz && o->add_rmsnorm) {
+                QLR_TRY(o->nf4_linear(be, m->o, m->att, &L->w[3], NULL, n));
+            } else {
+                QLR_TRY(o->nf4_linear(be, m->h, m->att, &L->w[3], NULL, n));
+            }
         }
-        if (m->skip & 4) {
-        } else if (fz && o->add_rmsnorm) {
-            QLR_TRY(o->add_rmsnorm(be, m->x, m->h, m->o, L->ln2, n, c->hidden, 1e-5f));
-        } else {
-            QLR_TRY(o->add(be, m->x, m->h, n * c->hidden));
-            QLR_TRY(o->rmsnorm(be, m->h, m->x, L->ln2, n, c->hidden, 1e-5f));
+        if (!(m->skip & 4)) {
+            if (fz && o->add_rmsnorm) {
+                QLR_TRY(o->add_rmsnorm(be, m->x, m->h, m->o, L->ln2, n, c->hidden, 1e-5f));
+            } else {
+                QLR_TRY(o->add(be, m->x, m->h, n * c->hidden));
+                QLR_TRY(o->rmsnorm(be, m->h, m->x, L->ln2, n, c->hidden, 1e-5f));
+            }
         }
-        if (m->skip & 32) {
-        } else if (fz && o->nf4_linear_multi) {
-            void *ys[2] = {m->g, m->u};
-            const qlr_nf4 *ws[2] = {&L->w[4], &L->w[5]};
-            QLR_TRY(o->nf4_linear_multi(be, 2, ys, m->h, ws, NULL, n));
-        } else {
-            QLR_TRY(o->nf4_linear(be, m->g, m->h, &L->w[4], NULL, n));
-            QLR_TRY(o->nf4_linear(be, m->u, m->h, &L->w[5], NULL, n));
+        if (!(m->skip & 32)) {
+            if (fz && o->nf4_linear_multi) {
+                void *ys[2] = {m->g, m->u};
+                const qlr_nf4 *ws[2] = {&L->w[4], &L->w[5]};
+                QLR_TRY(o->nf4_linear_multi(be, 2, ys, m->h, ws, NULL, n));
+            } else {
+                QLR_TRY(o->nf4_linear(be, m->g, m->h, &L->w[4], NULL, n));
+                QLR_TRY(o->nf4_linear(be, m->u, m->h, &L->w[5], NULL, n));
+            }
         }
-        if (m->skip & 64) {
-        } else if (fz && o->swiglu_nf4_linear) {
-            QLR_TRY(o->swiglu_nf4_linear(be, m->o, m->g, m->u, &L->w[6], NULL, n));
-        } else {
-            QLR_TRY(o->swiglu(be, m->g, m->g, m->u, n * c->ff));
-            QLR_TRY(o->nf4_linear(be, m->o, m->g, &L->w[6], NULL, n));
+        if (!(m->skip & 64)) {
+            if (fz && o->swiglu_nf4_linear) {
+                QLR_TRY(o->swiglu_nf4_linear(be, m->o, m->g, m->u, &L->w[6], NULL, n));
+            } else {
+                QLR_TRY(o->swiglu(be, m->g, m->g, m->u, n * c->ff));
+                QLR_TRY(o->nf4_linear(be, m->o, m->g, &L->w[6], NULL, n));
+            }
         }
         if (!(fz && o->add_rmsnorm) || l + 1 == c->layers)
             QLR_TRY(o->add(be, m->x, m->o, n * c->hidden));
@@ -767,8 +774,9 @@ static qlr_status bench_model(qlr_backend *be, const mcfg *c, const qlr_bench_de
     }
     if (prof && !strcmp(prof, "2")) {
         /* a batch-1 decode step from a CUDA graph, replayed 3 times between
-         * cudaProfilerStart/Stop (nsys --capture-range=cudaProfilerApi --cuda-graph-trace=node
-         * gives every kernel's start and end inside the graph) */
+         * cudaProfilerStart/Stop: with QLR_BENCH_TRACE=FILE (bench/cupti_trace.c) or nsys
+         * --capture-range=cudaProfilerApi --cuda-graph-trace=node, every kernel's start and
+         * end inside the graph */
         int32_t tok[1] = {1};
         for (int64_t i = 0; i < o->decode_ctx; i++) seq[i] = 0, pos[i] = (int32_t)i;
         st = forward(&m, o->decode_ctx, ids, seq, pos, 1, out);
