@@ -225,16 +225,6 @@ typedef struct qlr_backend_ops {
     qlr_status (*attention_fresh)(qlr_backend *be, void *out, const void *q, const void *k,
                                   const void *v, int64_t n, int64_t n_heads, int64_t n_kv,
                                   int64_t hd, float scale);
-    /* Residual add, RMSNorm and k (1..3) NF4 linears of the normalised rows in one op:
-     * add_rmsnorm(be, x, xn, dx, w_norm, n, d, eps) then nf4_linear_multi(be, k, y, xn, w,
-     * bias, n), except that the sum goes to x_out (x is only read) and xn is not stored. With
-     * dx == NULL (and x_out == NULL) it is rmsnorm(xn, x) then the linears. x_out must not
-     * alias x, dx or any y; every w[i]->cols == d. May return QLR_ERR_UNSUPPORTED (nothing
-     * written): the caller clears the error and uses the separate ops. */
-    qlr_status (*norm_nf4_linear_multi)(qlr_backend *be, void *x_out, const void *x,
-                                        const void *dx, const float *w_norm, float eps, int k,
-                                        void *const *y, const qlr_nf4 *const *w,
-                                        const float *const *bias, int64_t n, int64_t d);
 } qlr_backend_ops;
 
 /* Device memory and synchronisation. */

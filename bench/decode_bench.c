@@ -49,7 +49,7 @@ typedef struct bmodel {
     uint16_t *emb, *head;
     float *lnf, *inv_freq;
     int64_t n_seq, ctx, max_n;
-    void *x, *x2, *h, *q, *k, *v, *att, *g, *u, *o;
+    void *x, *h, *q, *k, *v, *att, *g, *u, *o;
     float *logits;
     int32_t *d_ids, *d_seq, *d_pos;
     double nf4_bytes, nf4_params;
@@ -60,7 +60,6 @@ typedef struct bmodel {
     int fresh_prefill; /* this forward is one sequence at positions 0..n-1 (set by forward()) */
     int no_fresh;      /* 1: the attention op even for fresh prefills (our kernel, not cuDNN) */
     int fresh_served;  /* layers attention_fresh served (counts up) */
-    int no_norm_fuse;  /* 1: add_rmsnorm + linears even where norm_nf4_linear_multi exists */
     int skip;          /* kinds of kernel left out (b1_marginal; timing only): 1 attention,
                           2 rope_kv, 4 norms, 8 q/k/v, 16 o, 32 gate/up, 64 down, 128 lm_head */
 } bmodel;
@@ -125,7 +124,7 @@ static void model_free(bmodel *m) {
         }
     free(m->L);
     if (m->head_nf4.codes) qlr_backend_nf4_free(be, &m->head_nf4);
-    void *bufs[] = {m->emb, m->c.tied ? NULL : m->head, m->lnf, m->inv_freq, m->x, m->x2, m->h, m->q,
+    void *bufs[] = {m->emb, m->c.tied ? NULL : m->head, m->lnf, m->inv_freq, m->x, m->h, m->q,
                     m->k, m->v, m->att, m->g, m->u, m->o, m->logits, m->d_ids, m->d_seq, m->d_pos};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i]) be->mem.free(be, bufs[i]);
@@ -264,7 +263,6 @@ static qlr_status model_create(qlr_backend *be, const mcfg *c, int64_t n_seq, in
     free(inv);
     size_t es = qlr_backend_act_size(be);
     m->x = dalloc(m, (size_t)(max_n * c->hidden) * es, &st);
-    m->x2 = dalloc(m, (size_t)(max_n * c->hidden) * es, &st);
     m->h = dalloc(m, (size_t)(max_n * c->hidden) * es, &st);
     m->q = dalloc(m, (size_t)(max_n * H) * es, &st);
     m->k = dalloc(m, (size_t)(max_n * KV) * es, &st);
@@ -300,37 +298,21 @@ static qlr_status forward_device(bmodel *m, int64_t n, int64_t last_rows) {
     const mcfg *c = &m->c;
     qlr_backend_ops *o = &be->ops;
     size_t es = qlr_backend_act_size(be);
-    void *x = m->x, *x2 = m->x2; /* the residual and its other buffer (they swap) */
-    QLR_TRY(o->embedding(be, x, m->emb, m->d_ids, n, c->hidden, c->vocab));
+    QLR_TRY(o->embedding(be, m->x, m->emb, m->d_ids, n, c->hidden, c->vocab));
     float scale = 1.0f / sqrtf((float)c->hd);
     int fresh = m->fresh_prefill && !m->no_fresh && n > 64 && o->attention_fresh;
-    int nfz = m->use_fused && !m->no_norm_fuse && !m->skip && o->norm_nf4_linear_multi;
     for (int64_t l = 0; l < c->layers; l++) {
         blayer *L = &m->L[l];
         /* the fused ops when the backend has them (model/forward.c does the same); the MLP's
-         * residual add is deferred into the next layer's add_rmsnorm, or into the next norm
-         * folded into q/k/v (norm_nf4_linear_multi: x + dx lands in x2 and the two swap) */
+         * residual add is deferred into the next layer's add_rmsnorm */
         int fz = m->use_fused;
-        qlr_status nst = QLR_ERR_UNSUPPORTED;
-        if (nfz) {
-            void *ys[3] = {m->q, m->k, m->v};
-            const qlr_nf4 *ws[3] = {&L->w[0], &L->w[1], &L->w[2]};
-            nst = o->norm_nf4_linear_multi(be, l > 0 ? x2 : NULL, x, l > 0 ? m->o : NULL, L->ln1,
-                                           1e-5f, 3, ys, ws, NULL, n, c->hidden);
-            if (nst == QLR_ERR_UNSUPPORTED) qlr_error_clear(), nfz = 0;
-            else QLR_TRY(nst);
-            if (nst == QLR_OK && l > 0) {
-                void *t = x;
-                x = x2, x2 = t;
-            }
-        }
-        if (nst != QLR_OK && !(m->skip & 4)) {
+        if (!(m->skip & 4)) {
             if (fz && l > 0 && o->add_rmsnorm)
-                QLR_TRY(o->add_rmsnorm(be, x, m->h, m->o, L->ln1, n, c->hidden, 1e-5f));
+                QLR_TRY(o->add_rmsnorm(be, m->x, m->h, m->o, L->ln1, n, c->hidden, 1e-5f));
             else
-                QLR_TRY(o->rmsnorm(be, m->h, x, L->ln1, n, c->hidden, 1e-5f));
+                QLR_TRY(o->rmsnorm(be, m->h, m->x, L->ln1, n, c->hidden, 1e-5f));
         }
-        if (nst != QLR_OK && !(m->skip & 8)) {
+        if (!(m->skip & 8)) {
             if (fz && o->nf4_linear_multi) {
                 void *ys[3] = {m->q, m->k, m->v};
                 const qlr_nf4 *ws[3] = {&L->w[0], &L->w[1], &L->w[2]};
@@ -375,28 +357,15 @@ static qlr_status forward_device(bmodel *m, int64_t n, int64_t last_rows) {
                 QLR_TRY(o->nf4_linear(be, m->h, m->att, &L->w[3], NULL, n));
             }
         }
-        nst = QLR_ERR_UNSUPPORTED;
-        if (nfz) {
-            void *ys[2] = {m->g, m->u};
-            const qlr_nf4 *ws[2] = {&L->w[4], &L->w[5]};
-            nst = o->norm_nf4_linear_multi(be, x2, x, m->o, L->ln2, 1e-5f, 2, ys, ws, NULL, n,
-                                           c->hidden);
-            if (nst == QLR_ERR_UNSUPPORTED) qlr_error_clear(), nfz = 0;
-            else QLR_TRY(nst);
-            if (nst == QLR_OK) {
-                void *t = x;
-                x = x2, x2 = t;
-            }
-        }
-        if (nst != QLR_OK && !(m->skip & 4)) {
+        if (!(m->skip & 4)) {
             if (fz && o->add_rmsnorm) {
-                QLR_TRY(o->add_rmsnorm(be, x, m->h, m->o, L->ln2, n, c->hidden, 1e-5f));
+                QLR_TRY(o->add_rmsnorm(be, m->x, m->h, m->o, L->ln2, n, c->hidden, 1e-5f));
             } else {
-                QLR_TRY(o->add(be, x, m->h, n * c->hidden));
-                QLR_TRY(o->rmsnorm(be, m->h, x, L->ln2, n, c->hidden, 1e-5f));
+                QLR_TRY(o->add(be, m->x, m->h, n * c->hidden));
+                QLR_TRY(o->rmsnorm(be, m->h, m->x, L->ln2, n, c->hidden, 1e-5f));
             }
         }
-        if (nst != QLR_OK && !(m->skip & 32)) {
+        if (!(m->skip & 32)) {
             if (fz && o->nf4_linear_multi) {
                 void *ys[2] = {m->g, m->u};
                 const qlr_nf4 *ws[2] = {&L->w[4], &L->w[5]};
@@ -415,10 +384,10 @@ static qlr_status forward_device(bmodel *m, int64_t n, int64_t last_rows) {
             }
         }
         if (!(fz && o->add_rmsnorm) || l + 1 == c->layers)
-            QLR_TRY(o->add(be, x, m->o, n * c->hidden));
+            QLR_TRY(o->add(be, m->x, m->o, n * c->hidden));
     }
     int64_t r0 = n - last_rows;
-    char *xl = (char *)x + (size_t)(r0 * c->hidden) * es;
+    char *xl = (char *)m->x + (size_t)(r0 * c->hidden) * es;
     QLR_TRY(o->rmsnorm(be, m->h, xl, m->lnf, last_rows, c->hidden, 1e-5f));
 #ifdef QLR_BACKEND_CUDA
     if (m->use_nf4_head && last_rows == 1) return qlr_cuda_nf4_logits(be, m->logits, m->h, &m->head_nf4);
@@ -737,24 +706,21 @@ static qlr_status bench_attention_sdpa(qlr_backend *be, const mcfg *c, int64_t P
 #ifdef QLR_BACKEND_CUDA
 /* What each kernel kind costs in place in the batch-1 graph step (overlap included): the step
  * timed with that kind left out (m->skip), subtracted from the full step. The values the
- * skipping steps compute are meaningless; only their time counts. Measured on the composition
- * with separate norm kernels (no norm_nf4_linear_multi), so that norms can be left out. */
+ * skipping steps compute are meaningless; only their time counts. */
 #define N_ABL 12
 static const int k_abl_mask[N_ABL] = {0, 1, 2, 4, 8, 16, 32, 64, 128, 1 | 2 | 4 | 128, 8 | 16 | 32 | 64, 255};
-static const char *k_abl_name[N_ABL] = {"step_separate_norms", "attention", "rope_kv", "norms", "qkv", "o",
+static const char *k_abl_name[N_ABL] = {"step", "attention", "rope_kv", "norms", "qkv", "o",
                                         "gate_up", "down_swiglu", "lm_head", "non_linear_kernels",
                                         "nf4_linears", "all_kernels"};
 static qlr_status b1_marginal(bmodel *m, int64_t D, int32_t *tok, int32_t *seq, int32_t *pos,
                               double *ms) {
     double sec[N_ABL];
     qlr_status st = QLR_OK;
-    m->no_norm_fuse = 1;
     for (int i = 0; i < N_ABL && st == QLR_OK; i++) {
         m->skip = k_abl_mask[i];
         st = graph_decode(m, 1, D, 20, 3, tok, seq, pos, &sec[i]);
     }
     m->skip = 0;
-    m->no_norm_fuse = 0;
     for (int i = 0; i < N_ABL && st == QLR_OK; i++) {
         ms[i] = 1e3 * (i == 0 ? sec[0] : sec[0] - sec[i]);
         fprintf(stderr, "bench %s: decode batch 1, %s%s: %.3f ms\n", m->c.name,

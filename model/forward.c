@@ -62,8 +62,8 @@ void qlr_kv_cache_free(qlr_kv_cache *kv) {
 
 /* ---- workspace plan ---- */
 
-enum { B_X, B_X2, B_XN, B_Q, B_K, B_V, B_ATT, B_O, B_GATE, B_UP, B_XL, B_LOGITS, B_IDS, B_POS,
-       B_SEQ, B_ROWS, B_COUNT };
+enum { B_X, B_XN, B_Q, B_K, B_V, B_ATT, B_O, B_GATE, B_UP, B_XL, B_LOGITS, B_IDS, B_POS, B_SEQ,
+       B_ROWS, B_COUNT };
 
 struct qlr_forward {
     qlr_model *m;
@@ -82,7 +82,6 @@ static void plan(const qlr_model_config *c, qlr_backend *be, int32_t T, int32_t 
     uint64_t d = (uint64_t)c->d_model, q = (uint64_t)c->n_heads * c->head_dim,
              kv = (uint64_t)c->n_kv_heads * c->head_dim, ff = (uint64_t)c->d_ff;
     sz[B_X] = T * d * a;
-    sz[B_X2] = T * d * a; /* the residual's other buffer (norm_nf4_linear_multi) */
     sz[B_XN] = T * d * a;
     sz[B_Q] = T * q * a;
     sz[B_K] = T * kv * a;
@@ -195,64 +194,6 @@ static qlr_status linear(qlr_backend *be, const qlr_layer *L, qlr_linear_id id, 
     return QLR_OK;
 }
 
-/* k consecutive linears of one layer (q/k/v or gate/up) over the same input: one
- * nf4_linear_multi (+ each one's LoRA) where the backend has it and the widths agree, else one
- * linear each. */
-static qlr_status linears(qlr_backend *be, const qlr_layer *L, qlr_linear_id first, int k,
-                          void *const *y, const void *x, int64_t n) {
-    const qlr_nf4 *ws[3];
-    const float *bs[3];
-    int same = 1;
-    for (int i = 0; i < k; i++) {
-        ws[i] = &L->w[first + i];
-        bs[i] = L->bias[first + i];
-        same = same && ws[i]->cols == ws[0]->cols;
-    }
-    if (!be->ops.nf4_linear_multi || !same) {
-        for (int i = 0; i < k; i++) QLR_TRY(linear(be, L, (qlr_linear_id)(first + i), y[i], x, n));
-        return QLR_OK;
-    }
-    QLR_TRY(be->ops.nf4_linear_multi(be, k, y, x, ws, bs, n));
-    for (int i = 0; i < k; i++)
-        if (L->lora[first + i])
-            QLR_TRY(be->ops.lora(be, y[i], x, L->lora[first + i], n, ws[i]->cols, ws[i]->rows));
-    return QLR_OK;
-}
-
-/* 1 when none of the k linears from `first` has a LoRA (the fused norm never stores the
- * normalised rows that a LoRA reads). */
-static int no_lora(const qlr_layer *L, qlr_linear_id first, int k) {
-    for (int i = 0; i < k; i++)
-        if (L->lora[first + i]) return 0;
-    return 1;
-}
-
-/* norm_nf4_linear_multi over k linears from `first`, with the residual ping-pong: with dx,
- * *x + dx lands in *x2 and the two swap. QLR_ERR_UNSUPPORTED (error cleared, nothing written)
- * turns *fuse off for the rest of the forward; the caller then uses the separate ops. */
-static qlr_status norm_linears(qlr_backend *be, const qlr_layer *L, qlr_linear_id first, int k,
-                               void *const *y, int *fuse, void **x, void **x2, const void *dx,
-                               const float *norm_w, float eps, int64_t n, int64_t d) {
-    const qlr_nf4 *ws[3];
-    const float *bs[3];
-    for (int i = 0; i < k; i++) {
-        ws[i] = &L->w[first + i];
-        bs[i] = L->bias[first + i];
-        if (ws[i]->cols != d) return QLR_ERR_UNSUPPORTED;
-    }
-    qlr_status st = be->ops.norm_nf4_linear_multi(be, dx ? *x2 : NULL, *x, dx, norm_w, eps, k, y,
-                                                  ws, bs, n, d);
-    if (st == QLR_ERR_UNSUPPORTED) {
-        qlr_error_clear();
-        *fuse = 0;
-    } else if (st == QLR_OK && dx) {
-        void *t = *x;
-        *x = *x2;
-        *x2 = t;
-    }
-    return st;
-}
-
 qlr_status qlr_model_forward(qlr_forward *f, qlr_kv_cache *kv, const qlr_batch *b,
                              float **logits) {
     qlr_model *m = f->m;
@@ -261,7 +202,7 @@ qlr_status qlr_model_forward(qlr_forward *f, qlr_kv_cache *kv, const qlr_batch *
     QLR_TRY(check_batch(f, kv, b));
     int64_t n = b->n, d = c->d_model, nh = c->n_heads, nkv = c->n_kv_heads, hd = c->head_dim;
     int32_t *ids = f->buf[B_IDS], *pos = f->buf[B_POS], *seq = f->buf[B_SEQ], *rows = f->buf[B_ROWS];
-    void *x = f->buf[B_X], *x2 = f->buf[B_X2], *xn = f->buf[B_XN], *q = f->buf[B_Q], *k = f->buf[B_K], *v = f->buf[B_V],
+    void *x = f->buf[B_X], *xn = f->buf[B_XN], *q = f->buf[B_Q], *k = f->buf[B_K], *v = f->buf[B_V],
          *att = f->buf[B_ATT], *o = f->buf[B_O], *gate = f->buf[B_GATE], *up = f->buf[B_UP];
     QLR_TRY(be->mem.h2d(be, ids, b->tokens, (size_t)n * 4));
     QLR_TRY(be->mem.h2d(be, pos, b->pos, (size_t)n * 4));
@@ -279,25 +220,26 @@ qlr_status qlr_model_forward(qlr_forward *f, qlr_kv_cache *kv, const qlr_batch *
      * (k/v are still stored into the cache for later steps); on QLR_ERR_UNSUPPORTED the error is
      * cleared and this forward uses the attention op from then on. */
     int fresh = op->attention_fresh && n > 64 && fresh_prefill(b);
-    /* The residual add and RMSNorm folded into the next linears when the backend has it
-     * (norm_nf4_linear_multi: the sum goes to the residual's other buffer, so x and x2 swap);
-     * off for the rest of this forward once the backend says QLR_ERR_UNSUPPORTED. */
-    int fuse_norm = op->norm_nf4_linear_multi != NULL;
     for (int32_t l = 0; l < c->n_layers; l++) {
         const qlr_layer *L = &m->layers[l];
-        /* the residual add + RMSNorm, then q/k/v: in one op where the backend fuses them */
-        void *qkv[3] = {q, k, v};
-        qlr_status nst = QLR_ERR_UNSUPPORTED;
-        if (fuse_norm && no_lora(L, QLR_LIN_Q, 3))
-            nst = norm_linears(be, L, QLR_LIN_Q, 3, qkv, &fuse_norm, &x, &x2, pending,
-                               L->attn_norm, c->rms_eps, n, d);
-        if (nst != QLR_OK) {
-            if (nst != QLR_ERR_UNSUPPORTED) return nst;
-            if (pending) QLR_TRY(op->add_rmsnorm(be, x, xn, pending, L->attn_norm, n, d, c->rms_eps));
-            else QLR_TRY(op->rmsnorm(be, xn, x, L->attn_norm, n, d, c->rms_eps));
-            QLR_TRY(linears(be, L, QLR_LIN_Q, 3, qkv, xn, n));
-        }
+        if (pending) QLR_TRY(op->add_rmsnorm(be, x, xn, pending, L->attn_norm, n, d, c->rms_eps));
+        else QLR_TRY(op->rmsnorm(be, xn, x, L->attn_norm, n, d, c->rms_eps));
         pending = NULL;
+        if (op->nf4_linear_multi && L->w[QLR_LIN_K].cols == L->w[QLR_LIN_Q].cols &&
+            L->w[QLR_LIN_V].cols == L->w[QLR_LIN_Q].cols) {
+            void *ys[3] = {q, k, v};
+            const qlr_nf4 *ws[3] = {&L->w[QLR_LIN_Q], &L->w[QLR_LIN_K], &L->w[QLR_LIN_V]};
+            const float *bs[3] = {L->bias[QLR_LIN_Q], L->bias[QLR_LIN_K], L->bias[QLR_LIN_V]};
+            QLR_TRY(op->nf4_linear_multi(be, 3, ys, xn, ws, bs, n));
+            for (int i = 0; i < 3; i++)
+                if (L->lora[QLR_LIN_Q + i])
+                    QLR_TRY(op->lora(be, ys[i], xn, L->lora[QLR_LIN_Q + i], n, ws[i]->cols,
+                                     ws[i]->rows));
+        } else {
+            QLR_TRY(linear(be, L, QLR_LIN_Q, q, xn, n));
+            QLR_TRY(linear(be, L, QLR_LIN_K, k, xn, n));
+            QLR_TRY(linear(be, L, QLR_LIN_V, v, xn, n));
+        }
         if (op->rope_kv_store) {
             QLR_TRY(op->rope_kv_store(be, q, k, v, kv->k[l], kv->v[l], seq, pos, m->inv_freq, n, nh,
                                       nkv, hd, kv->ctx));
@@ -320,20 +262,24 @@ qlr_status qlr_model_forward(qlr_forward *f, qlr_kv_cache *kv, const qlr_batch *
             QLR_TRY(op->attention(be, att, q, kv->k[l], kv->v[l], seq, pos, n, nh, nkv, hd,
                                   kv->ctx, scale));
         QLR_TRY(linear(be, L, QLR_LIN_O, o, att, n));
-        void *gu[2] = {gate, up};
-        nst = QLR_ERR_UNSUPPORTED;
-        if (fuse_norm && no_lora(L, QLR_LIN_GATE, 2))
-            nst = norm_linears(be, L, QLR_LIN_GATE, 2, gu, &fuse_norm, &x, &x2, o, L->ffn_norm,
-                               c->rms_eps, n, d);
-        if (nst != QLR_OK) {
-            if (nst != QLR_ERR_UNSUPPORTED) return nst;
-            if (op->add_rmsnorm) {
-                QLR_TRY(op->add_rmsnorm(be, x, xn, o, L->ffn_norm, n, d, c->rms_eps));
-            } else {
-                QLR_TRY(op->add(be, x, o, n * d));
-                QLR_TRY(op->rmsnorm(be, xn, x, L->ffn_norm, n, d, c->rms_eps));
-            }
-            QLR_TRY(linears(be, L, QLR_LIN_GATE, 2, gu, xn, n));
+        if (op->add_rmsnorm) {
+            QLR_TRY(op->add_rmsnorm(be, x, xn, o, L->ffn_norm, n, d, c->rms_eps));
+        } else {
+            QLR_TRY(op->add(be, x, o, n * d));
+            QLR_TRY(op->rmsnorm(be, xn, x, L->ffn_norm, n, d, c->rms_eps));
+        }
+        if (op->nf4_linear_multi && L->w[QLR_LIN_UP].cols == L->w[QLR_LIN_GATE].cols) {
+            void *ys[2] = {gate, up};
+            const qlr_nf4 *ws[2] = {&L->w[QLR_LIN_GATE], &L->w[QLR_LIN_UP]};
+            const float *bs[2] = {L->bias[QLR_LIN_GATE], L->bias[QLR_LIN_UP]};
+            QLR_TRY(op->nf4_linear_multi(be, 2, ys, xn, ws, bs, n));
+            for (int i = 0; i < 2; i++)
+                if (L->lora[QLR_LIN_GATE + i])
+                    QLR_TRY(op->lora(be, ys[i], xn, L->lora[QLR_LIN_GATE + i], n, ws[i]->cols,
+                                     ws[i]->rows));
+        } else {
+            QLR_TRY(linear(be, L, QLR_LIN_GATE, gate, xn, n));
+            QLR_TRY(linear(be, L, QLR_LIN_UP, up, xn, n));
         }
         if (op->swiglu_nf4_linear && !L->lora[QLR_LIN_DOWN]) {
             QLR_TRY(op->swiglu_nf4_linear(be, o, gate, up, &L->w[QLR_LIN_DOWN],

@@ -168,10 +168,6 @@ qlr_status qlr_cuda_swiglu_nf4_linear(qlr_backend *be, void *y, void *gate, cons
                                       const qlr_nf4 *w, const float *bias, int64_t n);
 qlr_status qlr_cuda_add_rmsnorm(qlr_backend *be, void *x, void *y, const void *dx, const float *w,
                                 int64_t n, int64_t d, float eps);
-qlr_status qlr_cuda_norm_nf4_linear_multi(qlr_backend *be, void *x_out, const void *x,
-                                          const void *dx, const float *w_norm, float eps, int k,
-                                          void *const *y, const qlr_nf4 *const *w,
-                                          const float *const *bias, int64_t n, int64_t d);
 qlr_status qlr_cuda_rope_kv_store(qlr_backend *be, void *q, void *k, const void *v, void *k_cache,
                                   void *v_cache, const int32_t *seq, const int32_t *pos,
                                   const float *inv_freq, int64_t n, int64_t n_heads, int64_t n_kv,

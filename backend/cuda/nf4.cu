@@ -487,23 +487,6 @@ __device__ __forceinline__ void gemv1_load(const gemv1_args &A, int g, int col, 
 
 __device__ __forceinline__ float silu_f(float g) { return g / (1.0f + expf(-g)); }
 
-/* 32 bf16 values (16 words) -> 16 f16 pairs scaled by the power of two that puts the largest
- * |x| into [1, 2); returns the inverse scale. */
-__device__ __forceinline__ float x_words_f16(const uint32_t xw[16], __half2 xh[16]) {
-    uint32_t mx = 0;
-#pragma unroll
-    for (int j = 0; j < 16; j++) mx = __vmaxu2(mx, xw[j] & 0x7fff7fffu);
-    mx = max(mx >> 16, mx & 0xffffu);
-    int E = (int)(mx >> 7); /* biased exponent of the largest |x| (255: inf/nan) */
-    E = E < 1 ? 1 : (E > 253 ? 253 : E);
-    float scale = __int_as_float((254 - E) << 23);
-#pragma unroll
-    for (int j = 0; j < 16; j++)
-        xh[j] = __floats2half2_rn(__uint_as_float(xw[j] << 16) * scale,
-                                  __uint_as_float(xw[j] & 0xffff0000u) * scale);
-    return __int_as_float(E << 23);
-}
-
 /* A lane's 32 columns of x (from col; zeros when !act) as 16 f16 pairs scaled by a power of two
  * that puts the largest |x| into [1, 2) (no f16 overflow, no loss of bf16 bits); with up, x is
  * silu(x) · up rounded to bf16 first (the SwiGLU op fused into the down projection). Returns the
@@ -533,7 +516,18 @@ __device__ __forceinline__ float gemv_x_f16(const __nv_bfloat16 *x, const __nv_b
             xw[j] = *(uint32_t *)&s;
         }
     }
-    return x_words_f16(xw, xh);
+    uint32_t mx = 0;
+#pragma unroll
+    for (int j = 0; j < 16; j++) mx = __vmaxu2(mx, xw[j] & 0x7fff7fffu);
+    mx = max(mx >> 16, mx & 0xffffu);
+    int E = (int)(mx >> 7); /* biased exponent of the largest |x| (255: inf/nan) */
+    E = E < 1 ? 1 : (E > 253 ? 253 : E);
+    float scale = __int_as_float((254 - E) << 23);
+#pragma unroll
+    for (int j = 0; j < 16; j++)
+        xh[j] = __floats2half2_rn(__uint_as_float(xw[j] << 16) * scale,
+                                  __uint_as_float(xw[j] & 0xffff0000u) * scale);
+    return __int_as_float(E << 23);
 }
 
 template <int MINB>
@@ -676,12 +670,6 @@ struct gs_args {
     int nm, cols, rt, tu, p, n_tiles, stage_bytes, am_region;
     const __nv_bfloat16 *x, *up;
     const float *dynmap;
-    /* add_rmsnorm in the prologue (norm_w != NULL): x' = bf16(x + dx) (dx may be NULL), stored
-     * to x_out by block 0 when x_out != NULL, and the linears read bf16(x' · r · norm_w) */
-    const __nv_bfloat16 *dx;
-    const float *norm_w;
-    __nv_bfloat16 *x_out;
-    float eps;
 };
 
 __device__ __forceinline__ unsigned gs_smem(const void *p) { return (unsigned)__cvta_generic_to_shared(p); }
@@ -755,63 +743,6 @@ __device__ __forceinline__ void gs_write(const gs_args &A, int j, const float *p
     else GS_SEL(A, mi, y)[r] = __float2bfloat16_rn(s);
 }
 
-/* The x prologue with add + RMSNorm (NU = 1: thread = one 32-column unit of partition p, every
- * partition holds all cols). The arithmetic of add_rmsnorm_vec_kernel: x' rounded to bf16, the
- * sum of squares of the rounded values in f32 (here summed per warp, then over the
- * partition's warps in order: every partition gets the same total), r = 1 / sqrt(ss / d + eps),
- * y = bf16(x' · r · w). red: one float per compute warp; bar 1 spans the compute warps. */
-__device__ __forceinline__ float gs_x_norm(const gs_args &A, int ut, int p, int ncomp, float *red,
-                                           __half2 xh[16]) {
-    const int col = ut << 5, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwp = A.tu >> 5;
-    uint32_t xw[16], dw[16];
-    float wv[32];
-    const uint4 *xp = (const uint4 *)(A.x + col), *dp = (const uint4 *)(A.dx + col);
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-        uint4 u = xp[j], v = A.dx ? dp[j] : make_uint4(0, 0, 0, 0);
-        xw[4 * j] = u.x, xw[4 * j + 1] = u.y, xw[4 * j + 2] = u.z, xw[4 * j + 3] = u.w;
-        dw[4 * j] = v.x, dw[4 * j + 1] = v.y, dw[4 * j + 2] = v.z, dw[4 * j + 3] = v.w;
-    }
-    const float4 *wp = (const float4 *)(A.norm_w + col);
-#pragma unroll
-    for (int j = 0; j < 8; j++) {
-        float4 f = __ldg(wp + j);
-        wv[4 * j] = f.x, wv[4 * j + 1] = f.y, wv[4 * j + 2] = f.z, wv[4 * j + 3] = f.w;
-    }
-    float ss = 0.0f;
-#pragma unroll
-    for (int j = 0; j < 16; j++) {
-        if (A.dx) {
-            float2 f = __bfloat1622float2(*(__nv_bfloat162 *)&xw[j]);
-            float2 e = __bfloat1622float2(*(__nv_bfloat162 *)&dw[j]);
-            __nv_bfloat162 h = __floats2bfloat162_rn(f.x + e.x, f.y + e.y);
-            xw[j] = *(uint32_t *)&h;
-        }
-        float2 f = __bfloat1622float2(*(__nv_bfloat162 *)&xw[j]);
-        ss = fmaf(f.x, f.x, ss);
-        ss = fmaf(f.y, f.y, ss);
-    }
-    if (A.x_out && blockIdx.x == 0 && p == 0) {
-        uint4 *op = (uint4 *)(A.x_out + col);
-#pragma unroll
-        for (int j = 0; j < 4; j++) op[j] = make_uint4(xw[4 * j], xw[4 * j + 1], xw[4 * j + 2], xw[4 * j + 3]);
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-    if (lane == 0) red[warp] = ss;
-    asm volatile("bar.sync 1, %0;" ::"r"(ncomp) : "memory");
-    float tot = 0.0f;
-    for (int w = 0; w < nwp; w++) tot += red[p * nwp + w];
-    float r = 1.0f / sqrtf(tot / (float)A.cols + A.eps);
-#pragma unroll
-    for (int j = 0; j < 16; j++) {
-        float2 f = __bfloat1622float2(*(__nv_bfloat162 *)&xw[j]);
-        __nv_bfloat162 y = __floats2bfloat162_rn(f.x * r * wv[2 * j], f.y * r * wv[2 * j + 1]);
-        xw[j] = *(uint32_t *)&y;
-    }
-    return x_words_f16(xw, xh);
-}
-
 template <int NU, int DQ>
 __global__ void __launch_bounds__(GS_THREADS + 32, 1) nf4_gemv1s_kernel(const __grid_constant__ gs_args A) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -862,12 +793,8 @@ __global__ void __launch_bounds__(GS_THREADS + 32, 1) nf4_gemv1s_kernel(const __
     int p = tid / A.tu, ut = tid - p * A.tu;
     __half2 xh[NU][16];
     float inv[NU];
-    if (NU == 1 && A.norm_w) {
-        inv[0] = gs_x_norm(A, ut, p, ncomp, (float *)(gsm + GS_TAB + 1024 + 8 * GS_STAGES), xh[0]);
-    } else {
 #pragma unroll
-        for (int i = 0; i < NU; i++) inv[i] = gemv_x_f16(A.x, A.up, (ut + i * A.tu) << 5, true, xh[i]);
-    }
+    for (int i = 0; i < NU; i++) inv[i] = gemv_x_f16(A.x, A.up, (ut + i * A.tu) << 5, true, xh[i]);
     const int cols = A.cols, rb = cols >> 1, ab = cols >> 6;
     const uint32_t lane4 = (uint32_t)lane << 2;
     /* items: (row, unit, x) = (p + iP, ut, 0) for NU = 1; (p + (i >> 1), ut + (i & 1) TU, i & 1)
@@ -999,25 +926,11 @@ static qlr_status gs_launch_t(qlr_backend *be, const gs_args &A, int threads, si
 }
 
 /* y[i] (bf16) or yf[i] (f32) = x · W[i]ᵀ (+ bias[i]) for k (1..3) matrices that gs_fits. */
-struct gs_norm {
-    const __nv_bfloat16 *dx;
-    const float *w;
-    __nv_bfloat16 *x_out;
-    float eps;
-};
-
 static qlr_status gs_launch(qlr_backend *be, int k, __nv_bfloat16 *const *y, float *const *yf,
                             const __nv_bfloat16 *x, const __nv_bfloat16 *up,
-                            const qlr_nf4 *const *w, const float *const *bias,
-                            const gs_norm *norm = NULL) {
+                            const qlr_nf4 *const *w, const float *const *bias) {
     gs_args A;
     memset(&A, 0, sizeof A);
-    if (norm) {
-        A.dx = norm->dx;
-        A.norm_w = norm->w;
-        A.x_out = norm->x_out;
-        A.eps = norm->eps;
-    }
     int cols = (int)w[0]->cols, U = cols >> 5, NU = U <= GS_THREADS ? 1 : 2;
     A.nm = k;
     A.cols = cols;
@@ -1309,31 +1222,6 @@ qlr_status qlr_cuda_swiglu_nf4_linear(qlr_backend *be, void *y, void *gate, cons
     }
     QLR_TRY(qlr_cuda_swiglu(be, gate, gate, up, n * w->cols));
     return qlr_cuda_nf4_linear(be, y, gate, w, bias, n);
-}
-
-/* add_rmsnorm then nf4_linear_multi in one launch of the streaming kernel (n = 1; the op
- * contract in backend.h): every block normalises x (+ dx) itself, block 0 stores the residual. */
-qlr_status qlr_cuda_norm_nf4_linear_multi(qlr_backend *be, void *x_out, const void *x,
-                                          const void *dx, const float *w_norm, float eps, int k,
-                                          void *const *y, const qlr_nf4 *const *w,
-                                          const float *const *bias, int64_t n, int64_t d) {
-    QLR_ASSERT(be && be->kind == QLR_DEVICE_CUDA && k >= 1 && k <= 3);
-    qlr_cuda_impl *im = qlr_cuda_im(be);
-    int ok = n == 1 && im->gemv1_variant == 4 && im->n_policy > 0 && im->policy_max_n[0] >= 1 &&
-             im->policy_path[0] == QLR_CUDA_NF4_FUSED && d % 1024 == 0 && d / 32 <= GS_THREADS &&
-             w[0]->cols == d && gs_fits(be, k, w) && ((uintptr_t)x & 15) == 0 &&
-             ((uintptr_t)dx & 15) == 0 && ((uintptr_t)x_out & 15) == 0 &&
-             ((uintptr_t)w_norm & 15) == 0 && (dx == NULL) == (x_out == NULL);
-    for (int i = 0; i < k && ok; i++) ok = w[i]->rows > 0 && ((uintptr_t)y[i] & 15) == 0;
-    if (!ok)
-        return qlr_errorf(QLR_ERR_UNSUPPORTED, "cuda norm_nf4_linear_multi: n=%lld, d=%lld: fused "
-                          "only for one token, d a multiple of 1024 up to %d, the streaming n=1 "
-                          "kernel and 16-byte aligned arrays", (long long)n, (long long)d,
-                          32 * GS_THREADS);
-    __nv_bfloat16 *ys[3];
-    for (int i = 0; i < k; i++) ys[i] = (__nv_bfloat16 *)y[i];
-    gs_norm nm = {(const __nv_bfloat16 *)dx, w_norm, (__nv_bfloat16 *)x_out, eps};
-    return gs_launch(be, k, ys, NULL, (const __nv_bfloat16 *)x, NULL, w, bias, &nm);
 }
 
 extern "C" void qlr_cuda_set_gemv1_variant(qlr_backend *be, int variant) {

@@ -5,8 +5,7 @@
  * fallback widths) and rope_kv_store (head dims 64 and 128, GQA, large positions); the n = 1
  * kernels behind them: the streaming kernel (variant 4, sm_90: cols multiples of 1024 up to 32768,
  * partial tiles, fewer tiles than SMs, both absmax forms, two runs bitwise equal) and the register
- * kernel (variant 2) on the same inputs, the f32-output NF4 logits entry, and
- * norm_nf4_linear_multi (residual add + RMSNorm in the streaming kernel's prologue). */
+ * kernel (variant 2) on the same inputs, and the f32-output NF4 logits entry. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -308,131 +307,6 @@ static void test_logits(int64_t rows, int64_t cols, int dq) {
     free_w(&w);
 }
 
-/* norm_nf4_linear_multi at n = 1 against the CPU composition add + rmsnorm + nf4_linear: y
- * within the tolerance of test_swiglu_linear (bf16 x + dx and bf16 normalised rows on the GPU,
- * f32 on the CPU), x_out = bf16(x + dx), x unchanged, two runs bitwise equal; refusals (n = 2,
- * d not a multiple of 1024) write nothing. */
-static void test_norm_multi(int k, const int64_t *rows, int64_t d, int dq, int with_bias, int with_dx) {
-    wpair w[3];
-    float *bias[3] = {0}, *ref[3] = {0};
-    gh_buf gb[3], gy[3];
-    float *x = randv(d, 1.0f), *dx = randv(d, 0.5f), *nw = randv(d, 0.2f);
-    for (int64_t i = 0; i < d; i++) nw[i] += 1.0f;
-    x[5] = 40.0f; /* one large residual value */
-    gh_buf cx = gh_act(g_cpu, x, d), gx = gh_act(g_gpu, x, d);
-    gh_buf cdx = gh_act(g_cpu, dx, d), gdx = gh_act(g_gpu, dx, d);
-    gh_buf cw = gh_raw(g_cpu, nw, (size_t)d * 4), gw = gh_raw(g_gpu, nw, (size_t)d * 4);
-    gh_buf cxn = gh_alloc(g_cpu, (size_t)d * 4), gxo = gh_alloc(g_gpu, (size_t)d * 2);
-    if (with_dx) CHECK_OK(g_cpu->ops.add(g_cpu, cx.p, cdx.p, d));
-    CHECK_OK(g_cpu->ops.rmsnorm(g_cpu, cxn.p, cx.p, cw.p, 1, d, 1e-5f));
-    for (int i = 0; i < k; i++) {
-        make_w(&w[i], rows[i], d, dq);
-        bias[i] = randv(rows[i], 0.1f);
-        gh_buf cb = gh_raw(g_cpu, bias[i], (size_t)rows[i] * 4);
-        gb[i] = gh_raw(g_gpu, bias[i], (size_t)rows[i] * 4);
-        gh_buf cy = gh_alloc(g_cpu, (size_t)rows[i] * 4);
-        CHECK_OK(g_cpu->ops.nf4_linear(g_cpu, cy.p, cxn.p, &w[i].cpu, with_bias ? cb.p : NULL, 1));
-        ref[i] = malloc((size_t)rows[i] * 4);
-        memcpy(ref[i], cy.p, (size_t)rows[i] * 4);
-        gh_free_checked(g_cpu, &cy, "cpu y");
-        gh_free_checked(g_cpu, &cb, "cpu bias");
-        gy[i] = gh_alloc(g_gpu, (size_t)rows[i] * 2);
-    }
-    void *ys[3];
-    const qlr_nf4 *ws[3];
-    const float *bs[3];
-    for (int i = 0; i < k; i++) ys[i] = gy[i].p, ws[i] = &w[i].gpu, bs[i] = with_bias ? gb[i].p : NULL;
-    char what[160];
-    snprintf(what, sizeof what, "norm_nf4_linear_multi k=%d d=%lld dq=%d%s%s", k, (long long)d, dq,
-             with_bias ? " bias" : "", with_dx ? " +dx" : "");
-    CHECK(g_gpu->ops.norm_nf4_linear_multi != NULL);
-    uint16_t *first[3] = {0};
-    for (int run = 0; run < 2; run++) {
-        CHECK_OK(g_gpu->ops.norm_nf4_linear_multi(g_gpu, with_dx ? gxo.p : NULL, gx.p,
-                                                  with_dx ? gdx.p : NULL, gw.p, 1e-5f, k, ys, ws,
-                                                  bs, 1, d));
-        for (int i = 0; i < k; i++) {
-            uint16_t *raw = malloc((size_t)rows[i] * 2);
-            CHECK_OK(g_gpu->mem.d2h(g_gpu, raw, gy[i].p, (size_t)rows[i] * 2));
-            CHECK_OK(g_gpu->mem.sync(g_gpu));
-            if (run == 0) {
-                float *got = malloc((size_t)rows[i] * 4);
-                gh_read_act(g_gpu, gy[i].p, got, rows[i]);
-                char wi[200];
-                snprintf(wi, sizeof wi, "%s #%d", what, i);
-                double rms = gh_rms(ref[i], rows[i]);
-                gh_compare(wi, got, ref[i], rows[i], rms * 0x1p-6, 0x1p-6);
-                free(got);
-                first[i] = raw;
-            } else {
-                CHECK_MSG(!memcmp(first[i], raw, (size_t)rows[i] * 2), "%s #%d: two runs differ", what, i);
-                free(raw);
-            }
-        }
-    }
-    float *xr = malloc((size_t)d * 4);
-    gh_read_act(g_gpu, gx.p, xr, d);
-    CHECK_MSG(!memcmp(xr, x, (size_t)d * 4), "%s: x was written", what);
-    if (with_dx) {
-        gh_read_act(g_gpu, gxo.p, xr, d);
-        char wo[200];
-        snprintf(wo, sizeof wo, "%s x_out", what);
-        gh_compare(wo, xr, cx.p, d, 0, 0x1p-8); /* bf16 rounding of the f32 sum */
-    }
-    /* refusals: nothing written */
-    for (int i = 0; i < k; i++) CHECK_OK(g_gpu->mem.memset0(g_gpu, gy[i].p, (size_t)rows[i] * 2));
-    qlr_status st = g_gpu->ops.norm_nf4_linear_multi(g_gpu, NULL, gx.p, NULL, gw.p, 1e-5f, k, ys,
-                                                     ws, bs, 2, d);
-    CHECK_MSG(st == QLR_ERR_UNSUPPORTED, "%s: n = 2 gave %d, want QLR_ERR_UNSUPPORTED", what, (int)st);
-    qlr_error_clear();
-    for (int i = 0; i < k; i++) {
-        uint16_t *raw = calloc((size_t)rows[i], 2), *zero = calloc((size_t)rows[i], 2);
-        CHECK_OK(g_gpu->mem.d2h(g_gpu, raw, gy[i].p, (size_t)rows[i] * 2));
-        CHECK_OK(g_gpu->mem.sync(g_gpu));
-        CHECK_MSG(!memcmp(raw, zero, (size_t)rows[i] * 2), "%s: a refused call wrote y #%d", what, i);
-        free(raw);
-        free(zero);
-    }
-    for (int i = 0; i < k; i++) {
-        gh_free_checked(g_gpu, &gy[i], what);
-        gh_free_checked(g_gpu, &gb[i], "bias");
-        free(first[i]);
-        free(ref[i]);
-        free(bias[i]);
-        free_w(&w[i]);
-    }
-    gh_free_checked(g_gpu, &gx, "x");
-    gh_free_checked(g_cpu, &cx, "cpu x");
-    gh_free_checked(g_gpu, &gdx, "dx");
-    gh_free_checked(g_cpu, &cdx, "cpu dx");
-    gh_free_checked(g_gpu, &gw, "norm w");
-    gh_free_checked(g_cpu, &cw, "cpu norm w");
-    gh_free_checked(g_gpu, &gxo, "x_out");
-    gh_free_checked(g_cpu, &cxn, "cpu xn");
-    free(xr);
-    free(x);
-    free(dx);
-    free(nw);
-}
-
-/* The refusal of a width the fused norm does not take (576: not a multiple of 1024). */
-static void test_norm_multi_refused(void) {
-    wpair w;
-    make_w(&w, 64, 576, 1);
-    gh_buf gx = gh_alloc(g_gpu, 576 * 2), gy = gh_alloc(g_gpu, 64 * 2), gw = gh_alloc(g_gpu, 576 * 4);
-    void *ys[1] = {gy.p};
-    const qlr_nf4 *ws[1] = {&w.gpu};
-    qlr_status st = g_gpu->ops.norm_nf4_linear_multi(g_gpu, NULL, gx.p, NULL, gw.p, 1e-5f, 1, ys,
-                                                     ws, NULL, 1, 576);
-    CHECK_MSG(st == QLR_ERR_UNSUPPORTED, "norm_nf4_linear_multi d=576: got %d, want "
-              "QLR_ERR_UNSUPPORTED", (int)st);
-    qlr_error_clear();
-    gh_free_checked(g_gpu, &gx, "x");
-    gh_free_checked(g_gpu, &gy, "y");
-    gh_free_checked(g_gpu, &gw, "w");
-    free_w(&w);
-}
-
 int main(void) {
     if (!gh_init()) {
         CHECK_MSG(0, "no usable CUDA device (this test is label gpu: run it on a GPU machine)");
@@ -476,12 +350,6 @@ int main(void) {
     test_rope_kv(1, 32, 8, 128, 1024, 1);
     test_rope_kv(5, 9, 3, 64, 64, 2);
     test_rope_kv(7, 4, 4, 128, 8192, 3);
-    static const int64_t nq[3] = {4096, 1024, 1024}, ng[2] = {1000, 258}, n1[1] = {300};
-    test_norm_multi(3, nq, 4096, 1, 0, 1);
-    test_norm_multi(3, nq, 4096, 1, 0, 0); /* no dx: rmsnorm of x */
-    test_norm_multi(2, ng, 2048, 0, 1, 1);
-    test_norm_multi(1, n1, 16384, 1, 1, 1); /* 512 units: every compute thread of one partition */
-    test_norm_multi_refused();
     gh_done();
     return test_finish();
 }

@@ -1,9 +1,8 @@
 /* tests/model/test_model.c: the model on tiny random GGUF files written here: Q/K
  * un-permutation (spec §4.6) end to end through the loader, batched prefill == token-by-token
  * decode through the KV cache, a batch of sequences of different lengths == each alone, llama
- * (tied embeddings) and qwen2 (q/k/v bias, untied), the forward's use of the optional fused
- * entries (add_rmsnorm, norm_nf4_linear_multi) against the plain ops, and the loader's errors
- * for a missing tensor, a wrong shape, an unsupported type and an unsupported architecture. */
+ * (tied embeddings) and qwen2 (q/k/v bias, untied), and the loader's errors for a missing
+ * tensor, a wrong shape, an unsupported type and an unsupported architecture. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -294,89 +293,11 @@ static void test_load_errors(void) {
     expect_load_error(&s5, QLR_ERR_NOT_FOUND, "'blk.0.attn_v.bias' is missing");
 }
 
-/* The optional fused entries as compositions of the CPU ops (same arithmetic): with them, the
- * forward's residual ping-pong (norm_nf4_linear_multi writes x + dx to the other buffer) and the
- * deferred MLP residual (add_rmsnorm) must give bitwise the logits of the plain ops; the fused
- * norm refuses n > 1 (QLR_ERR_UNSUPPORTED), so a prefill takes the fallback mid-forward. */
-static int g_fused_calls;
-static qlr_status fake_add_rmsnorm(qlr_backend *b, void *x, void *y, const void *dx,
-                                   const float *w, int64_t n, int64_t d, float eps) {
-    QLR_TRY(b->ops.add(b, x, dx, n * d));
-    return b->ops.rmsnorm(b, y, x, w, n, d, eps);
-}
-static qlr_status fake_norm_linears(qlr_backend *b, void *x_out, const void *x, const void *dx,
-                                    const float *w_norm, float eps, int k, void *const *y,
-                                    const qlr_nf4 *const *w, const float *const *bias, int64_t n,
-                                    int64_t d) {
-    if (n > 1) return qlr_errorf(QLR_ERR_UNSUPPORTED, "test: the fused norm takes one token");
-    CHECK(x_out != x && (dx != NULL) == (x_out != NULL));
-    const void *src = x;
-    if (dx) {
-        memcpy(x_out, x, (size_t)(n * d) * 4);
-        QLR_TRY(b->ops.add(b, x_out, dx, n * d));
-        src = x_out;
-    }
-    float *xn = malloc((size_t)(n * d) * 4);
-    qlr_status st = b->ops.rmsnorm(b, xn, src, w_norm, n, d, eps);
-    for (int i = 0; i < k && st == QLR_OK; i++)
-        st = b->ops.nf4_linear(b, y[i], xn, w[i], bias ? bias[i] : NULL, n);
-    free(xn);
-    g_fused_calls++;
-    return st;
-}
-
-static void test_fused_norm(const char *arch, int tied, int bias) {
-    spec s = {arch, tied, bias, NULL, NULL, NULL};
-    char *path = write_model("tiny_fused.gguf", &s);
-    qlr_model_load_params lp = qlr_model_load_params_default();
-    lp.progress = 0;
-    qlr_model *m = NULL;
-    CHECK_OK(qlr_model_load(path, be, &lp, &m));
-    if (!m) return;
-    enum { T = 6 };
-    int32_t tok[T], pos[T], seq0[T] = {0};
-    for (int i = 0; i < T; i++) tok[i] = (int32_t)(test_rng_u64(&g_rng) % VOCAB), pos[i] = i;
-    float *ref = malloc((size_t)2 * T * VOCAB * 4), *got = malloc((size_t)2 * T * VOCAB * 4);
-    qlr_backend_ops saved = be->ops;
-    for (int pass = 0; pass < 3; pass++) {
-        if (pass >= 1) be->ops.add_rmsnorm = fake_add_rmsnorm;
-        if (pass == 2) be->ops.norm_nf4_linear_multi = fake_norm_linears;
-        g_fused_calls = 0;
-        float *out = pass ? got : ref;
-        /* a prefill of T tokens (the fused norm refuses it), then T decode steps */
-        run_batch(m, T, tok, pos, seq0, 1, out);
-        qlr_kv_cache *kv = NULL;
-        qlr_forward *f = NULL;
-        CHECK_OK(qlr_kv_cache_create(m, 1, 32, &kv));
-        CHECK_OK(qlr_forward_create(m, 1, 1, &f));
-        for (int i = 0; i < T; i++) {
-            float *lg = NULL;
-            qlr_batch b = {1, &tok[i], &pos[i], seq0, 1, NULL};
-            CHECK_OK(qlr_model_forward(f, kv, &b, &lg));
-            if (lg) memcpy(out + (T + i) * VOCAB, lg, VOCAB * 4);
-        }
-        qlr_forward_free(f);
-        qlr_kv_cache_free(kv);
-        if (pass == 2)
-            CHECK_MSG(g_fused_calls == T * NL * 2, "%s: %d fused norm calls, want %d (two per "
-                      "layer per decode step)", arch, g_fused_calls, T * NL * 2);
-        if (pass)
-            CHECK_MSG(!memcmp(ref, got, (size_t)2 * T * VOCAB * 4), "%s: logits with the fused "
-                      "entries (pass %d) differ from the plain ops", arch, pass);
-    }
-    be->ops = saved;
-    free(ref);
-    free(got);
-    qlr_model_free(m);
-}
-
 int main(void) {
     CHECK_OK(qlr_backend_create("cpu", 0, &be));
     test_permutation();
     test_forward("llama", 1, 0);
     test_forward("qwen2", 0, 1);
-    test_fused_norm("llama", 1, 0);
-    test_fused_norm("qwen2", 0, 1);
     test_load_errors();
     for (int l = 0; l < NL; l++) free(hf_q[l]), free(hf_k[l]);
     qlr_backend_free(be);
