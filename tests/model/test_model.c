@@ -1,7 +1,8 @@
 /* tests/model/test_model.c: the model on tiny random GGUF files written here: Q/K
  * un-permutation (spec §4.6) end to end through the loader, batched prefill == token-by-token
  * decode through the KV cache, a batch of sequences of different lengths == each alone, llama
- * (tied embeddings) and qwen2 (q/k/v bias, untied), and the loader's errors for a missing
+ * (tied embeddings) and qwen2 (q/k/v bias, untied), the forward with the optional add_rmsnorm
+ * entry (deferred residual) against the plain ops, and the loader's errors for a missing
  * tensor, a wrong shape, an unsupported type and an unsupported architecture. */
 #include <math.h>
 #include <stdlib.h>
@@ -293,11 +294,70 @@ static void test_load_errors(void) {
     expect_load_error(&s5, QLR_ERR_NOT_FOUND, "'blk.0.attn_v.bias' is missing");
 }
 
+/* The optional add_rmsnorm entry as a composition of the CPU ops (same arithmetic): with it, the
+ * forward defers each layer's MLP residual into the next layer's add_rmsnorm (and adds the last
+ * one after the loop); the logits must be bitwise those of the plain ops, for a prefill and for
+ * decode steps through the cache. */
+static int g_fused_calls;
+static qlr_status fake_add_rmsnorm(qlr_backend *b, void *x, void *y, const void *dx,
+                                   const float *w, int64_t n, int64_t d, float eps) {
+    g_fused_calls++;
+    QLR_TRY(b->ops.add(b, x, dx, n * d));
+    return b->ops.rmsnorm(b, y, x, w, n, d, eps);
+}
+
+static void test_fused_entries(const char *arch, int tied, int bias) {
+    spec s = {arch, tied, bias, NULL, NULL, NULL};
+    char *path = write_model("tiny_fused.gguf", &s);
+    qlr_model_load_params lp = qlr_model_load_params_default();
+    lp.progress = 0;
+    qlr_model *m = NULL;
+    CHECK_OK(qlr_model_load(path, be, &lp, &m));
+    if (!m) return;
+    enum { T = 6 };
+    int32_t tok[T], pos[T], seq0[T] = {0};
+    for (int i = 0; i < T; i++) tok[i] = (int32_t)(test_rng_u64(&g_rng) % VOCAB), pos[i] = i;
+    float *ref = malloc((size_t)2 * T * VOCAB * 4), *got = malloc((size_t)2 * T * VOCAB * 4);
+    qlr_backend_ops saved = be->ops;
+    for (int pass = 0; pass < 2; pass++) {
+        if (pass) be->ops.add_rmsnorm = fake_add_rmsnorm;
+        g_fused_calls = 0;
+        float *out = pass ? got : ref;
+        /* a prefill of T tokens, then T decode steps */
+        run_batch(m, T, tok, pos, seq0, 1, out);
+        qlr_kv_cache *kv = NULL;
+        qlr_forward *f = NULL;
+        CHECK_OK(qlr_kv_cache_create(m, 1, 32, &kv));
+        CHECK_OK(qlr_forward_create(m, 1, 1, &f));
+        for (int i = 0; i < T; i++) {
+            float *lg = NULL;
+            qlr_batch b = {1, &tok[i], &pos[i], seq0, 1, NULL};
+            CHECK_OK(qlr_model_forward(f, kv, &b, &lg));
+            if (lg) memcpy(out + (T + i) * VOCAB, lg, VOCAB * 4);
+        }
+        qlr_forward_free(f);
+        qlr_kv_cache_free(kv);
+        if (pass) {
+            /* per forward: the FFN norm of every layer and the attention norm of layers 1.. */
+            CHECK_MSG(g_fused_calls == (T + 1) * (2 * NL - 1), "%s: %d add_rmsnorm calls, want %d",
+                      arch, g_fused_calls, (T + 1) * (2 * NL - 1));
+            CHECK_MSG(!memcmp(ref, got, (size_t)2 * T * VOCAB * 4), "%s: logits with the "
+                      "add_rmsnorm entry differ from the plain ops", arch);
+        }
+    }
+    be->ops = saved;
+    free(ref);
+    free(got);
+    qlr_model_free(m);
+}
+
 int main(void) {
     CHECK_OK(qlr_backend_create("cpu", 0, &be));
     test_permutation();
     test_forward("llama", 1, 0);
     test_forward("qwen2", 0, 1);
+    test_fused_entries("llama", 1, 0);
+    test_fused_entries("qwen2", 0, 1);
     test_load_errors();
     for (int l = 0; l < NL; l++) free(hf_q[l]), free(hf_k[l]);
     qlr_backend_free(be);
