@@ -530,6 +530,22 @@ __device__ __forceinline__ float gemv_x_f16(const __nv_bfloat16 *x, const __nv_b
     return __int_as_float(E << 23);
 }
 
+/* Warp reduce-scatter of four per-lane row values: lanes with (lane & 7) == 0 end with the
+ * warp's sum of row (lane >> 3) & 3 (a fixed order: bitwise reproducible). */
+__device__ __forceinline__ float warp_rs4(const float v[4], int lane) {
+    const bool hi16 = lane & 16, hi8 = lane & 8;
+    float k0 = hi16 ? v[2] : v[0], k1 = hi16 ? v[3] : v[1];
+    float s0 = hi16 ? v[0] : v[2], s1 = hi16 ? v[1] : v[3];
+    k0 += __shfl_xor_sync(0xffffffffu, s0, 16);
+    k1 += __shfl_xor_sync(0xffffffffu, s1, 16);
+    float kk = hi8 ? k1 : k0, ss = hi8 ? k0 : k1;
+    kk += __shfl_xor_sync(0xffffffffu, ss, 8);
+    kk += __shfl_xor_sync(0xffffffffu, kk, 4);
+    kk += __shfl_xor_sync(0xffffffffu, kk, 2);
+    kk += __shfl_xor_sync(0xffffffffu, kk, 1);
+    return kk;
+}
+
 template <int MINB>
 __global__ void __launch_bounds__(256, MINB) nf4_gemv1_kernel(gemv1_args A) {
     __shared__ __align__(16) __half2 tab[256 * 32];
@@ -597,17 +613,7 @@ __global__ void __launch_bounds__(256, MINB) nf4_gemv1_kernel(gemv1_args A) {
                               : cur.a[i].d;
                 v[i] = (f.x + f.y) * (a * inv);
             }
-            /* reduce-scatter: lanes with (lane & 7) == 0 end with row ((lane >> 3) & 3) */
-            bool hi16 = lane & 16, hi8 = lane & 8;
-            float k0 = hi16 ? v[2] : v[0], k1 = hi16 ? v[3] : v[1];
-            float s0 = hi16 ? v[0] : v[2], s1 = hi16 ? v[1] : v[3];
-            k0 += __shfl_xor_sync(0xffffffffu, s0, 16);
-            k1 += __shfl_xor_sync(0xffffffffu, s1, 16);
-            float kk = hi8 ? k1 : k0, ss = hi8 ? k0 : k1;
-            kk += __shfl_xor_sync(0xffffffffu, ss, 8);
-            kk += __shfl_xor_sync(0xffffffffu, kk, 4);
-            kk += __shfl_xor_sync(0xffffffffu, kk, 2);
-            kk += __shfl_xor_sync(0xffffffffu, kk, 1);
+            float kk = warp_rs4(v, lane);
             if ((lane & 7) == 0) part[kg * rows_blk + lg * GEMV1_RPW + (lane >> 3)] += kk;
             if (!hn) break;
             cur = nxt;
@@ -862,16 +868,8 @@ __global__ void __launch_bounds__(GS_THREADS + 32, 1) nf4_gemv1s_kernel(const __
         }
         float *pp = part + (k & 1) * nw * A.rt;
         if (NU == 1) {
-            /* four rows: reduce-scatter, lanes 0 / 8 / 16 / 24 end with rows 0 / 1 / 2 / 3 */
-            float k0 = hi16 ? v[2] : v[0], k1 = hi16 ? v[3] : v[1];
-            float s0 = hi16 ? v[0] : v[2], s1 = hi16 ? v[1] : v[3];
-            k0 += __shfl_xor_sync(0xffffffffu, s0, 16);
-            k1 += __shfl_xor_sync(0xffffffffu, s1, 16);
-            float kk = hi8 ? k1 : k0, ss = hi8 ? k0 : k1;
-            kk += __shfl_xor_sync(0xffffffffu, ss, 8);
-            kk += __shfl_xor_sync(0xffffffffu, kk, 4);
-            kk += __shfl_xor_sync(0xffffffffu, kk, 2);
-            kk += __shfl_xor_sync(0xffffffffu, kk, 1);
+            /* four rows: lanes 0 / 8 / 16 / 24 end with rows 0 / 1 / 2 / 3 */
+            float kk = warp_rs4(v, lane);
             int ri = (hi16 ? 2 : 0) + (hi8 ? 1 : 0);
             int rl = p + ri * A.p;
             if ((lane & 7) == 0 && rl < rv) pp[warp * A.rt + rl] = kk;
