@@ -161,6 +161,24 @@ static void run_batch(qlr_model *m, int32_t n, const int32_t *tok, const int32_t
     qlr_kv_cache_free(kv);
 }
 
+/* Logits of each of one sequence's n tokens, one decode step each through a fresh cache. */
+static void run_decode(qlr_model *m, int32_t n, const int32_t *tok, const int32_t *pos,
+                       float *out) {
+    qlr_kv_cache *kv = NULL;
+    qlr_forward *f = NULL;
+    int32_t seq0 = 0;
+    CHECK_OK(qlr_kv_cache_create(m, 1, 32, &kv));
+    CHECK_OK(qlr_forward_create(m, 1, 1, &f));
+    for (int32_t i = 0; i < n; i++) {
+        float *lg = NULL;
+        qlr_batch b = {1, &tok[i], &pos[i], &seq0, 1, NULL};
+        CHECK_OK(qlr_model_forward(f, kv, &b, &lg));
+        if (lg) memcpy(out + (size_t)i * VOCAB, lg, VOCAB * 4);
+    }
+    qlr_forward_free(f);
+    qlr_kv_cache_free(kv);
+}
+
 static void test_forward(const char *arch, int tied, int bias) {
     spec s = {arch, tied, bias, NULL, NULL, NULL};
     char *path = write_model(tied ? "tiny_tied.gguf" : "tiny.gguf", &s);
@@ -193,22 +211,17 @@ static void test_forward(const char *arch, int tied, int bias) {
     for (int i = 0; i < T; i++) tok[i] = (int32_t)(test_rng_u64(&g_rng) % VOCAB), pos[i] = i;
     float *pre = malloc(T * VOCAB * 4), *dec = malloc(T * VOCAB * 4);
     run_batch(m, T, tok, pos, seq0, 1, pre);
-    qlr_kv_cache *kv = NULL;
-    qlr_forward *f = NULL;
-    CHECK_OK(qlr_kv_cache_create(m, 1, 32, &kv));
-    CHECK_OK(qlr_forward_create(m, 1, 1, &f));
-    for (int i = 0; i < T; i++) {
-        float *lg = NULL;
-        qlr_batch b = {1, &tok[i], &pos[i], seq0, 1, NULL};
-        CHECK_OK(qlr_model_forward(f, kv, &b, &lg));
-        memcpy(dec + i * VOCAB, lg, VOCAB * 4);
-    }
+    run_decode(m, T, tok, pos, dec);
     /* same math, different GEMM shapes (summation order): f32 rounding only; logits ~O(5) */
     double md = maxdiff(pre, dec, T * VOCAB);
     CHECK_MSG(md < 2e-4, "%s: prefill vs decode logits differ by %g", arch, md);
     /* the batch also must differ from garbage: logits are not all equal */
     CHECK(maxdiff(pre, pre + VOCAB, VOCAB) > 1e-3);
     /* errors: position outside the cache, token outside the vocabulary */
+    qlr_kv_cache *kv = NULL;
+    qlr_forward *f = NULL;
+    CHECK_OK(qlr_kv_cache_create(m, 1, 32, &kv));
+    CHECK_OK(qlr_forward_create(m, 1, 1, &f));
     float *lg = NULL;
     int32_t badpos = 32, badtok = VOCAB;
     qlr_batch bb = {1, &tok[0], &badpos, seq0, 1, NULL};
@@ -325,18 +338,7 @@ static void test_fused_entries(const char *arch, int tied, int bias) {
         float *out = pass ? got : ref;
         /* a prefill of T tokens, then T decode steps */
         run_batch(m, T, tok, pos, seq0, 1, out);
-        qlr_kv_cache *kv = NULL;
-        qlr_forward *f = NULL;
-        CHECK_OK(qlr_kv_cache_create(m, 1, 32, &kv));
-        CHECK_OK(qlr_forward_create(m, 1, 1, &f));
-        for (int i = 0; i < T; i++) {
-            float *lg = NULL;
-            qlr_batch b = {1, &tok[i], &pos[i], seq0, 1, NULL};
-            CHECK_OK(qlr_model_forward(f, kv, &b, &lg));
-            if (lg) memcpy(out + (T + i) * VOCAB, lg, VOCAB * 4);
-        }
-        qlr_forward_free(f);
-        qlr_kv_cache_free(kv);
+        run_decode(m, T, tok, pos, out + T * VOCAB);
         if (pass) {
             /* per forward: the FFN norm of every layer and the attention norm of layers 1.. */
             CHECK_MSG(g_fused_calls == (T + 1) * (2 * NL - 1), "%s: %d add_rmsnorm calls, want %d",
