@@ -238,23 +238,11 @@ static void evaluator_free(evaluator *v) {
 
 static qlr_status load_eval_data(evaluator *v) {
     const qlr_train_opts *o = v->e->run;
-    uint32_t n_src = v->e->data_path ? 1 : o->n_datasets;
-    qlr_data_source *src = calloc(n_src ? n_src : 1, sizeof *src);
-    if (!src) return qlr_errorf(QLR_ERR_NOMEM, "out of memory");
-    for (uint32_t i = 0; i < n_src; i++) {
-        const qlr_train_dataset *d = &o->datasets[i];
-        src[i].path = v->e->data_path ? v->e->data_path : d->path;
-        src[i].format = (qlr_data_format)d->format;
-        src[i].field = d->field;
-        src[i].field_messages = d->field_messages;
-        src[i].field_role = d->field_role;
-        src[i].field_content = d->field_content;
-        src[i].skip_bad_lines = d->skip_bad_lines;
-    }
-    qlr_data_params dp = qlr_data_params_default();
-    dp.sequence_len = o->sequence_len;
-    dp.train_on_inputs = o->train_on_inputs;
-    dp.drop_long = o->drop_long;
+    qlr_data_source *src;
+    uint32_t n_src;
+    QLR_TRY(qlr_train_data_sources(o, v->e->data_path, &src, &n_src));
+    qlr_data_params dp;
+    qlr_train_data_params(o, &dp);
     qlr_status st = qlr_dataset_load(src, n_src, &dp, v->tok, v->tmpl, &v->ds);
     if (st) goto done;
     if (v->e->data_path) {
@@ -277,12 +265,8 @@ static qlr_status load_eval_data(evaluator *v) {
     }
     if (v->e->n_examples > 0 && (size_t)v->e->n_examples < v->n_val) v->n_val = (size_t)v->e->n_examples;
     if (!v->n_val) { st = qlr_errorf(QLR_ERR_INVALID, "no validation examples"); goto done; }
-    qlr_batch_params bp = qlr_batch_params_default();
-    bp.micro_batch_size = o->micro_batch_size;
-    bp.sequence_len = o->sequence_len;
-    bp.packing = o->sample_packing;
-    bp.shuffle = 0;
-    bp.seed = o->seed;
+    qlr_batch_params bp;
+    qlr_train_batch_params(o, 0, &bp);
     if ((st = qlr_batcher_create(v->ds, v->val, v->n_val, &bp, &v->batcher))) goto done;
 
     /* exact-match items from the raw lines */

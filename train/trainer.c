@@ -259,24 +259,13 @@ static qlr_status open_backend(const char *device, int threads, qlr_backend **be
 static qlr_status load_data(trainer *t) {
     const qlr_train_opts *o = t->o;
     QLR_TRY(qlr_data_open_tokenizer(o->base_model, o->chat_template, &t->tok, &t->tmpl));
-    qlr_data_source *src = calloc(o->n_datasets, sizeof *src);
-    if (!src) return qlr_errorf(QLR_ERR_NOMEM, "out of memory");
-    for (uint32_t i = 0; i < o->n_datasets; i++) {
-        const qlr_train_dataset *d = &o->datasets[i];
-        src[i].path = d->path;
-        src[i].format = (qlr_data_format)d->format;
-        src[i].field = d->field;
-        src[i].field_messages = d->field_messages;
-        src[i].field_role = d->field_role;
-        src[i].field_content = d->field_content;
-        src[i].skip_bad_lines = d->skip_bad_lines;
-    }
-    qlr_data_params dp = qlr_data_params_default();
-    dp.sequence_len = o->sequence_len;
-    dp.train_on_inputs = o->train_on_inputs;
-    dp.drop_long = o->drop_long;
+    qlr_data_source *src;
+    uint32_t n_src;
+    QLR_TRY(qlr_train_data_sources(o, NULL, &src, &n_src));
+    qlr_data_params dp;
+    qlr_train_data_params(o, &dp);
     dp.progress = o->progress;
-    qlr_status st = qlr_dataset_load(src, o->n_datasets, &dp, t->tok, t->tmpl, &t->ds);
+    qlr_status st = qlr_dataset_load(src, n_src, &dp, t->tok, t->tmpl, &t->ds);
     free(src);
     QLR_TRY(st);
     const qlr_data_stats *s = qlr_dataset_stats(t->ds);
@@ -286,12 +275,8 @@ static qlr_status load_data(trainer *t) {
              (unsigned long long)s->truncated, (unsigned long long)s->dropped_long,
              (unsigned long long)s->dropped_empty, (unsigned long long)s->skipped);
     QLR_TRY(qlr_dataset_split(t->ds, o->val_set_size, o->seed, &t->split));
-    qlr_batch_params bp = qlr_batch_params_default();
-    bp.micro_batch_size = o->micro_batch_size;
-    bp.sequence_len = o->sequence_len;
-    bp.packing = o->sample_packing;
-    bp.shuffle = 1;
-    bp.seed = o->seed;
+    qlr_batch_params bp;
+    qlr_train_batch_params(o, 1, &bp);
     QLR_TRY(qlr_batcher_create(t->ds, t->split.train, t->split.n_train, &bp, &t->train_b));
     if (t->split.n_val) {
         bp.shuffle = 0;
@@ -800,4 +785,40 @@ done:
     free(resume_dir);
     trainer_free(t);
     return st;
+}
+
+qlr_status qlr_train_data_sources(const qlr_train_opts *o, const char *data_path,
+                                  qlr_data_source **src, uint32_t *n) {
+    uint32_t k = data_path ? 1 : o->n_datasets;
+    *src = calloc(k ? k : 1, sizeof **src);
+    *n = k;
+    if (!*src) return qlr_errorf(QLR_ERR_NOMEM, "out of memory");
+    for (uint32_t i = 0; i < k; i++) {
+        const qlr_train_dataset *d = &o->datasets[i];
+        qlr_data_source *s = &(*src)[i];
+        s->path = data_path ? data_path : d->path;
+        s->format = (qlr_data_format)d->format;
+        s->field = d->field;
+        s->field_messages = d->field_messages;
+        s->field_role = d->field_role;
+        s->field_content = d->field_content;
+        s->skip_bad_lines = d->skip_bad_lines;
+    }
+    return QLR_OK;
+}
+
+void qlr_train_data_params(const qlr_train_opts *o, qlr_data_params *dp) {
+    *dp = qlr_data_params_default();
+    dp->sequence_len = o->sequence_len;
+    dp->train_on_inputs = o->train_on_inputs;
+    dp->drop_long = o->drop_long;
+}
+
+void qlr_train_batch_params(const qlr_train_opts *o, int shuffle, qlr_batch_params *bp) {
+    *bp = qlr_batch_params_default();
+    bp->micro_batch_size = o->micro_batch_size;
+    bp->sequence_len = o->sequence_len;
+    bp->packing = o->sample_packing;
+    bp->shuffle = shuffle;
+    bp->seed = o->seed;
 }

@@ -22,6 +22,9 @@
 struct qlr_recipe;
 struct qlr_lora;
 struct qlr_model;
+struct qlr_data_source;
+struct qlr_data_params;
+struct qlr_batch_params;
 
 /* One dataset, as data/dataset.h qlr_data_source wants it (paths resolved). */
 typedef struct qlr_train_dataset {
@@ -88,6 +91,15 @@ qlr_status qlr_train_opts_load(const char *recipe_path, const char *const *sets,
                                qlr_train_opts *o);
 /* Frees the strings; safe on a zeroed struct. */
 void qlr_train_opts_free(qlr_train_opts *o);
+
+/* The recipe's datasets as loader sources (*src: free() it); with data_path, that one file
+ * instead, read with the first dataset's format and fields. */
+qlr_status qlr_train_data_sources(const qlr_train_opts *o, const char *data_path,
+                                  struct qlr_data_source **src, uint32_t *n);
+/* The recipe's sequence settings for the dataset loader (defaults elsewhere). */
+void qlr_train_data_params(const qlr_train_opts *o, struct qlr_data_params *dp);
+/* The recipe's micro-batch settings for a batcher (shuffled or in order). */
+void qlr_train_batch_params(const qlr_train_opts *o, int shuffle, struct qlr_batch_params *bp);
 
 /* What a run did (filled by qlr_train_run, also on failure as far as it got). */
 typedef struct qlr_train_result {
