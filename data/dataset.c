@@ -19,6 +19,7 @@
 
 #include "core/core.h"
 #include "data/pack.h"
+#include "formats/json.h"
 
 static const char *const g_format_names[QLR_DATA_FORMAT_COUNT] = {
     "alpaca", "completion", "chat", "sharegpt", "input_output", "pretokenized"};
@@ -34,20 +35,6 @@ qlr_data_params qlr_data_params_default(void) {
 
 /* ------------------------------------------------------------------ record parsing */
 
-static const char *jtype(const json_t *v) {
-    if (!v) return "missing";
-    switch (json_typeof(v)) {
-    case JSON_OBJECT: return "object";
-    case JSON_ARRAY: return "array";
-    case JSON_STRING: return "string";
-    case JSON_INTEGER: return "integer";
-    case JSON_REAL: return "real";
-    case JSON_TRUE: return "true";
-    case JSON_FALSE: return "false";
-    default: return "null";
-    }
-}
-
 /* `obj[key]` as a string; `path` names it in messages ("messages[2].content"). */
 static qlr_status get_str(const json_t *obj, const char *key, const char *path, int required, const char **s,
                           size_t *len) {
@@ -60,7 +47,7 @@ static qlr_status get_str(const json_t *obj, const char *key, const char *path, 
         }
         return qlr_errorf(QLR_ERR_FORMAT, "field \"%s\": missing", path);
     }
-    if (!json_is_string(v)) return qlr_errorf(QLR_ERR_FORMAT, "field \"%s\": expected a string, got %s", path, jtype(v));
+    if (!json_is_string(v)) return qlr_errorf(QLR_ERR_FORMAT, "field \"%s\": expected a string, got %s", path, qlr_json_type_name(v));
     *s = json_string_value(v);
     *len = json_string_length(v);
     return QLR_OK;
@@ -69,7 +56,7 @@ static qlr_status get_str(const json_t *obj, const char *key, const char *path, 
 static qlr_status get_array(const json_t *obj, const char *key, json_t **out) {
     json_t *v = json_object_get(obj, key);
     if (!v || json_is_null(v)) return qlr_errorf(QLR_ERR_FORMAT, "field \"%s\": missing", key);
-    if (!json_is_array(v)) return qlr_errorf(QLR_ERR_FORMAT, "field \"%s\": expected an array, got %s", key, jtype(v));
+    if (!json_is_array(v)) return qlr_errorf(QLR_ERR_FORMAT, "field \"%s\": expected an array, got %s", key, qlr_json_type_name(v));
     *out = v;
     return QLR_OK;
 }
@@ -125,7 +112,7 @@ static qlr_status parse_input_output(const json_t *o, qlr_data_record *r) {
         char path[64];
         snprintf(path, sizeof path, "segments[%zu]", i);
         if (!json_is_object(s))
-            return qlr_errorf(QLR_ERR_FORMAT, "field \"%s\": expected an object {text, label}, got %s", path, jtype(s));
+            return qlr_errorf(QLR_ERR_FORMAT, "field \"%s\": expected an object {text, label}, got %s", path, qlr_json_type_name(s));
         snprintf(path, sizeof path, "segments[%zu].text", i);
         const char *t;
         size_t n;
@@ -133,7 +120,7 @@ static qlr_status parse_input_output(const json_t *o, qlr_data_record *r) {
         json_t *l = json_object_get(s, "label");
         snprintf(path, sizeof path, "segments[%zu].label", i);
         if (!l) return qlr_errorf(QLR_ERR_FORMAT, "field \"%s\": missing", path);
-        if (!json_is_boolean(l)) return qlr_errorf(QLR_ERR_FORMAT, "field \"%s\": expected true or false, got %s", path, jtype(l));
+        if (!json_is_boolean(l)) return qlr_errorf(QLR_ERR_FORMAT, "field \"%s\": expected true or false, got %s", path, qlr_json_type_name(l));
         QLR_TRY(add_part(r, t, n, json_is_true(l), 1));
     }
     return QLR_OK;
@@ -161,7 +148,7 @@ static qlr_status parse_chat(const qlr_data_source *src, const json_t *o, qlr_da
         json_t *m = json_array_get(arr, i);
         char path[160];
         if (!json_is_object(m))
-            return qlr_errorf(QLR_ERR_FORMAT, "field \"%s[%zu]\": expected an object {%s, %s}, got %s", fm, i, fr, fc, jtype(m));
+            return qlr_errorf(QLR_ERR_FORMAT, "field \"%s[%zu]\": expected an object {%s, %s}, got %s", fm, i, fr, fc, qlr_json_type_name(m));
         const char *role, *content;
         size_t nr, nc;
         snprintf(path, sizeof path, "%s[%zu].%s", fm, i, fr);
@@ -185,7 +172,7 @@ static qlr_status int_array(const json_t *o, const char *key, int allow_ignore, 
     for (size_t i = 0; i < k; i++) {
         json_t *v = json_array_get(a, i);
         if (!json_is_integer(v))
-            return qlr_errorf(QLR_ERR_FORMAT, "field \"%s[%zu]\": expected an integer, got %s", key, i, jtype(v));
+            return qlr_errorf(QLR_ERR_FORMAT, "field \"%s[%zu]\": expected an integer, got %s", key, i, qlr_json_type_name(v));
         json_int_t x = json_integer_value(v);
         if (!(x >= 0 && x <= INT32_MAX) && !(allow_ignore && x == QLR_LABEL_IGNORE))
             return qlr_errorf(QLR_ERR_FORMAT, "field \"%s[%zu]\": %lld is not a token id%s", key, i, (long long)x,
@@ -235,7 +222,7 @@ qlr_status qlr_data_parse_line(const qlr_data_source *src, const char *line, siz
     if (!o) return qlr_errorf(QLR_ERR_FORMAT, "not JSON (column %d): %s", e.column, e.text);
     rec->json_ = o;
     if (!json_is_object(o))
-        return qlr_errorf(QLR_ERR_FORMAT, "expected a JSON object per line, got %s", jtype(o));
+        return qlr_errorf(QLR_ERR_FORMAT, "expected a JSON object per line, got %s", qlr_json_type_name(o));
     switch (src->format) {
     case QLR_DATA_ALPACA: return parse_alpaca(o, rec);
     case QLR_DATA_COMPLETION: return parse_completion(src, o, rec);
