@@ -6,6 +6,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "core/file.h"
+
 int test_n_pass, test_n_fail;
 
 void test_fail_(const char *file, int line, const char *fmt, ...) {
@@ -50,4 +52,16 @@ const char *test_tmpdir(void) {
         }
     }
     return dir;
+}
+
+const char *test_demo_model(void) {
+    const char *e = getenv("QLR_DEMO_MODEL");
+    return e && *e ? e : QLR_SOURCE_DIR "/.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf";
+}
+
+const char *test_demo_model_or_fail(void) {
+    const char *p = test_demo_model();
+    if (qlr_path_exists(p)) return p;
+    CHECK_MSG(0, "demo model %s not found: run scripts/setup.sh (or set QLR_DEMO_MODEL)", p);
+    return NULL;
 }

@@ -57,4 +57,10 @@ float test_rng_normal(uint64_t *state);    /* N(0, 1) */
 /* A scratch directory unique to this test run (created on first call). */
 const char *test_tmpdir(void);
 
+/* The demo model: $QLR_DEMO_MODEL when set, else where scripts/setup.sh puts it. */
+const char *test_demo_model(void);
+/* test_demo_model() when the file exists; else a failed check that names it and how to get
+ * it, and NULL. */
+const char *test_demo_model_or_fail(void);
+
 #endif

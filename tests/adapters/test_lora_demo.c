@@ -14,8 +14,7 @@
 #include "tests/test_util.h"
 
 static const char *demo_model(void) {
-    const char *e = getenv("QLR_DEMO_MODEL");
-    return e && *e ? e : QLR_SOURCE_DIR "/.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf";
+    return test_demo_model();
 }
 
 static int run(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

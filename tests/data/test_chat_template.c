@@ -179,13 +179,9 @@ static void test_names_and_errors(void) {
 
 /* The demo model's own template, rendered and tokenized: the assistant tokens are exactly the
  * ones whose bytes lie in assistant segments (offsets from the tokenizer). */
-static void test_demo_model(void) {
-    const char *e = getenv("QLR_DEMO_MODEL");
-    const char *model = e && *e ? e : QLR_SOURCE_DIR "/.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf";
-    if (!qlr_path_exists(model)) {
-        CHECK_MSG(0, "demo model %s not found: run scripts/setup.sh (or set QLR_DEMO_MODEL)", model);
-        return;
-    }
+static void test_demo_tokens(void) {
+    const char *model = test_demo_model_or_fail();
+    if (!model) return;
     qlr_tokenizer *tok;
     CHECK_OK(qlr_tokenizer_open_gguf(model, &tok));
     if (!tok) return;
@@ -221,6 +217,6 @@ int main(void) {
     test_llama3();
     test_llama2_mistral();
     test_names_and_errors();
-    test_demo_model();
+    test_demo_tokens();
     return test_finish();
 }

@@ -406,12 +406,8 @@ static void test_quickstart(void) {
 }
 
 int main(void) {
-    const char *e = getenv("QLR_DEMO_MODEL");
-    const char *model = e && *e ? e : QLR_SOURCE_DIR "/.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf";
-    if (!qlr_path_exists(model)) {
-        CHECK_MSG(0, "demo model %s not found: run scripts/setup.sh (or set QLR_DEMO_MODEL)", model);
-        return test_finish();
-    }
+    const char *model = test_demo_model_or_fail();
+    if (!model) return test_finish();
     CHECK_OK(qlr_data_open_tokenizer(model, "tokenizer_default", &g_tok, &g_tmpl));
     if (!g_tok || !g_tmpl) {
         CHECK_MSG(0, "no tokenizer or chat template from %s", model);

@@ -24,8 +24,7 @@ static char *read_file(const char *path, size_t *n) {
 }
 
 static const char *demo_model(void) {
-    const char *e = getenv("QLR_DEMO_MODEL");
-    return e && *e ? e : QLR_SOURCE_DIR "/.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf";
+    return test_demo_model();
 }
 
 /* Reads whitespace-separated ids; returns the count (malloc'ed array in *ids). */

@@ -82,13 +82,9 @@ static void exists(const char *rel) {
 }
 
 int main(void) {
-    const char *env = getenv("QLR_DEMO_MODEL");
-    snprintf(g_model, sizeof g_model, "%s",
-             env && *env ? env : QLR_SOURCE_DIR "/.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if (!qlr_path_exists(g_model)) {
-        CHECK_MSG(0, "demo model %s not found: run scripts/setup.sh (or set QLR_DEMO_MODEL)", g_model);
-        return test_finish();
-    }
+    const char *model = test_demo_model_or_fail();
+    if (!model) return test_finish();
+    snprintf(g_model, sizeof g_model, "%s", model);
     snprintf(g_recipe, sizeof g_recipe, "%s/recipes/smollm2-quickstart.yaml", QLR_SOURCE_DIR);
     snprintf(g_out, sizeof g_out, "%s/run", test_tmpdir());
     snprintf(g_set_out, sizeof g_set_out, "output_dir=%s", g_out);

@@ -11,11 +11,7 @@
 #include "tests/test_util.h"
 
 static const char *demo_path(void) {
-    static char path[4096];
-    const char *env = getenv("QLR_DEMO_MODEL");
-    if (env && *env) return env;
-    snprintf(path, sizeof path, "%s/.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf", QLR_SOURCE_DIR);
-    return path;
+    return test_demo_model();
 }
 
 static int str_is(const char *s, uint64_t len, const char *want) {

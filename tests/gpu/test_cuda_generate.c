@@ -74,16 +74,8 @@ static int32_t argmax(const float *x, int64_t n) {
 }
 
 int main(void) {
-    const char *path = getenv("QLR_DEMO_MODEL");
-    char def[4096];
-    if (!path || !*path) {
-        snprintf(def, sizeof def, "%s/.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf", QLR_SOURCE_DIR);
-        path = def;
-    }
-    if (!qlr_path_exists(path)) {
-        CHECK_MSG(0, "demo model %s not found: run scripts/setup.sh or set QLR_DEMO_MODEL", path);
-        return test_finish();
-    }
+    const char *path = test_demo_model_or_fail();
+    if (!path) return test_finish();
     side cpu, gpu;
     if (!open_side(&cpu, "cpu", path) || !open_side(&gpu, "cuda", path)) {
         CHECK_MSG(0, "cannot open the demo model on both backends: %s", qlr_error_msg());

@@ -49,14 +49,8 @@ static void on_hidden(void *ud, int32_t layer, const void *h, int64_t n, int64_t
 static double jnum(json_t *v) { return json_number_value(v); }
 
 int main(void) {
-    const char *path = getenv("QLR_DEMO_MODEL");
-    char def[4096];
-    snprintf(def, sizeof def, "%s/.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf", QLR_SOURCE_DIR);
-    if (!path) path = def;
-    if (!qlr_path_exists(path)) {
-        CHECK_MSG(0, "demo model %s not found: run scripts/setup.sh", path);
-        return test_finish();
-    }
+    const char *path = test_demo_model_or_fail();
+    if (!path) return test_finish();
     json_t *ref = NULL;
     char rp[4096];
     snprintf(rp, sizeof rp, "%s/golden/smollm2_135m.json", QLR_TEST_DATA);

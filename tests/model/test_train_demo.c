@@ -16,14 +16,8 @@
 enum { RANK = 16, N_CE = 96, N_BENCH = 256 };
 
 int main(void) {
-    const char *path = getenv("QLR_DEMO_MODEL");
-    char def[4096];
-    snprintf(def, sizeof def, "%s/.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf", QLR_SOURCE_DIR);
-    if (!path) path = def;
-    if (!qlr_path_exists(path)) {
-        CHECK_MSG(0, "demo model %s not found: run scripts/setup.sh", path);
-        return test_finish();
-    }
+    const char *path = test_demo_model_or_fail();
+    if (!path) return test_finish();
     qlr_backend *be = NULL;
     qlr_model *m = NULL;
     CHECK_OK(qlr_backend_create("cpu", 0, &be));

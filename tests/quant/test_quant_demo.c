@@ -34,9 +34,7 @@ static double now_s(void) {
 int main(void) {
     qlr_set_n_threads(2);
     char model[1024];
-    const char *env = getenv("QLR_DEMO_MODEL");
-    if (env && *env) snprintf(model, sizeof model, "%s", env);
-    else snprintf(model, sizeof model, "%s/.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf", QLR_SOURCE_DIR);
+    snprintf(model, sizeof model, "%s", test_demo_model());
     qlr_mmap mm = {0};
     if (qlr_mmap_open(model, &mm) != QLR_OK) {
         CHECK_MSG(0, "demo model %s not found: run scripts/setup.sh (or set QLR_DEMO_MODEL)", model);

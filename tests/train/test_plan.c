@@ -182,12 +182,8 @@ static void test_shapes(void) {
     CHECK(strstr(qlr_error_msg(), "32 heads is not a multiple of 7 kv heads") != NULL);
 
     /* the demo model's GGUF metadata */
-    const char *demo = getenv("QLR_DEMO_MODEL");
-    if (!demo || !*demo) demo = QLR_SOURCE_DIR "/.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf";
-    if (!qlr_path_exists(demo)) {
-        CHECK_MSG(0, "demo model %s not found: run scripts/setup.sh", demo);
-        return;
-    }
+    const char *demo = test_demo_model_or_fail();
+    if (!demo) return;
     CHECK_OK(qlr_model_shape_from_gguf(demo, &s));
     CHECK(s.source == QLR_SHAPE_GGUF && s.hidden == 576 && s.n_layers == 30 && s.n_heads == 9 && s.n_kv_heads == 3 &&
           s.head_dim == 64 && s.ff == 1536 && s.vocab == 49152 && s.tied);
