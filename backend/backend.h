@@ -42,6 +42,27 @@ typedef struct qlr_lora_ref {
     float scale;     /* alpha / r (or alpha / sqrt(r) for rsLoRA), times a user scale */
 } qlr_lora_ref;
 
+/* AdamW hyperparameters of one update (the optimizer's host-side description; optim/optim.h
+ * documents the math of each kind). */
+typedef struct qlr_adamw_hparams {
+    float lr;            /* learning rate of this step (the schedule's value) */
+    float beta1;         /* first-moment decay */
+    float beta2;         /* second-moment decay */
+    float eps;           /* denominator epsilon */
+    float weight_decay;  /* decoupled weight decay (p *= 1 - lr*wd); 0 disables */
+    float gnorm_scale;   /* gradient multiplier inside the update (bnb's gnorm_scale); 1 = none */
+} qlr_adamw_hparams;
+
+/* How one tensor's AdamW moments are kept (the value is part of the serialized layout). */
+typedef enum qlr_adamw_kind {
+    QLR_ADAMW_KIND_TORCH32 = 0, /* fp32 m, v; PyTorch AdamW math (adamw_torch) */
+    QLR_ADAMW_KIND_BNB32 = 1,   /* fp32 m, v; bnb's 32-bit kernel math (AdamW8bit, n < 4096) */
+    QLR_ADAMW_KIND_BNB8 = 2,    /* uint8 codes + fp32 block absmax; bnb blockwise 8-bit */
+} qlr_adamw_kind;
+
+#define QLR_ADAMW8_BLOCK 256       /* elements per 8-bit state block (bnb >= 0.44) */
+#define QLR_SUMSQ_CHUNK 16384      /* elements per partial of the sum_squares op */
+
 /* Sampling parameters for one sequence. temperature <= 0 means greedy (argmax, ties to the
  * lowest id). top_k <= 0 disables top-k; top_p >= 1 disables top-p. Order: temperature, top-k,
  * then top-p on the renormalised distribution, then one draw from the RNG. */
@@ -225,6 +246,44 @@ typedef struct qlr_backend_ops {
     qlr_status (*attention_fresh)(qlr_backend *be, void *out, const void *q, const void *k,
                                   const void *v, int64_t n, int64_t n_heads, int64_t n_kv,
                                   int64_t hd, float scale);
+
+    /* ---- adapters (appended) ---- */
+
+    /* Batched multi-adapter LoRA: for every token t whose s = slot[t] is in [0, n_slots) and
+     * whose L[s].r > 0, y[t, :] += L[s].scale · (x[t, :] · L[s].Aᵀ) · L[s].Bᵀ; the rows of other
+     * tokens (slot -1 = the base model) are left untouched. Ranks may differ per slot (no
+     * padding). x [n, in] act; y [n, out] act; slot [n] int32; L [n_slots] qlr_lora_ref in device
+     * memory (a: A [r, in], b: B [out, r], act, device pointers) and L_host the same table in
+     * host memory (may be the same pointer on a host-visible backend); max_r (host) >= every
+     * L[s].r. uniform (host) is a hint: >= 0 when the caller knows every slot[t] == uniform (a
+     * backend may use a dense path), -1 otherwise. On the CPU every row's result depends only on
+     * that row's x and slot (bitwise), whatever else shares the batch. */
+    qlr_status (*lora_batched)(qlr_backend *be, void *y, const void *x, const qlr_lora_ref *L,
+                               const qlr_lora_ref *L_host, int32_t n_slots, const int32_t *slot,
+                               int32_t max_r, int32_t uniform, int64_t n, int64_t in,
+                               int64_t out);
+
+    /* ---- optimizer (appended; optim/ keeps the state layout and calls these) ---- */
+
+    /* One AdamW update of p[n] with gradient g[n] (f32), t >= 1 the (already incremented) step:
+     * kind TORCH32 / BNB32: s1 = m [n] f32, s2 = v [n] f32, absmax1/absmax2 unused (NULL);
+     * kind BNB8: s1 = code1 [n] u8, s2 = code2 [n] u8, absmax1, absmax2 [ceil(n / 256)] f32.
+     * hp host. The math of each kind is optim/optim.h's; every backend gives the CPU op's bits
+     * on the same inputs (state codes, absmax, moments and parameters). */
+    qlr_status (*adamw_step)(qlr_backend *be, int kind, float *p, const float *g, void *s1,
+                             void *s2, float *absmax1, float *absmax2, int64_t n,
+                             const qlr_adamw_hparams *hp, int64_t t);
+    /* acc[0] += Σ x[i]² over n f32 values, as f64: the values are cut into chunks of
+     * QLR_SUMSQ_CHUNK, each chunk's sum is formed in f64, and the partials are added to acc[0]
+     * one by one in chunk order (the CPU op; another backend may order the terms differently).
+     * acc is one device f64. */
+    qlr_status (*sum_squares)(qlr_backend *be, double *acc, const float *x, int64_t n);
+    /* x[i] *= s for n f32 values (s host). */
+    qlr_status (*scale_f32)(qlr_backend *be, float *x, float s, int64_t n);
+    /* dst [n] act = src [n] f32 converted on the device (round to nearest even for bf16): the
+     * LoRA compute copies refreshed from device-resident fp32 masters after an optimizer step.
+     * dst may equal src only when act is f32. */
+    qlr_status (*f32_to_act)(qlr_backend *be, void *dst, const float *src, int64_t n);
 } qlr_backend_ops;
 
 /* Device memory and synchronisation. */

@@ -24,6 +24,7 @@ const char *qlr_status_str(qlr_status st) {
     case QLR_ERR_DEVICE: return "device error";
     case QLR_ERR_CANCELLED: return "cancelled";
     case QLR_ERR_INTERNAL: return "internal error";
+    case QLR_ERR_BUSY: return "busy";
     }
     return "unknown status";
 }

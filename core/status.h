@@ -21,6 +21,7 @@ typedef enum qlr_status {
     QLR_ERR_DEVICE,      /* CUDA, cuBLAS, cuDNN or NCCL failure */
     QLR_ERR_CANCELLED,   /* interrupted (SIGINT) or cancelled by a client */
     QLR_ERR_INTERNAL,    /* a bug: an invariant did not hold */
+    QLR_ERR_BUSY,        /* over capacity right now (a full queue): try again later */
 } qlr_status;
 
 /* Name of a status ("format error", ...). Never NULL. */

@@ -70,7 +70,7 @@ typedef struct qlr_layer {
     float *ffn_norm;               /* [d_model] f32, device */
     qlr_nf4 w[QLR_LIN_COUNT];      /* NF4 [out, in], device buffers */
     float *bias[QLR_LIN_COUNT];    /* [out] f32 device or NULL (q/k/v of qwen2) */
-    /* LoRA hooks, called after each linear; NULL = none. Set by adapters/ (not owned). */
+    /* Going away (issue 11): the forward will take adapters from qlr_batch.adapters. */
     const qlr_lora_ref *lora[QLR_LIN_COUNT];
 } qlr_layer;
 
@@ -151,6 +151,31 @@ qlr_status qlr_kv_cache_create(const qlr_model *m, int32_t n_seq, int32_t ctx,
                                qlr_kv_cache **out);
 void qlr_kv_cache_free(qlr_kv_cache *kv);
 
+/* ---- adapter sets ---- */
+
+/* The adapters one forward (or one training step) may apply, as the model consumes them: a table
+ * of qlr_lora_ref, one row per (layer, linear) and one column per slot, entry
+ * [(layer * QLR_LIN_COUNT + id) * n_slots + s]. An entry with r == 0 means slot s does not adapt
+ * that linear. a/b point at the slot's device compute copies (act dtype); scale is the slot's
+ * whole multiplier (alpha / r, or alpha / sqrt(r), times any per-slot user scale). The set is
+ * made and owned by adapters/ (adapters/adapter_set.h); the model only reads it, so the model
+ * owns no adapter. */
+typedef struct qlr_adapter_set {
+    int32_t n_layers;            /* rows are n_layers * QLR_LIN_COUNT */
+    int32_t n_slots;             /* >= 1 */
+    int32_t max_r;               /* largest r in the table */
+    const qlr_lora_ref *host;    /* the table in host memory */
+    const qlr_lora_ref *dev;     /* the same table in device memory (== host when host-visible) */
+} qlr_adapter_set;
+
+/* The entry of (layer, linear, slot); NULL when the set is NULL or the slot does not adapt it. */
+static inline const qlr_lora_ref *qlr_adapter_set_ref(const qlr_adapter_set *s, int32_t layer,
+                                                     int id, int32_t slot) {
+    if (!s || layer >= s->n_layers || slot < 0 || slot >= s->n_slots) return NULL;
+    const qlr_lora_ref *r = &s->host[((int64_t)layer * QLR_LIN_COUNT + id) * s->n_slots + slot];
+    return r->r > 0 ? r : NULL;
+}
+
 /* ---- forward ---- */
 
 /* One forward call: n tokens, each with its position and the cache sequence (slot) it
@@ -163,6 +188,11 @@ typedef struct qlr_batch {
     const int32_t *seq;        /* [n] */
     int32_t n_logits;          /* rows of logits wanted */
     const int32_t *logit_rows; /* [n_logits] indices into the batch; NULL = the first n_logits */
+    /* Adapters: each token applies the adapter of its slot in `adapters` (-1 = the base model).
+     * adapters NULL = every token runs the base model; adapter_slot NULL with a set = every token
+     * uses slot 0. Tokens of different slots share the forward. */
+    const qlr_adapter_set *adapters;
+    const int32_t *adapter_slot; /* [n] */
 } qlr_batch;
 
 /* Called after each decoder layer (and with layer = -1 after the embedding) with the

@@ -10,33 +10,20 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "backend/backend.h"
 #include "core/status.h"
 
-#define QLR_ADAMW8_BLOCK 256       /* elements per 8-bit state block (bnb >= 0.44) */
 #define QLR_ADAMW8_MIN_SIZE 4096   /* tensors with n < this keep 32-bit states (bnb min_8bit_size) */
 
 /* ---------------------------------------------------------------- hyperparameters */
 
-typedef struct qlr_adamw_hparams {
-    float lr;            /* learning rate of this step (the schedule's value) */
-    float beta1;         /* first-moment decay */
-    float beta2;         /* second-moment decay */
-    float eps;           /* denominator epsilon */
-    float weight_decay;  /* decoupled weight decay (p *= 1 - lr*wd); 0 disables */
-    float gnorm_scale;   /* gradient multiplier inside the update (bnb's gnorm_scale); 1 = none */
-} qlr_adamw_hparams;
+/* qlr_adamw_hparams and qlr_adamw_kind are defined in backend/backend.h (the adamw_step op). */
 
 /* bnb.optim.AdamW8bit's defaults: lr 1e-3, betas (0.9, 0.999), eps 1e-8, wd 1e-2, gnorm_scale 1. */
 qlr_adamw_hparams qlr_adamw_default_hparams(void);
 
 /* ---------------------------------------------------------------- state */
 
-/* How one tensor's moments are kept (the value is part of the serialized layout). */
-typedef enum qlr_adamw_kind {
-    QLR_ADAMW_KIND_TORCH32 = 0, /* fp32 m, v; PyTorch AdamW math (adamw_torch) */
-    QLR_ADAMW_KIND_BNB32 = 1,   /* fp32 m, v; bnb's 32-bit kernel math (AdamW8bit, n < 4096) */
-    QLR_ADAMW_KIND_BNB8 = 2,    /* uint8 codes + fp32 block absmax; bnb blockwise 8-bit */
-} qlr_adamw_kind;
 
 /* One parameter tensor's optimizer state. All arrays are owned (malloc) by the state.
  * Flat description: n, step, kind, and either (m, v) or (code1, code2, absmax1, absmax2). */
