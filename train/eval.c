@@ -11,13 +11,14 @@
 #include <string.h>
 #include <zlib.h>
 
+#include "adapters/adapter_dev.h"
 #include "adapters/lora.h"
 #include "backend/backend.h"
 #include "core/core.h"
 #include "data/dataset.h"
 #include "data/pack.h"
 #include "model/model.h"
-#include "model/train.h"
+#include "model/backprop.h"
 
 qlr_eval_opts qlr_eval_opts_default(void) {
     qlr_eval_opts e;
@@ -216,6 +217,7 @@ typedef struct evaluator {
     int32_t max_need;        /* longest prompt + answer budget */
     qlr_forward *fw;
     qlr_kv_cache *kv;
+    const qlr_adapter_set *set; /* the adapter being evaluated (NULL: the base model) */
 } evaluator;
 
 static void evaluator_free(evaluator *v) {
@@ -334,7 +336,7 @@ static qlr_status eval_loss(evaluator *v, qlr_eval_scores *s) {
         qlr_train_batch tb = {n, tok, tgt, pos, seq, (int32_t)b.n_seqs};
         double ls;
         int64_t nt;
-        if ((st = qlr_train_eval(v->ctx, &tb, &ls, &nt))) break;
+        if ((st = qlr_train_eval(v->ctx, v->set, &tb, &ls, &nt))) break;
         sum += ls;
         cnt += nt;
     }
@@ -375,6 +377,7 @@ static qlr_status eval_exact(evaluator *v, const char *name, qlr_eval_scores *s,
         gp.stop_ids = stops;
         gp.n_stop = ns;
         gp.n_batch = 256;
+        gp.adapters = v->set;
         g.n = 0;
         qlr_generate_stats gs;
         if ((st = qlr_generate(v->fw, v->kv, it->prompt, it->n_prompt, &gp, on_token, &g, &gs))) break;
@@ -430,9 +433,8 @@ qlr_status qlr_eval_run(const qlr_eval_opts *e, qlr_eval_scores *base_s, qlr_eva
     memset(&V, 0, sizeof V);
     evaluator *v = &V;
     v->e = e;
-    qlr_lora *lora = NULL;
-    qlr_train_lora_dev dev;
-    memset(&dev, 0, sizeof dev);
+    qlr_adapter_one ad;
+    memset(&ad, 0, sizeof ad);
     char *adapter_path = NULL;
     int is_gguf = 0;
     qlr_status st = QLR_OK;
@@ -472,10 +474,8 @@ qlr_status qlr_eval_run(const qlr_eval_opts *e, qlr_eval_scores *base_s, qlr_eva
             e->data_path ? e->data_path : "the recipe's val_set_size split", v->n_items);
     if (e->eval_base && (st = eval_model(v, "base", base_s, out))) goto done;
     if (adapter_path) {
-        qlr_lora_base lb;
-        qlr_lora_base_from_config(&v->m->cfg, &lb);
-        if ((st = qlr_lora_load(adapter_path, &lb, &lora))) goto done;
-        if ((st = qlr_train_lora_attach(v->m, lora, &dev))) goto done;
+        if ((st = qlr_adapter_one_load(v->m, adapter_path, 1.0f, &ad))) goto done;
+        v->set = ad.set;
         fprintf(out, "adapter: %s\n", adapter_path);
         if ((st = eval_model(v, "adapter", ad_s, out))) goto done;
     }
@@ -485,8 +485,8 @@ qlr_status qlr_eval_run(const qlr_eval_opts *e, qlr_eval_scores *base_s, qlr_eva
                 base_s->loss, ad_s->loss);
     }
 done:
-    qlr_train_lora_detach(&dev);
-    qlr_lora_free(lora);
+    v->set = NULL;
+    qlr_adapter_one_free(&ad);
     free(adapter_path);
     evaluator_free(v);
     return st;
