@@ -6,6 +6,7 @@
 #include "train/eval.h"
 
 #include <ctype.h>
+#include <jansson.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -218,6 +219,7 @@ typedef struct evaluator {
     qlr_forward *fw;
     qlr_kv_cache *kv;
     const qlr_adapter_set *set; /* the adapter being evaluated (NULL: the base model) */
+    json_t *answers;            /* --answers: array of answer objects (NULL when not asked) */
 } evaluator;
 
 static void evaluator_free(evaluator *v) {
@@ -388,7 +390,20 @@ static qlr_status eval_exact(evaluator *v, const char *name, qlr_eval_scores *s,
         free(text);
         if (!got) { st = qlr_errorf(QLR_ERR_NOMEM, "out of memory"); break; }
         s->n_examples++;
-        if (!strcmp(got, it->reference)) s->n_exact++;
+        int exact = !strcmp(got, it->reference);
+        if (v->answers) {
+            json_t *j = json_object();
+            json_object_set_new(j, "model", json_string(name));
+            json_object_set_new(j, "source", json_string(v->e->data_path ? v->e->data_path
+                                                         : v->e->run->datasets[it->source].path));
+            json_object_set_new(j, "line", json_integer((json_int_t)it->line));
+            json_object_set_new(j, "reference", json_string(it->reference));
+            json_object_set_new(j, "answer", json_string(got));
+            json_object_set_new(j, "max_tokens", json_integer(gp.n_predict));
+            json_object_set_new(j, "exact", json_boolean(exact));
+            json_array_append_new(v->answers, j);
+        }
+        if (exact) s->n_exact++;
         else if (shown < v->e->n_show) {
             if (!shown) {
                 qlr_progress_clear_line();
@@ -408,6 +423,38 @@ static qlr_status eval_exact(evaluator *v, const char *name, qlr_eval_scores *s,
     }
     qlr_progress_end(bar);
     free(g.ids);
+    return st;
+}
+
+/* One JSON object per line, written atomically. */
+static qlr_status write_answers(const char *path, json_t *arr) {
+    size_t cap = 1 << 16, len = 0;
+    char *buf = malloc(cap);
+    for (size_t i = 0; buf && i < json_array_size(arr); i++) {
+        char *line = json_dumps(json_array_get(arr, i), JSON_COMPACT | JSON_PRESERVE_ORDER);
+        if (!line) {
+            free(buf);
+            return qlr_errorf(QLR_ERR_NOMEM, "out of memory");
+        }
+        size_t n = strlen(line);
+        if (len + n + 1 > cap) {
+            while (len + n + 1 > cap) cap *= 2;
+            char *nb = realloc(buf, cap);
+            if (!nb) {
+                free(line);
+                free(buf);
+                return qlr_errorf(QLR_ERR_NOMEM, "out of memory");
+            }
+            buf = nb;
+        }
+        memcpy(buf + len, line, n);
+        buf[len + n] = '\n';
+        len += n + 1;
+        free(line);
+    }
+    if (!buf) return qlr_errorf(QLR_ERR_NOMEM, "out of memory");
+    qlr_status st = qlr_write_atomic(path, buf, len);
+    free(buf);
     return st;
 }
 
@@ -472,6 +519,10 @@ qlr_status qlr_eval_run(const qlr_eval_opts *e, qlr_eval_scores *base_s, qlr_eva
     if ((st = qlr_forward_create(v->m, 256, 1, &v->fw))) goto done;
     fprintf(out, "eval: %zu validation examples (%s), %zu with an answer to match\n", v->n_val,
             e->data_path ? e->data_path : "the recipe's val_set_size split", v->n_items);
+    if (e->answers_path && !(v->answers = json_array())) {
+        st = qlr_errorf(QLR_ERR_NOMEM, "out of memory");
+        goto done;
+    }
     if (e->eval_base && (st = eval_model(v, "base", base_s, out))) goto done;
     if (adapter_path) {
         if ((st = qlr_adapter_one_load(v->m, adapter_path, 1.0f, &ad))) goto done;
@@ -484,7 +535,9 @@ qlr_status qlr_eval_run(const qlr_eval_opts *e, qlr_eval_scores *base_s, qlr_eva
         fprintf(out, "exact match: base %.1f%% -> adapter %.1f%% (%+.1f points); loss %.4f -> %.4f\n", b, a, a - b,
                 base_s->loss, ad_s->loss);
     }
+    if (v->answers) st = write_answers(e->answers_path, v->answers);
 done:
+    json_decref(v->answers);
     v->set = NULL;
     qlr_adapter_one_free(&ad);
     free(adapter_path);
