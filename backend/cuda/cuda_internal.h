@@ -124,6 +124,12 @@ static inline unsigned qlr_cuda_blocks(int64_t n, int threads) {
 qlr_status qlr_cuda_gemm(qlr_backend *be, void *d, cudaDataType_t d_type, const void *a,
                          const void *b, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
                          int64_t ldd, float alpha, float beta, int trans_b);
+/* The same with the first operand stored transposed when trans_a = 1: a [k, m] bf16 (lda), so
+ * D = alpha · Aᵀ · op(B) + beta · C (the weight-gradient products, reductions over tokens). */
+qlr_status qlr_cuda_gemm_t(qlr_backend *be, void *d, cudaDataType_t d_type, const void *a,
+                           const void *b, int64_t m, int64_t n, int64_t k, int64_t lda,
+                           int64_t ldb, int64_t ldd, float alpha, float beta, int trans_a,
+                           int trans_b);
 
 /* attention_cudnn.cu: destroys the cached SDPA plans and the cuDNN handle (backend teardown,
  * after the stream is idle). */
@@ -174,5 +180,9 @@ qlr_status qlr_cuda_rope_kv_store(qlr_backend *be, void *q, void *k, const void 
                                   int64_t hd, int64_t ctx);
 qlr_status qlr_cuda_sample(qlr_backend *be, int32_t *out_ids, float *logits,
                            const qlr_sampling *params, uint64_t *rng, int64_t n, int64_t vocab);
+/* Training ops (model/train.c): lora_bwd.cu. */
+qlr_status qlr_cuda_lora_bwd(qlr_backend *be, float *da, float *db, void *dx, const void *dy,
+                             const void *x, const qlr_lora_ref *l, int64_t n, int64_t in,
+                             int64_t out);
 
 #endif
