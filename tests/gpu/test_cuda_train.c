@@ -1,6 +1,8 @@
 /* tests/gpu/test_cuda_train.c: the CUDA training ops other than attention against the CPU
- * reference (backend/cpu): the LoRA backward (ranks 1, 8, 16, 64, in != out, dX and dA / dB
- * present or NULL, accumulation into non-zero gradients). Guard bytes around every output. */
+ * reference (backend/cpu): counter-based dropout (the mask bit for bit, values = the bf16
+ * rounding of the CPU's f32 result; odd n, in place) and the LoRA backward (ranks 1, 8, 16, 64,
+ * in != out, dX and dA / dB present or NULL, accumulation into non-zero gradients). Guard bytes
+ * around every output. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,6 +24,69 @@ static double rms_diff(const float *a, const float *b, int64_t n) {
     double s = 0;
     for (int64_t i = 0; i < n; i++) s += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
     return n ? sqrt(s / n) : 0.0;
+}
+
+/* ---- dropout ---- */
+
+/* backend.h's mask, written out again: both backends must agree with the definition, not only
+ * with each other. */
+static int keep_ref(uint64_t seed, int64_t i, float p) {
+    uint64_t z = seed + (uint64_t)i * 0x9E3779B97F4A7C15ull;
+    z ^= z >> 30;
+    z *= 0xBF58476D1CE4E5B9ull;
+    z ^= z >> 27;
+    z *= 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return (float)(z >> 40) * 0x1p-24f >= p;
+}
+
+static void test_dropout(int64_t n, float p, uint64_t seed, int in_place) {
+    float *x = randv(n, 1.0f), *ref = malloc((size_t)n * 4);
+    for (int64_t i = 0; i < n; i++)
+        if (x[i] == 0.0f) x[i] = 1.0f; /* a zero input would hide the mask */
+    uint16_t *got = malloc((size_t)n * 2);
+    gh_buf cx = gh_act(g_cpu, x, n), cy = gh_alloc(g_cpu, (size_t)n * 4);
+    CHECK_OK(g_cpu->ops.dropout(g_cpu, cy.p, cx.p, n, p, seed));
+    memcpy(ref, cy.p, (size_t)n * 4);
+    gh_buf gx = gh_act(g_gpu, x, n), gy = gh_alloc(g_gpu, (size_t)n * 2);
+    void *out = in_place ? gx.p : gy.p;
+    CHECK_OK(g_gpu->ops.dropout(g_gpu, out, gx.p, n, p, seed));
+    CHECK_OK(g_gpu->mem.d2h(g_gpu, got, out, (size_t)n * 2));
+    CHECK_OK(g_gpu->mem.sync(g_gpu));
+    int64_t mask_bad = 0, def_bad = 0, val_bad = 0, kept = 0, first = -1;
+    for (int64_t i = 0; i < n; i++) {
+        int kc = ref[i] != 0.0f, kg = qlr_bf16_to_f32(got[i]) != 0.0f, kd = keep_ref(seed, i, p);
+        kept += kg;
+        mask_bad += kc != kg;
+        def_bad += kd != kc;
+        if (got[i] != qlr_f32_to_bf16(ref[i])) {
+            val_bad++;
+            if (first < 0) first = i;
+        }
+    }
+    char what[96];
+    snprintf(what, sizeof what, "dropout n=%lld p=%g seed=%llx%s", (long long)n, p,
+             (unsigned long long)seed, in_place ? " in place" : "");
+    printf("  %-48s kept %.4f (expected %.4f)\n", what, (double)kept / n, 1.0 - p);
+    /* the mask: integer math and exact conversions on both sides: identical */
+    CHECK_MSG(mask_bad == 0, "%s: %lld mask bits differ from the CPU op", what,
+              (long long)mask_bad);
+    CHECK_MSG(def_bad == 0, "%s: the CPU mask differs from backend.h's definition at %lld places",
+              what, (long long)def_bad);
+    /* a kept value is bf16(f32(x) · f32(1 / (1 - p))) on the GPU: bitwise the bf16 rounding of
+     * the CPU's f32 value */
+    CHECK_MSG(val_bad == 0, "%s: %lld values differ from bf16(cpu); first [%lld] got %04x "
+              "want %04x", what, (long long)val_bad, (long long)first, first >= 0 ? got[first] : 0,
+              first >= 0 ? qlr_f32_to_bf16(ref[first]) : 0);
+    /* the kept fraction is a binomial count: within 6 standard deviations of n·(1 - p) */
+    double sd = sqrt((double)n * p * (1.0 - p));
+    CHECK_MSG(fabs((double)kept - n * (1.0 - p)) <= 6.0 * sd + 1.0, "%s: kept %lld of %lld", what,
+              (long long)kept, (long long)n);
+    gh_free_checked(g_gpu, &gy, what);
+    gh_free_checked(g_gpu, &gx, "dropout x (in place: y)");
+    gh_free_checked(g_cpu, &cy, "dropout y");
+    gh_free_checked(g_cpu, &cx, "dropout x");
+    free(x); free(ref); free(got);
 }
 
 /* ---- lora_bwd ---- */
@@ -117,6 +182,13 @@ int main(void) {
         CHECK_MSG(0, "no usable CUDA device (this test is label gpu: run it on a GPU machine)");
         return test_finish();
     }
+    /* dropout: odd n, p 0.1 and 0.5, separate output and in place, p = 0 (identity) */
+    test_dropout(1001, 0.1f, 42, 0);
+    test_dropout(1001, 0.5f, 0xdeadbeefcafeull, 0);
+    test_dropout((1 << 20) + 3, 0.1f, 0x9e3779b97f4a7c15ull, 1);
+    test_dropout((1 << 20) + 3, 0.5f, 7, 0);
+    test_dropout(1, 0.5f, 3, 0);
+    test_dropout(777, 0.0f, 11, 1);
     /* lora_bwd: ranks 1, 8, 16, 64; in != out; dx and the weight gradients NULL or not */
     test_lora_bwd(1, 576, 192, 1, 0);
     test_lora_bwd(37, 576, 192, 1, 1);
