@@ -180,7 +180,10 @@ qlr_status qlr_cuda_rope_kv_store(qlr_backend *be, void *q, void *k, const void 
                                   int64_t hd, int64_t ctx);
 qlr_status qlr_cuda_sample(qlr_backend *be, int32_t *out_ids, float *logits,
                            const qlr_sampling *params, uint64_t *rng, int64_t n, int64_t vocab);
-/* Training ops (model/train.c): dropout.cu, lora_bwd.cu. */
+/* Training ops (model/train.c): lm_head_ce.cu, dropout.cu, lora_bwd.cu. */
+qlr_status qlr_cuda_lm_head_ce(qlr_backend *be, float *loss, void *dx, float *logits,
+                               const void *x, const uint16_t *w, const int32_t *targets,
+                               int64_t n, int64_t d, int64_t vocab, float grad_scale);
 qlr_status qlr_cuda_dropout(qlr_backend *be, void *y, const void *x, int64_t n, float p,
                             uint64_t seed);
 qlr_status qlr_cuda_lora_bwd(qlr_backend *be, float *da, float *db, void *dx, const void *dy,

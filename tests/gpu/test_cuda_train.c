@@ -1,8 +1,10 @@
 /* tests/gpu/test_cuda_train.c: the CUDA training ops other than attention against the CPU
- * reference (backend/cpu): counter-based dropout (the mask bit for bit, values = the bf16
- * rounding of the CPU's f32 result; odd n, in place) and the LoRA backward (ranks 1, 8, 16, 64,
- * in != out, dX and dA / dB present or NULL, accumulation into non-zero gradients). Guard bytes
- * around every output. */
+ * reference (backend/cpu): the fused lm_head + cross-entropy (vocab sizes that are multiples of
+ * nothing, ignored targets, grad_scale, with and without dX), counter-based dropout (the mask bit
+ * for bit, values = the bf16 rounding of the CPU's f32 result; odd n, in place) and the LoRA
+ * backward (ranks 1, 8, 16, 64, in != out, dX and dA / dB present or NULL, accumulation into
+ * non-zero gradients). Guard bytes around every output. Varlen attention has its own test
+ * (test_cuda_varlen.c). */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,6 +26,79 @@ static double rms_diff(const float *a, const float *b, int64_t n) {
     double s = 0;
     for (int64_t i = 0; i < n; i++) s += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
     return n ? sqrt(s / n) : 0.0;
+}
+
+/* ---- lm_head_ce ---- */
+
+/* Targets: random ids, the first 0 and the last vocab - 1 (row ends), every third -100, or all
+ * -100 when all_ignored. */
+static void test_lm_head_ce(int64_t n, int64_t d, int64_t vocab, float grad_scale, int want_dx,
+                            int all_ignored) {
+    float *x = randv(n * d, 1.0f), *w = randv(vocab * d, 0.05f);
+    uint16_t *wb = malloc((size_t)(vocab * d) * 2);
+    qlr_f32_to_bf16_row(w, wb, (size_t)(vocab * d));
+    int32_t *tg = malloc((size_t)n * 4);
+    for (int64_t i = 0; i < n; i++)
+        tg[i] = all_ignored || i % 3 == 2 ? -100 : (int32_t)(test_rng_u64(&rng) % (uint64_t)vocab);
+    if (!all_ignored) {
+        tg[0] = 0;
+        if (n > 1) tg[n - 1] = (int32_t)(vocab - 1);
+    }
+    float *loss[2], *dx[2];
+    for (int k = 0; k < 2; k++) {
+        loss[k] = malloc((size_t)n * 4);
+        dx[k] = malloc((size_t)(n * d) * 4);
+        qlr_backend *be = k ? g_gpu : g_cpu;
+        gh_buf bx = gh_act(be, x, n * d), bw = gh_raw(be, wb, (size_t)(vocab * d) * 2);
+        gh_buf bt = gh_raw(be, tg, (size_t)n * 4);
+        gh_buf bl = gh_alloc(be, (size_t)n * 4), bz = gh_alloc(be, (size_t)(n * vocab) * 4);
+        gh_buf bd = gh_alloc(be, (size_t)(n * d) * qlr_backend_act_size(be));
+        CHECK_OK(be->ops.lm_head_ce(be, bl.p, want_dx ? bd.p : NULL, bz.p, bx.p, bw.p, bt.p, n, d,
+                                    vocab, grad_scale));
+        CHECK_OK(be->mem.d2h(be, loss[k], bl.p, (size_t)n * 4));
+        CHECK_OK(be->mem.sync(be));
+        if (want_dx) gh_read_act(be, bd.p, dx[k], n * d);
+        gh_free_checked(be, &bl, "lm_head_ce loss");
+        gh_free_checked(be, &bz, "lm_head_ce logits scratch");
+        gh_free_checked(be, &bd, "lm_head_ce dx");
+        gh_free_checked(be, &bx, "x");
+        gh_free_checked(be, &bw, "w");
+        gh_free_checked(be, &bt, "targets");
+    }
+    char what[128];
+    snprintf(what, sizeof what, "lm_head_ce loss n=%lld d=%lld vocab=%lld%s", (long long)n,
+             (long long)d, (long long)vocab, all_ignored ? " all ignored" : "");
+    /* identical bf16 operands, f32 logits on both sides: only the summation order of the
+     * products (~1e-6 of a logit) and expf/logf ulps differ; a loss is O(log vocab) */
+    gh_compare(what, loss[1], loss[0], n, 1e-4, 1e-4);
+    for (int64_t i = 0; i < n; i++)
+        if (tg[i] < 0) CHECK_MSG(loss[1][i] == 0.0f, "%s: ignored row %lld has loss %g", what,
+                                 (long long)i, loss[1][i]);
+    if (want_dx) {
+        snprintf(what, sizeof what, "lm_head_ce dx n=%lld d=%lld vocab=%lld gs=%g", (long long)n,
+                 (long long)d, (long long)vocab, grad_scale);
+        /* the GPU rounds g = grad_scale·(softmax - onehot) to bf16 (2^-9 relative per element,
+         * independent across the vocabulary: ~2^-9 of the RMS of dx) and dx to bf16 (2^-9
+         * relative): 2^-6 of the RMS absolute (margin for the worst of n·d elements) plus 2^-7
+         * relative */
+        double r = gh_rms(dx[0], n * d);
+        gh_compare(what, dx[1], dx[0], n * d, (r > 0 ? r : 1e-30) * 0x1p-6, 0x1p-7);
+        CHECK_MSG(rms_diff(dx[1], dx[0], n * d) <= 0x1p-7 * (r > 0 ? r : 1e-30) ||
+                      (r == 0 && rms_diff(dx[1], dx[0], n * d) == 0),
+                  "%s: rms error %.3g over 2^-7 of the rms %.3g", what,
+                  rms_diff(dx[1], dx[0], n * d), r);
+        /* ignored rows: exactly zero (their g rows are zeros) */
+        int64_t nz = 0;
+        for (int64_t i = 0; i < n; i++)
+            if (tg[i] < 0)
+                for (int64_t j = 0; j < d; j++) nz += dx[1][i * d + j] != 0.0f;
+        CHECK_MSG(nz == 0, "%s: %lld non-zero dx values in ignored rows", what, (long long)nz);
+    }
+    for (int k = 0; k < 2; k++) {
+        free(loss[k]);
+        free(dx[k]);
+    }
+    free(x); free(w); free(wb); free(tg);
 }
 
 /* ---- dropout ---- */
@@ -182,6 +257,15 @@ int main(void) {
         CHECK_MSG(0, "no usable CUDA device (this test is label gpu: run it on a GPU machine)");
         return test_finish();
     }
+    /* lm_head_ce: SmolLM2's vocab (g in place) and that plus 7 (g in the workspace), vocab 1000
+     * and 3001, one row, every row ignored, dx with and without */
+    test_lm_head_ce(7, 576, 49152, 0.25f, 1, 0);
+    test_lm_head_ce(9, 576, 49152 + 7, 1.0f / 6.0f, 1, 0);
+    test_lm_head_ce(9, 576, 49152 + 7, 1.0f, 0, 0);
+    test_lm_head_ce(37, 64, 1000, 0.37f, 1, 0);
+    test_lm_head_ce(1, 576, 1000, 2.0f, 1, 0);
+    test_lm_head_ce(3, 64, 1000, 1.0f, 1, 1);
+    test_lm_head_ce(2, 4096, 3001, 0.5f, 1, 0);
     /* dropout: odd n, p 0.1 and 0.5, separate output and in place, p = 0 (identity) */
     test_dropout(1001, 0.1f, 42, 0);
     test_dropout(1001, 0.5f, 0xdeadbeefcafeull, 0);
