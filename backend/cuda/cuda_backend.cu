@@ -305,6 +305,8 @@ extern "C" qlr_status qlr_backend_cuda_create(int n_threads, qlr_backend **out) 
     o->swiglu_bwd = qlr_cuda_swiglu_bwd;
     o->nf4_linear_dx = qlr_cuda_nf4_linear_dx;
     o->lora_bwd = qlr_cuda_lora_bwd;
+    o->attention_varlen = qlr_cuda_attention_varlen;
+    o->attention_varlen_bwd = qlr_cuda_attention_varlen_bwd;
     o->lm_head_ce = qlr_cuda_lm_head_ce;
     o->dropout = qlr_cuda_dropout;
     o->nf4_linear_multi = qlr_cuda_nf4_linear_multi;

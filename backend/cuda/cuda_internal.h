@@ -180,7 +180,16 @@ qlr_status qlr_cuda_rope_kv_store(qlr_backend *be, void *q, void *k, const void 
                                   int64_t hd, int64_t ctx);
 qlr_status qlr_cuda_sample(qlr_backend *be, int32_t *out_ids, float *logits,
                            const qlr_sampling *params, uint64_t *rng, int64_t n, int64_t vocab);
-/* Training ops (model/train.c): lm_head_ce.cu, dropout.cu, lora_bwd.cu. */
+/* Training ops (model/train.c): attention_varlen.cu, lm_head_ce.cu, dropout.cu, lora_bwd.cu. */
+qlr_status qlr_cuda_attention_varlen(qlr_backend *be, void *out, float *lse, const void *q,
+                                     const void *k, const void *v, const int32_t *start,
+                                     int64_t n, int64_t n_heads, int64_t n_kv, int64_t hd,
+                                     float scale);
+qlr_status qlr_cuda_attention_varlen_bwd(qlr_backend *be, void *dq, void *dk, void *dv,
+                                         const void *dout, const void *q, const void *k,
+                                         const void *v, const void *out, const float *lse,
+                                         const int32_t *start, int64_t n, int64_t n_heads,
+                                         int64_t n_kv, int64_t hd, float scale);
 qlr_status qlr_cuda_lm_head_ce(qlr_backend *be, float *loss, void *dx, float *logits,
                                const void *x, const uint16_t *w, const int32_t *targets,
                                int64_t n, int64_t d, int64_t vocab, float grad_scale);
