@@ -19,7 +19,7 @@ typedef __nv_bfloat16 bf16;
 
 #define CE_THREADS 512
 
-/* Merges the running (max, sum of exp(z - max)) pair b into a. */
+/* Merges the pair (m2, s2) into the running (m, s) = (max, sum of exp(z - max)). */
 __device__ __forceinline__ void ce_merge(float &m, float &s, float m2, float s2) {
     if (m2 == -INFINITY) return;
     if (m == -INFINITY) {
@@ -75,7 +75,9 @@ __global__ void __launch_bounds__(CE_THREADS) ce_rows_kernel(float *logits, bf16
         red_m[warp] = m;
         red_s[warp] = s;
     }
-    if (tid == 0) zt_s = z[tg]; /* read before any thread rewrites the row */
+    /* read before any thread rewrites the row; a target >= vocab (the caller validates them)
+     * gives a NaN loss, never a read outside the row */
+    if (tid == 0) zt_s = tg < vocab ? z[tg] : NAN;
     __syncthreads();
     if (tid == 0) {
         float bm = red_m[0], bs = red_s[0];
