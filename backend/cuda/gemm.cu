@@ -49,8 +49,9 @@ static qlr_status plan(qlr_cuda_impl *im, const gemm_key *key, gemm_entry **out)
     memset(e, 0, sizeof *e);
     e->key = *key;
     cudaDataType_t dt = (cudaDataType_t)key->d_type;
-    /* column-major view: Dᵀ [n, m] = op(B) · op(A): a row-major [m, k] is a column-major
-     * [k, m] (= Aᵀ, no op); a row-major [k, m] (trans_a) is a column-major [m, k] (op T) */
+    /* column-major view: Dᵀ [n, m] = Bᵀ · Aᵀ (B the logical [k, n] right factor), cuBLASLt's
+     * first operand being b and its second a. Read column-major, b [n, k] is B (op T), b [k, n]
+     * (trans_b) is Bᵀ (no op), a [m, k] is Aᵀ (no op) and a [k, m] (trans_a) is A (op T). */
     cublasOperation_t ta = key->trans_b ? CUBLAS_OP_N : CUBLAS_OP_T;
     cublasOperation_t tb = key->trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
     QLR_CK(cublasLtMatmulDescCreate(&e->op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
