@@ -112,7 +112,7 @@ qlr_status qlr_cuda_gemm_t(qlr_backend *be, void *d, cudaDataType_t d_type, cons
     key.trans_a = trans_a;
     key.trans_b = trans_b;
     key.beta_nz = beta != 0.0f;
-    gemm_entry *e;
+    gemm_entry *e = NULL;
     QLR_TRY(plan(im, &key, &e));
     QLR_CK(cublasLtMatmul(im->lt, e->op, &alpha, b, e->la, a, e->lb, &beta, d, e->lc, d, e->lc,
                           &e->algo, im->lt_ws, im->lt_ws_bytes, im->stream));
