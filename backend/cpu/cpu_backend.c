@@ -108,6 +108,7 @@ qlr_status qlr_backend_cpu_create(int n_threads, qlr_backend **out) {
     o->attention_varlen_bwd = qlr_cpu_attention_varlen_bwd;
     o->lm_head_ce = qlr_cpu_lm_head_ce;
     o->dropout = qlr_cpu_dropout;
+    o->nf4_lm_head = qlr_cpu_nf4_lm_head;
     *out = be;
     return QLR_OK;
 }
