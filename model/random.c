@@ -63,11 +63,15 @@ static void bytes_run(void *p, int64_t b, int64_t e, int tid) {
     }
 }
 
+/* Two values per stream word (its top and its low 24 bits): value i uses word i / 2. */
 static void bf16_run(void *p, int64_t b, int64_t e, int tid) {
     fill_ctx *c = p;
     uint16_t *dst = c->dst;
-    for (int64_t i = b; i < e; i++)
-        dst[i] = qlr_f32_to_bf16(word_uniform(stream_word(c->key, (uint64_t)i), c->lo, c->hi));
+    for (int64_t i = b; i < e;) {
+        uint64_t r = stream_word(c->key, (uint64_t)i >> 1);
+        if (!(i & 1)) dst[i++] = qlr_f32_to_bf16(word_uniform(r, c->lo, c->hi));
+        if (i < e) dst[i++] = qlr_f32_to_bf16(word_uniform(r << 40, c->lo, c->hi));
+    }
 }
 
 static void f32_run(void *p, int64_t b, int64_t e, int tid) {
