@@ -133,7 +133,7 @@ void qlr_model_free(qlr_model *m);
 typedef struct qlr_model_random_params {
     int double_quant;      /* NF4 absmax double-quantized, as QLoRA (default 1) */
     int lm_head_nf4;       /* also make m->lm_head_nf4 (random NF4 bytes; default 0) */
-    float embd_range;      /* embedding / lm_head values uniform in [-r, r] (default 0.034) */
+    float embd_range;      /* embedding / lm_head values uniform in [-r, r) (default 0.034) */
 } qlr_model_random_params;
 
 qlr_model_random_params qlr_model_random_params_default(void);
@@ -257,9 +257,10 @@ typedef struct qlr_batch_dev {
     const qlr_adapter_set *adapters; /* NULL = every token runs the base model */
     const int32_t *adapter_slot; /* [n] device, each in -1..adapters->n_slots-1; required with
                                     adapters (-1 = that token runs the base model) */
-    int32_t uniform;             /* host: the slot every token has, or -1 when they differ (or
-                                    it is not known; a backend without lora_batched then
-                                    refuses a batch with adapters) */
+    int32_t uniform;             /* host: the slot every token has (a promise: backends may
+                                    take the dense path), or -1 when they differ or it is not
+                                    known (a backend without lora_batched then refuses the
+                                    batch); ignored without adapters */
     int32_t fresh;               /* host: 1 = the batch is one sequence at positions 0..n-1 (a
                                     fresh prefill: attention may run over the batch's own k/v
                                     through attention_fresh); 0 is always correct */
