@@ -226,12 +226,9 @@ static qlr_status lora(qlr_forward *f, int32_t l, qlr_linear_id id, void *y, con
     const qlr_nf4 *w = &f->m->layers[l].w[id];
     const qlr_adapter_set *s = f->set;
     int64_t row = ((int64_t)l * QLR_LIN_COUNT + id) * s->n_slots;
-    if (!be->ops.lora_batched) { /* until every backend has the batched op */
-        if (f->uniform < 0)
-            return qlr_errorf(QLR_ERR_UNSUPPORTED, "the %s backend cannot apply different "
-                              "adapters in one batch yet (no lora_batched op)", be->name);
-        return be->ops.lora(be, y, x, &s->host[row + f->uniform], n, w->cols, w->rows);
-    }
+    if (!be->ops.lora_batched)
+        return qlr_errorf(QLR_ERR_UNSUPPORTED, "the %s backend has no lora_batched op: it cannot "
+                          "apply adapters at inference", be->name);
     return be->ops.lora_batched(be, y, x, s->dev + row, s->host + row, s->n_slots,
                                 f->slot_dev, s->max_r, f->uniform, n, w->cols, w->rows);
 }

@@ -61,6 +61,11 @@ typedef enum qlr_linear_id {
     QLR_LIN_COUNT
 } qlr_linear_id;
 
+/* [out, in] of a decoder linear of config c. */
+struct qlr_model_config;
+void qlr_model_linear_shape(const struct qlr_model_config *c, qlr_linear_id id, int64_t *out,
+                            int64_t *in);
+
 /* "q_proj", "k_proj", ... (HF names) and "attn_q", ... (GGUF names). */
 const char *qlr_linear_hf_name(qlr_linear_id id);
 const char *qlr_linear_gguf_name(qlr_linear_id id);
@@ -127,6 +132,12 @@ qlr_status qlr_model_load(const char *path, qlr_backend *be, const qlr_model_loa
                           qlr_model **out);
 /* Frees every device buffer and the model; safe on NULL. */
 void qlr_model_free(qlr_model *m);
+
+/* The device buffers qlr_model_load allocates for a model of config `cfg` (group "weights": NF4
+ * linears, embeddings, norms, lm_head, biases, RoPE table) on a backend that is not host-visible
+ * (a host-visible backend keeps the quantizer's NF4 buffers instead of copies of them). */
+void qlr_model_weight_items(const qlr_model_config *cfg, int double_quant, qlr_mem_item_fn fn,
+                            void *ud);
 
 /* ---- random weights (benchmarks, tests) ---- */
 
@@ -259,8 +270,7 @@ typedef struct qlr_batch_dev {
                                     adapters (-1 = that token runs the base model) */
     int32_t uniform;             /* host: the slot every token has (a promise: backends may
                                     take the dense path), or -1 when they differ or it is not
-                                    known (a backend without lora_batched then refuses the
-                                    batch); ignored without adapters */
+                                    known; ignored without adapters */
     int32_t fresh;               /* host: 1 = the batch is one sequence at positions 0..n-1 (a
                                     fresh prefill: attention may run over the batch's own k/v
                                     through attention_fresh); 0 is always correct */

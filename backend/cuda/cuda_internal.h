@@ -163,6 +163,10 @@ qlr_status qlr_cuda_lm_head(qlr_backend *be, float *logits, const void *x, const
                             int64_t n, int64_t d, int64_t vocab);
 qlr_status qlr_cuda_nf4_lm_head(qlr_backend *be, float *logits, const void *x, const qlr_nf4 *w,
                                 int64_t n);
+qlr_status qlr_cuda_lora_batched(qlr_backend *be, void *y, const void *x, const qlr_lora_ref *L,
+                                 const qlr_lora_ref *L_host, int32_t n_slots, const int32_t *slot,
+                                 int32_t max_r, int32_t uniform, int64_t n, int64_t in,
+                                 int64_t out);
 /* Fused ops (the optional entries at the end of the op table). */
 qlr_status qlr_cuda_nf4_linear_multi(qlr_backend *be, int k, void *const *y, const void *x,
                                      const qlr_nf4 *const *w, const float *const *bias, int64_t n);
@@ -176,5 +180,13 @@ qlr_status qlr_cuda_rope_kv_store(qlr_backend *be, void *q, void *k, const void 
                                   int64_t hd, int64_t ctx);
 qlr_status qlr_cuda_sample(qlr_backend *be, int32_t *out_ids, float *logits,
                            const qlr_sampling *params, uint64_t *rng, int64_t n, int64_t vocab);
+/* optim.cu: the optimizer ops (AdamW of the three kinds, bit for bit the CPU op's results;
+ * sum of squares in f64; f32 scaling; f32 -> bf16 compute copies). */
+qlr_status qlr_cuda_adamw_step(qlr_backend *be, int kind, float *p, const float *g, void *s1,
+                               void *s2, float *absmax1, float *absmax2, int64_t n,
+                               const qlr_adamw_hparams *hp, int64_t t);
+qlr_status qlr_cuda_sum_squares(qlr_backend *be, double *acc, const float *x, int64_t n);
+qlr_status qlr_cuda_scale_f32(qlr_backend *be, float *x, float s, int64_t n);
+qlr_status qlr_cuda_f32_to_act(qlr_backend *be, void *dst, const float *src, int64_t n);
 
 #endif
