@@ -13,9 +13,10 @@
 # each is unpacked (dpkg -x) into QLR_DEBS_PREFIX (default $QLR_GPU_BUILD/debs-prefix), their .pc
 # files are pointed at that prefix, and CMake finds them through CMAKE_PREFIX_PATH and
 # PKG_CONFIG_PATH; the programs load the libraries through their build RPATH (LD_LIBRARY_PATH is
-# set too). test_cuda_generate needs the demo model (QLR_DEMO_MODEL or .cache/models/): without
-# it that test is left out, and the summary says so. Exit status: the configure/build's, else
-# that of ctest (or a sanitizer), else the bench's.
+# set too). The gpu tests of the demo model (test_cuda_generate, test_cuda_train_demo,
+# test_cuda_adapter_batch) need it (QLR_DEMO_MODEL or .cache/models/): without it they are left
+# out, and the summary says so. Exit status: the configure/build's, else that of ctest (or a
+# sanitizer), else the bench's.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-out/gpu_check}
@@ -99,9 +100,10 @@ echo "== gpu tests ==" | tee "$OUT/ctest_gpu.log"
 exclude=()
 demo=${QLR_DEMO_MODEL:-.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf}
 if [ ! -f "$demo" ]; then
-  echo "test_cuda_generate left out: demo model $demo not found (set QLR_DEMO_MODEL)" |
+  demo_tests="test_cuda_generate test_cuda_train_demo test_cuda_adapter_batch"
+  echo "left out: $demo_tests (demo model $demo not found; set QLR_DEMO_MODEL)" |
     tee -a "$OUT/ctest_gpu.log"
-  exclude=(-E test_cuda_generate)
+  exclude=(-E "^(${demo_tests// /|})\$")
 fi
 ctest --test-dir "$BUILD" -L gpu "${exclude[@]}" -V --timeout 300 >> "$OUT/ctest_gpu.log" 2>&1
 rc=$?
