@@ -284,6 +284,13 @@ typedef struct qlr_backend_ops {
      * LoRA compute copies refreshed from device-resident fp32 masters after an optimizer step.
      * dst may equal src only when act is f32. */
     qlr_status (*f32_to_act)(qlr_backend *be, void *dst, const float *src, int64_t n);
+
+    /* ---- NF4 output projection (appended) ---- */
+
+    /* logits = x · Wᵀ with an NF4 output projection (a 4-bit lm_head for serving): x [n, w->cols]
+     * act; w an NF4 store [vocab, d] on this device; logits [n, w->rows] f32. */
+    qlr_status (*nf4_lm_head)(qlr_backend *be, float *logits, const void *x, const qlr_nf4 *w,
+                              int64_t n);
 } qlr_backend_ops;
 
 /* Device memory and synchronisation. */
