@@ -104,7 +104,9 @@ static void run_case(const lb_case *c) {
      * dense path rounds u to bf16 (2^-9 of each |u_j|: at most 2^-9·M on the sum) and every
      * path rounds y to bf16 once (2^-9 of a value at most (1 + 2^-9)·M); both sides sum the same
      * f32 products in different orders (each within (in + r + 2)·2^-24·Mf of the exact value).
-     * Untouched rows (slot -1, r = 0) must keep y0's bits on both. */
+     * Untouched rows (slot -1, r = 0) must keep y0's bits on both. The dense (uniform-hint)
+     * path goes through cuBLASLt with beta = 1 and a bf16 D, whose epilogue rounds the product
+     * before it adds C (seen on an H200: up to 1.7 times the single-rounding bound): 2^-7·M there. */
     int64_t bad = 0, untouched_bad = 0, adapted = 0, worst = -1;
     double wratio = 0;
     double *u = malloc((size_t)(max_r > 0 ? max_r : 1) * 8), *U = malloc((size_t)(max_r > 0 ? max_r : 1) * 8);
@@ -135,7 +137,7 @@ static void run_case(const lb_case *c) {
                 M += fabs(u[j]) * b;
                 Mf += U[j] * b;
             }
-            double tol = 0x1p-8 * (1 + 0x1p-9) * M + gamma * Mf;
+            double tol = (c->hint ? 0x1p-7 : 0x1p-8) * (1 + 0x1p-9) * M + gamma * Mf;
             double e = fabs((double)yg[o] - yr[o]);
             if (!(e <= tol)) {
                 bad++;

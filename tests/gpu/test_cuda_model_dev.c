@@ -133,7 +133,10 @@ static void test_dev_and_graph(side *g, side *c) {
     if (lg) read_logits(g, lg, N, d);
     CHECK_MSG(!memcmp(h, d, (size_t)N * VOCAB * 4), "cuda: forward vs forward_dev logits differ");
     double rms = gh_rms(ref, (int64_t)N * VOCAB);
-    gh_compare("cuda vs cpu: prefill logits", h, ref, (int64_t)N * VOCAB, 0.06 * rms, 0.03);
+    /* CUDA keeps bf16 activations where the CPU keeps f32: on this random model the logits
+     * differ by about 1.5% of their rms (relative l2, H200); per element 0.1 rms is ~6.5 of those
+     * standard deviations, so the tail of 18k elements passes and a wrong kernel does not */
+    gh_compare("cuda vs cpu: prefill logits", h, ref, (int64_t)N * VOCAB, 0.1 * rms, 0.03);
     /* decode: eager device steps on cache a, graph replays on cache b, the CPU on its cache */
     int32_t tok[2], pos[2], seq[2];
     decode_batch(0, tok, pos, seq);
@@ -168,7 +171,7 @@ static void test_dev_and_graph(side *g, side *c) {
                   "from the eager step", s);
         char what[64];
         snprintf(what, sizeof what, "cuda vs cpu: decode step %d", s);
-        gh_compare(what, graph2, cpu2, 2 * VOCAB, 0.06 * gh_rms(cpu2, 2 * VOCAB), 0.03);
+        gh_compare(what, graph2, cpu2, 2 * VOCAB, 0.1 * gh_rms(cpu2, 2 * VOCAB), 0.03);
     }
     cudaGraphExecDestroy(ge);
     /* the graph wrote cache b exactly as the eager steps wrote cache a */
@@ -226,7 +229,7 @@ static void test_nf4_head(side *g, side *c) {
         host_forward(g, kv, n, k_tok, k_pos, k_seq, got);
         char what[64];
         snprintf(what, sizeof what, "cuda vs cpu: NF4 lm_head, %d tokens", n);
-        gh_compare(what, got, ref, (int64_t)n * VOCAB, 0.06 * gh_rms(ref, (int64_t)n * VOCAB),
+        gh_compare(what, got, ref, (int64_t)n * VOCAB, 0.1 * gh_rms(ref, (int64_t)n * VOCAB),
                    0.03);
     }
     g->m->lm_head_nf4 = NULL;
