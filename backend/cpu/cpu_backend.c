@@ -108,6 +108,8 @@ qlr_status qlr_backend_cpu_create(int n_threads, qlr_backend **out) {
     o->attention_varlen_bwd = qlr_cpu_attention_varlen_bwd;
     o->lm_head_ce = qlr_cpu_lm_head_ce;
     o->dropout = qlr_cpu_dropout;
+    o->kv_store_paged = qlr_cpu_kv_store_paged;
+    o->attention_paged = qlr_cpu_attention_paged;
     *out = be;
     return QLR_OK;
 }
