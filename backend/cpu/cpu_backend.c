@@ -109,6 +109,7 @@ qlr_status qlr_backend_cpu_create(int n_threads, qlr_backend **out) {
     o->attention_varlen_bwd = qlr_cpu_attention_varlen_bwd;
     o->lm_head_ce = qlr_cpu_lm_head_ce;
     o->dropout = qlr_cpu_dropout;
+    o->lora_batched = qlr_cpu_lora_batched;
     o->adamw_step = qlr_cpu_adamw_step;
     o->sum_squares = qlr_cpu_sum_squares;
     o->scale_f32 = qlr_cpu_scale_f32;

@@ -80,6 +80,10 @@ qlr_status qlr_cpu_lora(qlr_backend *be, void *y, const void *x, const qlr_lora_
 qlr_status qlr_cpu_lora_bwd(qlr_backend *be, float *da, float *db, void *dx, const void *dy,
                             const void *x, const qlr_lora_ref *l, int64_t n, int64_t in,
                             int64_t out);
+qlr_status qlr_cpu_lora_batched(qlr_backend *be, void *y, const void *x, const qlr_lora_ref *L,
+                                const qlr_lora_ref *L_host, int32_t n_slots, const int32_t *slot,
+                                int32_t max_r, int32_t uniform, int64_t n, int64_t in,
+                                int64_t out);
 qlr_status qlr_cpu_lm_head(qlr_backend *be, float *logits, const void *x, const uint16_t *w,
                            int64_t n, int64_t d, int64_t vocab);
 
