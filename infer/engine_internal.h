@@ -61,7 +61,8 @@ qlr_status qlr_kvm_admit(qlr_kvm *m, qlr_kvm_seq *s, uint64_t key, const int32_t
 void qlr_kvm_ensure(qlr_kvm *m, qlr_kvm_seq *s, int32_t n_tokens);
 /* Offers the full blocks of `s` whose positions are all below min(n_computed, n_prompt) to the
  * prefix cache under `key` (after their K/V were computed). A block whose key is already cached
- * (another sequence computed the same prefix) stays private. No-op without prefix caching. */
+ * (another sequence computed the same prefix) stays private, and so do the blocks after it (no
+ * lookup can reach them). No-op without prefix caching. */
 void qlr_kvm_register(qlr_kvm *m, qlr_kvm_seq *s, uint64_t key, const int32_t *tokens,
                       int32_t n_computed, int32_t n_prompt);
 /* Drops the sequence's references (blocks reaching zero become free; cached ones stay findable

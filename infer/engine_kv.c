@@ -264,7 +264,9 @@ void qlr_kvm_register(qlr_kvm *m, qlr_kvm_seq *s, uint64_t key, const int32_t *t
         int32_t id = s->ids[i], parent = i > 0 ? s->ids[i - 1] : -1;
         uint32_t pgen = parent >= 0 ? m->b[parent].gen : 0;
         const int32_t *tok = tokens + (int64_t)i * m->block;
-        if (m->b[id].hashed || lookup(m, key, parent, pgen, tok) >= 0) continue;
+        if (m->b[id].hashed) continue;               /* a hit, cached already */
+        if (parent >= 0 && !m->b[parent].hashed) break; /* lookups could never reach it */
+        if (lookup(m, key, parent, pgen, tok) >= 0) continue; /* computed twice: stays private */
         hash_insert(m, id, key, parent, pgen, tok);
     }
     if (full > s->n_registered) s->n_registered = full;

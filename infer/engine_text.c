@@ -5,6 +5,7 @@
  * wherever it falls across token boundaries; the text before its first occurrence is emitted
  * and the match and anything after it never are. Each emitted piece carries the ids of the
  * tokens whose text it completes. */
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -56,6 +57,8 @@ static qlr_status grow(void **p, size_t *cap, size_t want, size_t elem) {
     return QLR_OK;
 }
 
+#define INCOMPLETE SIZE_MAX /* id_end of a token whose character is not complete yet */
+
 /* ids and id_end share one capacity. */
 static qlr_status grow_ids(qlr_etext *t, size_t want) {
     if (want <= t->cap_ids) return QLR_OK;
@@ -80,13 +83,15 @@ static qlr_status hold_append(qlr_etext *t, const char *s, size_t n) {
 
 /* Emits hold[0..len) with the ids whose text ends within it, and drops them. */
 static void emit_front(qlr_etext *t, size_t len, qlr_etext_emit_fn emit, void *ud) {
+    if (len == 0) return; /* ids of empty text wait for the next piece */
     size_t k = 0;
     while (k < t->n_ids && t->id_end[k] <= len) k++;
-    if (len > 0) emit(ud, t->hold, len, t->ids, k);
+    emit(ud, t->hold, len, t->ids, k);
     memmove(t->hold, t->hold + len, t->n_hold - len);
     t->n_hold -= len;
     memmove(t->ids, t->ids + k, (t->n_ids - k) * sizeof *t->ids);
-    for (size_t i = k; i < t->n_ids; i++) t->id_end[i - k] = t->id_end[i] - len;
+    for (size_t i = k; i < t->n_ids; i++)
+        t->id_end[i - k] = t->id_end[i] == INCOMPLETE ? INCOMPLETE : t->id_end[i] - len;
     t->n_ids -= k;
 }
 
@@ -129,8 +134,12 @@ qlr_status qlr_etext_push(qlr_etext *t, int32_t id, qlr_etext_emit_fn emit, void
     QLR_ASSERT(n <= t->cap_piece); /* 4 * piece + 8 always suffices (data/tokenizer.h) */
     QLR_TRY(hold_append(t, t->piece, n));
     QLR_TRY(grow_ids(t, t->n_ids + 1));
+    /* a token whose last bytes wait in the detokeniser for the rest of their character is
+     * complete when that character is: ends of such tokens are set by the push that completes it */
+    for (size_t i = t->n_ids; i > 0 && t->id_end[i - 1] == INCOMPLETE && n > 0; i--)
+        t->id_end[i - 1] = t->n_hold;
     t->ids[t->n_ids] = id;
-    t->id_end[t->n_ids] = t->n_hold;
+    t->id_end[t->n_ids] = t->ts.n_pending ? INCOMPLETE : t->n_hold;
     t->n_ids++;
     int64_t at = find_stop(t);
     if (at >= 0) {
@@ -151,6 +160,8 @@ qlr_status qlr_etext_finish(qlr_etext *t, qlr_etext_emit_fn emit, void *ud) {
     char tail[4];
     size_t n = qlr_tok_stream_flush(&t->ts, tail, sizeof tail);
     QLR_TRY(hold_append(t, tail, n));
+    for (size_t i = 0; i < t->n_ids; i++)
+        if (t->id_end[i] == INCOMPLETE) t->id_end[i] = t->n_hold;
     emit_front(t, t->n_hold, emit, ud);
     return QLR_OK;
 }
