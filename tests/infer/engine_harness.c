@@ -152,7 +152,8 @@ static int on_token(void *ud, int32_t id) {
 }
 
 int eh_generate(qlr_model *m, const qlr_tokenizer *tok, const int32_t *prompt, int32_t n,
-                int32_t max_tokens, const qlr_lora *l, float scale, int32_t *out) {
+                int32_t max_tokens, const qlr_lora *l, float scale, const qlr_sampling *sp,
+                uint64_t seed, int32_t *out) {
     qlr_forward *f = NULL;
     qlr_kv_cache *kv = NULL;
     qlr_lora_dev *dev = NULL;
@@ -178,6 +179,8 @@ int eh_generate(qlr_model *m, const qlr_tokenizer *tok, const int32_t *prompt, i
     p.stop_ids = stops;
     p.n_stop = ns;
     p.adapters = set;
+    if (sp) p.sampling = *sp;
+    p.seed = seed;
     qlr_generate_stats gs;
     g_gen_n = 0;
     g_gen_out = out;

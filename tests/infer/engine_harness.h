@@ -56,9 +56,11 @@ qlr_tokens eh_chat_prompt(const qlr_tokenizer *tok, const char *user);
  * seed. */
 qlr_lora *eh_make_adapter(const qlr_model_config *cfg, int32_t r, uint32_t targets, uint64_t seed);
 
-/* Greedy tokens of qlr_generate (contiguous cache) for prompt, with `l` (may be NULL) at `scale`,
- * stopping at the tokenizer's end-of-generation ids; returns the count written to out. */
+/* Tokens of qlr_generate (contiguous cache) for prompt, with `l` (may be NULL) at `scale`,
+ * sampling `sp` with `seed` (sp NULL: greedy), stopping at the tokenizer's end-of-generation ids;
+ * returns the count written to out. */
 int eh_generate(qlr_model *m, const qlr_tokenizer *tok, const int32_t *prompt, int32_t n,
-                int32_t max_tokens, const qlr_lora *l, float scale, int32_t *out);
+                int32_t max_tokens, const qlr_lora *l, float scale, const qlr_sampling *sp,
+                uint64_t seed, int32_t *out);
 
 #endif

@@ -4,6 +4,8 @@
  *  - five requests over four adapters and the base model at once give the same greedy tokens as
  *    each one alone through the engine and as qlr_generate with that adapter; again with a step
  *    budget of 16 tokens (chunked prefill mixed with decodes);
+ *  - sampling (temperature, top-k, top-p, seed) per request: alone == qlr_generate with that seed,
+ *    and the same in a batch with another request;
  *  - prefix reuse: the same prompt again reuses its full blocks (n_cached, prefix_hits) and gives
  *    the same tokens as without reuse; another adapter or another scale reuses nothing;
  *  - cancel mid-stream and in the queue: DONE (CANCELLED), every block back (kv_blocks_used 0);
@@ -73,7 +75,7 @@ static void test_concurrent(void) {
     for (int i = 0; i < NREQ; i++) {
         const qlr_tokens *p = &prompts[req_prompt[i]];
         nref[i] = eh_generate(m, tok, p->ids, (int32_t)p->n, MAXTOK,
-                              req_ad[i] >= 0 ? ref_lora[req_ad[i]] : NULL, req_scale[i], ref[i]);
+                              req_ad[i] >= 0 ? ref_lora[req_ad[i]] : NULL, req_scale[i], NULL, 0, ref[i]);
     }
     /* the adapters change the tokens: otherwise this test shows nothing */
     int differ = nref[0] != nref[4] || memcmp(ref[0], ref[4], (size_t)nref[0] * 4) != 0;
@@ -113,6 +115,48 @@ static void test_concurrent(void) {
         CHECK(conc[i].len == alone[i].len && !memcmp(conc[i].text, alone[i].text, conc[i].len));
     }
     printf("concurrent: %d requests over 3 adapters + base, tokens == alone == qlr_generate\n", NREQ);
+}
+
+/* Sampling: temperature, top-k, top-p and a seed per request. Alone the engine draws what
+ * qlr_generate draws with that seed; two requests with different seeds in one batch draw their
+ * own streams (the same as each alone). */
+static void test_sampling(void) {
+    qlr_sampling sp = {0.9f, 40, 0.95f};
+    const qlr_tokens *p = &prompts[1];
+    int32_t ref[2][MAXTOK];
+    int nref[2];
+    for (int k = 0; k < 2; k++)
+        nref[k] = eh_generate(m, tok, p->ids, (int32_t)p->n, MAXTOK, k ? ref_lora[1] : NULL, 1.0f,
+                              &sp, 7 + (uint64_t)k, ref[k]);
+    qlr_engine *e = new_engine(512, 4, 4, 0);
+    if (!e) return;
+    static eh_out o[2], t[2];
+    for (int pass = 0; pass < 2; pass++)
+        for (int k = 0; k < 2; k++) {
+            qlr_engine_request r;
+            memset(&r, 0, sizeof r);
+            r.prompt = p->ids;
+            r.n_prompt = (int32_t)p->n;
+            r.max_tokens = MAXTOK;
+            r.sampling = sp;
+            r.seed = 7 + (uint64_t)k;
+            r.adapter = k ? acquire(1) : NULL;
+            r.adapter_scale = 1.0f;
+            eh_out *out = pass ? &t[k] : &o[k];
+            memset(out, 0, sizeof *out);
+            uint64_t id;
+            CHECK_OK(qlr_engine_submit(e, &r, eh_cb, out, &id));
+            if (pass == 0) CHECK(eh_wait(out)); /* pass 0: alone; pass 1: both at once */
+        }
+    CHECK(eh_wait(&t[0]) && eh_wait(&t[1]));
+    for (int k = 0; k < 2; k++) {
+        CHECK_MSG(same_ids(&o[k], ref[k], nref[k]), "sampled request %d alone differs from "
+                  "qlr_generate with the same seed", k);
+        CHECK_MSG(same_ids(&t[k], ref[k], nref[k]), "sampled request %d in a batch differs from "
+                  "alone", k);
+    }
+    CHECK_MSG(!same_ids(&o[0], ref[1], nref[1]), "two seeds and adapters drew the same tokens");
+    qlr_engine_free(e);
 }
 
 static void test_prefix(void) {
@@ -352,6 +396,7 @@ int main(void) {
     prompts[1] = eh_chat_prompt(tok, "Write a haiku about the sea.");
     prompts[2] = eh_chat_prompt(tok, "List three prime numbers and explain why they are prime.");
     test_concurrent();
+    test_sampling();
     test_prefix();
     test_cancel();
     test_busy();

@@ -44,7 +44,7 @@ static void test_utf8(void) {
     CHECK_MSG(split && multibyte, "the answer '%.*s' has no character split over tokens", (int)o.len,
               o.text);
     int32_t ref[24];
-    int nref = eh_generate(m, tok, p.ids, (int32_t)p.n, 24, NULL, 1.0f, ref);
+    int nref = eh_generate(m, tok, p.ids, (int32_t)p.n, 24, NULL, 1.0f, NULL, 0, ref);
     CHECK_MSG(nref == o.n_ids && !memcmp(ref, o.ids, (size_t)nref * 4),
               "engine tokens differ from qlr_generate's");
     printf("utf8: '%.*s' (%d tokens, %d TEXT events)\n", (int)o.len, o.text, o.n_ids, o.n_text);
