@@ -8,6 +8,7 @@
  *    and the same in a batch with another request;
  *  - prefix reuse: the same prompt again reuses its full blocks (n_cached, prefix_hits) and gives
  *    the same tokens as without reuse; another adapter or another scale reuses nothing;
+ *  - an adapter detached after its requests is let go by the engine (the registry frees it);
  *  - cancel mid-stream and in the queue: DONE (CANCELLED), every block back (kv_blocks_used 0);
  *  - a full queue refuses with QLR_ERR_BUSY (counted as rejected);
  *  - invalid requests name the field and give the adapter reference back;
@@ -209,6 +210,34 @@ static void test_prefix(void) {
     qlr_engine_free(e0);
 }
 
+/* An adapter detached while the engine keeps it for its cached prefixes is let go within about
+ * a second (the registry then frees it: its host bytes go). */
+static void test_detach(void) {
+    qlr_registry_stats rs0, rs;
+    qlr_registry_get_stats(reg, &rs0);
+    qlr_lora *l = eh_make_adapter(&m->cfg, 4, QLR_LORA_TARGETS_ALL, 999);
+    if (!l) return;
+    CHECK_OK(qlr_registry_attach(reg, "tmp", l));
+    qlr_engine *e = new_engine(512, 4, 4, 1);
+    if (!e) return;
+    qlr_adapter *a = NULL;
+    CHECK_OK(qlr_registry_acquire(reg, "tmp", &a));
+    static eh_out o;
+    const qlr_tokens *p = &prompts[0];
+    CHECK_OK(eh_submit(e, p->ids, (int32_t)p->n, 2, a, 1.0f, NULL, 0, &o, NULL));
+    CHECK(eh_wait(&o));
+    CHECK_OK(qlr_registry_detach(reg, "tmp"));
+    int freed = 0;
+    for (int k = 0; k < 100 && !freed; k++) {
+        usleep(50000);
+        qlr_registry_get_stats(reg, &rs);
+        freed = rs.host_bytes == rs0.host_bytes;
+    }
+    CHECK_MSG(freed, "the detached adapter was not freed (host bytes %llu, before attach %llu)",
+              (unsigned long long)rs.host_bytes, (unsigned long long)rs0.host_bytes);
+    qlr_engine_free(e);
+}
+
 static void test_cancel(void) {
     qlr_engine *e = new_engine(512, 1, 4, 1);
     if (!e) return;
@@ -398,6 +427,7 @@ int main(void) {
     test_concurrent();
     test_sampling();
     test_prefix();
+    test_detach();
     test_cancel();
     test_busy();
     test_invalid();
