@@ -11,19 +11,27 @@
 
 #include "core/core.h"
 
-static int masters_alias(const qlr_backend *be) { return be->host_visible; }
-static int compute_alias(const qlr_backend *be, int trainable) {
-    return be->act_dtype == QLR_F32 && (be->host_visible || trainable);
+static int masters_alias(qlr_device_traits dt) { return dt.host_visible; }
+static int compute_alias(qlr_device_traits dt, int trainable) {
+    return dt.act_dtype == QLR_F32 && (dt.host_visible || trainable);
 }
 
-uint64_t qlr_lora_dev_bytes(const qlr_backend *be, const qlr_lora *l, int trainable) {
-    uint64_t n = l->n_params, b = 0;
-    if (trainable) {
-        if (!masters_alias(be)) b += n * 4;
-        b += n * 4; /* gradients */
-    }
-    if (!compute_alias(be, trainable)) b += n * qlr_dtype_size(be->act_dtype);
-    return b;
+/* The three buffers' sizes in bytes (0 = aliased, not allocated). */
+static void dev_sizes(qlr_device_traits dt, uint64_t n, int trainable, uint64_t sz[3]) {
+    uint64_t m = n ? n : 1;
+    sz[0] = trainable && !masters_alias(dt) ? m * 4 : 0;                    /* masters */
+    sz[1] = trainable ? m * 4 : 0;                                           /* gradients */
+    sz[2] = compute_alias(dt, trainable) ? 0 : m * qlr_dtype_size(dt.act_dtype); /* compute */
+}
+
+void qlr_lora_dev_items(qlr_device_traits dt, uint64_t n_params, int trainable, qlr_mem_item_fn fn,
+                        void *ud) {
+    static const char *names[3] = {"LoRA A/B fp32 masters", "LoRA A/B fp32 gradients",
+                                   "LoRA A/B compute copies"};
+    uint64_t sz[3];
+    dev_sizes(dt, n_params, trainable, sz);
+    for (int i = 0; i < 3; i++)
+        if (sz[i]) fn(ud, "adapter", names[i], 1, sz[i]);
 }
 
 /* Offsets of module k's A within the block (floats), or -1 when absent. */
@@ -50,27 +58,28 @@ qlr_status qlr_lora_dev_create(qlr_backend *be, const qlr_lora *l, int32_t n_lay
         qlr_lora_dev_free(d);
         return qlr_errorf(QLR_ERR_NOMEM, "adapter device copy");
     }
-    size_t n = (size_t)l->n_params, esz = qlr_dtype_size(be->act_dtype);
-    size_t alloc_n = n ? n : 1;
+    qlr_device_traits dt = qlr_device_traits_of(be);
+    uint64_t sz[3];
+    dev_sizes(dt, l->n_params, trainable, sz);
     if (trainable) {
-        d->master = masters_alias(be) ? l->block : be->mem.alloc(be, alloc_n * 4);
-        d->grad = be->mem.alloc(be, alloc_n * 4);
+        d->master = sz[0] ? be->mem.alloc(be, (size_t)sz[0]) : l->block;
+        d->grad = be->mem.alloc(be, (size_t)sz[1]);
         if (!d->master || !d->grad) {
             qlr_lora_dev_free(d);
-            return qlr_error_prefix("adapter masters and gradients (%zu bytes)", 2 * n * 4);
+            return qlr_error_prefix("adapter masters and gradients (%llu bytes)",
+                                    (unsigned long long)(sz[0] + sz[1]));
         }
-        if (!masters_alias(be)) d->device_bytes += alloc_n * 4;
-        d->device_bytes += alloc_n * 4;
     }
-    d->aliased = compute_alias(be, trainable);
-    if (!d->aliased) {
-        d->compute = be->mem.alloc(be, alloc_n * esz);
+    d->aliased = compute_alias(dt, trainable);
+    if (sz[2]) {
+        d->compute = be->mem.alloc(be, (size_t)sz[2]);
         if (!d->compute) {
             qlr_lora_dev_free(d);
-            return qlr_error_prefix("adapter compute copies (%zu bytes)", n * esz);
+            return qlr_error_prefix("adapter compute copies (%llu bytes)", (unsigned long long)sz[2]);
         }
-        d->device_bytes += alloc_n * esz;
     }
+    d->device_bytes = sz[0] + sz[1] + sz[2];
+    size_t esz = qlr_dtype_size(be->act_dtype), alloc_n = l->n_params ? (size_t)l->n_params : 1;
     /* aliased compute copies are the device masters (trainable) or the host masters */
     char *cbase = d->aliased ? (char *)(trainable ? d->master : l->block) : (char *)d->compute;
     size_t cesz = d->aliased ? 4 : esz;
@@ -103,7 +112,7 @@ qlr_status qlr_lora_dev_create(qlr_backend *be, const qlr_lora *l, int32_t n_lay
 void qlr_lora_dev_free(qlr_lora_dev *d) {
     if (!d) return;
     qlr_backend *be = d->be;
-    if (d->master && !masters_alias(be)) be->mem.free(be, d->master);
+    if (d->master && !masters_alias(qlr_device_traits_of(be))) be->mem.free(be, d->master);
     if (d->grad) be->mem.free(be, d->grad);
     if (d->compute) be->mem.free(be, d->compute);
     free(d->mods);

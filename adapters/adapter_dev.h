@@ -34,8 +34,10 @@ typedef struct qlr_lora_dev {
                                     `grad` (NULL where not adapted, or not trainable) */
 } qlr_lora_dev;
 
-/* Device bytes qlr_lora_dev_create allocates for adapter `l` on `be` (the planner's figure). */
-uint64_t qlr_lora_dev_bytes(const qlr_backend *be, const qlr_lora *l, int trainable);
+/* The device allocations qlr_lora_dev_create makes for an adapter of n_params floats (group
+ * "adapter": masters, gradients, compute copies; none aliased on the device `dt`). */
+void qlr_lora_dev_items(qlr_device_traits dt, uint64_t n_params, int trainable, qlr_mem_item_fn fn,
+                        void *ud);
 
 /* Makes the device side of `l` for a model of `n_layers` layers (the adapter must already fit the
  * model: qlr_lora_check_base) and uploads it. `trainable` also allocates device masters (copied

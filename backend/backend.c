@@ -3,6 +3,7 @@
  * cpu/ and cuda/. */
 #include "backend/backend.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -30,6 +31,39 @@ void qlr_backend_free(qlr_backend *be) {
     if (be && be->destroy) be->destroy(be);
 }
 
+qlr_device_traits qlr_device_traits_of(const qlr_backend *be) {
+    qlr_device_traits t = {be->act_dtype, be->host_visible};
+    return t;
+}
+
+qlr_device_traits qlr_device_traits_named(const char *device) {
+    qlr_device_traits t = {QLR_BF16, 0};
+    if (device && !strcmp(device, "cpu")) t.act_dtype = QLR_F32, t.host_visible = 1;
+    return t;
+}
+
+/* The sizes of an uploaded store's buffers (0 = not allocated). */
+static void nf4_sizes(int64_t n, int64_t n_blocks, int64_t n_dq_blocks, int dq, size_t sz[4]) {
+    sz[0] = (size_t)((n + 1) / 2);                                  /* codes */
+    sz[1] = dq ? 0 : (size_t)n_blocks * 4;                          /* absmax f32 */
+    sz[2] = dq ? (size_t)n_blocks : 0;                              /* absmax_q u8 */
+    sz[3] = dq ? (size_t)n_dq_blocks * 4 + QLR_NF4_DQ_PAD * 4 : 0;  /* second level + pad */
+}
+
+void qlr_backend_nf4_items(int64_t rows, int64_t cols, int dq, uint64_t count, const char *group,
+                           const char *name, qlr_mem_item_fn fn, void *ud) {
+    static const char *part[4] = {"codes", "absmax f32", "absmax u8", "nested absmax f32"};
+    int64_t n = rows * cols, nb = (n + 63) / 64, ndq = dq ? (nb + 255) / 256 : 0;
+    size_t sz[4];
+    nf4_sizes(n, nb, ndq, dq, sz);
+    char nm[96];
+    for (int i = 0; i < 4; i++) {
+        if (!sz[i] || (i == 0 && !n)) continue;
+        snprintf(nm, sizeof nm, "%s NF4 %s", name, part[i]);
+        fn(ud, group, nm, count, sz[i]);
+    }
+}
+
 static qlr_status upload_buf(qlr_backend *be, void **dst, const void *src, size_t bytes) {
     *dst = NULL;
     if (!bytes) return QLR_OK;
@@ -55,14 +89,14 @@ qlr_status qlr_backend_nf4_upload(qlr_backend *be, qlr_nf4 *host, qlr_nf4 *dev, 
     dev->absmax = NULL;
     dev->absmax_q = NULL;
     dev->dq_absmax = NULL;
-    qlr_status st = upload_buf(be, (void **)&dev->codes, host->codes, (size_t)((host->n + 1) / 2));
-    if (st == QLR_OK && !host->dq)
-        st = upload_buf(be, (void **)&dev->absmax, host->absmax, (size_t)host->n_blocks * 4);
-    if (st == QLR_OK && host->dq)
-        st = upload_buf(be, (void **)&dev->absmax_q, host->absmax_q, (size_t)host->n_blocks);
-    if (st == QLR_OK && host->dq) {
+    size_t sz[4];
+    nf4_sizes(host->n, host->n_blocks, host->n_dq_blocks, host->dq, sz);
+    qlr_status st = upload_buf(be, (void **)&dev->codes, host->codes, sz[0]);
+    if (st == QLR_OK && sz[1]) st = upload_buf(be, (void **)&dev->absmax, host->absmax, sz[1]);
+    if (st == QLR_OK && sz[2]) st = upload_buf(be, (void **)&dev->absmax_q, host->absmax_q, sz[2]);
+    if (st == QLR_OK && sz[3]) {
         /* QLR_NF4_DQ_PAD zero floats after the second-level table (aligned 32-byte reads) */
-        size_t bytes = (size_t)host->n_dq_blocks * 4, pad = QLR_NF4_DQ_PAD * 4;
+        size_t bytes = sz[3] - QLR_NF4_DQ_PAD * 4, pad = QLR_NF4_DQ_PAD * 4;
         dev->dq_absmax = be->mem.alloc(be, bytes + pad);
         if (!dev->dq_absmax) st = qlr_error_status();
         if (st == QLR_OK) st = be->mem.memset0(be, (char *)dev->dq_absmax + bytes, pad);

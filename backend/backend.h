@@ -357,6 +357,32 @@ static inline size_t qlr_backend_act_size(const qlr_backend *be) {
 qlr_status qlr_backend_nf4_upload(qlr_backend *be, qlr_nf4 *host, qlr_nf4 *dev, int steal);
 void qlr_backend_nf4_free(qlr_backend *be, qlr_nf4 *dev);
 
+/* ---- memory accounting: one size table for `qlora plan` and the allocations ----
+ * A function that sizes a class of allocations reports it as an item, and the code that
+ * allocates uses the same function, so the plan is the allocation, item by item. */
+
+/* What a plan needs to know of a device without creating a backend. */
+typedef struct qlr_device_traits {
+    qlr_dtype act_dtype;     /* CPU f32, CUDA bf16 */
+    int host_visible;        /* CPU 1 */
+} qlr_device_traits;
+
+qlr_device_traits qlr_device_traits_of(const qlr_backend *be);
+/* "cpu" or "cuda" (anything else: cuda's). */
+qlr_device_traits qlr_device_traits_named(const char *device);
+
+/* Bytes mem.alloc takes for a request: every backend rounds up to 256 (0 counts as 1). */
+static inline uint64_t qlr_alloc_bytes(uint64_t b) { return ((b ? b : 1) + 255) & ~255ull; }
+
+/* One class of allocations: `count` buffers of `bytes` each, as requested from mem.alloc (the
+ * memory taken is count * qlr_alloc_bytes(bytes)). group names the plan component. */
+typedef void (*qlr_mem_item_fn)(void *ud, const char *group, const char *name, uint64_t count,
+                                uint64_t bytes);
+
+/* The buffers qlr_backend_nf4_upload allocates (no steal) for `count` [rows, cols] stores. */
+void qlr_backend_nf4_items(int64_t rows, int64_t cols, int dq, uint64_t count, const char *group,
+                           const char *name, qlr_mem_item_fn fn, void *ud);
+
 /* Host f32 -> device act buffer of n elements (conversion on the host when act is bf16). */
 qlr_status qlr_backend_upload_act(qlr_backend *be, void *dst, const float *src, int64_t n);
 /* Device act buffer -> host f32. */

@@ -60,8 +60,8 @@ struct qlr_train_ctx {
 
 static uint64_t al(uint64_t x) { return (x + 255) & ~255ull; }
 
-static void act_sizes(const qlr_model_config *c, qlr_backend *be, int64_t T, uint64_t *sz) {
-    uint64_t a = qlr_backend_act_size(be);
+static void act_sizes(const qlr_model_config *c, qlr_device_traits dt, int64_t T, uint64_t *sz) {
+    uint64_t a = qlr_dtype_size(dt.act_dtype);
     uint64_t d = (uint64_t)c->d_model, q = (uint64_t)c->n_heads * c->head_dim,
              kv = (uint64_t)c->n_kv_heads * c->head_dim, ff = (uint64_t)c->d_ff;
     sz[A_XN1] = al(T * d * a);
@@ -77,16 +77,16 @@ static void act_sizes(const qlr_model_config *c, qlr_backend *be, int64_t T, uin
     sz[A_H] = al(T * ff * a);
 }
 
-static uint64_t act_set_bytes(const qlr_model_config *c, qlr_backend *be, int64_t T) {
+static uint64_t act_set_bytes(const qlr_model_config *c, qlr_device_traits dt, int64_t T) {
     uint64_t sz[A_COUNT], t = 0;
-    act_sizes(c, be, T, sz);
+    act_sizes(c, dt, T, sz);
     for (int i = 0; i < A_COUNT; i++) t += sz[i];
     return t;
 }
 
-static void plan(const qlr_model_config *c, qlr_backend *be, const qlr_train_params *p,
+static void plan(const qlr_model_config *c, qlr_device_traits dt, const qlr_train_params *p,
                  uint64_t *sz) {
-    uint64_t a = qlr_backend_act_size(be), T = (uint64_t)p->max_tokens;
+    uint64_t a = qlr_dtype_size(dt.act_dtype), T = (uint64_t)p->max_tokens;
     uint64_t d = (uint64_t)c->d_model, q = (uint64_t)c->n_heads * c->head_dim,
              kv = (uint64_t)c->n_kv_heads * c->head_dim, ff = (uint64_t)c->d_ff;
     uint64_t mx = d > q ? d : q;
@@ -94,7 +94,7 @@ static void plan(const qlr_model_config *c, qlr_backend *be, const qlr_train_par
     uint64_t chunk = (uint64_t)(p->ce_chunk < p->max_tokens ? p->ce_chunk : p->max_tokens);
     uint64_t sets = p->checkpointing ? 1 : (uint64_t)c->n_layers;
     sz[B_XIN] = ((uint64_t)c->n_layers + 1) * al(T * d * a);
-    sz[B_ACTS] = sets * act_set_bytes(c, be, (int64_t)T);
+    sz[B_ACTS] = sets * act_set_bytes(c, dt, (int64_t)T);
     sz[B_XF] = sz[B_DXF] = sz[B_GX] = sz[B_DXN] = sz[B_TMPD] = T * d * a;
     sz[B_DH] = sz[B_DGATE] = sz[B_DUP] = T * ff * a;
     sz[B_DATT] = sz[B_DQ] = T * q * a;
@@ -105,12 +105,48 @@ static void plan(const qlr_model_config *c, qlr_backend *be, const qlr_train_par
     for (int i = 0; i < B_COUNT; i++) sz[i] = al(sz[i]);
 }
 
-uint64_t qlr_train_plan_bytes(const qlr_model_config *cfg, qlr_backend *be,
+/* What each workspace buffer is, for the plan: name, plan group (in B_ order). */
+static const struct {
+    const char *group, *name;
+} k_buf_names[B_COUNT] = {
+    {"activations", "layer inputs [T, d_model] x (n_layers + 1)"},
+    {"activations", "layer activations (per layer, or one set with checkpointing)"},
+    {"backward", "final norm out [T, d_model]"},
+    {"backward", "d final norm out [T, d_model]"},
+    {"backward", "d residual [T, d_model]"},
+    {"backward", "d norm out [T, d_model]"},
+    {"backward", "linear dx scratch [T, d_model]"},
+    {"backward", "d swiglu out [T, d_ff]"},
+    {"backward", "d gate [T, d_ff]"},
+    {"backward", "d up [T, d_ff]"},
+    {"backward", "d attention out [T, heads*head_dim]"},
+    {"backward", "dq [T, heads*head_dim]"},
+    {"backward", "dk [T, kv_heads*head_dim]"},
+    {"backward", "dv [T, kv_heads*head_dim]"},
+    {"backward", "LoRA dropout input [T, max dim]"},
+    {"backward", "LoRA dropout dx [T, max dim]"},
+    {"lm_head_ce", "logits chunk f32 [ce_chunk, vocab]"},
+    {"lm_head_ce", "per-token loss f32 [T]"},
+    {"batch", "token ids int32 [T]"},
+    {"batch", "positions int32 [T]"},
+    {"batch", "sequence starts int32 [T]"},
+    {"batch", "targets int32 [T]"},
+};
+
+uint64_t qlr_train_plan_bytes(const qlr_model_config *cfg, qlr_device_traits dt,
                               const qlr_train_params *p) {
     uint64_t sz[B_COUNT], t = 0;
-    plan(cfg, be, p, sz);
+    plan(cfg, dt, p, sz);
     for (int i = 0; i < B_COUNT; i++) t += sz[i];
     return t;
+}
+
+void qlr_train_plan_items(const qlr_model_config *cfg, qlr_device_traits dt,
+                          const qlr_train_params *p, qlr_mem_item_fn fn, void *ud) {
+    uint64_t sz[B_COUNT];
+    plan(cfg, dt, p, sz);
+    for (int i = 0; i < B_COUNT; i++)
+        if (sz[i]) fn(ud, k_buf_names[i].group, k_buf_names[i].name, 1, sz[i]);
 }
 
 qlr_status qlr_train_ctx_create(qlr_model *m, const qlr_train_params *p, qlr_train_ctx **out) {
@@ -146,7 +182,8 @@ qlr_status qlr_train_ctx_create(qlr_model *m, const qlr_train_params *p, qlr_tra
     c->acts = calloc((size_t)c->n_sets, sizeof *c->acts);
     c->start_host = malloc((size_t)p->max_tokens * 4);
     c->loss_host = malloc((size_t)p->max_tokens * 4);
-    c->bytes = qlr_train_plan_bytes(cfg, be, p);
+    qlr_device_traits dt = qlr_device_traits_of(be);
+    c->bytes = qlr_train_plan_bytes(cfg, dt, p);
     c->block = (c->xin && c->acts && c->start_host && c->loss_host)
                    ? be->mem.alloc(be, (size_t)c->bytes) : NULL;
     if (!c->block) {
@@ -159,15 +196,15 @@ qlr_status qlr_train_ctx_create(qlr_model *m, const qlr_train_params *p, qlr_tra
         return st;
     }
     uint64_t sz[B_COUNT], off = 0;
-    plan(cfg, be, p, sz);
+    plan(cfg, dt, p, sz);
     for (int i = 0; i < B_COUNT; i++) {
         c->buf[i] = (uint8_t *)c->block + off;
         off += sz[i];
     }
     uint64_t xsz = al((uint64_t)p->max_tokens * cfg->d_model * qlr_backend_act_size(be));
     for (int32_t l = 0; l <= cfg->n_layers; l++) c->xin[l] = (uint8_t *)c->buf[B_XIN] + l * xsz;
-    uint64_t asz[A_COUNT], set = act_set_bytes(cfg, be, p->max_tokens);
-    act_sizes(cfg, be, p->max_tokens, asz);
+    uint64_t asz[A_COUNT], set = act_set_bytes(cfg, dt, p->max_tokens);
+    act_sizes(cfg, dt, p->max_tokens, asz);
     for (int32_t s = 0; s < c->n_sets; s++) {
         uint64_t o2 = s * set;
         for (int i = 0; i < A_COUNT; i++) {

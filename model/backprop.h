@@ -42,8 +42,14 @@ qlr_train_params qlr_train_params_default(void);
 typedef struct qlr_train_ctx qlr_train_ctx;
 
 /* Device bytes of the training workspace for this config and params (saved activations,
- * backward scratch, one CE chunk of logits). The model's weights are not included. */
-uint64_t qlr_train_plan_bytes(const qlr_model_config *cfg, qlr_backend *be, const qlr_train_params *p);
+ * backward scratch, one CE chunk of logits, the batch): one allocation. The model's weights are
+ * not included. */
+uint64_t qlr_train_plan_bytes(const qlr_model_config *cfg, qlr_device_traits dt,
+                              const qlr_train_params *p);
+/* The same workspace buffer by buffer (groups "activations", "backward", "lm_head_ce",
+ * "batch"; sizes already 256-aligned, summing to qlr_train_plan_bytes). */
+void qlr_train_plan_items(const qlr_model_config *cfg, qlr_device_traits dt,
+                          const qlr_train_params *p, qlr_mem_item_fn fn, void *ud);
 
 /* Workspaces carved once (sized by qlr_train_plan_bytes). QLR_ERR_INVALID for bad params (sizes < 1, dropout outside [0, 1)), QLR_ERR_UNSUPPORTED
  * when the backend lacks a training op, QLR_ERR_NOMEM naming the size. *out NULL on failure. */

@@ -2,6 +2,7 @@
  * uploads that count bytes on the model (f32, bf16, NF4), the Q/K row permutation between
  * llama.cpp's and HF's order (spec §4.6), and the model's free. Used by the loaders
  * (loader.c, loader_hf.c) and the tools; depends on nothing else in model/. */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -69,6 +70,27 @@ qlr_status qlr_model_upload_nf4(qlr_model *m, const float *w, int64_t rows, int6
     if (st == QLR_OK && !m->be->host_visible) st = m->be->mem.sync(m->be);
     qlr_nf4_free(&host);
     return st;
+}
+
+void qlr_model_weight_items(const qlr_model_config *c, int dq, qlr_mem_item_fn fn, void *ud) {
+    const char *g = "weights";
+    uint64_t L = (uint64_t)c->n_layers, d = (uint64_t)c->d_model, V = (uint64_t)c->n_vocab;
+    for (int i = 0; i < QLR_LIN_COUNT; i++) {
+        int64_t out, in;
+        qlr_model_linear_shape(c, (qlr_linear_id)i, &out, &in);
+        char nm[64];
+        snprintf(nm, sizeof nm, "blk.*.%s", qlr_linear_gguf_name((qlr_linear_id)i));
+        qlr_backend_nf4_items(out, in, dq, L, g, nm, fn, ud);
+        if (c->qkv_bias && i <= QLR_LIN_V) {
+            snprintf(nm, sizeof nm, "blk.*.%s bias f32", qlr_linear_gguf_name((qlr_linear_id)i));
+            fn(ud, g, nm, L, (uint64_t)out * 4);
+        }
+    }
+    fn(ud, g, "token_embd bf16 [vocab, d_model]", 1, V * d * 2);
+    if (!c->tied_embeddings) fn(ud, g, "output (lm_head) bf16 [vocab, d_model]", 1, V * d * 2);
+    fn(ud, g, "blk.*.attn_norm, ffn_norm f32 [d_model]", 2 * L, d * 4);
+    fn(ud, g, "output_norm f32 [d_model]", 1, d * 4);
+    fn(ud, g, "RoPE inverse frequencies f32 [head_dim/2]", 1, (uint64_t)c->head_dim / 2 * 4);
 }
 
 void qlr_model_free(qlr_model *m) {

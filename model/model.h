@@ -62,6 +62,11 @@ typedef enum qlr_linear_id {
     QLR_LIN_COUNT
 } qlr_linear_id;
 
+/* [out, in] of a decoder linear of config c. */
+struct qlr_model_config;
+void qlr_model_linear_shape(const struct qlr_model_config *c, qlr_linear_id id, int64_t *out,
+                            int64_t *in);
+
 /* "q_proj", "k_proj", ... (HF names) and "attn_q", ... (GGUF names). */
 const char *qlr_linear_hf_name(qlr_linear_id id);
 const char *qlr_linear_gguf_name(qlr_linear_id id);
@@ -123,6 +128,12 @@ qlr_status qlr_model_load(const char *path, qlr_backend *be, const qlr_model_loa
                           qlr_model **out);
 /* Frees every device buffer and the model; safe on NULL. */
 void qlr_model_free(qlr_model *m);
+
+/* The device buffers qlr_model_load allocates for a model of config `cfg` (group "weights": NF4
+ * linears, embeddings, norms, lm_head, biases, RoPE table) on a backend that is not host-visible
+ * (a host-visible backend keeps the quantizer's NF4 buffers instead of copies of them). */
+void qlr_model_weight_items(const qlr_model_config *cfg, int double_quant, qlr_mem_item_fn fn,
+                            void *ud);
 
 /* Undoes llama.cpp's Q/K row permutation in place: w is [n_head * hd, cols] (rows of GGUF
  * order in, HF order out; a bias is cols = 1). Spec §4.6: GGUF row 2j+t of a head becomes HF

@@ -4,8 +4,6 @@
 
 #include "model/model.h"
 
-/* [out, in] of a decoder linear. */
-void qlr_model_linear_shape(const qlr_model_config *c, qlr_linear_id id, int64_t *out, int64_t *in);
 /* Device uploads that also count bytes on the model. upload_bf16 converts buf in place. */
 qlr_status qlr_model_upload_f32(qlr_model *m, const float *src, int64_t n, float **out);
 qlr_status qlr_model_upload_bf16(qlr_model *m, float *buf, int64_t n, uint16_t **out);

@@ -8,6 +8,7 @@
  * with a message naming the tensor. The step math is in backend/cpu/ops_optim.c. */
 #include "optim/optim.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -100,6 +101,21 @@ nomem:
     state_release(be, s);
     return qlr_errorf(QLR_ERR_NOMEM, "adamw state: cannot allocate the moments of a %lld-element tensor",
                       (long long)n);
+}
+
+void qlr_adamw_state_items(int64_t n, int use_8bit, uint64_t count, const char *name,
+                           qlr_mem_item_fn fn, void *ud) {
+    char nm[96];
+    if (use_8bit && n >= QLR_ADAMW8_MIN_SIZE) {
+        uint64_t nb = ((uint64_t)n + QLR_ADAMW8_BLOCK - 1) / QLR_ADAMW8_BLOCK;
+        snprintf(nm, sizeof nm, "%s m, v codes u8", name);
+        fn(ud, "optimizer", nm, 2 * count, (uint64_t)n);
+        snprintf(nm, sizeof nm, "%s m, v block absmax f32", name);
+        fn(ud, "optimizer", nm, 2 * count, nb * 4);
+    } else {
+        snprintf(nm, sizeof nm, "%s m, v f32", name);
+        fn(ud, "optimizer", nm, 2 * count, (uint64_t)n * 4);
+    }
 }
 
 qlr_status qlr_adamw_state_init(qlr_adamw_state *s, int64_t n, int use_8bit) {

@@ -61,6 +61,10 @@ qlr_status qlr_adamw_state_create(qlr_backend *be, qlr_adamw_state *s, int64_t n
 /* Frees the arrays of a state made by qlr_adamw_state_create on the same be, and zeroes it;
  * safe on a zeroed struct. */
 void qlr_adamw_state_destroy(qlr_backend *be, qlr_adamw_state *s);
+/* The allocations qlr_adamw_state_create makes for `count` states of n elements (group
+ * "optimizer"; `name` prefixes the item names). */
+void qlr_adamw_state_items(int64_t n, int use_8bit, uint64_t count, const char *name,
+                           qlr_mem_item_fn fn, void *ud);
 
 /* One AdamW update of p[n] with gradient g[n]: increments s->step first (the first update
  * uses t = 1), then runs the step function of s->kind. Threaded. Returns QLR_ERR_INVALID if

@@ -13,9 +13,14 @@
 #include <string.h>
 #include <strings.h>
 
+#include "adapters/adapter_dev.h"
 #include "core/file.h"
 #include "formats/gguf.h"
 #include "formats/json.h"
+#include "model/backprop.h"
+#include "model/model.h"
+#include "optim/optim.h"
+#include "train/trainer.h"
 
 /* ------------------------------------------------------------------ shapes */
 
@@ -173,7 +178,7 @@ qlr_status qlr_model_shape_from_config(const char *path, qlr_model_shape *s) {
     s->vocab = (uint32_t)voc;
     s->tied = tied;
     s->source = QLR_SHAPE_CONFIG_JSON;
-    snprintf(s->name, sizeof s->name, "%s", qlr_is_dir(path) ? basename_of(path) : p);
+    snprintf(s->name, sizeof s->name, "%.*s", (int)sizeof s->name - 1, qlr_is_dir(path) ? basename_of(path) : p);
     st = check_shape(p, s);
 done:
     json_decref(j);
@@ -199,16 +204,16 @@ qlr_status qlr_model_shape_for_recipe(const qlr_recipe *r, qlr_model_shape *s) {
 /* ------------------------------------------------------------------ the table */
 
 static const char *const g_comp_names[QLR_PLAN_N_COMPONENTS] = {
-    "base weights (NF4)", "embeddings (bf16)", "norms (bf16)", "lm_head (bf16)",
+    "base weights (NF4)", "embeddings (bf16)", "norms, biases, RoPE", "lm_head (bf16)",
     "LoRA A/B fp32 masters", "LoRA A/B compute copies", "LoRA A/B grads (fp32)", "optimizer state",
     "saved activations", "recompute (one layer)", "backward (one layer)", "lm_head + CE chunk",
-    "dequant workspace", "batch tensors", "RoPE tables", "cuBLASLt/cuDNN workspace",
-    "CUDA context reserve", "misc",
+    "op workspace (estimate)", "batch tensors", "cuBLASLt/cuDNN workspace", "CUDA context reserve",
+    "misc",
 };
 static const char *const g_comp_arena[QLR_PLAN_N_COMPONENTS] = {
     "weights", "weights", "weights", "weights", "adapter", "adapter", "adapter", "optimizer",
-    "activations", "activations", "activations", "workspace", "workspace", "activations",
-    "workspace", "workspace", "reserve", "workspace",
+    "activations", "activations", "activations", "activations", "workspace", "activations",
+    "workspace", "reserve", "workspace",
 };
 
 const char *qlr_plan_component_name(qlr_plan_component c) {
@@ -240,18 +245,52 @@ static qlr_status add(qlr_plan *p, qlr_plan_component c, const char *name, uint6
     return QLR_OK;
 }
 
-/* The 7 linears of a llama layer: (out, in). */
-static void linear_shape(const qlr_model_shape *s, int i, uint64_t *out, uint64_t *in) {
-    uint64_t qd = (uint64_t)s->n_heads * s->head_dim, kvd = (uint64_t)s->n_kv_heads * s->head_dim;
-    switch (i) {
-    case 0: *out = qd; *in = s->hidden; break;           /* q_proj */
-    case 1: *out = kvd; *in = s->hidden; break;          /* k_proj */
-    case 2: *out = kvd; *in = s->hidden; break;          /* v_proj */
-    case 3: *out = s->hidden; *in = qd; break;           /* o_proj */
-    case 4: *out = s->ff; *in = s->hidden; break;        /* gate_proj */
-    case 5: *out = s->ff; *in = s->hidden; break;        /* up_proj */
-    default: *out = s->hidden; *in = s->ff; break;       /* down_proj */
+void qlr_model_shape_config(const qlr_model_shape *s, qlr_model_config *c) {
+    memset(c, 0, sizeof *c);
+    snprintf(c->arch, sizeof c->arch, "llama");
+    c->n_vocab = (int32_t)s->vocab;
+    c->d_model = (int32_t)s->hidden;
+    c->n_layers = (int32_t)s->n_layers;
+    c->n_heads = (int32_t)s->n_heads;
+    c->n_kv_heads = (int32_t)s->n_kv_heads;
+    c->head_dim = (int32_t)s->head_dim;
+    c->d_ff = (int32_t)s->ff;
+    c->tied_embeddings = s->tied;
+}
+
+/* Routes the sizing functions' items into plan components. */
+typedef struct plan_sink {
+    qlr_plan *p;
+    int checkpointing;
+    qlr_status st;
+} plan_sink;
+
+static void sink_item(void *ud, const char *group, const char *name, uint64_t count, uint64_t bytes) {
+    plan_sink *k = ud;
+    if (k->st) return;
+    qlr_plan_component c = QLR_PLAN_MISC;
+    if (!strcmp(group, "weights")) {
+        c = strstr(name, "NF4")          ? QLR_PLAN_BASE_NF4
+            : strstr(name, "token_embd") ? QLR_PLAN_EMBEDDINGS
+            : strstr(name, "lm_head")    ? QLR_PLAN_LM_HEAD
+                                         : QLR_PLAN_NORMS;
+    } else if (!strcmp(group, "adapter")) {
+        c = strstr(name, "masters")     ? QLR_PLAN_LORA_MASTER
+            : strstr(name, "gradients") ? QLR_PLAN_LORA_GRADS
+                                        : QLR_PLAN_LORA_COMPUTE;
+    } else if (!strcmp(group, "optimizer")) {
+        c = QLR_PLAN_OPTIMIZER;
+    } else if (!strcmp(group, "activations")) {
+        c = k->checkpointing && strstr(name, "layer activations") ? QLR_PLAN_RECOMPUTE
+                                                                   : QLR_PLAN_ACT_SAVED;
+    } else if (!strcmp(group, "backward")) {
+        c = QLR_PLAN_BACKWARD;
+    } else if (!strcmp(group, "lm_head_ce")) {
+        c = QLR_PLAN_LM_HEAD_CE;
+    } else if (!strcmp(group, "batch")) {
+        c = QLR_PLAN_BATCH;
     }
+    k->st = add(k->p, c, name, count, bytes);
 }
 
 qlr_status qlr_plan_build(const qlr_recipe *r, const qlr_model_shape *s, qlr_plan *p) {
@@ -259,126 +298,71 @@ qlr_status qlr_plan_build(const qlr_recipe *r, const qlr_model_shape *s, qlr_pla
     QLR_TRY(check_shape(s->name, s));
     p->shape = *s;
     p->cuda = r->device != QLR_RECIPE_DEVICE_CPU;
-    const uint64_t T = (uint64_t)r->micro_batch_size * r->sequence_len;
-    const uint64_t H = s->hidden, L = s->n_layers, F = s->ff, V = s->vocab, R = r->lora_r;
-    const uint64_t qd = (uint64_t)s->n_heads * s->head_dim, kvd = (uint64_t)s->n_kv_heads * s->head_dim;
-    const uint64_t ab = r->bf16 == QLR_BF16_OFF ? 4 : 2; /* activation element bytes */
+    qlr_device_traits dt = qlr_device_traits_named(p->cuda ? "cuda" : "cpu");
+    const uint64_t T = (uint64_t)r->micro_batch_size * r->sequence_len, R = r->lora_r;
     const uint32_t targets = qlr_recipe_lora_targets(r);
     p->tokens = T;
-    p->ce_chunk = (uint32_t)(T < QLR_PLAN_CE_CHUNK ? T : QLR_PLAN_CE_CHUNK);
-    p->act_bytes = (uint32_t)ab;
+    p->act_bytes = (uint32_t)qlr_dtype_size(dt.act_dtype);
     p->lora_r = r->lora_r;
     p->lora_targets = targets;
-    char nm[64];
-    int n_targets = 0;
+    qlr_model_config cfg;
+    qlr_model_shape_config(s, &cfg);
+    qlr_train_params tp;
+    QLR_TRY(qlr_train_workspace_params(r->micro_batch_size, r->sequence_len,
+                                       r->gradient_checkpointing, r->lora_dropout, &tp));
+    p->ce_chunk = (uint32_t)tp.ce_chunk;
+    plan_sink k = {p, r->gradient_checkpointing, QLR_OK};
 
-    /* Base weights: NF4 per linear (bitsandbytes layout, block 64, double quant block 256). */
-    for (int i = 0; i < QLR_LORA_N_MODULES; i++) {
-        uint64_t out, in;
-        linear_shape(s, i, &out, &in);
-        uint64_t n = out * in, nb = cdiv(n, 64);
-        p->base_params += n * L;
-        snprintf(nm, sizeof nm, "blk.*.%s NF4 codes", qlr_lora_module_name(i));
-        QLR_TRY(add(p, QLR_PLAN_BASE_NF4, nm, L, cdiv(n, 2)));
-        snprintf(nm, sizeof nm, "blk.*.%s absmax (uint8)", qlr_lora_module_name(i));
-        QLR_TRY(add(p, QLR_PLAN_BASE_NF4, nm, L, nb));
-        snprintf(nm, sizeof nm, "blk.*.%s nested absmax + offset", qlr_lora_module_name(i));
-        QLR_TRY(add(p, QLR_PLAN_BASE_NF4, nm, L, 4 * cdiv(nb, 256) + 4));
-        if (targets & (1u << i)) n_targets++;
+    /* the base model as qlr_model_load allocates it (device copies of the NF4 store) */
+    qlr_model_weight_items(&cfg, 1, sink_item, &k);
+    for (int i = 0; i < QLR_LIN_COUNT; i++) {
+        int64_t out, in;
+        qlr_model_linear_shape(&cfg, (qlr_linear_id)i, &out, &in);
+        p->base_params += (uint64_t)(out * in) * s->n_layers;
     }
-    QLR_TRY(add(p, QLR_PLAN_BASE_NF4, "NF4 code table fp32 [16]", 1, 16 * 4));
-    QLR_TRY(add(p, QLR_PLAN_BASE_NF4, "signed dynamic map fp32 [256] (double quant)", 1, 256 * 4));
 
-    QLR_TRY(add(p, QLR_PLAN_EMBEDDINGS, "token_embd [vocab, hidden]", 1, V * H * 2));
-    QLR_TRY(add(p, QLR_PLAN_NORMS, "blk.*.attn_norm + ffn_norm", 2 * L, H * 2));
-    QLR_TRY(add(p, QLR_PLAN_NORMS, "output_norm", 1, H * 2));
-    if (!s->tied) QLR_TRY(add(p, QLR_PLAN_LM_HEAD, "output [vocab, hidden]", 1, V * H * 2));
-
-    /* LoRA: A [r, in], B [out, r] per targeted linear per layer. */
+    /* the adapter being trained: A [r, in], B [out, r] per targeted linear and layer; its
+     * device side and one optimizer state per tensor */
     int eight = qlr_optimizer_is_8bit(r->optimizer);
-    for (int i = 0; i < QLR_LORA_N_MODULES; i++) {
+    for (int i = 0; i < QLR_LIN_COUNT; i++) {
         if (!(targets & (1u << i))) continue;
-        uint64_t out, in;
-        linear_shape(s, i, &out, &in);
-        const uint64_t n_ab[2] = {R * in, out * R};
-        for (int k = 0; k < 2; k++) {
-            uint64_t n = n_ab[k];
-            const char *mod = qlr_lora_module_name(i), *ab_name = k ? "B" : "A";
-            p->lora_params += n * L;
-            snprintf(nm, sizeof nm, "blk.*.%s lora_%s fp32", mod, ab_name);
-            QLR_TRY(add(p, QLR_PLAN_LORA_MASTER, nm, L, n * 4));
-            if (r->bf16 != QLR_BF16_OFF) {
-                snprintf(nm, sizeof nm, "blk.*.%s lora_%s bf16", mod, ab_name);
-                QLR_TRY(add(p, QLR_PLAN_LORA_COMPUTE, nm, L, n * 2));
-            }
-            snprintf(nm, sizeof nm, "blk.*.%s lora_%s grad fp32", mod, ab_name);
-            QLR_TRY(add(p, QLR_PLAN_LORA_GRADS, nm, L, n * 4));
-            if (eight && n >= 4096) {
-                snprintf(nm, sizeof nm, "blk.*.%s lora_%s m,v uint8", mod, ab_name);
-                QLR_TRY(add(p, QLR_PLAN_OPTIMIZER, nm, 2 * L, n));
-                snprintf(nm, sizeof nm, "blk.*.%s lora_%s m,v absmax fp32", mod, ab_name);
-                QLR_TRY(add(p, QLR_PLAN_OPTIMIZER, nm, 2 * L, 4 * cdiv(n, 256)));
-            } else {
-                snprintf(nm, sizeof nm, "blk.*.%s lora_%s m,v fp32", mod, ab_name);
-                QLR_TRY(add(p, QLR_PLAN_OPTIMIZER, nm, 2 * L, 4 * n));
-            }
+        int64_t out, in;
+        qlr_model_linear_shape(&cfg, (qlr_linear_id)i, &out, &in);
+        const int64_t n_ab[2] = {(int64_t)R * in, out * (int64_t)R};
+        for (int h = 0; h < 2; h++) {
+            char nm[64];
+            snprintf(nm, sizeof nm, "blk.*.%s lora_%s", qlr_lora_module_name(i), h ? "B" : "A");
+            p->lora_params += (uint64_t)n_ab[h] * s->n_layers;
+            qlr_adamw_state_items(n_ab[h], eight, s->n_layers, nm, sink_item, &k);
         }
     }
-    if (eight) QLR_TRY(add(p, QLR_PLAN_OPTIMIZER, "qmap1 + qmap2 (fp32 [256])", 2, 256 * 4));
+    qlr_lora_dev_items(dt, p->lora_params, 1, sink_item, &k);
 
-    /* One layer's forward set (what backward needs of a layer), [T, *] in the compute dtype. */
-    struct { const char *name; uint64_t bytes; } fwd[] = {
-        {"attn_norm out [T, hidden]", T * H * ab}, {"attn rstd fp32 [T]", T * 4},
-        {"q [T, heads*head_dim]", T * qd * ab}, {"k [T, kv_heads*head_dim]", T * kvd * ab},
-        {"v [T, kv_heads*head_dim]", T * kvd * ab}, {"attn out [T, heads*head_dim]", T * qd * ab},
-        {"attn lse fp32 [heads, T]", (uint64_t)s->n_heads * T * 4}, {"h1 residual [T, hidden]", T * H * ab},
-        {"ffn_norm out [T, hidden]", T * H * ab}, {"ffn rstd fp32 [T]", T * 4},
-        {"gate [T, ff]", T * F * ab}, {"up [T, ff]", T * F * ab}, {"act silu(gate)*up [T, ff]", T * F * ab},
-    };
-    const int n_fwd = (int)(sizeof fwd / sizeof fwd[0]);
-    if (r->gradient_checkpointing) {
-        QLR_TRY(add(p, QLR_PLAN_ACT_SAVED, "layer input [T, hidden] (checkpoint)", L, T * H * ab));
-        QLR_TRY(add(p, QLR_PLAN_ACT_SAVED, "final hidden [T, hidden]", 1, T * H * ab));
-        for (int i = 0; i < n_fwd; i++) QLR_TRY(add(p, QLR_PLAN_RECOMPUTE, fwd[i].name, 1, fwd[i].bytes));
-        QLR_TRY(add(p, QLR_PLAN_RECOMPUTE, "LoRA x*A [T, r] per target", (uint64_t)n_targets, T * R * ab));
-    } else {
-        QLR_TRY(add(p, QLR_PLAN_ACT_SAVED, "layer input [T, hidden]", L, T * H * ab));
-        QLR_TRY(add(p, QLR_PLAN_ACT_SAVED, "final hidden [T, hidden]", 1, T * H * ab));
-        for (int i = 0; i < n_fwd; i++) {
-            snprintf(nm, sizeof nm, "blk.* %s", fwd[i].name);
-            QLR_TRY(add(p, QLR_PLAN_ACT_SAVED, nm, L, fwd[i].bytes));
-        }
-        QLR_TRY(add(p, QLR_PLAN_ACT_SAVED, "blk.* LoRA x*A [T, r] per target", L * (uint64_t)n_targets, T * R * ab));
-    }
-    QLR_TRY(add(p, QLR_PLAN_BACKWARD, "d residual [T, hidden] x2", 2, T * H * ab));
-    QLR_TRY(add(p, QLR_PLAN_BACKWARD, "d norm out [T, hidden]", 1, T * H * ab));
-    QLR_TRY(add(p, QLR_PLAN_BACKWARD, "d attn out, dq [T, heads*head_dim]", 2, T * qd * ab));
-    QLR_TRY(add(p, QLR_PLAN_BACKWARD, "dk, dv [T, kv_heads*head_dim]", 2, T * kvd * ab));
-    QLR_TRY(add(p, QLR_PLAN_BACKWARD, "d gate, d up [T, ff]", 2, T * F * ab));
-    QLR_TRY(add(p, QLR_PLAN_BACKWARD, "d LoRA x*A [T, r]", 1, T * R * ab));
+    /* the training workspace (one allocation, carved) */
+    qlr_train_plan_items(&cfg, dt, &tp, sink_item, &k);
+    QLR_TRY(k.st);
 
-    const uint64_t C = p->ce_chunk;
-    QLR_TRY(add(p, QLR_PLAN_LM_HEAD_CE, "logits/dlogits chunk fp32 [chunk, vocab]", 1, C * V * 4));
-    QLR_TRY(add(p, QLR_PLAN_LM_HEAD_CE, "normed hidden chunk [chunk, hidden]", 1, C * H * ab));
-    QLR_TRY(add(p, QLR_PLAN_LM_HEAD_CE, "loss, lse fp32 [T]", 2, T * 4));
+    /* the trainer's own small buffers */
+    if (!dt.host_visible)
+        QLR_TRY(add(p, QLR_PLAN_MISC, "adapter slot table", 1,
+                    (uint64_t)s->n_layers * QLR_LIN_COUNT * sizeof(qlr_lora_ref)));
+    QLR_TRY(add(p, QLR_PLAN_MISC, "gradient-norm accumulator f64", 1, sizeof(double)));
 
-    uint64_t maxn = 0;
-    for (int i = 0; i < QLR_LORA_N_MODULES; i++) {
-        uint64_t out, in;
-        linear_shape(s, i, &out, &in);
-        if (out * in > maxn) maxn = out * in;
-    }
-    QLR_TRY(add(p, QLR_PLAN_DEQUANT, "largest linear dequantized", 1, maxn * ab));
-    QLR_TRY(add(p, QLR_PLAN_BATCH, "tokens, labels, positions int32 [T]", 3, T * 4));
-    QLR_TRY(add(p, QLR_PLAN_BATCH, "sequence starts int32 [T+1]", 1, (T + 1) * 4));
-    QLR_TRY(add(p, QLR_PLAN_ROPE, "cos, sin fp32 [seq, head_dim/2]", 2,
-                (uint64_t)r->sequence_len * (s->head_dim / 2 ? s->head_dim / 2 : 1) * 4));
+    /* what the backend sizes itself (estimates) */
     if (p->cuda) {
+        uint64_t maxn = 0;
+        for (int i = 0; i < QLR_LIN_COUNT; i++) {
+            int64_t out, in;
+            qlr_model_linear_shape(&cfg, (qlr_linear_id)i, &out, &in);
+            if ((uint64_t)(out * in) > maxn) maxn = (uint64_t)(out * in);
+        }
+        QLR_TRY(add(p, QLR_PLAN_DEQUANT, "largest linear dequantized (op workspace)", 1,
+                    maxn * p->act_bytes));
         QLR_TRY(add(p, QLR_PLAN_BLAS_WS, "cuBLASLt workspace", 1, QLR_PLAN_CUBLASLT_WS));
         QLR_TRY(add(p, QLR_PLAN_BLAS_WS, "cuDNN attention workspace", 1, QLR_PLAN_CUDNN_WS));
         QLR_TRY(add(p, QLR_PLAN_CUDA_CONTEXT, "CUDA context reserve", 1, QLR_PLAN_CUDA_CONTEXT_BYTES));
     }
-    QLR_TRY(add(p, QLR_PLAN_MISC, "grad-norm partials, loss scalars fp32", 1, 4096 * 4));
+    (void)R;
     return QLR_OK;
 }
 

@@ -5,15 +5,14 @@
  * buffer class, each with a count and an aligned size — that `qlora plan` prints and that the
  * trainer carves its arenas from (STYLE.md habit 8). It does not allocate device memory.
  *
- * Sizes (T = micro_batch_size * sequence_len tokens, every buffer rounded up to
- * QLR_PLAN_ALIGN bytes; the layout rules are spelled out in plan.c next to the table):
- *   NF4 base: per linear of n params: codes n/2, absmax uint8 n/64, nested absmax fp32 per 256
- *   absmax + the fp32 offset; embeddings/norms/lm_head bf16; LoRA fp32 masters + bf16 copies +
- *   fp32 grads; AdamW 8-bit (2 B/param + fp32 absmax per 256, tensors < 4096 elements 32-bit)
- *   or 32-bit (8 B/param); activations saved per layer with checkpointing plus one layer's
- *   recompute and backward working sets; chunked lm_head + CE (QLR_PLAN_CE_CHUNK tokens of
- *   fp32 logits, never [T, vocab]); the largest linear dequantized; BLAS workspaces; CUDA
- *   context reserve. All sizes are exact uint64 (shapes are bounded so nothing overflows). */
+ * One size table (ARCHITECTURE.md "Weights and memory"): every item comes from the function
+ * that sizes the allocation itself — model/model.h qlr_model_weight_items (what qlr_model_load
+ * allocates), adapters/adapter_dev.h qlr_lora_dev_items (masters, gradients, compute copies),
+ * optim/optim.h qlr_adamw_state_items, model/backprop.h qlr_train_plan_items (the training
+ * workspace) — so the plan is the allocation, item by item (tests/train/test_plan.c checks it by
+ * recording a run's allocations). Sizes are as requested from mem.alloc; the memory taken is
+ * each rounded up to QLR_PLAN_ALIGN. Estimated, not allocated by us: the backend's op
+ * workspace (dequantized linear), cuBLASLt/cuDNN workspaces and the CUDA context. */
 #ifndef QLR_TRAIN_PLAN_H
 #define QLR_TRAIN_PLAN_H
 
@@ -61,25 +60,29 @@ qlr_status qlr_model_shape_from_config(const char *path, qlr_model_shape *s);
  * else a preset (the caller should say so: s->source == QLR_SHAPE_PRESET). */
 qlr_status qlr_model_shape_for_recipe(const qlr_recipe *r, qlr_model_shape *s);
 
+/* The model config a shape stands for (arch llama; what the planner sizes). */
+struct qlr_model_config;
+void qlr_model_shape_config(const qlr_model_shape *s, struct qlr_model_config *c);
+
 typedef enum qlr_plan_component {
     QLR_PLAN_BASE_NF4 = 0,   /* decoder linear weights, NF4 + double-quant absmax */
     QLR_PLAN_EMBEDDINGS,     /* token embeddings, bf16 [vocab, hidden] */
-    QLR_PLAN_NORMS,          /* RMSNorm weights, bf16 */
+    QLR_PLAN_NORMS,          /* RMSNorm weights, biases, RoPE table (f32) */
     QLR_PLAN_LM_HEAD,        /* bf16 [vocab, hidden]; 0 when tied */
     QLR_PLAN_LORA_MASTER,    /* LoRA A/B fp32 masters */
-    QLR_PLAN_LORA_COMPUTE,   /* LoRA A/B bf16 compute copies (0 with bf16: false) */
+    QLR_PLAN_LORA_COMPUTE,   /* LoRA A/B compute copies in the activation dtype */
     QLR_PLAN_LORA_GRADS,     /* LoRA A/B fp32 gradients (accumulated over micro batches) */
     QLR_PLAN_OPTIMIZER,      /* AdamW m and v */
     QLR_PLAN_ACT_SAVED,      /* activations kept for backward */
     QLR_PLAN_RECOMPUTE,      /* one layer's forward recomputed in backward (checkpointing) */
     QLR_PLAN_BACKWARD,       /* one layer's activation gradients */
     QLR_PLAN_LM_HEAD_CE,     /* chunked lm_head + cross-entropy workspace */
-    QLR_PLAN_DEQUANT,        /* largest linear dequantized to the compute dtype */
+    QLR_PLAN_DEQUANT,        /* the backend's op workspace: the largest linear dequantized
+                                (estimated: the backend sizes it on first use) */
     QLR_PLAN_BATCH,          /* token ids, labels, positions, sequence starts */
-    QLR_PLAN_ROPE,           /* cos/sin tables fp32 */
     QLR_PLAN_BLAS_WS,        /* cuBLASLt + cuDNN workspaces (cuda only) */
     QLR_PLAN_CUDA_CONTEXT,   /* reserve for the CUDA context (cuda only) */
-    QLR_PLAN_MISC,           /* grad-norm partials, loss scalars */
+    QLR_PLAN_MISC,           /* adapter slot table, grad-norm accumulator */
     QLR_PLAN_N_COMPONENTS
 } qlr_plan_component;
 

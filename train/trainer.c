@@ -47,7 +47,7 @@ static qlr_status eval_loss(trainer *t, double *out) {
         qlr_train_batch tb = qlr_micro_view(&t->eval_mb);
         double ls;
         int64_t nt;
-        QLR_TRY(qlr_train_eval(t->ctx, t->set, &tb, &ls, &nt));
+        QLR_TRY(qlr_train_eval(t->ctx, t->tr.set, &tb, &ls, &nt));
         sum += ls;
         cnt += nt;
     }
@@ -75,7 +75,7 @@ static qlr_status train_step(trainer *t, step_out *so) {
         so->tokens += (uint64_t)t->mb[k].n;
     }
     float scale = targets > 0 ? (float)(1.0 / (double)targets) : 0.0f;
-    QLR_TRY(t->be->mem.memset0(t->be, t->ldev->grad, t->grad_bytes));
+    QLR_TRY(t->be->mem.memset0(t->be, t->tr.ldev->grad, t->tr.grad_bytes));
     double loss_sum = 0;
     int64_t counted = 0;
     for (uint32_t k = 0; k < o->grad_accum; k++) {
@@ -84,7 +84,7 @@ static qlr_status train_step(trainer *t, step_out *so) {
         qlr_train_batch tb = qlr_micro_view(&t->mb[k]);
         double ls;
         int64_t nt;
-        QLR_TRY(qlr_train_fwd_bwd(t->ctx, t->set, &tb, scale, t->ldev->da, t->ldev->db, dseed, &ls,
+        QLR_TRY(qlr_train_fwd_bwd(t->ctx, t->tr.set, &tb, scale, t->tr.ldev->da, t->tr.ldev->db, dseed, &ls,
                                   &nt));
         loss_sum += ls;
         counted += nt;
@@ -99,8 +99,8 @@ static qlr_status train_step(trainer *t, step_out *so) {
      * besides the losses */
     int nonfinite = 0;
     float norm = 0.0f;
-    QLR_TRY(qlr_grad_clip(t->be, t->grad, t->numel, t->n_tensors, (float)o->max_grad_norm,
-                          t->norm_acc, &norm, &nonfinite));
+    QLR_TRY(qlr_grad_clip(t->be, t->tr.grad, t->tr.numel, t->tr.n_tensors, (float)o->max_grad_norm,
+                          t->tr.norm_acc, &norm, &nonfinite));
     so->grad_norm = norm;
     if (nonfinite) {
         so->nonfinite = 2;
@@ -113,9 +113,9 @@ static qlr_status train_step(trainer *t, step_out *so) {
     hp.eps = (float)o->eps;
     hp.weight_decay = (float)o->weight_decay;
     hp.gnorm_scale = 1.0f;
-    for (int i = 0; i < t->n_tensors; i++)
-        QLR_TRY(qlr_adamw_update(t->be, &t->opt[i], t->param[i], t->grad[i], &hp));
-    QLR_TRY(qlr_lora_dev_refresh(t->ldev));
+    for (int i = 0; i < t->tr.n_tensors; i++)
+        QLR_TRY(qlr_adamw_update(t->be, &t->tr.opt[i], t->tr.param[i], t->tr.grad[i], &hp));
+    QLR_TRY(qlr_lora_dev_refresh(t->tr.ldev));
     t->step++;
     t->tokens_seen += so->tokens;
     return QLR_OK;
@@ -124,12 +124,12 @@ static qlr_status train_step(trainer *t, step_out *so) {
 /* ------------------------------------------------------------------ the run */
 
 static qlr_status export_final(trainer *t, qlr_train_result *res) {
-    QLR_TRY(qlr_lora_dev_download(t->ldev, t->lora));
+    QLR_TRY(qlr_lora_dev_download(t->tr.ldev, t->tr.lora));
     snprintf(res->adapter_dir, sizeof res->adapter_dir, "%s/%s", t->o->output_dir, QLR_RUN_ADAPTER_DIR);
-    QLR_TRY(qlr_lora_save_peft(t->lora, res->adapter_dir));
+    QLR_TRY(qlr_lora_save_peft(t->tr.lora, res->adapter_dir));
     if (t->o->export_gguf) {
         snprintf(res->adapter_gguf, sizeof res->adapter_gguf, "%s/adapter_model.gguf", t->o->output_dir);
-        qlr_status st = qlr_lora_save_gguf(t->lora, res->adapter_gguf);
+        qlr_status st = qlr_lora_save_gguf(t->tr.lora, res->adapter_gguf);
         if (st) {
             QLR_LOGW("GGUF export skipped: %s", qlr_error_msg());
             qlr_error_clear();
@@ -198,7 +198,7 @@ qlr_status qlr_train_run(const qlr_train_opts *o, qlr_train_result *res) {
     QLR_LOGI("training: %" PRIu64 " steps of %u x %u micro-batches (%u rows of %u tokens), lr %g, %s, %d adapted "
              "tensors (%" PRIu64 " parameters), %s backend, %d threads",
              t->total_steps, o->grad_accum, o->micro_batch_size, o->micro_batch_size, o->sequence_len, o->lr,
-             o->adam_8bit ? "AdamW 8-bit" : "AdamW 32-bit", t->n_tensors, t->lora->n_params, t->be->name,
+             o->adam_8bit ? "AdamW 8-bit" : "AdamW 32-bit", t->tr.n_tensors, t->tr.lora->n_params, t->be->name,
              qlr_n_threads());
 
     if (t->step >= t->total_steps) QLR_LOGW("the checkpoint is at step %" PRIu64 " of %" PRIu64 ": nothing left to train",
@@ -265,9 +265,9 @@ qlr_status qlr_train_run(const qlr_train_opts *o, qlr_train_result *res) {
         double elapsed = t->elapsed_before + (qlr_now() - t_loop);
         int stop = (o->stop_flag && *o->stop_flag) || (o->stop_after_step && t->step >= o->stop_after_step);
         if (o->on_step) { /* the hook sees (and may change) the host masters */
-            if ((st = qlr_lora_dev_download(t->ldev, t->lora))) goto done;
-            if (o->on_step(o->on_step_ud, t->step, t->lora)) stop = 1;
-            if ((st = qlr_lora_dev_upload(t->ldev, t->lora))) goto done;
+            if ((st = qlr_lora_dev_download(t->tr.ldev, t->tr.lora))) goto done;
+            if (o->on_step(o->on_step_ud, t->step, t->tr.lora)) stop = 1;
+            if ((st = qlr_lora_dev_upload(t->tr.ldev, t->tr.lora))) goto done;
         }
         if ((o->save_steps && t->step % o->save_steps == 0) || last || stop) {
             if ((st = qlr_trainer_save_checkpoint(t, elapsed))) goto done;

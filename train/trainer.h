@@ -100,6 +100,14 @@ void qlr_train_data_params(const qlr_train_opts *o, struct qlr_data_params *dp);
 /* The recipe's micro-batch settings for a batcher (shuffled or in order). */
 void qlr_train_batch_params(const qlr_train_opts *o, int shuffle, struct qlr_batch_params *bp);
 
+/* The training workspace's parameters of a run (tokens per micro-batch, sequence length,
+ * checkpointing, LoRA dropout, CE chunk): the trainer's and the planner's. QLR_ERR_RANGE when
+ * micro_batch_size * sequence_len does not fit an int32. */
+struct qlr_train_params;
+qlr_status qlr_train_workspace_params(uint32_t micro_batch_size, uint32_t sequence_len,
+                                      int checkpointing, double lora_dropout,
+                                      struct qlr_train_params *tp);
+
 /* What a run did (filled by qlr_train_run, also on failure as far as it got). */
 typedef struct qlr_train_result {
     uint64_t steps_done;        /* optimizer steps completed (counting those before a resume) */

@@ -34,15 +34,15 @@ qlr_status qlr_trainer_save_checkpoint(trainer *t, double elapsed) {
     QLR_TRY(qlr_ckpt_begin(&w, t->o->output_dir, t->step));
     char adir[4200];
     snprintf(adir, sizeof adir, "%s/%s", w.dir, QLR_RUN_ADAPTER_DIR);
-    QLR_TRY(qlr_lora_dev_download(t->ldev, t->lora));
-    QLR_TRY(qlr_lora_save_peft(t->lora, adir));
+    QLR_TRY(qlr_lora_dev_download(t->tr.ldev, t->tr.lora));
+    QLR_TRY(qlr_lora_save_peft(t->tr.lora, adir));
     QLR_TRY(qlr_ckpt_add_file(&w, QLR_RUN_ADAPTER_DIR "/adapter_config.json"));
     QLR_TRY(qlr_ckpt_add_file(&w, QLR_RUN_ADAPTER_DIR "/adapter_model.safetensors"));
-    size_t n = qlr_adamw_states_size(t->opt, t->n_tensors), written = 0;
+    size_t n = qlr_adamw_states_size(t->tr.opt, t->tr.n_tensors), written = 0;
     if (!n) return qlr_errorf(QLR_ERR_NOMEM, "optimizer state size overflows");
     uint8_t *buf = malloc(n);
     if (!buf) return qlr_errorf(QLR_ERR_NOMEM, "out of memory (%zu bytes of optimizer state)", n);
-    qlr_status st = qlr_adamw_states_save(t->be, t->opt, t->n_tensors, buf, n, &written);
+    qlr_status st = qlr_adamw_states_save(t->be, t->tr.opt, t->tr.n_tensors, buf, n, &written);
     if (st == QLR_OK) st = qlr_ckpt_add_buffer(&w, "optimizer.bin", buf, written);
     free(buf);
     QLR_TRY(st);
@@ -73,16 +73,16 @@ qlr_status qlr_trainer_resume(trainer *t, const char *dir) {
     qlr_status st = QLR_OK;
     for (int32_t li = 0; li < t->m->cfg.n_layers && st == QLR_OK; li++)
         for (int i = 0; i < QLR_LIN_COUNT; i++) {
-            qlr_lora_module *mine = qlr_lora_get(t->lora, li, (qlr_linear_id)i);
+            qlr_lora_module *mine = qlr_lora_get(t->tr.lora, li, (qlr_linear_id)i);
             const qlr_lora_module *s = qlr_lora_get_const(saved, li, (qlr_linear_id)i);
             if (!mine && !s) continue;
-            if (!mine || !s || mine->in != s->in || mine->out != s->out || saved->r != t->lora->r) {
+            if (!mine || !s || mine->in != s->in || mine->out != s->out || saved->r != t->tr.lora->r) {
                 st = qlr_errorf(QLR_ERR_INVALID, "cannot resume from %s: its adapter has a different layout at "
                                 "layer %d %s", dir, li, qlr_linear_hf_name((qlr_linear_id)i));
                 break;
             }
-            memcpy(mine->a, s->a, sizeof(float) * (size_t)t->lora->r * (size_t)s->in);
-            memcpy(mine->b, s->b, sizeof(float) * (size_t)s->out * (size_t)t->lora->r);
+            memcpy(mine->a, s->a, sizeof(float) * (size_t)t->tr.lora->r * (size_t)s->in);
+            memcpy(mine->b, s->b, sizeof(float) * (size_t)s->out * (size_t)t->tr.lora->r);
         }
     qlr_lora_free(saved);
     QLR_TRY(st);
@@ -91,10 +91,10 @@ qlr_status qlr_trainer_resume(trainer *t, const char *dir) {
     QLR_TRY(qlr_ckpt_read(dir, files, nf, "optimizer.bin", &buf, &n));
     char what[4300];
     snprintf(what, sizeof what, "%s/optimizer.bin", dir);
-    st = qlr_adamw_states_load(t->be, t->opt, t->n_tensors, buf, n, what);
+    st = qlr_adamw_states_load(t->be, t->tr.opt, t->tr.n_tensors, buf, n, what);
     free(buf);
     if (st) return qlr_error_prefix("cannot resume from %s (was the optimizer changed?)", dir);
-    QLR_TRY(qlr_lora_dev_upload(t->ldev, t->lora));
+    QLR_TRY(qlr_lora_dev_upload(t->tr.ldev, t->tr.lora));
     qlr_data_cursor c = {meta.epoch, meta.batch};
     QLR_TRY(qlr_batcher_seek(t->train_b, c));
     t->step = t->start_step = meta.step;

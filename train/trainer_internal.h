@@ -36,6 +36,29 @@ qlr_status qlr_micro_from_batch(qlr_micro *mb, const qlr_data_batch *b);
 /* The model's view of it (valid while mb is). */
 qlr_train_batch qlr_micro_view(const qlr_micro *mb);
 
+/* The adapter being trained with everything of it that lives on the training device. */
+typedef struct qlr_trainable {
+    qlr_lora *lora;                /* host masters: what checkpoints and exports write (aliased by
+                                      the device masters on the CPU; downloaded before a save) */
+    qlr_lora_dev *ldev;            /* device masters, gradients and compute copies */
+    qlr_adapter_slots *slots;      /* one slot: this adapter */
+    const qlr_adapter_set *set;
+    int n_tensors;                 /* 2 per adapted module: A then B */
+    float **param;                 /* [n_tensors] fp32 masters (device) */
+    float **grad;                  /* [n_tensors] fp32 gradients (device) */
+    int64_t *numel;                /* [n_tensors] */
+    size_t grad_bytes;
+    qlr_adamw_state *opt;          /* [n_tensors], states in device memory */
+    double *norm_acc;              /* one device f64: the clip's sum of squares */
+} qlr_trainable;
+
+/* Creates the run's adapter (PEFT init from the recipe's seed) for a model of config `cfg`, its
+ * device side on `be`, its one-slot set and an optimizer state per tensor: every allocation a
+ * run makes for its adapter (`qlora plan` counts the same). *tr zeroed on failure. */
+qlr_status qlr_trainable_create(qlr_backend *be, const qlr_model_config *cfg,
+                                const qlr_train_opts *o, qlr_trainable *tr);
+void qlr_trainable_free(qlr_backend *be, qlr_trainable *tr);
+
 typedef struct trainer {
     const qlr_train_opts *o;
     qlr_backend *be;
@@ -45,20 +68,8 @@ typedef struct trainer {
     qlr_dataset *ds;
     qlr_data_split split;
     qlr_batcher *train_b, *val_b;
-    qlr_lora *lora;                /* host masters: what checkpoints and exports write (aliased by
-                                      the device masters on the CPU; downloaded before a save) */
-    qlr_lora_dev *ldev;            /* device masters, gradients and compute copies */
-    qlr_adapter_slots *slots;      /* one slot: the adapter being trained */
-    const qlr_adapter_set *set;
+    qlr_trainable tr;              /* the adapter being trained and its optimizer */
     qlr_train_ctx *ctx;
-
-    int n_tensors;                 /* 2 per adapted module: A then B */
-    float **param;                 /* [n_tensors] fp32 masters (device) */
-    float **grad;                  /* [n_tensors] fp32 gradients (device) */
-    int64_t *numel;                /* [n_tensors] */
-    size_t grad_bytes;
-    qlr_adamw_state *opt;          /* [n_tensors], states in device memory */
-    double *norm_acc;              /* one device f64: the clip's sum of squares */
     qlr_lr_schedule sched;
 
     qlr_micro *mb;                 /* [grad_accum] */

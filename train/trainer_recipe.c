@@ -8,6 +8,7 @@
 #include "core/core.h"
 #include "data/dataset.h"
 #include "data/pack.h"
+#include "model/backprop.h"
 #include "train/plan.h"
 #include "train/recipe.h"
 #include "train/trainer.h"
@@ -191,3 +192,18 @@ void qlr_train_batch_params(const qlr_train_opts *o, int shuffle, qlr_batch_para
     bp->seed = o->seed;
 }
 
+
+qlr_status qlr_train_workspace_params(uint32_t micro_batch_size, uint32_t sequence_len,
+                                      int checkpointing, double lora_dropout, qlr_train_params *tp) {
+    *tp = qlr_train_params_default();
+    uint64_t max_tokens = (uint64_t)micro_batch_size * sequence_len;
+    if (max_tokens > INT32_MAX || max_tokens < 1)
+        return qlr_errorf(QLR_ERR_RANGE, "micro_batch_size * sequence_len = %llu tokens: must be "
+                          "1..%d", (unsigned long long)max_tokens, INT32_MAX);
+    tp->max_tokens = (int32_t)max_tokens;
+    tp->max_seq_len = (int32_t)sequence_len;
+    tp->checkpointing = checkpointing;
+    tp->lora_dropout = (float)lora_dropout;
+    if (tp->ce_chunk > tp->max_tokens) tp->ce_chunk = tp->max_tokens;
+    return QLR_OK;
+}

@@ -12,20 +12,11 @@
 
 void qlr_trainer_free(trainer *t) {
     qlr_train_ctx_free(t->ctx);
-    qlr_adapter_slots_free(t->slots);
-    qlr_lora_dev_free(t->ldev);
-    if (t->opt)
-        for (int i = 0; i < t->n_tensors; i++) qlr_adamw_state_destroy(t->be, &t->opt[i]);
-    free(t->opt);
-    if (t->norm_acc) t->be->mem.free(t->be, t->norm_acc);
-    free(t->param);
-    free(t->grad);
-    free(t->numel);
+    qlr_trainable_free(t->be, &t->tr);
     if (t->mb)
         for (uint32_t i = 0; i < t->o->grad_accum; i++) qlr_micro_free(&t->mb[i]);
     free(t->mb);
     qlr_micro_free(&t->eval_mb);
-    qlr_lora_free(t->lora);
     qlr_batcher_free(t->train_b);
     qlr_batcher_free(t->val_b);
     qlr_data_split_free(&t->split);
@@ -77,10 +68,24 @@ qlr_status qlr_trainer_load_data(trainer *t) {
     return QLR_OK;
 }
 
-qlr_status qlr_trainer_setup_params(trainer *t) {
-    const qlr_train_opts *o = t->o;
+void qlr_trainable_free(qlr_backend *be, qlr_trainable *tr) {
+    qlr_adapter_slots_free(tr->slots);
+    qlr_lora_dev_free(tr->ldev);
+    if (tr->opt)
+        for (int i = 0; i < tr->n_tensors; i++) qlr_adamw_state_destroy(be, &tr->opt[i]);
+    free(tr->opt);
+    if (tr->norm_acc) be->mem.free(be, tr->norm_acc);
+    free(tr->param);
+    free(tr->grad);
+    free(tr->numel);
+    qlr_lora_free(tr->lora);
+    memset(tr, 0, sizeof *tr);
+}
+
+static qlr_status trainable_make(qlr_backend *be, const qlr_model_config *cfg,
+                                 const qlr_train_opts *o, qlr_trainable *tr) {
     qlr_lora_base base;
-    qlr_lora_base_from_config(&t->m->cfg, &base);
+    qlr_lora_base_from_config(cfg, &base);
     qlr_lora_params lp = qlr_lora_params_default();
     lp.r = (int32_t)o->lora_r;
     lp.alpha = o->lora_alpha;
@@ -89,53 +94,60 @@ qlr_status qlr_trainer_setup_params(trainer *t) {
     lp.targets = o->lora_targets;
     lp.seed = o->seed;
     lp.base_model = o->base_model;
-    QLR_TRY(qlr_lora_create(&base, &lp, &t->lora));
-    int32_t nl = t->m->cfg.n_layers;
-    QLR_TRY(qlr_lora_dev_create(t->be, t->lora, nl, 1, &t->ldev));
-    QLR_TRY(qlr_adapter_slots_create(t->be, nl, 1, &t->slots));
-    qlr_adapter_slots_put(t->slots, 0, t->ldev, 1.0f);
-    QLR_TRY(qlr_adapter_slots_commit(t->slots, 1, &t->set));
+    QLR_TRY(qlr_lora_create(&base, &lp, &tr->lora));
+    int32_t nl = cfg->n_layers;
+    QLR_TRY(qlr_lora_dev_create(be, tr->lora, nl, 1, &tr->ldev));
+    QLR_TRY(qlr_adapter_slots_create(be, nl, 1, &tr->slots));
+    qlr_adapter_slots_put(tr->slots, 0, tr->ldev, 1.0f);
+    QLR_TRY(qlr_adapter_slots_commit(tr->slots, 1, &tr->set));
 
     size_t nslots = (size_t)nl * QLR_LIN_COUNT;
-    t->param = calloc(2 * nslots, sizeof *t->param);
-    t->grad = calloc(2 * nslots, sizeof *t->grad);
-    t->numel = calloc(2 * nslots, sizeof *t->numel);
-    t->opt = calloc(2 * nslots, sizeof *t->opt);
-    if (!t->param || !t->grad || !t->numel || !t->opt)
+    tr->param = calloc(2 * nslots, sizeof *tr->param);
+    tr->grad = calloc(2 * nslots, sizeof *tr->grad);
+    tr->numel = calloc(2 * nslots, sizeof *tr->numel);
+    tr->opt = calloc(2 * nslots, sizeof *tr->opt);
+    if (!tr->param || !tr->grad || !tr->numel || !tr->opt)
         return qlr_errorf(QLR_ERR_NOMEM, "out of memory");
-    t->grad_bytes = (size_t)t->lora->n_params * sizeof(float);
-    t->norm_acc = t->be->mem.alloc(t->be, sizeof(double));
-    if (!t->norm_acc) return qlr_error_prefix("gradient-norm accumulator");
+    tr->grad_bytes = (size_t)tr->lora->n_params * sizeof(float);
+    tr->norm_acc = be->mem.alloc(be, sizeof(double));
+    if (!tr->norm_acc) return qlr_error_prefix("gradient-norm accumulator");
     /* tensors in the adapter's block order: A then B of each module; the device masters and the
      * gradients share that layout */
     int k = 0;
     for (int32_t li = 0; li < nl; li++)
         for (int i = 0; i < QLR_LIN_COUNT; i++) {
-            const qlr_lora_module *mod = qlr_lora_get_const(t->lora, li, (qlr_linear_id)i);
+            const qlr_lora_module *mod = qlr_lora_get_const(tr->lora, li, (qlr_linear_id)i);
             if (!mod) continue;
             size_t s = (size_t)li * QLR_LIN_COUNT + (size_t)i;
-            int64_t na = (int64_t)t->lora->r * mod->in, nb = (int64_t)mod->out * t->lora->r;
-            t->grad[k] = t->ldev->da[s];
-            t->param[k] = t->ldev->master + (t->ldev->da[s] - t->ldev->grad);
-            t->numel[k] = na;
-            QLR_TRY(qlr_adamw_state_create(t->be, &t->opt[k], na, o->adam_8bit));
-            k++;
-            t->grad[k] = t->ldev->db[s];
-            t->param[k] = t->ldev->master + (t->ldev->db[s] - t->ldev->grad);
-            t->numel[k] = nb;
-            QLR_TRY(qlr_adamw_state_create(t->be, &t->opt[k], nb, o->adam_8bit));
-            k++;
+            int64_t na = (int64_t)tr->lora->r * mod->in, nb = (int64_t)mod->out * tr->lora->r;
+            tr->grad[k] = tr->ldev->da[s];
+            tr->param[k] = tr->ldev->master + (tr->ldev->da[s] - tr->ldev->grad);
+            tr->numel[k] = na;
+            QLR_TRY(qlr_adamw_state_create(be, &tr->opt[k], na, o->adam_8bit));
+            tr->n_tensors = ++k; /* what qlr_trainable_free destroys */
+            tr->grad[k] = tr->ldev->db[s];
+            tr->param[k] = tr->ldev->master + (tr->ldev->db[s] - tr->ldev->grad);
+            tr->numel[k] = nb;
+            QLR_TRY(qlr_adamw_state_create(be, &tr->opt[k], nb, o->adam_8bit));
+            tr->n_tensors = ++k;
         }
-    t->n_tensors = k;
+    return QLR_OK;
+}
 
-    qlr_train_params tp = qlr_train_params_default();
-    uint64_t max_tokens = (uint64_t)o->micro_batch_size * o->sequence_len;
-    if (max_tokens > INT32_MAX) return qlr_errorf(QLR_ERR_RANGE, "micro_batch_size * sequence_len is too large");
-    tp.max_tokens = (int32_t)max_tokens;
-    tp.max_seq_len = (int32_t)o->sequence_len;
-    tp.checkpointing = o->gradient_checkpointing;
-    tp.lora_dropout = (float)o->lora_dropout;
-    if (tp.ce_chunk > tp.max_tokens) tp.ce_chunk = tp.max_tokens;
+qlr_status qlr_trainable_create(qlr_backend *be, const qlr_model_config *cfg,
+                                const qlr_train_opts *o, qlr_trainable *tr) {
+    memset(tr, 0, sizeof *tr);
+    qlr_status st = trainable_make(be, cfg, o, tr);
+    if (st) qlr_trainable_free(be, tr);
+    return st;
+}
+
+qlr_status qlr_trainer_setup_params(trainer *t) {
+    const qlr_train_opts *o = t->o;
+    QLR_TRY(qlr_trainable_create(t->be, &t->m->cfg, o, &t->tr));
+    qlr_train_params tp;
+    QLR_TRY(qlr_train_workspace_params(o->micro_batch_size, o->sequence_len,
+                                       o->gradient_checkpointing, o->lora_dropout, &tp));
     QLR_TRY(qlr_train_ctx_create(t->m, &tp, &t->ctx));
 
     t->mb = calloc(o->grad_accum, sizeof *t->mb);

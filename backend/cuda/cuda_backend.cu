@@ -309,6 +309,10 @@ extern "C" qlr_status qlr_backend_cuda_create(int n_threads, qlr_backend **out) 
     o->swiglu_nf4_linear = qlr_cuda_swiglu_nf4_linear;
     o->add_rmsnorm = qlr_cuda_add_rmsnorm;
     o->rope_kv_store = qlr_cuda_rope_kv_store;
+    o->adamw_step = qlr_cuda_adamw_step;
+    o->sum_squares = qlr_cuda_sum_squares;
+    o->scale_f32 = qlr_cuda_scale_f32;
+    o->f32_to_act = qlr_cuda_f32_to_act;
     o->kv_store_paged = qlr_cuda_kv_store_paged;
     o->attention_paged = qlr_cuda_attention_paged;
     const char *sdpa = getenv("QLR_CUDA_SDPA");

@@ -186,5 +186,13 @@ qlr_status qlr_cuda_rope_kv_store(qlr_backend *be, void *q, void *k, const void 
                                   int64_t hd, int64_t ctx);
 qlr_status qlr_cuda_sample(qlr_backend *be, int32_t *out_ids, float *logits,
                            const qlr_sampling *params, uint64_t *rng, int64_t n, int64_t vocab);
+/* optim.cu: the optimizer ops (AdamW of the three kinds, bit for bit the CPU op's results;
+ * sum of squares in f64; f32 scaling; f32 -> bf16 compute copies). */
+qlr_status qlr_cuda_adamw_step(qlr_backend *be, int kind, float *p, const float *g, void *s1,
+                               void *s2, float *absmax1, float *absmax2, int64_t n,
+                               const qlr_adamw_hparams *hp, int64_t t);
+qlr_status qlr_cuda_sum_squares(qlr_backend *be, double *acc, const float *x, int64_t n);
+qlr_status qlr_cuda_scale_f32(qlr_backend *be, float *x, float s, int64_t n);
+qlr_status qlr_cuda_f32_to_act(qlr_backend *be, void *dst, const float *src, int64_t n);
 
 #endif

@@ -88,7 +88,7 @@ int main(void) {
         CHECK_OK(qlr_train_ctx_create(m, &p, &tc));
         if (!tc) break;
         printf("train workspace (%s): %.1f MiB\n", ck ? "checkpointing" : "all activations",
-               (double)qlr_train_plan_bytes(c, be, &p) / (1 << 20));
+               (double)qlr_train_plan_bytes(c, qlr_device_traits_of(be), &p) / (1 << 20));
         qlr_train_batch b = {N_CE, tok, tgt, pos, seq, 1};
         double ev = 0, lo = 0;
         int64_t ne = 0, nt = 0;
