@@ -25,20 +25,22 @@ rc=$?
 grep -E "Test +#|tests passed|FAIL" "$OUT/ctest_gpu.log" | head -40
 if command -v compute-sanitizer > /dev/null; then
   : > "$OUT/sanitizer.log"
-  for t in test_cuda_attention test_cuda_forward; do
+  for t in test_cuda_attention test_cuda_forward test_cuda_paged; do
     echo "== compute-sanitizer memcheck: $t ==" | tee -a "$OUT/sanitizer.log"
     timeout 200 compute-sanitizer --tool memcheck "$BUILD/tests/gpu/$t" >> "$OUT/sanitizer.log" 2>&1
     echo "memcheck $t exit: $?" | tee -a "$OUT/sanitizer.log"
   done
   grep -E "ERROR SUMMARY|passed, " "$OUT/sanitizer.log" | tail -4
   # shared-memory races in the attention kernels (a missing barrier was found this way)
-  echo "== compute-sanitizer racecheck: test_cuda_attention ==" | tee -a "$OUT/sanitizer.log"
-  timeout 300 compute-sanitizer --tool racecheck --error-exitcode 3 \
-      "$BUILD/tests/gpu/test_cuda_attention" >> "$OUT/sanitizer.log" 2>&1
-  rrc=$?
-  echo "racecheck test_cuda_attention exit: $rrc" | tee -a "$OUT/sanitizer.log"
-  grep -E "RACECHECK SUMMARY" "$OUT/sanitizer.log" | tail -1
-  [ "$rrc" -ne 0 ] && [ "$rc" -eq 0 ] && rc=$rrc
+  for t in test_cuda_attention test_cuda_paged; do
+    echo "== compute-sanitizer racecheck: $t ==" | tee -a "$OUT/sanitizer.log"
+    timeout 300 compute-sanitizer --tool racecheck --error-exitcode 3 \
+        "$BUILD/tests/gpu/$t" >> "$OUT/sanitizer.log" 2>&1
+    rrc=$?
+    echo "racecheck $t exit: $rrc" | tee -a "$OUT/sanitizer.log"
+    grep -E "RACECHECK SUMMARY" "$OUT/sanitizer.log" | tail -1
+    [ "$rrc" -ne 0 ] && [ "$rc" -eq 0 ] && rc=$rrc
+  done
 fi
 echo "== bench_decode ==" | tee "$OUT/bench.log"
 "$BUILD/bench/bench_decode" --out "$OUT/bench_decode.json" "$@" 2>&1 | tee -a "$OUT/bench.log"
