@@ -285,6 +285,13 @@ typedef struct qlr_backend_ops {
      * dst may equal src only when act is f32. */
     qlr_status (*f32_to_act)(qlr_backend *be, void *dst, const float *src, int64_t n);
 
+    /* ---- NF4 output projection (appended) ---- */
+
+    /* logits = x · Wᵀ with an NF4 output projection (a 4-bit lm_head for serving): x [n, w->cols]
+     * act; w an NF4 store [vocab, d] on this device; logits [n, w->rows] f32. */
+    qlr_status (*nf4_lm_head)(qlr_backend *be, float *logits, const void *x, const qlr_nf4 *w,
+                              int64_t n);
+
     /* ---- paged KV cache (serving; appended) ----
      * A pool holds n_blocks blocks of `block` token rows: k_pool, v_pool
      * [n_blocks * block, n_kv, hd] act, pool row = block_id * block + offset. A sequence's

@@ -1,6 +1,6 @@
 /* bench/bench_decode.c: command-line driver of the decode benchmark (decode_bench.h).
  *   bench_decode [--model all|llama3-8b|smollm2-135m] [--prefill N] [--ctx N] [--steps N]
- *                [--quick] [--out FILE]
+ *                [--quick] [--device cuda|cpu] [--out FILE]
  * Prints the JSON object to stdout (and to FILE with --out). Exit 0 ok, 1 failure, 2 usage. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -14,7 +14,7 @@
 
 static int usage(void) {
     fprintf(stderr, "usage: bench_decode [--model all|llama3-8b|smollm2-135m] [--prefill N] "
-                    "[--ctx N] [--steps N] [--quick] [--out FILE]\n");
+                    "[--ctx N] [--steps N] [--quick] [--device cuda|cpu] [--out FILE]\n");
     return 2;
 }
 
@@ -32,6 +32,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--ctx")) o.decode_ctx = atoi(v);
         else if (!strcmp(a, "--steps")) o.decode_steps = atoi(v);
         else if (!strcmp(a, "--out")) out = v;
+        else if (!strcmp(a, "--device")) o.device = v;
         else return usage();
     }
     if (o.prefill_tokens < 1 || o.decode_ctx < 1 || o.decode_steps < 1) return usage();

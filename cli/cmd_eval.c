@@ -28,6 +28,7 @@ static void usage(FILE *f) {
             "  --answers FILE   write every greedy answer as JSONL (model, source, line,\n"
             "                   reference, answer, exact)\n"
             "  --set key=value  override a recipe key, as for qlora train\n"
+            "  --device D       cpu, cuda or auto (CUDA when a GPU is present)\n"
             "  -t, --threads N  CPU threads (default: all cores)\n"
             "  -q, --quiet      no progress bars\n\n"
             "exit status: 0 evaluated, 1 error, 2 usage error\n");
@@ -42,6 +43,7 @@ static int cmd_eval(int argc, char **argv) {
     qlr_eval_opts e = qlr_eval_opts_default();
     const char *recipe = NULL;
     int base_only = 0, adapter_only = 0, threads = 0, quiet = 0;
+    char dev_set[64];
     const char **sets = calloc((size_t)argc + 1, sizeof *sets);
     int n_sets = 0;
     if (!sets) return qlr_cli_usage_error(cmd, "out of memory");
@@ -60,6 +62,11 @@ static int cmd_eval(int argc, char **argv) {
         else if (!strcmp(a, "--data")) { NEED_VALUE(); e.data_path = argv[++i]; }
         else if (!strcmp(a, "--answers")) { NEED_VALUE(); e.answers_path = argv[++i]; }
         else if (!strcmp(a, "--set")) { NEED_VALUE(); sets[n_sets++] = argv[++i]; }
+        else if (!strcmp(a, "--device")) {
+            NEED_VALUE();
+            snprintf(dev_set, sizeof dev_set, "device=%s", argv[++i]);
+            sets[n_sets++] = dev_set;
+        }
         else if (!strcmp(a, "-n") || !strcmp(a, "--show") || !strcmp(a, "-t") || !strcmp(a, "--threads")) {
             NEED_VALUE();
             char *end;

@@ -28,6 +28,8 @@ static void usage(FILE *f) {
             "  --resume [DIR]    continue from the latest checkpoint in output_dir, or from DIR\n"
             "                    (a checkpoint-N folder); the losses continue exactly as if the run\n"
             "                    had never stopped\n"
+            "  --device D        cpu, cuda or auto (CUDA when a GPU is present); overrides the\n"
+            "                    recipe's device\n"
             "  -t, --threads N   CPU threads (default: all cores)\n"
             "  --no-gguf         do not write output_dir/adapter_model.gguf at the end\n"
             "  -q, --quiet       no progress bars\n\n"
@@ -48,6 +50,7 @@ static int cmd_train(int argc, char **argv) {
     }
     const char *recipe = NULL, *resume_dir = NULL;
     int resume = 0, quiet = 0, no_gguf = 0, threads = 0;
+    char dev_set[64];
     const char **sets = calloc((size_t)argc + 1, sizeof *sets);
     int n_sets = 0;
     if (!sets) return qlr_cli_usage_error(cmd, "out of memory");
@@ -67,6 +70,10 @@ static int cmd_train(int argc, char **argv) {
         } else if (!strncmp(a, "--resume=", 9)) {
             resume = 1;
             resume_dir = a + 9;
+        } else if (!strcmp(a, "--device")) {
+            if (i + 1 >= argc) { free(sets); return qlr_cli_usage_error(cmd, "--device needs cpu, cuda or auto"); }
+            snprintf(dev_set, sizeof dev_set, "device=%s", argv[++i]);
+            sets[n_sets++] = dev_set; /* validated with the recipe (names the accepted values) */
         } else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) {
             if (i + 1 >= argc) { free(sets); return qlr_cli_usage_error(cmd, "%s needs a value", a); }
             threads = atoi(argv[++i]);

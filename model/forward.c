@@ -1,12 +1,16 @@
 /* model/forward.c: the KV cache, the forward workspace (one device allocation carved from a
  * table of sizes) and the transformer forward for a batch of tokens from any number of
  * sequences at any positions, over a contiguous cache or a paged one (model/kv_paged.c: K/V
- * stored at each token's pool row, attention through the batch's block table), written only
+ * stored at each token's pool row, attention through the batch's block tables), written only
  * against the backend op table:
  *   embedding -> per layer [RMSNorm -> q/k/v (+LoRA) -> RoPE -> KV store -> attention (over
  *   the batch's own k/v for a fresh prefill when the backend has attention_fresh) ->
  *   o (+LoRA) -> residual -> RMSNorm -> gate/up (+LoRA) -> SwiGLU -> down (+LoRA) -> residual]
- *   -> gather the rows whose logits are wanted -> final RMSNorm -> lm_head. */
+ *   -> gather the rows whose logits are wanted -> final RMSNorm -> lm_head (bf16 or NF4).
+ * qlr_model_forward (and qlr_model_forward_paged) validates a host batch and copies it into the
+ * workspace; qlr_model_forward_dev is the forward itself (device batch, capturable in a CUDA
+ * graph). The
+ * debug hooks (skip / unfused, the decode benchmark's ablation) swap in a patched op table. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -75,12 +79,17 @@ struct qlr_forward {
     void *buf[B_COUNT];
     qlr_hidden_fn hidden_fn;
     void *hidden_ud;
-    int32_t *rows_host; /* [max_logits] */
     int32_t *slot_host; /* [max_tokens] */
     int32_t *kvslot_host; /* [max_tokens] paged cache: each token's pool row */
     /* adapters of the current call */
     const qlr_adapter_set *set;
     int32_t uniform;    /* the slot every token uses, or -1 when they differ */
+    const int32_t *slot_dev; /* [n] device: each token's slot */
+    /* debug hooks (qlr_forward_set_skip / _set_fused): the op table the forward calls when
+     * `debug` is set, a copy of the backend's with the skipped kinds' entries made no-ops */
+    uint32_t skip;
+    int unfused, debug;
+    qlr_backend_ops debug_ops;
 };
 
 /* Bytes of each workspace buffer, aligned to 256. */
@@ -128,10 +137,9 @@ qlr_status qlr_forward_create(qlr_model *m, int32_t max_tokens, int32_t max_logi
     plan(&m->cfg, m->be, max_tokens, max_logits, sz);
     f->bytes = qlr_forward_plan_bytes(&m->cfg, m->be, max_tokens, max_logits);
     f->block = m->be->mem.alloc(m->be, (size_t)f->bytes);
-    f->rows_host = malloc((size_t)max_logits * 4);
     f->slot_host = malloc((size_t)max_tokens * 4);
     f->kvslot_host = malloc((size_t)max_tokens * 4);
-    if (!f->block || !f->rows_host || !f->slot_host || !f->kvslot_host) {
+    if (!f->block || !f->slot_host || !f->kvslot_host) {
         qlr_status st = f->block ? qlr_errorf(QLR_ERR_NOMEM, "forward") : qlr_error_status();
         qlr_error_prefix("forward workspace of %.1f MiB", (double)f->bytes / (1 << 20));
         qlr_forward_free(f);
@@ -149,7 +157,6 @@ qlr_status qlr_forward_create(qlr_model *m, int32_t max_tokens, int32_t max_logi
 void qlr_forward_free(qlr_forward *f) {
     if (!f) return;
     if (f->block) f->m->be->mem.free(f->m->be, f->block);
-    free(f->rows_host);
     free(f->slot_host);
     free(f->kvslot_host);
     free(f);
@@ -194,7 +201,19 @@ static qlr_status check_paged(qlr_forward *f, const qlr_kv_paged *kv, const qlr_
     return QLR_OK;
 }
 
-/* Exactly one of kv (contiguous) and kvp (paged) is set. */
+/* The cache's shapes against the model (exactly one of kv and kvp is set). */
+static qlr_status check_cache(const qlr_model_config *c, const qlr_kv_cache *kv,
+                              const qlr_kv_paged *kvp) {
+    if (kv && (kv->n_layers != c->n_layers || kv->n_kv != c->n_kv_heads ||
+               kv->head_dim != c->head_dim))
+        return qlr_errorf(QLR_ERR_INVALID, "KV cache was made for another model");
+    if (kvp && (kvp->n_layers != c->n_layers || kvp->n_kv != c->n_kv_heads ||
+                kvp->head_dim != c->head_dim))
+        return qlr_errorf(QLR_ERR_INVALID, "paged KV cache was made for another model");
+    return QLR_OK;
+}
+
+/* A host batch over the contiguous cache kv or the paged cache kvp with tables bt. */
 static qlr_status check_batch(qlr_forward *f, const qlr_kv_cache *kv, const qlr_kv_paged *kvp,
                               const qlr_batch *b, const qlr_block_table *bt) {
     const qlr_model_config *c = &f->m->cfg;
@@ -204,12 +223,7 @@ static qlr_status check_batch(qlr_forward *f, const qlr_kv_cache *kv, const qlr_
     if (b->n_logits < 0 || b->n_logits > f->max_logits || b->n_logits > b->n)
         return qlr_errorf(QLR_ERR_RANGE, "%d logits rows requested (workspace holds %d, batch %d)",
                           b->n_logits, f->max_logits, b->n);
-    if (kv && (kv->n_layers != c->n_layers || kv->n_kv != c->n_kv_heads ||
-               kv->head_dim != c->head_dim))
-        return qlr_errorf(QLR_ERR_INVALID, "KV cache was made for another model");
-    if (kvp && (kvp->n_layers != c->n_layers || kvp->n_kv != c->n_kv_heads ||
-                kvp->head_dim != c->head_dim))
-        return qlr_errorf(QLR_ERR_INVALID, "paged KV cache was made for another model");
+    QLR_TRY(check_cache(c, kv, kvp));
     for (int32_t i = 0; i < b->n; i++) {
         if (b->tokens[i] < 0 || b->tokens[i] >= c->n_vocab)
             return qlr_errorf(QLR_ERR_RANGE, "token %d of the batch: id %d is outside the vocabulary "
@@ -266,28 +280,34 @@ static qlr_status lora(qlr_forward *f, int32_t l, qlr_linear_id id, void *y, con
     const qlr_nf4 *w = &f->m->layers[l].w[id];
     const qlr_adapter_set *s = f->set;
     int64_t row = ((int64_t)l * QLR_LIN_COUNT + id) * s->n_slots;
-    if (!be->ops.lora_batched) { /* until every backend has the batched op */
-        if (f->uniform < 0)
-            return qlr_errorf(QLR_ERR_UNSUPPORTED, "the %s backend cannot apply different "
-                              "adapters in one batch yet (no lora_batched op)", be->name);
-        return be->ops.lora(be, y, x, &s->host[row + f->uniform], n, w->cols, w->rows);
-    }
+    if (!be->ops.lora_batched)
+        return qlr_errorf(QLR_ERR_UNSUPPORTED, "the %s backend has no lora_batched op: it cannot "
+                          "apply adapters at inference", be->name);
     return be->ops.lora_batched(be, y, x, s->dev + row, s->host + row, s->n_slots,
-                                f->buf[B_SLOT], s->max_r, f->uniform, n, w->cols, w->rows);
+                                f->slot_dev, s->max_r, f->uniform, n, w->cols, w->rows);
+}
+
+/* The qlr_forward_skip bit of a linear. */
+static uint32_t skip_kind(qlr_linear_id id) {
+    return id <= QLR_LIN_V ? QLR_FORWARD_SKIP_QKV : id == QLR_LIN_O ? QLR_FORWARD_SKIP_O
+           : id == QLR_LIN_DOWN ? QLR_FORWARD_SKIP_DOWN : QLR_FORWARD_SKIP_GATE_UP;
 }
 
 static qlr_status linear(qlr_forward *f, int32_t l, qlr_linear_id id, void *y, const void *x,
                          int64_t n) {
     const qlr_layer *L = &f->m->layers[l];
-    QLR_TRY(f->m->be->ops.nf4_linear(f->m->be, y, x, &L->w[id], L->bias[id], n));
+    if (!(f->skip & skip_kind(id)))
+        QLR_TRY(f->m->be->ops.nf4_linear(f->m->be, y, x, &L->w[id], L->bias[id], n));
     return lora(f, l, id, y, x, n);
 }
 
-/* Uploads the batch's adapter slots (when it has a set) and notes whether they are uniform. */
-static qlr_status set_adapters(qlr_forward *f, const qlr_batch *b) {
+/* Uploads the batch's adapter slots (when it has a set) and notes in d whether they are
+ * uniform. */
+static qlr_status set_adapters(qlr_forward *f, const qlr_batch *b, qlr_batch_dev *d) {
     const qlr_adapter_set *s = b->adapters;
-    f->set = NULL;
-    f->uniform = -1;
+    d->adapters = NULL;
+    d->adapter_slot = NULL;
+    d->uniform = -1;
     if (!s) return QLR_OK;
     int32_t u = b->adapter_slot ? b->adapter_slot[0] : 0;
     for (int32_t i = 0; i < b->n; i++) {
@@ -300,35 +320,58 @@ static qlr_status set_adapters(qlr_forward *f, const qlr_batch *b) {
         for (int32_t i = 0; i < b->n && !any; i++) any = f->slot_host[i] >= 0;
         if (!any) return QLR_OK; /* every token runs the base model */
     }
-    f->set = s;
-    f->uniform = u;
+    d->adapters = s;
+    d->adapter_slot = f->buf[B_SLOT];
+    d->uniform = u;
     return f->m->be->mem.h2d(f->m->be, f->buf[B_SLOT], f->slot_host, (size_t)b->n * 4);
 }
 
-/* The forward over the contiguous cache kv or the paged cache kvp with tables bt (exactly one
- * cache is set). */
-static qlr_status forward(qlr_forward *f, qlr_kv_cache *kv, qlr_kv_paged *kvp, const qlr_batch *b,
-                          const qlr_block_table *bt, float **logits) {
+/* What the host knows of a device batch (sizes, the cache's and the set's model). */
+static qlr_status check_batch_dev(const qlr_forward *f, const qlr_kv_cache *kv,
+                                  const qlr_kv_paged *kvp, const qlr_batch_dev *b) {
+    const qlr_model_config *c = &f->m->cfg;
+    if (b->n < 1 || b->n > f->max_tokens)
+        return qlr_errorf(QLR_ERR_RANGE, "batch of %d tokens (workspace holds 1..%d)", b->n,
+                          f->max_tokens);
+    if (b->n_logits < 0 || b->n_logits > f->max_logits || b->n_logits > b->n)
+        return qlr_errorf(QLR_ERR_RANGE, "%d logits rows requested (workspace holds %d, batch %d)",
+                          b->n_logits, f->max_logits, b->n);
+    QLR_TRY(check_cache(c, kv, kvp));
+    if (!b->adapters) return QLR_OK;
+    if (b->adapters->n_layers != c->n_layers || b->adapters->n_slots < 1)
+        return qlr_errorf(QLR_ERR_INVALID, "adapter set made for %d layers (the model has %d)",
+                          b->adapters->n_layers, c->n_layers);
+    if (!b->adapter_slot)
+        return qlr_errorf(QLR_ERR_INVALID, "device batch with an adapter set but no slot array");
+    if (b->uniform < -1 || b->uniform >= b->adapters->n_slots)
+        return qlr_errorf(QLR_ERR_RANGE, "uniform adapter slot %d is outside -1..%d", b->uniform,
+                          b->adapters->n_slots - 1);
+    return QLR_OK;
+}
+
+/* Where a paged forward stores and reads K/V: the pool, each token's pool row (slot [n] device)
+ * and the block tables already on the device (kvp->table, rows of `width`). */
+typedef struct paged_view {
+    qlr_kv_paged *kvp;
+    const int32_t *slot;
+    int32_t width;
+} paged_view;
+
+/* The forward over the contiguous cache kv, or over the paged cache of pv when kv is NULL. */
+static qlr_status forward_dev(qlr_forward *f, qlr_kv_cache *kv, const paged_view *pv,
+                              const qlr_batch_dev *b, float **logits) {
     qlr_model *m = f->m;
     qlr_backend *be = m->be;
     const qlr_model_config *c = &m->cfg;
-    QLR_TRY(check_batch(f, kv, kvp, b, bt));
-    if (kvp && (!be->ops.kv_store_paged || !be->ops.attention_paged))
-        return qlr_errorf(QLR_ERR_UNSUPPORTED, "the %s backend has no paged KV cache ops",
-                          be->name);
+    qlr_kv_paged *kvp = kv ? NULL : pv->kvp;
+    QLR_TRY(check_batch_dev(f, kv, kvp, b));
     int64_t n = b->n, d = c->d_model, nh = c->n_heads, nkv = c->n_kv_heads, hd = c->head_dim;
-    int32_t *ids = f->buf[B_IDS], *pos = f->buf[B_POS], *seq = f->buf[B_SEQ], *rows = f->buf[B_ROWS];
+    const int32_t *ids = b->tokens, *pos = b->pos, *seq = b->seq;
     void *x = f->buf[B_X], *xn = f->buf[B_XN], *q = f->buf[B_Q], *k = f->buf[B_K], *v = f->buf[B_V],
          *att = f->buf[B_ATT], *o = f->buf[B_O], *gate = f->buf[B_GATE], *up = f->buf[B_UP];
-    QLR_TRY(be->mem.h2d(be, ids, b->tokens, (size_t)n * 4));
-    QLR_TRY(be->mem.h2d(be, pos, b->pos, (size_t)n * 4));
-    QLR_TRY(be->mem.h2d(be, seq, b->seq, (size_t)n * 4));
-    QLR_TRY(set_adapters(f, b));
-    int32_t *kvslot = f->buf[B_KVSLOT];
-    if (kvp) {
-        QLR_TRY(be->mem.h2d(be, kvslot, f->kvslot_host, (size_t)n * 4));
-        QLR_TRY(be->mem.h2d(be, kvp->table, bt->ids, (size_t)bt->n_seqs * (size_t)bt->width * 4));
-    }
+    f->set = b->adapters;
+    f->uniform = b->adapters ? b->uniform : -1;
+    f->slot_dev = b->adapter_slot;
 
     QLR_TRY(be->ops.embedding(be, x, m->tok_embd, ids, n, d, c->n_vocab));
     if (f->hidden_fn) f->hidden_fn(f->hidden_ud, -1, x, n, d);
@@ -336,12 +379,15 @@ static qlr_status forward(qlr_forward *f, qlr_kv_cache *kv, qlr_kv_paged *kvp, c
     /* Optional fused ops (NULL on the CPU: the separate ops below, in the same order). Without a
      * hidden-state callback the residual add of a layer's MLP is deferred into the next layer's
      * add_rmsnorm (`pending`). */
-    const qlr_backend_ops *op = &be->ops;
+    const qlr_backend_ops *op = f->debug ? &f->debug_ops : &be->ops;
+    if (kvp && (!op->kv_store_paged || !op->attention_paged))
+        return qlr_errorf(QLR_ERR_UNSUPPORTED, "the %s backend has no paged KV cache ops",
+                          be->name);
     void *pending = NULL;
     /* A fresh prefill longer than 64 tokens goes through attention_fresh when the backend has it
      * (k/v are still stored into the cache for later steps); on QLR_ERR_UNSUPPORTED the error is
      * cleared and this forward uses the attention op from then on. */
-    int fresh = op->attention_fresh && n > 64 && fresh_prefill(b);
+    int fresh = op->attention_fresh && n > 64 && b->fresh;
     for (int32_t l = 0; l < c->n_layers; l++) {
         const qlr_layer *L = &m->layers[l];
         if (pending) QLR_TRY(op->add_rmsnorm(be, x, xn, pending, L->attn_norm, n, d, c->rms_eps));
@@ -362,7 +408,7 @@ static qlr_status forward(qlr_forward *f, qlr_kv_cache *kv, qlr_kv_paged *kvp, c
         if (kvp) {
             QLR_TRY(op->rope(be, q, pos, m->inv_freq, n, nh, hd));
             QLR_TRY(op->rope(be, k, pos, m->inv_freq, n, nkv, hd));
-            QLR_TRY(op->kv_store_paged(be, kvp->k[l], kvp->v[l], k, v, kvslot, n, nkv, hd,
+            QLR_TRY(op->kv_store_paged(be, kvp->k[l], kvp->v[l], k, v, pv->slot, n, nkv, hd,
                                        (int64_t)kvp->n_blocks * kvp->block));
         } else if (op->rope_kv_store) {
             QLR_TRY(op->rope_kv_store(be, q, k, v, kv->k[l], kv->v[l], seq, pos, m->inv_freq, n, nh,
@@ -383,7 +429,7 @@ static qlr_status forward(qlr_forward *f, qlr_kv_cache *kv, qlr_kv_paged *kvp, c
             }
         }
         if (ast == QLR_ERR_UNSUPPORTED && kvp)
-            QLR_TRY(op->attention_paged(be, att, q, kvp->k[l], kvp->v[l], kvp->table, bt->width,
+            QLR_TRY(op->attention_paged(be, att, q, kvp->k[l], kvp->v[l], kvp->table, pv->width,
                                         kvp->block, seq, pos, n, nh, nkv, hd, scale));
         else if (ast == QLR_ERR_UNSUPPORTED)
             QLR_TRY(op->attention(be, att, q, kv->k[l], kv->v[l], seq, pos, n, nh, nkv, hd,
@@ -424,23 +470,187 @@ static qlr_status forward(qlr_forward *f, qlr_kv_cache *kv, qlr_kv_paged *kvp, c
     int32_t nl = b->n_logits;
     *logits = f->buf[B_LOGITS];
     if (nl == 0) return QLR_OK;
-    for (int32_t i = 0; i < nl; i++) f->rows_host[i] = b->logit_rows ? b->logit_rows[i] : i;
-    QLR_TRY(be->mem.h2d(be, rows, f->rows_host, (size_t)nl * 4));
     void *xl = f->buf[B_XL];
-    QLR_TRY(be->ops.get_rows(be, xl, x, rows, nl, d));
-    QLR_TRY(be->ops.rmsnorm(be, xl, xl, m->out_norm, nl, d, c->rms_eps));
-    QLR_TRY(be->ops.lm_head(be, *logits, xl, m->lm_head, nl, d, c->n_vocab));
-    return QLR_OK;
+    if (b->logit_rows) { /* else the first nl rows of x, normalised in place of the gather */
+        QLR_TRY(op->get_rows(be, xl, x, b->logit_rows, nl, d));
+        QLR_TRY(op->rmsnorm(be, xl, xl, m->out_norm, nl, d, c->rms_eps));
+    } else {
+        QLR_TRY(op->rmsnorm(be, xl, x, m->out_norm, nl, d, c->rms_eps));
+    }
+    if (m->lm_head_nf4) {
+        if (!op->nf4_lm_head)
+            return qlr_errorf(QLR_ERR_UNSUPPORTED, "the %s backend has no NF4 lm_head op",
+                              be->name);
+        return op->nf4_lm_head(be, *logits, xl, m->lm_head_nf4, nl);
+    }
+    return op->lm_head(be, *logits, xl, m->lm_head, nl, d, c->n_vocab);
+}
+
+qlr_status qlr_model_forward_dev(qlr_forward *f, qlr_kv_cache *kv, const qlr_batch_dev *b,
+                                 float **logits) {
+    return forward_dev(f, kv, NULL, b, logits);
+}
+
+/* A host batch over the contiguous cache kv, or the paged cache kvp with tables bt: validated,
+ * copied into the workspace, then forward_dev. */
+static qlr_status forward_host(qlr_forward *f, qlr_kv_cache *kv, qlr_kv_paged *kvp,
+                               const qlr_batch *b, const qlr_block_table *bt, float **logits) {
+    qlr_backend *be = f->m->be;
+    QLR_TRY(check_batch(f, kv, kvp, b, bt));
+    size_t bytes = (size_t)b->n * 4;
+    qlr_batch_dev d = {b->n, f->buf[B_IDS], f->buf[B_POS], f->buf[B_SEQ], b->n_logits, NULL,
+                       NULL, NULL, -1, fresh_prefill(b)};
+    QLR_TRY(be->mem.h2d(be, f->buf[B_IDS], b->tokens, bytes));
+    QLR_TRY(be->mem.h2d(be, f->buf[B_POS], b->pos, bytes));
+    QLR_TRY(be->mem.h2d(be, f->buf[B_SEQ], b->seq, bytes));
+    QLR_TRY(set_adapters(f, b, &d));
+    if (b->logit_rows && b->n_logits > 0) {
+        d.logit_rows = f->buf[B_ROWS];
+        QLR_TRY(be->mem.h2d(be, f->buf[B_ROWS], b->logit_rows, (size_t)b->n_logits * 4));
+    }
+    if (!kvp) return forward_dev(f, kv, NULL, &d, logits);
+    paged_view pv = {kvp, f->buf[B_KVSLOT], bt->width};
+    QLR_TRY(be->mem.h2d(be, f->buf[B_KVSLOT], f->kvslot_host, bytes));
+    QLR_TRY(be->mem.h2d(be, kvp->table, bt->ids, (size_t)bt->n_seqs * (size_t)bt->width * 4));
+    return forward_dev(f, NULL, &pv, &d, logits);
 }
 
 qlr_status qlr_model_forward(qlr_forward *f, qlr_kv_cache *kv, const qlr_batch *b,
                              float **logits) {
-    return forward(f, kv, NULL, b, NULL, logits);
+    return forward_host(f, kv, NULL, b, NULL, logits);
 }
 
 qlr_status qlr_model_forward_paged(qlr_forward *f, qlr_kv_paged *kv, const qlr_batch *b,
                                    const qlr_block_table *bt, float **logits) {
-    return forward(f, NULL, kv, b, bt, logits);
+    return forward_host(f, NULL, kv, b, bt, logits);
+}
+
+/* ---- debug hooks ---- */
+
+static qlr_status skip_rmsnorm(qlr_backend *be, void *y, const void *x, const float *w,
+                               int64_t n, int64_t d, float eps) {
+    return QLR_OK;
+}
+static qlr_status skip_add_rmsnorm(qlr_backend *be, void *x, void *y, const void *dx,
+                                   const float *w, int64_t n, int64_t d, float eps) {
+    return QLR_OK;
+}
+static qlr_status skip_rope(qlr_backend *be, void *x, const int32_t *pos, const float *inv_freq,
+                            int64_t n, int64_t n_heads, int64_t hd) {
+    return QLR_OK;
+}
+static qlr_status skip_kv_store(qlr_backend *be, void *k_cache, void *v_cache, const void *k,
+                                const void *v, const int32_t *seq, const int32_t *pos, int64_t n,
+                                int64_t n_kv, int64_t hd, int64_t ctx) {
+    return QLR_OK;
+}
+static qlr_status skip_rope_kv_store(qlr_backend *be, void *q, void *k, const void *v,
+                                     void *k_cache, void *v_cache, const int32_t *seq,
+                                     const int32_t *pos, const float *inv_freq, int64_t n,
+                                     int64_t n_heads, int64_t n_kv, int64_t hd, int64_t ctx) {
+    return QLR_OK;
+}
+static qlr_status skip_attention(qlr_backend *be, void *out, const void *q, const void *k_cache,
+                                 const void *v_cache, const int32_t *seq, const int32_t *pos,
+                                 int64_t n, int64_t n_heads, int64_t n_kv, int64_t hd, int64_t ctx,
+                                 float scale) {
+    return QLR_OK;
+}
+static qlr_status skip_kv_store_paged(qlr_backend *be, void *k_pool, void *v_pool, const void *k,
+                                      const void *v, const int32_t *slot, int64_t n, int64_t n_kv,
+                                      int64_t hd, int64_t n_rows) {
+    return QLR_OK;
+}
+static qlr_status skip_attention_paged(qlr_backend *be, void *out, const void *q, const void *kp,
+                                       const void *vp, const int32_t *btab, int64_t width,
+                                       int64_t block, const int32_t *seq, const int32_t *pos,
+                                       int64_t n, int64_t n_heads, int64_t n_kv, int64_t hd,
+                                       float scale) {
+    return QLR_OK;
+}
+static qlr_status skip_attention_fresh(qlr_backend *be, void *out, const void *q, const void *k,
+                                       const void *v, int64_t n, int64_t n_heads, int64_t n_kv,
+                                       int64_t hd, float scale) {
+    return QLR_OK;
+}
+static qlr_status skip_swiglu(qlr_backend *be, void *out, const void *gate, const void *up,
+                              int64_t n) {
+    return QLR_OK;
+}
+static qlr_status skip_swiglu_nf4_linear(qlr_backend *be, void *y, void *gate, const void *up,
+                                         const qlr_nf4 *w, const float *bias, int64_t n) {
+    return QLR_OK;
+}
+static qlr_status skip_lm_head(qlr_backend *be, float *logits, const void *x, const uint16_t *w,
+                               int64_t n, int64_t d, int64_t vocab) {
+    return QLR_OK;
+}
+static qlr_status skip_nf4_lm_head(qlr_backend *be, float *logits, const void *x,
+                                   const qlr_nf4 *w, int64_t n) {
+    return QLR_OK;
+}
+/* nf4_linear_multi carries q/k/v (k = 3) and gate/up (k = 2): one entry per skipped set; the
+ * other set goes to the backend's own entry. */
+static qlr_status skip_multi_qkv(qlr_backend *be, int k, void *const *y, const void *x,
+                                 const qlr_nf4 *const *w, const float *const *bias, int64_t n) {
+    return k == 3 ? QLR_OK : be->ops.nf4_linear_multi(be, k, y, x, w, bias, n);
+}
+static qlr_status skip_multi_gate_up(qlr_backend *be, int k, void *const *y, const void *x,
+                                     const qlr_nf4 *const *w, const float *const *bias,
+                                     int64_t n) {
+    return k == 2 ? QLR_OK : be->ops.nf4_linear_multi(be, k, y, x, w, bias, n);
+}
+static qlr_status skip_multi_all(qlr_backend *be, int k, void *const *y, const void *x,
+                                 const qlr_nf4 *const *w, const float *const *bias, int64_t n) {
+    return QLR_OK;
+}
+
+/* Rebuilds the debug op table from the backend's: the fused entries dropped when unfused, then
+ * each skipped kind's entries (those present) replaced by no-ops. The linears called one by one
+ * are skipped in linear() itself. */
+static void debug_ops_build(qlr_forward *f) {
+    qlr_backend_ops *o = &f->debug_ops;
+    uint32_t s = f->skip;
+    *o = f->m->be->ops;
+    f->debug = s != 0 || f->unfused;
+    if (f->unfused) {
+        o->nf4_linear_multi = NULL;
+        o->swiglu_nf4_linear = NULL;
+        o->add_rmsnorm = NULL;
+        o->rope_kv_store = NULL;
+    }
+#define SKIP_OP(bit, entry, fn)                    \
+    do {                                           \
+        if ((s & (bit)) && o->entry) o->entry = fn; \
+    } while (0)
+    SKIP_OP(QLR_FORWARD_SKIP_ATTENTION, attention, skip_attention);
+    SKIP_OP(QLR_FORWARD_SKIP_ATTENTION, attention_fresh, skip_attention_fresh);
+    SKIP_OP(QLR_FORWARD_SKIP_ATTENTION, attention_paged, skip_attention_paged);
+    SKIP_OP(QLR_FORWARD_SKIP_ROPE_KV, rope, skip_rope);
+    SKIP_OP(QLR_FORWARD_SKIP_ROPE_KV, kv_store, skip_kv_store);
+    SKIP_OP(QLR_FORWARD_SKIP_ROPE_KV, rope_kv_store, skip_rope_kv_store);
+    SKIP_OP(QLR_FORWARD_SKIP_ROPE_KV, kv_store_paged, skip_kv_store_paged);
+    SKIP_OP(QLR_FORWARD_SKIP_NORMS, rmsnorm, skip_rmsnorm);
+    SKIP_OP(QLR_FORWARD_SKIP_NORMS, add_rmsnorm, skip_add_rmsnorm);
+    SKIP_OP(QLR_FORWARD_SKIP_DOWN, swiglu, skip_swiglu);
+    SKIP_OP(QLR_FORWARD_SKIP_DOWN, swiglu_nf4_linear, skip_swiglu_nf4_linear);
+    SKIP_OP(QLR_FORWARD_SKIP_LM_HEAD, lm_head, skip_lm_head);
+    SKIP_OP(QLR_FORWARD_SKIP_LM_HEAD, nf4_lm_head, skip_nf4_lm_head);
+#undef SKIP_OP
+    uint32_t both = QLR_FORWARD_SKIP_QKV | QLR_FORWARD_SKIP_GATE_UP;
+    if (o->nf4_linear_multi && (s & both))
+        o->nf4_linear_multi = (s & both) == both ? skip_multi_all
+                              : (s & QLR_FORWARD_SKIP_QKV) ? skip_multi_qkv : skip_multi_gate_up;
+}
+
+void qlr_forward_set_skip(qlr_forward *f, uint32_t mask) {
+    f->skip = mask & QLR_FORWARD_SKIP_ALL;
+    debug_ops_build(f);
+}
+
+void qlr_forward_set_fused(qlr_forward *f, int fused) {
+    f->unfused = !fused;
+    debug_ops_build(f);
 }
 
 /* ---- generation ---- */

@@ -108,6 +108,10 @@ void qlr_model_free(qlr_model *m) {
         }
         free(m->layers);
     }
+    if (m->lm_head_nf4) {
+        qlr_backend_nf4_free(be, m->lm_head_nf4);
+        free(m->lm_head_nf4);
+    }
     if (m->lm_head && m->lm_head != m->tok_embd) be->mem.free(be, m->lm_head);
     if (m->tok_embd) be->mem.free(be, m->tok_embd);
     if (m->out_norm) be->mem.free(be, m->out_norm);

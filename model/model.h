@@ -89,6 +89,11 @@ typedef struct qlr_model {
     uint64_t nf4_bytes;             /* bytes of the NF4 store */
     uint64_t other_bytes;           /* embeddings, norms, biases */
     char *source;                   /* path it was loaded from */
+    /* Optional 4-bit output projection [n_vocab, d_model] NF4 (device) or NULL: when set, the
+     * forward's logits use it (the nf4_lm_head op) instead of lm_head. Only
+     * qlr_model_create_random makes one (serving figures with every weight in NF4); freed with
+     * the model. */
+    qlr_nf4 *lm_head_nf4;
 } qlr_model;
 
 /* ---- config ---- */
@@ -134,6 +139,30 @@ void qlr_model_free(qlr_model *m);
  * (a host-visible backend keeps the quantizer's NF4 buffers instead of copies of them). */
 void qlr_model_weight_items(const qlr_model_config *cfg, int double_quant, qlr_mem_item_fn fn,
                             void *ud);
+
+/* ---- random weights (benchmarks, tests) ---- */
+
+typedef struct qlr_model_random_params {
+    int double_quant;      /* NF4 absmax double-quantized, as QLoRA (default 1) */
+    int lm_head_nf4;       /* also make m->lm_head_nf4 (random NF4 bytes; default 0) */
+    float embd_range;      /* embedding / lm_head values uniform in [-r, r) (default 0.034) */
+} qlr_model_random_params;
+
+qlr_model_random_params qlr_model_random_params_default(void);
+
+/* A model of cfg's real dimensions with random weights, no file: every NF4 store's packed
+ * codes and (double-quant) absmax bytes are random bytes written directly (never quantized
+ * from floats, so Llama-3.1-8B takes seconds; never all zero, which runs faster than real data
+ * on some devices), second-level absmax in [0.010, 0.017) with offset 0.03 (block absmax
+ * 0.02..0.04, weights of about the scale of real ones); embeddings and lm_head random bf16
+ * (one table when cfg->tied_embeddings); norms 1 +- 0.01; q/k/v biases +-0.01 when
+ * cfg->qkv_bias; RoPE inverse frequencies from the config (qlr_model_rope_inv_freq; a
+ * QLR_ROPE_SCALING_FREQS config has no table here and is refused). The same (cfg, seed,
+ * params) gives the same bytes on every backend and thread count. p NULL = defaults.
+ * QLR_ERR_FORMAT for an invalid cfg (qlr_model_config_validate), QLR_ERR_NOMEM or the
+ * backend's allocation error; *out NULL on failure. */
+qlr_status qlr_model_create_random(const qlr_model_config *cfg, qlr_backend *be, uint64_t seed,
+                                   const qlr_model_random_params *p, qlr_model **out);
 
 /* Undoes llama.cpp's Q/K row permutation in place: w is [n_head * hd, cols] (rows of GGUF
  * order in, HF order out; a bias is cols = 1). Spec §4.6: GGUF row 2j+t of a head becomes HF
@@ -259,7 +288,8 @@ void qlr_forward_set_hidden_fn(qlr_forward *f, qlr_hidden_fn fn, void *ud);
 /* Runs the batch through the model, writing K/V into `kv`. *logits points at device memory
  * [b->n_logits, n_vocab] f32 owned by the workspace (valid until the next call). Validates the
  * batch (ids, positions against the cache, sizes against the workspace): QLR_ERR_RANGE with
- * a message naming the offending token. */
+ * a message naming the offending token. Then copies it into the workspace and runs
+ * qlr_model_forward_dev. */
 qlr_status qlr_model_forward(qlr_forward *f, qlr_kv_cache *kv, const qlr_batch *b,
                              float **logits);
 
@@ -270,6 +300,61 @@ qlr_status qlr_model_forward(qlr_forward *f, qlr_kv_cache *kv, const qlr_batch *
  * the same rows. */
 qlr_status qlr_model_forward_paged(qlr_forward *f, qlr_kv_paged *kv, const qlr_batch *b,
                                    const qlr_block_table *bt, float **logits);
+
+/* A batch whose per-token arrays already live in device memory (the engine's or a benchmark's
+ * buffers), so that a step can be replayed from a CUDA graph. Same meaning as qlr_batch. */
+typedef struct qlr_batch_dev {
+    int32_t n;
+    const int32_t *tokens;       /* [n] device, each in 0..n_vocab-1 */
+    const int32_t *pos;          /* [n] device, each in 0..kv->ctx-1 */
+    const int32_t *seq;          /* [n] device, each in 0..kv->n_seq-1 */
+    int32_t n_logits;            /* rows of logits wanted (host) */
+    const int32_t *logit_rows;   /* [n_logits] device; NULL = the first n_logits tokens */
+    const qlr_adapter_set *adapters; /* NULL = every token runs the base model */
+    const int32_t *adapter_slot; /* [n] device, each in -1..adapters->n_slots-1; required with
+                                    adapters (-1 = that token runs the base model) */
+    int32_t uniform;             /* host: the slot every token has (a promise: backends may
+                                    take the dense path), or -1 when they differ or it is not
+                                    known; ignored without adapters */
+    int32_t fresh;               /* host: 1 = the batch is one sequence at positions 0..n-1 (a
+                                    fresh prefill: attention may run over the batch's own k/v
+                                    through attention_fresh); 0 is always correct */
+} qlr_batch_dev;
+
+/* The forward of qlr_model_forward on a device batch: only ops on the backend's stream, no
+ * host copy, no synchronisation and no reading of device memory by the host, so a CUDA
+ * stream capture of this call is a replayable step (plan workspaces first:
+ * qlr_cuda_reserve). Checks only what the host knows (n, n_logits against the workspace,
+ * the cache's and the adapter set's model, uniform): QLR_ERR_RANGE / QLR_ERR_INVALID. The
+ * device arrays are NOT validated: the caller guarantees the ranges above (an id out of range
+ * reads outside the tables). *logits as for qlr_model_forward. */
+qlr_status qlr_model_forward_dev(qlr_forward *f, qlr_kv_cache *kv, const qlr_batch_dev *b,
+                                 float **logits);
+
+/* Debug hooks of a forward workspace, for the decode benchmark's ablation (what each kind of
+ * kernel costs in place in a step); never for serving. A forward with kinds left out computes
+ * meaningless values; only its time means something. Both hooks snapshot the backend's op
+ * table when called (call again after changing be->ops). */
+typedef enum qlr_forward_skip {
+    QLR_FORWARD_SKIP_ATTENTION = 1 << 0, /* attention, attention_fresh, attention_paged */
+    QLR_FORWARD_SKIP_ROPE_KV = 1 << 1,   /* rope, kv_store, rope_kv_store, kv_store_paged */
+    QLR_FORWARD_SKIP_NORMS = 1 << 2,     /* rmsnorm, add_rmsnorm (with its residual add) */
+    QLR_FORWARD_SKIP_QKV = 1 << 3,       /* the q, k, v NF4 products (LoRA terms still run) */
+    QLR_FORWARD_SKIP_O = 1 << 4,         /* the o NF4 product */
+    QLR_FORWARD_SKIP_GATE_UP = 1 << 5,   /* the gate and up NF4 products */
+    QLR_FORWARD_SKIP_DOWN = 1 << 6,      /* swiglu and the down NF4 product (swiglu_nf4_linear) */
+    QLR_FORWARD_SKIP_LM_HEAD = 1 << 7,   /* lm_head, nf4_lm_head */
+    QLR_FORWARD_SKIP_ALL = 0xff,
+} qlr_forward_skip;
+
+/* Leaves the kinds in `mask` (qlr_forward_skip bits) out of every later forward of f; 0 (the
+ * default) restores the full forward, bitwise. */
+void qlr_forward_set_skip(qlr_forward *f, uint32_t mask);
+/* fused = 0: later forwards compose the separate ops even where the backend has the optional
+ * fused entries (nf4_linear_multi, swiglu_nf4_linear, add_rmsnorm, rope_kv_store), for
+ * comparison figures; the results then differ only by the backend's fused-op tolerance.
+ * 1 (the default) uses them. */
+void qlr_forward_set_fused(qlr_forward *f, int fused);
 
 /* ---- generation (one sequence) ---- */
 

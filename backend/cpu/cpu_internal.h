@@ -86,6 +86,8 @@ qlr_status qlr_cpu_lora_batched(qlr_backend *be, void *y, const void *x, const q
                                 int64_t out);
 qlr_status qlr_cpu_lm_head(qlr_backend *be, float *logits, const void *x, const uint16_t *w,
                            int64_t n, int64_t d, int64_t vocab);
+qlr_status qlr_cpu_nf4_lm_head(qlr_backend *be, float *logits, const void *x, const qlr_nf4 *w,
+                               int64_t n);
 
 /* ops_sample.c */
 qlr_status qlr_cpu_sample(qlr_backend *be, int32_t *out_ids, float *logits,

@@ -1,8 +1,8 @@
 /* backend/cpu/ops_linear.c: the CPU matrix products: NF4 linear (forward and dX), lm_head on
- * a bf16 table, the LoRA hook (forward and gradients) and the batched multi-adapter LoRA (one
- * adapter per token, plain loops so that each row's bits depend on that row alone). Weights are
- * never dequantized whole: see the two regimes below (fused GEMV for few tokens, chunked sgemm
- * for many). */
+ * a bf16 table or an NF4 store, the LoRA hook (forward and gradients) and the batched
+ * multi-adapter LoRA (one adapter per token, plain loops so that each row's bits depend on that
+ * row alone). Weights are never dequantized whole: see the two regimes below (fused GEMV for few
+ * tokens, chunked sgemm for many). */
 #include <cblas.h>
 #include <pthread.h>
 #include <string.h>
@@ -203,6 +203,14 @@ qlr_status qlr_cpu_lm_head(qlr_backend *be, float *logits, const void *x, const 
         return QLR_OK;
     }
     return chunked_gemm(be, &c, chunk_bf16_run);
+}
+
+/* ---- lm_head on an NF4 store ---- */
+
+/* act is f32 here, so the NF4 linear's output already is the f32 logits. */
+qlr_status qlr_cpu_nf4_lm_head(qlr_backend *be, float *logits, const void *x, const qlr_nf4 *w,
+                               int64_t n) {
+    return qlr_cpu_nf4_linear(be, logits, x, w, NULL, n);
 }
 
 /* ---- LoRA ---- */

@@ -305,6 +305,11 @@ extern "C" qlr_status qlr_backend_cuda_create(int n_threads, qlr_backend **out) 
     o->rope_bwd = qlr_cuda_rope_bwd;
     o->swiglu_bwd = qlr_cuda_swiglu_bwd;
     o->nf4_linear_dx = qlr_cuda_nf4_linear_dx;
+    o->lora_bwd = qlr_cuda_lora_bwd;
+    o->attention_varlen = qlr_cuda_attention_varlen;
+    o->attention_varlen_bwd = qlr_cuda_attention_varlen_bwd;
+    o->lm_head_ce = qlr_cuda_lm_head_ce;
+    o->dropout = qlr_cuda_dropout;
     o->nf4_linear_multi = qlr_cuda_nf4_linear_multi;
     o->swiglu_nf4_linear = qlr_cuda_swiglu_nf4_linear;
     o->add_rmsnorm = qlr_cuda_add_rmsnorm;
@@ -313,6 +318,7 @@ extern "C" qlr_status qlr_backend_cuda_create(int n_threads, qlr_backend **out) 
     o->sum_squares = qlr_cuda_sum_squares;
     o->scale_f32 = qlr_cuda_scale_f32;
     o->f32_to_act = qlr_cuda_f32_to_act;
+    o->nf4_lm_head = qlr_cuda_nf4_lm_head;
     o->kv_store_paged = qlr_cuda_kv_store_paged;
     o->attention_paged = qlr_cuda_attention_paged;
     const char *sdpa = getenv("QLR_CUDA_SDPA");

@@ -124,6 +124,12 @@ static inline unsigned qlr_cuda_blocks(int64_t n, int threads) {
 qlr_status qlr_cuda_gemm(qlr_backend *be, void *d, cudaDataType_t d_type, const void *a,
                          const void *b, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
                          int64_t ldd, float alpha, float beta, int trans_b);
+/* The same with the first operand stored transposed when trans_a = 1: a [k, m] bf16 (lda), so
+ * D = alpha · Aᵀ · op(B) + beta · C (the weight-gradient products, reductions over tokens). */
+qlr_status qlr_cuda_gemm_t(qlr_backend *be, void *d, cudaDataType_t d_type, const void *a,
+                           const void *b, int64_t m, int64_t n, int64_t k, int64_t lda,
+                           int64_t ldb, int64_t ldd, float alpha, float beta, int trans_a,
+                           int trans_b);
 
 /* attention_cudnn.cu: destroys the cached SDPA plans and the cuDNN handle (backend teardown,
  * after the stream is idle). */
@@ -169,6 +175,8 @@ qlr_status qlr_cuda_lora(qlr_backend *be, void *y, const void *x, const qlr_lora
                          int64_t in, int64_t out);
 qlr_status qlr_cuda_lm_head(qlr_backend *be, float *logits, const void *x, const uint16_t *w,
                             int64_t n, int64_t d, int64_t vocab);
+qlr_status qlr_cuda_nf4_lm_head(qlr_backend *be, float *logits, const void *x, const qlr_nf4 *w,
+                                int64_t n);
 qlr_status qlr_cuda_lora_batched(qlr_backend *be, void *y, const void *x, const qlr_lora_ref *L,
                                  const qlr_lora_ref *L_host, int32_t n_slots, const int32_t *slot,
                                  int32_t max_r, int32_t uniform, int64_t n, int64_t in,
@@ -194,5 +202,23 @@ qlr_status qlr_cuda_adamw_step(qlr_backend *be, int kind, float *p, const float 
 qlr_status qlr_cuda_sum_squares(qlr_backend *be, double *acc, const float *x, int64_t n);
 qlr_status qlr_cuda_scale_f32(qlr_backend *be, float *x, float s, int64_t n);
 qlr_status qlr_cuda_f32_to_act(qlr_backend *be, void *dst, const float *src, int64_t n);
+/* Training ops (model/train.c): attention_varlen.cu, lm_head_ce.cu, dropout.cu, lora_bwd.cu. */
+qlr_status qlr_cuda_attention_varlen(qlr_backend *be, void *out, float *lse, const void *q,
+                                     const void *k, const void *v, const int32_t *start,
+                                     int64_t n, int64_t n_heads, int64_t n_kv, int64_t hd,
+                                     float scale);
+qlr_status qlr_cuda_attention_varlen_bwd(qlr_backend *be, void *dq, void *dk, void *dv,
+                                         const void *dout, const void *q, const void *k,
+                                         const void *v, const void *out, const float *lse,
+                                         const int32_t *start, int64_t n, int64_t n_heads,
+                                         int64_t n_kv, int64_t hd, float scale);
+qlr_status qlr_cuda_lm_head_ce(qlr_backend *be, float *loss, void *dx, float *logits,
+                               const void *x, const uint16_t *w, const int32_t *targets,
+                               int64_t n, int64_t d, int64_t vocab, float grad_scale);
+qlr_status qlr_cuda_dropout(qlr_backend *be, void *y, const void *x, int64_t n, float p,
+                            uint64_t seed);
+qlr_status qlr_cuda_lora_bwd(qlr_backend *be, float *da, float *db, void *dx, const void *dy,
+                             const void *x, const qlr_lora_ref *l, int64_t n, int64_t in,
+                             int64_t out);
 
 #endif

@@ -1,7 +1,8 @@
 /* backend/cuda/gemm.cu: bf16 matrix products through cuBLASLt (f32 accumulation): the generic
- * row-major wrapper every large product uses, the lm_head op (bf16 table -> f32 logits) and the
- * LoRA hook (two thin products, the second accumulating into y). Chosen algorithms are cached per
- * shape so that a decode step does not pay cuBLASLt's heuristic query for every layer. */
+ * row-major wrapper every large product uses (either operand may be stored transposed), the
+ * lm_head op (bf16 table -> f32 logits) and the LoRA hook (two thin products, the second
+ * accumulating into y). Chosen algorithms are cached per shape so that a decode step does not pay
+ * cuBLASLt's heuristic query for every layer. */
 #include "backend/cuda/cuda_internal.h"
 
 #include <stdlib.h>
@@ -13,7 +14,7 @@ extern "C" {
 
 typedef struct gemm_key {
     int64_t m, n, k, lda, ldb, ldd;
-    int d_type, trans_b, beta_nz;
+    int d_type, trans_a, trans_b, beta_nz;
 } gemm_key;
 
 typedef struct gemm_entry {
@@ -48,8 +49,11 @@ static qlr_status plan(qlr_cuda_impl *im, const gemm_key *key, gemm_entry **out)
     memset(e, 0, sizeof *e);
     e->key = *key;
     cudaDataType_t dt = (cudaDataType_t)key->d_type;
-    /* column-major view: Dᵀ [n, m] = op(B) · Aᵀ */
-    cublasOperation_t ta = key->trans_b ? CUBLAS_OP_N : CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    /* column-major view: Dᵀ [n, m] = Bᵀ · Aᵀ (B the logical [k, n] right factor), cuBLASLt's
+     * first operand being b and its second a. Read column-major, b [n, k] is B (op T), b [k, n]
+     * (trans_b) is Bᵀ (no op), a [m, k] is Aᵀ (no op) and a [k, m] (trans_a) is A (op T). */
+    cublasOperation_t ta = key->trans_b ? CUBLAS_OP_N : CUBLAS_OP_T;
+    cublasOperation_t tb = key->trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
     QLR_CK(cublasLtMatmulDescCreate(&e->op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     QLR_CK(cublasLtMatmulDescSetAttribute(e->op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
     QLR_CK(cublasLtMatmulDescSetAttribute(e->op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
@@ -57,7 +61,10 @@ static qlr_status plan(qlr_cuda_impl *im, const gemm_key *key, gemm_entry **out)
         QLR_CK(cublasLtMatrixLayoutCreate(&e->la, CUDA_R_16BF, key->n, key->k, key->ldb));
     else
         QLR_CK(cublasLtMatrixLayoutCreate(&e->la, CUDA_R_16BF, key->k, key->n, key->ldb));
-    QLR_CK(cublasLtMatrixLayoutCreate(&e->lb, CUDA_R_16BF, key->k, key->m, key->lda));
+    if (key->trans_a)
+        QLR_CK(cublasLtMatrixLayoutCreate(&e->lb, CUDA_R_16BF, key->m, key->k, key->lda));
+    else
+        QLR_CK(cublasLtMatrixLayoutCreate(&e->lb, CUDA_R_16BF, key->k, key->m, key->lda));
     QLR_CK(cublasLtMatrixLayoutCreate(&e->lc, dt, key->n, key->m, key->ldd));
     cublasLtMatmulPreference_t pref;
     QLR_CK(cublasLtMatmulPreferenceCreate(&pref));
@@ -86,9 +93,10 @@ static qlr_status plan(qlr_cuda_impl *im, const gemm_key *key, gemm_entry **out)
     return QLR_OK;
 }
 
-qlr_status qlr_cuda_gemm(qlr_backend *be, void *d, cudaDataType_t d_type, const void *a,
-                         const void *b, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
-                         int64_t ldd, float alpha, float beta, int trans_b) {
+qlr_status qlr_cuda_gemm_t(qlr_backend *be, void *d, cudaDataType_t d_type, const void *a,
+                           const void *b, int64_t m, int64_t n, int64_t k, int64_t lda,
+                           int64_t ldb, int64_t ldd, float alpha, float beta, int trans_a,
+                           int trans_b) {
     if (m <= 0 || n <= 0) return QLR_OK;
     QLR_ASSERT(k > 0);
     qlr_cuda_impl *im = qlr_cuda_im(be);
@@ -101,13 +109,20 @@ qlr_status qlr_cuda_gemm(qlr_backend *be, void *d, cudaDataType_t d_type, const 
     key.ldb = ldb;
     key.ldd = ldd;
     key.d_type = (int)d_type;
+    key.trans_a = trans_a;
     key.trans_b = trans_b;
     key.beta_nz = beta != 0.0f;
-    gemm_entry *e;
+    gemm_entry *e = NULL;
     QLR_TRY(plan(im, &key, &e));
     QLR_CK(cublasLtMatmul(im->lt, e->op, &alpha, b, e->la, a, e->lb, &beta, d, e->lc, d, e->lc,
                           &e->algo, im->lt_ws, im->lt_ws_bytes, im->stream));
     return QLR_OK;
+}
+
+qlr_status qlr_cuda_gemm(qlr_backend *be, void *d, cudaDataType_t d_type, const void *a,
+                         const void *b, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb,
+                         int64_t ldd, float alpha, float beta, int trans_b) {
+    return qlr_cuda_gemm_t(be, d, d_type, a, b, m, n, k, lda, ldb, ldd, alpha, beta, 0, trans_b);
 }
 
 extern "C" qlr_status qlr_cuda_gemm_bf16(qlr_backend *be, void *y, const uint16_t *x,

@@ -1,7 +1,8 @@
 /* backend/cuda/nf4.cu: NF4 (bitsandbytes layout, spec §1) on the GPU: dequantization to bf16
  * (double-quant aware), the fused decode kernel that reads packed weights directly for a few
- * tokens, and the nf4_linear / nf4_linear_dx ops. For many tokens (prefill, training) the layer's
- * weight is dequantized into the workspace and multiplied by cuBLASLt (f32 accumulation).
+ * tokens, and the nf4_linear / nf4_linear_dx / nf4_lm_head ops. For many tokens (prefill,
+ * training) the layer's weight is dequantized into the workspace and multiplied by cuBLASLt
+ * (f32 accumulation).
  * Absmax reconstruction and code scaling use round-to-nearest multiplies and adds without FMA
  * contraction, so the dequantized values equal quant/nf4.c's before the bf16 rounding. */
 #include "backend/cuda/cuda_internal.h"
@@ -1239,4 +1240,22 @@ extern "C" qlr_status qlr_cuda_nf4_logits(qlr_backend *be, float *logits, const 
                           (long long)w->rows, (long long)w->cols);
     float *yf[1] = {logits};
     return gs_launch(be, 1, NULL, yf, (const __nv_bfloat16 *)x, NULL, ws, NULL);
+}
+
+/* The nf4_lm_head op: one token through qlr_cuda_nf4_logits where the shape allows; otherwise
+ * dequantize W into the op workspace ([vocab, d] bf16: 1 GiB for Llama 3's lm_head) and the
+ * lm_head GEMM. */
+qlr_status qlr_cuda_nf4_lm_head(qlr_backend *be, float *logits, const void *x, const qlr_nf4 *w,
+                                int64_t n) {
+    QLR_ASSERT(be && be->kind == QLR_DEVICE_CUDA);
+    if (n <= 0) return QLR_OK;
+    const qlr_nf4 *ws1[1] = {w};
+    if (n == 1 && gs_fits(be, 1, ws1) && ((uintptr_t)x & 15) == 0) {
+        float *yf[1] = {logits};
+        return gs_launch(be, 1, NULL, yf, (const __nv_bfloat16 *)x, NULL, ws1, NULL);
+    }
+    void *ws;
+    QLR_TRY(qlr_cuda_ws(be, (size_t)(w->rows * w->cols) * 2, &ws));
+    QLR_TRY(dequant_launch(be, (__nv_bfloat16 *)ws, w));
+    return qlr_cuda_lm_head(be, logits, x, (const uint16_t *)ws, n, w->cols, w->rows);
 }

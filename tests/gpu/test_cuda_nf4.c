@@ -2,7 +2,7 @@
  * dequantization (bit-exact to bf16, with and without double quant, partial last block, odd
  * element counts, zero and extreme blocks), nf4_linear through the fused decode kernel, the
  * dequantize + cuBLASLt path, the tensor-core fused kernel and the automatic choice (1..65
- * tokens, bias), and nf4_linear_dx. */
+ * tokens, bias), nf4_linear_dx and nf4_lm_head (f32 logits, one token and several). */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -125,6 +125,42 @@ static void test_linear(int64_t rows, int64_t cols, int dq, int64_t n, int with_
     free(got);
 }
 
+/* The nf4_lm_head op (f32 logits from an NF4 output projection) against the CPU op: the
+ * streaming one-token kernel (cols a multiple of 1024) and the dequantize + GEMM path. */
+static void test_lm_head(int64_t rows, int64_t cols, int dq, int64_t n) {
+    float *w = make_weights(rows, cols);
+    qlr_nf4 host, dcpu, dgpu;
+    CHECK_OK(qlr_nf4_quantize(w, rows, cols, dq, &host));
+    CHECK_OK(qlr_backend_nf4_upload(g_cpu, &host, &dcpu, 0));
+    CHECK_OK(qlr_backend_nf4_upload(g_gpu, &host, &dgpu, 0));
+    float *x = malloc((size_t)(n * cols) * 4);
+    gh_randn_bf16(x, n * cols, 1.0f, &rng);
+    float *ref = malloc((size_t)(n * rows) * 4), *got = malloc((size_t)(n * rows) * 4);
+    gh_buf cx = gh_act(g_cpu, x, n * cols), cy = gh_alloc(g_cpu, (size_t)(n * rows) * 4);
+    CHECK_OK(g_cpu->ops.nf4_lm_head(g_cpu, cy.p, cx.p, &dcpu, n));
+    memcpy(ref, cy.p, (size_t)(n * rows) * 4);
+    gh_buf gx = gh_act(g_gpu, x, n * cols), gy = gh_alloc(g_gpu, (size_t)(n * rows) * 4);
+    CHECK_OK(g_gpu->ops.nf4_lm_head(g_gpu, gy.p, gx.p, &dgpu, n));
+    CHECK_OK(g_gpu->mem.d2h(g_gpu, got, gy.p, (size_t)(n * rows) * 4));
+    CHECK_OK(g_gpu->mem.sync(g_gpu));
+    char what[128];
+    snprintf(what, sizeof what, "nf4_lm_head [%lld,%lld] dq=%d n=%lld", (long long)rows,
+             (long long)cols, dq, (long long)n);
+    /* f32 output; bf16 weights on the GEMM path (2^-9 per weight, averaging over the row) */
+    gh_compare(what, got, ref, n * rows, gh_rms(ref, n * rows) * 0x1p-7, 0x1p-7);
+    gh_free_checked(g_gpu, &gy, what);
+    gh_free_checked(g_gpu, &gx, "x");
+    gh_free_checked(g_cpu, &cx, "cpu x");
+    gh_free_checked(g_cpu, &cy, "cpu y");
+    qlr_backend_nf4_free(g_gpu, &dgpu);
+    qlr_backend_nf4_free(g_cpu, &dcpu);
+    qlr_nf4_free(&host);
+    free(w);
+    free(x);
+    free(ref);
+    free(got);
+}
+
 int main(void) {
     if (!gh_init()) {
         CHECK_MSG(0, "no usable CUDA device (this test is label gpu: run it on a GPU machine)");
@@ -143,6 +179,10 @@ int main(void) {
             test_linear(lshapes[i][0], lshapes[i][1], (int)((i + j) & 1), ns[j], j == 2 || j == 5);
     test_linear(4096, 4096, 1, 1, 0);
     test_linear(1024, 4096, 1, 64, 0);
+    test_lm_head(1000, 1024, 1, 1);
+    test_lm_head(3000, 4096, 0, 1);
+    test_lm_head(1000, 576, 1, 1);
+    test_lm_head(1000, 1024, 1, 3);
     gh_done();
     return test_finish();
 }
