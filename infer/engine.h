@@ -28,12 +28,12 @@ typedef struct qlr_engine qlr_engine;
 
 typedef struct qlr_engine_params {
     int32_t max_batch_tokens;  /* tokens per forward step, decodes + prefill chunks (default 512) */
-    int32_t max_running;       /* sequences decoding at once (default 64) */
+    int32_t max_running;       /* sequences decoding at once (default 64; <= max_batch_tokens) */
     int32_t max_queue;         /* requests waiting to start; one more is refused (default 256) */
-    int32_t max_ctx;           /* longest sequence, prompt + generation (default min(ctx_train,
+    int32_t max_ctx;           /* longest sequence, prompt + generation (default 0 = min(ctx_train,
                                   8192)) */
     int32_t kv_block;          /* tokens per KV block (default 16) */
-    uint64_t kv_bytes;         /* memory of the KV blocks (default: room for max_running
+    uint64_t kv_bytes;         /* memory of the KV blocks (default 0 = room for max_running
                                   sequences of min(max_ctx, 2048) tokens) */
     int prefix_cache;          /* reuse computed prompt blocks (default 1) */
 } qlr_engine_params;
@@ -97,14 +97,20 @@ typedef struct qlr_engine_request {
 } qlr_engine_request;
 
 /* Queues a request. QLR_ERR_BUSY when the queue is full (answer 429), QLR_ERR_INVALID naming the
- * field (empty prompt, prompt + max_tokens over max_ctx, a token id outside the vocabulary),
- * QLR_ERR_CANCELLED once stopping; cb is then never called. *id identifies it for cancel. */
+ * field (empty prompt, prompt + max_tokens over max_ctx, a token id outside the vocabulary, an
+ * empty stop string, top_p <= 0, an adapter without a registry, or prompt + max_tokens needing
+ * more KV blocks than the whole cache holds), QLR_ERR_CANCELLED once stopping; cb is then never
+ * called. *id identifies it for cancel. A request starts when the KV blocks of its prompt +
+ * max_tokens fit (they are reserved then, so it never waits mid-stream); until then it waits in
+ * the queue. */
 qlr_status qlr_engine_submit(qlr_engine *e, const qlr_engine_request *r, qlr_engine_cb cb,
                              void *ud, uint64_t *id);
 /* Cancels a queued or running request (a client disconnected): its blocks are freed within one
  * step and its DONE (CANCELLED) is delivered. Unknown or finished ids are ignored. */
 void qlr_engine_cancel(qlr_engine *e, uint64_t id);
 
+/* A snapshot; any thread. kv_blocks_used counts blocks referenced by requests (free blocks that
+ * still hold a cached prefix are not used). */
 typedef struct qlr_engine_stats {
     uint64_t requests_total, requests_done, requests_cancelled, requests_rejected;
     uint64_t prompt_tokens, generated_tokens, cached_tokens;

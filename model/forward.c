@@ -1,12 +1,15 @@
 /* model/forward.c: the KV cache, the forward workspace (one device allocation carved from a
  * table of sizes) and the transformer forward for a batch of tokens from any number of
- * sequences at any positions, written only against the backend op table:
+ * sequences at any positions, over a contiguous cache or a paged one (model/kv_paged.c: K/V
+ * stored at each token's pool row, attention through the batch's block tables), written only
+ * against the backend op table:
  *   embedding -> per layer [RMSNorm -> q/k/v (+LoRA) -> RoPE -> KV store -> attention (over
  *   the batch's own k/v for a fresh prefill when the backend has attention_fresh) ->
  *   o (+LoRA) -> residual -> RMSNorm -> gate/up (+LoRA) -> SwiGLU -> down (+LoRA) -> residual]
  *   -> gather the rows whose logits are wanted -> final RMSNorm -> lm_head (bf16 or NF4).
- * qlr_model_forward validates a host batch and copies it into the workspace;
- * qlr_model_forward_dev is the forward itself (device batch, capturable in a CUDA graph). The
+ * qlr_model_forward (and qlr_model_forward_paged) validates a host batch and copies it into the
+ * workspace; qlr_model_forward_dev is the forward itself (device batch, capturable in a CUDA
+ * graph). The
  * debug hooks (skip / unfused, the decode benchmark's ablation) swap in a patched op table. */
 #include <math.h>
 #include <stdlib.h>
@@ -66,7 +69,7 @@ void qlr_kv_cache_free(qlr_kv_cache *kv) {
 /* ---- workspace plan ---- */
 
 enum { B_X, B_XN, B_Q, B_K, B_V, B_ATT, B_O, B_GATE, B_UP, B_XL, B_LOGITS, B_IDS, B_POS, B_SEQ,
-       B_ROWS, B_SLOT, B_COUNT };
+       B_ROWS, B_SLOT, B_KVSLOT, B_COUNT };
 
 struct qlr_forward {
     qlr_model *m;
@@ -77,6 +80,7 @@ struct qlr_forward {
     qlr_hidden_fn hidden_fn;
     void *hidden_ud;
     int32_t *slot_host; /* [max_tokens] */
+    int32_t *kvslot_host; /* [max_tokens] paged cache: each token's pool row */
     /* adapters of the current call */
     const qlr_adapter_set *set;
     int32_t uniform;    /* the slot every token uses, or -1 when they differ */
@@ -107,6 +111,7 @@ static void plan(const qlr_model_config *c, qlr_backend *be, int32_t T, int32_t 
     sz[B_IDS] = sz[B_POS] = sz[B_SEQ] = (uint64_t)T * 4;
     sz[B_ROWS] = (uint64_t)L * 4;
     sz[B_SLOT] = (uint64_t)T * 4;
+    sz[B_KVSLOT] = (uint64_t)T * 4;
     for (int i = 0; i < B_COUNT; i++) sz[i] = (sz[i] + 255) & ~255ull;
 }
 
@@ -133,7 +138,8 @@ qlr_status qlr_forward_create(qlr_model *m, int32_t max_tokens, int32_t max_logi
     f->bytes = qlr_forward_plan_bytes(&m->cfg, m->be, max_tokens, max_logits);
     f->block = m->be->mem.alloc(m->be, (size_t)f->bytes);
     f->slot_host = malloc((size_t)max_tokens * 4);
-    if (!f->block || !f->slot_host) {
+    f->kvslot_host = malloc((size_t)max_tokens * 4);
+    if (!f->block || !f->slot_host || !f->kvslot_host) {
         qlr_status st = f->block ? qlr_errorf(QLR_ERR_NOMEM, "forward") : qlr_error_status();
         qlr_error_prefix("forward workspace of %.1f MiB", (double)f->bytes / (1 << 20));
         qlr_forward_free(f);
@@ -152,6 +158,7 @@ void qlr_forward_free(qlr_forward *f) {
     if (!f) return;
     if (f->block) f->m->be->mem.free(f->m->be, f->block);
     free(f->slot_host);
+    free(f->kvslot_host);
     free(f);
 }
 
@@ -162,7 +169,53 @@ void qlr_forward_set_hidden_fn(qlr_forward *f, qlr_hidden_fn fn, void *ud) {
 
 /* ---- forward ---- */
 
-static qlr_status check_batch(const qlr_forward *f, const qlr_kv_cache *kv, const qlr_batch *b) {
+/* The paged cache's part of the batch check: table size, and every block id a token reaches
+ * (positions 0..pos of its sequence; a run of tokens of one sequence in rising positions is
+ * checked once). Fills f->kvslot_host with each token's pool row. */
+static qlr_status check_paged(qlr_forward *f, const qlr_kv_paged *kv, const qlr_batch *b,
+                              const qlr_block_table *bt) {
+    if (!bt || !bt->ids || bt->n_seqs < 1 || bt->n_seqs > kv->max_seqs || bt->width < 1 ||
+        bt->width > kv->max_width)
+        return qlr_errorf(QLR_ERR_RANGE, "paged batch: block table %s%d x %d (the cache holds "
+                          "1..%d x 1..%d)", bt && bt->ids ? "" : "missing, ", bt ? bt->n_seqs : 0,
+                          bt ? bt->width : 0, kv->max_seqs, kv->max_width);
+    int64_t ctx = (int64_t)bt->width * kv->block;
+    for (int32_t i = 0; i < b->n; i++) {
+        int32_t s = b->seq[i], p = b->pos[i];
+        if (s < 0 || s >= bt->n_seqs)
+            return qlr_errorf(QLR_ERR_RANGE, "token %d of the batch: sequence %d is outside the "
+                              "block table (0..%d)", i, s, bt->n_seqs - 1);
+        if (p < 0 || p >= ctx)
+            return qlr_errorf(QLR_ERR_RANGE, "token %d of the batch: position %d is outside the "
+                              "block table (0..%lld)", i, p, (long long)ctx - 1);
+        const int32_t *row = bt->ids + (int64_t)s * bt->width;
+        int32_t from = i > 0 && b->seq[i - 1] == s && b->pos[i - 1] < p ?
+                           b->pos[i - 1] / kv->block + 1 : 0;
+        for (int32_t j = from; j <= p / kv->block; j++)
+            if (row[j] < 0 || row[j] >= kv->n_blocks)
+                return qlr_errorf(QLR_ERR_RANGE, "token %d of the batch: block %d of sequence %d "
+                                  "is %d (the pool holds 0..%d)", i, j, s, row[j],
+                                  kv->n_blocks - 1);
+        f->kvslot_host[i] = row[p / kv->block] * kv->block + p % kv->block;
+    }
+    return QLR_OK;
+}
+
+/* The cache's shapes against the model (exactly one of kv and kvp is set). */
+static qlr_status check_cache(const qlr_model_config *c, const qlr_kv_cache *kv,
+                              const qlr_kv_paged *kvp) {
+    if (kv && (kv->n_layers != c->n_layers || kv->n_kv != c->n_kv_heads ||
+               kv->head_dim != c->head_dim))
+        return qlr_errorf(QLR_ERR_INVALID, "KV cache was made for another model");
+    if (kvp && (kvp->n_layers != c->n_layers || kvp->n_kv != c->n_kv_heads ||
+                kvp->head_dim != c->head_dim))
+        return qlr_errorf(QLR_ERR_INVALID, "paged KV cache was made for another model");
+    return QLR_OK;
+}
+
+/* A host batch over the contiguous cache kv or the paged cache kvp with tables bt. */
+static qlr_status check_batch(qlr_forward *f, const qlr_kv_cache *kv, const qlr_kv_paged *kvp,
+                              const qlr_batch *b, const qlr_block_table *bt) {
     const qlr_model_config *c = &f->m->cfg;
     if (b->n < 1 || b->n > f->max_tokens)
         return qlr_errorf(QLR_ERR_RANGE, "batch of %d tokens (workspace holds 1..%d)", b->n,
@@ -170,12 +223,12 @@ static qlr_status check_batch(const qlr_forward *f, const qlr_kv_cache *kv, cons
     if (b->n_logits < 0 || b->n_logits > f->max_logits || b->n_logits > b->n)
         return qlr_errorf(QLR_ERR_RANGE, "%d logits rows requested (workspace holds %d, batch %d)",
                           b->n_logits, f->max_logits, b->n);
-    if (kv->n_layers != c->n_layers || kv->n_kv != c->n_kv_heads || kv->head_dim != c->head_dim)
-        return qlr_errorf(QLR_ERR_INVALID, "KV cache was made for another model");
+    QLR_TRY(check_cache(c, kv, kvp));
     for (int32_t i = 0; i < b->n; i++) {
         if (b->tokens[i] < 0 || b->tokens[i] >= c->n_vocab)
             return qlr_errorf(QLR_ERR_RANGE, "token %d of the batch: id %d is outside the vocabulary "
                               "(0..%d)", i, b->tokens[i], c->n_vocab - 1);
+        if (!kv) continue;
         if (b->pos[i] < 0 || b->pos[i] >= kv->ctx)
             return qlr_errorf(QLR_ERR_RANGE, "token %d of the batch: position %d is outside the "
                               "context (0..%d)", i, b->pos[i], kv->ctx - 1);
@@ -183,6 +236,7 @@ static qlr_status check_batch(const qlr_forward *f, const qlr_kv_cache *kv, cons
             return qlr_errorf(QLR_ERR_RANGE, "token %d of the batch: sequence %d is outside the "
                               "cache (0..%d)", i, b->seq[i], kv->n_seq - 1);
     }
+    if (kvp) QLR_TRY(check_paged(f, kvp, b, bt));
     if (b->adapters && (b->adapters->n_layers != c->n_layers || b->adapters->n_slots < 1))
         return qlr_errorf(QLR_ERR_INVALID, "adapter set made for %d layers (the model has %d)",
                           b->adapters->n_layers, c->n_layers);
@@ -274,7 +328,7 @@ static qlr_status set_adapters(qlr_forward *f, const qlr_batch *b, qlr_batch_dev
 
 /* What the host knows of a device batch (sizes, the cache's and the set's model). */
 static qlr_status check_batch_dev(const qlr_forward *f, const qlr_kv_cache *kv,
-                                  const qlr_batch_dev *b) {
+                                  const qlr_kv_paged *kvp, const qlr_batch_dev *b) {
     const qlr_model_config *c = &f->m->cfg;
     if (b->n < 1 || b->n > f->max_tokens)
         return qlr_errorf(QLR_ERR_RANGE, "batch of %d tokens (workspace holds 1..%d)", b->n,
@@ -282,8 +336,7 @@ static qlr_status check_batch_dev(const qlr_forward *f, const qlr_kv_cache *kv,
     if (b->n_logits < 0 || b->n_logits > f->max_logits || b->n_logits > b->n)
         return qlr_errorf(QLR_ERR_RANGE, "%d logits rows requested (workspace holds %d, batch %d)",
                           b->n_logits, f->max_logits, b->n);
-    if (kv->n_layers != c->n_layers || kv->n_kv != c->n_kv_heads || kv->head_dim != c->head_dim)
-        return qlr_errorf(QLR_ERR_INVALID, "KV cache was made for another model");
+    QLR_TRY(check_cache(c, kv, kvp));
     if (!b->adapters) return QLR_OK;
     if (b->adapters->n_layers != c->n_layers || b->adapters->n_slots < 1)
         return qlr_errorf(QLR_ERR_INVALID, "adapter set made for %d layers (the model has %d)",
@@ -296,12 +349,22 @@ static qlr_status check_batch_dev(const qlr_forward *f, const qlr_kv_cache *kv,
     return QLR_OK;
 }
 
-qlr_status qlr_model_forward_dev(qlr_forward *f, qlr_kv_cache *kv, const qlr_batch_dev *b,
-                                 float **logits) {
+/* Where a paged forward stores and reads K/V: the pool, each token's pool row (slot [n] device)
+ * and the block tables already on the device (kvp->table, rows of `width`). */
+typedef struct paged_view {
+    qlr_kv_paged *kvp;
+    const int32_t *slot;
+    int32_t width;
+} paged_view;
+
+/* The forward over the contiguous cache kv, or over the paged cache of pv when kv is NULL. */
+static qlr_status forward_dev(qlr_forward *f, qlr_kv_cache *kv, const paged_view *pv,
+                              const qlr_batch_dev *b, float **logits) {
     qlr_model *m = f->m;
     qlr_backend *be = m->be;
     const qlr_model_config *c = &m->cfg;
-    QLR_TRY(check_batch_dev(f, kv, b));
+    qlr_kv_paged *kvp = kv ? NULL : pv->kvp;
+    QLR_TRY(check_batch_dev(f, kv, kvp, b));
     int64_t n = b->n, d = c->d_model, nh = c->n_heads, nkv = c->n_kv_heads, hd = c->head_dim;
     const int32_t *ids = b->tokens, *pos = b->pos, *seq = b->seq;
     void *x = f->buf[B_X], *xn = f->buf[B_XN], *q = f->buf[B_Q], *k = f->buf[B_K], *v = f->buf[B_V],
@@ -317,6 +380,9 @@ qlr_status qlr_model_forward_dev(qlr_forward *f, qlr_kv_cache *kv, const qlr_bat
      * hidden-state callback the residual add of a layer's MLP is deferred into the next layer's
      * add_rmsnorm (`pending`). */
     const qlr_backend_ops *op = f->debug ? &f->debug_ops : &be->ops;
+    if (kvp && (!op->kv_store_paged || !op->attention_paged))
+        return qlr_errorf(QLR_ERR_UNSUPPORTED, "the %s backend has no paged KV cache ops",
+                          be->name);
     void *pending = NULL;
     /* A fresh prefill longer than 64 tokens goes through attention_fresh when the backend has it
      * (k/v are still stored into the cache for later steps); on QLR_ERR_UNSUPPORTED the error is
@@ -339,7 +405,12 @@ qlr_status qlr_model_forward_dev(qlr_forward *f, qlr_kv_cache *kv, const qlr_bat
             QLR_TRY(linear(f, l, QLR_LIN_K, k, xn, n));
             QLR_TRY(linear(f, l, QLR_LIN_V, v, xn, n));
         }
-        if (op->rope_kv_store) {
+        if (kvp) {
+            QLR_TRY(op->rope(be, q, pos, m->inv_freq, n, nh, hd));
+            QLR_TRY(op->rope(be, k, pos, m->inv_freq, n, nkv, hd));
+            QLR_TRY(op->kv_store_paged(be, kvp->k[l], kvp->v[l], k, v, pv->slot, n, nkv, hd,
+                                       (int64_t)kvp->n_blocks * kvp->block));
+        } else if (op->rope_kv_store) {
             QLR_TRY(op->rope_kv_store(be, q, k, v, kv->k[l], kv->v[l], seq, pos, m->inv_freq, n, nh,
                                       nkv, hd, kv->ctx));
         } else {
@@ -357,7 +428,10 @@ qlr_status qlr_model_forward_dev(qlr_forward *f, qlr_kv_cache *kv, const qlr_bat
                 QLR_TRY(ast);
             }
         }
-        if (ast == QLR_ERR_UNSUPPORTED)
+        if (ast == QLR_ERR_UNSUPPORTED && kvp)
+            QLR_TRY(op->attention_paged(be, att, q, kvp->k[l], kvp->v[l], kvp->table, pv->width,
+                                        kvp->block, seq, pos, n, nh, nkv, hd, scale));
+        else if (ast == QLR_ERR_UNSUPPORTED)
             QLR_TRY(op->attention(be, att, q, kv->k[l], kv->v[l], seq, pos, n, nh, nkv, hd,
                                   kv->ctx, scale));
         QLR_TRY(linear(f, l, QLR_LIN_O, o, att, n));
@@ -412,10 +486,17 @@ qlr_status qlr_model_forward_dev(qlr_forward *f, qlr_kv_cache *kv, const qlr_bat
     return op->lm_head(be, *logits, xl, m->lm_head, nl, d, c->n_vocab);
 }
 
-qlr_status qlr_model_forward(qlr_forward *f, qlr_kv_cache *kv, const qlr_batch *b,
-                             float **logits) {
+qlr_status qlr_model_forward_dev(qlr_forward *f, qlr_kv_cache *kv, const qlr_batch_dev *b,
+                                 float **logits) {
+    return forward_dev(f, kv, NULL, b, logits);
+}
+
+/* A host batch over the contiguous cache kv, or the paged cache kvp with tables bt: validated,
+ * copied into the workspace, then forward_dev. */
+static qlr_status forward_host(qlr_forward *f, qlr_kv_cache *kv, qlr_kv_paged *kvp,
+                               const qlr_batch *b, const qlr_block_table *bt, float **logits) {
     qlr_backend *be = f->m->be;
-    QLR_TRY(check_batch(f, kv, b));
+    QLR_TRY(check_batch(f, kv, kvp, b, bt));
     size_t bytes = (size_t)b->n * 4;
     qlr_batch_dev d = {b->n, f->buf[B_IDS], f->buf[B_POS], f->buf[B_SEQ], b->n_logits, NULL,
                        NULL, NULL, -1, fresh_prefill(b)};
@@ -427,7 +508,21 @@ qlr_status qlr_model_forward(qlr_forward *f, qlr_kv_cache *kv, const qlr_batch *
         d.logit_rows = f->buf[B_ROWS];
         QLR_TRY(be->mem.h2d(be, f->buf[B_ROWS], b->logit_rows, (size_t)b->n_logits * 4));
     }
-    return qlr_model_forward_dev(f, kv, &d, logits);
+    if (!kvp) return forward_dev(f, kv, NULL, &d, logits);
+    paged_view pv = {kvp, f->buf[B_KVSLOT], bt->width};
+    QLR_TRY(be->mem.h2d(be, f->buf[B_KVSLOT], f->kvslot_host, bytes));
+    QLR_TRY(be->mem.h2d(be, kvp->table, bt->ids, (size_t)bt->n_seqs * (size_t)bt->width * 4));
+    return forward_dev(f, NULL, &pv, &d, logits);
+}
+
+qlr_status qlr_model_forward(qlr_forward *f, qlr_kv_cache *kv, const qlr_batch *b,
+                             float **logits) {
+    return forward_host(f, kv, NULL, b, NULL, logits);
+}
+
+qlr_status qlr_model_forward_paged(qlr_forward *f, qlr_kv_paged *kv, const qlr_batch *b,
+                                   const qlr_block_table *bt, float **logits) {
+    return forward_host(f, NULL, kv, b, bt, logits);
 }
 
 /* ---- debug hooks ---- */
@@ -459,6 +554,18 @@ static qlr_status skip_attention(qlr_backend *be, void *out, const void *q, cons
                                  const void *v_cache, const int32_t *seq, const int32_t *pos,
                                  int64_t n, int64_t n_heads, int64_t n_kv, int64_t hd, int64_t ctx,
                                  float scale) {
+    return QLR_OK;
+}
+static qlr_status skip_kv_store_paged(qlr_backend *be, void *k_pool, void *v_pool, const void *k,
+                                      const void *v, const int32_t *slot, int64_t n, int64_t n_kv,
+                                      int64_t hd, int64_t n_rows) {
+    return QLR_OK;
+}
+static qlr_status skip_attention_paged(qlr_backend *be, void *out, const void *q, const void *kp,
+                                       const void *vp, const int32_t *btab, int64_t width,
+                                       int64_t block, const int32_t *seq, const int32_t *pos,
+                                       int64_t n, int64_t n_heads, int64_t n_kv, int64_t hd,
+                                       float scale) {
     return QLR_OK;
 }
 static qlr_status skip_attention_fresh(qlr_backend *be, void *out, const void *q, const void *k,
@@ -518,9 +625,11 @@ static void debug_ops_build(qlr_forward *f) {
     } while (0)
     SKIP_OP(QLR_FORWARD_SKIP_ATTENTION, attention, skip_attention);
     SKIP_OP(QLR_FORWARD_SKIP_ATTENTION, attention_fresh, skip_attention_fresh);
+    SKIP_OP(QLR_FORWARD_SKIP_ATTENTION, attention_paged, skip_attention_paged);
     SKIP_OP(QLR_FORWARD_SKIP_ROPE_KV, rope, skip_rope);
     SKIP_OP(QLR_FORWARD_SKIP_ROPE_KV, kv_store, skip_kv_store);
     SKIP_OP(QLR_FORWARD_SKIP_ROPE_KV, rope_kv_store, skip_rope_kv_store);
+    SKIP_OP(QLR_FORWARD_SKIP_ROPE_KV, kv_store_paged, skip_kv_store_paged);
     SKIP_OP(QLR_FORWARD_SKIP_NORMS, rmsnorm, skip_rmsnorm);
     SKIP_OP(QLR_FORWARD_SKIP_NORMS, add_rmsnorm, skip_add_rmsnorm);
     SKIP_OP(QLR_FORWARD_SKIP_DOWN, swiglu, skip_swiglu);

@@ -120,7 +120,8 @@ grep -E "Test +#|tests passed|FAIL|left out" "$OUT/ctest_gpu.log" | head -40
 if [ "${QLR_GPU_SANITIZE:-1}" != 0 ] && command -v compute-sanitizer > /dev/null; then
   : > "$OUT/sanitizer.log"
   # each entry: a test binary and its arguments (test_cuda_varlen --sanitize: its small cases)
-  for t in test_cuda_attention test_cuda_forward test_cuda_train "test_cuda_varlen --sanitize"; do
+  for t in test_cuda_attention test_cuda_forward test_cuda_train "test_cuda_varlen --sanitize" \
+           "test_cuda_paged --quick"; do
     read -r -a cmd <<< "$t"
     echo "== compute-sanitizer memcheck: $t ==" | tee -a "$OUT/sanitizer.log"
     timeout 200 compute-sanitizer --tool memcheck "$BUILD/tests/gpu/${cmd[0]}" "${cmd[@]:1}" \
@@ -129,7 +130,7 @@ if [ "${QLR_GPU_SANITIZE:-1}" != 0 ] && command -v compute-sanitizer > /dev/null
   done
   grep -E "ERROR SUMMARY|passed, " "$OUT/sanitizer.log" | tail -8
   # shared-memory races in the attention kernels (a missing barrier was found this way)
-  for t in test_cuda_attention "test_cuda_varlen --sanitize"; do
+  for t in test_cuda_attention "test_cuda_varlen --sanitize" "test_cuda_paged --quick"; do
     read -r -a cmd <<< "$t"
     echo "== compute-sanitizer racecheck: $t ==" | tee -a "$OUT/sanitizer.log"
     timeout 300 compute-sanitizer --tool racecheck --error-exitcode 3 \

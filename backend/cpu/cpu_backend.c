@@ -115,6 +115,8 @@ qlr_status qlr_backend_cpu_create(int n_threads, qlr_backend **out) {
     o->scale_f32 = qlr_cpu_scale_f32;
     o->f32_to_act = qlr_cpu_f32_to_act;
     o->nf4_lm_head = qlr_cpu_nf4_lm_head;
+    o->kv_store_paged = qlr_cpu_kv_store_paged;
+    o->attention_paged = qlr_cpu_attention_paged;
     *out = be;
     return QLR_OK;
 }

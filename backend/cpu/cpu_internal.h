@@ -61,6 +61,14 @@ qlr_status qlr_cpu_attention_bwd(qlr_backend *be, void *dq, void *dk_cache, void
                                  const int32_t *seq, const int32_t *pos, int64_t n,
                                  int64_t n_heads, int64_t n_kv, int64_t hd, int64_t ctx,
                                  float scale);
+qlr_status qlr_cpu_kv_store_paged(qlr_backend *be, void *k_pool, void *v_pool, const void *k,
+                                  const void *v, const int32_t *slot, int64_t n, int64_t n_kv,
+                                  int64_t hd, int64_t n_rows);
+qlr_status qlr_cpu_attention_paged(qlr_backend *be, void *out, const void *q, const void *k_pool,
+                                   const void *v_pool, const int32_t *block_table, int64_t width,
+                                   int64_t block, const int32_t *seq, const int32_t *pos,
+                                   int64_t n, int64_t n_heads, int64_t n_kv, int64_t hd,
+                                   float scale);
 
 /* ops_linear.c */
 qlr_status qlr_cpu_nf4_linear(qlr_backend *be, void *y, const void *x, const qlr_nf4 *w,

@@ -319,6 +319,8 @@ extern "C" qlr_status qlr_backend_cuda_create(int n_threads, qlr_backend **out) 
     o->scale_f32 = qlr_cuda_scale_f32;
     o->f32_to_act = qlr_cuda_f32_to_act;
     o->nf4_lm_head = qlr_cuda_nf4_lm_head;
+    o->kv_store_paged = qlr_cuda_kv_store_paged;
+    o->attention_paged = qlr_cuda_attention_paged;
     const char *sdpa = getenv("QLR_CUDA_SDPA");
     if (!sdpa || atoi(sdpa) != 0) {
         o->attention_fresh = cu_attention_fresh;

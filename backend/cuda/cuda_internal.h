@@ -153,6 +153,14 @@ qlr_status qlr_cuda_attention(qlr_backend *be, void *out, const void *q, const v
                               const void *v_cache, const int32_t *seq, const int32_t *pos,
                               int64_t n, int64_t n_heads, int64_t n_kv, int64_t hd, int64_t ctx,
                               float scale);
+qlr_status qlr_cuda_kv_store_paged(qlr_backend *be, void *k_pool, void *v_pool, const void *k,
+                                   const void *v, const int32_t *slot, int64_t n, int64_t n_kv,
+                                   int64_t hd, int64_t n_rows);
+qlr_status qlr_cuda_attention_paged(qlr_backend *be, void *out, const void *q, const void *k_pool,
+                                    const void *v_pool, const int32_t *block_table, int64_t width,
+                                    int64_t block, const int32_t *seq, const int32_t *pos,
+                                    int64_t n, int64_t n_heads, int64_t n_kv, int64_t hd,
+                                    float scale);
 qlr_status qlr_cuda_swiglu(qlr_backend *be, void *out, const void *gate, const void *up, int64_t n);
 qlr_status qlr_cuda_swiglu_bwd(qlr_backend *be, void *dgate, void *dup, const void *dout,
                                const void *gate, const void *up, int64_t n);
