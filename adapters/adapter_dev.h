@@ -71,4 +71,20 @@ void qlr_adapter_slots_put(qlr_adapter_slots *t, int32_t s, const qlr_lora_dev *
 qlr_status qlr_adapter_slots_commit(qlr_adapter_slots *t, int32_t n_slots,
                                     const qlr_adapter_set **set);
 
+/* ---- one adapter as a one-slot set (`qlora generate --adapter`, `qlora eval`) ---- */
+
+typedef struct qlr_adapter_one {
+    qlr_lora *lora;
+    qlr_lora_dev *dev;
+    qlr_adapter_slots *slots;
+    const qlr_adapter_set *set;   /* slot 0 = the adapter times `scale` */
+} qlr_adapter_one;
+
+/* Loads the adapter at `path` (qlr_lora_load: GGUF LoRA, PEFT folder or run folder) for model
+ * `m` (refused, naming the mismatch, when made for another base) and makes its one-slot set.
+ * *a zeroed on failure. */
+qlr_status qlr_adapter_one_load(qlr_model *m, const char *path, float scale, qlr_adapter_one *a);
+/* Frees everything; safe on a zeroed struct. */
+void qlr_adapter_one_free(qlr_adapter_one *a);
+
 #endif

@@ -140,21 +140,4 @@ void qlr_lora_print(const qlr_lora *l, FILE *out);
 #define QLR_RUN_ADAPTER_DIR "adapter"          /* <output_dir>/adapter/: final adapter, PEFT */
 #define QLR_RUN_CHECKPOINT_PREFIX "checkpoint-" /* <output_dir>/checkpoint-N/adapter/ */
 
-/* ---- internal helpers shared by lora_gguf.c / lora_peft.c (not for other modules) ---- */
-
-/* Allocates an adapter with the given layer count and per-(layer, module) presence/shape
- * (shapes[layer*7+id] = {out, in}, 0 = absent); tensors zeroed. */
-qlr_status qlr_lora_alloc_(const qlr_lora_base *base, int32_t n_layers, int32_t r,
-                           const int32_t (*shapes)[2], qlr_lora **out);
-/* Sets the hyper-parameters and derived scale/targets after allocation. */
-void qlr_lora_finish_(qlr_lora *l, double alpha, double dropout, int use_rslora);
-/* Fills base fields that are 0/"" in l->base from `base` after a successful check. */
-void qlr_lora_adopt_base_(qlr_lora *l, const qlr_lora_base *base);
-
-/* check_base with tensor names in GGUF (peft 0) or PEFT (peft 1) naming. */
-qlr_status qlr_lora_check_base_(const qlr_lora *l, const qlr_lora_base *base, const char *src, int peft);
-/* "blk.3.attn_q.weight.lora_b" or "base_model.model.model.layers.3.self_attn.q_proj.lora_B.weight"
- * (half 0 = A, 1 = B). */
-void qlr_lora_tensor_name_(char *buf, size_t n, int peft, int32_t layer, qlr_linear_id id, int half);
-
 #endif

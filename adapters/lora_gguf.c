@@ -8,7 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "adapters/lora.h"
+#include "adapters/lora_internal.h"
 #include "core/core.h"
 #include "formats/gguf.h"
 

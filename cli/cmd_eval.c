@@ -25,6 +25,8 @@ static void usage(FILE *f) {
             "  --data FILE      evaluate on every example of FILE (the first dataset's format)\n"
             "                   instead of the validation split\n"
             "  --show K         print up to K mismatches per model (default 3)\n"
+            "  --answers FILE   write every greedy answer as JSONL (model, source, line,\n"
+            "                   reference, answer, exact)\n"
             "  --set key=value  override a recipe key, as for qlora train\n"
             "  -t, --threads N  CPU threads (default: all cores)\n"
             "  -q, --quiet      no progress bars\n\n"
@@ -56,6 +58,7 @@ static int cmd_eval(int argc, char **argv) {
         else if (!strcmp(a, "--base")) base_only = 1;
         else if (!strcmp(a, "--adapter-only")) adapter_only = 1;
         else if (!strcmp(a, "--data")) { NEED_VALUE(); e.data_path = argv[++i]; }
+        else if (!strcmp(a, "--answers")) { NEED_VALUE(); e.answers_path = argv[++i]; }
         else if (!strcmp(a, "--set")) { NEED_VALUE(); sets[n_sets++] = argv[++i]; }
         else if (!strcmp(a, "-n") || !strcmp(a, "--show") || !strcmp(a, "-t") || !strcmp(a, "--threads")) {
             NEED_VALUE();

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "adapters/adapter_dev.h"
 #include "backend/backend.h"
 #include "cli/cli.h"
 #include "core/core.h"
@@ -15,9 +16,13 @@
 
 static void help(void) {
     printf("usage: qlora generate -m MODEL -p PROMPT [options]\n\n"
-           "Generates text with a base model (GGUF file) loaded into the NF4 store.\n\n"
+           "Generates text with a base model (GGUF file or HF folder) loaded into the NF4 store,\n"
+           "optionally with a LoRA adapter.\n\n"
            "  -m, --model PATH     model .gguf (default: the demo model)\n"
            "  -p, --prompt TEXT    prompt text\n"
+           "      --adapter PATH   apply a LoRA adapter: a GGUF LoRA, a PEFT folder or a\n"
+           "                       training run's output_dir (its final adapter)\n"
+           "      --adapter-scale S  multiply the adapter's effect (default 1)\n"
            "      --chat           render the prompt as a user message with the model's chat\n"
            "                       template; stop at end of turn\n"
            "  -s, --system TEXT    system message (with --chat)\n"
@@ -66,10 +71,12 @@ static int cmd_generate(int argc, char **argv) {
         help();
         return 0;
     }
-    const char *model = NULL, *prompt = NULL, *system = NULL, *device = "cpu";
+    const char *model = NULL, *prompt = NULL, *system = NULL, *device = "cpu", *adapter = NULL;
     int chat = 0, quiet = 0;
     double n_predict = 128, temp = 0, top_k = 40, top_p = 0.95, seed = 0, ctx = 0, threads = 0;
+    double adapter_scale = 1;
     static const char *valued[] = {"-m", "--model", "-p", "--prompt", "-s", "--system", "--device",
+                                   "--adapter", "--adapter-scale",
                                    "-n", "--n-predict", "--temp", "--top-k", "--top-p", "--seed",
                                    "--ctx", "-t", "--threads", NULL};
     for (int i = 1; i < argc; i++) {
@@ -86,6 +93,10 @@ static int cmd_generate(int argc, char **argv) {
         else if (IS("-p", "--prompt")) prompt = v;
         else if (IS("-s", "--system")) system = v;
         else if (IS("--device", "--device")) device = v;
+        else if (IS("--adapter", "--adapter")) adapter = v;
+        else if (IS("--adapter-scale", "--adapter-scale")) {
+            if (!parse_num(cmd, a, v, -100, 100, &adapter_scale)) return 2;
+        }
         else if (IS("-n", "--n-predict")) { if (!parse_num(cmd, a, v, 0, 1 << 20, &n_predict)) return 2; }
         else if (IS("--temp", "--temp")) { if (!parse_num(cmd, a, v, 0, 100, &temp)) return 2; }
         else if (IS("--top-k", "--top-k")) { if (!parse_num(cmd, a, v, 0, 1 << 24, &top_k)) return 2; }
@@ -98,6 +109,7 @@ static int cmd_generate(int argc, char **argv) {
     if (!prompt) return qlr_cli_usage_error(cmd, "-p PROMPT is required");
     if (!model) model = qlr_cli_demo_model();
     if (system && !chat) return qlr_cli_usage_error(cmd, "--system needs --chat");
+    if (adapter_scale != 1 && !adapter) return qlr_cli_usage_error(cmd, "--adapter-scale needs --adapter");
 
     qlr_backend *be = NULL;
     qlr_tokenizer *tok = NULL;
@@ -107,6 +119,8 @@ static int cmd_generate(int argc, char **argv) {
     qlr_kv_cache *kv = NULL;
     qlr_forward *fw = NULL;
     qlr_tokens ids = {0};
+    qlr_adapter_one ad;
+    memset(&ad, 0, sizeof ad);
     int rc = 1;
     if (qlr_backend_create(device, (int)threads, &be) != QLR_OK) goto done;
     if ((qlr_is_dir(model) ? qlr_tokenizer_load_hf(model, &tok) : qlr_tokenizer_open_gguf(model, &tok)) != QLR_OK)
@@ -141,6 +155,13 @@ static int cmd_generate(int argc, char **argv) {
                    qlr_tokenizer_n_vocab(tok), m->cfg.n_vocab);
         goto done;
     }
+    if (adapter) {
+        if (qlr_adapter_one_load(m, adapter, (float)adapter_scale, &ad) != QLR_OK) goto done;
+        if (!quiet) {
+            fprintf(stderr, "adapter %s: ", adapter);
+            qlr_lora_print(ad.lora, stderr);
+        }
+    }
     int32_t n_ctx = ctx > 0 ? (int32_t)ctx : (int32_t)ids.n + (int32_t)n_predict;
     if (n_ctx > m->cfg.ctx_train)
         QLR_LOGW("context %d is longer than the model was trained for (%d)", n_ctx, m->cfg.ctx_train);
@@ -166,6 +187,7 @@ static int cmd_generate(int argc, char **argv) {
         if (cand[i] >= 0 && (ns == 0 || stops[ns - 1] != cand[i])) stops[ns++] = cand[i];
     gp.stop_ids = stops;
     gp.n_stop = ns;
+    gp.adapters = ad.set;
     stream_ctx sc;
     memset(&sc, 0, sizeof sc);
     sc.tok = tok;
@@ -188,6 +210,7 @@ done:
     qlr_tokens_free(&ids);
     qlr_forward_free(fw);
     qlr_kv_cache_free(kv);
+    qlr_adapter_one_free(&ad);
     qlr_model_free(m);
     qlr_chat_render_free(&rendered);
     qlr_chat_template_free(tmpl);
@@ -196,5 +219,5 @@ done:
     return rc;
 }
 
-const qlr_cli_cmd qlr_cmd_generate = {"generate", "generate text with a base model (streams tokens)",
+const qlr_cli_cmd qlr_cmd_generate = {"generate", "generate text with a base model and an optional adapter",
                                       cmd_generate};

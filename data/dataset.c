@@ -18,7 +18,7 @@
 #include <zlib.h>
 
 #include "core/core.h"
-#include "data/pack.h"
+#include "data/rng.h"
 #include "formats/json.h"
 
 static const char *const g_format_names[QLR_DATA_FORMAT_COUNT] = {

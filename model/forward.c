@@ -63,7 +63,7 @@ void qlr_kv_cache_free(qlr_kv_cache *kv) {
 /* ---- workspace plan ---- */
 
 enum { B_X, B_XN, B_Q, B_K, B_V, B_ATT, B_O, B_GATE, B_UP, B_XL, B_LOGITS, B_IDS, B_POS, B_SEQ,
-       B_ROWS, B_COUNT };
+       B_ROWS, B_SLOT, B_COUNT };
 
 struct qlr_forward {
     qlr_model *m;
@@ -74,6 +74,10 @@ struct qlr_forward {
     qlr_hidden_fn hidden_fn;
     void *hidden_ud;
     int32_t *rows_host; /* [max_logits] */
+    int32_t *slot_host; /* [max_tokens] */
+    /* adapters of the current call */
+    const qlr_adapter_set *set;
+    int32_t uniform;    /* the slot every token uses, or -1 when they differ */
 };
 
 /* Bytes of each workspace buffer, aligned to 256. */
@@ -94,6 +98,7 @@ static void plan(const qlr_model_config *c, qlr_backend *be, int32_t T, int32_t 
     sz[B_LOGITS] = (uint64_t)L * c->n_vocab * 4;
     sz[B_IDS] = sz[B_POS] = sz[B_SEQ] = (uint64_t)T * 4;
     sz[B_ROWS] = (uint64_t)L * 4;
+    sz[B_SLOT] = (uint64_t)T * 4;
     for (int i = 0; i < B_COUNT; i++) sz[i] = (sz[i] + 255) & ~255ull;
 }
 
@@ -120,7 +125,8 @@ qlr_status qlr_forward_create(qlr_model *m, int32_t max_tokens, int32_t max_logi
     f->bytes = qlr_forward_plan_bytes(&m->cfg, m->be, max_tokens, max_logits);
     f->block = m->be->mem.alloc(m->be, (size_t)f->bytes);
     f->rows_host = malloc((size_t)max_logits * 4);
-    if (!f->block || !f->rows_host) {
+    f->slot_host = malloc((size_t)max_tokens * 4);
+    if (!f->block || !f->rows_host || !f->slot_host) {
         qlr_status st = f->block ? qlr_errorf(QLR_ERR_NOMEM, "forward") : qlr_error_status();
         qlr_error_prefix("forward workspace of %.1f MiB", (double)f->bytes / (1 << 20));
         qlr_forward_free(f);
@@ -139,6 +145,7 @@ void qlr_forward_free(qlr_forward *f) {
     if (!f) return;
     if (f->block) f->m->be->mem.free(f->m->be, f->block);
     free(f->rows_host);
+    free(f->slot_host);
     free(f);
 }
 
@@ -170,6 +177,14 @@ static qlr_status check_batch(const qlr_forward *f, const qlr_kv_cache *kv, cons
             return qlr_errorf(QLR_ERR_RANGE, "token %d of the batch: sequence %d is outside the "
                               "cache (0..%d)", i, b->seq[i], kv->n_seq - 1);
     }
+    if (b->adapters && (b->adapters->n_layers != c->n_layers || b->adapters->n_slots < 1))
+        return qlr_errorf(QLR_ERR_INVALID, "adapter set made for %d layers (the model has %d)",
+                          b->adapters->n_layers, c->n_layers);
+    if (b->adapters && b->adapter_slot)
+        for (int32_t i = 0; i < b->n; i++)
+            if (b->adapter_slot[i] < -1 || b->adapter_slot[i] >= b->adapters->n_slots)
+                return qlr_errorf(QLR_ERR_RANGE, "token %d of the batch: adapter slot %d is outside "
+                                  "-1..%d", i, b->adapter_slot[i], b->adapters->n_slots - 1);
     if (b->logit_rows)
         for (int32_t i = 0; i < b->n_logits; i++)
             if (b->logit_rows[i] < 0 || b->logit_rows[i] >= b->n)
@@ -186,12 +201,62 @@ static int fresh_prefill(const qlr_batch *b) {
     return 1;
 }
 
-static qlr_status linear(qlr_backend *be, const qlr_layer *L, qlr_linear_id id, void *y,
-                         const void *x, int64_t n) {
-    QLR_TRY(be->ops.nf4_linear(be, y, x, &L->w[id], L->bias[id], n));
-    if (L->lora[id])
-        QLR_TRY(be->ops.lora(be, y, x, L->lora[id], n, L->w[id].cols, L->w[id].rows));
-    return QLR_OK;
+/* 1 when some slot of the call's set adapts linear `id` of layer `l`. */
+static int adapted(const qlr_forward *f, int32_t l, qlr_linear_id id) {
+    const qlr_adapter_set *s = f->set;
+    if (!s || l >= s->n_layers) return 0;
+    const qlr_lora_ref *row = &s->host[((int64_t)l * QLR_LIN_COUNT + id) * s->n_slots];
+    if (f->uniform >= 0) return row[f->uniform].r > 0;
+    for (int32_t i = 0; i < s->n_slots; i++)
+        if (row[i].r > 0) return 1;
+    return 0;
+}
+
+/* y [n, out] += each token's adapter on linear (l, id) of input x [n, in]. */
+static qlr_status lora(qlr_forward *f, int32_t l, qlr_linear_id id, void *y, const void *x,
+                       int64_t n) {
+    if (!adapted(f, l, id)) return QLR_OK;
+    qlr_backend *be = f->m->be;
+    const qlr_nf4 *w = &f->m->layers[l].w[id];
+    const qlr_adapter_set *s = f->set;
+    int64_t row = ((int64_t)l * QLR_LIN_COUNT + id) * s->n_slots;
+    if (!be->ops.lora_batched) { /* until every backend has the batched op */
+        if (f->uniform < 0)
+            return qlr_errorf(QLR_ERR_UNSUPPORTED, "the %s backend cannot apply different "
+                              "adapters in one batch yet (no lora_batched op)", be->name);
+        return be->ops.lora(be, y, x, &s->host[row + f->uniform], n, w->cols, w->rows);
+    }
+    return be->ops.lora_batched(be, y, x, s->dev + row, s->host + row, s->n_slots,
+                                f->buf[B_SLOT], s->max_r, f->uniform, n, w->cols, w->rows);
+}
+
+static qlr_status linear(qlr_forward *f, int32_t l, qlr_linear_id id, void *y, const void *x,
+                         int64_t n) {
+    const qlr_layer *L = &f->m->layers[l];
+    QLR_TRY(f->m->be->ops.nf4_linear(f->m->be, y, x, &L->w[id], L->bias[id], n));
+    return lora(f, l, id, y, x, n);
+}
+
+/* Uploads the batch's adapter slots (when it has a set) and notes whether they are uniform. */
+static qlr_status set_adapters(qlr_forward *f, const qlr_batch *b) {
+    const qlr_adapter_set *s = b->adapters;
+    f->set = NULL;
+    f->uniform = -1;
+    if (!s) return QLR_OK;
+    int32_t u = b->adapter_slot ? b->adapter_slot[0] : 0;
+    for (int32_t i = 0; i < b->n; i++) {
+        int32_t v = b->adapter_slot ? b->adapter_slot[i] : 0;
+        f->slot_host[i] = v >= 0 && v < s->n_slots ? v : -1;
+        if (f->slot_host[i] != u) u = -1;
+    }
+    if (u == -1 && f->slot_host[0] == -1) {
+        int any = 0;
+        for (int32_t i = 0; i < b->n && !any; i++) any = f->slot_host[i] >= 0;
+        if (!any) return QLR_OK; /* every token runs the base model */
+    }
+    f->set = s;
+    f->uniform = u;
+    return f->m->be->mem.h2d(f->m->be, f->buf[B_SLOT], f->slot_host, (size_t)b->n * 4);
 }
 
 qlr_status qlr_model_forward(qlr_forward *f, qlr_kv_cache *kv, const qlr_batch *b,
@@ -207,6 +272,7 @@ qlr_status qlr_model_forward(qlr_forward *f, qlr_kv_cache *kv, const qlr_batch *
     QLR_TRY(be->mem.h2d(be, ids, b->tokens, (size_t)n * 4));
     QLR_TRY(be->mem.h2d(be, pos, b->pos, (size_t)n * 4));
     QLR_TRY(be->mem.h2d(be, seq, b->seq, (size_t)n * 4));
+    QLR_TRY(set_adapters(f, b));
 
     QLR_TRY(be->ops.embedding(be, x, m->tok_embd, ids, n, d, c->n_vocab));
     if (f->hidden_fn) f->hidden_fn(f->hidden_ud, -1, x, n, d);
@@ -231,14 +297,11 @@ qlr_status qlr_model_forward(qlr_forward *f, qlr_kv_cache *kv, const qlr_batch *
             const qlr_nf4 *ws[3] = {&L->w[QLR_LIN_Q], &L->w[QLR_LIN_K], &L->w[QLR_LIN_V]};
             const float *bs[3] = {L->bias[QLR_LIN_Q], L->bias[QLR_LIN_K], L->bias[QLR_LIN_V]};
             QLR_TRY(op->nf4_linear_multi(be, 3, ys, xn, ws, bs, n));
-            for (int i = 0; i < 3; i++)
-                if (L->lora[QLR_LIN_Q + i])
-                    QLR_TRY(op->lora(be, ys[i], xn, L->lora[QLR_LIN_Q + i], n, ws[i]->cols,
-                                     ws[i]->rows));
+            for (int i = 0; i < 3; i++) QLR_TRY(lora(f, l, (qlr_linear_id)(QLR_LIN_Q + i), ys[i], xn, n));
         } else {
-            QLR_TRY(linear(be, L, QLR_LIN_Q, q, xn, n));
-            QLR_TRY(linear(be, L, QLR_LIN_K, k, xn, n));
-            QLR_TRY(linear(be, L, QLR_LIN_V, v, xn, n));
+            QLR_TRY(linear(f, l, QLR_LIN_Q, q, xn, n));
+            QLR_TRY(linear(f, l, QLR_LIN_K, k, xn, n));
+            QLR_TRY(linear(f, l, QLR_LIN_V, v, xn, n));
         }
         if (op->rope_kv_store) {
             QLR_TRY(op->rope_kv_store(be, q, k, v, kv->k[l], kv->v[l], seq, pos, m->inv_freq, n, nh,
@@ -261,7 +324,7 @@ qlr_status qlr_model_forward(qlr_forward *f, qlr_kv_cache *kv, const qlr_batch *
         if (ast == QLR_ERR_UNSUPPORTED)
             QLR_TRY(op->attention(be, att, q, kv->k[l], kv->v[l], seq, pos, n, nh, nkv, hd,
                                   kv->ctx, scale));
-        QLR_TRY(linear(be, L, QLR_LIN_O, o, att, n));
+        QLR_TRY(linear(f, l, QLR_LIN_O, o, att, n));
         if (op->add_rmsnorm) {
             QLR_TRY(op->add_rmsnorm(be, x, xn, o, L->ffn_norm, n, d, c->rms_eps));
         } else {
@@ -274,19 +337,17 @@ qlr_status qlr_model_forward(qlr_forward *f, qlr_kv_cache *kv, const qlr_batch *
             const float *bs[2] = {L->bias[QLR_LIN_GATE], L->bias[QLR_LIN_UP]};
             QLR_TRY(op->nf4_linear_multi(be, 2, ys, xn, ws, bs, n));
             for (int i = 0; i < 2; i++)
-                if (L->lora[QLR_LIN_GATE + i])
-                    QLR_TRY(op->lora(be, ys[i], xn, L->lora[QLR_LIN_GATE + i], n, ws[i]->cols,
-                                     ws[i]->rows));
+                QLR_TRY(lora(f, l, (qlr_linear_id)(QLR_LIN_GATE + i), ys[i], xn, n));
         } else {
-            QLR_TRY(linear(be, L, QLR_LIN_GATE, gate, xn, n));
-            QLR_TRY(linear(be, L, QLR_LIN_UP, up, xn, n));
+            QLR_TRY(linear(f, l, QLR_LIN_GATE, gate, xn, n));
+            QLR_TRY(linear(f, l, QLR_LIN_UP, up, xn, n));
         }
-        if (op->swiglu_nf4_linear && !L->lora[QLR_LIN_DOWN]) {
+        if (op->swiglu_nf4_linear && !adapted(f, l, QLR_LIN_DOWN)) {
             QLR_TRY(op->swiglu_nf4_linear(be, o, gate, up, &L->w[QLR_LIN_DOWN],
                                           L->bias[QLR_LIN_DOWN], n));
         } else {
             QLR_TRY(op->swiglu(be, gate, gate, up, n * c->d_ff));
-            QLR_TRY(linear(be, L, QLR_LIN_DOWN, o, gate, n));
+            QLR_TRY(linear(f, l, QLR_LIN_DOWN, o, gate, n));
         }
         if (op->add_rmsnorm && !f->hidden_fn) {
             pending = o;
@@ -342,7 +403,8 @@ qlr_status qlr_generate(qlr_forward *f, qlr_kv_cache *kv, const int32_t *prompt,
         int32_t cnt = n_prompt - s < nb ? n_prompt - s : nb;
         for (int32_t i = 0; i < cnt; i++) pos[i] = s + i;
         int32_t last = cnt - 1;
-        qlr_batch b = {cnt, prompt + s, pos, seq, s + cnt == n_prompt ? 1 : 0, &last};
+        qlr_batch b = {cnt, prompt + s, pos, seq, s + cnt == n_prompt ? 1 : 0, &last,
+                       p->adapters, NULL};
         st = qlr_model_forward(f, kv, &b, &logits);
     }
     if (st == QLR_OK) st = be->mem.sync(be);
@@ -369,7 +431,7 @@ qlr_status qlr_generate(qlr_forward *f, qlr_kv_cache *kv, const int32_t *prompt,
             break;
         }
         int32_t zero = 0, p1 = cur;
-        qlr_batch b = {1, &id, &p1, &zero, 1, NULL};
+        qlr_batch b = {1, &id, &p1, &zero, 1, NULL, p->adapters, NULL};
         st = qlr_model_forward(f, kv, &b, &logits);
         cur++;
     }

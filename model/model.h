@@ -70,8 +70,6 @@ typedef struct qlr_layer {
     float *ffn_norm;               /* [d_model] f32, device */
     qlr_nf4 w[QLR_LIN_COUNT];      /* NF4 [out, in], device buffers */
     float *bias[QLR_LIN_COUNT];    /* [out] f32 device or NULL (q/k/v of qwen2) */
-    /* Going away (issue 11): the forward will take adapters from qlr_batch.adapters. */
-    const qlr_lora_ref *lora[QLR_LIN_COUNT];
 } qlr_layer;
 
 typedef struct qlr_model {
@@ -226,6 +224,7 @@ typedef struct qlr_generate_params {
     int32_t n_batch;          /* prompt tokens per forward (default 256) */
     const int32_t *stop_ids;  /* stop when one of these is sampled (not emitted) */
     int32_t n_stop;
+    const qlr_adapter_set *adapters; /* every token uses slot 0 of this set (NULL = base model) */
 } qlr_generate_params;
 
 qlr_generate_params qlr_generate_params_default(void);

@@ -6,18 +6,20 @@
 #include "train/eval.h"
 
 #include <ctype.h>
+#include <jansson.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <zlib.h>
 
+#include "adapters/adapter_dev.h"
 #include "adapters/lora.h"
 #include "backend/backend.h"
 #include "core/core.h"
 #include "data/dataset.h"
 #include "data/pack.h"
 #include "model/model.h"
-#include "model/train.h"
+#include "model/backprop.h"
 
 qlr_eval_opts qlr_eval_opts_default(void) {
     qlr_eval_opts e;
@@ -216,6 +218,8 @@ typedef struct evaluator {
     int32_t max_need;        /* longest prompt + answer budget */
     qlr_forward *fw;
     qlr_kv_cache *kv;
+    const qlr_adapter_set *set; /* the adapter being evaluated (NULL: the base model) */
+    json_t *answers;            /* --answers: array of answer objects (NULL when not asked) */
 } evaluator;
 
 static void evaluator_free(evaluator *v) {
@@ -334,7 +338,7 @@ static qlr_status eval_loss(evaluator *v, qlr_eval_scores *s) {
         qlr_train_batch tb = {n, tok, tgt, pos, seq, (int32_t)b.n_seqs};
         double ls;
         int64_t nt;
-        if ((st = qlr_train_eval(v->ctx, &tb, &ls, &nt))) break;
+        if ((st = qlr_train_eval(v->ctx, v->set, &tb, &ls, &nt))) break;
         sum += ls;
         cnt += nt;
     }
@@ -375,6 +379,7 @@ static qlr_status eval_exact(evaluator *v, const char *name, qlr_eval_scores *s,
         gp.stop_ids = stops;
         gp.n_stop = ns;
         gp.n_batch = 256;
+        gp.adapters = v->set;
         g.n = 0;
         qlr_generate_stats gs;
         if ((st = qlr_generate(v->fw, v->kv, it->prompt, it->n_prompt, &gp, on_token, &g, &gs))) break;
@@ -385,7 +390,20 @@ static qlr_status eval_exact(evaluator *v, const char *name, qlr_eval_scores *s,
         free(text);
         if (!got) { st = qlr_errorf(QLR_ERR_NOMEM, "out of memory"); break; }
         s->n_examples++;
-        if (!strcmp(got, it->reference)) s->n_exact++;
+        int exact = !strcmp(got, it->reference);
+        if (v->answers) {
+            json_t *j = json_object();
+            json_object_set_new(j, "model", json_string(name));
+            json_object_set_new(j, "source", json_string(v->e->data_path ? v->e->data_path
+                                                         : v->e->run->datasets[it->source].path));
+            json_object_set_new(j, "line", json_integer((json_int_t)it->line));
+            json_object_set_new(j, "reference", json_string(it->reference));
+            json_object_set_new(j, "answer", json_string(got));
+            json_object_set_new(j, "max_tokens", json_integer(gp.n_predict));
+            json_object_set_new(j, "exact", json_boolean(exact));
+            json_array_append_new(v->answers, j);
+        }
+        if (exact) s->n_exact++;
         else if (shown < v->e->n_show) {
             if (!shown) {
                 qlr_progress_clear_line();
@@ -405,6 +423,38 @@ static qlr_status eval_exact(evaluator *v, const char *name, qlr_eval_scores *s,
     }
     qlr_progress_end(bar);
     free(g.ids);
+    return st;
+}
+
+/* One JSON object per line, written atomically. */
+static qlr_status write_answers(const char *path, json_t *arr) {
+    size_t cap = 1 << 16, len = 0;
+    char *buf = malloc(cap);
+    for (size_t i = 0; buf && i < json_array_size(arr); i++) {
+        char *line = json_dumps(json_array_get(arr, i), JSON_COMPACT | JSON_PRESERVE_ORDER);
+        if (!line) {
+            free(buf);
+            return qlr_errorf(QLR_ERR_NOMEM, "out of memory");
+        }
+        size_t n = strlen(line);
+        if (len + n + 1 > cap) {
+            while (len + n + 1 > cap) cap *= 2;
+            char *nb = realloc(buf, cap);
+            if (!nb) {
+                free(line);
+                free(buf);
+                return qlr_errorf(QLR_ERR_NOMEM, "out of memory");
+            }
+            buf = nb;
+        }
+        memcpy(buf + len, line, n);
+        buf[len + n] = '\n';
+        len += n + 1;
+        free(line);
+    }
+    if (!buf) return qlr_errorf(QLR_ERR_NOMEM, "out of memory");
+    qlr_status st = qlr_write_atomic(path, buf, len);
+    free(buf);
     return st;
 }
 
@@ -430,9 +480,8 @@ qlr_status qlr_eval_run(const qlr_eval_opts *e, qlr_eval_scores *base_s, qlr_eva
     memset(&V, 0, sizeof V);
     evaluator *v = &V;
     v->e = e;
-    qlr_lora *lora = NULL;
-    qlr_train_lora_dev dev;
-    memset(&dev, 0, sizeof dev);
+    qlr_adapter_one ad;
+    memset(&ad, 0, sizeof ad);
     char *adapter_path = NULL;
     int is_gguf = 0;
     qlr_status st = QLR_OK;
@@ -470,12 +519,14 @@ qlr_status qlr_eval_run(const qlr_eval_opts *e, qlr_eval_scores *base_s, qlr_eva
     if ((st = qlr_forward_create(v->m, 256, 1, &v->fw))) goto done;
     fprintf(out, "eval: %zu validation examples (%s), %zu with an answer to match\n", v->n_val,
             e->data_path ? e->data_path : "the recipe's val_set_size split", v->n_items);
+    if (e->answers_path && !(v->answers = json_array())) {
+        st = qlr_errorf(QLR_ERR_NOMEM, "out of memory");
+        goto done;
+    }
     if (e->eval_base && (st = eval_model(v, "base", base_s, out))) goto done;
     if (adapter_path) {
-        qlr_lora_base lb;
-        qlr_lora_base_from_config(&v->m->cfg, &lb);
-        if ((st = qlr_lora_load(adapter_path, &lb, &lora))) goto done;
-        if ((st = qlr_train_lora_attach(v->m, lora, &dev))) goto done;
+        if ((st = qlr_adapter_one_load(v->m, adapter_path, 1.0f, &ad))) goto done;
+        v->set = ad.set;
         fprintf(out, "adapter: %s\n", adapter_path);
         if ((st = eval_model(v, "adapter", ad_s, out))) goto done;
     }
@@ -484,9 +535,11 @@ qlr_status qlr_eval_run(const qlr_eval_opts *e, qlr_eval_scores *base_s, qlr_eva
         fprintf(out, "exact match: base %.1f%% -> adapter %.1f%% (%+.1f points); loss %.4f -> %.4f\n", b, a, a - b,
                 base_s->loss, ad_s->loss);
     }
+    if (v->answers) st = write_answers(e->answers_path, v->answers);
 done:
-    qlr_train_lora_detach(&dev);
-    qlr_lora_free(lora);
+    json_decref(v->answers);
+    v->set = NULL;
+    qlr_adapter_one_free(&ad);
     free(adapter_path);
     evaluator_free(v);
     return st;

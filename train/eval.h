@@ -28,6 +28,9 @@ typedef struct qlr_eval_opts {
     const char *data_path;      /* NULL = the recipe's validation split; else every example of this file */
     int32_t n_examples;         /* > 0: only the first N validation examples (loss and exact match) */
     int32_t n_show;             /* mismatches to print per model (default 3) */
+    const char *answers_path;   /* NULL, or a JSONL file written (atomically) with one object per
+                                   example and model: model, source, line, reference, answer,
+                                   max_tokens (the generation budget), exact */
     int progress;               /* progress bar on stderr */
 } qlr_eval_opts;
 

@@ -19,13 +19,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "adapters/adapter_dev.h"
 #include "adapters/lora.h"
 #include "backend/backend.h"
 #include "core/core.h"
 #include "data/dataset.h"
 #include "data/pack.h"
 #include "model/model.h"
-#include "model/train.h"
+#include "model/backprop.h"
 #include "optim/optim.h"
 #include "train/checkpoint.h"
 
@@ -37,92 +38,6 @@ static void copy_str(char *dst, size_t cap, const char *src) {
     if (n >= cap) n = cap - 1;
     memcpy(dst, src, n);
     dst[n] = 0;
-}
-
-/* ------------------------------------------------------------------ LoRA compute copies */
-
-qlr_status qlr_train_lora_attach(qlr_model *m, const qlr_lora *l, qlr_train_lora_dev *d) {
-    memset(d, 0, sizeof *d);
-    qlr_lora_base base;
-    qlr_lora_base_from_config(&m->cfg, &base);
-    QLR_TRY(qlr_lora_check_base(l, &base, "adapter"));
-    qlr_backend *be = m->be;
-    int32_t nl = m->cfg.n_layers;
-    size_t nslots = (size_t)nl * QLR_LIN_COUNT;
-    d->model = m;
-    d->lora = l;
-    d->aliased = be->host_visible && be->act_dtype == QLR_F32;
-    d->a = calloc(nslots, sizeof *d->a);
-    d->b = calloc(nslots, sizeof *d->b);
-    qlr_lora_ref *refs = calloc(nslots, sizeof *refs);
-    d->refs = refs;
-    if (!d->a || !d->b || !refs) {
-        qlr_train_lora_detach(d);
-        return qlr_errorf(QLR_ERR_NOMEM, "out of memory");
-    }
-    size_t total = 0, esz = qlr_backend_act_size(be);
-    for (int32_t li = 0; li < nl && li < l->base.n_layers; li++)
-        for (int i = 0; i < QLR_LIN_COUNT; i++) {
-            const qlr_lora_module *mod = qlr_lora_get_const(l, li, (qlr_linear_id)i);
-            if (mod) total += ((size_t)l->r * (size_t)(mod->in + mod->out) * esz + 255) & ~(size_t)255;
-        }
-    if (!d->aliased && total) {
-        d->block = be->mem.alloc(be, total);
-        if (!d->block) {
-            qlr_train_lora_detach(d);
-            return qlr_error_prefix("LoRA compute copies (%zu bytes)", total);
-        }
-    }
-    size_t off = 0;
-    for (int32_t li = 0; li < nl; li++)
-        for (int i = 0; i < QLR_LIN_COUNT; i++) {
-            m->layers[li].lora[i] = NULL;
-            const qlr_lora_module *mod = li < l->base.n_layers ? qlr_lora_get_const(l, li, (qlr_linear_id)i) : NULL;
-            if (!mod) continue;
-            size_t k = (size_t)li * QLR_LIN_COUNT + (size_t)i;
-            if (d->aliased) {
-                d->a[k] = mod->a;
-                d->b[k] = mod->b;
-            } else {
-                d->a[k] = (char *)d->block + off;
-                d->b[k] = (char *)d->block + off + (size_t)l->r * (size_t)mod->in * esz;
-                off += ((size_t)l->r * (size_t)(mod->in + mod->out) * esz + 255) & ~(size_t)255;
-            }
-            refs[k].a = d->a[k];
-            refs[k].b = d->b[k];
-            refs[k].r = l->r;
-            refs[k].scale = l->scale;
-            m->layers[li].lora[i] = &refs[k];
-        }
-    qlr_status st = qlr_train_lora_sync(d);
-    if (st) qlr_train_lora_detach(d);
-    return st;
-}
-
-qlr_status qlr_train_lora_sync(qlr_train_lora_dev *d) {
-    if (d->aliased || !d->model) return QLR_OK;
-    const qlr_lora *l = d->lora;
-    for (int32_t li = 0; li < d->model->cfg.n_layers && li < l->base.n_layers; li++)
-        for (int i = 0; i < QLR_LIN_COUNT; i++) {
-            const qlr_lora_module *mod = qlr_lora_get_const(l, li, (qlr_linear_id)i);
-            size_t k = (size_t)li * QLR_LIN_COUNT + (size_t)i;
-            if (!mod || !d->a[k]) continue;
-            QLR_TRY(qlr_backend_upload_act(d->model->be, d->a[k], mod->a, (int64_t)l->r * mod->in));
-            QLR_TRY(qlr_backend_upload_act(d->model->be, d->b[k], mod->b, (int64_t)mod->out * l->r));
-        }
-    return QLR_OK;
-}
-
-void qlr_train_lora_detach(qlr_train_lora_dev *d) {
-    if (!d) return;
-    if (d->model)
-        for (int32_t li = 0; li < d->model->cfg.n_layers; li++)
-            for (int i = 0; i < QLR_LIN_COUNT; i++) d->model->layers[li].lora[i] = NULL;
-    if (d->block && d->model) d->model->be->mem.free(d->model->be, d->block);
-    free(d->a);
-    free(d->b);
-    free(d->refs);
-    memset(d, 0, sizeof *d);
 }
 
 /* ------------------------------------------------------------------ micro-batches */
@@ -195,16 +110,16 @@ typedef struct trainer {
     qlr_dataset *ds;
     qlr_data_split split;
     qlr_batcher *train_b, *val_b;
-    qlr_lora *lora;
-    qlr_train_lora_dev dev;
+    qlr_lora *lora;                /* host masters (aliased by the device ones on the CPU) */
+    qlr_lora_dev *ldev;            /* device masters, gradients and compute copies */
+    qlr_adapter_slots *slots;      /* one slot: the adapter being trained */
+    const qlr_adapter_set *set;
     qlr_train_ctx *ctx;
 
     int n_tensors;                 /* 2 per adapted module: A then B */
     float **param;                 /* [n_tensors] fp32 masters (host) */
     float **grad_host;             /* [n_tensors] fp32 grads (host; == device grads when host-visible) */
     int64_t *numel;                /* [n_tensors] */
-    float **da, **db;              /* [n_layers * 7] device grads (NULL where no module) */
-    void *grad_block;              /* device allocation of every grad */
     float *grad_host_block;        /* host copy (non host-visible backends) */
     size_t grad_bytes;
     qlr_adamw_state *opt;          /* [n_tensors] */
@@ -221,17 +136,15 @@ typedef struct trainer {
 
 static void trainer_free(trainer *t) {
     qlr_train_ctx_free(t->ctx);
-    qlr_train_lora_detach(&t->dev);
+    qlr_adapter_slots_free(t->slots);
+    qlr_lora_dev_free(t->ldev);
     if (t->opt)
         for (int i = 0; i < t->n_tensors; i++) qlr_adamw_state_free(&t->opt[i]);
     free(t->opt);
-    if (t->grad_block) t->be->mem.free(t->be, t->grad_block);
     free(t->grad_host_block);
     free(t->param);
     free(t->grad_host);
     free(t->numel);
-    free(t->da);
-    free(t->db);
     if (t->mb)
         for (uint32_t i = 0; i < t->o->grad_accum; i++) micro_free(&t->mb[i]);
     free(t->mb);
@@ -302,28 +215,26 @@ static qlr_status setup_params(trainer *t) {
     lp.seed = o->seed;
     lp.base_model = o->base_model;
     QLR_TRY(qlr_lora_create(&base, &lp, &t->lora));
-    QLR_TRY(qlr_train_lora_attach(t->m, t->lora, &t->dev));
-
     int32_t nl = t->m->cfg.n_layers;
+    QLR_TRY(qlr_lora_dev_create(t->be, t->lora, nl, 1, &t->ldev));
+    QLR_TRY(qlr_adapter_slots_create(t->be, nl, 1, &t->slots));
+    qlr_adapter_slots_put(t->slots, 0, t->ldev, 1.0f);
+    QLR_TRY(qlr_adapter_slots_commit(t->slots, 1, &t->set));
+
     size_t nslots = (size_t)nl * QLR_LIN_COUNT;
-    t->da = calloc(nslots, sizeof *t->da);
-    t->db = calloc(nslots, sizeof *t->db);
     t->param = calloc(2 * nslots, sizeof *t->param);
     t->grad_host = calloc(2 * nslots, sizeof *t->grad_host);
     t->numel = calloc(2 * nslots, sizeof *t->numel);
     t->opt = calloc(2 * nslots, sizeof *t->opt);
-    if (!t->da || !t->db || !t->param || !t->grad_host || !t->numel || !t->opt)
+    if (!t->param || !t->grad_host || !t->numel || !t->opt)
         return qlr_errorf(QLR_ERR_NOMEM, "out of memory");
     t->grad_bytes = (size_t)t->lora->n_params * sizeof(float);
-    t->grad_block = t->be->mem.alloc(t->be, t->grad_bytes ? t->grad_bytes : 256);
-    if (!t->grad_block) return qlr_error_prefix("LoRA gradients (%zu bytes)", t->grad_bytes);
-    float *host = (float *)t->grad_block;
+    float *host = t->ldev->grad;
     if (!t->be->host_visible) {
         t->grad_host_block = malloc(t->grad_bytes ? t->grad_bytes : 4);
         if (!t->grad_host_block) return qlr_errorf(QLR_ERR_NOMEM, "out of memory");
         host = t->grad_host_block;
     }
-    size_t off = 0;
     int k = 0;
     for (int32_t li = 0; li < nl; li++)
         for (int i = 0; i < QLR_LIN_COUNT; i++) {
@@ -331,23 +242,18 @@ static qlr_status setup_params(trainer *t) {
             if (!mod) continue;
             size_t s = (size_t)li * QLR_LIN_COUNT + (size_t)i;
             int64_t na = (int64_t)t->lora->r * mod->in, nb = (int64_t)mod->out * t->lora->r;
-            t->da[s] = (float *)t->grad_block + off;
-            t->grad_host[k] = host + off;
+            t->grad_host[k] = host + (t->ldev->da[s] - t->ldev->grad);
             t->param[k] = mod->a;
             t->numel[k] = na;
             QLR_TRY(qlr_adamw_state_init(&t->opt[k], na, o->adam_8bit));
             k++;
-            off += (size_t)na;
-            t->db[s] = (float *)t->grad_block + off;
-            t->grad_host[k] = host + off;
+            t->grad_host[k] = host + (t->ldev->db[s] - t->ldev->grad);
             t->param[k] = mod->b;
             t->numel[k] = nb;
             QLR_TRY(qlr_adamw_state_init(&t->opt[k], nb, o->adam_8bit));
             k++;
-            off += (size_t)nb;
         }
     t->n_tensors = k;
-    QLR_ASSERT(off == (size_t)t->lora->n_params);
 
     qlr_train_params tp = qlr_train_params_default();
     uint64_t max_tokens = (uint64_t)o->micro_batch_size * o->sequence_len;
@@ -460,7 +366,7 @@ static qlr_status resume_from(trainer *t, const char *dir) {
     st = qlr_adamw_states_read(t->opt, t->n_tensors, buf, n, what);
     free(buf);
     if (st) return qlr_error_prefix("cannot resume from %s (was the optimizer changed?)", dir);
-    QLR_TRY(qlr_train_lora_sync(&t->dev));
+    QLR_TRY(qlr_lora_dev_upload(t->ldev, t->lora));
     qlr_data_cursor c = {meta.epoch, meta.batch};
     QLR_TRY(qlr_batcher_seek(t->train_b, c));
     t->step = t->start_step = meta.step;
@@ -540,7 +446,7 @@ static qlr_status eval_loss(trainer *t, double *out) {
         qlr_train_batch tb = micro_view(&t->eval_mb);
         double ls;
         int64_t nt;
-        QLR_TRY(qlr_train_eval(t->ctx, &tb, &ls, &nt));
+        QLR_TRY(qlr_train_eval(t->ctx, t->set, &tb, &ls, &nt));
         sum += ls;
         cnt += nt;
     }
@@ -568,7 +474,7 @@ static qlr_status train_step(trainer *t, step_out *so) {
         so->tokens += (uint64_t)t->mb[k].n;
     }
     float scale = targets > 0 ? (float)(1.0 / (double)targets) : 0.0f;
-    QLR_TRY(t->be->mem.memset0(t->be, t->grad_block, t->grad_bytes));
+    QLR_TRY(t->be->mem.memset0(t->be, t->ldev->grad, t->grad_bytes));
     double loss_sum = 0;
     int64_t counted = 0;
     for (uint32_t k = 0; k < o->grad_accum; k++) {
@@ -577,7 +483,8 @@ static qlr_status train_step(trainer *t, step_out *so) {
         qlr_train_batch tb = micro_view(&t->mb[k]);
         double ls;
         int64_t nt;
-        QLR_TRY(qlr_train_fwd_bwd(t->ctx, &tb, scale, t->da, t->db, dseed, &ls, &nt));
+        QLR_TRY(qlr_train_fwd_bwd(t->ctx, t->set, &tb, scale, t->ldev->da, t->ldev->db, dseed, &ls,
+                                  &nt));
         loss_sum += ls;
         counted += nt;
     }
@@ -588,7 +495,8 @@ static qlr_status train_step(trainer *t, step_out *so) {
         so->nonfinite = 1;
         return QLR_OK;
     }
-    if (!t->be->host_visible) QLR_TRY(t->be->mem.d2h(t->be, t->grad_host_block, t->grad_block, t->grad_bytes));
+    if (!t->be->host_visible)
+        QLR_TRY(t->be->mem.d2h(t->be, t->grad_host_block, t->ldev->grad, t->grad_bytes));
     int nonfinite = 0;
     so->grad_norm = qlr_clip_grad_norm(t->grad_host, t->numel, t->n_tensors, (float)o->max_grad_norm, &nonfinite);
     if (nonfinite) {
@@ -603,7 +511,7 @@ static qlr_status train_step(trainer *t, step_out *so) {
     hp.weight_decay = (float)o->weight_decay;
     hp.gnorm_scale = 1.0f;
     for (int i = 0; i < t->n_tensors; i++) QLR_TRY(qlr_adamw_step(&t->opt[i], t->param[i], t->grad_host[i], &hp));
-    QLR_TRY(qlr_train_lora_sync(&t->dev));
+    QLR_TRY(qlr_lora_dev_upload(t->ldev, t->lora));
     t->step++;
     t->tokens_seen += so->tokens;
     return QLR_OK;
@@ -752,7 +660,7 @@ qlr_status qlr_train_run(const qlr_train_opts *o, qlr_train_result *res) {
         double elapsed = t->elapsed_before + (qlr_now() - t_loop);
         int stop = (o->stop_flag && *o->stop_flag) || (o->stop_after_step && t->step >= o->stop_after_step);
         if (o->on_step && o->on_step(o->on_step_ud, t->step, t->lora)) stop = 1;
-        if (o->on_step && (st = qlr_train_lora_sync(&t->dev))) goto done;
+        if (o->on_step && (st = qlr_lora_dev_upload(t->ldev, t->lora))) goto done;
         if ((o->save_steps && t->step % o->save_steps == 0) || last || stop) {
             if ((st = save_checkpoint(t, elapsed))) goto done;
             copy_str(res->last_checkpoint, sizeof res->last_checkpoint, t->last_ckpt);

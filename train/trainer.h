@@ -6,9 +6,8 @@
  * global-norm clipping, AdamW 8/32-bit, warmup + schedule, epochs or max_steps), the progress bar
  * and metrics.jsonl, eval loss every eval_steps, checkpoints and resume (train/checkpoint.h),
  * NaN/Inf stops, SIGINT/SIGTERM (through a flag the CLI sets) and the final adapter export.
- * Also the LoRA compute copies the model's hooks point at (qlr_train_lora_dev): on a host-visible
- * f32 backend they alias the fp32 masters; elsewhere they are act-dtype device buffers uploaded
- * after every optimizer step. It does not own the forward/backward (model/train.h), the
+ * The adapter's device side (masters, gradients, compute copies) is adapters/adapter_dev.h's
+ * qlr_lora_dev, given to the model as a one-slot adapter set. It does not own the forward/backward (model/train.h), the
  * optimizer math (optim/), batching (data/) or the adapter formats (adapters/). */
 #ifndef QLR_TRAIN_TRAINER_H
 #define QLR_TRAIN_TRAINER_H
@@ -122,27 +121,5 @@ typedef struct qlr_train_result {
  * QLR_ERR_RANGE for a NaN/Inf stop (the message names the step and the last good checkpoint);
  * otherwise the failing status with its message. */
 qlr_status qlr_train_run(const qlr_train_opts *o, qlr_train_result *res);
-
-/* ---- LoRA compute copies (shared with train/eval.c) ---- */
-
-/* Device compute copies of an adapter's A/B and the qlr_lora_ref hooks pointing at them. */
-typedef struct qlr_train_lora_dev {
-    struct qlr_model *model;    /* not owned */
-    const struct qlr_lora *lora;/* not owned */
-    int aliased;                /* 1: refs point at the fp32 masters (host-visible f32 backend) */
-    void *block;                /* device allocation of every copy (NULL when aliased) */
-    void **a, **b;              /* [n_layers * 7] device pointers (NULL when the module is absent) */
-    void *refs;                 /* [n_layers * 7] qlr_lora_ref */
-} qlr_train_lora_dev;
-
-/* Makes the compute copies, uploads them and sets model->layers[l].lora[i] for every module the
- * adapter has (the model's other hooks are cleared). QLR_ERR_INVALID when the adapter does not
- * fit the model (qlr_lora_check_base), QLR_ERR_NOMEM. */
-qlr_status qlr_train_lora_attach(struct qlr_model *m, const struct qlr_lora *l, qlr_train_lora_dev *d);
-/* Uploads the masters into the compute copies again (after an optimizer step); a no-op when
- * aliased. */
-qlr_status qlr_train_lora_sync(qlr_train_lora_dev *d);
-/* Clears the model's hooks and frees the copies; safe on a zeroed struct. */
-void qlr_train_lora_detach(qlr_train_lora_dev *d);
 
 #endif

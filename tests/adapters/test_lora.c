@@ -12,7 +12,7 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 
-#include "adapters/lora.h"
+#include "adapters/lora_internal.h"
 #include "core/core.h"
 #include "formats/gguf.h"
 #include "formats/safetensors.h"

@@ -4,7 +4,9 @@
  *     the checkpoint is, and leave a checkpoint with a manifest;
  *  2. `--resume` finishes the 3 steps: metrics.jsonl has steps 1..3 (JSON, finite losses), the
  *     final checkpoint, adapter/ (PEFT) and adapter_model.gguf exist;
- *  3. `qlora eval -n 2` prints base and adapter results.
+ *  3. `qlora eval -n 2` prints base and adapter results and writes --answers;
+ *  4. `qlora generate --adapter RUN --chat` on the held-out prompt of eval's first adapter answer
+ *     gives that same greedy answer (both go through the same adapter set and forward).
  * Needs scripts/setup.sh's demo model (fails with that hint otherwise). */
 #include <errno.h>
 #include <jansson.h>
@@ -22,17 +24,49 @@
 
 static char g_model[1024], g_out[700], g_recipe[700], g_set_out[800], g_set_model[1200], g_log[800];
 
-/* Starts qlora with argv (stdout+stderr into g_log); returns the pid. */
-static pid_t spawn(char *const *argv) {
+/* Starts qlora with argv (stdout, and stderr unless `quiet_err`, into g_log); returns the pid. */
+static pid_t spawn_to(char *const *argv, int quiet_err) {
     pid_t pid = fork();
     if (pid == 0) {
         FILE *f = freopen(g_log, "w", stdout);
         if (!f) _exit(127);
-        dup2(fileno(stdout), 2);
+        if (quiet_err) {
+            if (!freopen("/dev/null", "w", stderr)) _exit(127);
+        } else {
+            dup2(fileno(stdout), 2);
+        }
         execv(argv[0], argv);
         _exit(127);
     }
     return pid;
+}
+
+static pid_t spawn(char *const *argv) { return spawn_to(argv, 0); }
+
+/* Trims ASCII whitespace at both ends in place. */
+static char *trim(char *s) {
+    while (*s == ' ' || *s == '\n' || *s == '\t' || *s == '\r') s++;
+    size_t n = strlen(s);
+    while (n && (s[n - 1] == ' ' || s[n - 1] == '\n' || s[n - 1] == '\t' || s[n - 1] == '\r')) s[--n] = 0;
+    return s;
+}
+
+/* Line `lineno` (1-based) of a text file, malloc'ed, or NULL. */
+static char *file_line(const char *path, long lineno) {
+    FILE *f = fopen(path, "r");
+    if (!f) return NULL;
+    char *line = NULL;
+    size_t cap = 0;
+    long at = 0;
+    ssize_t got;
+    while ((got = getline(&line, &cap, f)) >= 0)
+        if (++at == lineno) break;
+    fclose(f);
+    if (at != lineno || got < 0) {
+        free(line);
+        return NULL;
+    }
+    return line;
 }
 
 static int wait_rc(pid_t pid) {
@@ -147,13 +181,60 @@ int main(void) {
     exists("adapter_model.gguf");
 
     /* 3. eval, 2 examples */
+    char answers[800];
+    snprintf(answers, sizeof answers, "%s/answers.jsonl", test_tmpdir());
     char *eval[] = {QLR_QLORA_BIN, "eval", g_recipe, "--set", g_set_out, "--set", g_set_model, "--set",
-                    "val_set_size=0.01", "--set", "device=cpu", "-n", "2", "--quiet", NULL};
+                    "val_set_size=0.01", "--set", "device=cpu", "-n", "2", "--quiet", "--answers", answers,
+                    NULL};
     rc = wait_rc(spawn(eval));
     log = read_log();
     CHECK_MSG(rc == 0, "qlora eval: exit %d\n%s", rc, log);
     CHECK_MSG(strstr(log, "base ") && strstr(log, "adapter ") && strstr(log, "exact match: base"), "eval output:\n%s",
               log);
     free(log);
+
+    /* 4. qlora generate --adapter gives eval's greedy answer on the same held-out prompt */
+    json_t *ans = NULL;
+    FILE *af = fopen(answers, "r");
+    CHECK_MSG(af != NULL, "%s missing", answers);
+    char line[1 << 16];
+    int n_ans = 0;
+    while (af && fgets(line, sizeof line, af)) {
+        json_t *j = json_loads(line, 0, NULL);
+        CHECK_MSG(j != NULL, "answers line %d is not JSON", n_ans + 1);
+        n_ans++;
+        if (j && !ans && !strcmp(json_string_value(json_object_get(j, "model")), "adapter")) ans = j;
+        else json_decref(j);
+    }
+    if (af) fclose(af);
+    CHECK_EQ_INT(n_ans, 4); /* 2 examples x (base, adapter) */
+    CHECK_MSG(ans != NULL, "no adapter answer in %s", answers);
+    if (!ans) return test_finish();
+    char *src = file_line(json_string_value(json_object_get(ans, "source")),
+                          (long)json_integer_value(json_object_get(ans, "line")));
+    CHECK_MSG(src != NULL, "cannot read the held-out example");
+    json_t *ex = src ? json_loads(src, 0, NULL) : NULL;
+    const char *user = ex ? json_string_value(json_object_get(
+                                json_array_get(json_object_get(ex, "messages"), 0), "content"))
+                          : NULL;
+    CHECK_MSG(user != NULL, "held-out example without a user message: %s", src ? src : "");
+    if (user) {
+        char npred[32];
+        snprintf(npred, sizeof npred, "%lld", (long long)json_integer_value(json_object_get(ans, "max_tokens")));
+        char *gen[] = {QLR_QLORA_BIN, "generate", "-m", g_model, "--adapter", g_out, "--chat", "-p", (char *)user,
+                       "-n", npred, "--quiet", NULL};
+        rc = wait_rc(spawn_to(gen, 1));
+        log = read_log();
+        CHECK_MSG(rc == 0, "qlora generate --adapter: exit %d\n%s", rc, log);
+        const char *want = json_string_value(json_object_get(ans, "answer"));
+        char *got = trim(log);
+        CHECK_MSG(!strcmp(got, want), "qlora generate --adapter answered\n%s\nbut qlora eval scored\n%s", got,
+                  want);
+        printf("generate --adapter == eval's greedy answer: %s\n", want);
+        free(log);
+    }
+    json_decref(ex);
+    free(src);
+    json_decref(ans);
     return test_finish();
 }

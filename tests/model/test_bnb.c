@@ -254,7 +254,7 @@ static void logits(qlr_model *m, float *out) {
     CHECK_OK(qlr_kv_cache_create(m, 1, 32, &kv));
     CHECK_OK(qlr_forward_create(m, T, T, &f));
     float *lg = NULL;
-    qlr_batch b = {T, tok, pos, seq, T, NULL};
+    qlr_batch b = {T, tok, pos, seq, T, NULL, NULL, NULL};
     CHECK_OK(qlr_model_forward(f, kv, &b, &lg));
     if (lg) memcpy(out, lg, (size_t)T * VOCAB * 4);
     qlr_forward_free(f);

@@ -87,7 +87,7 @@ int main(void) {
                       calloc(m->cfg.n_layers + 1, sizeof(float[8]))};
         qlr_forward_set_hidden_fn(f, on_hidden, &hc);
         float *lg = NULL;
-        qlr_batch b = {n, ids, pos, seq, n, NULL};
+        qlr_batch b = {n, ids, pos, seq, n, NULL, NULL, NULL};
         CHECK_OK(qlr_model_forward(f, kv, &b, &lg));
         json_t *jpos = json_object_get(p, "positions");
         for (int32_t t = 0; lg && t < n; t++) {

@@ -154,7 +154,7 @@ static void run_batch(qlr_model *m, int32_t n, const int32_t *tok, const int32_t
     CHECK_OK(qlr_kv_cache_create(m, n_seq, 32, &kv));
     CHECK_OK(qlr_forward_create(m, n, n, &f));
     float *lg = NULL;
-    qlr_batch b = {n, tok, pos, seq, n, NULL};
+    qlr_batch b = {n, tok, pos, seq, n, NULL, NULL, NULL};
     CHECK_OK(qlr_model_forward(f, kv, &b, &lg));
     if (lg) memcpy(out, lg, (size_t)n * VOCAB * 4);
     qlr_forward_free(f);
@@ -171,7 +171,7 @@ static void run_decode(qlr_model *m, int32_t n, const int32_t *tok, const int32_
     CHECK_OK(qlr_forward_create(m, 1, 1, &f));
     for (int32_t i = 0; i < n; i++) {
         float *lg = NULL;
-        qlr_batch b = {1, &tok[i], &pos[i], &seq0, 1, NULL};
+        qlr_batch b = {1, &tok[i], &pos[i], &seq0, 1, NULL, NULL, NULL};
         CHECK_OK(qlr_model_forward(f, kv, &b, &lg));
         if (lg) memcpy(out + (size_t)i * VOCAB, lg, VOCAB * 4);
     }
@@ -224,9 +224,9 @@ static void test_forward(const char *arch, int tied, int bias) {
     CHECK_OK(qlr_forward_create(m, 1, 1, &f));
     float *lg = NULL;
     int32_t badpos = 32, badtok = VOCAB;
-    qlr_batch bb = {1, &tok[0], &badpos, seq0, 1, NULL};
+    qlr_batch bb = {1, &tok[0], &badpos, seq0, 1, NULL, NULL, NULL};
     CHECK(qlr_model_forward(f, kv, &bb, &lg) == QLR_ERR_RANGE);
-    qlr_batch bt = {1, &badtok, &pos[0], seq0, 1, NULL};
+    qlr_batch bt = {1, &badtok, &pos[0], seq0, 1, NULL, NULL, NULL};
     CHECK(qlr_model_forward(f, kv, &bt, &lg) == QLR_ERR_RANGE);
     qlr_forward_free(f);
     qlr_kv_cache_free(kv);

@@ -14,7 +14,7 @@
 #include "core/core.h"
 #include "formats/gguf.h"
 #include "model/model.h"
-#include "model/train.h"
+#include "model/backprop.h"
 #include "tests/test_util.h"
 
 enum { D = 64, NH = 4, NKV = 2, HD = 16, FF = 96, VOCAB = 50, NL = 2, R = 4, NLIN = QLR_LIN_COUNT };
@@ -94,6 +94,7 @@ typedef struct {
     qlr_lora_ref ref[NL][NLIN];
     float *a[NL][NLIN], *b[NL][NLIN];     /* [R, in], [out, R] f32 (the compute copies) */
     float *da[NL * NLIN], *db[NL * NLIN]; /* gradients */
+    qlr_adapter_set set;                  /* one slot: ref */
 } lora_set;
 
 static void lora_init(lora_set *s, qlr_model *m, float b_scale) {
@@ -102,10 +103,11 @@ static void lora_init(lora_set *s, qlr_model *m, float b_scale) {
             s->a[l][i] = rnd(R * INS[i], 0.2f);
             s->b[l][i] = rnd(OUTS[i] * R, b_scale);
             s->ref[l][i] = (qlr_lora_ref){s->a[l][i], s->b[l][i], R, 8.0f / R};
-            m->layers[l].lora[i] = &s->ref[l][i];
             s->da[l * NLIN + i] = calloc(R * INS[i], 4);
             s->db[l * NLIN + i] = calloc(OUTS[i] * R, 4);
         }
+    (void)m;
+    s->set = (qlr_adapter_set){NL, 1, R, &s->ref[0][0], &s->ref[0][0]};
 }
 
 static void lora_zero_grads(lora_set *s) {
@@ -120,7 +122,7 @@ static void lora_free(lora_set *s, qlr_model *m) {
     for (int l = 0; l < NL; l++)
         for (int i = 0; i < NLIN; i++) {
             free(s->a[l][i]), free(s->b[l][i]), free(s->da[l * NLIN + i]), free(s->db[l * NLIN + i]);
-            m->layers[l].lora[i] = NULL;
+    (void)m;
         }
 }
 
@@ -376,7 +378,7 @@ static void test_fd(const char *arch, int ckpt, float dropout) {
     const uint64_t seed = 1234;
     double loss = 0;
     int64_t nt = 0;
-    CHECK_OK(qlr_train_fwd_bwd(c, &bb.b, gs, s.da, s.db, seed, &loss, &nt));
+    CHECK_OK(qlr_train_fwd_bwd(c, &s.set, &bb.b, gs, s.da, s.db, seed, &loss, &nt));
     int want_nt = 0;
     for (int i = 0; i < bb.b.n; i++) want_nt += bb.tgt[i] >= 0;
     CHECK_EQ_INT(nt, want_nt);
@@ -440,7 +442,7 @@ static float *run_grads(qlr_train_ctx *c, lora_set *s, const qlr_train_batch *b,
                         double *loss) {
     lora_zero_grads(s);
     int64_t nt = 0;
-    CHECK_OK(qlr_train_fwd_bwd(c, b, 1.0f, s->da, s->db, seed, loss, &nt));
+    CHECK_OK(qlr_train_fwd_bwd(c, &s->set, b, 1.0f, s->da, s->db, seed, loss, &nt));
     return grads_flat(s);
 }
 
@@ -496,7 +498,7 @@ static void test_equivalences(const char *arch) {
     /* eval == the loss of fwd_bwd (no dropout), and eval leaves gradients alone */
     double le;
     int64_t nte;
-    CHECK_OK(qlr_train_eval(cn, &bb.b, &le, &nte));
+    CHECK_OK(qlr_train_eval(cn, &s.set, &bb.b, &le, &nte));
     CHECK(le == l0);
 
     /* ignore index: all targets ignored -> loss 0, count 0, gradients exactly 0 */
@@ -512,7 +514,7 @@ static void test_equivalences(const char *arch) {
     bi.tgt[4] = bb.tgt[4];
     lora_zero_grads(&s);
     int64_t nt1;
-    CHECK_OK(qlr_train_fwd_bwd(cn, &bi.b, 2.0f, s.da, s.db, 0, &l1, &nt1));
+    CHECK_OK(qlr_train_fwd_bwd(cn, &s.set, &bi.b, 2.0f, s.da, s.db, 0, &l1, &nt1));
     CHECK_EQ_INT(nt1, 1);
     float *g2x = grads_flat(&s);
     float *g1x = run_grads(cn, &s, &bi.b, 0, &l1);
@@ -548,18 +550,18 @@ static void test_equivalences(const char *arch) {
     batch_buf bx = bb;
     bx.b.tokens = bx.tok, bx.b.targets = bx.tgt, bx.b.pos = bx.pos, bx.b.seq = bx.seq;
     bx.tgt[3] = VOCAB;
-    CHECK(qlr_train_fwd_bwd(cn, &bx.b, 1.0f, s.da, s.db, 0, &ls, &ntt) == QLR_ERR_RANGE);
+    CHECK(qlr_train_fwd_bwd(cn, &s.set, &bx.b, 1.0f, s.da, s.db, 0, &ls, &ntt) == QLR_ERR_RANGE);
     printf("  error: %s\n", qlr_error_msg());
     bx.tgt[3] = bb.tgt[3];
     bx.seq[13] = 0; /* sequence 0 resumes after sequence 1 began */
-    CHECK(qlr_train_fwd_bwd(cn, &bx.b, 1.0f, s.da, s.db, 0, &ls, &ntt) == QLR_ERR_RANGE);
+    CHECK(qlr_train_fwd_bwd(cn, &s.set, &bx.b, 1.0f, s.da, s.db, 0, &ls, &ntt) == QLR_ERR_RANGE);
     printf("  error: %s\n", qlr_error_msg());
     bx.seq[13] = 1;
     bx.b.n_seq = 3;
-    CHECK(qlr_train_eval(cn, &bx.b, &ls, &ntt) == QLR_ERR_RANGE);
+    CHECK(qlr_train_eval(cn, &s.set, &bx.b, &ls, &ntt) == QLR_ERR_RANGE);
     bx.b.n_seq = 2;
     bx.pos[1] = 24;
-    CHECK(qlr_train_eval(cn, &bx.b, &ls, &ntt) == QLR_ERR_RANGE);
+    CHECK(qlr_train_eval(cn, &s.set, &bx.b, &ls, &ntt) == QLR_ERR_RANGE);
     printf("  error: %s\n", qlr_error_msg());
     qlr_train_ctx_free(cn);
     qlr_train_params bad = qlr_train_params_default();

@@ -10,7 +10,7 @@
 #include "backend/backend.h"
 #include "core/core.h"
 #include "model/model.h"
-#include "model/train.h"
+#include "model/backprop.h"
 #include "tests/test_util.h"
 
 enum { RANK = 16, N_CE = 96, N_BENCH = 256 };
@@ -44,8 +44,9 @@ int main(void) {
             da[k] = calloc((size_t)(RANK * in), 4);
             db[k] = calloc((size_t)(out * RANK), 4);
             refs[k] = (qlr_lora_ref){A[k], B[k], RANK, 32.0f / RANK};
-            m->layers[l].lora[i] = &refs[k];
         }
+
+    qlr_adapter_set set = {NLy, 1, RANK, refs, refs};
 
     /* tokens: a random walk over ordinary ids; targets = next token, last one ignored */
     int32_t tok[N_BENCH], tgt[N_BENCH], pos[N_BENCH], seq[N_BENCH] = {0};
@@ -61,7 +62,7 @@ int main(void) {
     CHECK_OK(qlr_kv_cache_create(m, 1, N_CE, &kv));
     CHECK_OK(qlr_forward_create(m, N_CE, N_CE, &f));
     float *lg = NULL;
-    qlr_batch fb = {N_CE, tok, pos, seq, N_CE, NULL};
+    qlr_batch fb = {N_CE, tok, pos, seq, N_CE, NULL, &set, NULL};
     CHECK_OK(qlr_model_forward(f, kv, &fb, &lg));
     double want = 0;
     int64_t want_n = 0;
@@ -91,8 +92,8 @@ int main(void) {
         qlr_train_batch b = {N_CE, tok, tgt, pos, seq, 1};
         double ev = 0, lo = 0;
         int64_t ne = 0, nt = 0;
-        CHECK_OK(qlr_train_eval(tc, &b, &ev, &ne));
-        CHECK_OK(qlr_train_fwd_bwd(tc, &b, 1.0f, da, db, 0, &lo, &nt));
+        CHECK_OK(qlr_train_eval(tc, &set, &b, &ev, &ne));
+        CHECK_OK(qlr_train_fwd_bwd(tc, &set, &b, 1.0f, da, db, 0, &lo, &nt));
         printf("loss over %lld targets: eval %.6f, fwd_bwd %.6f, from qlr_model_forward logits "
                "%.6f (mean %.4f)\n", (long long)nt, ev, lo, want, want / (double)want_n);
         CHECK_EQ_INT(ne, want_n);
@@ -119,13 +120,13 @@ int main(void) {
         int32_t tall[N_BENCH];
         for (int i = 0; i < N_BENCH; i++) tall[i] = i + 1 < N_BENCH ? tok[i + 1] : QLR_IGNORE_INDEX;
         qlr_train_batch bb = {N_BENCH, tok, tall, pos, seq, 1};
-        CHECK_OK(qlr_train_fwd_bwd(tc, &bb, 1.0f, da, db, 0, &lo, &nt)); /* warm-up */
+        CHECK_OK(qlr_train_fwd_bwd(tc, &set, &bb, 1.0f, da, db, 0, &lo, &nt)); /* warm-up */
         int reps = 2;
         double t0 = qlr_now();
-        for (int r = 0; r < reps; r++) CHECK_OK(qlr_train_fwd_bwd(tc, &bb, 1.0f, da, db, 0, &lo, &nt));
+        for (int r = 0; r < reps; r++) CHECK_OK(qlr_train_fwd_bwd(tc, &set, &bb, 1.0f, da, db, 0, &lo, &nt));
         double dt = (qlr_now() - t0) / reps;
         t0 = qlr_now();
-        CHECK_OK(qlr_train_eval(tc, &bb, &ev, &ne));
+        CHECK_OK(qlr_train_eval(tc, &set, &bb, &ev, &ne));
         double de = qlr_now() - t0;
         printf("demo model fwd+bwd, 1 x %d tokens, LoRA r %d on all 7 linears, %s, %d threads: "
                "%.2f s/step = %.1f tokens/s (forward only %.1f tokens/s)\n", N_BENCH, RANK,
@@ -134,8 +135,6 @@ int main(void) {
         qlr_train_ctx_free(tc);
     }
     for (int64_t k = 0; k < nrefs; k++) free(A[k]), free(B[k]), free(da[k]), free(db[k]);
-    for (int32_t l = 0; l < NLy; l++)
-        for (int i = 0; i < QLR_LIN_COUNT; i++) m->layers[l].lora[i] = NULL;
     free(A), free(B), free(da), free(db), free(refs);
     qlr_model_free(m);
     qlr_backend_free(be);

@@ -1,4 +1,4 @@
-/* model/train.h: the training forward + backward of the transformer on one micro-batch,
+/* model/backprop.h: the training forward + backward of the transformer on one micro-batch,
  * producing LoRA gradients only (the NF4 base, norms and embeddings are frozen), written
  * against the backend op table like model/forward.c.
  *
@@ -8,8 +8,8 @@
  * the CPU), LoRA dropout, the chunked lm_head + cross-entropy (fp32, ignore index -100; never
  * [tokens x vocab] logits) and the layer-by-layer backward. It does not own the adapters
  * (adapters/), the optimizer (optim/), batching (data/) or the loop (train/). */
-#ifndef QLR_MODEL_TRAIN_H
-#define QLR_MODEL_TRAIN_H
+#ifndef QLR_MODEL_BACKPROP_H
+#define QLR_MODEL_BACKPROP_H
 
 #include <stdint.h>
 
@@ -45,28 +45,30 @@ typedef struct qlr_train_ctx qlr_train_ctx;
  * backward scratch, one CE chunk of logits). The model's weights are not included. */
 uint64_t qlr_train_plan_bytes(const qlr_model_config *cfg, qlr_backend *be, const qlr_train_params *p);
 
-/* Workspaces carved once (sized by qlr_train_plan_bytes). The model's layer[l].lora[] refs
- * (compute copies, act dtype) are set by the caller before steps and may change between
- * steps. QLR_ERR_INVALID for bad params (sizes < 1, dropout outside [0, 1)), QLR_ERR_UNSUPPORTED
+/* Workspaces carved once (sized by qlr_train_plan_bytes). QLR_ERR_INVALID for bad params (sizes < 1, dropout outside [0, 1)), QLR_ERR_UNSUPPORTED
  * when the backend lacks a training op, QLR_ERR_NOMEM naming the size. *out NULL on failure. */
 qlr_status qlr_train_ctx_create(qlr_model *m, const qlr_train_params *p, qlr_train_ctx **out);
 /* Frees the workspace; safe on NULL. */
 void qlr_train_ctx_free(qlr_train_ctx *c);
 
-/* Forward + backward of one micro-batch. Adds grad_scale * d(sum of token CE losses)/dθ into
- * da[l*QLR_LIN_COUNT + i] ([r, in] f32 device) and db[...] ([out, r] f32 device) for every
- * (layer, linear) whose lora ref is set (NULL entries skipped). *loss_sum = sum of CE over
+/* Forward + backward of one micro-batch with every token on slot 0 of `set` (the adapter being
+ * trained: its compute copies; NULL = the base model alone). Adds
+ * grad_scale * d(sum of token CE losses)/dθ into da[l*QLR_LIN_COUNT + i] ([r, in] f32 device)
+ * and db[...] ([out, r] f32 device) for every (layer, linear) slot 0 adapts (NULL entries
+ * skipped). *loss_sum = sum of CE over
  * target tokens (host double), *n_targets = their count. dropout_seed makes dropout masks
  * deterministic (same seed -> same masks, so a resumed run is bit-identical).
  * Validates the batch (token / target ids, sequence ids and positions, sizes against the
  * workspace): QLR_ERR_RANGE naming the offending token; nothing is accumulated then. */
-qlr_status qlr_train_fwd_bwd(qlr_train_ctx *c, const qlr_train_batch *b, float grad_scale,
-                             float *const *da, float *const *db, uint64_t dropout_seed,
-                             double *loss_sum, int64_t *n_targets);
+qlr_status qlr_train_fwd_bwd(qlr_train_ctx *c, const qlr_adapter_set *set,
+                             const qlr_train_batch *b, float grad_scale, float *const *da,
+                             float *const *db, uint64_t dropout_seed, double *loss_sum,
+                             int64_t *n_targets);
 
-/* Forward only (eval): loss sum and count, no dropout. Same validation as qlr_train_fwd_bwd. */
-qlr_status qlr_train_eval(qlr_train_ctx *c, const qlr_train_batch *b, double *loss_sum,
-                          int64_t *n_targets);
+/* Forward only (eval) with slot 0 of `set` (NULL = base model): loss sum and count, no dropout.
+ * Same validation as qlr_train_fwd_bwd. */
+qlr_status qlr_train_eval(qlr_train_ctx *c, const qlr_adapter_set *set, const qlr_train_batch *b,
+                          double *loss_sum, int64_t *n_targets);
 
 /* The dropout seed used for the LoRA input of (layer, linear) in a step with dropout_seed
  * (the backend's dropout op is called with it on [n, in]). For tests. */

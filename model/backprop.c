@@ -1,4 +1,4 @@
-/* model/train.c: the training forward and backward of one packed micro-batch, written only
+/* model/backprop.c: the training forward and backward of one packed micro-batch, written only
  * against the backend op table (no loops over data here: the host only validates the batch,
  * derives each token's sequence start, and sums the per-token losses in double).
  *   forward:  embedding -> per layer [RMSNorm -> q/k/v (+LoRA) -> RoPE -> varlen attention ->
@@ -9,7 +9,7 @@
  * Activations: without checkpointing every layer keeps its own set; with checkpointing only
  * each layer's input is kept and the layer is recomputed into one shared set right before its
  * backward (the same ops on the same inputs, so the same bits). */
-#include "model/train.h"
+#include "model/backprop.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -53,6 +53,7 @@ struct qlr_train_ctx {
     int32_t *start_host;  /* [T] */
     float *loss_host;     /* [T] */
     /* per-step state */
+    const qlr_adapter_set *set; /* slot 0 is the adapter being trained (NULL: none) */
     float dropout;        /* dropout of this call (0 in eval) */
     uint64_t seed;
 };
@@ -238,6 +239,13 @@ static qlr_status check_batch(qlr_train_ctx *c, const qlr_train_batch *b, int64_
     return QLR_OK;
 }
 
+static qlr_status check_set(const qlr_train_ctx *c, const qlr_adapter_set *set) {
+    if (set && set->n_layers != c->m->cfg.n_layers)
+        return qlr_errorf(QLR_ERR_INVALID, "adapter set made for %d layers (the model has %d)",
+                          set->n_layers, c->m->cfg.n_layers);
+    return QLR_OK;
+}
+
 /* ---- linears with LoRA (and LoRA dropout) ---- */
 
 /* y = x·Wᵀ (+bias) + LoRA(dropout(x)). */
@@ -246,7 +254,7 @@ static qlr_status lin_fwd(qlr_train_ctx *c, int32_t l, qlr_linear_id id, void *y
     qlr_backend *be = c->m->be;
     const qlr_layer *L = &c->m->layers[l];
     QLR_TRY(be->ops.nf4_linear(be, y, x, &L->w[id], L->bias[id], n));
-    const qlr_lora_ref *r = L->lora[id];
+    const qlr_lora_ref *r = qlr_adapter_set_ref(c->set, l, id, 0);
     if (!r || r->r <= 0) return QLR_OK;
     int64_t in = L->w[id].cols, out = L->w[id].rows;
     const void *xl = x;
@@ -272,7 +280,7 @@ static qlr_status lin_bwd(qlr_train_ctx *c, int32_t l, qlr_linear_id id, void *d
         QLR_TRY(be->ops.nf4_linear_dx(be, t, dy, &L->w[id], n));
         if (acc) QLR_TRY(be->ops.add(be, dx, t, n * in));
     }
-    const qlr_lora_ref *r = L->lora[id];
+    const qlr_lora_ref *r = qlr_adapter_set_ref(c->set, l, id, 0);
     if (!r || r->r <= 0) return QLR_OK;
     int64_t k = (int64_t)l * QLR_LIN_COUNT + id;
     float *gA = da ? da[k] : NULL, *gB = db ? db[k] : NULL;
@@ -408,9 +416,10 @@ static double loss_total(const qlr_train_ctx *c, const qlr_train_batch *b) {
     return s;
 }
 
-qlr_status qlr_train_fwd_bwd(qlr_train_ctx *c, const qlr_train_batch *b, float grad_scale,
-                             float *const *da, float *const *db, uint64_t dropout_seed,
-                             double *loss_sum, int64_t *n_targets) {
+qlr_status qlr_train_fwd_bwd(qlr_train_ctx *c, const qlr_adapter_set *set,
+                             const qlr_train_batch *b, float grad_scale, float *const *da,
+                             float *const *db, uint64_t dropout_seed, double *loss_sum,
+                             int64_t *n_targets) {
     qlr_model *m = c->m;
     qlr_backend *be = m->be;
     const qlr_model_config *cfg = &m->cfg;
@@ -418,7 +427,9 @@ qlr_status qlr_train_fwd_bwd(qlr_train_ctx *c, const qlr_train_batch *b, float g
     *n_targets = 0;
     int64_t nt = 0;
     QLR_TRY(check_batch(c, b, &nt));
+    QLR_TRY(check_set(c, set));
     int64_t n = b->n, d = cfg->d_model;
+    c->set = set;
     c->dropout = c->p.lora_dropout;
     c->seed = dropout_seed;
     QLR_TRY(forward(c, b, 1, grad_scale));
@@ -436,12 +447,14 @@ qlr_status qlr_train_fwd_bwd(qlr_train_ctx *c, const qlr_train_batch *b, float g
     return QLR_OK;
 }
 
-qlr_status qlr_train_eval(qlr_train_ctx *c, const qlr_train_batch *b, double *loss_sum,
-                          int64_t *n_targets) {
+qlr_status qlr_train_eval(qlr_train_ctx *c, const qlr_adapter_set *set, const qlr_train_batch *b,
+                          double *loss_sum, int64_t *n_targets) {
     *loss_sum = 0.0;
     *n_targets = 0;
     int64_t nt = 0;
     QLR_TRY(check_batch(c, b, &nt));
+    QLR_TRY(check_set(c, set));
+    c->set = set;
     c->dropout = 0.0f;
     c->seed = 0;
     QLR_TRY(forward(c, b, 0, 1.0f));
