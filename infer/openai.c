@@ -406,6 +406,7 @@ static int parse_options(qlr_oai_request *r, const json_t *body, qlr_oai_error *
 
     const char *mt = "max_tokens";
     if (r->endpoint == QLR_OAI_CHAT && opt(body, "max_completion_tokens")) mt = "max_completion_tokens";
+    r->max_tokens_field = mt;
     if ((v = opt(body, mt))) {
         if (!want_int(v, mt, 1, INT32_MAX, &iv, err)) return 0;
         r->max_tokens = (int32_t)iv;

@@ -62,6 +62,7 @@ typedef struct qlr_oai_request {
 
     int32_t max_tokens;       /* 0 = not given (the server fills the room left in the context);
                                  chat: max_completion_tokens wins over max_tokens */
+    const char *max_tokens_field; /* the key it came from ("max_tokens" when not given) */
     float temperature;        /* default 1 (OpenAI's); 0 = greedy */
     float top_p;              /* default 1 = off */
     int32_t top_k;            /* extension; default 0 = off (-1 is accepted as off) */

@@ -36,6 +36,7 @@ static void test_chat_valid(void) {
     CHECK(!strcmp(r.messages[2].role, "assistant") && !strcmp(r.messages[2].content, ""));
     CHECK(!strcmp(r.messages[3].content, "hi"));
     CHECK_EQ_INT(r.max_tokens, 9); /* max_completion_tokens wins */
+    CHECK(!strcmp(r.max_tokens_field, "max_completion_tokens"));
     CHECK(r.temperature == 0.0f && r.top_p == 0.5f && r.top_k == 3);
     CHECK(r.has_seed && r.seed == UINT64_MAX);
     CHECK_EQ_INT(r.n_stop, 2);
@@ -48,6 +49,7 @@ static void test_chat_valid(void) {
     /* defaults */
     CHECK_OK(parse(QLR_OAI_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"q\"}],\"stop\":\"END\","
                                  "\"model\":null,\"temperature\":null,\"lora\":[]}", &r, &e));
+    CHECK(!strcmp(r.max_tokens_field, "max_tokens"));
     CHECK(r.model == NULL && r.max_tokens == 0 && r.temperature == 1.0f && r.top_p == 1.0f && r.top_k == 0);
     CHECK(!r.has_seed && !r.stream && !r.include_usage && !r.has_lora && r.lora_scale == 1.0f);
     CHECK(r.n_stop == 1 && !strcmp(r.stop[0], "END"));
