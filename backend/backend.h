@@ -284,6 +284,31 @@ typedef struct qlr_backend_ops {
      * LoRA compute copies refreshed from device-resident fp32 masters after an optimizer step.
      * dst may equal src only when act is f32. */
     qlr_status (*f32_to_act)(qlr_backend *be, void *dst, const float *src, int64_t n);
+
+    /* ---- paged KV cache (serving; appended) ----
+     * A pool holds n_blocks blocks of `block` token rows: k_pool, v_pool
+     * [n_blocks * block, n_kv, hd] act, pool row = block_id * block + offset. A sequence's
+     * position p lives in pool row block_table[s * width + p / block] * block + p % block, where
+     * s is the sequence's row in block_table [n_seqs, width] int32. */
+
+    /* k_pool[slot[t]] = k[t], v_pool[slot[t]] = v[t] (each token's whole [n_kv, hd] row);
+     * slot [n] int32 pool rows (slot[t] < 0: token t is not stored), each < n_rows (the pool's
+     * row count, n_blocks * block); no two tokens share a slot. k, v [n, n_kv, hd] act. */
+    qlr_status (*kv_store_paged)(qlr_backend *be, void *k_pool, void *v_pool, const void *k,
+                                 const void *v, const int32_t *slot, int64_t n, int64_t n_kv,
+                                 int64_t hd, int64_t n_rows);
+    /* The attention op over a paged cache: token t (query head h) attends positions 0..pos[t]
+     * of the sequence in row seq[t] of block_table, KV head h / (n_heads / n_kv);
+     * softmax(q·kᵀ · scale) · v in the same arithmetic as the attention op (the CPU gives the
+     * attention op's bits on the same rows). Those rows must have been stored by
+     * kv_store_paged (this call's tokens included); pos[t] < width * block and every block id
+     * the token reaches is in [0, n_blocks). q, out [n, n_heads, hd] act; seq, pos [n] int32;
+     * block_table [n_seqs, width] int32 (device). */
+    qlr_status (*attention_paged)(qlr_backend *be, void *out, const void *q, const void *k_pool,
+                                  const void *v_pool, const int32_t *block_table, int64_t width,
+                                  int64_t block, const int32_t *seq, const int32_t *pos,
+                                  int64_t n, int64_t n_heads, int64_t n_kv, int64_t hd,
+                                  float scale);
 } qlr_backend_ops;
 
 /* Device memory and synchronisation. */

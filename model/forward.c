@@ -1,6 +1,8 @@
 /* model/forward.c: the KV cache, the forward workspace (one device allocation carved from a
  * table of sizes) and the transformer forward for a batch of tokens from any number of
- * sequences at any positions, written only against the backend op table:
+ * sequences at any positions, over a contiguous cache or a paged one (model/kv_paged.c: K/V
+ * stored at each token's pool row, attention through the batch's block table), written only
+ * against the backend op table:
  *   embedding -> per layer [RMSNorm -> q/k/v (+LoRA) -> RoPE -> KV store -> attention (over
  *   the batch's own k/v for a fresh prefill when the backend has attention_fresh) ->
  *   o (+LoRA) -> residual -> RMSNorm -> gate/up (+LoRA) -> SwiGLU -> down (+LoRA) -> residual]
@@ -63,7 +65,7 @@ void qlr_kv_cache_free(qlr_kv_cache *kv) {
 /* ---- workspace plan ---- */
 
 enum { B_X, B_XN, B_Q, B_K, B_V, B_ATT, B_O, B_GATE, B_UP, B_XL, B_LOGITS, B_IDS, B_POS, B_SEQ,
-       B_ROWS, B_SLOT, B_COUNT };
+       B_ROWS, B_SLOT, B_KVSLOT, B_COUNT };
 
 struct qlr_forward {
     qlr_model *m;
@@ -75,6 +77,7 @@ struct qlr_forward {
     void *hidden_ud;
     int32_t *rows_host; /* [max_logits] */
     int32_t *slot_host; /* [max_tokens] */
+    int32_t *kvslot_host; /* [max_tokens] paged cache: each token's pool row */
     /* adapters of the current call */
     const qlr_adapter_set *set;
     int32_t uniform;    /* the slot every token uses, or -1 when they differ */
@@ -99,6 +102,7 @@ static void plan(const qlr_model_config *c, qlr_backend *be, int32_t T, int32_t 
     sz[B_IDS] = sz[B_POS] = sz[B_SEQ] = (uint64_t)T * 4;
     sz[B_ROWS] = (uint64_t)L * 4;
     sz[B_SLOT] = (uint64_t)T * 4;
+    sz[B_KVSLOT] = (uint64_t)T * 4;
     for (int i = 0; i < B_COUNT; i++) sz[i] = (sz[i] + 255) & ~255ull;
 }
 
@@ -126,7 +130,8 @@ qlr_status qlr_forward_create(qlr_model *m, int32_t max_tokens, int32_t max_logi
     f->block = m->be->mem.alloc(m->be, (size_t)f->bytes);
     f->rows_host = malloc((size_t)max_logits * 4);
     f->slot_host = malloc((size_t)max_tokens * 4);
-    if (!f->block || !f->rows_host || !f->slot_host) {
+    f->kvslot_host = malloc((size_t)max_tokens * 4);
+    if (!f->block || !f->rows_host || !f->slot_host || !f->kvslot_host) {
         qlr_status st = f->block ? qlr_errorf(QLR_ERR_NOMEM, "forward") : qlr_error_status();
         qlr_error_prefix("forward workspace of %.1f MiB", (double)f->bytes / (1 << 20));
         qlr_forward_free(f);
@@ -146,6 +151,7 @@ void qlr_forward_free(qlr_forward *f) {
     if (f->block) f->m->be->mem.free(f->m->be, f->block);
     free(f->rows_host);
     free(f->slot_host);
+    free(f->kvslot_host);
     free(f);
 }
 
@@ -156,7 +162,41 @@ void qlr_forward_set_hidden_fn(qlr_forward *f, qlr_hidden_fn fn, void *ud) {
 
 /* ---- forward ---- */
 
-static qlr_status check_batch(const qlr_forward *f, const qlr_kv_cache *kv, const qlr_batch *b) {
+/* The paged cache's part of the batch check: table size, and every block id a token reaches
+ * (positions 0..pos of its sequence; a run of tokens of one sequence in rising positions is
+ * checked once). Fills f->kvslot_host with each token's pool row. */
+static qlr_status check_paged(qlr_forward *f, const qlr_kv_paged *kv, const qlr_batch *b,
+                              const qlr_block_table *bt) {
+    if (!bt || !bt->ids || bt->n_seqs < 1 || bt->n_seqs > kv->max_seqs || bt->width < 1 ||
+        bt->width > kv->max_width)
+        return qlr_errorf(QLR_ERR_RANGE, "paged batch: block table %s%d x %d (the cache holds "
+                          "1..%d x 1..%d)", bt && bt->ids ? "" : "missing, ", bt ? bt->n_seqs : 0,
+                          bt ? bt->width : 0, kv->max_seqs, kv->max_width);
+    int64_t ctx = (int64_t)bt->width * kv->block;
+    for (int32_t i = 0; i < b->n; i++) {
+        int32_t s = b->seq[i], p = b->pos[i];
+        if (s < 0 || s >= bt->n_seqs)
+            return qlr_errorf(QLR_ERR_RANGE, "token %d of the batch: sequence %d is outside the "
+                              "block table (0..%d)", i, s, bt->n_seqs - 1);
+        if (p < 0 || p >= ctx)
+            return qlr_errorf(QLR_ERR_RANGE, "token %d of the batch: position %d is outside the "
+                              "block table (0..%lld)", i, p, (long long)ctx - 1);
+        const int32_t *row = bt->ids + (int64_t)s * bt->width;
+        int32_t from = i > 0 && b->seq[i - 1] == s && b->pos[i - 1] < p ?
+                           b->pos[i - 1] / kv->block + 1 : 0;
+        for (int32_t j = from; j <= p / kv->block; j++)
+            if (row[j] < 0 || row[j] >= kv->n_blocks)
+                return qlr_errorf(QLR_ERR_RANGE, "token %d of the batch: block %d of sequence %d "
+                                  "is %d (the pool holds 0..%d)", i, j, s, row[j],
+                                  kv->n_blocks - 1);
+        f->kvslot_host[i] = row[p / kv->block] * kv->block + p % kv->block;
+    }
+    return QLR_OK;
+}
+
+/* Exactly one of kv (contiguous) and kvp (paged) is set. */
+static qlr_status check_batch(qlr_forward *f, const qlr_kv_cache *kv, const qlr_kv_paged *kvp,
+                              const qlr_batch *b, const qlr_block_table *bt) {
     const qlr_model_config *c = &f->m->cfg;
     if (b->n < 1 || b->n > f->max_tokens)
         return qlr_errorf(QLR_ERR_RANGE, "batch of %d tokens (workspace holds 1..%d)", b->n,
@@ -164,12 +204,17 @@ static qlr_status check_batch(const qlr_forward *f, const qlr_kv_cache *kv, cons
     if (b->n_logits < 0 || b->n_logits > f->max_logits || b->n_logits > b->n)
         return qlr_errorf(QLR_ERR_RANGE, "%d logits rows requested (workspace holds %d, batch %d)",
                           b->n_logits, f->max_logits, b->n);
-    if (kv->n_layers != c->n_layers || kv->n_kv != c->n_kv_heads || kv->head_dim != c->head_dim)
+    if (kv && (kv->n_layers != c->n_layers || kv->n_kv != c->n_kv_heads ||
+               kv->head_dim != c->head_dim))
         return qlr_errorf(QLR_ERR_INVALID, "KV cache was made for another model");
+    if (kvp && (kvp->n_layers != c->n_layers || kvp->n_kv != c->n_kv_heads ||
+                kvp->head_dim != c->head_dim))
+        return qlr_errorf(QLR_ERR_INVALID, "paged KV cache was made for another model");
     for (int32_t i = 0; i < b->n; i++) {
         if (b->tokens[i] < 0 || b->tokens[i] >= c->n_vocab)
             return qlr_errorf(QLR_ERR_RANGE, "token %d of the batch: id %d is outside the vocabulary "
                               "(0..%d)", i, b->tokens[i], c->n_vocab - 1);
+        if (!kv) continue;
         if (b->pos[i] < 0 || b->pos[i] >= kv->ctx)
             return qlr_errorf(QLR_ERR_RANGE, "token %d of the batch: position %d is outside the "
                               "context (0..%d)", i, b->pos[i], kv->ctx - 1);
@@ -177,6 +222,7 @@ static qlr_status check_batch(const qlr_forward *f, const qlr_kv_cache *kv, cons
             return qlr_errorf(QLR_ERR_RANGE, "token %d of the batch: sequence %d is outside the "
                               "cache (0..%d)", i, b->seq[i], kv->n_seq - 1);
     }
+    if (kvp) QLR_TRY(check_paged(f, kvp, b, bt));
     if (b->adapters && (b->adapters->n_layers != c->n_layers || b->adapters->n_slots < 1))
         return qlr_errorf(QLR_ERR_INVALID, "adapter set made for %d layers (the model has %d)",
                           b->adapters->n_layers, c->n_layers);
@@ -259,12 +305,17 @@ static qlr_status set_adapters(qlr_forward *f, const qlr_batch *b) {
     return f->m->be->mem.h2d(f->m->be, f->buf[B_SLOT], f->slot_host, (size_t)b->n * 4);
 }
 
-qlr_status qlr_model_forward(qlr_forward *f, qlr_kv_cache *kv, const qlr_batch *b,
-                             float **logits) {
+/* The forward over the contiguous cache kv or the paged cache kvp with tables bt (exactly one
+ * cache is set). */
+static qlr_status forward(qlr_forward *f, qlr_kv_cache *kv, qlr_kv_paged *kvp, const qlr_batch *b,
+                          const qlr_block_table *bt, float **logits) {
     qlr_model *m = f->m;
     qlr_backend *be = m->be;
     const qlr_model_config *c = &m->cfg;
-    QLR_TRY(check_batch(f, kv, b));
+    QLR_TRY(check_batch(f, kv, kvp, b, bt));
+    if (kvp && (!be->ops.kv_store_paged || !be->ops.attention_paged))
+        return qlr_errorf(QLR_ERR_UNSUPPORTED, "the %s backend has no paged KV cache ops",
+                          be->name);
     int64_t n = b->n, d = c->d_model, nh = c->n_heads, nkv = c->n_kv_heads, hd = c->head_dim;
     int32_t *ids = f->buf[B_IDS], *pos = f->buf[B_POS], *seq = f->buf[B_SEQ], *rows = f->buf[B_ROWS];
     void *x = f->buf[B_X], *xn = f->buf[B_XN], *q = f->buf[B_Q], *k = f->buf[B_K], *v = f->buf[B_V],
@@ -273,6 +324,11 @@ qlr_status qlr_model_forward(qlr_forward *f, qlr_kv_cache *kv, const qlr_batch *
     QLR_TRY(be->mem.h2d(be, pos, b->pos, (size_t)n * 4));
     QLR_TRY(be->mem.h2d(be, seq, b->seq, (size_t)n * 4));
     QLR_TRY(set_adapters(f, b));
+    int32_t *kvslot = f->buf[B_KVSLOT];
+    if (kvp) {
+        QLR_TRY(be->mem.h2d(be, kvslot, f->kvslot_host, (size_t)n * 4));
+        QLR_TRY(be->mem.h2d(be, kvp->table, bt->ids, (size_t)bt->n_seqs * (size_t)bt->width * 4));
+    }
 
     QLR_TRY(be->ops.embedding(be, x, m->tok_embd, ids, n, d, c->n_vocab));
     if (f->hidden_fn) f->hidden_fn(f->hidden_ud, -1, x, n, d);
@@ -303,7 +359,12 @@ qlr_status qlr_model_forward(qlr_forward *f, qlr_kv_cache *kv, const qlr_batch *
             QLR_TRY(linear(f, l, QLR_LIN_K, k, xn, n));
             QLR_TRY(linear(f, l, QLR_LIN_V, v, xn, n));
         }
-        if (op->rope_kv_store) {
+        if (kvp) {
+            QLR_TRY(op->rope(be, q, pos, m->inv_freq, n, nh, hd));
+            QLR_TRY(op->rope(be, k, pos, m->inv_freq, n, nkv, hd));
+            QLR_TRY(op->kv_store_paged(be, kvp->k[l], kvp->v[l], k, v, kvslot, n, nkv, hd,
+                                       (int64_t)kvp->n_blocks * kvp->block));
+        } else if (op->rope_kv_store) {
             QLR_TRY(op->rope_kv_store(be, q, k, v, kv->k[l], kv->v[l], seq, pos, m->inv_freq, n, nh,
                                       nkv, hd, kv->ctx));
         } else {
@@ -321,7 +382,10 @@ qlr_status qlr_model_forward(qlr_forward *f, qlr_kv_cache *kv, const qlr_batch *
                 QLR_TRY(ast);
             }
         }
-        if (ast == QLR_ERR_UNSUPPORTED)
+        if (ast == QLR_ERR_UNSUPPORTED && kvp)
+            QLR_TRY(op->attention_paged(be, att, q, kvp->k[l], kvp->v[l], kvp->table, bt->width,
+                                        kvp->block, seq, pos, n, nh, nkv, hd, scale));
+        else if (ast == QLR_ERR_UNSUPPORTED)
             QLR_TRY(op->attention(be, att, q, kv->k[l], kv->v[l], seq, pos, n, nh, nkv, hd,
                                   kv->ctx, scale));
         QLR_TRY(linear(f, l, QLR_LIN_O, o, att, n));
@@ -367,6 +431,16 @@ qlr_status qlr_model_forward(qlr_forward *f, qlr_kv_cache *kv, const qlr_batch *
     QLR_TRY(be->ops.rmsnorm(be, xl, xl, m->out_norm, nl, d, c->rms_eps));
     QLR_TRY(be->ops.lm_head(be, *logits, xl, m->lm_head, nl, d, c->n_vocab));
     return QLR_OK;
+}
+
+qlr_status qlr_model_forward(qlr_forward *f, qlr_kv_cache *kv, const qlr_batch *b,
+                             float **logits) {
+    return forward(f, kv, NULL, b, NULL, logits);
+}
+
+qlr_status qlr_model_forward_paged(qlr_forward *f, qlr_kv_paged *kv, const qlr_batch *b,
+                                   const qlr_block_table *bt, float **logits) {
+    return forward(f, NULL, kv, b, bt, logits);
 }
 
 /* ---- generation ---- */

@@ -2,7 +2,8 @@
  * table (backend/backend.h) so the same code runs on cpu and cuda.
  *
  * Owns: the architecture config (from GGUF metadata or HF config.json), loading weights into
- * the NF4 store (streaming, tensor by tensor), the KV cache, the forward pass for a batch of
+ * the NF4 store (streaming, tensor by tensor), the KV caches (contiguous, and paged for serving:
+ * fixed-size blocks found through per-sequence block tables), the forward pass for a batch of
  * sequences of different lengths, the generation loop, and two tools built on the loader:
  * per-tensor NF4 error (`qlora inspect --nf4`) and the export of the dequantized weights as
  * HF-named safetensors (the golden reference's input). It does not own tokenizers or chat
@@ -149,6 +150,32 @@ qlr_status qlr_kv_cache_create(const qlr_model *m, int32_t n_seq, int32_t ctx,
                                qlr_kv_cache **out);
 void qlr_kv_cache_free(qlr_kv_cache *kv);
 
+/* ---- paged KV cache (serving) ---- */
+
+/* Fixed-size blocks of `block` token rows in one pool per layer: k and v
+ * [n_blocks * block, n_kv_heads, head_dim] act (pool row = block_id * block + offset), all in one
+ * device allocation, plus the device block table the forward fills from qlr_batch.block_table
+ * ([max_seqs, max_width] int32: sequences of one batch x blocks per sequence). Which block holds
+ * what is the caller's business (infer/ hands blocks out, shares and frees them); the cache
+ * only stores. */
+typedef struct qlr_kv_paged {
+    int32_t n_layers, n_blocks, block, n_kv, head_dim;
+    int32_t max_seqs, max_width;
+    void **k, **v;     /* [n_layers] device pool pointers */
+    int32_t *table;    /* [max_seqs * max_width] device */
+    void *mem;         /* the allocation */
+    uint64_t bytes;
+    qlr_backend *be;
+} qlr_kv_paged;
+
+/* Bytes of the pools and the table. */
+uint64_t qlr_kv_paged_bytes(const qlr_model_config *cfg, qlr_backend *be, int32_t n_blocks,
+                            int32_t block, int32_t max_seqs, int32_t max_width);
+/* QLR_ERR_INVALID for a size < 1; QLR_ERR_NOMEM naming the size. *out NULL on failure. */
+qlr_status qlr_kv_paged_create(const qlr_model *m, int32_t n_blocks, int32_t block,
+                               int32_t max_seqs, int32_t max_width, qlr_kv_paged **out);
+void qlr_kv_paged_free(qlr_kv_paged *kv);
+
 /* ---- adapter sets ---- */
 
 /* The adapters one forward (or one training step) may apply, as the model consumes them: a table
@@ -193,6 +220,16 @@ typedef struct qlr_batch {
     const int32_t *adapter_slot; /* [n] */
 } qlr_batch;
 
+/* The block tables of one batch over a paged cache (qlr_model_forward_paged): the batch's seq[i]
+ * is a row of ids, and position p of that sequence lives in pool block ids[seq * width + p /
+ * block] at row p % block. Rows of different sequences may name the same block (a shared
+ * prefix) as long as no token of the batch writes into it. Host memory. (A separate argument,
+ * not qlr_batch fields, so that positional qlr_batch initializers stay complete.) */
+typedef struct qlr_block_table {
+    const int32_t *ids;        /* [n_seqs, width] */
+    int32_t n_seqs, width;
+} qlr_block_table;
+
 /* Called after each decoder layer (and with layer = -1 after the embedding) with the
  * residual stream h [n, d_model] act (device). For golden tests and debugging. */
 typedef void (*qlr_hidden_fn)(void *ud, int32_t layer, const void *h, int64_t n, int64_t d);
@@ -214,6 +251,14 @@ void qlr_forward_set_hidden_fn(qlr_forward *f, qlr_hidden_fn fn, void *ud);
  * a message naming the offending token. */
 qlr_status qlr_model_forward(qlr_forward *f, qlr_kv_cache *kv, const qlr_batch *b,
                              float **logits);
+
+/* qlr_model_forward over a paged cache: each token's K/V is stored at its pool row and attention
+ * reads its sequence through the block tables `bt`. Validates the tables against the cache
+ * (rows, width, block ids of every position a token reaches): QLR_ERR_RANGE naming the token.
+ * On the CPU the logits are bitwise those of qlr_model_forward over a contiguous cache holding
+ * the same rows. */
+qlr_status qlr_model_forward_paged(qlr_forward *f, qlr_kv_paged *kv, const qlr_batch *b,
+                                   const qlr_block_table *bt, float **logits);
 
 /* ---- generation (one sequence) ---- */
 

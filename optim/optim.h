@@ -1,8 +1,13 @@
 /* optim/optim.h: the optimizer module's public API: AdamW (bitsandbytes-style 8-bit blockwise
  * states, bnb's 32-bit path for small tensors, and PyTorch's 32-bit AdamW), the serializable
  * per-tensor optimizer state, global-norm gradient clipping and the learning-rate schedules of
- * HF transformers. Host (CPU backend) implementations; the step functions take plain arrays so
- * that a CUDA kernel can mirror their signatures. Spec: ../shared/specs/FORMATS.md §2.
+ * HF transformers. Spec: ../shared/specs/FORMATS.md §2. Two families of entry points:
+ *  - on a backend (the trainer's path): states whose arrays live in the backend's memory
+ *    (qlr_adamw_state_create), stepped by its adamw_step op (qlr_adamw_update), clipped with its
+ *    sum_squares / scale_f32 ops (qlr_grad_clip), saved and loaded in the same byte layout;
+ *  - on host arrays (qlr_adamw_state_init, qlr_adamw_step, qlr_clip_grad_norm, ...): the CPU
+ *    backend's ops called directly, kept for existing callers; same bits as the CPU backend.
+ * The step math itself is the backends' (backend/cpu/ops_optim.c is the reference).
  * Parameters are fp32 masters; gradients fp32. Nothing here allocates during a step. */
 #ifndef QLR_OPTIM_H
 #define QLR_OPTIM_H
@@ -25,8 +30,10 @@ qlr_adamw_hparams qlr_adamw_default_hparams(void);
 /* ---------------------------------------------------------------- state */
 
 
-/* One parameter tensor's optimizer state. All arrays are owned (malloc) by the state.
- * Flat description: n, step, kind, and either (m, v) or (code1, code2, absmax1, absmax2). */
+/* One parameter tensor's optimizer state. The arrays are owned by the state: host memory
+ * (malloc) when made by qlr_adamw_state_init, the backend's memory when made by
+ * qlr_adamw_state_create (the struct itself is always host memory). Flat description: n, step,
+ * kind, and either (m, v) or (code1, code2, absmax1, absmax2). */
 typedef struct qlr_adamw_state {
     int64_t n;          /* elements of the parameter tensor */
     int64_t step;       /* updates done so far (the next update uses t = step + 1) */
@@ -47,13 +54,31 @@ qlr_status qlr_adamw_state_init(qlr_adamw_state *s, int64_t n, int use_8bit);
 /* Frees the arrays of *s and zeroes it; safe on a zeroed struct. */
 void qlr_adamw_state_free(qlr_adamw_state *s);
 
+/* The same state with its arrays in be's memory, zeroed (the kind rule of qlr_adamw_state_init).
+ * Returns QLR_ERR_INVALID for n < 0, the backend's QLR_ERR_NOMEM / QLR_ERR_DEVICE when an
+ * allocation or the zeroing fails (*s is then zeroed). */
+qlr_status qlr_adamw_state_create(qlr_backend *be, qlr_adamw_state *s, int64_t n, int use_8bit);
+/* Frees the arrays of a state made by qlr_adamw_state_create on the same be, and zeroes it;
+ * safe on a zeroed struct. */
+void qlr_adamw_state_destroy(qlr_backend *be, qlr_adamw_state *s);
+
 /* One AdamW update of p[n] with gradient g[n]: increments s->step first (the first update
  * uses t = 1), then runs the step function of s->kind. Threaded. Returns QLR_ERR_INVALID if
  * the state is malformed (unknown kind); cannot otherwise fail. */
 qlr_status qlr_adamw_step(qlr_adamw_state *s, float *p, const float *g, const qlr_adamw_hparams *hp);
 
-/* The step functions themselves (the CPU backend's ops; a CUDA kernel mirrors each one).
- * t >= 1 is the (already incremented) step. Threaded with qlr_parallel_for.
+/* The same update on a backend: increments s->step, then be->ops.adamw_step(be, s->kind, p, g,
+ * the state's arrays, s->n, hp, s->step). p, g [s->n] f32 and the state's arrays are be memory
+ * (s from qlr_adamw_state_create on be); hp host. Asynchronous like every op. Returns
+ * QLR_ERR_INVALID for an unknown kind, QLR_ERR_UNSUPPORTED when be has no adamw_step op, or the
+ * op's failure; s->step is unchanged on any failure (on a device failure the arrays may be
+ * partly updated). On the CPU backend: the bits of qlr_adamw_step. */
+qlr_status qlr_adamw_update(qlr_backend *be, qlr_adamw_state *s, float *p, const float *g,
+                            const qlr_adamw_hparams *hp);
+
+/* The step functions on host arrays (the CPU backend's adamw_step op, whose math is described
+ * here; the CUDA op gives the same bits). t >= 1 is the (already incremented) step. Threaded
+ * with qlr_parallel_for.
  *
  * qlr_adamw8bit_step: bnb's kOptimizerStatic8bit2StateBlockwise on 256-element blocks:
  *   dequantize m, v with the old absmax; m = b1*m + (1-b1)*g, v = b2*v + (1-b2)*g^2;
@@ -100,19 +125,43 @@ qlr_status qlr_adamw_states_write(const qlr_adamw_state *s, int n_tensors, uint8
  * with the n and kind the run expects; step and the moments are overwritten. `what` names the
  * source in messages (a path). Returns QLR_ERR_FORMAT for a bad magic, version, crc, truncated
  * or trailing bytes, QLR_ERR_INVALID when the tensor count, an n or a kind differs from s
- * (the message names the tensor index). On failure s may be partly overwritten. */
+ * (the message names the tensor index). Every record is validated before anything is written,
+ * so on those failures s is unchanged. */
 qlr_status qlr_adamw_states_read(qlr_adamw_state *s, int n_tensors, const uint8_t *buf, size_t len,
                                  const char *what);
 
+/* qlr_adamw_states_write for states made by qlr_adamw_state_create on be: the same bytes
+ * (device -> host copies into buf, then a sync of be). Also returns the backend's failure of a
+ * copy. buf is host memory. */
+qlr_status qlr_adamw_states_save(qlr_backend *be, const qlr_adamw_state *s, int n_tensors,
+                                 uint8_t *buf, size_t cap, size_t *written);
+/* qlr_adamw_states_read into states made by qlr_adamw_state_create on be: the same checks and
+ * messages, s unchanged on those; host -> device copies, then a sync of be. On a copy failure
+ * (the backend's status) s may be partly overwritten. */
+qlr_status qlr_adamw_states_load(qlr_backend *be, qlr_adamw_state *s, int n_tensors,
+                                 const uint8_t *buf, size_t len, const char *what);
+
 /* ---------------------------------------------------------------- gradient clipping */
 
-/* Global L2 norm over n_tensors gradient tensors grads[i][ns[i]] (accumulated in double,
- * deterministic for a given thread count), then, as torch.nn.utils.clip_grad_norm_, scales
+/* Global L2 norm over n_tensors gradient tensors grads[i][ns[i]] (host arrays; the CPU
+ * sum_squares op: f64 sums per QLR_SUMSQ_CHUNK chunk added in chunk order, so deterministic
+ * whatever the thread count), then, as torch.nn.utils.clip_grad_norm_, scales
  * every gradient by max_norm / (norm + 1e-6) when that factor is < 1. max_norm <= 0 only
  * measures. Returns the pre-clip norm. When the norm is NaN or Inf nothing is scaled and
  * *nonfinite (if not NULL) is set to 1 (else 0): the caller skips or stops the step. */
 float qlr_clip_grad_norm(float *const *grads, const int64_t *ns, int n_tensors, float max_norm,
                          int *nonfinite);
+
+/* The same clipping on a backend: grads[i] [ns[i]] f32 in be memory (the arrays of pointers
+ * are host). acc_dev is one f64 of be memory owned by the caller (scratch). Zeroes *acc_dev,
+ * runs sum_squares on every tensor in order, copies the sum to the host (one sync of be), sets
+ * *norm = (float)sqrt(sum) and *nonfinite (if not NULL) as above, then when the norm is finite,
+ * max_norm > 0 and coef = max_norm / (norm + 1e-6f) < 1, scale_f32(coef) on every tensor
+ * (queued, not waited for). Returns QLR_ERR_UNSUPPORTED when be lacks those ops, or a backend
+ * failure. On the CPU backend the norm and the scaled gradients are qlr_clip_grad_norm's, bit
+ * for bit; on CUDA the f64 sum may differ in its last bits (another summation order). */
+qlr_status qlr_grad_clip(qlr_backend *be, float *const *grads, const int64_t *ns, int n_tensors,
+                         float max_norm, double *acc_dev, float *norm, int *nonfinite);
 
 /* ---------------------------------------------------------------- learning-rate schedules */
 

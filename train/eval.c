@@ -20,6 +20,7 @@
 #include "data/pack.h"
 #include "model/model.h"
 #include "model/backprop.h"
+#include "train/trainer_internal.h"
 
 qlr_eval_opts qlr_eval_opts_default(void) {
     qlr_eval_opts e;
@@ -315,34 +316,23 @@ static qlr_status eval_loss(evaluator *v, qlr_eval_scores *s) {
     qlr_data_cursor c0 = {0, 0};
     QLR_TRY(qlr_batcher_seek(v->batcher, c0));
     uint64_t nb = qlr_batcher_batches_per_epoch(v->batcher);
-    int32_t *tok = NULL, *tgt = NULL, *pos = NULL, *seq = NULL;
-    size_t cap = (size_t)v->e->run->micro_batch_size * v->e->run->sequence_len;
-    tok = malloc(cap * 4), tgt = malloc(cap * 4), pos = malloc(cap * 4), seq = malloc(cap * 4);
-    qlr_status st = (tok && tgt && pos && seq) ? QLR_OK : qlr_errorf(QLR_ERR_NOMEM, "out of memory");
+    qlr_micro mb;
+    memset(&mb, 0, sizeof mb);
+    qlr_status st = QLR_OK;
     double sum = 0;
     int64_t cnt = 0;
     for (uint64_t i = 0; i < nb && st == QLR_OK; i++) {
         qlr_data_batch b;
-        if ((st = qlr_batcher_next(v->batcher, &b))) break;
-        int32_t n = 0;
-        for (uint32_t q = 0; q < b.n_seqs; q++)
-            for (uint32_t j = 0; j < b.seq_lengths[q] && (size_t)n < cap; j++) {
-                uint32_t at = b.seq_offsets[q] + j;
-                tok[n] = b.input_ids[at];
-                tgt[n] = b.targets[at];
-                pos[n] = b.positions[at];
-                seq[n] = (int32_t)q;
-                n++;
-            }
-        if (!n) continue;
-        qlr_train_batch tb = {n, tok, tgt, pos, seq, (int32_t)b.n_seqs};
+        if ((st = qlr_batcher_next(v->batcher, &b)) || (st = qlr_micro_from_batch(&mb, &b))) break;
+        if (!mb.n) continue;
+        qlr_train_batch tb = qlr_micro_view(&mb);
         double ls;
         int64_t nt;
         if ((st = qlr_train_eval(v->ctx, v->set, &tb, &ls, &nt))) break;
         sum += ls;
         cnt += nt;
     }
-    free(tok), free(tgt), free(pos), free(seq);
+    qlr_micro_free(&mb);
     s->loss = cnt ? sum / (double)cnt : NAN;
     s->n_targets = cnt;
     return st;

@@ -6,6 +6,8 @@
 #include <string.h>
 
 #include "core/core.h"
+#include "data/dataset.h"
+#include "data/pack.h"
 #include "train/plan.h"
 #include "train/recipe.h"
 #include "train/trainer.h"
@@ -152,3 +154,40 @@ void qlr_train_opts_free(qlr_train_opts *o) {
     free(o->resume_dir);
     memset(o, 0, sizeof *o);
 }
+
+qlr_status qlr_train_data_sources(const qlr_train_opts *o, const char *data_path,
+                                  qlr_data_source **src, uint32_t *n) {
+    uint32_t k = data_path ? 1 : o->n_datasets;
+    *src = calloc(k ? k : 1, sizeof **src);
+    *n = k;
+    if (!*src) return qlr_errorf(QLR_ERR_NOMEM, "out of memory");
+    for (uint32_t i = 0; i < k; i++) {
+        const qlr_train_dataset *d = &o->datasets[i];
+        qlr_data_source *s = &(*src)[i];
+        s->path = data_path ? data_path : d->path;
+        s->format = (qlr_data_format)d->format;
+        s->field = d->field;
+        s->field_messages = d->field_messages;
+        s->field_role = d->field_role;
+        s->field_content = d->field_content;
+        s->skip_bad_lines = d->skip_bad_lines;
+    }
+    return QLR_OK;
+}
+
+void qlr_train_data_params(const qlr_train_opts *o, qlr_data_params *dp) {
+    *dp = qlr_data_params_default();
+    dp->sequence_len = o->sequence_len;
+    dp->train_on_inputs = o->train_on_inputs;
+    dp->drop_long = o->drop_long;
+}
+
+void qlr_train_batch_params(const qlr_train_opts *o, int shuffle, qlr_batch_params *bp) {
+    *bp = qlr_batch_params_default();
+    bp->micro_batch_size = o->micro_batch_size;
+    bp->sequence_len = o->sequence_len;
+    bp->packing = o->sample_packing;
+    bp->shuffle = shuffle;
+    bp->seed = o->seed;
+}
+

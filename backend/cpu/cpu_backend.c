@@ -3,6 +3,7 @@
  * OpenBLAS runs with as many threads as our pool; it is only called outside our parallel
  * regions (it serialises concurrent callers), see ops_linear.c. */
 #include "backend/cpu/cpu_internal.h"
+#include "backend/cpu/cpu_optim.h"
 
 #include <cblas.h>
 #include <stdlib.h>
@@ -108,6 +109,13 @@ qlr_status qlr_backend_cpu_create(int n_threads, qlr_backend **out) {
     o->attention_varlen_bwd = qlr_cpu_attention_varlen_bwd;
     o->lm_head_ce = qlr_cpu_lm_head_ce;
     o->dropout = qlr_cpu_dropout;
+    o->lora_batched = qlr_cpu_lora_batched;
+    o->adamw_step = qlr_cpu_adamw_step;
+    o->sum_squares = qlr_cpu_sum_squares;
+    o->scale_f32 = qlr_cpu_scale_f32;
+    o->f32_to_act = qlr_cpu_f32_to_act;
+    o->kv_store_paged = qlr_cpu_kv_store_paged;
+    o->attention_paged = qlr_cpu_attention_paged;
     *out = be;
     return QLR_OK;
 }

@@ -61,6 +61,14 @@ qlr_status qlr_cpu_attention_bwd(qlr_backend *be, void *dq, void *dk_cache, void
                                  const int32_t *seq, const int32_t *pos, int64_t n,
                                  int64_t n_heads, int64_t n_kv, int64_t hd, int64_t ctx,
                                  float scale);
+qlr_status qlr_cpu_kv_store_paged(qlr_backend *be, void *k_pool, void *v_pool, const void *k,
+                                  const void *v, const int32_t *slot, int64_t n, int64_t n_kv,
+                                  int64_t hd, int64_t n_rows);
+qlr_status qlr_cpu_attention_paged(qlr_backend *be, void *out, const void *q, const void *k_pool,
+                                   const void *v_pool, const int32_t *block_table, int64_t width,
+                                   int64_t block, const int32_t *seq, const int32_t *pos,
+                                   int64_t n, int64_t n_heads, int64_t n_kv, int64_t hd,
+                                   float scale);
 
 /* ops_linear.c */
 qlr_status qlr_cpu_nf4_linear(qlr_backend *be, void *y, const void *x, const qlr_nf4 *w,
@@ -72,6 +80,10 @@ qlr_status qlr_cpu_lora(qlr_backend *be, void *y, const void *x, const qlr_lora_
 qlr_status qlr_cpu_lora_bwd(qlr_backend *be, float *da, float *db, void *dx, const void *dy,
                             const void *x, const qlr_lora_ref *l, int64_t n, int64_t in,
                             int64_t out);
+qlr_status qlr_cpu_lora_batched(qlr_backend *be, void *y, const void *x, const qlr_lora_ref *L,
+                                const qlr_lora_ref *L_host, int32_t n_slots, const int32_t *slot,
+                                int32_t max_r, int32_t uniform, int64_t n, int64_t in,
+                                int64_t out);
 qlr_status qlr_cpu_lm_head(qlr_backend *be, float *logits, const void *x, const uint16_t *w,
                            int64_t n, int64_t d, int64_t vocab);
 

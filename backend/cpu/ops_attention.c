@@ -1,7 +1,9 @@
 /* backend/cpu/ops_attention.c: the CPU reference of the KV cache store and of causal GQA
  * attention over it (any mix of prefill and decode tokens of many sequences; each token sees
- * cache rows 0..pos[t] of its own sequence), plus their backward. Plain loops in f32, one
- * (token, head) per work item, softmax with the running max subtracted. */
+ * cache rows 0..pos[t] of its own sequence), plus their backward, and the paged forms (rows
+ * found through a block table; one code path with the contiguous cache, only the row address
+ * differs, so both give the same bits). Plain loops in f32, one (token, head) per work item,
+ * softmax with the running max subtracted. */
 #include <math.h>
 #include <string.h>
 
@@ -16,10 +18,17 @@ typedef struct {
     const int32_t *seq, *pos;
     int64_t n, n_heads, n_kv, hd, ctx;
     float scale;
+    const int32_t *btab;   /* paged: block table [n_seqs, width], NULL for the contiguous cache */
+    int64_t width, block;
 } att_ctx;
 
-/* Offset of cache row (s, p, g, 0). */
+/* Offset of cache row (s, p, g, 0): contiguous [n_seq, ctx, n_kv, hd], or paged through the
+ * block table (pool [n_blocks * block, n_kv, hd]). */
 static inline int64_t cache_off(const att_ctx *c, int64_t s, int64_t p, int64_t g) {
+    if (c->btab) {
+        int64_t row = (int64_t)c->btab[s * c->width + p / c->block] * c->block + p % c->block;
+        return (row * c->n_kv + g) * c->hd;
+    }
     return ((s * c->ctx + p) * c->n_kv + g) * c->hd;
 }
 
@@ -106,6 +115,44 @@ qlr_status qlr_cpu_attention(qlr_backend *be, void *out, const void *q, const vo
     att_ctx c = {.be = be, .out = out, .q = q, .k_cache = k_cache, .v_cache = v_cache,
                  .seq = seq, .pos = pos, .n = n, .n_heads = n_heads, .n_kv = n_kv, .hd = hd,
                  .ctx = ctx, .scale = scale};
+    qlr_parallel_for(n * n_heads, 1, att_run, &c);
+    return QLR_OK;
+}
+
+static void kv_store_paged_run(void *p, int64_t b, int64_t e, int tid) {
+    att_ctx *c = p;
+    int64_t row = c->n_kv * c->hd;
+    for (int64_t t = b; t < e; t++) {
+        if (c->pos[t] < 0) continue; /* pos holds the slots here */
+        memcpy(c->kc + c->pos[t] * row, c->k + t * row, (size_t)row * 4);
+        memcpy(c->vc + c->pos[t] * row, c->v + t * row, (size_t)row * 4);
+    }
+}
+
+qlr_status qlr_cpu_kv_store_paged(qlr_backend *be, void *k_pool, void *v_pool, const void *k,
+                                  const void *v, const int32_t *slot, int64_t n, int64_t n_kv,
+                                  int64_t hd, int64_t n_rows) {
+    for (int64_t t = 0; t < n; t++) QLR_ASSERT(slot[t] < n_rows);
+    att_ctx c = {.kc = k_pool, .vc = v_pool, .k = k, .v = v, .pos = slot, .n_kv = n_kv, .hd = hd};
+    qlr_parallel_for(n, 64, kv_store_paged_run, &c);
+    return QLR_OK;
+}
+
+qlr_status qlr_cpu_attention_paged(qlr_backend *be, void *out, const void *q, const void *k_pool,
+                                   const void *v_pool, const int32_t *block_table, int64_t width,
+                                   int64_t block, const int32_t *seq, const int32_t *pos,
+                                   int64_t n, int64_t n_heads, int64_t n_kv, int64_t hd,
+                                   float scale) {
+    QLR_ASSERT(n_kv > 0 && n_heads % n_kv == 0 && block > 0 && width > 0);
+    for (int64_t t = 0; t < n; t++) {
+        QLR_ASSERT(seq[t] >= 0 && pos[t] >= 0 && pos[t] < width * block);
+        for (int64_t i = 0; i <= pos[t] / block; i++) QLR_ASSERT(block_table[seq[t] * width + i] >= 0);
+    }
+    QLR_TRY(qlr_cpu_scratch_reserve(be, (size_t)(width * block) * 4));
+    att_ctx c = {.be = be, .out = out, .q = q, .k_cache = k_pool, .v_cache = v_pool,
+                 .seq = seq, .pos = pos, .n = n, .n_heads = n_heads, .n_kv = n_kv, .hd = hd,
+                 .ctx = width * block, .scale = scale, .btab = block_table, .width = width,
+                 .block = block};
     qlr_parallel_for(n * n_heads, 1, att_run, &c);
     return QLR_OK;
 }

@@ -1,6 +1,8 @@
 /* backend/cpu/ops_linear.c: the CPU matrix products: NF4 linear (forward and dX), lm_head on
- * a bf16 table, and the LoRA hook (forward and gradients). Weights are never dequantized
- * whole: see the two regimes below (fused GEMV for few tokens, chunked sgemm for many). */
+ * a bf16 table, the LoRA hook (forward and gradients) and the batched multi-adapter LoRA (one
+ * adapter per token, plain loops so that each row's bits depend on that row alone). Weights are
+ * never dequantized whole: see the two regimes below (fused GEMV for few tokens, chunked sgemm
+ * for many). */
 #include <cblas.h>
 #include <pthread.h>
 #include <string.h>
@@ -238,5 +240,71 @@ qlr_status qlr_cpu_lora_bwd(qlr_backend *be, float *da, float *db, void *dx, con
     if (dx) /* dx [n, in] += scale · g · A */
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)in, r, l->scale, g, r,
                     l->a, (int)in, 1.0f, dx, (int)in);
+    return QLR_OK;
+}
+
+/* ---- batched multi-adapter LoRA ----
+ *
+ * Every token applies its own slot's A and B with plain loops (no BLAS: OpenBLAS picks kernels
+ * by matrix size, so a row's bits would depend on how many rows share the call). Each dot
+ * product runs LORA_LANES independent accumulators, lane l taking the elements j ≡ l mod
+ * LORA_LANES in order, then a fixed pairwise combine and the tail in order: the compiler may
+ * vectorise the lanes, but the sum of every row is formed the same way whatever the batch. */
+
+#define LORA_LANES 8
+
+/* Σ a[j]·b[j] over n values in the fixed lane pattern. */
+static inline float lora_dot(const float *a, const float *b, int64_t n) {
+    float acc[LORA_LANES] = {0};
+    int64_t j = 0;
+    for (; j + LORA_LANES <= n; j += LORA_LANES)
+        for (int l = 0; l < LORA_LANES; l++) acc[l] += a[j + l] * b[j + l];
+    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; j < n; j++) s += a[j] * b[j];
+    return s;
+}
+
+typedef struct {
+    qlr_backend *be;
+    float *y;                  /* [n, out] */
+    const float *x;            /* [n, in] */
+    const qlr_lora_ref *L;     /* [n_slots] host */
+    const int32_t *slot;       /* [n] */
+    int32_t n_slots;
+    int64_t in, out;
+} lora_batched_ctx;
+
+static void lora_batched_run(void *p, int64_t b, int64_t e, int tid) {
+    lora_batched_ctx *c = p;
+    float *u = qlr_cpu_scratch(c->be, tid); /* [max_r] = x[t] · Aᵀ */
+    for (int64_t t = b; t < e; t++) {
+        int32_t s = c->slot[t];
+        if (s < 0 || s >= c->n_slots) continue;
+        const qlr_lora_ref *l = &c->L[s];
+        int32_t r = l->r;
+        if (r <= 0) continue;
+        const float *xt = c->x + t * c->in, *A = l->a, *B = l->b;
+        for (int32_t k = 0; k < r; k++) u[k] = lora_dot(A + (int64_t)k * c->in, xt, c->in);
+        float *yt = c->y + t * c->out;
+        for (int64_t o = 0; o < c->out; o++) yt[o] += l->scale * lora_dot(B + o * r, u, r);
+    }
+}
+
+qlr_status qlr_cpu_lora_batched(qlr_backend *be, void *y, const void *x, const qlr_lora_ref *L,
+                                const qlr_lora_ref *L_host, int32_t n_slots, const int32_t *slot,
+                                int32_t max_r, int32_t uniform, int64_t n, int64_t in,
+                                int64_t out) {
+    if (n <= 0 || n_slots <= 0) return QLR_OK;
+    QLR_ASSERT(L_host && slot && max_r >= 0 && in > 0 && out > 0);
+    for (int32_t s = 0; s < n_slots; s++) QLR_ASSERT(L_host[s].r <= max_r);
+    if (max_r == 0) return QLR_OK;
+    /* uniform is only a hint; the per-token loop is already the dense path here */
+    QLR_TRY(qlr_cpu_scratch_reserve(be, (size_t)max_r * 4));
+    lora_batched_ctx c = {be, y, x, L_host, slot, n_slots, in, out};
+    /* about 64k multiply-adds per chunk, so that a decode step of a few tokens stays on one
+     * thread and a prefill spreads over all of them */
+    int64_t per_token = (int64_t)max_r * (in + out);
+    int64_t min_chunk = (65536 + per_token - 1) / per_token;
+    qlr_parallel_for(n, min_chunk, lora_batched_run, &c);
     return QLR_OK;
 }

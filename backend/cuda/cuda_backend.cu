@@ -298,6 +298,7 @@ extern "C" qlr_status qlr_backend_cuda_create(int n_threads, qlr_backend **out) 
     o->get_rows = qlr_cuda_get_rows;
     o->nf4_linear = qlr_cuda_nf4_linear;
     o->lora = qlr_cuda_lora;
+    o->lora_batched = qlr_cuda_lora_batched;
     o->lm_head = qlr_cuda_lm_head;
     o->sample = qlr_cuda_sample;
     o->rmsnorm_bwd = qlr_cuda_rmsnorm_bwd;
@@ -308,6 +309,8 @@ extern "C" qlr_status qlr_backend_cuda_create(int n_threads, qlr_backend **out) 
     o->swiglu_nf4_linear = qlr_cuda_swiglu_nf4_linear;
     o->add_rmsnorm = qlr_cuda_add_rmsnorm;
     o->rope_kv_store = qlr_cuda_rope_kv_store;
+    o->kv_store_paged = qlr_cuda_kv_store_paged;
+    o->attention_paged = qlr_cuda_attention_paged;
     const char *sdpa = getenv("QLR_CUDA_SDPA");
     if (!sdpa || atoi(sdpa) != 0) {
         o->attention_fresh = cu_attention_fresh;

@@ -147,6 +147,14 @@ qlr_status qlr_cuda_attention(qlr_backend *be, void *out, const void *q, const v
                               const void *v_cache, const int32_t *seq, const int32_t *pos,
                               int64_t n, int64_t n_heads, int64_t n_kv, int64_t hd, int64_t ctx,
                               float scale);
+qlr_status qlr_cuda_kv_store_paged(qlr_backend *be, void *k_pool, void *v_pool, const void *k,
+                                   const void *v, const int32_t *slot, int64_t n, int64_t n_kv,
+                                   int64_t hd, int64_t n_rows);
+qlr_status qlr_cuda_attention_paged(qlr_backend *be, void *out, const void *q, const void *k_pool,
+                                    const void *v_pool, const int32_t *block_table, int64_t width,
+                                    int64_t block, const int32_t *seq, const int32_t *pos,
+                                    int64_t n, int64_t n_heads, int64_t n_kv, int64_t hd,
+                                    float scale);
 qlr_status qlr_cuda_swiglu(qlr_backend *be, void *out, const void *gate, const void *up, int64_t n);
 qlr_status qlr_cuda_swiglu_bwd(qlr_backend *be, void *dgate, void *dup, const void *dout,
                                const void *gate, const void *up, int64_t n);
@@ -161,6 +169,10 @@ qlr_status qlr_cuda_lora(qlr_backend *be, void *y, const void *x, const qlr_lora
                          int64_t in, int64_t out);
 qlr_status qlr_cuda_lm_head(qlr_backend *be, float *logits, const void *x, const uint16_t *w,
                             int64_t n, int64_t d, int64_t vocab);
+qlr_status qlr_cuda_lora_batched(qlr_backend *be, void *y, const void *x, const qlr_lora_ref *L,
+                                 const qlr_lora_ref *L_host, int32_t n_slots, const int32_t *slot,
+                                 int32_t max_r, int32_t uniform, int64_t n, int64_t in,
+                                 int64_t out);
 /* Fused ops (the optional entries at the end of the op table). */
 qlr_status qlr_cuda_nf4_linear_multi(qlr_backend *be, int k, void *const *y, const void *x,
                                      const qlr_nf4 *const *w, const float *const *bias, int64_t n);

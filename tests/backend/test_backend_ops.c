@@ -321,6 +321,100 @@ static void test_lora(void) {
         free(rda), free(rdb), free(rdx);
 }
 
+/* The batched multi-adapter LoRA against the single-adapter op applied to each token's row
+ * alone, and the promise that a row's bits depend only on that row's x and slot. Slots of ranks
+ * 4, 8, 16, 64, a slot with r = 0 and tokens of slot -1 (untouched); tokens of one slot
+ * scattered through the batch; in not a multiple of the accumulator width. */
+static void test_lora_batched_shape(int64_t n, int64_t in, int64_t out) {
+    enum { NS = 5 };
+    const int32_t ranks[NS] = {4, 8, 0, 16, 64};
+    const float scales[NS] = {0.5f, 2.0f, 1.0f, -0.25f, 0.125f};
+    float *A[NS], *B[NS];
+    qlr_lora_ref L[NS];
+    for (int s = 0; s < NS; s++) {
+        int32_t r = ranks[s];
+        A[s] = rnd(r * in, 0.1f);
+        B[s] = rnd(out * r, 0.1f);
+        L[s] = (qlr_lora_ref){A[s], B[s], r, scales[s]};
+    }
+    float *x = rnd(n * in, 1.0f), *y0 = rnd(n * out, 1.0f);
+    float *y = malloc(n * out * 4), *one = malloc(out * 4), *u = malloc(n * out * 4);
+    int32_t *slot = malloc(n * 4), *uslot = malloc(n * 4);
+    for (int64_t t = 0; t < n; t++) slot[t] = (int32_t)(test_rng_u64(&g_rng) % (NS + 1)) - 1;
+    memcpy(y, y0, n * out * 4);
+    CHECK_OK(be->ops.lora_batched(be, y, x, L, L, NS, slot, 64, -1, n, in, out));
+    char what[96];
+    int64_t bad_ref = 0, bad_alone = 0, bad_uniform = 0, bad_untouched = 0;
+    double wmax = 0;
+    for (int64_t t = 0; t < n; t++) {
+        int32_t s = slot[t];
+        const float *xt = x + t * in, *yt = y + t * out;
+        if (s < 0 || ranks[s] == 0) {
+            bad_untouched += memcmp(yt, y0 + t * out, out * 4) != 0;
+            continue;
+        }
+        /* the single-adapter op (OpenBLAS) on this row alone; both sum the same f32 products in
+         * different orders, so each side is within m·2⁻²⁴·M of the exact value, m = in + r + 2
+         * terms on the longest path and M = |y0| + |scale|·Σ_j (Σ_k |x_k A_jk|)·|B_oj| the sum of
+         * the magnitudes (the classic bound for recursive summation) */
+        memcpy(one, y0 + t * out, out * 4);
+        CHECK_OK(be->ops.lora(be, one, xt, &L[s], 1, in, out));
+        int32_t r = ranks[s];
+        double gamma = (double)(in + r + 2) * 0x1p-24;
+        for (int64_t o = 0; o < out; o++) {
+            double M = fabs(y0[t * out + o]);
+            for (int32_t j = 0; j < r; j++) {
+                double U = 0;
+                for (int64_t k = 0; k < in; k++) U += fabs((double)xt[k] * A[s][j * in + k]);
+                M += fabs(scales[s]) * U * fabs(B[s][o * r + j]);
+            }
+            double e = fabs((double)yt[o] - one[o]) / (2 * gamma * M);
+            if (!(e <= 1.0)) bad_ref++;
+            if (!(e <= wmax)) wmax = e;
+        }
+        /* bitwise: the same token alone in a batch of one */
+        memcpy(one, y0 + t * out, out * 4);
+        CHECK_OK(be->ops.lora_batched(be, one, xt, L, L, NS, &s, 64, s, 1, in, out));
+        bad_alone += memcmp(one, yt, out * 4) != 0;
+    }
+    /* bitwise: every token in a uniform batch of its slot (the hint set or not) */
+    for (int s = 0; s < NS; s++)
+        for (int hint = 0; hint < 2; hint++) {
+            for (int64_t t = 0; t < n; t++) uslot[t] = s;
+            memcpy(u, y0, n * out * 4);
+            CHECK_OK(be->ops.lora_batched(be, u, x, L, L, NS, uslot, 64, hint ? s : -1, n, in,
+                                          out));
+            for (int64_t t = 0; t < n; t++)
+                if (slot[t] == s) bad_uniform += memcmp(u + t * out, y + t * out, out * 4) != 0;
+        }
+    snprintf(what, sizeof what, "lora_batched n=%lld in=%lld out=%lld", (long long)n,
+             (long long)in, (long long)out);
+    CHECK_MSG(bad_ref == 0, "%s: %lld values off the single-adapter op (worst %.3g x tolerance)",
+              what, (long long)bad_ref, wmax);
+    CHECK_MSG(bad_untouched == 0, "%s: %lld rows of slot -1 / r = 0 changed", what,
+              (long long)bad_untouched);
+    CHECK_MSG(bad_alone == 0, "%s: %lld rows differ from the same token alone", what,
+              (long long)bad_alone);
+    CHECK_MSG(bad_uniform == 0, "%s: %lld rows differ from a uniform batch", what,
+              (long long)bad_uniform);
+    /* the op must have done something: a wrong op that leaves y alone fails above only if
+     * some token was adapted */
+    int adapted = 0;
+    for (int64_t t = 0; t < n; t++) adapted += slot[t] >= 0 && ranks[slot[t]] > 0;
+    CHECK(n < 8 || adapted > 0);
+    for (int s = 0; s < NS; s++) free(A[s]), free(B[s]);
+    free(x), free(y0), free(y), free(one), free(u), free(slot), free(uslot);
+}
+
+static void test_lora_batched(void) {
+    test_lora_batched_shape(1, 70, 33);
+    test_lora_batched_shape(37, 70, 33);
+    test_lora_batched_shape(64, 576, 192);
+    test_lora_batched_shape(9, 192, 576);
+    /* n = 0 and an empty table are no-ops */
+    CHECK_OK(be->ops.lora_batched(be, NULL, NULL, NULL, NULL, 0, NULL, 0, -1, 0, 8, 8));
+}
+
 static void test_lm_head(void) {
     int64_t n = 2, d = 65, vocab = 1037;
     uint16_t *w = malloc(vocab * d * 2);
@@ -406,6 +500,7 @@ int main(void) {
     test_attention_bwd();
     test_nf4_linear();
     test_lora();
+    test_lora_batched();
     test_lm_head();
     test_sample();
     qlr_backend *none = NULL;

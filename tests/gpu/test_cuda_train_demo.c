@@ -1,0 +1,276 @@
+/* tests/gpu/test_cuda_train_demo.c: training on the GPU against the CPU, on the demo model
+ * (SmolLM2-135M) with the quickstart recipe (issue 12's acceptance checks):
+ *  1. 50 steps on the CPU and on CUDA from the same seed: every step's loss within 2% (relative)
+ *     of the CPU's, printed as a table; then `qlora eval` exact match of each adapter on the 40
+ *     held-out examples, each on its own device: within 2 points of the CPU adapter's;
+ *  2. gradient checkpointing on and off give bitwise-identical LoRA gradients on the GPU;
+ *  3. a GPU run stopped after 3 steps and resumed gives the losses, the adapter and the optimizer
+ *     state of an uninterrupted 6-step GPU run, bit for bit.
+ * Needs the demo model (QLR_DEMO_MODEL or scripts/setup.sh) and a CUDA device.
+ * QLR_TRAIN_DEMO_STEPS overrides the 50 steps (quick local runs). */
+#include <jansson.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "adapters/adapter_dev.h"
+#include "adapters/lora.h"
+#include "backend/backend.h"
+#include "core/core.h"
+#include "model/backprop.h"
+#include "model/model.h"
+#include "tests/test_util.h"
+#include "train/eval.h"
+#include "train/trainer.h"
+
+static char g_recipe[1024], g_model_set[1200];
+
+static qlr_status opts(qlr_train_opts *o, const char *device, const char *out_dir, const char *steps,
+                       const char *save) {
+    char dev[64], od[800], st[64], sv[64];
+    snprintf(dev, sizeof dev, "device=%s", device);
+    snprintf(od, sizeof od, "output_dir=%s/%s", test_tmpdir(), out_dir);
+    snprintf(st, sizeof st, "max_steps=%s", steps);
+    snprintf(sv, sizeof sv, "save_steps=%s", save);
+    const char *sets[] = {g_model_set, dev, od, st, sv, "eval_steps=0", "logging_steps=1"};
+    qlr_status s = qlr_train_opts_load(g_recipe, sets, 7, o);
+    o->progress = 0;
+    o->export_gguf = 0;
+    return s;
+}
+
+/* Per-step values of `key` from <dir>/metrics.jsonl into v[cap]; returns the count. */
+static int metrics(const char *dir, const char *key, double *v, int cap) {
+    char path[900];
+    snprintf(path, sizeof path, "%s/metrics.jsonl", dir);
+    FILE *f = fopen(path, "r");
+    CHECK_MSG(f != NULL, "%s missing", path);
+    if (!f) return 0;
+    char line[4096];
+    int n = 0;
+    while (fgets(line, sizeof line, f) && n < cap) {
+        json_t *j = json_loads(line, 0, NULL);
+        CHECK_MSG(j != NULL, "%s line %d is not JSON", path, n + 1);
+        if (!j) break;
+        json_t *x = json_object_get(j, key);
+        v[n++] = x ? json_number_value(x) : NAN;
+        json_decref(j);
+    }
+    fclose(f);
+    return n;
+}
+
+static int file_equal(const char *a, const char *b) {
+    char *x, *y;
+    size_t nx, ny;
+    if (qlr_file_read_all(a, 1 << 30, &x, &nx)) return 0;
+    if (qlr_file_read_all(b, 1 << 30, &y, &ny)) {
+        free(x);
+        return 0;
+    }
+    int eq = nx == ny && !memcmp(x, y, nx);
+    free(x);
+    free(y);
+    return eq;
+}
+
+/* 1. CPU vs CUDA losses and exact match. */
+static void test_cpu_vs_gpu(void) {
+    const char *env = getenv("QLR_TRAIN_DEMO_STEPS");
+    char steps[32];
+    snprintf(steps, sizeof steps, "%d", env ? atoi(env) : 50);
+    int n_steps = atoi(steps);
+    double secs[2] = {0, 0};
+    char dirs[2][800];
+    static const char *devs[2] = {"cpu", "cuda"};
+    for (int k = 0; k < 2; k++) {
+        qlr_train_opts o;
+        qlr_train_result r;
+        CHECK_OK(opts(&o, devs[k], devs[k], steps, "0"));
+        snprintf(dirs[k], sizeof dirs[k], "%s", o.output_dir ? o.output_dir : "");
+        double t0 = qlr_now();
+        CHECK_OK(qlr_train_run(&o, &r));
+        secs[k] = qlr_now() - t0;
+        CHECK_EQ_INT(r.steps_done, n_steps);
+        qlr_train_opts_free(&o);
+    }
+    double lc[256], lg[256];
+    int nc = metrics(dirs[0], "loss", lc, 256), ng = metrics(dirs[1], "loss", lg, 256);
+    CHECK_EQ_INT(nc, n_steps);
+    CHECK_EQ_INT(ng, n_steps);
+    printf("step | cpu loss  | cuda loss | rel diff\n");
+    double worst = 0;
+    int worst_step = 0;
+    for (int i = 0; i < nc && i < ng; i++) {
+        double rel = fabs(lg[i] - lc[i]) / fabs(lc[i]);
+        printf("%4d | %.6f | %.6f | %.4f\n", i + 1, lc[i], lg[i], rel);
+        if (!(rel <= worst)) worst = rel, worst_step = i + 1;
+        /* bf16 activations and a different summation order against f32: 2% is the issue's bound */
+        CHECK_MSG(rel <= 0.02, "step %d: cuda loss %.6f vs cpu %.6f (%.2f%%)", i + 1, lg[i], lc[i],
+                  100 * rel);
+    }
+    printf("worst relative loss difference %.4f at step %d; wall time: cpu %.1f s, cuda %.1f s "
+           "(%d steps, load included)\n", worst, worst_step, secs[0], secs[1], n_steps);
+
+    /* exact match of each adapter on the held-out examples, each evaluated on its own device */
+    int em[2] = {0, 0}, n_ex[2] = {0, 0};
+    for (int k = 0; k < 2; k++) {
+        qlr_train_opts o;
+        CHECK_OK(opts(&o, devs[k], devs[k], steps, "0"));
+        qlr_eval_opts e = qlr_eval_opts_default();
+        e.run = &o;
+        e.eval_base = 0;
+        e.progress = 0;
+        e.n_show = 0;
+        qlr_eval_scores b, a;
+        double t0 = qlr_now();
+        CHECK_OK(qlr_eval_run(&e, &b, &a, stdout));
+        printf("%s adapter: eval loss %.4f, exact match %d/%d (%.1f s)\n", devs[k], a.loss, a.n_exact,
+               a.n_examples, qlr_now() - t0);
+        em[k] = a.n_exact;
+        n_ex[k] = a.n_examples;
+        qlr_train_opts_free(&o);
+    }
+    CHECK_EQ_INT(n_ex[0], n_ex[1]);
+    if (n_ex[0] > 0) {
+        double d = 100.0 * fabs((double)(em[1] - em[0])) / n_ex[0];
+        CHECK_MSG(d <= 2.0, "exact match: cuda adapter %d/%d vs cpu adapter %d/%d (%.1f points)", em[1],
+                  n_ex[1], em[0], n_ex[0], d);
+    }
+}
+
+/* 2. Checkpointing on/off: bitwise-identical LoRA gradients on CUDA. */
+static void test_checkpointing_bitwise(const char *model_path) {
+    qlr_backend *be = NULL;
+    CHECK_OK(qlr_backend_create("cuda", 0, &be));
+    if (!be) return;
+    qlr_model_load_params lp = qlr_model_load_params_default();
+    lp.progress = 0;
+    lp.max_layers = 6;
+    qlr_model *m = NULL;
+    CHECK_OK(qlr_model_load(model_path, be, &lp, &m));
+    if (!m) {
+        qlr_backend_free(be);
+        return;
+    }
+    qlr_lora_base base;
+    qlr_lora_base_from_config(&m->cfg, &base);
+    qlr_lora_params p = qlr_lora_params_default();
+    p.r = 16;
+    p.alpha = 32;
+    p.targets = QLR_LORA_TARGETS_ALL;
+    qlr_lora *l = NULL;
+    CHECK_OK(qlr_lora_create(&base, &p, &l));
+    uint64_t rng = 3;
+    for (uint64_t i = 0; l && i < l->n_params; i++) l->block[i] = 0.02f * test_rng_normal(&rng);
+    qlr_lora_dev *d = NULL;
+    qlr_adapter_slots *slots = NULL;
+    const qlr_adapter_set *set = NULL;
+    if (l) CHECK_OK(qlr_lora_dev_create(be, l, m->cfg.n_layers, 1, &d));
+    if (d) CHECK_OK(qlr_adapter_slots_create(be, m->cfg.n_layers, 1, &slots));
+    if (slots) {
+        qlr_adapter_slots_put(slots, 0, d, 1.0f);
+        CHECK_OK(qlr_adapter_slots_commit(slots, 1, &set));
+    }
+    /* two packed sequences of odd lengths */
+    enum { N = 301 };
+    int32_t tok[N], tgt[N], pos[N], seq[N];
+    for (int i = 0; i < N; i++) {
+        int s = i < 117 ? 0 : 1;
+        seq[i] = s;
+        pos[i] = s ? i - 117 : i;
+        tok[i] = 100 + (int32_t)(test_rng_u64(&rng) % 20000);
+    }
+    for (int i = 0; i < N; i++) tgt[i] = i + 1 < N && seq[i + 1] == seq[i] ? tok[i + 1] : QLR_IGNORE_INDEX;
+    qlr_train_batch b = {N, tok, tgt, pos, seq, 2};
+    float *g[2] = {NULL, NULL};
+    double loss[2] = {0, 0};
+    for (int ck = 0; ck < 2 && set; ck++) {
+        qlr_train_params tp = qlr_train_params_default();
+        tp.max_tokens = N;
+        tp.max_seq_len = N;
+        tp.checkpointing = ck;
+        tp.ce_chunk = 128;
+        qlr_train_ctx *c = NULL;
+        CHECK_OK(qlr_train_ctx_create(m, &tp, &c));
+        if (!c) continue;
+        CHECK_OK(be->mem.memset0(be, d->grad, d->n_params * 4));
+        int64_t nt = 0;
+        CHECK_OK(qlr_train_fwd_bwd(c, set, &b, 1.0f / 299, d->da, d->db, 7, &loss[ck], &nt));
+        g[ck] = malloc(d->n_params * 4);
+        CHECK_OK(be->mem.d2h(be, g[ck], d->grad, d->n_params * 4));
+        CHECK_OK(be->mem.sync(be));
+        qlr_train_ctx_free(c);
+    }
+    if (g[0] && g[1]) {
+        uint64_t diff = 0, nonzero = 0;
+        for (uint64_t i = 0; i < d->n_params; i++) {
+            diff += memcmp(&g[0][i], &g[1][i], 4) != 0;
+            nonzero += g[0][i] != 0.0f;
+        }
+        printf("checkpointing off/on on cuda: loss %.9g / %.9g, %llu of %llu gradient values differ "
+               "(%llu nonzero)\n", loss[0], loss[1], (unsigned long long)diff,
+               (unsigned long long)d->n_params, (unsigned long long)nonzero);
+        CHECK_MSG(diff == 0 && loss[0] == loss[1], "checkpointing changes %llu gradient values",
+                  (unsigned long long)diff);
+        CHECK(nonzero > d->n_params / 2);
+    }
+    free(g[0]);
+    free(g[1]);
+    qlr_adapter_slots_free(slots);
+    qlr_lora_dev_free(d);
+    qlr_lora_free(l);
+    qlr_model_free(m);
+    qlr_backend_free(be);
+}
+
+/* 3. Resume on the GPU is bit-identical. */
+static void test_resume(void) {
+    qlr_train_opts o;
+    qlr_train_result r;
+    char a[800], b[800];
+    CHECK_OK(opts(&o, "cuda", "resume_a", "6", "3"));
+    snprintf(a, sizeof a, "%s", o.output_dir ? o.output_dir : "");
+    CHECK_OK(qlr_train_run(&o, &r));
+    qlr_train_opts_free(&o);
+    CHECK_OK(opts(&o, "cuda", "resume_b", "6", "3"));
+    snprintf(b, sizeof b, "%s", o.output_dir ? o.output_dir : "");
+    o.stop_after_step = 3;
+    CHECK_OK(qlr_train_run(&o, &r));
+    CHECK(r.stopped);
+    qlr_train_opts_free(&o);
+    CHECK_OK(opts(&o, "cuda", "resume_b", "6", "3"));
+    o.resume = 1;
+    CHECK_OK(qlr_train_run(&o, &r));
+    CHECK_EQ_INT(r.resumed_from, 3);
+    qlr_train_opts_free(&o);
+    double la[16], lb[16], ga[16], gb[16];
+    int na = metrics(a, "loss", la, 16), nb = metrics(b, "loss", lb, 16);
+    metrics(a, "grad_norm", ga, 16);
+    metrics(b, "grad_norm", gb, 16);
+    CHECK_EQ_INT(na, 6);
+    CHECK_EQ_INT(nb, 6);
+    for (int i = 0; i < na && i < nb; i++)
+        CHECK_MSG(la[i] == lb[i] && ga[i] == gb[i], "step %d: straight loss %.17g grad_norm %.17g, "
+                  "resumed %.17g %.17g", i + 1, la[i], ga[i], lb[i], gb[i]);
+    char pa[900], pb[900];
+    snprintf(pa, sizeof pa, "%s/adapter/adapter_model.safetensors", a);
+    snprintf(pb, sizeof pb, "%s/adapter/adapter_model.safetensors", b);
+    CHECK_MSG(file_equal(pa, pb), "final adapters differ: %s vs %s", pa, pb);
+    snprintf(pa, sizeof pa, "%s/checkpoint-6/optimizer.bin", a);
+    snprintf(pb, sizeof pb, "%s/checkpoint-6/optimizer.bin", b);
+    CHECK_MSG(file_equal(pa, pb), "final optimizer states differ");
+    printf("resume on cuda: 6 losses, adapter and optimizer state equal bit for bit\n");
+}
+
+int main(void) {
+    const char *model = test_demo_model_or_fail();
+    if (!model) return test_finish();
+    snprintf(g_recipe, sizeof g_recipe, "%s/recipes/smollm2-quickstart.yaml", QLR_SOURCE_DIR);
+    snprintf(g_model_set, sizeof g_model_set, "base_model=%s", model);
+    test_checkpointing_bitwise(model);
+    test_resume();
+    test_cpu_vs_gpu();
+    return test_finish();
+}

@@ -1,0 +1,88 @@
+/* train/trainer_internal.h: what the trainer's files share (not public): the run's state, the
+ * micro-batch in the model's varlen form, and each file's entry points:
+ *   trainer.c        the loop: one optimizer step, eval loss, progress, the final export
+ *   trainer_setup.c  backend, model, data, the adapter's device side, optimizer states, schedule
+ *   trainer_ckpt.c   checkpoints: save, resume (bit-identical), metrics.jsonl
+ *   micro.c          data batches -> packed varlen micro-batches (also used by eval.c) */
+#ifndef QLR_TRAIN_TRAINER_INTERNAL_H
+#define QLR_TRAIN_TRAINER_INTERNAL_H
+
+#include <jansson.h>
+#include <stdint.h>
+
+#include "adapters/adapter_dev.h"
+#include "adapters/lora.h"
+#include "backend/backend.h"
+#include "data/dataset.h"
+#include "data/pack.h"
+#include "model/backprop.h"
+#include "model/model.h"
+#include "optim/optim.h"
+#include "train/checkpoint.h"
+#include "train/trainer.h"
+
+#define TRAINER_RNG_STREAM 4  /* data/rng.h streams 1..3 are the data's; 4 = dropout seeds */
+
+/* One micro-batch in the model's varlen form (host arrays, padding dropped). */
+typedef struct qlr_micro {
+    int32_t *tokens, *targets, *pos, *seq;
+    int32_t n, n_seq, cap;
+    int64_t n_targets;
+} qlr_micro;
+
+void qlr_micro_free(qlr_micro *mb);
+/* Copies the examples of a data batch back to back (seq ids 0..n_seqs-1 in batch order). */
+qlr_status qlr_micro_from_batch(qlr_micro *mb, const qlr_data_batch *b);
+/* The model's view of it (valid while mb is). */
+qlr_train_batch qlr_micro_view(const qlr_micro *mb);
+
+typedef struct trainer {
+    const qlr_train_opts *o;
+    qlr_backend *be;
+    qlr_model *m;
+    qlr_tokenizer *tok;
+    qlr_chat_template *tmpl;
+    qlr_dataset *ds;
+    qlr_data_split split;
+    qlr_batcher *train_b, *val_b;
+    qlr_lora *lora;                /* host masters: what checkpoints and exports write (aliased by
+                                      the device masters on the CPU; downloaded before a save) */
+    qlr_lora_dev *ldev;            /* device masters, gradients and compute copies */
+    qlr_adapter_slots *slots;      /* one slot: the adapter being trained */
+    const qlr_adapter_set *set;
+    qlr_train_ctx *ctx;
+
+    int n_tensors;                 /* 2 per adapted module: A then B */
+    float **param;                 /* [n_tensors] fp32 masters (device) */
+    float **grad;                  /* [n_tensors] fp32 gradients (device) */
+    int64_t *numel;                /* [n_tensors] */
+    size_t grad_bytes;
+    qlr_adamw_state *opt;          /* [n_tensors], states in device memory */
+    double *norm_acc;              /* one device f64: the clip's sum of squares */
+    qlr_lr_schedule sched;
+
+    qlr_micro *mb;                 /* [grad_accum] */
+    qlr_micro eval_mb;
+    uint64_t step, start_step, total_steps, rng, tokens_seen;
+    double elapsed_before;         /* seconds of training before a resume */
+    char metrics_path[4200];
+    char last_ckpt[4096];
+    uint64_t last_ckpt_step;
+} trainer;
+
+/* trainer_setup.c */
+qlr_status qlr_trainer_open_backend(const char *device, int threads, qlr_backend **be);
+qlr_status qlr_trainer_load_data(trainer *t);
+/* Adapter (host masters and its device side), optimizer states, workspace, schedule. */
+qlr_status qlr_trainer_setup_params(trainer *t);
+void qlr_trainer_free(trainer *t);
+
+/* trainer_ckpt.c */
+qlr_status qlr_trainer_save_checkpoint(trainer *t, double elapsed);
+qlr_status qlr_trainer_resume(trainer *t, const char *dir);
+/* On resume keeps the lines of steps <= `upto` (an interrupted run may have logged beyond its
+ * last checkpoint); on a fresh start empties the file. */
+qlr_status qlr_trainer_metrics_prepare(trainer *t, uint64_t upto, int resumed);
+qlr_status qlr_trainer_metrics_append(trainer *t, json_t *obj);
+
+#endif

@@ -1,0 +1,160 @@
+/* train/trainer_setup.c: everything a run needs before its first step (see trainer_internal.h):
+ * the backend (device auto = CUDA when present), the model, the tokenized and split data, the
+ * adapter with its device side (fp32 masters, gradients and compute copies on the training
+ * device), the optimizer states in device memory, the training workspace and the schedule. */
+#include <inttypes.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/core.h"
+#include "train/trainer_internal.h"
+
+void qlr_trainer_free(trainer *t) {
+    qlr_train_ctx_free(t->ctx);
+    qlr_adapter_slots_free(t->slots);
+    qlr_lora_dev_free(t->ldev);
+    if (t->opt)
+        for (int i = 0; i < t->n_tensors; i++) qlr_adamw_state_destroy(t->be, &t->opt[i]);
+    free(t->opt);
+    if (t->norm_acc) t->be->mem.free(t->be, t->norm_acc);
+    free(t->param);
+    free(t->grad);
+    free(t->numel);
+    if (t->mb)
+        for (uint32_t i = 0; i < t->o->grad_accum; i++) qlr_micro_free(&t->mb[i]);
+    free(t->mb);
+    qlr_micro_free(&t->eval_mb);
+    qlr_lora_free(t->lora);
+    qlr_batcher_free(t->train_b);
+    qlr_batcher_free(t->val_b);
+    qlr_data_split_free(&t->split);
+    qlr_dataset_free(t->ds);
+    qlr_chat_template_free(t->tmpl);
+    qlr_tokenizer_free(t->tok);
+    qlr_model_free(t->m);
+    qlr_backend_free(t->be);
+}
+
+qlr_status qlr_trainer_open_backend(const char *device, int threads, qlr_backend **be) {
+    if (strcmp(device, "auto")) return qlr_backend_create(device, threads, be);
+    if (qlr_backend_create("cuda", threads, be) == QLR_OK) return QLR_OK;
+    QLR_LOGI("device auto: no CUDA backend available (%s); training on the CPU", qlr_error_msg());
+    qlr_error_clear();
+    return qlr_backend_create("cpu", threads, be);
+}
+
+/* Tokenizer, datasets, split and the two batchers. */
+qlr_status qlr_trainer_load_data(trainer *t) {
+    const qlr_train_opts *o = t->o;
+    QLR_TRY(qlr_data_open_tokenizer(o->base_model, o->chat_template, &t->tok, &t->tmpl));
+    qlr_data_source *src;
+    uint32_t n_src;
+    QLR_TRY(qlr_train_data_sources(o, NULL, &src, &n_src));
+    qlr_data_params dp;
+    qlr_train_data_params(o, &dp);
+    dp.progress = o->progress;
+    qlr_status st = qlr_dataset_load(src, n_src, &dp, t->tok, t->tmpl, &t->ds);
+    free(src);
+    QLR_TRY(st);
+    const qlr_data_stats *s = qlr_dataset_stats(t->ds);
+    QLR_LOGI("data: %llu examples, %llu tokens (%llu trained), %llu truncated, %llu dropped (too long), "
+             "%llu dropped (nothing to train), %llu bad lines skipped",
+             (unsigned long long)s->examples, (unsigned long long)s->tokens, (unsigned long long)s->trainable,
+             (unsigned long long)s->truncated, (unsigned long long)s->dropped_long,
+             (unsigned long long)s->dropped_empty, (unsigned long long)s->skipped);
+    QLR_TRY(qlr_dataset_split(t->ds, o->val_set_size, o->seed, &t->split));
+    qlr_batch_params bp;
+    qlr_train_batch_params(o, 1, &bp);
+    QLR_TRY(qlr_batcher_create(t->ds, t->split.train, t->split.n_train, &bp, &t->train_b));
+    if (t->split.n_val) {
+        bp.shuffle = 0;
+        QLR_TRY(qlr_batcher_create(t->ds, t->split.val, t->split.n_val, &bp, &t->val_b));
+    }
+    QLR_LOGI("split: %zu train, %zu validation examples; %llu micro-batches per epoch (%s efficiency %.1f%%)",
+             t->split.n_train, t->split.n_val, (unsigned long long)qlr_batcher_batches_per_epoch(t->train_b),
+             o->sample_packing ? "packing" : "padding", 100.0 * qlr_batcher_efficiency(t->train_b));
+    return QLR_OK;
+}
+
+qlr_status qlr_trainer_setup_params(trainer *t) {
+    const qlr_train_opts *o = t->o;
+    qlr_lora_base base;
+    qlr_lora_base_from_config(&t->m->cfg, &base);
+    qlr_lora_params lp = qlr_lora_params_default();
+    lp.r = (int32_t)o->lora_r;
+    lp.alpha = o->lora_alpha;
+    lp.dropout = o->lora_dropout;
+    lp.use_rslora = o->rslora;
+    lp.targets = o->lora_targets;
+    lp.seed = o->seed;
+    lp.base_model = o->base_model;
+    QLR_TRY(qlr_lora_create(&base, &lp, &t->lora));
+    int32_t nl = t->m->cfg.n_layers;
+    QLR_TRY(qlr_lora_dev_create(t->be, t->lora, nl, 1, &t->ldev));
+    QLR_TRY(qlr_adapter_slots_create(t->be, nl, 1, &t->slots));
+    qlr_adapter_slots_put(t->slots, 0, t->ldev, 1.0f);
+    QLR_TRY(qlr_adapter_slots_commit(t->slots, 1, &t->set));
+
+    size_t nslots = (size_t)nl * QLR_LIN_COUNT;
+    t->param = calloc(2 * nslots, sizeof *t->param);
+    t->grad = calloc(2 * nslots, sizeof *t->grad);
+    t->numel = calloc(2 * nslots, sizeof *t->numel);
+    t->opt = calloc(2 * nslots, sizeof *t->opt);
+    if (!t->param || !t->grad || !t->numel || !t->opt)
+        return qlr_errorf(QLR_ERR_NOMEM, "out of memory");
+    t->grad_bytes = (size_t)t->lora->n_params * sizeof(float);
+    t->norm_acc = t->be->mem.alloc(t->be, sizeof(double));
+    if (!t->norm_acc) return qlr_error_prefix("gradient-norm accumulator");
+    /* tensors in the adapter's block order: A then B of each module; the device masters and the
+     * gradients share that layout */
+    int k = 0;
+    for (int32_t li = 0; li < nl; li++)
+        for (int i = 0; i < QLR_LIN_COUNT; i++) {
+            const qlr_lora_module *mod = qlr_lora_get_const(t->lora, li, (qlr_linear_id)i);
+            if (!mod) continue;
+            size_t s = (size_t)li * QLR_LIN_COUNT + (size_t)i;
+            int64_t na = (int64_t)t->lora->r * mod->in, nb = (int64_t)mod->out * t->lora->r;
+            t->grad[k] = t->ldev->da[s];
+            t->param[k] = t->ldev->master + (t->ldev->da[s] - t->ldev->grad);
+            t->numel[k] = na;
+            QLR_TRY(qlr_adamw_state_create(t->be, &t->opt[k], na, o->adam_8bit));
+            k++;
+            t->grad[k] = t->ldev->db[s];
+            t->param[k] = t->ldev->master + (t->ldev->db[s] - t->ldev->grad);
+            t->numel[k] = nb;
+            QLR_TRY(qlr_adamw_state_create(t->be, &t->opt[k], nb, o->adam_8bit));
+            k++;
+        }
+    t->n_tensors = k;
+
+    qlr_train_params tp = qlr_train_params_default();
+    uint64_t max_tokens = (uint64_t)o->micro_batch_size * o->sequence_len;
+    if (max_tokens > INT32_MAX) return qlr_errorf(QLR_ERR_RANGE, "micro_batch_size * sequence_len is too large");
+    tp.max_tokens = (int32_t)max_tokens;
+    tp.max_seq_len = (int32_t)o->sequence_len;
+    tp.checkpointing = o->gradient_checkpointing;
+    tp.lora_dropout = (float)o->lora_dropout;
+    if (tp.ce_chunk > tp.max_tokens) tp.ce_chunk = tp.max_tokens;
+    QLR_TRY(qlr_train_ctx_create(t->m, &tp, &t->ctx));
+
+    t->mb = calloc(o->grad_accum, sizeof *t->mb);
+    if (!t->mb) return qlr_errorf(QLR_ERR_NOMEM, "out of memory");
+
+    uint64_t per_epoch = qlr_batcher_batches_per_epoch(t->train_b);
+    if (o->max_steps) t->total_steps = o->max_steps;
+    else {
+        double micro_total = ceil(o->num_epochs * (double)per_epoch);
+        t->total_steps = (uint64_t)ceil(micro_total / o->grad_accum);
+        if (t->total_steps < 1) t->total_steps = 1;
+    }
+    t->sched.type = (qlr_lr_schedule_type)o->lr_schedule;
+    t->sched.base_lr = o->lr;
+    t->sched.total_steps = (int64_t)t->total_steps;
+    t->sched.warmup_steps = (int64_t)o->warmup_steps;
+    t->sched.warmup_ratio = o->warmup_ratio;
+    t->sched.min_lr_ratio = o->min_lr_ratio;
+    t->rng = qlr_data_rng_seed(o->seed, TRAINER_RNG_STREAM, 0);
+    return QLR_OK;
+}
+
