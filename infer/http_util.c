@@ -47,8 +47,8 @@ int qlr_http_confine_path(const char *dir, const char *path, char *out, size_t c
                           qlr_oai_error *err) {
     if (!dir) {
         qlr_oai_error_set(err, 403, "lora_path", "adapter_dir_not_set",
-                          "loading adapters by path is disabled: start the server with "
-                          "--adapter-dir DIR to allow paths under DIR");
+                          "'lora_path': loading adapters by path is disabled: start the server "
+                          "with --adapter-dir DIR to allow paths under DIR");
         return 0;
     }
     if (has_dotdot(path)) {

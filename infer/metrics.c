@@ -91,9 +91,10 @@ void qlr_metrics_write(const qlr_metrics_input *in, qlr_strbuf *b) {
         for (size_t i = 0; i < in->n_adapters; i++)
             adapter_sample(b, "qlora_adapter_requests_total", in->adapters[i].name, NULL, NULL,
                            in->adapters[i].uses);
-        head(b, "qlora_adapter_active_requests", "gauge", "Requests holding the adapter now.");
+        head(b, "qlora_adapter_references", "gauge",
+             "References held on the adapter now (running requests, the engine's recently used set).");
         for (size_t i = 0; i < in->n_adapters; i++)
-            adapter_sample(b, "qlora_adapter_active_requests", in->adapters[i].name, NULL, NULL,
+            adapter_sample(b, "qlora_adapter_references", in->adapters[i].name, NULL, NULL,
                            (uint64_t)(in->adapters[i].refs > 0 ? in->adapters[i].refs : 0));
         head(b, "qlora_adapter_residency", "gauge", "1 for the tier an adapter is in now (file, host, device).");
         static const qlr_residency tiers[] = {QLR_RESIDENCY_FILE, QLR_RESIDENCY_HOST, QLR_RESIDENCY_DEVICE};

@@ -359,8 +359,9 @@ static int resolve_adapter(qlr_server *s, const qlr_oai_request *rq, qlr_adapter
         *a = NULL;
         qlr_error_clear();
         qlr_oai_error_set(err, 404, param, "model_not_found",
-                          "the model '%s' does not exist: it is neither the base model ('%s') nor an "
-                          "attached adapter (see /v1/models)", want, s->model_name);
+                          "%s%s%sthe model '%s' does not exist: it is neither the base model ('%s') nor an "
+                          "attached adapter (see /v1/models)", rq->has_lora ? "'" : "", rq->has_lora ? param : "",
+                          rq->has_lora ? "': " : "", want, s->model_name);
         return 0;
     }
     snprintf(name, cap, "%s", want);
@@ -450,16 +451,16 @@ static enum MHD_Result completion(qlr_server *s, struct MHD_Connection *c, conn_
     if (!build_prompt(s, &rq, &ids, &err)) goto fail;
     if (ids.n >= (size_t)s->p.max_ctx) {
         qlr_oai_error_set(&err, 400, ep == QLR_OAI_CHAT ? "messages" : "prompt", "context_length_exceeded",
-                          "this model's maximum context length is %d tokens, but the prompt has %zu tokens",
-                          s->p.max_ctx, ids.n);
+                          "'%s': this model's maximum context length is %d tokens, but the prompt has %zu tokens",
+                          ep == QLR_OAI_CHAT ? "messages" : "prompt", s->p.max_ctx, ids.n);
         goto fail;
     }
     int32_t n_prompt = (int32_t)ids.n;
     int32_t max_tokens = rq.max_tokens ? rq.max_tokens : s->p.max_ctx - n_prompt;
     if ((int64_t)n_prompt + max_tokens > s->p.max_ctx) {
         qlr_oai_error_set(&err, 400, rq.max_tokens_field, "context_length_exceeded",
-                          "this model's maximum context length is %d tokens; the prompt has %d and %d were "
-                          "requested for the completion", s->p.max_ctx, n_prompt, max_tokens);
+                          "'%s': this model's maximum context length is %d tokens; the prompt has %d and %d "
+                          "were requested for the completion", rq.max_tokens_field, s->p.max_ctx, n_prompt, max_tokens);
         goto fail;
     }
     if (!resolve_adapter(s, &rq, &adapter, name, sizeof name, &err)) goto fail;
@@ -585,14 +586,15 @@ static enum MHD_Result load_adapter(qlr_server *s, struct MHD_Connection *c, con
         if (qlr_registry_acquire(s->reg, lr.lora_name, &held) == QLR_OK) {
             qlr_registry_release(s->reg, held);
             qlr_oai_error_set(&err, 400, "lora_name", "adapter_exists",
-                              "the adapter '%s' is already loaded; unload it first", lr.lora_name);
+                              "'lora_name': the adapter '%s' is already loaded; unload it first", lr.lora_name);
             ret = send_error(s, c, cx, &err);
         } else {
             qlr_error_clear();
             qlr_status st = qlr_registry_attach_file(s->reg, lr.lora_name, real, 0);
             if (st != QLR_OK) {
                 qlr_oai_error_set(&err, st == QLR_ERR_NOMEM ? 500 : 400, st == QLR_ERR_NOMEM ? NULL : "lora_path",
-                                  NULL, "loading the adapter '%s' failed: %s", lr.lora_name, qlr_error_msg());
+                                  NULL, "%sloading the adapter '%s' failed: %s", st == QLR_ERR_NOMEM ? "" : "'lora_path': ",
+                                  lr.lora_name, qlr_error_msg());
                 qlr_error_clear();
                 ret = send_error(s, c, cx, &err);
             } else {
@@ -618,7 +620,7 @@ static enum MHD_Result unload_adapter(qlr_server *s, struct MHD_Connection *c, c
     enum MHD_Result ret;
     if (qlr_registry_detach(s->reg, lr.lora_name) != QLR_OK) {
         qlr_error_clear();
-        qlr_oai_error_set(&err, 404, "lora_name", "model_not_found", "no adapter named '%s' is loaded",
+        qlr_oai_error_set(&err, 404, "lora_name", "model_not_found", "'lora_name': no adapter named '%s' is loaded",
                           lr.lora_name);
         ret = send_error(s, c, cx, &err);
     } else {

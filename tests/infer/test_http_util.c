@@ -88,6 +88,8 @@ static void test_confine(void) {
         CHECK_MSG(e.http_status == bad[i].status, "%s: status %d, expected %d", bad[i].path, e.http_status,
                   bad[i].status);
         CHECK(!strcmp(e.param, "lora_path") && out[0] == 0);
+        CHECK_MSG(strstr(e.message, "'lora_path'") != NULL, "%s: the message does not name the field: %s", bad[i].path,
+                  e.message);
     }
     /* absolute path outside */
     snprintf(p, sizeof p, "%s/secret.gguf", root);

@@ -58,6 +58,7 @@ int main(void) {
     CHECK(sample(t, "qlora_last_batch_sequences") == 4 && sample(t, "qlora_prefix_cache_hits_total") == 7);
     CHECK(sample(t, "qlora_requests_cancelled_total") == 2 && sample(t, "qlora_requests_rejected_total") == 3);
     CHECK(sample(t, "qlora_adapter_requests_total{adapter=\"sql\"}") == 6);
+    CHECK(sample(t, "qlora_adapter_references{adapter=\"sql\"}") == 1);
     CHECK(sample(t, "qlora_adapter_residency{adapter=\"sql\",tier=\"device\"}") == 1);
     CHECK(sample(t, "qlora_adapter_residency{adapter=\"sql\",tier=\"host\"}") == 0);
     CHECK(sample(t, "qlora_adapter_residency{adapter=\"we\\\"ird\\\\\",tier=\"file\"}") == 1);
