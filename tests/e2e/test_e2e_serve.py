@@ -18,8 +18,9 @@ standard library's http.client and the official `openai` package.
    - while a stream of the adapter runs: load a second adapter (PEFT folder, relative path), use
      it, unload the running one: the stream still ends normally; the unloaded name then gives 404;
    - a burst of 10 requests against 2 running + 2 queued gets 429 with Retry-After for some;
-   - a client that disconnects mid-stream: its request is cancelled and its KV blocks are back
-     (qlora_kv_blocks_used 0, qlora_requests_cancelled_total + 1 in /metrics);
+   - a client that disconnects, mid-stream or while waiting for a whole answer: its request is
+     cancelled and its KV blocks are back (qlora_kv_blocks_used 0, qlora_requests_cancelled_total
+     + 1 in /metrics) within a few engine steps;
    - malformed JSON, wrong types, n = 2, two adapters, a 2 MiB body, an unknown model, paths
      outside --adapter-dir (.., symlink, absolute), a corrupt adapter, a wrong method or route:
      each the right 4xx with an OpenAI error object naming the field, and the server keeps
@@ -357,7 +358,8 @@ def serve_checks(a, srv, port, client, openai, base_name, ref_adapter, ref_base,
 
     load_unload_during_stream(port, client, base_name, ref_adapter, os.path.join(work, "adapters"))
     burst_429(port)
-    cancel_on_disconnect(port, base_name)
+    cancel_on_disconnect(port, base_name, stream=True)
+    cancel_on_disconnect(port, base_name, stream=False)
     bad_requests(port, base_name, work)
 
     # still serving, same answer
@@ -463,24 +465,32 @@ def burst_429(port):
             check(e.get("type") == "rate_limit_error", "429 type %s" % e.get("type"))
 
 
-def cancel_on_disconnect(port, base_name):
+def cancel_on_disconnect(port, base_name, stream):
+    """A long completion whose client goes away: streamed (after 3 events) or not (once it runs)."""
+    what = "streamed" if stream else "not streamed"
     before = metrics(port)
     s = socket.create_connection(("127.0.0.1", port))
     body = json.dumps({"model": base_name, "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0,
-                       "stream": True}).encode()
+                       "stream": stream}).encode()
     s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +
               b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-    buf = b""
     deadline = time.time() + 60
-    while buf.count(b"data: ") < 3 and time.time() < deadline:
-        chunk = s.recv(4096)
-        if not chunk:
-            break
-        buf += chunk
-    check(buf.startswith(b"HTTP/1.1 200") and buf.count(b"data: ") >= 3, "the long stream did not start: %r" % buf[:200])
+    if stream:
+        buf = b""
+        while buf.count(b"data: ") < 3 and time.time() < deadline:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            buf += chunk
+        check(buf.startswith(b"HTTP/1.1 200") and buf.count(b"data: ") >= 3, "the long stream did not start: %r" % buf[:200])
+    else:
+        while time.time() < deadline and metrics(port).get("qlora_generation_tokens_total", 0) < \
+                before.get("qlora_generation_tokens_total", 0) + 3:
+            time.sleep(0.05)
     during = metrics(port)
     check(during.get("qlora_requests_running", 0) >= 1 and during.get("qlora_kv_blocks_used", 0) > 0,
-          "while streaming: running %s, kv used %s" % (during.get("qlora_requests_running"), during.get("qlora_kv_blocks_used")))
+          "%s, while generating: running %s, kv used %s" % (what, during.get("qlora_requests_running"),
+                                                            during.get("qlora_kv_blocks_used")))
     s.close()
     t0 = time.time()
     after = None
@@ -489,13 +499,15 @@ def cancel_on_disconnect(port, base_name):
         if after.get("qlora_kv_blocks_used", 1) == 0 and after.get("qlora_requests_running", 1) == 0:
             break
         time.sleep(0.05)
-    print("blocks back %.2f s after the disconnect" % (time.time() - t0), flush=True)
+    print("%s: blocks back %.2f s after the disconnect" % (what, time.time() - t0), flush=True)
     check(after.get("qlora_kv_blocks_used") == 0 and after.get("qlora_requests_running") == 0,
-          "after the disconnect: kv used %s, running %s" % (after.get("qlora_kv_blocks_used"), after.get("qlora_requests_running")))
+          "%s, after the disconnect: kv used %s, running %s" % (what, after.get("qlora_kv_blocks_used"),
+                                                                after.get("qlora_requests_running")))
     check(after.get("qlora_requests_cancelled_total", 0) == before.get("qlora_requests_cancelled_total", 0) + 1,
-          "cancelled_total %s -> %s" % (before.get("qlora_requests_cancelled_total"), after.get("qlora_requests_cancelled_total")))
+          "%s: cancelled_total %s -> %s" % (what, before.get("qlora_requests_cancelled_total"),
+                                            after.get("qlora_requests_cancelled_total")))
     check(after.get("qlora_generation_tokens_total", 0) - before.get("qlora_generation_tokens_total", 0) < 400,
-          "the cancelled request generated all its tokens")
+          "%s: the cancelled request generated all its tokens" % what)
 
 
 def bad_requests(port, base_name, work):
