@@ -59,6 +59,7 @@ typedef struct rq {
     uint64_t rng;
     int32_t *stop_ids;
     int32_t n_stop_ids;
+    int ignore_eos;
     qlr_etext text;
     qlr_adapter *adapter;   /* the caller's reference, owned by the request */
     float scale;
@@ -194,6 +195,7 @@ qlr_status qlr_engine_submit(qlr_engine *e, const qlr_engine_request *r, qlr_eng
     q->rng = r->seed;
     q->tok = malloc(((size_t)r->n_prompt + (size_t)r->max_tokens) * sizeof *q->tok);
     q->n_stop_ids = r->n_stop_ids;
+    q->ignore_eos = r->ignore_eos;
     q->stop_ids = r->n_stop_ids > 0 ? malloc((size_t)r->n_stop_ids * sizeof *q->stop_ids) : NULL;
     if (!q->tok || (r->n_stop_ids > 0 && !q->stop_ids)) {
         rq_free(e, q);
@@ -522,7 +524,7 @@ fail:
 
 /* A sampled token for r: stop ids and end of generation, max_tokens, the context end, text. */
 static void take_token(qlr_engine *e, rq *r, int32_t id, uint64_t *n_generated) {
-    int stop = qlr_tokenizer_is_eog(e->tok, id), stopped = 0;
+    int stop = !r->ignore_eos && qlr_tokenizer_is_eog(e->tok, id), stopped = 0;
     for (int32_t i = 0; i < r->n_stop_ids && !stop; i++) stop = id == r->stop_ids[i];
     if (!stop) {
         r->tok[r->n_tok++] = id;

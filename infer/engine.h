@@ -86,7 +86,7 @@ typedef struct qlr_engine_request {
     int32_t max_tokens;        /* tokens to generate at most (>= 1) */
     qlr_sampling sampling;     /* temperature <= 0: greedy */
     uint64_t seed;
-    const int32_t *stop_ids;   /* extra stop ids (copied); eos / end-of-turn always stop */
+    const int32_t *stop_ids;   /* extra stop ids (copied); eos / end-of-turn stop unless ignore_eos */
     int32_t n_stop_ids;
     const char *const *stop;   /* stop strings (copied); the text before the match is sent */
     int32_t n_stop;
@@ -94,6 +94,8 @@ typedef struct qlr_engine_request {
                                   (qlr_registry_acquire): the engine takes it over and releases it
                                   after DONE, also when submit fails */
     float adapter_scale;       /* multiplies the adapter's own scale (1 = as trained) */
+    int ignore_eos;            /* 1: eos / end-of-turn do not stop (benchmarks; they are text
+                                  then); stop ids and strings still do */
 } qlr_engine_request;
 
 /* Queues a request. QLR_ERR_BUSY when the queue is full (answer 429), QLR_ERR_INVALID naming the

@@ -459,6 +459,7 @@ static int parse_options(qlr_oai_request *r, const json_t *body, qlr_oai_error *
     }
 
     if ((v = opt(body, "stream")) && !want_bool(v, "stream", &r->stream, err)) return 0;
+    if ((v = opt(body, "ignore_eos")) && !want_bool(v, "ignore_eos", &r->ignore_eos, err)) return 0;
     if ((v = opt(body, "stream_options"))) {
         if (!json_is_object(v))
             return BAD(err, "stream_options", "'stream_options': expected an object, got %s",

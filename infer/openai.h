@@ -72,6 +72,8 @@ typedef struct qlr_oai_request {
     int32_t n_stop;
     int stream;
     int include_usage;        /* stream_options.include_usage */
+    int ignore_eos;           /* vLLM's extension: generate max_tokens whatever the model says
+                                 (benchmarks); stop strings still stop */
 
     /* llama.cpp's "lora": [{"id" | "name", "scale"}] (at most one entry) */
     int has_lora;

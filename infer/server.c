@@ -490,6 +490,7 @@ static enum MHD_Result completion(qlr_server *s, struct MHD_Connection *c, conn_
     er.seed = rq.has_seed ? rq.seed : next_random(s);
     er.stop = rq.stop;
     er.n_stop = rq.n_stop;
+    er.ignore_eos = rq.ignore_eos;
     er.adapter = adapter;        /* the engine takes the reference over, also on failure */
     er.adapter_scale = rq.lora_scale;
     q->refs++;                   /* the engine's */

@@ -114,6 +114,32 @@ done:
     qlr_tokens_free(&p);
 }
 
+/* ignore_eos: an answer that ends at its end-of-turn goes on to max_tokens instead */
+static void test_ignore_eos(void) {
+    qlr_tokens p = eh_chat_prompt(tok, "Say yes.");
+    static eh_out a, b;
+    CHECK_OK(eh_submit(e, p.ids, (int32_t)p.n, 40, NULL, 1.0f, NULL, 0, &a, NULL));
+    CHECK(eh_wait(&a));
+    CHECK_MSG(a.finish == QLR_FINISH_STOP && a.n_generated < 40, "'Say yes.' ran %d tokens (finish %d)",
+              a.n_generated, (int)a.finish);
+    qlr_engine_request r;
+    memset(&r, 0, sizeof r);
+    r.prompt = p.ids;
+    r.n_prompt = (int32_t)p.n;
+    r.max_tokens = 40;
+    r.adapter_scale = 1.0f;
+    r.sampling = qlr_sampling_default(); /* greedy */
+    r.ignore_eos = 1;
+    uint64_t id;
+    CHECK_OK(qlr_engine_submit(e, &r, eh_cb, &b, &id));
+    CHECK(eh_wait(&b));
+    CHECK_EQ_INT(b.finish, QLR_FINISH_LENGTH);
+    CHECK_EQ_INT(b.n_generated, 40);
+    /* the same greedy tokens up to where the first one stopped */
+    CHECK(a.n_ids <= b.n_ids && !memcmp(a.ids, b.ids, (size_t)a.n_ids * sizeof *a.ids));
+    qlr_tokens_free(&p);
+}
+
 int main(void) {
     const char *path = test_demo_model_or_fail();
     if (!path) return test_finish();
@@ -130,6 +156,7 @@ int main(void) {
     if (!e) return test_finish();
     test_utf8();
     test_stop_strings();
+    test_ignore_eos();
     qlr_engine_free(e);
     qlr_tokenizer_free(tok);
     qlr_model_free(m);

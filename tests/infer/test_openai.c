@@ -26,7 +26,8 @@ static void test_chat_valid(void) {
                    "\"max_tokens\":7,\"max_completion_tokens\":9,\"temperature\":0,\"top_p\":0.5,"
                    "\"top_k\":3,\"seed\":-1,\"stop\":[\"x\",\"yz\"],\"stream\":true,"
                    "\"stream_options\":{\"include_usage\":true},\"n\":1,\"user\":\"u\","
-                   "\"frequency_penalty\":0,\"unknown_key\":{\"a\":1},\"lora\":[{\"name\":\"py\",\"scale\":0.5}]}",
+                   "\"frequency_penalty\":0,\"unknown_key\":{\"a\":1},\"lora\":[{\"name\":\"py\",\"scale\":0.5}],"
+                   "\"ignore_eos\":true}",
                    &r, &e));
     CHECK(r.endpoint == QLR_OAI_CHAT);
     CHECK(r.model && !strcmp(r.model, "sql"));
@@ -41,7 +42,7 @@ static void test_chat_valid(void) {
     CHECK(r.has_seed && r.seed == UINT64_MAX);
     CHECK_EQ_INT(r.n_stop, 2);
     CHECK(!strcmp(r.stop[0], "x") && !strcmp(r.stop[1], "yz"));
-    CHECK(r.stream && r.include_usage);
+    CHECK(r.stream && r.include_usage && r.ignore_eos);
     CHECK(r.has_lora && r.lora_name && !strcmp(r.lora_name, "py") && r.lora_id == -1 && r.lora_scale == 0.5f);
     qlr_oai_request_free(&r);
     CHECK(r.root == NULL && r.messages == NULL);
@@ -52,6 +53,7 @@ static void test_chat_valid(void) {
     CHECK(!strcmp(r.max_tokens_field, "max_tokens"));
     CHECK(r.model == NULL && r.max_tokens == 0 && r.temperature == 1.0f && r.top_p == 1.0f && r.top_k == 0);
     CHECK(!r.has_seed && !r.stream && !r.include_usage && !r.has_lora && r.lora_scale == 1.0f);
+    CHECK(!r.ignore_eos);
     CHECK(r.n_stop == 1 && !strcmp(r.stop[0], "END"));
     qlr_oai_request_free(&r);
 
@@ -141,6 +143,7 @@ static const bad_case BAD[] = {
     {QLR_OAI_CHAT, "{" M ",\"stream\":true,\"stream_options\":[]}", "stream_options", "expected an object"},
     {QLR_OAI_CHAT, "{" M ",\"stream\":true,\"stream_options\":{\"include_usage\":\"y\"}}",
      "stream_options.include_usage", "expected true or false"},
+    {QLR_OAI_CHAT, "{" M ",\"ignore_eos\":1}", "ignore_eos", "expected true or false"},
     {QLR_OAI_CHAT, "{" M ",\"n\":2}", "n", "'n' must be 1"},
     {QLR_OAI_CHAT, "{" M ",\"n\":\"1\"}", "n", "expected an integer"},
     {QLR_OAI_CHAT, "{" M ",\"presence_penalty\":0.5}", "presence_penalty", "not supported"},
