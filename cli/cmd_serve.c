@@ -44,6 +44,9 @@ static void help(void) {
            "                          (or set QLR_API_KEY, which keeps the key out of ps)\n"
            "      --ctx N             longest sequence, prompt + completion (default: the model's\n"
            "                          training context, at most 8192)\n"
+           "      --default-max-tokens N  completion tokens of a request that sets no max_tokens\n"
+           "                          (default 2048, or what is left of the context when less;\n"
+           "                          0 = always what is left). KV blocks are reserved for them\n"
            "      --max-batch-tokens N  tokens per forward step (default 512)\n"
            "      --max-running N     sequences decoding at once (default 64)\n"
            "      --max-queue N       requests waiting to start; more get 429 (default 256)\n"
@@ -104,9 +107,9 @@ static int cmd_serve(int argc, char **argv) {
     const char *served_name = NULL, *kv_memory = NULL, *max_body = NULL;
     const char *adapters[MAX_ADAPTERS];
     int n_adapters = 0, quiet = 0, queue_set = 0;
-    long port = 8080, ctx = 0, max_batch = 0, max_running = 0, max_queue = 0, threads = 0;
+    long port = 8080, ctx = 0, max_batch = 0, max_running = 0, max_queue = 0, threads = 0, default_max = 2048;
     static const char *valued[] = {"-m", "--model", "--adapter", "--adapter-dir", "--served-model-name", "--host",
-                                   "--port", "--api-key", "--ctx", "--max-batch-tokens", "--max-running",
+                                   "--port", "--api-key", "--ctx", "--default-max-tokens", "--max-batch-tokens", "--max-running",
                                    "--max-queue", "--kv-memory", "--max-body", "--device", "-t", "--threads", NULL};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -136,6 +139,7 @@ static int cmd_serve(int argc, char **argv) {
         else if (IS("--max-body")) max_body = v;
         else if (IS("--port")) { if (!parse_int(cmd, a, v, 0, 65535, &port)) return 2; }
         else if (IS("--ctx")) { if (!parse_int(cmd, a, v, 16, 1 << 24, &ctx)) return 2; }
+        else if (IS("--default-max-tokens")) { if (!parse_int(cmd, a, v, 0, 1 << 24, &default_max)) return 2; }
         else if (IS("--max-batch-tokens")) { if (!parse_int(cmd, a, v, 1, 1 << 20, &max_batch)) return 2; }
         else if (IS("--max-running")) { if (!parse_int(cmd, a, v, 1, 1 << 16, &max_running)) return 2; }
         else if (IS("--max-queue")) {
@@ -230,6 +234,7 @@ static int cmd_serve(int argc, char **argv) {
     sp.adapter_dir = adapter_dir;
     sp.model_name = base_name;
     sp.max_ctx = max_ctx;
+    sp.default_max_tokens = (int32_t)default_max;
     sp.max_body = (size_t)body_bytes;
     sp.log_requests = !quiet;
     if (qlr_server_start(eng, reg, tok, &sp, &srv) != QLR_OK) goto done;
@@ -258,6 +263,8 @@ static int cmd_serve(int argc, char **argv) {
     printf("  engine    KV cache %d tokens (%d blocks of %d), context %d, %d tokens per step, %d running, "
            "queue %d\n", es.kv_blocks_total * es.kv_block, es.kv_blocks_total, es.kv_block, max_ctx,
            ep.max_batch_tokens, ep.max_running, ep.max_queue);
+    if (default_max) printf("  requests  max_tokens %ld when not given\n", default_max);
+    else printf("  requests  max_tokens: the rest of the context when not given\n");
     printf("  auth      %s\n", api_key ? "API key required (Authorization: Bearer ...)" : "none");
     printf("  listening http://%s:%u/v1  (SIGINT/SIGTERM drains and exits)\n", host, (unsigned)qlr_server_port(srv));
     fflush(stdout);

@@ -448,19 +448,37 @@ static enum MHD_Result completion(qlr_server *s, struct MHD_Connection *c, conn_
     qlr_tokens ids = {0};
     qlr_adapter *adapter = NULL;
     char name[sizeof ((srv_req *)0)->model];
+    const char *prompt_field = ep == QLR_OAI_CHAT ? "messages" : "prompt";
     if (!build_prompt(s, &rq, &ids, &err)) goto fail;
     if (ids.n >= (size_t)s->p.max_ctx) {
-        qlr_oai_error_set(&err, 400, ep == QLR_OAI_CHAT ? "messages" : "prompt", "context_length_exceeded",
+        qlr_oai_error_set(&err, 400, prompt_field, "context_length_exceeded",
                           "'%s': this model's maximum context length is %d tokens, but the prompt has %zu tokens",
-                          ep == QLR_OAI_CHAT ? "messages" : "prompt", s->p.max_ctx, ids.n);
+                          prompt_field, s->p.max_ctx, ids.n);
         goto fail;
     }
     int32_t n_prompt = (int32_t)ids.n;
-    int32_t max_tokens = rq.max_tokens ? rq.max_tokens : s->p.max_ctx - n_prompt;
+    /* the engine reserves the KV blocks of prompt + max_tokens when the request starts */
+    qlr_engine_stats es;
+    qlr_engine_get_stats(s->e, &es);
+    int64_t kv_tokens = (int64_t)es.kv_blocks_total * es.kv_block;
+    int32_t max_tokens = rq.max_tokens;
+    if (!max_tokens) { /* what is left of the context and of the KV cache, at most the default */
+        int64_t room = s->p.max_ctx - n_prompt;
+        if (kv_tokens > 0 && kv_tokens - n_prompt < room) room = kv_tokens - n_prompt;
+        if (s->p.default_max_tokens > 0 && s->p.default_max_tokens < room) room = s->p.default_max_tokens;
+        max_tokens = room > 0 ? (int32_t)room : 1;
+    }
     if ((int64_t)n_prompt + max_tokens > s->p.max_ctx) {
         qlr_oai_error_set(&err, 400, rq.max_tokens_field, "context_length_exceeded",
                           "'%s': this model's maximum context length is %d tokens; the prompt has %d and %d "
                           "were requested for the completion", rq.max_tokens_field, s->p.max_ctx, n_prompt, max_tokens);
+        goto fail;
+    }
+    if (kv_tokens > 0 && (int64_t)n_prompt + max_tokens > kv_tokens) {
+        const char *f = rq.max_tokens ? rq.max_tokens_field : prompt_field;
+        qlr_oai_error_set(&err, 400, f, "context_length_exceeded",
+                          "'%s': the prompt (%d tokens) + %d completion tokens do not fit in the KV cache "
+                          "(%lld tokens)", f, n_prompt, max_tokens, (long long)kv_tokens);
         goto fail;
     }
     if (!resolve_adapter(s, &rq, &adapter, name, sizeof name, &err)) goto fail;
@@ -487,6 +505,10 @@ static enum MHD_Result completion(qlr_server *s, struct MHD_Connection *c, conn_
     er.sampling.temperature = rq.temperature;
     er.sampling.top_k = rq.top_k;
     er.sampling.top_p = rq.top_p;
+    if (rq.top_p <= 0.0f) { /* OpenAI allows 0: only the most likely token, i.e. greedy */
+        er.sampling.temperature = 0.0f;
+        er.sampling.top_p = 1.0f;
+    }
     er.seed = rq.has_seed ? rq.seed : next_random(s);
     er.stop = rq.stop;
     er.n_stop = rq.n_stop;
@@ -842,6 +864,7 @@ qlr_server_params qlr_server_params_default(void) {
     p.host = "127.0.0.1";
     p.port = 8080;
     p.max_body = (size_t)1 << 20;
+    p.default_max_tokens = 2048;
     p.retry_after_s = 1;
     p.max_connections = 512;
     p.log_requests = 1;

@@ -35,8 +35,11 @@ typedef struct qlr_server_params {
     const char *adapter_dir;   /* POST /v1/load_lora_adapter paths must resolve inside it; NULL =
                                   loading by path is refused (403) */
     const char *model_name;    /* the base model's name in the API (required) */
-    int32_t max_ctx;           /* the engine's longest sequence, prompt + generation (required):
-                                  the default max_tokens is what is left of it */
+    int32_t max_ctx;           /* the engine's longest sequence, prompt + generation (required) */
+    int32_t default_max_tokens; /* max_tokens of a request that gives none: this, or what is left
+                                  of max_ctx when less (default 2048; 0 = what is left). The engine
+                                  reserves KV blocks for prompt + max_tokens when a request starts,
+                                  so an unbounded default would hold a whole context per request */
     size_t max_body;           /* largest request body in bytes (default 1 MiB; over it: 413) */
     int retry_after_s;         /* Retry-After of a 429 (default 1) */
     int max_connections;       /* connections (threads) at once (default 512) */

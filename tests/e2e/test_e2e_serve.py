@@ -26,8 +26,9 @@ standard library's http.client and the official `openai` package.
      each the right 4xx with an OpenAI error object naming the field, and the server keeps
      answering correctly afterwards;
    - SIGTERM while a stream runs: the stream finishes with [DONE], the process exits 0.
-4. A second server without --adapter-dir and without a key refuses loading by path (403) and
-   serves /metrics in the Prometheus text format; SIGINT stops it.
+4. A second server without --adapter-dir and without a key (context 8192, a 64 MiB KV cache)
+   refuses loading by path (403) and a max_tokens over the KV cache (400), serves /metrics in the
+   Prometheus text format; SIGINT stops it.
 Exit status 0 only when every check passed.
 """
 import argparse
@@ -264,6 +265,9 @@ def main():
     text = data.decode()
     check("# TYPE qlora_kv_blocks_used gauge" in text and "qlora_http_requests_total{status=\"403\"} 1" in text,
           "metrics text lacks the expected lines")
+    status, _, data = request(srv2.port, "POST", "/v1/chat/completions", chat_body(base_name, max_tokens=4000), key=None)
+    e = check_error(status, data, 400, "max_tokens", "more tokens than the KV cache holds")
+    check("KV cache" in e.get("message", ""), "the KV refusal does not say why: %s" % e.get("message"))
     status, _, data = request(srv2.port, "POST", "/v1/chat/completions", chat_body(base_name), key=None)
     check(status == 200 and jbody(data)["choices"][0]["message"]["content"] == ref_base,
           "second server: base answer differs")
@@ -318,7 +322,8 @@ def serve_checks(a, srv, port, client, openai, base_name, ref_adapter, ref_base,
                                        max_completion_tokens=MAX_TOKENS, temperature=0)
     check(r.choices[0].message.content == ref_base, "chat with the base: %r != %r" % (r.choices[0].message.content, ref_base))
     for how, body in (("lora by name", chat_body(base_name, lora=[{"name": "quick"}])),
-                      ("lora by id", chat_body(None, lora=[{"id": 0, "scale": 1.0}]))):
+                      ("lora by id", chat_body(None, lora=[{"id": 0, "scale": 1.0}])),
+                      ("top_p 0 (greedy)", chat_body("quick", temperature=0.8, top_p=0))):
         if body["model"] is None:
             del body["model"]
         status, _, data = request(port, "POST", "/v1/chat/completions", body)
