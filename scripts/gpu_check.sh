@@ -103,7 +103,7 @@ echo "== gpu tests ==" | tee "$OUT/ctest_gpu.log"
 exclude=()
 demo=${QLR_DEMO_MODEL:-.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf}
 if [ ! -f "$demo" ]; then
-  demo_tests="test_cuda_generate test_cuda_train_demo test_cuda_adapter_batch"
+  demo_tests="test_cuda_generate test_cuda_train_demo test_cuda_adapter_batch test_cuda_engine"
   echo "left out: $demo_tests (demo model $demo not found; set QLR_DEMO_MODEL)" |
     tee -a "$OUT/ctest_gpu.log"
   exclude=(-E "^(${demo_tests// /|})\$")

@@ -212,7 +212,7 @@ static void test_hooks(side *g, side *c) {
     host_forward(g, kv, N, k_tok, k_pos, k_seq, got);
     qlr_forward_set_fused(g->f, 1);
     gh_compare("cuda unfused vs cpu: prefill logits", got, cpu, (int64_t)N * VOCAB,
-               0.06 * gh_rms(cpu, (int64_t)N * VOCAB), 0.03);
+               0.1 * gh_rms(cpu, (int64_t)N * VOCAB), 0.03);
 done:
     qlr_kv_cache_free(kv), qlr_kv_cache_free(kc);
     free(ref), free(cpu), free(got);
