@@ -1,4 +1,4 @@
-/* backend/backend.h: the backend contract (../shared/ARCHITECTURE.md "The backend contract").
+/* backend/backend.h: the backend contract (docs/ARCHITECTURE.md "The backend contract").
  *
  * A backend is a device-memory allocator plus a table of op function pointers. model/, adapters/,
  * optim/ and train/ call only these; backend/cpu/ is the plain-C reference (f32 activations,
