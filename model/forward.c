@@ -214,16 +214,28 @@ static qlr_status check_cache(const qlr_model_config *c, const qlr_kv_cache *kv,
 }
 
 /* A host batch over the contiguous cache kv or the paged cache kvp with tables bt. */
+/* What a host batch and a device batch share: sizes against the workspace, the cache's and the
+ * adapter set's model. */
+static qlr_status check_shape(const qlr_forward *f, const qlr_kv_cache *kv, const qlr_kv_paged *kvp,
+                              int32_t n, int32_t n_logits, const qlr_adapter_set *set) {
+    const qlr_model_config *c = &f->m->cfg;
+    if (n < 1 || n > f->max_tokens)
+        return qlr_errorf(QLR_ERR_RANGE, "batch of %d tokens (workspace holds 1..%d)", n,
+                          f->max_tokens);
+    if (n_logits < 0 || n_logits > f->max_logits || n_logits > n)
+        return qlr_errorf(QLR_ERR_RANGE, "%d logits rows requested (workspace holds %d, batch %d)",
+                          n_logits, f->max_logits, n);
+    QLR_TRY(check_cache(c, kv, kvp));
+    if (set && (set->n_layers != c->n_layers || set->n_slots < 1))
+        return qlr_errorf(QLR_ERR_INVALID, "adapter set made for %d layers (the model has %d)",
+                          set->n_layers, c->n_layers);
+    return QLR_OK;
+}
+
 static qlr_status check_batch(qlr_forward *f, const qlr_kv_cache *kv, const qlr_kv_paged *kvp,
                               const qlr_batch *b, const qlr_block_table *bt) {
     const qlr_model_config *c = &f->m->cfg;
-    if (b->n < 1 || b->n > f->max_tokens)
-        return qlr_errorf(QLR_ERR_RANGE, "batch of %d tokens (workspace holds 1..%d)", b->n,
-                          f->max_tokens);
-    if (b->n_logits < 0 || b->n_logits > f->max_logits || b->n_logits > b->n)
-        return qlr_errorf(QLR_ERR_RANGE, "%d logits rows requested (workspace holds %d, batch %d)",
-                          b->n_logits, f->max_logits, b->n);
-    QLR_TRY(check_cache(c, kv, kvp));
+    QLR_TRY(check_shape(f, kv, kvp, b->n, b->n_logits, b->adapters));
     for (int32_t i = 0; i < b->n; i++) {
         if (b->tokens[i] < 0 || b->tokens[i] >= c->n_vocab)
             return qlr_errorf(QLR_ERR_RANGE, "token %d of the batch: id %d is outside the vocabulary "
@@ -237,9 +249,6 @@ static qlr_status check_batch(qlr_forward *f, const qlr_kv_cache *kv, const qlr_
                               "cache (0..%d)", i, b->seq[i], kv->n_seq - 1);
     }
     if (kvp) QLR_TRY(check_paged(f, kvp, b, bt));
-    if (b->adapters && (b->adapters->n_layers != c->n_layers || b->adapters->n_slots < 1))
-        return qlr_errorf(QLR_ERR_INVALID, "adapter set made for %d layers (the model has %d)",
-                          b->adapters->n_layers, c->n_layers);
     if (b->adapters && b->adapter_slot)
         for (int32_t i = 0; i < b->n; i++)
             if (b->adapter_slot[i] < -1 || b->adapter_slot[i] >= b->adapters->n_slots)
@@ -329,18 +338,8 @@ static qlr_status set_adapters(qlr_forward *f, const qlr_batch *b, qlr_batch_dev
 /* What the host knows of a device batch (sizes, the cache's and the set's model). */
 static qlr_status check_batch_dev(const qlr_forward *f, const qlr_kv_cache *kv,
                                   const qlr_kv_paged *kvp, const qlr_batch_dev *b) {
-    const qlr_model_config *c = &f->m->cfg;
-    if (b->n < 1 || b->n > f->max_tokens)
-        return qlr_errorf(QLR_ERR_RANGE, "batch of %d tokens (workspace holds 1..%d)", b->n,
-                          f->max_tokens);
-    if (b->n_logits < 0 || b->n_logits > f->max_logits || b->n_logits > b->n)
-        return qlr_errorf(QLR_ERR_RANGE, "%d logits rows requested (workspace holds %d, batch %d)",
-                          b->n_logits, f->max_logits, b->n);
-    QLR_TRY(check_cache(c, kv, kvp));
+    QLR_TRY(check_shape(f, kv, kvp, b->n, b->n_logits, b->adapters));
     if (!b->adapters) return QLR_OK;
-    if (b->adapters->n_layers != c->n_layers || b->adapters->n_slots < 1)
-        return qlr_errorf(QLR_ERR_INVALID, "adapter set made for %d layers (the model has %d)",
-                          b->adapters->n_layers, c->n_layers);
     if (!b->adapter_slot)
         return qlr_errorf(QLR_ERR_INVALID, "device batch with an adapter set but no slot array");
     if (b->uniform < -1 || b->uniform >= b->adapters->n_slots)
