@@ -162,6 +162,44 @@ static void test_cpu_vs_gpu(void) {
     }
 }
 
+/* A trainable r 16 adapter on every linear of m, made the same way on any backend: PEFT init, then
+ * every value set to (add 0) or moved by (add 1) sigma * N(0, 1) from `seed`; with its one-slot
+ * set. 1 when made. */
+typedef struct tadapter {
+    qlr_lora *l;
+    qlr_lora_dev *d;
+    qlr_adapter_slots *slots;
+    const qlr_adapter_set *set;
+} tadapter;
+
+static int tadapter_make(qlr_model *m, uint64_t seed, float sigma, int add, tadapter *t) {
+    memset(t, 0, sizeof *t);
+    qlr_lora_base base;
+    qlr_lora_base_from_config(&m->cfg, &base);
+    qlr_lora_params p = qlr_lora_params_default();
+    p.r = 16;
+    p.alpha = 32;
+    p.targets = QLR_LORA_TARGETS_ALL;
+    CHECK_OK(qlr_lora_create(&base, &p, &t->l));
+    if (!t->l) return 0;
+    uint64_t rng = seed;
+    for (uint64_t i = 0; i < t->l->n_params; i++)
+        t->l->block[i] = (add ? t->l->block[i] : 0.0f) + sigma * test_rng_normal(&rng);
+    CHECK_OK(qlr_lora_dev_create(m->be, t->l, m->cfg.n_layers, 1, &t->d));
+    if (t->d) CHECK_OK(qlr_adapter_slots_create(m->be, m->cfg.n_layers, 1, &t->slots));
+    if (!t->slots) return 0;
+    qlr_adapter_slots_put(t->slots, 0, t->d, 1.0f);
+    CHECK_OK(qlr_adapter_slots_commit(t->slots, 1, &t->set));
+    return t->set != NULL;
+}
+
+static void tadapter_free(tadapter *t) {
+    qlr_adapter_slots_free(t->slots);
+    qlr_lora_dev_free(t->d);
+    qlr_lora_free(t->l);
+    memset(t, 0, sizeof *t);
+}
+
 /* 2. Checkpointing on/off: bitwise-identical LoRA gradients on CUDA. */
 static void test_checkpointing_bitwise(const char *model_path) {
     qlr_backend *be = NULL;
@@ -176,25 +214,11 @@ static void test_checkpointing_bitwise(const char *model_path) {
         qlr_backend_free(be);
         return;
     }
-    qlr_lora_base base;
-    qlr_lora_base_from_config(&m->cfg, &base);
-    qlr_lora_params p = qlr_lora_params_default();
-    p.r = 16;
-    p.alpha = 32;
-    p.targets = QLR_LORA_TARGETS_ALL;
-    qlr_lora *l = NULL;
-    CHECK_OK(qlr_lora_create(&base, &p, &l));
-    uint64_t rng = 3;
-    for (uint64_t i = 0; l && i < l->n_params; i++) l->block[i] = 0.02f * test_rng_normal(&rng);
-    qlr_lora_dev *d = NULL;
-    qlr_adapter_slots *slots = NULL;
-    const qlr_adapter_set *set = NULL;
-    if (l) CHECK_OK(qlr_lora_dev_create(be, l, m->cfg.n_layers, 1, &d));
-    if (d) CHECK_OK(qlr_adapter_slots_create(be, m->cfg.n_layers, 1, &slots));
-    if (slots) {
-        qlr_adapter_slots_put(slots, 0, d, 1.0f);
-        CHECK_OK(qlr_adapter_slots_commit(slots, 1, &set));
-    }
+    tadapter ta;
+    tadapter_make(m, 3, 0.02f, 0, &ta);
+    qlr_lora_dev *d = ta.d;
+    const qlr_adapter_set *set = ta.set;
+    uint64_t rng = 4;
     /* two packed sequences of odd lengths */
     enum { N = 301 };
     int32_t tok[N], tgt[N], pos[N], seq[N];
@@ -240,9 +264,7 @@ static void test_checkpointing_bitwise(const char *model_path) {
     }
     free(g[0]);
     free(g[1]);
-    qlr_adapter_slots_free(slots);
-    qlr_lora_dev_free(d);
-    qlr_lora_free(l);
+    tadapter_free(&ta);
     qlr_model_free(m);
     qlr_backend_free(be);
 }
@@ -261,23 +283,14 @@ static void test_gradients_vs_cpu(const char *model_path) {
         lp.progress = 0;
         qlr_model *m = NULL;
         CHECK_OK(qlr_model_load(model_path, be, &lp, &m));
-        qlr_lora_base base;
-        qlr_lora_base_from_config(&m->cfg, &base);
-        qlr_lora_params p = qlr_lora_params_default();
-        p.r = 16;
-        p.alpha = 32;
-        p.targets = QLR_LORA_TARGETS_ALL;
-        qlr_lora *l = NULL;
-        CHECK_OK(qlr_lora_create(&base, &p, &l));
-        uint64_t rng = 5; /* B nonzero so that every gradient is */
-        for (uint64_t i = 0; l && i < l->n_params; i++) l->block[i] += 0.01f * test_rng_normal(&rng);
-        qlr_lora_dev *d = NULL;
-        qlr_adapter_slots *slots = NULL;
-        const qlr_adapter_set *set = NULL;
-        CHECK_OK(qlr_lora_dev_create(be, l, m->cfg.n_layers, 1, &d));
-        CHECK_OK(qlr_adapter_slots_create(be, m->cfg.n_layers, 1, &slots));
-        qlr_adapter_slots_put(slots, 0, d, 1.0f);
-        CHECK_OK(qlr_adapter_slots_commit(slots, 1, &set));
+        if (!m) {
+            qlr_backend_free(be);
+            return;
+        }
+        tadapter ta; /* B nonzero so that every gradient is */
+        tadapter_make(m, 5, 0.01f, 1, &ta);
+        qlr_lora_dev *d = ta.d;
+        const qlr_adapter_set *set = ta.set;
         enum { N = 200 };
         int32_t tok[N], tgt[N], pos[N], seq[N];
         uint64_t r2 = 9;
@@ -296,9 +309,7 @@ static void test_gradients_vs_cpu(const char *model_path) {
         CHECK_OK(be->mem.d2h(be, g[k], d->grad, n_params * 4));
         CHECK_OK(be->mem.sync(be));
         qlr_train_ctx_free(c);
-        qlr_adapter_slots_free(slots);
-        qlr_lora_dev_free(d);
-        qlr_lora_free(l);
+        tadapter_free(&ta);
         qlr_model_free(m);
         qlr_backend_free(be);
     }
