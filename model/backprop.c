@@ -433,7 +433,7 @@ static qlr_status forward(qlr_train_ctx *c, const qlr_train_batch *b, int with_g
         for (int64_t i = r0; i < r0 + cn; i++) nt += b->targets[i] != QLR_IGNORE_INDEX;
         void *dx = with_grad ? (uint8_t *)c->buf[B_DXF] + r0 * d * as : NULL;
         if (nt == 0) { /* nothing to learn from these rows: skip their logits */
-            memset(c->loss_host + r0, 0, (size_t)cn * 4);
+            QLR_TRY(be->mem.memset0(be, (float *)c->buf[B_LOSS] + r0, (size_t)cn * 4));
             if (dx) QLR_TRY(be->mem.memset0(be, dx, (size_t)(cn * d) * as));
             continue;
         }
@@ -441,9 +441,16 @@ static qlr_status forward(qlr_train_ctx *c, const qlr_train_batch *b, int with_g
         QLR_TRY(be->ops.lm_head_ce(be, loss, dx, c->buf[B_LOGITS], (uint8_t *)xf + r0 * d * as,
                                    m->lm_head, (const int32_t *)c->buf[B_TGT] + r0, cn, d,
                                    cfg->n_vocab, grad_scale));
-        QLR_TRY(be->mem.d2h(be, c->loss_host + r0, loss, (size_t)cn * 4));
     }
     return QLR_OK;
+}
+
+/* The per-token losses of the last forward, read back once (after the backward is queued, so the
+ * host never waits between forward and backward): the step's one read-back besides the clip's. */
+static qlr_status read_losses(qlr_train_ctx *c, int64_t n) {
+    qlr_backend *be = c->m->be;
+    QLR_TRY(be->mem.d2h(be, c->loss_host, c->buf[B_LOSS], (size_t)n * 4));
+    return be->mem.sync(be);
 }
 
 static double loss_total(const qlr_train_ctx *c, const qlr_train_batch *b) {
@@ -478,7 +485,7 @@ qlr_status qlr_train_fwd_bwd(qlr_train_ctx *c, const qlr_adapter_set *set,
         if (c->p.checkpointing) QLR_TRY(layer_fwd(c, l, c->xin[l], NULL, A, n));
         QLR_TRY(layer_bwd(c, l, c->xin[l], A, n, da, db, l > 0));
     }
-    QLR_TRY(be->mem.sync(be));
+    QLR_TRY(read_losses(c, n));
     *loss_sum = loss_total(c, b);
     *n_targets = nt;
     return QLR_OK;
@@ -495,7 +502,7 @@ qlr_status qlr_train_eval(qlr_train_ctx *c, const qlr_adapter_set *set, const ql
     c->dropout = 0.0f;
     c->seed = 0;
     QLR_TRY(forward(c, b, 0, 1.0f));
-    QLR_TRY(c->m->be->mem.sync(c->m->be));
+    QLR_TRY(read_losses(c, b->n));
     *loss_sum = loss_total(c, b);
     *n_targets = nt;
     return QLR_OK;
