@@ -1,8 +1,10 @@
 /* cli/cmd_bench.c: `qlora bench decode`: the decode/prefill benchmark of bench/decode_bench.h
  * (model/'s forward on Llama-3.1-8B and SmolLM2-135M shapes with random NF4 weights, no
- * download), reported as fractions of the GPU's own measured copy bandwidth and bf16 GEMM rate.
- * JSON on stdout. */
+ * download), reported as fractions of the GPU's own measured copy bandwidth and bf16 GEMM rate;
+ * `qlora bench train`: bench/train_bench.h (a real training run of a recipe, by default the
+ * quickstart on the demo model, with its time per phase and per op kind). JSON on stdout. */
 #include "bench/decode_bench.h"
+#include "bench/train_bench.h"
 #include "cli/cli.h"
 #include "core/core.h"
 
@@ -11,6 +13,16 @@
 #include <string.h>
 
 static void help(void) {
+    printf("usage: qlora bench train [RECIPE] [--set key=value]... [--device cpu|cuda] [-t N]\n"
+           "                         [--steps N] [--output-dir DIR] [-q] [--out FILE]\n\n"
+           "Runs `qlora train` on RECIPE (default recipes/smollm2-quickstart.yaml, on the demo model:\n"
+           "QLR_DEMO_MODEL or .cache/models) into a temporary folder (--output-dir: keep it there)\n"
+           "and prints one JSON object: tokens/s, the wall time of each phase (load, data, setup,\n"
+           "step, eval, checkpoint, export), each phase's op time per kind (linears, lora,\n"
+           "attention, ce, optimizer, elementwise, memory) from a timing copy of the backend's op\n"
+           "table, and the machine's sgemm rate (OpenBLAS, the run's thread count, measured before\n"
+           "and after the run) with linears_fraction_of_sgemm = the step's NF4 linear FLOP rate /\n"
+           "that rate. --steps N is --set max_steps=N. On CUDA every op is followed by a sync.\n\n");
     printf("usage: qlora bench decode [--model all|llama3-8b|smollm2-135m] [--prefill N] [--ctx N]\n"
            "                          [--steps N] [--quick] [--device cuda|cpu] [--out FILE]\n\n"
            "Runs the model's forward on the CUDA backend with Llama-3.1-8B / SmolLM2-135M shapes and\n"
@@ -24,13 +36,89 @@ static void help(void) {
            "runs only the backend-generic parts (a smoke run of the code, not a measurement).\n");
 }
 
+/* qlora bench train [RECIPE] [options] (argv[0] = "train") */
+static int bench_train(int argc, char **argv) {
+    qlr_bench_train_opts o = qlr_bench_train_default_opts();
+    const char *recipe = NULL, *out = NULL;
+    char recipe_default[4096], model_set[4200], steps_set[64], dev_set[64];
+    const char **sets = calloc((size_t)argc + 2, sizeof *sets);
+    int n_sets = 0, rc = 0;
+    if (!sets) return qlr_cli_usage_error("bench", "out of memory");
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        int has_v = i + 1 < argc;
+        if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) {
+            o.progress = 0;
+        } else if (a[0] != '-') {
+            if (recipe) {
+                rc = qlr_cli_usage_error("bench", "one recipe only (got '%s' and '%s')", recipe, a);
+                goto out;
+            }
+            recipe = a;
+        } else if (!has_v) {
+            rc = qlr_cli_usage_error("bench", "%s needs a value", a);
+            goto out;
+        } else if (!strcmp(a, "--set")) {
+            sets[n_sets++] = argv[++i];
+        } else if (!strcmp(a, "--out")) {
+            out = argv[++i];
+        } else if (!strcmp(a, "--output-dir")) {
+            o.output_dir = argv[++i];
+        } else if (!strcmp(a, "--device")) {
+            snprintf(dev_set, sizeof dev_set, "device=%s", argv[++i]);
+            sets[n_sets++] = dev_set;
+        } else if (!strcmp(a, "--steps") || !strcmp(a, "-t") || !strcmp(a, "--threads")) {
+            char *end;
+            long n = strtol(argv[++i], &end, 10);
+            if (!*argv[i] || *end || n < 1 || n > 1000000) {
+                rc = qlr_cli_usage_error("bench", "%s: expected a positive integer, got '%s'", a, argv[i]);
+                goto out;
+            }
+            if (!strcmp(a, "--steps")) {
+                snprintf(steps_set, sizeof steps_set, "max_steps=%ld", n);
+                sets[n_sets++] = steps_set;
+            } else {
+                o.threads = (int)n;
+            }
+        } else {
+            rc = qlr_cli_usage_error("bench", "unknown option '%s'", a);
+            goto out;
+        }
+    }
+    if (!recipe) { /* the quickstart on the demo model */
+        snprintf(recipe_default, sizeof recipe_default, "%s/recipes/smollm2-quickstart.yaml", QLR_SOURCE_DIR);
+        recipe = recipe_default;
+        snprintf(model_set, sizeof model_set, "base_model=%s", qlr_cli_demo_model());
+        /* the model first, so that a --set base_model=... of the caller wins */
+        memmove(sets + 1, sets, sizeof *sets * (size_t)n_sets);
+        sets[0] = model_set;
+        n_sets++;
+    }
+    o.recipe = recipe;
+    o.sets = sets;
+    o.n_sets = n_sets;
+    FILE *f = stdout;
+    if (out && !(f = fopen(out, "w"))) {
+        qlr_errorf(QLR_ERR_IO, "%s: cannot open for writing", out);
+        rc = qlr_cli_fail("bench");
+        goto out;
+    }
+    qlr_status st = qlr_bench_train(&o, f);
+    if (f != stdout) fclose(f);
+    rc = st == QLR_OK ? 0 : qlr_cli_fail("bench");
+out:
+    free(sets);
+    return rc;
+}
+
 static int cmd_bench(int argc, char **argv) {
     if (qlr_cli_wants_help(argc, argv) || argc < 2) {
         help();
         return argc < 2 ? 2 : 0;
     }
+    if (!strcmp(argv[1], "train")) return bench_train(argc - 1, argv + 1);
     if (strcmp(argv[1], "decode") != 0)
-        return qlr_cli_usage_error("bench", "unknown benchmark '%s' (known: decode)", argv[1]);
+        return qlr_cli_usage_error("bench", "unknown benchmark '%s' (known: train, decode)", argv[1]);
     qlr_bench_decode_opts o = qlr_bench_decode_default_opts();
     const char *out = NULL;
     for (int i = 2; i < argc; i++) {
@@ -63,4 +151,4 @@ static int cmd_bench(int argc, char **argv) {
     return st == QLR_OK ? 0 : qlr_cli_fail("bench");
 }
 
-const qlr_cli_cmd qlr_cmd_bench = {"bench", "performance figures as JSON (qlora bench decode)", cmd_bench};
+const qlr_cli_cmd qlr_cmd_bench = {"bench", "performance figures as JSON (qlora bench train | decode)", cmd_bench};

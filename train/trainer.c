@@ -29,11 +29,28 @@ static void copy_str(char *dst, size_t cap, const char *src) {
     dst[n] = 0;
 }
 
+/* ------------------------------------------------------------------ phases */
+
+const char *qlr_train_phase_name(qlr_train_phase p) {
+    static const char *const k[QLR_TRAIN_PHASE_COUNT] = {"load", "data", "setup", "step",
+                                                         "eval", "checkpoint", "export", "other"};
+    return (unsigned)p < QLR_TRAIN_PHASE_COUNT ? k[p] : "?";
+}
+
+void qlr_trainer_phase(trainer *t, qlr_train_phase p) {
+    double now = qlr_now();
+    if (t->phase_s) t->phase_s[t->phase] += now - t->phase_t0;
+    t->phase = p;
+    t->phase_t0 = now;
+    if (t->o->on_phase) t->o->on_phase(t->o->hook_ud, p);
+}
+
 /* ------------------------------------------------------------------ eval */
 
 static qlr_status eval_loss(trainer *t, double *out) {
     *out = NAN;
     if (!t->val_b) return QLR_OK;
+    qlr_trainer_phase(t, QLR_TRAIN_PHASE_EVAL);
     qlr_data_cursor c0 = {0, 0};
     QLR_TRY(qlr_batcher_seek(t->val_b, c0));
     uint64_t nb = qlr_batcher_batches_per_epoch(t->val_b);
@@ -67,6 +84,7 @@ static qlr_status train_step(trainer *t, step_out *so) {
     const qlr_train_opts *o = t->o;
     memset(so, 0, sizeof *so);
     int64_t targets = 0;
+    qlr_trainer_phase(t, QLR_TRAIN_PHASE_DATA);
     for (uint32_t k = 0; k < o->grad_accum; k++) {
         qlr_data_batch b;
         QLR_TRY(qlr_batcher_next(t->train_b, &b));
@@ -74,6 +92,7 @@ static qlr_status train_step(trainer *t, step_out *so) {
         targets += t->mb[k].n_targets;
         so->tokens += (uint64_t)t->mb[k].n;
     }
+    qlr_trainer_phase(t, QLR_TRAIN_PHASE_STEP);
     float scale = targets > 0 ? (float)(1.0 / (double)targets) : 0.0f;
     QLR_TRY(t->be->mem.memset0(t->be, t->tr.ldev->grad, t->tr.grad_bytes));
     double loss_sum = 0;
@@ -124,6 +143,7 @@ static qlr_status train_step(trainer *t, step_out *so) {
 /* ------------------------------------------------------------------ the run */
 
 static qlr_status export_final(trainer *t, qlr_train_result *res) {
+    qlr_trainer_phase(t, QLR_TRAIN_PHASE_EXPORT);
     QLR_TRY(qlr_lora_dev_download(t->tr.ldev, t->tr.lora));
     snprintf(res->adapter_dir, sizeof res->adapter_dir, "%s/%s", t->o->output_dir, QLR_RUN_ADAPTER_DIR);
     QLR_TRY(qlr_lora_save_peft(t->tr.lora, res->adapter_dir));
@@ -154,6 +174,9 @@ qlr_status qlr_train_run(const qlr_train_opts *o, qlr_train_result *res) {
     qlr_status st = QLR_OK;
     qlr_progress *bar = NULL;
     double t_start = qlr_now();
+    t->phase_t0 = t_start;
+    t->phase_s = res->phase_seconds;
+    qlr_trainer_phase(t, QLR_TRAIN_PHASE_LOAD);
 
     /* refuse to mix a fresh run with the checkpoints of an old one before loading anything */
     char *latest = NULL;
@@ -177,10 +200,13 @@ qlr_status qlr_train_run(const qlr_train_opts *o, qlr_train_result *res) {
     }
     if ((st = qlr_mkdir_p(o->output_dir))) goto done;
     if ((st = qlr_trainer_open_backend(o->device, o->threads, &t->be))) goto done;
+    if (o->on_backend) o->on_backend(o->hook_ud, t->be);
     qlr_model_load_params lp = qlr_model_load_params_default();
     lp.progress = o->progress;
     if ((st = qlr_model_load(o->base_model, t->be, &lp, &t->m))) goto done;
+    qlr_trainer_phase(t, QLR_TRAIN_PHASE_DATA);
     if ((st = qlr_trainer_load_data(t))) goto done;
+    qlr_trainer_phase(t, QLR_TRAIN_PHASE_SETUP);
     if (qlr_tokenizer_n_vocab(t->tok) > t->m->cfg.n_vocab) {
         st = qlr_errorf(QLR_ERR_FORMAT, "%s: the tokenizer has %d tokens but the model only %d", o->base_model,
                         qlr_tokenizer_n_vocab(t->tok), t->m->cfg.n_vocab);
@@ -231,19 +257,23 @@ qlr_status qlr_train_run(const qlr_train_opts *o, qlr_train_result *res) {
             goto done;
         }
         double dt = qlr_now() - t0;
+        qlr_trainer_phase(t, QLR_TRAIN_PHASE_OTHER);
         res->final_loss = so.loss;
+        res->tokens += so.tokens;
         double tps = dt > 0 ? (double)so.tokens / dt : 0;
         double ev = NAN;
         if (t->val_b && o->eval_steps && t->step % o->eval_steps == 0) {
             if ((st = eval_loss(t, &ev))) goto done;
             res->eval_loss = ev;
             last_eval_step = t->step;
+            qlr_trainer_phase(t, QLR_TRAIN_PHASE_OTHER);
         }
         int last = t->step == t->total_steps;
         if (last && t->val_b && last_eval_step != t->step) {
             if ((st = eval_loss(t, &ev))) goto done;
             res->eval_loss = ev;
             last_eval_step = t->step;
+            qlr_trainer_phase(t, QLR_TRAIN_PHASE_OTHER);
         }
         if (t->step % o->logging_steps == 0 || last || !isnan(ev)) {
             json_t *j = json_object();
@@ -270,8 +300,10 @@ qlr_status qlr_train_run(const qlr_train_opts *o, qlr_train_result *res) {
             if ((st = qlr_lora_dev_upload(t->tr.ldev, t->tr.lora))) goto done;
         }
         if ((o->save_steps && t->step % o->save_steps == 0) || last || stop) {
+            qlr_trainer_phase(t, QLR_TRAIN_PHASE_CHECKPOINT);
             if ((st = qlr_trainer_save_checkpoint(t, elapsed))) goto done;
             copy_str(res->last_checkpoint, sizeof res->last_checkpoint, t->last_ckpt);
+            qlr_trainer_phase(t, QLR_TRAIN_PHASE_OTHER);
         }
         char extra[160], lrs[32];
         fmt_lr(lrs, sizeof lrs, so.lr);
@@ -290,6 +322,7 @@ qlr_status qlr_train_run(const qlr_train_opts *o, qlr_train_result *res) {
     res->seconds = qlr_now() - t_loop;
     if (!res->stopped) {
         if (t->step > t->start_step && t->last_ckpt_step != t->step) {
+            qlr_trainer_phase(t, QLR_TRAIN_PHASE_CHECKPOINT);
             if ((st = qlr_trainer_save_checkpoint(t, t->elapsed_before + res->seconds))) goto done;
             copy_str(res->last_checkpoint, sizeof res->last_checkpoint, t->last_ckpt);
         }
@@ -297,6 +330,8 @@ qlr_status qlr_train_run(const qlr_train_opts *o, qlr_train_result *res) {
     }
     QLR_LOGD("trainer wall time %.1fs", qlr_now() - t_start);
 done:
+    qlr_trainer_phase(t, QLR_TRAIN_PHASE_OTHER);
+    t->phase_s = NULL;
     qlr_progress_end(bar);
     free(resume_dir);
     qlr_trainer_free(t);

@@ -33,6 +33,24 @@ typedef struct qlr_train_dataset {
     int skip_bad_lines;
 } qlr_train_dataset;
 
+/* Where a run's wall time goes (qlr_train_result.phase_seconds, and the on_phase hook). */
+typedef enum qlr_train_phase {
+    QLR_TRAIN_PHASE_LOAD = 0,   /* backend and base model (load, NF4 quantization) */
+    QLR_TRAIN_PHASE_DATA,       /* tokenizing, splitting; each step's micro-batches */
+    QLR_TRAIN_PHASE_SETUP,      /* adapter, optimizer states, workspace, resume, metrics file */
+    QLR_TRAIN_PHASE_STEP,       /* forward, backward, clipping, optimizer of every step */
+    QLR_TRAIN_PHASE_EVAL,       /* eval loss every eval_steps and at the end */
+    QLR_TRAIN_PHASE_CHECKPOINT, /* checkpoints */
+    QLR_TRAIN_PHASE_EXPORT,     /* the final PEFT folder and GGUF */
+    QLR_TRAIN_PHASE_OTHER,      /* metrics lines, progress, the on_step hook */
+    QLR_TRAIN_PHASE_COUNT
+} qlr_train_phase;
+
+/* The phase's name as the bench reports it ("load", "data", ...). */
+const char *qlr_train_phase_name(qlr_train_phase p);
+
+struct qlr_backend;
+
 /* Everything a run needs, with no recipe types (see the file comment). Strings are malloc'ed
  * and freed by qlr_train_opts_free. */
 typedef struct qlr_train_opts {
@@ -78,6 +96,12 @@ typedef struct qlr_train_opts {
      * the run as a signal would. May be NULL. */
     int (*on_step)(void *ud, uint64_t step, struct qlr_lora *adapter);
     void *on_step_ud;
+    /* Profiling hooks (qlora bench train; each may be NULL; both get hook_ud): on_backend once
+     * the backend exists, before anything runs on it (the bench swaps in a timing copy of its
+     * op table); on_phase at every change of phase (qlr_train_phase). */
+    void (*on_backend)(void *ud, struct qlr_backend *be);
+    void (*on_phase)(void *ud, qlr_train_phase phase);
+    void *hook_ud;
 } qlr_train_opts;
 
 /* Translates a loaded recipe into options (paths resolved against the recipe's folder, the
@@ -121,6 +145,8 @@ typedef struct qlr_train_result {
     char last_checkpoint[4096]; /* newest checkpoint written or resumed from ("" = none) */
     char adapter_dir[4096];     /* final PEFT adapter folder ("" when not written) */
     char adapter_gguf[4096];    /* final GGUF adapter ("" when not written) */
+    uint64_t tokens;            /* tokens trained on by this process (padding excluded) */
+    double phase_seconds[QLR_TRAIN_PHASE_COUNT]; /* wall time of each phase, this process */
 } qlr_train_result;
 
 /* Runs the whole training: loads the model, tokenizes the data, creates (or resumes) the adapter

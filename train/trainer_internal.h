@@ -79,7 +79,14 @@ typedef struct trainer {
     char metrics_path[4200];
     char last_ckpt[4096];
     uint64_t last_ckpt_step;
+    /* where the wall time goes (qlr_train_result.phase_seconds) */
+    qlr_train_phase phase;
+    double phase_t0;
+    double *phase_s;               /* [QLR_TRAIN_PHASE_COUNT] */
 } trainer;
+
+/* trainer.c: ends the current phase (its seconds added up) and starts `p`. */
+void qlr_trainer_phase(trainer *t, qlr_train_phase p);
 
 /* trainer_setup.c */
 qlr_status qlr_trainer_open_backend(const char *device, int threads, qlr_backend **be);
