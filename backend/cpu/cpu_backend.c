@@ -1,11 +1,14 @@
 /* backend/cpu/cpu_backend.c: the CPU backend object: host memory as "device" memory, the
- * per-thread scratch buffers, and the op table wired to the reference ops in ops_*.c.
- * OpenBLAS runs with as many threads as our pool; it is only called outside our parallel
- * regions (it serialises concurrent callers), see ops_linear.c. */
+ * per-thread and shared scratch buffers, the item-by-item parallel loop, and the op table wired
+ * to the reference ops in ops_*.c. OpenBLAS runs single-threaded: every matrix product is
+ * split over our own pool (each thread one block of the output, its own sgemm), so one set of
+ * threads does all the work and none spins waiting while the other set runs (OpenBLAS's idle
+ * workers poll with sched_yield). */
 #include "backend/cpu/cpu_internal.h"
 #include "backend/cpu/cpu_optim.h"
 
 #include <cblas.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -46,10 +49,44 @@ qlr_status qlr_cpu_scratch_reserve(qlr_backend *be, size_t bytes) {
     return QLR_OK;
 }
 
+float *qlr_cpu_shared(qlr_backend *be, size_t bytes) {
+    qlr_cpu_impl *im = be->impl;
+    if (im->shared_bytes >= bytes && im->shared) return im->shared;
+    size_t want = (bytes + 63) & ~(size_t)63;
+    free(im->shared);
+    im->shared = aligned_alloc(64, want ? want : 64);
+    im->shared_bytes = im->shared ? want : 0;
+    if (!im->shared)
+        qlr_errorf(QLR_ERR_NOMEM, "cpu: cannot allocate %.1f MiB of scratch",
+                   (double)bytes / (1 << 20));
+    return im->shared;
+}
+
+typedef struct items_ctx {
+    qlr_range_fn fn;
+    void *ctx;
+    int64_t n;
+    atomic_llong next;
+} items_ctx;
+
+static void items_run(void *p, int64_t b, int64_t e, int tid) {
+    items_ctx *c = p;
+    for (int64_t i; (i = atomic_fetch_add(&c->next, 1)) < c->n;) c->fn(c->ctx, i, i + 1, tid);
+}
+
+void qlr_cpu_parallel_items(int64_t n, qlr_range_fn fn, void *ctx) {
+    if (n <= 0) return;
+    items_ctx c = {fn, ctx, n, 0};
+    int nt = qlr_n_threads();
+    qlr_parallel_for(nt < n ? nt : n, 1, items_run, &c);
+}
+
 static void cpu_destroy(qlr_backend *be) {
     qlr_cpu_impl *im = be->impl;
-    if (im)
+    if (im) {
         for (int t = 0; t < QLR_CPU_MAX_THREADS; t++) free(im->scratch[t]);
+        free(im->shared);
+    }
     free(im);
     free(be);
 }
@@ -69,7 +106,7 @@ qlr_status qlr_backend_cpu_create(int n_threads, qlr_backend **out) {
     if (n_threads > 0 && im->n_threads != n_threads)
         QLR_LOGW("cpu backend: the thread pool already runs %d threads; --threads %d ignored",
                  im->n_threads, n_threads);
-    openblas_set_num_threads(im->n_threads);
+    openblas_set_num_threads(1);
 
     be->name = "cpu";
     be->kind = QLR_DEVICE_CPU;

@@ -8,6 +8,7 @@
 #include <math.h>
 
 #include "backend/backend.h"
+#include "core/threads.h"
 
 #define QLR_CPU_MAX_THREADS 256
 
@@ -15,6 +16,8 @@ typedef struct qlr_cpu_impl {
     int n_threads;                          /* qlr_n_threads() at creation */
     float *scratch[QLR_CPU_MAX_THREADS];    /* per-thread workspace (64-byte aligned) */
     size_t scratch_bytes[QLR_CPU_MAX_THREADS];
+    float *shared;                          /* one workspace all threads of an op share */
+    size_t shared_bytes;
 } qlr_cpu_impl;
 
 /* Makes every thread's scratch at least `bytes` long (serial; call before qlr_parallel_for). */
@@ -23,6 +26,18 @@ qlr_status qlr_cpu_scratch_reserve(qlr_backend *be, size_t bytes);
 static inline float *qlr_cpu_scratch(qlr_backend *be, int tid) {
     return ((qlr_cpu_impl *)be->impl)->scratch[tid];
 }
+/* The shared workspace, at least `bytes` long (64-byte aligned; serial, like the reserve; its
+ * content is not kept across a growth). NULL + QLR_ERR_NOMEM message on failure. */
+float *qlr_cpu_shared(qlr_backend *be, size_t bytes);
+
+/* Runs fn(ctx, i, i + 1, tid) for every i in [0, n) on the pool, each thread taking the next
+ * item as it finishes one (for items of uneven cost; list the costly ones first). Which thread
+ * runs an item varies from run to run, so an item's result must depend on the item only (its
+ * own outputs, the thread's scratch as workspace). */
+void qlr_cpu_parallel_items(int64_t n, qlr_range_fn fn, void *ctx);
+
+/* Matrix products: BLAS runs single-threaded inside our pool (cpu_backend.c sets OpenBLAS to
+ * one thread), so an op parallelises by handing each thread its own block of the output. */
 
 /* Dequantizes elements [e0, e1) of an NF4 store (flat row-major index) into out[e1 - e0]. */
 void qlr_cpu_nf4_dequant_range(const qlr_nf4 *q, int64_t e0, int64_t e1, float *out);
@@ -88,6 +103,12 @@ qlr_status qlr_cpu_lm_head(qlr_backend *be, float *logits, const void *x, const 
                            int64_t n, int64_t d, int64_t vocab);
 qlr_status qlr_cpu_nf4_lm_head(qlr_backend *be, float *logits, const void *x, const qlr_nf4 *w,
                                int64_t n);
+/* y [n, rows] = x [n, cols] · Wᵀ and y [n, cols] = x [n, rows] · W for a bf16 table W
+ * [rows, cols] (f32 in and out, sgemm on f32 tiles of W, split over the pool). */
+qlr_status qlr_cpu_bf16_xwt(qlr_backend *be, float *y, const float *x, const uint16_t *w,
+                            int64_t n, int64_t rows, int64_t cols);
+qlr_status qlr_cpu_bf16_xw(qlr_backend *be, float *y, const float *x, const uint16_t *w,
+                           int64_t n, int64_t rows, int64_t cols);
 
 /* ops_sample.c */
 qlr_status qlr_cpu_sample(qlr_backend *be, int32_t *out_ids, float *logits,

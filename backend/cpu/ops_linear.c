@@ -1,8 +1,8 @@
 /* backend/cpu/ops_linear.c: the CPU matrix products: NF4 linear (forward and dX), lm_head on
- * a bf16 table or an NF4 store, the LoRA hook (forward and gradients) and the batched
- * multi-adapter LoRA (one adapter per token, plain loops so that each row's bits depend on that
- * row alone). Weights are never dequantized whole: see the two regimes below (fused GEMV for few
- * tokens, chunked sgemm for many). */
+ * a bf16 table or an NF4 store (and the bf16 products the fused lm_head + CE uses), the LoRA
+ * hook (forward and gradients) and the batched multi-adapter LoRA (one adapter per token, plain
+ * loops so that each row's bits depend on that row alone). Weights are never dequantized whole:
+ * see the two regimes below (fused GEMV for few tokens, per-thread tiles + sgemm for many). */
 #include <cblas.h>
 #include <pthread.h>
 #include <string.h>
@@ -36,12 +36,15 @@ void qlr_cpu_nf4_dequant_range(const qlr_nf4 *q, int64_t e0, int64_t e1, float *
 /* Two regimes. Few tokens (decode, n <= SMALL_N): a fused kernel per output row that reads
  * the packed codes directly (a 256-entry table maps one byte to its two code values; the block
  * sum is scaled by absmax once), threaded over rows with our pool. Many tokens (prefill,
- * training): a chunk of rows (CHUNK_BYTES of f32) is dequantized in parallel into a shared
- * buffer, then one cblas_sgemm (OpenBLAS's own threads) multiplies it. OpenBLAS serialises
- * concurrent callers, so it is never called from inside our parallel regions. */
+ * training): each thread of the pool takes its own block of the output (y = x·Wᵀ: a range of
+ * W's rows; dX = dY·W: a range of W's columns), dequantizes W's part of it tile by tile into its
+ * own scratch (TILE_BYTES of f32, so the tile is still in the core's cache when the sgemm packs
+ * it) and multiplies each tile with a single-threaded cblas_sgemm. No thread waits for another
+ * between tiles, and no transposed copy is made: dX reads the tile in W's own layout. */
 
 #define SMALL_N 4
-#define CHUNK_BYTES (4u << 20)
+#define TILE_BYTES (512u << 10)
+#define COL_UNIT 16 /* dX column blocks are multiples of 16 floats (64 bytes) */
 
 static float g_pair[256][2]; /* byte -> (code of the high nibble, code of the low nibble) */
 static pthread_once_t g_pair_once = PTHREAD_ONCE_INIT;
@@ -59,8 +62,7 @@ typedef struct {
     const qlr_nf4 *w;
     const float *bias;
     const uint16_t *wbf; /* lm_head */
-    float *buf;          /* shared chunk buffer */
-    int64_t n, r0, rows, cols, ldy;
+    int64_t n, rows, cols, ldy;
 } lin_ctx;
 
 /* y[i, r] for rows [b, e) of the weight, i < n <= SMALL_N, fused dequant + dot. */
@@ -103,72 +105,93 @@ static void gemv_nf4_run(void *p, int64_t b, int64_t e, int tid) {
     }
 }
 
-/* Dequantizes rows [r0 + b, r0 + e) of the NF4 weight into the shared chunk buffer. */
-static void chunk_nf4_run(void *p, int64_t b, int64_t e, int tid) {
-    lin_ctx *c = p;
-    qlr_cpu_nf4_dequant_range(c->w, (c->r0 + b) * c->cols, (c->r0 + e) * c->cols,
-                              c->buf + b * c->cols);
+/* Rows of W per tile when a tile row holds `cols` values. */
+static int64_t tile_rows(int64_t cols) {
+    int64_t t = TILE_BYTES / 4 / (cols > 0 ? cols : 1);
+    return t < 1 ? 1 : t;
 }
 
-static void chunk_bf16_run(void *p, int64_t b, int64_t e, int tid) {
-    lin_ctx *c = p;
-    qlr_bf16_to_f32_row(c->wbf + (c->r0 + b) * c->cols, c->buf + b * c->cols,
-                        (size_t)((e - b) * c->cols));
-}
-
-static int64_t chunk_rows(int64_t cols, int64_t rows) {
-    int64_t t = CHUNK_BYTES / 4 / (cols > 0 ? cols : 1);
-    if (t < 1) t = 1;
-    return t < rows ? t : rows;
-}
-
-/* y[:, r0:r0+nr] (ldy) = x · W[r0:r0+nr]ᵀ chunk by chunk; `deq` fills c->buf. */
-static qlr_status chunked_gemm(qlr_backend *be, lin_ctx *c, qlr_range_fn deq) {
-    int64_t ch = chunk_rows(c->cols, c->rows);
-    QLR_TRY(qlr_cpu_scratch_reserve(be, (size_t)(ch * c->cols) * 4));
-    c->buf = qlr_cpu_scratch(be, 0);
-    int64_t rows = c->rows;
-    for (int64_t r0 = 0; r0 < rows; r0 += ch) {
-        int64_t nr = rows - r0 < ch ? rows - r0 : ch;
-        c->r0 = r0;
-        qlr_parallel_for(nr, 16, deq, c);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)c->n, (int)nr, (int)c->cols,
-                    1.0f, c->x, (int)c->cols, c->buf, (int)c->cols, 0.0f, c->y + r0, (int)c->ldy);
+/* W[r0 .. r0+nr, c0 .. c0+nc) as f32 into buf [nr, nc] (NF4 store or bf16 table). */
+static void tile_load(const lin_ctx *c, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
+                      float *buf) {
+    if (c0 == 0 && nc == c->cols) { /* whole rows: one contiguous range */
+        if (c->w) qlr_cpu_nf4_dequant_range(c->w, r0 * nc, (r0 + nr) * nc, buf);
+        else qlr_bf16_to_f32_row(c->wbf + r0 * nc, buf, (size_t)(nr * nc));
+        return;
     }
-    if (c->bias)
-        for (int64_t i = 0; i < c->n; i++)
-            for (int64_t r = 0; r < rows; r++) c->y[i * c->ldy + r] += c->bias[r];
+    for (int64_t r = 0; r < nr; r++) {
+        int64_t e0 = (r0 + r) * c->cols + c0;
+        if (c->w) qlr_cpu_nf4_dequant_range(c->w, e0, e0 + nc, buf + r * nc);
+        else qlr_bf16_to_f32_row(c->wbf + e0, buf + r * nc, (size_t)nc);
+    }
+}
+
+/* y[:, b:e] = x · W[b:e]ᵀ (+ bias): W's rows [b, e), tile by tile. */
+static void xwt_run(void *p, int64_t b, int64_t e, int tid) {
+    lin_ctx *c = p;
+    float *buf = qlr_cpu_scratch(c->be, tid);
+    int64_t ch = tile_rows(c->cols);
+    for (int64_t r0 = b; r0 < e; r0 += ch) {
+        int64_t nr = e - r0 < ch ? e - r0 : ch;
+        tile_load(c, r0, nr, 0, c->cols, buf);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)c->n, (int)nr, (int)c->cols,
+                    1.0f, c->x, (int)c->cols, buf, (int)c->cols, 0.0f, c->y + r0, (int)c->ldy);
+        if (c->bias)
+            for (int64_t i = 0; i < c->n; i++)
+                for (int64_t r = r0; r < r0 + nr; r++) c->y[i * c->ldy + r] += c->bias[r];
+    }
+}
+
+/* The dX form: y [n, cols] (ldy = cols) = x [n, rows] · W, columns [b, e) x COL_UNIT of y,
+ * accumulated over tiles of W's rows. */
+static void xw_run(void *p, int64_t b, int64_t e, int tid) {
+    lin_ctx *c = p;
+    float *buf = qlr_cpu_scratch(c->be, tid);
+    int64_t c0 = b * COL_UNIT, c1 = e * COL_UNIT < c->cols ? e * COL_UNIT : c->cols;
+    int64_t nc = c1 - c0, ch = tile_rows(nc);
+    for (int64_t r0 = 0; r0 < c->rows; r0 += ch) {
+        int64_t nr = c->rows - r0 < ch ? c->rows - r0 : ch;
+        tile_load(c, r0, nr, c0, nc, buf);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)c->n, (int)nc, (int)nr, 1.0f,
+                    c->x + r0, (int)c->rows, buf, (int)nc, r0 ? 1.0f : 0.0f, c->y + c0,
+                    (int)c->ldy);
+    }
+}
+
+/* Splits W's rows (y = x·Wᵀ) over the pool; at least a few tile rows per thread. */
+static qlr_status gemm_xwt(lin_ctx *c) {
+    QLR_TRY(qlr_cpu_scratch_reserve(c->be, TILE_BYTES));
+    qlr_parallel_for(c->rows, 16, xwt_run, c);
+    return QLR_OK;
+}
+
+/* Splits y's columns (y = x·W) over the pool. */
+static qlr_status gemm_xw(lin_ctx *c) {
+    QLR_TRY(qlr_cpu_scratch_reserve(c->be, TILE_BYTES > (size_t)c->cols * 4 ? TILE_BYTES
+                                                                             : (size_t)c->cols * 4));
+    qlr_parallel_for((c->cols + COL_UNIT - 1) / COL_UNIT, 4, xw_run, c);
     return QLR_OK;
 }
 
 qlr_status qlr_cpu_nf4_linear(qlr_backend *be, void *y, const void *x, const qlr_nf4 *w,
                               const float *bias, int64_t n) {
     if (n <= 0) return QLR_OK;
-    lin_ctx c = {be, y, x, w, bias, NULL, NULL, n, 0, w->rows, w->cols, w->rows};
+    lin_ctx c = {be, y, x, w, bias, NULL, n, w->rows, w->cols, w->rows};
     if (n <= SMALL_N) {
         pthread_once(&g_pair_once, pair_init);
         QLR_TRY(qlr_cpu_scratch_reserve(be, (size_t)w->cols * 4));
         qlr_parallel_for(w->rows, 16, gemv_nf4_run, &c);
         return QLR_OK;
     }
-    return chunked_gemm(be, &c, chunk_nf4_run);
+    return gemm_xwt(&c);
 }
 
-/* dX = dY · W, chunk by chunk over the rows of W (dX accumulates over chunks). */
+/* dX = dY · W: each thread a block of dX's columns, W read in its own layout. */
 qlr_status qlr_cpu_nf4_linear_dx(qlr_backend *be, void *dx, const void *dy, const qlr_nf4 *w,
                                  int64_t n) {
     if (n <= 0) return QLR_OK;
-    int64_t in = w->cols, out = w->rows, ch = chunk_rows(in, out);
-    QLR_TRY(qlr_cpu_scratch_reserve(be, (size_t)(ch * in) * 4));
-    lin_ctx c = {be, NULL, NULL, w, NULL, NULL, qlr_cpu_scratch(be, 0), n, 0, out, in, 0};
-    for (int64_t r0 = 0; r0 < out; r0 += ch) {
-        int64_t nr = out - r0 < ch ? out - r0 : ch;
-        c.r0 = r0;
-        qlr_parallel_for(nr, 16, chunk_nf4_run, &c);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)in, (int)nr, 1.0f,
-                    (const float *)dy + r0, (int)out, c.buf, (int)in, r0 ? 1.0f : 0.0f, dx, (int)in);
-    }
-    return QLR_OK;
+    lin_ctx c = {be, dx, dy, w, NULL, NULL, n, w->rows, w->cols, w->cols};
+    return gemm_xw(&c);
 }
 
 /* ---- lm_head on a bf16 table ---- */
@@ -197,12 +220,26 @@ static void gemv_bf16_run(void *p, int64_t b, int64_t e, int tid) {
 qlr_status qlr_cpu_lm_head(qlr_backend *be, float *logits, const void *x, const uint16_t *w,
                            int64_t n, int64_t d, int64_t vocab) {
     if (n <= 0) return QLR_OK;
-    lin_ctx c = {be, logits, x, NULL, NULL, w, NULL, n, 0, vocab, d, vocab};
+    lin_ctx c = {be, logits, x, NULL, NULL, w, n, vocab, d, vocab};
     if (n <= SMALL_N) {
         qlr_parallel_for(vocab, 64, gemv_bf16_run, &c);
         return QLR_OK;
     }
-    return chunked_gemm(be, &c, chunk_bf16_run);
+    return gemm_xwt(&c);
+}
+
+qlr_status qlr_cpu_bf16_xwt(qlr_backend *be, float *y, const float *x, const uint16_t *w,
+                            int64_t n, int64_t rows, int64_t cols) {
+    if (n <= 0) return QLR_OK;
+    lin_ctx c = {be, y, x, NULL, NULL, w, n, rows, cols, rows};
+    return gemm_xwt(&c);
+}
+
+qlr_status qlr_cpu_bf16_xw(qlr_backend *be, float *y, const float *x, const uint16_t *w,
+                           int64_t n, int64_t rows, int64_t cols) {
+    if (n <= 0) return QLR_OK;
+    lin_ctx c = {be, y, x, NULL, NULL, w, n, rows, cols, cols};
+    return gemm_xw(&c);
 }
 
 /* ---- lm_head on an NF4 store ---- */
@@ -213,18 +250,72 @@ qlr_status qlr_cpu_nf4_lm_head(qlr_backend *be, float *logits, const void *x, co
     return qlr_cpu_nf4_linear(be, logits, x, w, NULL, n);
 }
 
-/* ---- LoRA ---- */
+/* ---- LoRA ----
+ * Split over the pool like the linears: the products with a token dimension by blocks of
+ * tokens, dA by blocks of its columns and dB by blocks of its rows, so each thread writes its
+ * own part of every output with a single-threaded sgemm. */
+
+#define LORA_ROWS 16 /* at least this many tokens (or A/B rows) per thread */
+
+typedef struct {
+    qlr_backend *be;
+    float *y, *da, *db, *dx, *u, *g;
+    const float *x, *dy, *a, *b;
+    int64_t n, in, out;
+    int r;
+    float scale;
+} lora_ctx;
+
+/* tokens [b, e): u = x·Aᵀ into the thread's scratch, y += scale · u·Bᵀ */
+static void lora_fwd_run(void *p, int64_t b, int64_t e, int tid) {
+    lora_ctx *c = p;
+    float *u = qlr_cpu_scratch(c->be, tid);
+    int64_t m = e - b;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)m, c->r, (int)c->in, 1.0f,
+                c->x + b * c->in, (int)c->in, c->a, (int)c->in, 0.0f, u, c->r);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)m, (int)c->out, c->r, c->scale, u,
+                c->r, c->b, c->r, 1.0f, c->y + b * c->out, (int)c->out);
+}
 
 qlr_status qlr_cpu_lora(qlr_backend *be, void *y, const void *x, const qlr_lora_ref *l, int64_t n,
                         int64_t in, int64_t out) {
     if (!l || l->r <= 0 || n <= 0) return QLR_OK;
-    QLR_TRY(qlr_cpu_scratch_reserve(be, (size_t)(n * l->r) * 4));
-    float *u = qlr_cpu_scratch(be, 0); /* [n, r] = x · Aᵀ */
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, l->r, (int)in, 1.0f, x, (int)in,
-                l->a, (int)in, 0.0f, u, l->r);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)out, l->r, l->scale, u,
-                l->r, l->b, l->r, 1.0f, y, (int)out);
+    int64_t per = (n + qlr_n_threads() - 1) / qlr_n_threads();
+    QLR_TRY(qlr_cpu_scratch_reserve(be, (size_t)((per > LORA_ROWS ? per : LORA_ROWS) * l->r) * 4));
+    lora_ctx c = {.be = be, .y = y, .x = x, .a = l->a, .b = l->b, .n = n, .in = in, .out = out,
+                  .r = l->r, .scale = l->scale};
+    qlr_parallel_for(n, LORA_ROWS, lora_fwd_run, &c);
     return QLR_OK;
+}
+
+/* tokens [b, e): u = x·Aᵀ, g = dy·B (shared [n, r] buffers) */
+static void lora_ug_run(void *p, int64_t b, int64_t e, int tid) {
+    lora_ctx *c = p;
+    int64_t m = e - b;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)m, c->r, (int)c->in, 1.0f,
+                c->x + b * c->in, (int)c->in, c->a, (int)c->in, 0.0f, c->u + b * c->r, c->r);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)m, c->r, (int)c->out, 1.0f,
+                c->dy + b * c->out, (int)c->out, c->b, c->r, 0.0f, c->g + b * c->r, c->r);
+}
+
+/* columns [b, e) x COL_UNIT of dA and dx */
+static void lora_dadx_run(void *p, int64_t b, int64_t e, int tid) {
+    lora_ctx *c = p;
+    int64_t c0 = b * COL_UNIT, c1 = e * COL_UNIT < c->in ? e * COL_UNIT : c->in, nc = c1 - c0;
+    if (c->da) /* dA[:, c0:c1] += scale · gᵀ · x[:, c0:c1] */
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, c->r, (int)nc, (int)c->n, c->scale,
+                    c->g, c->r, c->x + c0, (int)c->in, 1.0f, c->da + c0, (int)c->in);
+    if (c->dx) /* dx[:, c0:c1] += scale · g · A[:, c0:c1] */
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)c->n, (int)nc, c->r, c->scale,
+                    c->g, c->r, c->a + c0, (int)c->in, 1.0f, c->dx + c0, (int)c->in);
+}
+
+/* rows [b, e) x COL_UNIT of dB: dB[o0:o1, :] += scale · dy[:, o0:o1]ᵀ · u */
+static void lora_db_run(void *p, int64_t b, int64_t e, int tid) {
+    lora_ctx *c = p;
+    int64_t o0 = b * COL_UNIT, o1 = e * COL_UNIT < c->out ? e * COL_UNIT : c->out;
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)(o1 - o0), c->r, (int)c->n,
+                c->scale, c->dy + o0, (int)c->out, c->u, c->r, 1.0f, c->db + o0 * c->r, c->r);
 }
 
 qlr_status qlr_cpu_lora_bwd(qlr_backend *be, float *da, float *db, void *dx, const void *dy,
@@ -232,22 +323,14 @@ qlr_status qlr_cpu_lora_bwd(qlr_backend *be, float *da, float *db, void *dx, con
                             int64_t out) {
     if (!l || l->r <= 0 || n <= 0) return QLR_OK;
     int r = l->r;
-    QLR_TRY(qlr_cpu_scratch_reserve(be, (size_t)(2 * n * r) * 4));
-    float *u = qlr_cpu_scratch(be, 0); /* [n, r] = x · Aᵀ */
-    float *g = u + n * r;              /* [n, r] = dy · B */
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, r, (int)in, 1.0f, x, (int)in,
-                l->a, (int)in, 0.0f, u, r);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, r, (int)out, 1.0f, dy,
-                (int)out, l->b, r, 0.0f, g, r);
-    if (da) /* dA [r, in] += scale · gᵀ · x */
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, r, (int)in, (int)n, l->scale, g, r,
-                    x, (int)in, 1.0f, da, (int)in);
-    if (db) /* dB [out, r] += scale · dyᵀ · u */
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)out, r, (int)n, l->scale, dy,
-                    (int)out, u, r, 1.0f, db, r);
-    if (dx) /* dx [n, in] += scale · g · A */
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)in, r, l->scale, g, r,
-                    l->a, (int)in, 1.0f, dx, (int)in);
+    float *u = qlr_cpu_shared(be, (size_t)(2 * n * r) * 4); /* [n, r] = x · Aᵀ */
+    if (!u) return qlr_error_status();
+    lora_ctx c = {.be = be, .da = da, .db = db, .dx = dx, .u = u, .g = u + n * r, .x = x,
+                  .dy = dy, .a = l->a, .b = l->b, .n = n, .in = in, .out = out, .r = r,
+                  .scale = l->scale};
+    qlr_parallel_for(n, LORA_ROWS, lora_ug_run, &c);
+    if (da || dx) qlr_parallel_for((in + COL_UNIT - 1) / COL_UNIT, 1, lora_dadx_run, &c);
+    if (db) qlr_parallel_for((out + COL_UNIT - 1) / COL_UNIT, 1, lora_db_run, &c);
     return QLR_OK;
 }
 
