@@ -11,51 +11,105 @@
 #include "backend/cpu/cpu_internal.h"
 #include "core/threads.h"
 
-/* ---- varlen attention ---- */
+/* ---- varlen attention ----
+ * One work item per (sequence, head) in the forward and per (sequence, KV head) in the
+ * backward, handed out longest sequence first (qlr_cpu_parallel_items: the cost grows as the
+ * square of the length). Inside an item, blocks of ATT_QB queries: the scores of a block
+ * against the keys it may see are one sgemm, the causal softmax a row loop, the product with V
+ * another sgemm (the backward: P·dO, dO·Vᵀ, dS·K and dSᵀ·Q likewise). Causally hidden entries
+ * of a block are zeros in P and dS. An item writes only its own rows of out / lse / dq and, in
+ * the backward, its own (sequence, KV head) rows of dk / dv, so results do not depend on which
+ * thread runs it. */
+
+#define ATT_QB 64
 
 typedef struct {
     qlr_backend *be;
     float *out, *lse, *dq, *dk, *dv;
-    const float *q, *k, *v, *dout;
-    const int32_t *start;
-    const int64_t *seq_first; /* backward: first token of each sequence, [n_seqs + 1] */
-    int64_t n, n_heads, n_kv, hd, n_seqs;
+    const float *q, *k, *v, *dout, *lse_in;
+    const int64_t *first;   /* [n_seqs + 1] first token of each sequence */
+    const int64_t *order;   /* [n_seqs] sequences, longest first */
+    int64_t n_seqs, n_heads, n_kv, hd, per_seq; /* per_seq: heads (fwd) or KV heads (bwd) */
     float scale;
 } vatt_ctx;
 
-/* Softmax weights of token t, head h over tokens start[t]..t into w[]; returns the count and
- * the log-sum-exp of the scaled scores in *lse. */
-static int64_t vatt_probs(const vatt_ctx *c, int64_t t, int64_t h, float *w, float *lse) {
-    int64_t g = h / (c->n_heads / c->n_kv), s0 = c->start[t], np = t - s0 + 1;
-    const float *q = c->q + (t * c->n_heads + h) * c->hd;
-    float mx = -INFINITY;
-    for (int64_t p = 0; p < np; p++) {
-        const float *k = c->k + ((s0 + p) * c->n_kv + g) * c->hd;
-        float d = 0.0f;
-        for (int64_t j = 0; j < c->hd; j++) d += q[j] * k[j];
-        d *= c->scale;
-        w[p] = d;
-        if (d > mx) mx = d;
+/* P = causal softmax of the scaled scores already in s [nq, nk] (row i sees keys 0..k0 + i),
+ * entries past the diagonal set to 0; the row's log-sum-exp into lse[i * lse_stride] when
+ * lse is not NULL. With lse_in (the forward's), P = exp(s - lse_in) directly. */
+static void causal_softmax(float *s, int64_t nq, int64_t nk, int64_t k0, float *lse,
+                           const float *lse_in, int64_t lse_stride) {
+    for (int64_t i = 0; i < nq; i++) {
+        float *w = s + i * nk;
+        int64_t np = k0 + i + 1;
+        if (lse_in) {
+            float l = lse_in[i * lse_stride];
+            for (int64_t j = 0; j < np; j++) w[j] = expf(w[j] - l);
+        } else {
+            float mx = -INFINITY;
+            for (int64_t j = 0; j < np; j++) mx = w[j] > mx ? w[j] : mx;
+            float l = qlr_cpu_softmax_inplace(w, np, mx);
+            if (lse) lse[i * lse_stride] = l;
+        }
+        for (int64_t j = np; j < nk; j++) w[j] = 0.0f;
     }
-    *lse = qlr_cpu_softmax_inplace(w, np, mx);
-    return np;
 }
 
-static void vatt_run(void *p, int64_t b, int64_t e, int tid) {
+static void vatt_fwd_item(void *p, int64_t it, int64_t it_end, int tid) {
     vatt_ctx *c = p;
-    float *w = qlr_cpu_scratch(c->be, tid);
-    for (int64_t it = b; it < e; it++) {
-        int64_t t = it / c->n_heads, h = it % c->n_heads;
-        int64_t g = h / (c->n_heads / c->n_kv), s0 = c->start[t];
-        float lse;
-        int64_t np = vatt_probs(c, t, h, w, &lse);
-        if (c->lse) c->lse[it] = lse;
-        float *o = c->out + it * c->hd;
-        memset(o, 0, (size_t)c->hd * 4);
-        for (int64_t p2 = 0; p2 < np; p2++) {
-            const float *v = c->v + ((s0 + p2) * c->n_kv + g) * c->hd;
-            float wp = w[p2];
-            for (int64_t j = 0; j < c->hd; j++) o[j] += wp * v[j];
+    float *sc = qlr_cpu_scratch(c->be, tid);
+    int64_t sq = c->order[it / c->n_heads], h = it % c->n_heads;
+    int64_t g = h / (c->n_heads / c->n_kv), hd = c->hd, nh = c->n_heads, nkv = c->n_kv;
+    int64_t t0 = c->first[sq], len = c->first[sq + 1] - t0;
+    const float *K = c->k + (t0 * nkv + g) * hd, *V = c->v + (t0 * nkv + g) * hd;
+    for (int64_t q0 = 0; q0 < len; q0 += ATT_QB) {
+        int64_t nq = len - q0 < ATT_QB ? len - q0 : ATT_QB, nk = q0 + nq;
+        const float *Q = c->q + ((t0 + q0) * nh + h) * hd;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nq, (int)nk, (int)hd, c->scale,
+                    Q, (int)(nh * hd), K, (int)(nkv * hd), 0.0f, sc, (int)nk);
+        causal_softmax(sc, nq, nk, q0, c->lse ? c->lse + (t0 + q0) * nh + h : NULL, NULL, nh);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)nq, (int)hd, (int)nk, 1.0f,
+                    sc, (int)nk, V, (int)(nkv * hd), 0.0f, c->out + ((t0 + q0) * nh + h) * hd,
+                    (int)(nh * hd));
+    }
+}
+
+/* With P the softmax weights of a query block and dP = dO·Vᵀ: dV += Pᵀ·dO;
+ * dS = P ∘ (dP - rowsum(P ∘ dP)) · scale; dQ = dS·K; dK += dSᵀ·Q. */
+static void vatt_bwd_item(void *p, int64_t it, int64_t it_end, int tid) {
+    vatt_ctx *c = p;
+    float *sc = qlr_cpu_scratch(c->be, tid);
+    int64_t sq = c->order[it / c->n_kv], g = it % c->n_kv;
+    int64_t hd = c->hd, nh = c->n_heads, nkv = c->n_kv, grp = nh / nkv;
+    int64_t t0 = c->first[sq], len = c->first[sq + 1] - t0;
+    float *dP = sc + ATT_QB * len;
+    const float *K = c->k + (t0 * nkv + g) * hd, *V = c->v + (t0 * nkv + g) * hd;
+    float *dK = c->dk + (t0 * nkv + g) * hd, *dV = c->dv + (t0 * nkv + g) * hd;
+    for (int64_t t = 0; t < len; t++) {
+        memset(dK + t * nkv * hd, 0, (size_t)hd * 4);
+        memset(dV + t * nkv * hd, 0, (size_t)hd * 4);
+    }
+    for (int64_t h = g * grp; h < (g + 1) * grp; h++) {
+        for (int64_t q0 = 0; q0 < len; q0 += ATT_QB) {
+            int64_t nq = len - q0 < ATT_QB ? len - q0 : ATT_QB, nk = q0 + nq;
+            int64_t row = (t0 + q0) * nh + h;
+            const float *Q = c->q + row * hd, *dO = c->dout + row * hd;
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nq, (int)nk, (int)hd,
+                        c->scale, Q, (int)(nh * hd), K, (int)(nkv * hd), 0.0f, sc, (int)nk);
+            causal_softmax(sc, nq, nk, q0, NULL, c->lse_in ? c->lse_in + row : NULL, nh);
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)nk, (int)hd, (int)nq, 1.0f,
+                        sc, (int)nk, dO, (int)(nh * hd), 1.0f, dV, (int)(nkv * hd));
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nq, (int)nk, (int)hd, 1.0f,
+                        dO, (int)(nh * hd), V, (int)(nkv * hd), 0.0f, dP, (int)nk);
+            for (int64_t i = 0; i < nq; i++) {
+                float *pr = sc + i * nk, *dr = dP + i * nk, D = 0.0f;
+                int64_t np = q0 + i + 1;
+                for (int64_t j = 0; j < np; j++) D += pr[j] * dr[j];
+                for (int64_t j = 0; j < np; j++) pr[j] = pr[j] * (dr[j] - D) * c->scale;
+            }
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)nq, (int)hd, (int)nk, 1.0f,
+                        sc, (int)nk, K, (int)(nkv * hd), 0.0f, c->dq + row * hd, (int)(nh * hd));
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)nk, (int)hd, (int)nq, 1.0f,
+                        sc, (int)nk, Q, (int)(nh * hd), 1.0f, dK, (int)(nkv * hd));
         }
     }
 }
@@ -66,63 +120,52 @@ static void check_starts(const int32_t *start, int64_t n) {
                                                       start[t] == t));
 }
 
+/* The sequences of a batch from its start[] array: first [n_seqs + 1] and order [n_seqs]
+ * (longest first, ties in batch order) in one allocation (*first; free() it), and the longest
+ * length. */
+static qlr_status seq_table(const int32_t *start, int64_t n, int64_t **first, int64_t **order,
+                            int64_t *n_seqs, int64_t *max_len) {
+    check_starts(start, n);
+    int64_t ns = 0;
+    for (int64_t t = 0; t < n; t++) ns += start[t] == t;
+    int64_t *f = malloc((size_t)(2 * ns + 1) * sizeof *f);
+    if (!f) return qlr_errorf(QLR_ERR_NOMEM, "attention_varlen: %lld sequences", (long long)ns);
+    int64_t *o = f + ns + 1, mx = 0;
+    for (int64_t t = 0, s = 0; t < n; t++)
+        if (start[t] == t) f[s++] = t;
+    f[ns] = n;
+    for (int64_t s = 0; s < ns; s++) { /* insertion sort by length, longest first, stable */
+        int64_t len = f[s + 1] - f[s], j = s;
+        mx = len > mx ? len : mx;
+        while (j > 0 && f[o[j - 1] + 1] - f[o[j - 1]] < len) {
+            o[j] = o[j - 1];
+            j--;
+        }
+        o[j] = s;
+    }
+    *first = f;
+    *order = o;
+    *n_seqs = ns;
+    *max_len = mx;
+    return QLR_OK;
+}
+
 qlr_status qlr_cpu_attention_varlen(qlr_backend *be, void *out, float *lse, const void *q,
                                     const void *k, const void *v, const int32_t *start, int64_t n,
                                     int64_t n_heads, int64_t n_kv, int64_t hd, float scale) {
     QLR_ASSERT(n_kv > 0 && n_heads % n_kv == 0);
-    check_starts(start, n);
-    QLR_TRY(qlr_cpu_scratch_reserve(be, (size_t)n * 4));
-    vatt_ctx c = {.be = be, .out = out, .lse = lse, .q = q, .k = k, .v = v, .start = start,
-                  .n = n, .n_heads = n_heads, .n_kv = n_kv, .hd = hd, .scale = scale};
-    qlr_parallel_for(n * n_heads, 1, vatt_run, &c);
-    return QLR_OK;
-}
-
-/* Backward, one work item per (sequence, KV head): the dK/dV rows it accumulates into belong
- * to that sequence and head only, so no two threads write the same row. With P the softmax
- * weights and o = Σ P_p v_p: dv_p += P_p dout; dS_p = P_p (dout·v_p - dout·o);
- * dq = scale Σ dS_p k_p; dk_p += scale dS_p q. */
-static void vatt_bwd_run(void *p, int64_t b, int64_t e, int tid) {
-    vatt_ctx *c = p;
-    float *w = qlr_cpu_scratch(c->be, tid);
-    int64_t grp = c->n_heads / c->n_kv, hd = c->hd;
-    for (int64_t it = b; it < e; it++) {
-        int64_t sq = it / c->n_kv, g = it % c->n_kv;
-        int64_t t0 = c->seq_first[sq], t1 = c->seq_first[sq + 1];
-        for (int64_t t = t0; t < t1; t++) {
-            memset(c->dk + (t * c->n_kv + g) * hd, 0, (size_t)hd * 4);
-            memset(c->dv + (t * c->n_kv + g) * hd, 0, (size_t)hd * 4);
-        }
-        for (int64_t t = t0; t < t1; t++) {
-            for (int64_t h = g * grp; h < (g + 1) * grp; h++) {
-                float lse;
-                int64_t np = vatt_probs(c, t, h, w, &lse);
-                const float *dout = c->dout + (t * c->n_heads + h) * hd;
-                const float *q = c->q + (t * c->n_heads + h) * hd;
-                float *dq = c->dq + (t * c->n_heads + h) * hd;
-                float D = 0.0f;
-                for (int64_t p2 = 0; p2 < np; p2++) {
-                    const float *v = c->v + ((t0 + p2) * c->n_kv + g) * hd;
-                    float dp = 0.0f;
-                    for (int64_t j = 0; j < hd; j++) dp += dout[j] * v[j];
-                    D += w[p2] * dp;
-                    w[c->n + p2] = dp;
-                }
-                memset(dq, 0, (size_t)hd * 4);
-                for (int64_t p2 = 0; p2 < np; p2++) {
-                    float *dv = c->dv + ((t0 + p2) * c->n_kv + g) * hd;
-                    float *dk = c->dk + ((t0 + p2) * c->n_kv + g) * hd;
-                    const float *k = c->k + ((t0 + p2) * c->n_kv + g) * hd;
-                    float wp = w[p2], ds = wp * (w[c->n + p2] - D) * c->scale;
-                    for (int64_t j = 0; j < hd; j++) {
-                        dv[j] += wp * dout[j];
-                        dq[j] += ds * k[j];
-                        dk[j] += ds * q[j];
-                    }
-                }
-            }
-        }
+    if (n <= 0) return QLR_OK;
+    int64_t *first, *order, ns, mx;
+    QLR_TRY(seq_table(start, n, &first, &order, &ns, &mx));
+    qlr_status st = qlr_cpu_scratch_reserve(be, (size_t)(ATT_QB * mx) * 4);
+    if (st == QLR_OK) {
+        vatt_ctx c = {.be = be, .out = out, .lse = lse, .q = q, .k = k, .v = v, .first = first,
+                      .order = order, .n_seqs = ns, .n_heads = n_heads, .n_kv = n_kv, .hd = hd,
+                      .scale = scale};
+        qlr_cpu_parallel_items(ns * n_heads, vatt_fwd_item, &c);
     }
+    free(first);
+    return st;
 }
 
 qlr_status qlr_cpu_attention_varlen_bwd(qlr_backend *be, void *dq, void *dk, void *dv,
@@ -132,20 +175,14 @@ qlr_status qlr_cpu_attention_varlen_bwd(qlr_backend *be, void *dq, void *dk, voi
                                         int64_t n_kv, int64_t hd, float scale) {
     QLR_ASSERT(n_kv > 0 && n_heads % n_kv == 0);
     if (n <= 0) return QLR_OK;
-    check_starts(start, n);
-    int64_t n_seqs = 0;
-    for (int64_t t = 0; t < n; t++) n_seqs += start[t] == t;
-    int64_t *first = malloc((size_t)(n_seqs + 1) * sizeof *first);
-    if (!first) return qlr_errorf(QLR_ERR_NOMEM, "attention_varlen_bwd");
-    for (int64_t t = 0, s = 0; t < n; t++)
-        if (start[t] == t) first[s++] = t;
-    first[n_seqs] = n;
-    qlr_status st = qlr_cpu_scratch_reserve(be, (size_t)n * 8);
+    int64_t *first, *order, ns, mx;
+    QLR_TRY(seq_table(start, n, &first, &order, &ns, &mx));
+    qlr_status st = qlr_cpu_scratch_reserve(be, (size_t)(2 * ATT_QB * mx) * 4);
     if (st == QLR_OK) {
         vatt_ctx c = {.be = be, .dq = dq, .dk = dk, .dv = dv, .dout = dout, .q = q, .k = k,
-                      .v = v, .start = start, .seq_first = first, .n = n, .n_heads = n_heads,
-                      .n_kv = n_kv, .hd = hd, .n_seqs = n_seqs, .scale = scale};
-        qlr_parallel_for(n_seqs * n_kv, 1, vatt_bwd_run, &c);
+                      .v = v, .lse_in = lse, .first = first, .order = order, .n_seqs = ns,
+                      .n_heads = n_heads, .n_kv = n_kv, .hd = hd, .scale = scale};
+        qlr_cpu_parallel_items(ns * n_kv, vatt_bwd_item, &c);
     }
     free(first);
     return st;
@@ -156,25 +193,18 @@ qlr_status qlr_cpu_attention_varlen_bwd(qlr_backend *be, void *dq, void *dk, voi
 typedef struct {
     float *loss, *logits;
     const int32_t *targets;
-    const uint16_t *w;
-    float *buf;
-    int64_t vocab, d, r0;
+    int64_t vocab;
     float grad_scale;
     int want_grad;
 } ce_ctx;
 
-/* Per row: loss = lse - logit[target] (f32); with want_grad the row becomes
- * grad_scale · (softmax - onehot), or zeros for an ignored target. */
+/* Per row of the compacted rows (every one has a target): loss = lse - logit[target] (f32);
+ * with want_grad the row becomes grad_scale · (softmax - onehot). */
 static void ce_rows_run(void *p, int64_t b, int64_t e, int tid) {
     ce_ctx *c = p;
     for (int64_t i = b; i < e; i++) {
         float *z = c->logits + i * c->vocab;
         int32_t tg = c->targets[i];
-        if (tg < 0) {
-            c->loss[i] = 0.0f;
-            if (c->want_grad) memset(z, 0, (size_t)c->vocab * 4);
-            continue;
-        }
         float mx = -INFINITY;
         for (int64_t j = 0; j < c->vocab; j++) mx = z[j] > mx ? z[j] : mx;
         float sum = 0.0f;
@@ -187,43 +217,48 @@ static void ce_rows_run(void *p, int64_t b, int64_t e, int tid) {
     }
 }
 
-static void ce_deq_run(void *p, int64_t b, int64_t e, int tid) {
-    ce_ctx *c = p;
-    qlr_bf16_to_f32_row(c->w + (c->r0 + b) * c->d, c->buf + b * c->d, (size_t)((e - b) * c->d));
-}
-
-/* logits and dX both go through cblas_sgemm on row chunks of W dequantized to f32 whatever
- * the chunk's row count (no GEMV path for few rows as in lm_head), so a token's loss and dX
- * do not depend on how the caller chunks the tokens. */
+/* Only the rows with a target are computed (with train_on_inputs off most rows of a batch
+ * have none): they are gathered into a compact [m, d] block, their logits, losses and dX
+ * formed there, and the dX rows scattered back (ignored rows: loss 0, dX 0). Logits and dX go
+ * through the bf16 sgemm products (qlr_cpu_bf16_xwt / _xw) whatever the row count (no GEMV path
+ * for few rows as in lm_head), so a token's loss and dX do not depend on how the caller chunks
+ * the tokens. */
 qlr_status qlr_cpu_lm_head_ce(qlr_backend *be, float *loss, void *dx, float *logits, const void *x,
                               const uint16_t *w, const int32_t *targets, int64_t n, int64_t d,
                               int64_t vocab, float grad_scale) {
     if (n <= 0) return QLR_OK;
-    for (int64_t i = 0; i < n; i++) QLR_ASSERT(targets[i] < vocab);
-    int64_t ch = (4 << 20) / 4 / d;
-    if (ch < 1) ch = 1;
-    if (ch > vocab) ch = vocab;
-    QLR_TRY(qlr_cpu_scratch_reserve(be, (size_t)(ch * d) * 4));
-    ce_ctx c = {loss, logits, targets, w, qlr_cpu_scratch(be, 0), vocab, d, 0, grad_scale,
-                dx != NULL};
-    /* logits [n, vocab] = x [n, d] · Wᵀ */
-    for (int64_t r0 = 0; r0 < vocab; r0 += ch) {
-        int64_t nr = vocab - r0 < ch ? vocab - r0 : ch;
-        c.r0 = r0;
-        qlr_parallel_for(nr, 64, ce_deq_run, &c);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)nr, (int)d, 1.0f, x,
-                    (int)d, c.buf, (int)d, 0.0f, logits + r0, (int)vocab);
+    int64_t m = 0;
+    for (int64_t i = 0; i < n; i++) {
+        QLR_ASSERT(targets[i] < vocab);
+        m += targets[i] >= 0;
     }
-    qlr_parallel_for(n, 1, ce_rows_run, &c);
+    for (int64_t i = 0; i < n; i++)
+        if (targets[i] < 0) loss[i] = 0.0f;
+    if (dx) memset(dx, 0, (size_t)(n * d) * 4);
+    if (m == 0) return QLR_OK;
+    /* shared: [m] row index, [m] target, [m] loss, [m, d] x rows, [m, d] dX rows */
+    size_t head = (size_t)(3 * m + 15) & ~(size_t)15;
+    float *sh = qlr_cpu_shared(be, (head + (size_t)(2 * m * d)) * 4);
+    if (!sh) return qlr_error_status();
+    int32_t *row = (int32_t *)sh, *tgt = row + m;
+    float *ls = sh + 2 * m, *xs = sh + head, *dxs = xs + m * d;
+    const float *xf = x;
+    for (int64_t i = 0, k = 0; i < n; i++) {
+        if (targets[i] < 0) continue;
+        row[k] = (int32_t)i;
+        tgt[k] = targets[i];
+        memcpy(xs + k * d, xf + i * d, (size_t)d * 4);
+        k++;
+    }
+    /* logits [m, vocab] = xs · Wᵀ */
+    QLR_TRY(qlr_cpu_bf16_xwt(be, logits, xs, w, m, vocab, d));
+    ce_ctx c = {ls, logits, tgt, vocab, grad_scale, dx != NULL};
+    qlr_parallel_for(m, 1, ce_rows_run, &c);
+    for (int64_t k = 0; k < m; k++) loss[row[k]] = ls[k];
     if (!dx) return QLR_OK;
-    /* dx [n, d] = dlogits [n, vocab] · W [vocab, d] */
-    for (int64_t r0 = 0; r0 < vocab; r0 += ch) {
-        int64_t nr = vocab - r0 < ch ? vocab - r0 : ch;
-        c.r0 = r0;
-        qlr_parallel_for(nr, 64, ce_deq_run, &c);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)d, (int)nr, 1.0f,
-                    logits + r0, (int)vocab, c.buf, (int)d, r0 ? 1.0f : 0.0f, dx, (int)d);
-    }
+    /* dX rows [m, d] = dlogits [m, vocab] · W [vocab, d] */
+    QLR_TRY(qlr_cpu_bf16_xw(be, dxs, logits, w, m, vocab, d));
+    for (int64_t k = 0; k < m; k++) memcpy((float *)dx + (int64_t)row[k] * d, dxs + k * d, (size_t)d * 4);
     return QLR_OK;
 }
 

@@ -243,10 +243,62 @@ static void test_attention_bwd(void) {
         free(rq), free(rk), free(rv);
 }
 
+/* Varlen attention (training: blocked sgemm products inside each sequence) against the cache
+ * attention ops (plain loops over the same causal sets) as its reference twin, forward and
+ * backward, on SmolLM2's head shape with sequences longer than one query block (64), of one
+ * token and of exactly one block; the backward with the forward's lse and without it. */
+static void test_attention_varlen(void) {
+    enum { NS = 5 };
+    const int32_t len[NS] = {150, 1, 70, 64, 3};
+    int64_t nh = 9, nkv = 3, hd = 64, ctx = 150, n = 0;
+    for (int s = 0; s < NS; s++) n += len[s];
+    int32_t *seq = malloc(n * 4), *pos = malloc(n * 4), *start = malloc(n * 4);
+    for (int s = 0, t = 0; s < NS; s++)
+        for (int32_t p = 0; p < len[s]; p++, t++) seq[t] = s, pos[t] = p, start[t] = t - p;
+    int64_t qn = n * nh * hd, kn = n * nkv * hd, csz = NS * ctx * nkv * hd;
+    float *q = rnd(qn, 1.0f), *k = rnd(kn, 1.0f), *v = rnd(kn, 1.0f), *dout = rnd(qn, 1.0f);
+    float *kc = calloc(csz, 4), *vc = calloc(csz, 4), *dkc = calloc(csz, 4), *dvc = calloc(csz, 4);
+    float *o = malloc(qn * 4), *oref = malloc(qn * 4), *lse = malloc(n * nh * 4);
+    float *dq = malloc(qn * 4), *dk = malloc(kn * 4), *dv = malloc(kn * 4);
+    float *rdq = malloc(qn * 4), *rdk = malloc(kn * 4), *rdv = malloc(kn * 4);
+    float scale = 0.125f;
+    CHECK_OK(be->ops.kv_store(be, kc, vc, k, v, seq, pos, n, nkv, hd, ctx));
+    CHECK_OK(be->ops.attention(be, oref, q, kc, vc, seq, pos, n, nh, nkv, hd, ctx, scale));
+    CHECK_OK(be->ops.attention_bwd(be, rdq, dkc, dvc, dout, q, kc, vc, oref, NULL, seq, pos, n, nh,
+                                   nkv, hd, ctx, scale));
+    CHECK_OK(be->ops.kv_store_bwd(be, rdk, rdv, dkc, dvc, seq, pos, n, nkv, hd, ctx));
+    double *r = malloc((qn > kn ? qn : kn) * 8);
+#define AS_REF(src, cnt) \
+    for (int64_t i_ = 0; i_ < (cnt); i_++) r[i_] = (src)[i_]
+    CHECK_OK(be->ops.attention_varlen(be, o, lse, q, k, v, start, n, nh, nkv, hd, scale));
+    /* both f32: dot products of 64 and sums over <= 150 keys in another order: ~1e-6 */
+    AS_REF(oref, qn);
+    CHECK_CLOSE("attention_varlen vs cache attention", o, r, qn, 1e-5, 1e-4);
+    for (int with_lse = 0; with_lse < 2; with_lse++) {
+        CHECK_OK(be->ops.attention_varlen_bwd(be, dq, dk, dv, dout, q, k, v, o,
+                                              with_lse ? lse : NULL, start, n, nh, nkv, hd, scale));
+        /* gradients sum up to 150 x 3 heads of products ~1: ~1e-5 absolute */
+        AS_REF(rdq, qn);
+        CHECK_CLOSE("attention_varlen_bwd dq", dq, r, qn, 1e-4, 1e-4);
+        AS_REF(rdk, kn);
+        CHECK_CLOSE("attention_varlen_bwd dk", dk, r, kn, 1e-4, 1e-4);
+        AS_REF(rdv, kn);
+        CHECK_CLOSE("attention_varlen_bwd dv", dv, r, kn, 1e-4, 1e-4);
+    }
+#undef AS_REF
+    free(seq), free(pos), free(start), free(q), free(k), free(v), free(dout), free(kc), free(vc),
+        free(dkc), free(dvc), free(o), free(oref), free(lse), free(dq), free(dk), free(dv),
+        free(rdq), free(rdk), free(rdv), free(r);
+}
+
 static void test_nf4_linear(void) {
-    /* out x in: partial NF4 blocks, rows not block aligned, more than 256 blocks (dq) */
-    int64_t shapes[][3] = {{1, 37, 65}, {5, 37, 65}, {3, 300, 130}, {1, 576, 576}, {17, 129, 192}};
-    for (int s = 0; s < 5; s++) {
+    /* out x in: partial NF4 blocks, rows not block aligned, more than 256 blocks (dq); the last
+     * two span several per-thread tiles of W (512 KiB of f32) in both products, and the last
+     * one's column blocks (16 floats) cut NF4 blocks (64) in the middle */
+    int64_t shapes[][3] = {{1, 37, 65},    {5, 37, 65},     {3, 300, 130},
+                           {1, 576, 576},  {17, 129, 192},  {40, 1100, 576},
+                           {9, 301, 1537}};
+    for (int s = 0; s < 7; s++) {
         int64_t n = shapes[s][0], out = shapes[s][1], in = shapes[s][2];
         float *w = rnd(out * in, 0.05f), *x = rnd(n * in, 1.0f), *bias = rnd(out, 0.1f);
         qlr_nf4 q;
@@ -279,9 +331,9 @@ static void test_nf4_linear(void) {
     }
 }
 
-static void test_lora(void) {
-    int64_t n = 3, in = 70, out = 33;
-    int32_t r = 4;
+/* n x in -> out at rank r; the second shape splits tokens, A's columns and B's rows over
+ * every thread */
+static void test_lora_shape(int64_t n, int64_t in, int64_t out, int32_t r) {
     float *x = rnd(n * in, 1.0f), *a = rnd(r * in, 0.1f), *b = rnd(out * r, 0.1f);
     float *y = rnd(n * out, 1.0f);
     double *ref = malloc(n * out * 8);
@@ -319,6 +371,11 @@ static void test_lora(void) {
     CHECK_CLOSE("lora_bwd dX", dx, rdx, n * in, 1e-5, 1e-4);
     free(x), free(a), free(b), free(y), free(ref), free(dy), free(da), free(db), free(dx),
         free(rda), free(rdb), free(rdx);
+}
+
+static void test_lora(void) {
+    test_lora_shape(3, 70, 33, 4);
+    test_lora_shape(70, 576, 200, 16);
 }
 
 /* The batched multi-adapter LoRA against the single-adapter op applied to each token's row
@@ -498,6 +555,7 @@ int main(void) {
     test_elementwise();
     test_rmsnorm_bwd();
     test_attention_bwd();
+    test_attention_varlen();
     test_nf4_linear();
     test_lora();
     test_lora_batched();
