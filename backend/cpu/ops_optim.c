@@ -63,8 +63,12 @@ static void adamw8_blocks(void *vctx, int64_t b0, int64_t b1, int tid) {
                 m[j] = 0.0f;
                 v[j] = 0.0f;
             }
-            amax1 = fmaxf(amax1, fabsf(m[j]));
-            amax2 = fmaxf(amax2, fabsf(v[j]));
+            /* fmaxf(amax, |x|) as a comparison (inlined; fmaxf is a libm call here), the same
+             * for every input: a NaN |x| compares false and leaves amax, as fmaxf does, and
+             * amax (from +0) never becomes NaN */
+            float a1 = fabsf(m[j]), a2 = fabsf(v[j]);
+            amax1 = a1 > amax1 ? a1 : amax1;
+            amax2 = a2 > amax2 ? a2 : amax2;
         }
         /* The CUDA kernel pads a partial last block with g = 0, code1 = 128, code2 = 0 and
          * lets the padding enter the max: m_pad = q1[128]*old1*b1 (~5.5e-7 * old1), v_pad = 0.

@@ -293,10 +293,11 @@ static void test_attention_varlen(void) {
 
 static void test_nf4_linear(void) {
     /* out x in: partial NF4 blocks, rows not block aligned, more than 256 blocks (dq); the last
-     * two span several per-thread tiles of W (512 KiB of f32) in both products, and the last
-     * one's column blocks (16 floats) cut NF4 blocks (64) in the middle */
+     * two are split over the threads, the first of them into several per-thread tiles of W
+     * (2 MiB of f32) in both products, the last with dX column blocks (16 floats) that cut NF4
+     * blocks (64) in the middle */
     int64_t shapes[][3] = {{1, 37, 65},    {5, 37, 65},     {3, 300, 130},
-                           {1, 576, 576},  {17, 129, 192},  {40, 1100, 576},
+                           {1, 576, 576},  {17, 129, 192},  {12, 2000, 700},
                            {9, 301, 1537}};
     for (int s = 0; s < 7; s++) {
         int64_t n = shapes[s][0], out = shapes[s][1], in = shapes[s][2];
