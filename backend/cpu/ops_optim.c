@@ -24,6 +24,38 @@ uint8_t qlr_cpu_adamw8_code(const float *map, int is_signed, float x) {
 
 /* ------------------------------------------------------------------ 8-bit blockwise */
 
+/* qlr_adamw8_search (adamw_internal.h) of x[0..n), n <= QLR_ADAMW8_BLOCK, into out: the same
+ * search level by level over all n values, so that the n searches run side by side (one
+ * search is a chain of dependent loads and comparisons; its path defeats the branch
+ * predictor). Each level updates integers only, and the bounds are read at the end: the
+ * pivots compared in the loop lie in 1..253, so lower_pivot is still 0 exactly when the
+ * search saw no entry below x (its bound -1 or 0) and upper_pivot still 255 exactly when it
+ * saw none above (bound 1); otherwise the bound is the map entry at that pivot, which is what
+ * the one-value search keeps. Same results bit for bit (tests/optim: the bnb reference). */
+static void adamw8_search_n(const float *map, int is_signed, const float *x, uint8_t *out,
+                            int n) {
+    int pv[QLR_ADAMW8_BLOCK], lo[QLR_ADAMW8_BLOCK], hi[QLR_ADAMW8_BLOCK];
+    for (int j = 0; j < n; j++) pv[j] = 127, lo[j] = 0, hi[j] = 255;
+    for (int step = 64; step > 0; step >>= 1)
+        for (int j = 0; j < n; j++) {
+            int gt = x[j] > map[pv[j]], m = -gt; /* m: all ones when x > map[pivot] */
+            lo[j] = (pv[j] & m) | (lo[j] & ~m);
+            hi[j] = (hi[j] & m) | (pv[j] & ~m);
+            pv[j] += (2 * gt - 1) * step;
+        }
+    float low0 = is_signed ? -1.0f : 0.0f;
+    for (int j = 0; j < n; j++) {
+        float val = map[pv[j]], xj = x[j];
+        if (xj > val) {
+            float upper = hi[j] == 255 ? 1.0f : map[hi[j]];
+            out[j] = (uint8_t)(xj > (upper + val) * 0.5f ? hi[j] : pv[j]);
+        } else {
+            float lower = lo[j] == 0 ? low0 : map[lo[j]];
+            out[j] = (uint8_t)(xj < (lower + val) * 0.5f ? lo[j] : pv[j]);
+        }
+    }
+}
+
 typedef struct adamw8_ctx {
     float *p;
     const float *g;
@@ -96,15 +128,20 @@ static void adamw8_blocks(void *vctx, int64_t b0, int64_t b1, int tid) {
          *    m = +0: both decode to 0 with absmax 0, bit for bit what bnb's kernel stores.
          *    Sign fix (bnb CUDA): when the chosen m code's sign bit differs from m's, move one
          *    code toward m's sign, so a tiny negative m never decodes to +0 or a positive. */
+        float x1[QLR_ADAMW8_BLOCK], x2[QLR_ADAMW8_BLOCK];
         for (int j = 0; j < len; j++) {
-            float x1 = m[j] / amax1, x2 = v[j] / amax2;
-            uint8_t k1 = qlr_adamw8_search(q1, 1, x1);
+            x1[j] = m[j] / amax1;
+            x2[j] = v[j] / amax2;
+        }
+        adamw8_search_n(q1, 1, x1, s1, len);
+        adamw8_search_n(q2, 0, x2, s2, len);
+        for (int j = 0; j < len; j++) {
+            uint8_t k1 = s1[j];
             if ((signbit(q1[k1]) != 0) != (signbit(m[j]) != 0)) {
                 if (m[j] > 0.0f) k1 = (uint8_t)(k1 + 1);
                 else k1 = (uint8_t)(k1 - 1);
             }
             s1[j] = k1;
-            s2[j] = qlr_adamw8_search(q2, 0, x2);
         }
     }
 }
