@@ -69,20 +69,21 @@ static inline qlr_adamw_consts qlr_adamw_consts_make(const qlr_adamw_hparams *hp
  * keeping the last entries seen above and below x, then a float32 midpoint comparison with the
  * neighbour on x's side. Ties go to the index the search ended on; NaN compares false
  * everywhere and ends on index 0. `is_signed` only sets the lower bound (-1 or 0). The only
- * arithmetic is (a + b) * 0.5f, which no compiler can contract. Each level is written as
- * selects on one comparison (no branch on the data: the CPU's branch predictor cannot guess a
- * search path, and the selects compile to conditional moves). */
+ * arithmetic is (a + b) * 0.5f, which no compiler can contract. */
 static inline QLR_ADAMW_HD uint8_t qlr_adamw8_search(const float *map, int is_signed, float x) {
     int pivot = 127, upper_pivot = 255, lower_pivot = 0;
     float lower = is_signed ? -1.0f : 0.0f, upper = 1.0f;
     float val = map[127];
     for (int step = 64; step > 0; step >>= 1) {
-        int gt = x > val;
-        lower_pivot = gt ? pivot : lower_pivot;
-        lower = gt ? val : lower;
-        upper_pivot = gt ? upper_pivot : pivot;
-        upper = gt ? upper : val;
-        pivot = gt ? pivot + step : pivot - step;
+        if (x > val) {
+            lower_pivot = pivot;
+            lower = val;
+            pivot += step;
+        } else {
+            upper_pivot = pivot;
+            upper = val;
+            pivot -= step;
+        }
         val = map[pivot];
     }
     if (x > val) {
