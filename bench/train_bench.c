@@ -12,6 +12,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "backend/backend.h"
@@ -67,8 +68,23 @@ static void on_backend(void *ud, qlr_backend *be) {
     qlr_op_timer_install(be);
 }
 
+/* process CPU seconds per phase (all threads): a figure that load from other processes on
+ * the machine does not inflate, unlike the wall times */
+static double g_cpu_s[QLR_TRAIN_PHASE_COUNT], g_cpu_t0;
+static int g_cpu_phase = -1;
+
+static double cpu_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
 static void on_phase(void *ud, qlr_train_phase p) {
     (void)ud;
+    double now = cpu_now();
+    if (g_cpu_phase >= 0) g_cpu_s[g_cpu_phase] += now - g_cpu_t0;
+    g_cpu_phase = (int)p;
+    g_cpu_t0 = now;
     qlr_op_timer_set_phase((int)p);
 }
 
@@ -173,6 +189,10 @@ qlr_status qlr_bench_train(const qlr_bench_train_opts *o, FILE *json) {
     for (int p = 0; p < QLR_TRAIN_PHASE_COUNT; p++)
         json_object_set_new(ph, qlr_train_phase_name((qlr_train_phase)p), jnum(res.phase_seconds[p]));
     json_object_set_new(j, "phases_s", ph);
+    json_t *pc = json_object();
+    for (int p = 0; p < QLR_TRAIN_PHASE_COUNT; p++)
+        json_object_set_new(pc, qlr_train_phase_name((qlr_train_phase)p), jnum(g_cpu_s[p]));
+    json_object_set_new(j, "phases_cpu_s", pc);
     const int ops_of[] = {QLR_TRAIN_PHASE_STEP, QLR_TRAIN_PHASE_EVAL};
     for (int q = 0; q < 2; q++) {
         int p = ops_of[q];

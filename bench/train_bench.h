@@ -2,7 +2,8 @@
  * run of a recipe (by default the quickstart on the demo model) through train/trainer.h, with
  * the backend's op table swapped for a timing copy (bench/op_timer.h), and the machine's own
  * sgemm rate (OpenBLAS with the run's thread count) measured in the same process. JSON out:
- * tokens/s, the wall time of each phase (load, data, setup, step, eval, checkpoint, export),
+ * tokens/s, the wall time and the process CPU time of each phase (load, data, setup, step,
+ * eval, checkpoint, export: CPU time is what load from other processes does not inflate),
  * each step's time per op kind (linears, LoRA, attention, CE, optimizer, elementwise, memory),
  * and the linears' FLOP rate as a fraction of the sgemm rate. */
 #ifndef QLR_BENCH_TRAIN_BENCH_H
