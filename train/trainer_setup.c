@@ -62,9 +62,12 @@ qlr_status qlr_trainer_load_data(trainer *t) {
         bp.shuffle = 0;
         QLR_TRY(qlr_batcher_create(t->ds, t->split.val, t->split.n_val, &bp, &t->val_b));
     }
-    QLR_LOGI("split: %zu train, %zu validation examples; %llu micro-batches per epoch (%s efficiency %.1f%%)",
+    /* the model sees each micro-batch's examples back to back (qlr_micro_from_batch): the rows'
+     * padding is never computed, so the efficiency only says how full sequence_len rows are */
+    QLR_LOGI("split: %zu train, %zu validation examples; %llu micro-batches per epoch (rows %.1f%% full%s)",
              t->split.n_train, t->split.n_val, (unsigned long long)qlr_batcher_batches_per_epoch(t->train_b),
-             o->sample_packing ? "packing" : "padding", 100.0 * qlr_batcher_efficiency(t->train_b));
+             100.0 * qlr_batcher_efficiency(t->train_b),
+             o->sample_packing ? ", packed" : "; padding is dropped before the model, it costs no compute");
     return QLR_OK;
 }
 
