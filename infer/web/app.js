@@ -414,9 +414,11 @@
         bubble.querySelector(".stats").textContent = "stopped";
         bubble.dataset.state = "stopped";
       } else {
-        // the question stays on screen but leaves the history, so that it can be sent again
+        // the question stays on screen, marked, but leaves the history, so that it can be sent again
         state.chat.messages.pop();
         input.value = text;
+        user.classList.add("unsent");
+        user.querySelector(".who").textContent = "you · not answered";
         bubble.classList.add("error");
         bubble.dataset.state = "error";
         const msg = isGoneAdapter(e, model) ? goneMessage(model) : "Error" + (e.status ? " " + e.status : "") + ": " + e.message;
