@@ -14,12 +14,13 @@ installs them), on the CPU with the demo model.
                     equals the API's greedy answer for the same request;
    03-compare       base vs adapter side by side: each column equals its greedy answer, and the
                     page saw the engine run them in one batch (qlora_last_batch_sequences >= 2);
-   04-adapters      the adapters table (rank, targets, residency, request counts); an attach
-                    outside --adapter-dir shows the server's 403; an attach by the form works;
-   05-detached      the adapter detached from the page is gone from /v1/models;
-   06-adapter-gone  the open conversation, still on the detached adapter, says so; sending gives
+   04-attach-refused the adapters table (rank, targets, residency, request counts) and an attach
+                    outside --adapter-dir, refused: the server's 403 shown as a message;
+   05-adapters      a second adapter attached by the form, listed by the page and /v1/models;
+   06-detached      the adapter detached from the page is gone from /v1/models;
+   07-adapter-gone  the open conversation, still on the detached adapter, says so; sending gives
                     a clear message and keeps the question;
-   07-continued     the same conversation continues on the base model and its answer equals the
+   08-continued     the same conversation continues on the base model and its answer equals the
                     API's greedy answer to the whole conversation.
    The browser's console shows no Content-Security-Policy violation.
 Exit status 0 only when every check passed.
@@ -210,7 +211,7 @@ def drive(p, port, base, ref_quick, ref_base):
     check("They ran together" in together, "the page does not say they ran together: %r" % together)
     p.shot("03-compare")
 
-    # 04: adapters
+    # 04, 05: adapters
     p.tab("adapters")
     row = 'tr[data-name="quick"] '
     p.wait("quick's request count", lambda: int(p.text(row + ".requests") or 0) >= 3, 15)
@@ -223,22 +224,23 @@ def drive(p, port, base, ref_quick, ref_base):
     p.by_css("#attach-btn").click()
     p.wait("the refusal", lambda: "failed" in p.visible_text("#ad-msg"), 15)
     check("403" in p.text("#ad-msg") and "lora_path" in p.text("#ad-msg"), "attach outside: %r" % p.text("#ad-msg"))
+    p.shot("04-attach-refused")
     p.fill("#attach-name", "quick2")
     p.fill("#attach-path", "quick.gguf")
     p.by_css("#attach-btn").click()
     p.wait("quick2 in the table", lambda: len(p.all_css('tr[data-name="quick2"]')) == 1, 30)
     check("Attached" in p.text("#ad-msg"), "attach message: %r" % p.text("#ad-msg"))
     check(model_ids(port) == [base, "quick", "quick2"], "models after the attach: %s" % model_ids(port))
-    p.shot("04-adapters")
+    p.shot("05-adapters")
 
-    # 05: detach
+    # 06: detach
     p.by_css(row + "button.detach").click()
     p.wait("quick to leave the table", lambda: not p.all_css(row), 15)
     check("Detached" in p.text("#ad-msg"), "detach message: %r" % p.text("#ad-msg"))
     check(model_ids(port) == [base, "quick2"], "models after the detach: %s" % model_ids(port))
-    p.shot("05-detached")
+    p.shot("06-detached")
 
-    # 06: the conversation on the detached adapter
+    # 07: the conversation on the detached adapter
     p.tab("chat")
     p.wait("the detached warning", lambda: "no longer attached" in p.visible_text("#chat-warn"), 10)
     check('"quick"' in p.text("#chat-warn"), "warning: %r" % p.text("#chat-warn"))
@@ -250,9 +252,9 @@ def drive(p, port, base, ref_quick, ref_base):
     check("no longer attached" in err and "conversation is kept" in err, "gone message: %r" % err)
     check(p.by_css("#chat-input").get_attribute("value") == FOLLOW_UP, "the question was not kept for a resend")
     check("unsent" in p.all_css(".msg.user")[-1].get_attribute("class"), "the unanswered question is not marked")
-    p.shot("06-adapter-gone")
+    p.shot("07-adapter-gone")
 
-    # 07: the same conversation goes on with the base model
+    # 08: the same conversation goes on with the base model
     p.select("#chat-model", base)
     p.wait("the warning to go", lambda: not p.by_css("#chat-warn").is_displayed(), 10)
     p.by_css("#chat-send").click()
@@ -263,7 +265,7 @@ def drive(p, port, base, ref_quick, ref_base):
                                    {"role": "user", "content": FOLLOW_UP}])
     print("page, base, turn 2: %r" % got, flush=True)
     check(got == want, "the continued conversation %r != the API's greedy answer %r" % (got, want))
-    p.shot("07-continued")
+    p.shot("08-continued")
 
     logs = p.d.get_log("browser")
     csp = [l["message"] for l in logs if "Content Security Policy" in l["message"] or "Refused to" in l["message"]]
