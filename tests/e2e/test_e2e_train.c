@@ -6,7 +6,11 @@
  *     final checkpoint, adapter/ (PEFT) and adapter_model.gguf exist;
  *  3. `qlora eval -n 2` prints base and adapter results and writes --answers;
  *  4. `qlora generate --adapter RUN --chat` on the held-out prompt of eval's first adapter answer
- *     gives that same greedy answer (both go through the same adapter set and forward).
+ *     gives that same greedy answer (both go through the same adapter set and forward);
+ *  5. `qlora bench train --steps 2` prints its JSON: the phases add up to the run's wall time,
+ *     the op timer saw every NF4 linear of both steps (SmolLM2: 30 layers x 7 forward, 7 dX but
+ *     the first layer's q/k/v), the evals' forwards and no optimizer op in them, and the linears'
+ *     FLOP rate against a measured sgemm rate.
  * Needs scripts/setup.sh's demo model (fails with that hint otherwise). */
 #include <errno.h>
 #include <jansson.h>
@@ -236,5 +240,42 @@ int main(void) {
     json_decref(ex);
     free(src);
     json_decref(ans);
+
+    /* 5. qlora bench train, 2 steps with an eval after each */
+    char bench_out[800];
+    snprintf(bench_out, sizeof bench_out, "%s/bench.json", test_tmpdir());
+    char *bench[] = {QLR_QLORA_BIN, "bench", "train", g_recipe, "--steps", "2", "--set", g_set_model,
+                     "--set", "val_set_size=0.01", "--set", "eval_steps=1", "--set", "device=cpu", "-q",
+                     "--out", bench_out, NULL};
+    rc = wait_rc(spawn(bench));
+    log = read_log();
+    CHECK_MSG(rc == 0, "qlora bench train: exit %d\n%s", rc, log);
+    free(log);
+    json_error_t je;
+    json_t *bj = json_load_file(bench_out, 0, &je);
+    CHECK_MSG(bj != NULL, "%s: not JSON: %s", bench_out, je.text);
+    if (!bj) return test_finish();
+    CHECK_EQ_INT(json_integer_value(json_object_get(bj, "steps")), 2);
+    CHECK(json_integer_value(json_object_get(bj, "tokens")) > 0);
+    double wall = json_number_value(json_object_get(bj, "wall_s")), phases = 0;
+    const char *key;
+    json_t *v;
+    json_object_foreach(json_object_get(bj, "phases_s"), key, v) phases += json_number_value(v);
+    /* the trainer's phases cover its whole run; the bench's clock adds only the call itself */
+    CHECK_MSG(phases > 0.9 * wall && phases <= wall * 1.001 + 0.01, "phases %.3f s, wall %.3f s", phases, wall);
+    json_t *step_ops = json_object_get(bj, "step_ops"), *eval_ops = json_object_get(bj, "eval_ops");
+    json_t *lin = json_object_get(step_ops, "linears");
+    CHECK_EQ_INT(json_integer_value(json_object_get(lin, "calls")), 2 * (30 * 7 + 30 * 7 - 3));
+    CHECK(json_number_value(json_object_get(lin, "gflop")) > 0);
+    CHECK(json_integer_value(json_object_get(json_object_get(step_ops, "optimizer"), "calls")) > 0);
+    CHECK(json_integer_value(json_object_get(json_object_get(step_ops, "attention"), "calls")) == 2 * 60);
+    CHECK(json_integer_value(json_object_get(json_object_get(eval_ops, "linears"), "calls")) > 0);
+    CHECK_EQ_INT(json_integer_value(json_object_get(json_object_get(eval_ops, "optimizer"), "calls")), 0);
+    double frac = json_number_value(json_object_get(bj, "linears_fraction_of_sgemm"));
+    double sg = json_number_value(json_object_get(json_object_get(bj, "sgemm"), "gflops"));
+    CHECK_MSG(sg > 0 && frac > 0 && frac < 3, "sgemm %.1f GFLOP/s, linears fraction %.3f", sg, frac);
+    printf("bench train: %.1f tokens/s in the steps, linears at %.2f of the sgemm rate (%.1f GFLOP/s)\n",
+           json_number_value(json_object_get(bj, "train_tokens_per_s")), frac, sg);
+    json_decref(bj);
     return test_finish();
 }
