@@ -134,7 +134,36 @@ static void sum_range(void *ctx, int64_t b, int64_t e, int tid) {
     for (int64_t i = b; i < e; i++) out[i] = i * 2;
 }
 
+/* each item counted once; the part index (tid) below the thread count, and each part's range
+ * starting at tid x (its length) unless it is the last, shorter one */
+typedef struct {
+    int *count;
+    int64_t n;
+    _Atomic int bad;
+} count_ctx;
+
+static void count_range(void *p, int64_t b, int64_t e, int tid) {
+    count_ctx *c = p;
+    if (e <= b || tid < 0 || tid >= qlr_n_threads() || (e < c->n && b != (int64_t)tid * (e - b)))
+        c->bad = 1;
+    for (int64_t i = b; i < e; i++) c->count[i]++;
+}
+
 static void test_threads(void) {
+    /* jobs of every size back to back: the caller and the workers claim parts, so whichever
+     * thread is free runs the next one; no item twice or never */
+    int *count = calloc(5000, sizeof *count);
+    count_ctx cc = {count, 0, 0};
+    int once = 1;
+    for (int r = 0; r < 3000; r++) {
+        cc.n = (r * 7919) % 5000 + 1;
+        memset(count, 0, 5000 * sizeof *count);
+        qlr_parallel_for(cc.n, r % 7 + 1, count_range, &cc);
+        for (int64_t i = 0; i < cc.n; i++) once &= count[i] == 1;
+    }
+    CHECK(once);
+    CHECK(cc.bad == 0);
+    free(count);
     int64_t n = 100003;
     int64_t *v = calloc(n, sizeof *v);
     qlr_parallel_for(n, 16, sum_range, v);
