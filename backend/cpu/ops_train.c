@@ -199,7 +199,8 @@ typedef struct {
 } ce_ctx;
 
 /* Per row of the compacted rows (every one has a target): loss = lse - logit[target] (f32);
- * with want_grad the row becomes grad_scale · (softmax - onehot). */
+ * the row becomes e^(z - max) (one exponential per logit), and with want_grad
+ * grad_scale · (softmax - onehot) = e^(z - max) · (grad_scale / sum) - grad_scale · onehot. */
 static void ce_rows_run(void *p, int64_t b, int64_t e, int tid) {
     ce_ctx *c = p;
     for (int64_t i = b; i < e; i++) {
@@ -207,12 +208,13 @@ static void ce_rows_run(void *p, int64_t b, int64_t e, int tid) {
         int32_t tg = c->targets[i];
         float mx = -INFINITY;
         for (int64_t j = 0; j < c->vocab; j++) mx = z[j] > mx ? z[j] : mx;
-        float sum = 0.0f;
-        for (int64_t j = 0; j < c->vocab; j++) sum += expf(z[j] - mx);
-        float lse = mx + logf(sum);
-        c->loss[i] = lse - z[tg];
+        float zt = z[tg], sum = 0.0f;
+        for (int64_t j = 0; j < c->vocab; j++) z[j] = expf(z[j] - mx);
+        for (int64_t j = 0; j < c->vocab; j++) sum += z[j];
+        c->loss[i] = mx + logf(sum) - zt;
         if (!c->want_grad) continue;
-        for (int64_t j = 0; j < c->vocab; j++) z[j] = expf(z[j] - lse) * c->grad_scale;
+        float k = c->grad_scale / sum;
+        for (int64_t j = 0; j < c->vocab; j++) z[j] *= k;
         z[tg] -= c->grad_scale;
     }
 }
