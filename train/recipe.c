@@ -847,11 +847,12 @@ qlr_status qlr_recipe_load(const char *path, const char *const *sets, int n_sets
 }
 
 qlr_status qlr_recipe_resolve(const qlr_recipe *r, const char *path, char *out, size_t cap) {
+    char joined[8192];
     int n;
-    if (path[0] == '/' || !r->base_dir || !strcmp(r->base_dir, ".")) n = snprintf(out, cap, "%s", path);
-    else n = snprintf(out, cap, "%s/%s", r->base_dir, path);
-    if (n < 0 || (size_t)n >= cap) return qlr_errorf(QLR_ERR_RANGE, "path too long: %s", path);
-    return QLR_OK;
+    if (path[0] == '/' || !r->base_dir || !strcmp(r->base_dir, ".")) n = snprintf(joined, sizeof joined, "%s", path);
+    else n = snprintf(joined, sizeof joined, "%s/%s", r->base_dir, path);
+    if (n < 0 || (size_t)n >= sizeof joined) return qlr_errorf(QLR_ERR_RANGE, "path too long: %s", path);
+    return qlr_path_normalize(joined, out, cap); /* recipes/../outputs/run -> outputs/run */
 }
 
 /* ------------------------------------------------------------------ equality and output */

@@ -178,7 +178,8 @@ qlr_status qlr_recipe_write(const qlr_recipe *r, const char *path);
 /* Prints "key: value" lines of the effective recipe (no comments). */
 void qlr_recipe_print(const qlr_recipe *r, FILE *f);
 
-/* Resolves a recipe path: absolute paths unchanged, relative ones joined to r->base_dir.
+/* Resolves a recipe path: absolute paths unchanged, relative ones joined to r->base_dir; then
+ * normalised (qlr_path_normalize: "recipes/../outputs/run" is "outputs/run").
  * QLR_ERR_RANGE if it does not fit in `cap`. */
 qlr_status qlr_recipe_resolve(const qlr_recipe *r, const char *path, char *out, size_t cap);
 

@@ -221,6 +221,31 @@ static void test_progress_plain(void) {
     free(s);
 }
 
+static void test_path_normalize(void) {
+    static const char *const cases[][2] = {
+        {"recipes/../outputs/run", "outputs/run"}, {"./a//b/./c/", "a/b/c"}, {"a/b/../../..", ".."},
+        {"../x/../y", "../y"}, {"/../a/..", "/"}, {"/a/./b/../c", "/a/c"}, {"", "."}, {".", "."},
+        {"a/..", "."}, {"../../z", "../../z"}, {"//x", "/x"},
+    };
+    char buf[256];
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        CHECK_OK(qlr_path_normalize(cases[i][0], buf, sizeof buf));
+        CHECK_MSG(!strcmp(buf, cases[i][1]), "normalize(\"%s\") = \"%s\", expected \"%s\"", cases[i][0], buf,
+                  cases[i][1]);
+    }
+    /* a ".." after a symbolic link stays: link/.. is the target's parent, not the link's folder */
+    char dir[512], link[600], in[700];
+    snprintf(dir, sizeof dir, "%s/norm/real/deep", test_tmpdir());
+    CHECK_OK(qlr_mkdir_p(dir));
+    snprintf(link, sizeof link, "%s/norm/link", test_tmpdir());
+    CHECK(symlink(dir, link) == 0);
+    snprintf(in, sizeof in, "%s/../x", link);
+    CHECK_OK(qlr_path_normalize(in, buf, sizeof buf));
+    CHECK_MSG(!strcmp(buf, in), "%s became %s", in, buf);
+    CHECK(qlr_path_normalize("abc/def", buf, 5) == QLR_ERR_RANGE);
+    qlr_error_clear();
+}
+
 int main(void) {
     test_f16();
     test_bf16();
@@ -230,5 +255,6 @@ int main(void) {
     test_threads();
     test_strbuf();
     test_progress_plain();
+    test_path_normalize();
     return test_finish();
 }

@@ -136,6 +136,8 @@ static void test_defaults(void) {
     CHECK(!strcmp(buf, QLR_TEST_DATA "/recipes/x/y.gguf"));
     CHECK_OK(qlr_recipe_resolve(&r, "/abs/y.gguf", buf, sizeof buf));
     CHECK(!strcmp(buf, "/abs/y.gguf"));
+    CHECK_OK(qlr_recipe_resolve(&r, "../outputs/./run", buf, sizeof buf)); /* normalised */
+    CHECK_MSG(!strcmp(buf, QLR_TEST_DATA "/outputs/run"), "%s", buf);
     qlr_recipe_free(&r);
     qlr_recipe_free(&r); /* safe twice */
 }
