@@ -86,10 +86,18 @@ typedef struct qlr_recipe_dataset {
     qlr_on_bad_line on_bad_line;/* default error */
 } qlr_recipe_dataset;
 
+/* Where a key was given: "file:line:column" or "--set key=value". */
+typedef struct qlr_recipe_loc {
+    char *key;                  /* "lora_r", "datasets.0.path", "test_datasets.1" (a list item) */
+    char *where;
+} qlr_recipe_loc;
+
 typedef struct qlr_recipe {
     /* where the recipe came from (not YAML keys) */
     char *source;               /* file path as given, or "<string>"; used in messages */
     char *base_dir;             /* folder relative paths resolve against (the recipe's folder; "." for strings) */
+    qlr_recipe_loc *locs;       /* every key given, for messages about its value (qlr_recipe_where) */
+    uint32_t n_locs;
 
     /* model */
     char *base_model;           /* required. GGUF file, HF folder (config.json + safetensors), or a known name
@@ -104,6 +112,10 @@ typedef struct qlr_recipe {
     qlr_truncation truncation;  /* default truncate: what to do with samples longer than sequence_len */
     int train_on_inputs;        /* default false: loss only on outputs/assistant turns */
     double val_set_size;        /* default 0 (no eval); fraction in [0, 0.5] held out for evaluation */
+    qlr_recipe_dataset *test_datasets; /* default none: validation files (axolotl's test_datasets, same keys as
+                                   datasets; a folder path means <split>.jsonl, split default "test"), used by
+                                   the eval steps and `qlora eval`; val_set_size must then be 0 */
+    uint32_t n_test_datasets;
 
     /* batch and length of training */
     uint32_t micro_batch_size;  /* default 1; 1..4096 rows per forward */
@@ -177,6 +189,11 @@ qlr_status qlr_recipe_write(const qlr_recipe *r, const char *path);
 
 /* Prints "key: value" lines of the effective recipe (no comments). */
 void qlr_recipe_print(const qlr_recipe *r, FILE *f);
+
+/* Where `key` was given ("recipe.yaml:14:11", "--set datasets.0.path=x.jsonl"), for messages about
+ * its value found later (a file that does not exist); the recipe file's name for a key left at
+ * its default. Keys as in qlr_recipe_loc. Never NULL. */
+const char *qlr_recipe_where(const qlr_recipe *r, const char *key);
 
 /* Resolves a recipe path: absolute paths unchanged, relative ones joined to r->base_dir; then
  * normalised (qlr_path_normalize: "recipes/../outputs/run" is "outputs/run").

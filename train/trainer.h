@@ -42,6 +42,8 @@ typedef struct qlr_train_opts {
     char *chat_template;        /* "tokenizer_default" or a built-in name */
     qlr_train_dataset *datasets;
     uint32_t n_datasets;
+    qlr_train_dataset *test_datasets; /* the validation files (recipe test_datasets); none: val_set_size */
+    uint32_t n_test_datasets;
     uint32_t sequence_len;
     int sample_packing, drop_long, train_on_inputs;
     double val_set_size;
@@ -81,7 +83,9 @@ typedef struct qlr_train_opts {
 } qlr_train_opts;
 
 /* Translates a loaded recipe into options (paths resolved against the recipe's folder, the
- * effective recipe kept as YAML). QLR_ERR_NOMEM, or a path that does not fit. */
+ * effective recipe kept as YAML). QLR_ERR_NOT_FOUND for a dataset file that does not exist (the
+ * message names the recipe's file:line:column and key), QLR_ERR_NOMEM, or a path that does not
+ * fit. */
 qlr_status qlr_train_opts_from_recipe(const struct qlr_recipe *r, qlr_train_opts *o);
 /* qlr_recipe_load + qlr_train_opts_from_recipe + the memory plan check (qlr_plan_check against
  * vram_budget; over budget is QLR_ERR_RANGE with the plan's advice, before anything is
@@ -95,6 +99,8 @@ void qlr_train_opts_free(qlr_train_opts *o);
  * instead, read with the first dataset's format and fields. */
 qlr_status qlr_train_data_sources(const qlr_train_opts *o, const char *data_path,
                                   struct qlr_data_source **src, uint32_t *n);
+/* The recipe's test_datasets as loader sources (*src: free() it; *n 0 when there are none). */
+qlr_status qlr_train_test_sources(const qlr_train_opts *o, struct qlr_data_source **src, uint32_t *n);
 /* The recipe's sequence settings for the dataset loader (defaults elsewhere). */
 void qlr_train_data_params(const qlr_train_opts *o, struct qlr_data_params *dp);
 /* The recipe's micro-batch settings for a batcher (shuffled or in order). */

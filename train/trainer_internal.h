@@ -67,6 +67,8 @@ typedef struct trainer {
     qlr_chat_template *tmpl;
     qlr_dataset *ds;
     qlr_data_split split;
+    qlr_dataset *test_ds;          /* the recipe's test_datasets (NULL: validation is split.val of ds) */
+    uint32_t *test_idx;            /* [examples of test_ds]: 0..n-1 */
     qlr_batcher *train_b, *val_b;
     qlr_trainable tr;              /* the adapter being trained and its optimizer */
     qlr_train_ctx *ctx;
