@@ -21,6 +21,10 @@ int qlr_cli_usage_error(const char *cmd, const char *fmt, ...) __attribute__((fo
 /* 1 if argv holds -h or --help. */
 int qlr_cli_wants_help(int argc, char **argv);
 
+/* One line: the backends this binary was built with (CUDA architectures), build type and
+ * compiler, as CMake configured them. */
+const char *qlr_cli_build_summary(void);
+
 /* The demo model path: $QLR_DEMO_MODEL, else <repo cache>/models/SmolLM2-135M-Instruct.Q4_1.gguf
  * as installed by scripts/setup.sh. Returns a static string. */
 const char *qlr_cli_demo_model(void);
