@@ -109,6 +109,7 @@ static int cmd_eval(int argc, char **argv) {
     e.eval_base = !adapter_only;
     e.eval_adapter = !base_only;
     e.progress = !quiet;
+    e.qlora_cmd = qlr_cli_self_command();
     qlr_eval_scores b, a;
     st = qlr_eval_run(&e, &b, &a, stdout);
     int rc = st ? qlr_cli_fail(cmd) : 0;

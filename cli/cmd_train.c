@@ -130,8 +130,9 @@ static int cmd_train(int argc, char **argv) {
     } else if (r.stopped) {
         fprintf(stderr,
                 "qlora train: stopped at step %llu of %llu; checkpoint written to %s\n"
-                "  continue with: qlora train %s --resume\n",
-                (unsigned long long)r.steps_done, (unsigned long long)r.total_steps, r.last_checkpoint, recipe);
+                "  continue with: %s train %s --resume\n",
+                (unsigned long long)r.steps_done, (unsigned long long)r.total_steps, r.last_checkpoint,
+                qlr_cli_self_command(), recipe);
     } else {
         fprintf(stderr, "qlora train: done: %llu steps in %s", (unsigned long long)r.steps_done, dur);
         if (r.resumed_from) fprintf(stderr, " (resumed at step %llu)", (unsigned long long)r.resumed_from);
@@ -141,7 +142,7 @@ static int cmd_train(int argc, char **argv) {
                 r.adapter_gguf[0] ? " (GGUF)" : "");
         fprintf(stderr, "  metrics: %s/metrics.jsonl; last checkpoint: %s\n", o.output_dir,
                 r.last_checkpoint[0] ? r.last_checkpoint : "none");
-        fprintf(stderr, "  next: qlora eval %s\n", recipe);
+        fprintf(stderr, "  next: %s eval %s\n", qlr_cli_self_command(), recipe);
     }
     qlr_train_opts_free(&o);
     return rc;

@@ -4,10 +4,12 @@
 #include "cli/cli.h"
 #include "core/core.h"
 
+#include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define QLR_CMD(name) extern const qlr_cli_cmd qlr_cmd_##name;
 #include "commands.inc"
@@ -53,6 +55,39 @@ const char *qlr_cli_demo_model(void) {
 }
 
 const char *qlr_cli_build_summary(void) { return QLR_BUILD_SUMMARY; }
+
+const char *qlr_cli_self_command(void) {
+    static char cmd[4096];
+    if (cmd[0]) return cmd;
+    char *self = realpath("/proc/self/exe", NULL);
+    if (!self) return strcpy(cmd, "qlora");
+    /* the first qlora on PATH, as the shell would find it: is it this binary? */
+    const char *path = getenv("PATH");
+    int on_path = 0;
+    for (const char *p = path ? path : ""; *p;) {
+        const char *e = strchr(p, ':');
+        size_t n = e ? (size_t)(e - p) : strlen(p);
+        char cand[4096];
+        if (n && n + 7 < sizeof cand) {
+            snprintf(cand, sizeof cand, "%.*s/qlora", (int)n, p);
+            if (access(cand, X_OK) == 0) {
+                char *real = realpath(cand, NULL);
+                on_path = real && !strcmp(real, self);
+                free(real);
+                break;
+            }
+        }
+        if (!e) break;
+        p = e + 1;
+    }
+    char cwd[4096];
+    size_t cl = getcwd(cwd, sizeof cwd) ? strlen(cwd) : 0;
+    if (on_path) snprintf(cmd, sizeof cmd, "qlora");
+    else if (cl > 1 && !strncmp(self, cwd, cl) && self[cl] == '/') snprintf(cmd, sizeof cmd, "%s", self + cl + 1);
+    else snprintf(cmd, sizeof cmd, "%s", self);
+    free(self);
+    return cmd;
+}
 
 static void usage(FILE *f) {
     fprintf(f, "qlora %s: QLoRA fine-tuning and multi-adapter serving\n", QLR_VERSION);

@@ -497,8 +497,8 @@ qlr_status qlr_eval_run(const qlr_eval_opts *e, qlr_eval_scores *base_s, qlr_eva
         st = qlr_lora_resolve(want, &adapter_path, &is_gguf);
         if (st && (e->adapter || !e->eval_base)) return st;
         if (st) {
-            fprintf(out, "note: no adapter in %s yet (train first: qlora train %s); evaluating the base model only\n",
-                    want, o->recipe_path ? o->recipe_path : "RECIPE");
+            fprintf(out, "note: no adapter in %s yet (train first: %s train %s); evaluating the base model only\n",
+                    want, e->qlora_cmd ? e->qlora_cmd : "qlora", o->recipe_path ? o->recipe_path : "RECIPE");
             qlr_error_clear();
             st = QLR_OK;
         }

@@ -32,6 +32,7 @@ typedef struct qlr_eval_opts {
                                    example and model: model, source, line, reference, answer,
                                    max_tokens (the generation budget), exact */
     int progress;               /* progress bar on stderr */
+    const char *qlora_cmd;      /* how hints name the program ("qlora", "build/bin/qlora"); NULL = "qlora" */
 } qlr_eval_opts;
 
 typedef struct qlr_eval_scores {

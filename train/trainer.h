@@ -83,13 +83,13 @@ typedef struct qlr_train_opts {
 } qlr_train_opts;
 
 /* Translates a loaded recipe into options (paths resolved against the recipe's folder, the
- * effective recipe kept as YAML). QLR_ERR_NOT_FOUND for a dataset file that does not exist (the
- * message names the recipe's file:line:column and key), QLR_ERR_NOMEM, or a path that does not
- * fit. */
+ * effective recipe kept as YAML). QLR_ERR_NOT_FOUND for a dataset folder without its split file,
+ * QLR_ERR_NOMEM, or a path that does not fit. */
 qlr_status qlr_train_opts_from_recipe(const struct qlr_recipe *r, qlr_train_opts *o);
 /* qlr_recipe_load + qlr_train_opts_from_recipe + the memory plan check (qlr_plan_check against
  * vram_budget; over budget is QLR_ERR_RANGE with the plan's advice, before anything is
- * allocated). On failure *o is zeroed. */
+ * allocated) + every dataset file exists (QLR_ERR_NOT_FOUND naming the recipe's
+ * file:line:column and key). On failure *o is zeroed. */
 qlr_status qlr_train_opts_load(const char *recipe_path, const char *const *sets, int n_sets,
                                qlr_train_opts *o);
 /* Frees the strings; safe on a zeroed struct. */

@@ -15,17 +15,14 @@
 
 static char *dup_or_null(const char *s) { return s ? strdup(s) : NULL; }
 
-/* The file a dataset path names (`given` in the recipe, `resolved` against its folder): a file as
- * is, a folder means <split>.jsonl (or .jsonl.gz) inside it. `key` ("datasets.0") and the
- * recipe's record of where it was given make the message of a path that does not exist. */
-static qlr_status dataset_file(const qlr_recipe *r, const char *key, const char *given, const char *resolved,
-                               const char *split, char **out) {
+/* The file a dataset path names (resolved against the recipe's folder): a file as is, a folder
+ * means <split>.jsonl (or .jsonl.gz) inside it. `key` ("datasets.0") and the recipe's record of
+ * where it was given make the message of a folder without that file. */
+static qlr_status dataset_file(const qlr_recipe *r, const char *key, const char *resolved, const char *split,
+                               char **out) {
     char pkey[96];
     snprintf(pkey, sizeof pkey, "%s.path", key);
     if (!qlr_is_dir(resolved)) {
-        if (!qlr_path_exists(resolved))
-            return qlr_errorf(QLR_ERR_NOT_FOUND, "%s: %s: %s does not exist%s", qlr_recipe_where(r, pkey), pkey,
-                              resolved, given[0] == '/' ? "" : " (relative paths are resolved against the recipe's folder)");
         *out = strdup(resolved);
         return *out ? QLR_OK : qlr_errorf(QLR_ERR_NOMEM, "out of memory");
     }
@@ -54,7 +51,7 @@ static qlr_status datasets_from_recipe(const qlr_recipe *r, const char *list_key
         char path[4096], key[64];
         snprintf(key, sizeof key, "%s.%u", list_key, i);
         QLR_TRY(qlr_recipe_resolve(r, d->path, path, sizeof path));
-        QLR_TRY(dataset_file(r, key, d->path, path, d->split ? d->split : "train", &t->path));
+        QLR_TRY(dataset_file(r, key, path, d->split ? d->split : "train", &t->path));
         t->format = (int)d->type;
         t->field = dup_or_null(d->field);
         t->field_messages = dup_or_null(d->field_messages);
@@ -131,6 +128,25 @@ fail:
     return st;
 }
 
+/* Every dataset file of the run exists: else file:line:column: key of the recipe, before the
+ * model loads. */
+static qlr_status datasets_exist(const qlr_recipe *r, const qlr_train_opts *o) {
+    for (int l = 0; l < 2; l++) {
+        const qlr_train_dataset *ds = l ? o->test_datasets : o->datasets;
+        const qlr_recipe_dataset *rd = l ? r->test_datasets : r->datasets;
+        uint32_t n = l ? o->n_test_datasets : o->n_datasets;
+        for (uint32_t i = 0; i < n; i++) {
+            if (qlr_path_exists(ds[i].path)) continue;
+            char key[96];
+            snprintf(key, sizeof key, "%s.%u.path", l ? "test_datasets" : "datasets", i);
+            return qlr_errorf(QLR_ERR_NOT_FOUND, "%s: %s: %s does not exist%s", qlr_recipe_where(r, key), key,
+                              ds[i].path,
+                              rd[i].path[0] == '/' ? "" : " (relative paths are resolved against the recipe's folder)");
+        }
+    }
+    return QLR_OK;
+}
+
 qlr_status qlr_train_opts_load(const char *recipe_path, const char *const *sets, int n_sets, qlr_train_opts *o) {
     memset(o, 0, sizeof *o);
     qlr_recipe r;
@@ -155,6 +171,7 @@ qlr_status qlr_train_opts_load(const char *recipe_path, const char *const *sets,
     if (st == QLR_OK) QLR_LOGD("memory plan: %.1f MiB", (double)plan.total / (1 << 20));
     qlr_plan_free(&plan);
     if (st == QLR_OK) st = qlr_train_opts_from_recipe(&r, o);
+    if (st == QLR_OK && (st = datasets_exist(&r, o))) qlr_train_opts_free(o);
     qlr_recipe_free(&r);
     return st;
 }
