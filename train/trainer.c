@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "core/core.h"
+#include "train/plot.h"
 #include "train/trainer_internal.h"
 
 /* Copies a NUL-terminated string, cut to cap - 1 bytes. */
@@ -140,6 +141,19 @@ static qlr_status export_final(trainer *t, qlr_train_result *res) {
 }
 
 static void fmt_lr(char *buf, size_t n, double lr) { snprintf(buf, n, "%.3g", lr); }
+
+/* Redraws output_dir/loss.svg from metrics.jsonl (after each checkpoint, so a stopped or crashed
+ * run has its picture too). A failure is a warning: the training goes on. */
+static void draw_plot(trainer *t, qlr_train_result *res) {
+    char path[4096];
+    if (qlr_plot_run(t->o->output_dir, NULL, path, sizeof path) == QLR_OK) {
+        copy_str(res->plot, sizeof res->plot, path);
+        return;
+    }
+    qlr_progress_clear_line();
+    QLR_LOGW("the plot of the run was not written: %s", qlr_error_msg());
+    qlr_error_clear();
+}
 
 qlr_status qlr_train_run(const qlr_train_opts *o, qlr_train_result *res) {
     memset(res, 0, sizeof *res);
@@ -272,6 +286,7 @@ qlr_status qlr_train_run(const qlr_train_opts *o, qlr_train_result *res) {
         if ((o->save_steps && t->step % o->save_steps == 0) || last || stop) {
             if ((st = qlr_trainer_save_checkpoint(t, elapsed))) goto done;
             copy_str(res->last_checkpoint, sizeof res->last_checkpoint, t->last_ckpt);
+            draw_plot(t, res);
         }
         char extra[160], lrs[32];
         fmt_lr(lrs, sizeof lrs, so.lr);
@@ -292,6 +307,7 @@ qlr_status qlr_train_run(const qlr_train_opts *o, qlr_train_result *res) {
         if (t->step > t->start_step && t->last_ckpt_step != t->step) {
             if ((st = qlr_trainer_save_checkpoint(t, t->elapsed_before + res->seconds))) goto done;
             copy_str(res->last_checkpoint, sizeof res->last_checkpoint, t->last_ckpt);
+            draw_plot(t, res);
         }
         if ((st = export_final(t, res))) goto done;
     }

@@ -4,7 +4,7 @@
  * that the loop works from plain options and tests can drive it without a recipe file), the
  * loop (micro-batches, gradient accumulation with grad_scale = 1 / targets of the whole step,
  * global-norm clipping, AdamW 8/32-bit, warmup + schedule, epochs or max_steps), the progress bar
- * and metrics.jsonl, eval loss every eval_steps, checkpoints and resume (train/checkpoint.h),
+ * and metrics.jsonl (and its picture, loss.svg: train/plot.h), eval loss every eval_steps, checkpoints and resume (train/checkpoint.h),
  * NaN/Inf stops, SIGINT/SIGTERM (through a flag the CLI sets) and the final adapter export.
  * The adapter's device side (masters, gradients, compute copies) is adapters/adapter_dev.h's
  * qlr_lora_dev, given to the model as a one-slot adapter set. It does not own the forward/backward (model/train.h), the
@@ -127,6 +127,7 @@ typedef struct qlr_train_result {
     char last_checkpoint[4096]; /* newest checkpoint written or resumed from ("" = none) */
     char adapter_dir[4096];     /* final PEFT adapter folder ("" when not written) */
     char adapter_gguf[4096];    /* final GGUF adapter ("" when not written) */
+    char plot[4096];            /* output_dir/loss.svg, redrawn at each checkpoint (train/plot.h; "" = none) */
 } qlr_train_result;
 
 /* Runs the whole training: loads the model, tokenizes the data, creates (or resumes) the adapter

@@ -340,6 +340,7 @@ static void test_test_datasets(void) {
     CHECK_MSG(o.n_test_datasets && !strcmp(o.test_datasets[0].path, path), "%s",
               o.n_test_datasets ? o.test_datasets[0].path : "");
     CHECK_OK(qlr_train_run(&o, &r));
+    CHECK_MSG(r.plot[0] && qlr_path_exists(r.plot) && strstr(r.plot, "/loss.svg"), "plot '%s'", r.plot);
     json_t *m = read_metrics(o.output_dir);
     double eval_last = NAN;
     if (m) {
