@@ -36,6 +36,7 @@ static const char *const g_device_names[] = {"auto", "cpu", "cuda", NULL};
 static const char *const g_bf16_names[] = {"auto", "true", "false", NULL};
 static const char *const g_template_names[] = {"tokenizer_default", "chatml", "llama3", "llama2", "mistral", NULL};
 static const char *const g_adapter_names[] = {"qlora", NULL};
+static const char *const g_report_names[] = {"none", "tensorboard", NULL};
 
 const char *qlr_lora_module_name(int bit) { return bit >= 0 && bit < QLR_LORA_N_MODULES ? g_module_names[bit] : NULL; }
 const char *qlr_dataset_type_name(qlr_dataset_type t) {
@@ -112,6 +113,7 @@ static const key_def g_keys[] = {
     {"save_steps", K_U64, F(save_steps), 0, 1e12, 0, 0, NULL, "0 = checkpoint at the end"},
     {"save_total_limit", K_U32, F(save_total_limit), 0, 1000000, 0, 0, NULL, "0 = keep all checkpoints"},
     {"logging_steps", K_U64, F(logging_steps), 1, 1e12, 0, 0, NULL, "steps between log lines"},
+    {"report_to", K_ENUM, F(report_to), 0, 0, 0, 0, g_report_names, "tensorboard: event files in output_dir/runs"},
     {"output_dir", K_STR, F(output_dir), 0, 0, 0, 0, NULL, "checkpoints, metrics, adapter"},
     {"seed", K_U64, F(seed), 0, 4294967295.0, 0, 0, NULL, "RNG seed (init, dropout, shuffle)"},
     {"gradient_checkpointing", K_BOOL, F(gradient_checkpointing), 0, 0, 0, 0, NULL, "recompute layers in backward"},
@@ -544,6 +546,7 @@ qlr_status qlr_recipe_defaults(qlr_recipe *r) {
     r->save_steps = 0;
     r->save_total_limit = 0;
     r->logging_steps = 1;
+    r->report_to = QLR_REPORT_NONE;
     r->seed = 42;
     r->gradient_checkpointing = 1;
     r->bf16 = QLR_BF16_AUTO;

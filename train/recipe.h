@@ -52,6 +52,11 @@ typedef enum qlr_recipe_device {
     QLR_RECIPE_DEVICE_CUDA,
 } qlr_recipe_device;
 
+typedef enum qlr_report_to {
+    QLR_REPORT_NONE = 0,        /* metrics.jsonl and loss.svg only */
+    QLR_REPORT_TENSORBOARD,     /* also TensorBoard event files in output_dir/runs (formats/tfevents.h) */
+} qlr_report_to;
+
 typedef enum qlr_bf16_mode {
     QLR_BF16_AUTO = 0,          /* bf16 compute where the device supports it (sm80+, cpu reference: fp32) */
     QLR_BF16_ON,                /* required; an error on a device without bf16 */
@@ -149,6 +154,7 @@ typedef struct qlr_recipe {
     uint64_t save_steps;        /* default 0 = checkpoint at the end only */
     uint32_t save_total_limit;  /* default 0 = keep every checkpoint; else keep the newest N */
     uint64_t logging_steps;     /* default 1; >= 1 optimizer steps between progress/metrics lines */
+    qlr_report_to report_to;    /* default none; tensorboard: event files of the logged scalars */
     char *output_dir;           /* default "outputs/run" (relative: against the recipe's folder) */
     uint64_t seed;              /* default 42; 0..2^32-1 */
 

@@ -17,8 +17,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "core/core.h"
+#include "formats/tfevents.h"
 #include "train/plot.h"
 #include "train/trainer_internal.h"
 
@@ -142,6 +144,20 @@ static qlr_status export_final(trainer *t, qlr_train_result *res) {
 
 static void fmt_lr(char *buf, size_t n, double lr) { snprintf(buf, n, "%.3g", lr); }
 
+static double wall_clock(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* report_to: tensorboard: the logged step's scalars (HF Trainer's tag names). */
+static qlr_status report_step(trainer *t, const step_out *so, double tps, double eval) {
+    if (!t->tb) return QLR_OK;
+    const char *tags[] = {"train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_s", "eval/loss"};
+    const float vals[] = {(float)so->loss, (float)so->lr, (float)so->grad_norm, (float)tps, (float)eval};
+    return qlr_tfevents_scalars(t->tb, (int64_t)t->step, wall_clock(), tags, vals, isnan(eval) ? 4 : 5);
+}
+
 /* Redraws output_dir/loss.svg from metrics.jsonl (after each checkpoint, so a stopped or crashed
  * run has its picture too). A failure is a warning: the training goes on. */
 static void draw_plot(trainer *t, qlr_train_result *res) {
@@ -207,6 +223,12 @@ qlr_status qlr_train_run(const qlr_train_opts *o, qlr_train_result *res) {
         res->resumed_from = t->step;
     }
     if ((st = qlr_trainer_metrics_prepare(t, t->step, resume_dir != NULL))) goto done;
+    if (o->report_tensorboard) {
+        snprintf(res->tensorboard_dir, sizeof res->tensorboard_dir, "%s/runs", o->output_dir);
+        if ((st = qlr_tfevents_open(res->tensorboard_dir, &t->tb))) goto done;
+        /* a resumed run restarts at step+1: TensorBoard drops what an earlier file logged from there */
+        if (resume_dir && (st = qlr_tfevents_restart(t->tb, (int64_t)t->step + 1, wall_clock()))) goto done;
+    }
     res->total_steps = t->total_steps;
     copy_str(res->last_checkpoint, sizeof res->last_checkpoint, t->last_ckpt);
     QLR_LOGI("training: %" PRIu64 " steps of %u x %u micro-batches (%u rows of %u tokens), lr %g, %s, %d adapted "
@@ -270,7 +292,7 @@ qlr_status qlr_train_run(const qlr_train_opts *o, qlr_train_result *res) {
             if (!isnan(ev)) json_object_set_new(j, "eval_loss", json_real(ev));
             st = qlr_trainer_metrics_append(t, j);
             json_decref(j);
-            if (st) goto done;
+            if (st || (st = report_step(t, &so, tps, ev))) goto done;
             if (!isnan(ev)) {
                 qlr_progress_clear_line();
                 QLR_LOGI("step %" PRIu64 ": eval loss %.4f (train loss %.4f)", t->step, ev, so.loss);
@@ -314,6 +336,8 @@ qlr_status qlr_train_run(const qlr_train_opts *o, qlr_train_result *res) {
     QLR_LOGD("trainer wall time %.1fs", qlr_now() - t_start);
 done:
     qlr_progress_end(bar);
+    qlr_tfevents_close(t->tb);
+    t->tb = NULL;
     free(resume_dir);
     qlr_trainer_free(t);
     return st;

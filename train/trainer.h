@@ -62,6 +62,7 @@ typedef struct qlr_train_opts {
     uint32_t lora_targets;      /* QLR_LORA_TARGET mask (bit i = qlr_linear_id i) */
     int rslora;
     uint64_t eval_steps, save_steps, logging_steps;
+    int report_tensorboard;     /* 1: TensorBoard event files in output_dir/runs (recipe report_to) */
     uint32_t save_total_limit;
     char *output_dir;           /* resolved */
     uint64_t seed;
@@ -127,6 +128,7 @@ typedef struct qlr_train_result {
     char last_checkpoint[4096]; /* newest checkpoint written or resumed from ("" = none) */
     char adapter_dir[4096];     /* final PEFT adapter folder ("" when not written) */
     char adapter_gguf[4096];    /* final GGUF adapter ("" when not written) */
+    char tensorboard_dir[4096]; /* output_dir/runs when report_to: tensorboard ("" = not written) */
     char plot[4096];            /* output_dir/loss.svg, redrawn at each checkpoint (train/plot.h; "" = none) */
 } qlr_train_result;
 

@@ -79,6 +79,7 @@ typedef struct trainer {
     uint64_t step, start_step, total_steps, rng, tokens_seen;
     double elapsed_before;         /* seconds of training before a resume */
     char metrics_path[4200];
+    struct qlr_tfevents *tb;       /* report_to: tensorboard (NULL otherwise) */
     char last_ckpt[4096];
     uint64_t last_ckpt_step;
 } trainer;

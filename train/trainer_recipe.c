@@ -111,6 +111,7 @@ qlr_status qlr_train_opts_from_recipe(const qlr_recipe *r, qlr_train_opts *o) {
     o->eval_steps = r->eval_steps;
     o->save_steps = r->save_steps;
     o->logging_steps = r->logging_steps ? r->logging_steps : 1;
+    o->report_tensorboard = r->report_to == QLR_REPORT_TENSORBOARD;
     o->save_total_limit = r->save_total_limit;
     if ((st = qlr_recipe_resolve(r, r->output_dir, path, sizeof path))) goto fail;
     o->output_dir = strdup(path);

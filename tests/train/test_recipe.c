@@ -363,6 +363,13 @@ static void test_set(void) {
     CHECK_OK(qlr_recipe_load(DIR "epochs_and_steps.yaml", s8, 2, &r));
     CHECK(r.num_epochs == 3 && r.max_steps == 0);
     qlr_recipe_free(&r);
+    const char *s10[] = {"report_to=tensorboard"};
+    CHECK_OK(qlr_recipe_load(DIR "good_minimal.yaml", s10, 1, &r));
+    CHECK_EQ_INT(r.report_to, QLR_REPORT_TENSORBOARD);
+    qlr_recipe_free(&r);
+    const char *s11[] = {"report_to=wandb"};
+    expect_error("good_minimal.yaml", s11, 1,
+                 "--set report_to=wandb: report_to: must be one of none, tensorboard; got \"wandb\"");
     const char *s9[] = {"device=gpu"};
     expect_error("good_minimal.yaml", s9, 1, "--set device=gpu: device: must be one of auto, cpu, cuda; got \"gpu\" (did you mean \"cpu\"?)");
 }

@@ -8,6 +8,7 @@
  *  - a NaN loss stops the run naming the step and the last good checkpoint;
  *  - every metrics.jsonl line parses as JSON with the documented keys;
  *  - qlora eval's loss + exact match run on chat data. */
+#include <dirent.h>
 #include <jansson.h>
 #include <math.h>
 #include <stdio.h>
@@ -332,8 +333,8 @@ static void test_test_datasets(void) {
     qlr_train_result r;
     const char *sets[] = {"output_dir=run_test_ds", "datasets.0.path=chat.jsonl", "datasets.0.type=chat",
                           "chat_template=chatml", "max_steps=2", "val_set_size=0", "eval_steps=1",
-                          "test_datasets=[{path: val_chat.jsonl, type: chat}]"};
-    CHECK_OK(qlr_train_opts_load(g_recipe, sets, 8, &o));
+                          "test_datasets=[{path: val_chat.jsonl, type: chat}]", "report_to=tensorboard"};
+    CHECK_OK(qlr_train_opts_load(g_recipe, sets, 9, &o));
     if (!o.output_dir) return;
     o.progress = 0;
     CHECK_EQ_INT(o.n_test_datasets, 1);
@@ -341,6 +342,16 @@ static void test_test_datasets(void) {
               o.n_test_datasets ? o.test_datasets[0].path : "");
     CHECK_OK(qlr_train_run(&o, &r));
     CHECK_MSG(r.plot[0] && qlr_path_exists(r.plot) && strstr(r.plot, "/loss.svg"), "plot '%s'", r.plot);
+    /* report_to: tensorboard: one event file in output_dir/runs (its records: test_tfevents; read
+     * back with the tensorboard package: tests/e2e/test_e2e_quickstart.py) */
+    char tb[800];
+    snprintf(tb, sizeof tb, "%s/runs", o.output_dir);
+    CHECK_MSG(!strcmp(r.tensorboard_dir, tb), "tensorboard_dir '%s'", r.tensorboard_dir);
+    DIR *dir = opendir(tb);
+    int events = 0;
+    for (struct dirent *de; dir && (de = readdir(dir));) events += strstr(de->d_name, "events.out.tfevents.") != NULL;
+    if (dir) closedir(dir);
+    CHECK_EQ_INT(events, 1);
     json_t *m = read_metrics(o.output_dir);
     double eval_last = NAN;
     if (m) {
