@@ -7,6 +7,7 @@
 #include "core/core.h"
 #include "data/dataset.h"
 #include "data/pack.h"
+#include "train/recipe.h"
 #include "train/trainer.h"
 
 #include <stdio.h>
@@ -68,8 +69,14 @@ static void print_marked(const qlr_tokenizer *tok, const qlr_example *e, int col
 }
 
 static int preview(const char *recipe, const char *const *sets, int n_sets, long n_show, int color) {
+    /* the trainer's options without its memory-plan check: a preview is no training run */
+    qlr_recipe r;
     qlr_train_opts o;
-    if (qlr_train_opts_load(recipe, sets, n_sets, &o) != QLR_OK) return qlr_cli_fail("data");
+    if (qlr_recipe_load(recipe, sets, n_sets, &r) != QLR_OK) return qlr_cli_fail("data");
+    qlr_status lst = qlr_train_opts_from_recipe(&r, &o);
+    if (lst == QLR_OK && (lst = qlr_train_opts_check_data(&r, &o))) qlr_train_opts_free(&o);
+    qlr_recipe_free(&r);
+    if (lst) return qlr_cli_fail("data");
     int rc = 1;
     qlr_tokenizer *tok = NULL;
     qlr_chat_template *tmpl = NULL;

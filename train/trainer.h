@@ -96,6 +96,9 @@ qlr_status qlr_train_opts_from_recipe(const struct qlr_recipe *r, qlr_train_opts
  * file:line:column and key). On failure *o is zeroed. */
 qlr_status qlr_train_opts_load(const char *recipe_path, const char *const *sets, int n_sets,
                                qlr_train_opts *o);
+/* Every dataset file of `o` (made from `r`) exists; else QLR_ERR_NOT_FOUND naming the recipe's
+ * file:line:column and key (datasets.0.path). qlr_train_opts_load calls it. */
+qlr_status qlr_train_opts_check_data(const struct qlr_recipe *r, const qlr_train_opts *o);
 /* Frees the strings; safe on a zeroed struct. */
 void qlr_train_opts_free(qlr_train_opts *o);
 

@@ -129,9 +129,7 @@ fail:
     return st;
 }
 
-/* Every dataset file of the run exists: else file:line:column: key of the recipe, before the
- * model loads. */
-static qlr_status datasets_exist(const qlr_recipe *r, const qlr_train_opts *o) {
+qlr_status qlr_train_opts_check_data(const qlr_recipe *r, const qlr_train_opts *o) {
     for (int l = 0; l < 2; l++) {
         const qlr_train_dataset *ds = l ? o->test_datasets : o->datasets;
         const qlr_recipe_dataset *rd = l ? r->test_datasets : r->datasets;
@@ -172,7 +170,7 @@ qlr_status qlr_train_opts_load(const char *recipe_path, const char *const *sets,
     if (st == QLR_OK) QLR_LOGD("memory plan: %.1f MiB", (double)plan.total / (1 << 20));
     qlr_plan_free(&plan);
     if (st == QLR_OK) st = qlr_train_opts_from_recipe(&r, o);
-    if (st == QLR_OK && (st = datasets_exist(&r, o))) qlr_train_opts_free(o);
+    if (st == QLR_OK && (st = qlr_train_opts_check_data(&r, o))) qlr_train_opts_free(o);
     qlr_recipe_free(&r);
     return st;
 }
