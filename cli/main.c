@@ -60,7 +60,15 @@ const char *qlr_cli_self_command(void) {
     static char cmd[4096];
     if (cmd[0]) return cmd;
     char *self = realpath("/proc/self/exe", NULL);
-    if (!self) return strcpy(cmd, "qlora");
+    if (!self) { /* rebuilt while running: the link reads "PATH (deleted)"; PATH is the new build */
+        char link[4096];
+        ssize_t n = readlink("/proc/self/exe", link, sizeof link - 1);
+        if (n <= 0) return strcpy(cmd, "qlora");
+        link[n] = 0;
+        char *del = strstr(link, " (deleted)");
+        if (del && !del[10]) *del = 0;
+        if (!(self = strdup(link))) return strcpy(cmd, "qlora");
+    }
     /* the first qlora on PATH, as the shell would find it: is it this binary? */
     const char *path = getenv("PATH");
     int on_path = 0;
