@@ -13,16 +13,22 @@
 #include <string.h>
 
 static void help(void) {
-    printf("usage: qlora bench train [RECIPE] [--set key=value]... [--device cpu|cuda] [-t N]\n"
-           "                         [--steps N] [--output-dir DIR] [-q] [--out FILE]\n\n"
+    printf("usage: qlora bench train [RECIPE] [options]\n\n"
            "Runs `qlora train` on RECIPE (default recipes/smollm2-quickstart.yaml, on the demo model:\n"
-           "QLR_DEMO_MODEL or .cache/models) into a temporary folder (--output-dir: keep it there)\n"
-           "and prints one JSON object: tokens/s, the wall and CPU time of each phase (load, data,\n"
-           "setup, step, eval, checkpoint, export), each phase's op time per kind (linears, lora,\n"
-           "attention, ce, optimizer, elementwise, memory) from a timing copy of the backend's op\n"
-           "table, and the machine's sgemm rate (OpenBLAS, the run's thread count, measured before\n"
-           "and after the run) with linears_fraction_of_sgemm = the step's NF4 linear FLOP rate /\n"
-           "that rate. --steps N is --set max_steps=N. On CUDA every op is followed by a sync.\n\n");
+           "QLR_DEMO_MODEL or .cache/models) into a temporary folder and prints one JSON object:\n"
+           "tokens/s, the wall and CPU time of each phase (load, data, setup, step, eval, checkpoint,\n"
+           "export), each phase's op time per kind (linears, lora, attention, ce, optimizer,\n"
+           "elementwise, memory) from a timing copy of the backend's op table, and the machine's sgemm\n"
+           "rate (OpenBLAS, the run's thread count, measured before and after the run) with\n"
+           "linears_fraction_of_sgemm = the step's NF4 linear FLOP rate / that rate. On CUDA every op\n"
+           "is followed by a sync.\n\n"
+           "  --set key=value    override a recipe key, as for qlora train\n"
+           "  --steps N          the same as --set max_steps=N\n"
+           "  --device D         cpu or cuda (the same as --set device=D)\n"
+           "  -t, --threads N    CPU threads (default: all cores)\n"
+           "  --output-dir DIR   run into DIR and keep it (default: a temporary folder, removed)\n"
+           "  --out FILE         write the JSON into FILE (default: stdout)\n"
+           "  -q, --quiet        no progress bar\n\n");
     printf("usage: qlora bench decode [--model all|llama3-8b|smollm2-135m] [--prefill N] [--ctx N]\n"
            "                          [--steps N] [--quick] [--device cuda|cpu] [--out FILE]\n\n"
            "Runs the model's forward on the CUDA backend with Llama-3.1-8B / SmolLM2-135M shapes and\n"
