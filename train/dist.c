@@ -458,8 +458,8 @@ int qlr_dist_launch(int nproc, char **argv) {
             pid[r] = 0;
             left--;
             int bad = !WIFEXITED(status) || WEXITSTATUS(status) != 0;
+            char why[96];
             if (bad && failed < 0) {
-                char why[96];
                 failed = r;
                 rc = WIFEXITED(status) ? WEXITSTATUS(status) : 1;
                 fprintf(stderr, "qlora: rank %d of %d failed (%s): stopping the other ranks\n", r, nproc,
@@ -467,6 +467,13 @@ int qlr_dist_launch(int nproc, char **argv) {
                 for (int k = 0; k < nproc; k++)
                     if (pid[k] > 0) kill(pid[k], SIGTERM);
                 kill_at = qlr_now() + 30;
+            } else if (bad && !(WIFSIGNALED(status) &&
+                                (WTERMSIG(status) == SIGTERM || WTERMSIG(status) == SIGKILL))) {
+                /* a rank that failed on its own, not by the stop above: named too. When a rank
+                 * dies, its peers fail at once on the broken link, and both may have exited by
+                 * the next poll, reaped in rank order: the one that died is then reported here */
+                fprintf(stderr, "qlora: rank %d of %d failed too (%s)\n", r, nproc,
+                        status_text(status, why, sizeof why));
             }
             continue;
         }
