@@ -4,9 +4,11 @@
  * sorted keys, as save_pretrained writes it). The safetensors __metadata__ carries "qlora.base",
  * the base identity as compact JSON, which PEFT ignores. This is also the trainer's own adapter
  * format (run dir: <output_dir>/adapter/, <output_dir>/checkpoint-N/adapter/). */
+#include <errno.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "adapters/lora_internal.h"
 #include "core/core.h"
@@ -107,8 +109,16 @@ qlr_status qlr_lora_save_peft(const qlr_lora *l, const char *dir) {
             qlr_lora_tensor_name_(name, sizeof name, 1, L, (qlr_linear_id)id, 1);
             if ((st = qlr_st_writer_add(w, name, QLR_ST_F32, 2, sb, m->b, sb[0] * sb[1] * 4)) != QLR_OK) goto done;
         }
-    /* tensors first: a folder whose config is present has its tensors */
+    /* The config is the folder's commit record: an older adapter's config goes first, then the
+     * tensors, then the new config (each file atomic). A kill at any point leaves the old
+     * adapter whole, a folder without a config (not an adapter), or the new adapter whole;
+     * never the old config over the new tensors. */
+    if (unlink(cfg_path) != 0 && errno != ENOENT) {
+        st = qlr_errorf(QLR_ERR_IO, "%s: cannot replace it: %s", cfg_path, strerror(errno));
+        goto done;
+    }
     if ((st = qlr_st_writer_write(w, st_path)) != QLR_OK) goto done;
+    qlr_kill_point("peft.tensors");
     st = qlr_json_write_file(cfg_path, cj);
 done:
     free(bs);
