@@ -101,6 +101,7 @@ static proc_result run_qlora(char *const *argv, const char *kill_at, double dela
     memset(&r, 0, sizeof r);
     r.exit_code = -1;
     unlink(g_trace);
+    unlink(g_log); /* a child killed before it opens its log must not leave the last run's */
     fflush(stdout); /* else the child's freopen writes our buffered lines a second time */
     fflush(stderr);
     pid_t pid = fork();
