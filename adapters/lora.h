@@ -1,6 +1,6 @@
 /* adapters/lora.h: the LoRA adapter object (fp32 masters on the host), its PEFT-style init, and
  * import/export in the two formats people use: a GGUF LoRA as llama.cpp reads it
- * (../shared/specs/FORMATS.md §4) and a HF PEFT folder (§5).
+ * (docs/FORMATS.md §4) and a HF PEFT folder (§5).
  *
  * Orientation: in memory every module holds A [r, in] and B [out, r], row-major, PyTorch/PEFT
  * orientation, with q/k rows in HF (rotate-half) order, which is what our model runs. Only the

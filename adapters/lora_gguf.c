@@ -1,5 +1,5 @@
 /* adapters/lora_gguf.c: GGUF LoRA adapters as llama.cpp writes and reads them
- * (../shared/specs/FORMATS.md §4.1-4.3, §4.6). Export permutes lora_b rows of attn_q/attn_k per
+ * (docs/FORMATS.md §4.1-4.3, §4.6). Export permutes lora_b rows of attn_q/attn_k per
  * head (llama arch: llama.cpp rotates adjacent pairs, our runtime and PEFT rotate halves); import
  * undoes it. Keys under qlora.* (base shapes, the original alpha, rsLoRA flag, dropout) make our
  * own files re-import losslessly; foreign files work without them given a base model.

@@ -1,4 +1,4 @@
-/* adapters/lora_peft.c: HF PEFT LoRA folders (../shared/specs/FORMATS.md §5):
+/* adapters/lora_peft.c: HF PEFT LoRA folders (docs/FORMATS.md §5):
  * adapter_model.safetensors (F32 tensors base_model.model.model.layers.N.{self_attn,mlp}.<proj>
  * .lora_{A,B}.weight, A [r, in], B [out, r], HF row order) and adapter_config.json (indent 2,
  * sorted keys, as save_pretrained writes it). The safetensors __metadata__ carries "qlora.base",

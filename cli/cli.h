@@ -21,6 +21,15 @@ int qlr_cli_usage_error(const char *cmd, const char *fmt, ...) __attribute__((fo
 /* 1 if argv holds -h or --help. */
 int qlr_cli_wants_help(int argc, char **argv);
 
+/* One line: the backends this binary was built with (CUDA architectures), build type and
+ * compiler, as CMake configured them. */
+const char *qlr_cli_build_summary(void);
+
+/* How to run this binary in a hint the user can paste: "qlora" when the first qlora on PATH is
+ * this binary, else its path (relative to the current folder when inside it, e.g.
+ * "build/bin/qlora"). Returns a static string. */
+const char *qlr_cli_self_command(void);
+
 /* The demo model path: $QLR_DEMO_MODEL, else <repo cache>/models/SmolLM2-135M-Instruct.Q4_1.gguf
  * as installed by scripts/setup.sh. Returns a static string. */
 const char *qlr_cli_demo_model(void);

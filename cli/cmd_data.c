@@ -1,13 +1,14 @@
 /* cli/cmd_data.c: `qlora data preview RECIPE [--set key=value]... [-n N] [--color|--plain]`.
  * Loads the recipe's datasets exactly as the trainer will (tokenizer and chat template of the
  * base model, masking, truncation, split, packing) and prints N examples with the masked text
- * marked, then the counts. Owns only the recipe -> data/ conversion and the printing; the work
- * is data/dataset.h and data/pack.h. */
+ * marked, then the counts. The recipe -> data settings are the trainer's (train/trainer.h); the
+ * work is data/dataset.h and data/pack.h; this file owns the printing. */
 #include "cli/cli.h"
 #include "core/core.h"
 #include "data/dataset.h"
 #include "data/pack.h"
 #include "train/recipe.h"
+#include "train/trainer.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -15,7 +16,6 @@
 #include <unistd.h>
 
 #define MAX_SETS 256
-#define PATH_CAP 4096
 
 static void usage(FILE *f) {
     fprintf(f,
@@ -31,19 +31,20 @@ static void usage(FILE *f) {
             "exit status: 0 ok, 1 an error (bad line, missing file, ...), 2 usage error\n");
 }
 
-/* Dataset path -> the file to open: a file as is; a folder -> <split>.jsonl, else .jsonl.gz. */
-static qlr_status dataset_file(const qlr_recipe *r, const qlr_recipe_dataset *d, char *out, size_t cap) {
-    QLR_TRY(qlr_recipe_resolve(r, d->path, out, cap));
-    if (!qlr_is_dir(out)) return QLR_OK;
-    size_t n = strlen(out);
-    const char *split = d->split && *d->split ? d->split : "train";
-    if (n + strlen(split) + 12 > cap) return qlr_errorf(QLR_ERR_RANGE, "%s: path too long", d->path);
-    snprintf(out + n, cap - n, "/%s.jsonl", split);
-    if (qlr_path_exists(out)) return QLR_OK;
-    snprintf(out + n, cap - n, "/%s.jsonl.gz", split);
-    if (qlr_path_exists(out)) return QLR_OK;
-    out[n] = 0;
-    return qlr_errorf(QLR_ERR_NOT_FOUND, "%s: folder holds neither %s.jsonl nor %s.jsonl.gz", out, split, split);
+/* What turns a record of this format into text: the chat template for chat data, the format's own
+ * layout otherwise (alpaca prompts are not wrapped in the chat template). */
+static const char *formatting(qlr_data_format f, const qlr_chat_template *tmpl, char *buf, size_t cap) {
+    switch (f) {
+    case QLR_DATA_CHAT:
+    case QLR_DATA_SHAREGPT:
+        snprintf(buf, cap, "chat template %s", tmpl ? qlr_chat_template_name(tmpl) : "(none)");
+        return buf;
+    case QLR_DATA_ALPACA: return "Alpaca prompt (### Instruction / ### Input / ### Response), no chat template";
+    case QLR_DATA_COMPLETION: return "raw text (+ bos/eos), no chat template";
+    case QLR_DATA_INPUT_OUTPUT: return "segments as written, no chat template";
+    case QLR_DATA_PRETOKENIZED: return "token ids as given, no template";
+    default: return "?";
+    }
 }
 
 static void print_marked(const qlr_tokenizer *tok, const qlr_example *e, int color) {
@@ -68,41 +69,41 @@ static void print_marked(const qlr_tokenizer *tok, const qlr_example *e, int col
 }
 
 static int preview(const char *recipe, const char *const *sets, int n_sets, long n_show, int color) {
+    /* the trainer's options without its memory-plan check: a preview is no training run */
     qlr_recipe r;
+    qlr_train_opts o;
     if (qlr_recipe_load(recipe, sets, n_sets, &r) != QLR_OK) return qlr_cli_fail("data");
+    qlr_status lst = qlr_train_opts_from_recipe(&r, &o);
+    if (lst == QLR_OK && (lst = qlr_train_opts_check_data(&r, &o))) qlr_train_opts_free(&o);
+    qlr_recipe_free(&r);
+    if (lst) return qlr_cli_fail("data");
     int rc = 1;
     qlr_tokenizer *tok = NULL;
     qlr_chat_template *tmpl = NULL;
-    qlr_dataset *ds = NULL;
+    qlr_dataset *ds = NULL, *test_ds = NULL;
     qlr_batcher *bt = NULL, *bv = NULL;
     qlr_data_split split = {0};
-    char(*paths)[PATH_CAP] = calloc(r.n_datasets, sizeof *paths);
-    qlr_data_source *src = calloc(r.n_datasets, sizeof *src);
-    char model[PATH_CAP];
-    if (!paths || !src) {
-        qlr_errorf(QLR_ERR_NOMEM, "out of memory");
-        goto done;
-    }
-    if (qlr_recipe_resolve(&r, r.base_model, model, sizeof model) != QLR_OK) goto done;
-    if (qlr_data_open_tokenizer(model, r.chat_template, &tok, &tmpl) != QLR_OK) goto done;
-    for (uint32_t i = 0; i < r.n_datasets; i++) {
-        const qlr_recipe_dataset *d = &r.datasets[i];
-        if (dataset_file(&r, d, paths[i], PATH_CAP) != QLR_OK) goto done;
-        src[i] = (qlr_data_source){paths[i], (qlr_data_format)d->type, d->field, d->field_messages,
-                                   d->message_field_role, d->message_field_content,
-                                   d->on_bad_line == QLR_ON_BAD_LINE_SKIP};
-    }
-    qlr_data_params dp = qlr_data_params_default();
-    dp.sequence_len = r.sequence_len;
-    dp.train_on_inputs = r.train_on_inputs;
-    dp.drop_long = r.truncation == QLR_TRUNCATION_DROP;
+    qlr_data_source *src = NULL, *test_src = NULL;
+    uint32_t n_src = 0, n_test_src = 0;
+    uint32_t *test_idx = NULL;
+    if (qlr_data_open_tokenizer(o.base_model, o.chat_template, &tok, &tmpl) != QLR_OK) goto done;
+    if (qlr_train_data_sources(&o, NULL, &src, &n_src) != QLR_OK) goto done;
+    if (qlr_train_test_sources(&o, &test_src, &n_test_src) != QLR_OK) goto done;
+    qlr_data_params dp;
+    qlr_train_data_params(&o, &dp);
     dp.progress = 1;
-    if (qlr_dataset_load(src, r.n_datasets, &dp, tok, tmpl, &ds) != QLR_OK) goto done;
-    if (qlr_dataset_split(ds, r.val_set_size, r.seed, &split) != QLR_OK) goto done;
+    if (qlr_dataset_load(src, n_src, &dp, tok, tmpl, &ds) != QLR_OK) goto done;
+    if (qlr_dataset_split(ds, o.val_set_size, o.seed, &split) != QLR_OK) goto done;
+    if (n_test_src && qlr_dataset_load(test_src, n_test_src, &dp, tok, tmpl, &test_ds) != QLR_OK) goto done;
 
-    printf("model %s, chat template %s, sequence_len %u, train_on_inputs %s, sample_packing %s\n", model,
-           tmpl ? qlr_chat_template_name(tmpl) : "(none)", r.sequence_len, r.train_on_inputs ? "true" : "false",
-           r.sample_packing ? "true" : "false");
+    printf("model %s, sequence_len %u, train_on_inputs %s, sample_packing %s\n", o.base_model, o.sequence_len,
+           o.train_on_inputs ? "true" : "false", o.sample_packing ? "true" : "false");
+    for (uint32_t i = 0; i < n_src + n_test_src; i++) {
+        const qlr_data_source *d = i < n_src ? &src[i] : &test_src[i - n_src];
+        char buf[96];
+        printf("%s.%u %s (%s): %s\n", i < n_src ? "datasets" : "test_datasets", i < n_src ? i : i - n_src, d->path,
+               qlr_data_format_name(d->format), formatting(d->format, tmpl, buf, sizeof buf));
+    }
     if (n_show > 0)
         printf("%s\n", color ? "legend: \033[2mdim = masked (no loss)\033[0m, \033[32mgreen = trained\033[0m"
                              : "legend: [[...]] = masked (no loss); the rest is trained");
@@ -116,35 +117,38 @@ static int preview(const char *recipe, const char *const *sets, int n_sets, long
         print_marked(tok, &e, color);
     }
 
-    qlr_batch_params bp = qlr_batch_params_default();
-    bp.micro_batch_size = r.micro_batch_size;
-    bp.sequence_len = r.sequence_len;
-    bp.packing = r.sample_packing;
-    bp.seed = r.seed;
-    bp.pad_id = qlr_tokenizer_pad(tok) >= 0 ? qlr_tokenizer_pad(tok) : qlr_tokenizer_eos(tok) >= 0 ? qlr_tokenizer_eos(tok) : 0;
+    qlr_batch_params bp;
+    qlr_train_batch_params(&o, 1, &bp);
     if (qlr_batcher_create(ds, split.train, split.n_train, &bp, &bt) != QLR_OK) goto done;
-    if (split.n_val) {
-        bp.shuffle = 0;
-        if (qlr_batcher_create(ds, split.val, split.n_val, &bp, &bv) != QLR_OK) goto done;
-    }
+    bp.shuffle = 0;
+    size_t n_val = test_ds ? qlr_dataset_size(test_ds) : split.n_val;
+    if (test_ds) {
+        test_idx = malloc((n_val ? n_val : 1) * sizeof *test_idx);
+        if (!test_idx) {
+            qlr_errorf(QLR_ERR_NOMEM, "out of memory");
+            goto done;
+        }
+        for (size_t i = 0; i < n_val; i++) test_idx[i] = (uint32_t)i;
+        if (n_val && qlr_batcher_create(test_ds, test_idx, n_val, &bp, &bv) != QLR_OK) goto done;
+    } else if (n_val && qlr_batcher_create(ds, split.val, n_val, &bp, &bv) != QLR_OK) goto done;
     const qlr_data_stats *s = qlr_dataset_stats(ds);
     printf("\n");
     printf("lines            %llu\n", (unsigned long long)s->lines);
-    printf("examples         %llu  (train %zu, validation %zu)\n", (unsigned long long)s->examples, split.n_train,
-           split.n_val);
+    printf("examples         %llu  (train %zu, validation %zu%s)\n", (unsigned long long)s->examples, split.n_train,
+           n_val, test_ds ? " from test_datasets" : "");
     printf("tokens           %llu  (longest example %llu)\n", (unsigned long long)s->tokens,
            (unsigned long long)s->longest);
     printf("trainable tokens %llu  (%.1f%%)\n", (unsigned long long)s->trainable,
            s->tokens ? 100.0 * (double)s->trainable / (double)s->tokens : 0.0);
     printf("truncated        %llu  (truncation: %s)\n", (unsigned long long)s->truncated,
-           r.truncation == QLR_TRUNCATION_DROP ? "drop" : "truncate");
+           o.drop_long ? "drop" : "truncate");
     printf("dropped          %llu longer than sequence_len, %llu with nothing to train on\n",
            (unsigned long long)s->dropped_long, (unsigned long long)s->dropped_empty);
     printf("skipped lines    %llu\n", (unsigned long long)s->skipped);
     printf("train rows       %llu x %u tokens, %llu micro-batches of %u per epoch, %s efficiency %.1f%%\n",
-           (unsigned long long)qlr_batcher_rows_per_epoch(bt), r.sequence_len,
-           (unsigned long long)qlr_batcher_batches_per_epoch(bt), r.micro_batch_size,
-           r.sample_packing ? "packing" : "padding", 100.0 * qlr_batcher_efficiency(bt));
+           (unsigned long long)qlr_batcher_rows_per_epoch(bt), o.sequence_len,
+           (unsigned long long)qlr_batcher_batches_per_epoch(bt), o.micro_batch_size,
+           o.sample_packing ? "packing" : "padding", 100.0 * qlr_batcher_efficiency(bt));
     if (bv)
         printf("validation rows  %llu, %llu micro-batches, efficiency %.1f%%\n",
                (unsigned long long)qlr_batcher_rows_per_epoch(bv), (unsigned long long)qlr_batcher_batches_per_epoch(bv),
@@ -156,11 +160,13 @@ done:
     qlr_batcher_free(bv);
     qlr_data_split_free(&split);
     qlr_dataset_free(ds);
+    qlr_dataset_free(test_ds);
+    free(test_idx);
     qlr_chat_template_free(tmpl);
     qlr_tokenizer_free(tok);
-    free(paths);
     free(src);
-    qlr_recipe_free(&r);
+    free(test_src);
+    qlr_train_opts_free(&o);
     return rc;
 }
 

@@ -12,18 +12,19 @@
 static void usage(FILE *f) {
     fprintf(f,
             "usage: qlora eval RECIPE [--adapter PATH] [--base] [-n N] [options]\n\n"
-            "Measures, on the recipe's validation split (val_set_size, the examples training held\n"
-            "out), the mean token loss and the task metric: exact match of the greedy answer (chat\n"
-            "data: the conversation up to the last assistant turn is the prompt; the generated\n"
-            "text, trimmed, must equal the reference answer exactly). By default it evaluates the\n"
-            "base model and the adapter of the recipe's output_dir, and compares them.\n\n"
+            "Measures, on the recipe's validation data (its test_datasets files, or else the\n"
+            "val_set_size split: the examples training held out), the mean token loss and the\n"
+            "task metric: exact match of the greedy answer (chat data: the conversation up to\n"
+            "the last assistant turn is the prompt; the generated text, trimmed, must equal the\n"
+            "reference answer exactly). By default it evaluates the base model and the adapter\n"
+            "of the recipe's output_dir, and compares them.\n\n"
             "  --adapter PATH   the adapter: a training run folder, a checkpoint-N folder's\n"
             "                   adapter/, a PEFT folder or a GGUF LoRA file\n"
             "  --base           the base model only\n"
             "  --adapter-only   the adapter only\n"
             "  -n N             only the first N validation examples\n"
             "  --data FILE      evaluate on every example of FILE (the first dataset's format)\n"
-            "                   instead of the validation split\n"
+            "                   instead of the recipe's validation data\n"
             "  --show K         print up to K mismatches per model (default 3)\n"
             "  --answers FILE   write every greedy answer as JSONL (model, source, line,\n"
             "                   reference, answer, exact)\n"
@@ -31,6 +32,7 @@ static void usage(FILE *f) {
             "  --device D       cpu, cuda or auto (CUDA when a GPU is present)\n"
             "  -t, --threads N  CPU threads (default: all cores)\n"
             "  -q, --quiet      no progress bars\n\n"
+            "A progress bar per pass (loss, then exact match) and per model on stderr.\n\n"
             "exit status: 0 evaluated, 1 error, 2 usage error\n");
 }
 
@@ -107,6 +109,7 @@ static int cmd_eval(int argc, char **argv) {
     e.eval_base = !adapter_only;
     e.eval_adapter = !base_only;
     e.progress = !quiet;
+    e.qlora_cmd = qlr_cli_self_command();
     qlr_eval_scores b, a;
     st = qlr_eval_run(&e, &b, &a, stdout);
     int rc = st ? qlr_cli_fail(cmd) : 0;

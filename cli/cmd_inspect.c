@@ -1,7 +1,8 @@
 /* cli/cmd_inspect.c: `qlora inspect FILE [--all]` shows what is inside a model file and whether
  * it is valid. It dispatches on the first bytes of the file: GGUF (magic "GGUF") is listed here
- * through formats/gguf.h (version, alignment, every metadata key with its type and value, every
- * tensor, totals); safetensors goes to the branch marked below. It only reads and prints: all
+ * through formats/gguf.h (version, alignment, every metadata key with its type and value, the
+ * tensors outside the decoder blocks and those of block 0 (every tensor with --all), totals);
+ * safetensors goes to the branch marked below. It only reads and prints: all
  * validation is the format readers' job, and their error message is what the user sees. */
 #include <inttypes.h>
 #include <stdio.h>
@@ -21,7 +22,7 @@
 
 typedef struct inspect_opts {
     const char *path;
-    int all; /* --all: print long strings and arrays in full */
+    int all; /* --all: every tensor, and long strings and arrays in full */
     int nf4; /* --nf4: per-tensor NF4 quantization error of a GGUF model (model/) */
 } inspect_opts;
 
@@ -31,16 +32,17 @@ static void usage(FILE *f) {
             "\n"
             "Validates a model file and prints what is inside it. The format is recognised from\n"
             "the file's first bytes:\n"
-            "  GGUF         version, alignment, every metadata key with its type and value, every\n"
-            "               tensor (name, ggml type, shape in PyTorch order, ne, bytes), totals\n"
-            "               (parameters, bytes by type)\n"
+            "  GGUF         version, alignment, every metadata key with its type and value, the\n"
+            "               tensors (name, ggml type, shape in PyTorch order, ne, bytes) outside the\n"
+            "               decoder blocks and those of block 0, totals (parameters, bytes by type)\n"
             "  safetensors  a file, a sharded checkpoint folder or its model.safetensors.index.json\n"
+            "               (the first 20 tensors of each file)\n"
             "The last line says whether the file is valid; an invalid file prints the reason (with\n"
             "the byte offset and the key or tensor) and exits 1.\n"
             "\n"
             "options:\n"
-            "  --all        print long strings (e.g. the chat template) and arrays (e.g. the\n"
-            "               vocabulary) in full instead of abbreviated\n"
+            "  --all        list every tensor, and print long strings (e.g. the chat template)\n"
+            "               and arrays (e.g. the vocabulary) in full instead of abbreviated\n"
             "  --nf4        GGUF models: quantize every decoder linear to NF4 (double quant) and\n"
             "               print its error (relative RMS, max relative, max absolute) and a total\n"
             "  -h, --help   this text\n"
@@ -177,6 +179,14 @@ static void dims_str(char *buf, size_t cap, const uint64_t *ne, uint32_t n_dims,
 /* ---------------------------------------------------------------------------------------- */
 /* GGUF                                                                                      */
 
+/* The decoder block a tensor belongs to ("blk.N.*"), or -1. */
+static long block_of(const char *name) {
+    if (strncmp(name, "blk.", 4)) return -1;
+    char *end;
+    long b = strtol(name + 4, &end, 10);
+    return end != name + 4 && *end == '.' ? b : -1;
+}
+
 static int inspect_gguf(const inspect_opts *o) {
     qlr_gguf *g = NULL;
     if (qlr_gguf_open(o->path, &g) != QLR_OK) return qlr_cli_fail("inspect");
@@ -205,15 +215,21 @@ static int inspect_gguf(const inspect_opts *o) {
     uint64_t type_count[64] = {0}, type_bytes[64] = {0}, type_params[64] = {0};
     uint64_t params = 0, bytes = 0;
     int64_t n_t = qlr_gguf_n_tensors(g);
-    printf("\ntensors (%" PRId64 "):\n", n_t);
+    int64_t hidden = 0;
+    long last_block = -1;
+    printf("\ntensors (%" PRId64 ")%s:\n", n_t, o->all ? "" : ", outside the decoder blocks and block 0");
     printf("  %5s  %-40s %-5s %-20s %-20s %12s\n", "#", "name", "type", "shape (torch)", "ne", "bytes");
     for (int64_t i = 0; i < n_t; i++) {
         const qlr_gguf_tensor *t = qlr_gguf_tensor_at(g, i);
         char shape[96], ne[96];
         dims_str(shape, sizeof shape, t->ne, t->n_dims, 1);
         dims_str(ne, sizeof ne, t->ne, t->n_dims, 0);
-        printf("  %5" PRId64 "  %-40s %-5s %-20s %-20s %12" PRIu64 "\n", i, t->name, qlr_ggml_type_name(t->type),
-               shape, ne, t->size);
+        long blk = block_of(t->name);
+        if (blk > last_block) last_block = blk;
+        if (o->all || blk <= 0)
+            printf("  %5" PRId64 "  %-40s %-5s %-20s %-20s %12" PRIu64 "\n", i, t->name, qlr_ggml_type_name(t->type),
+                   shape, ne, t->size);
+        else hidden++;
         uint64_t nel = t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3]; /* the reader checked the overflow */
         params += nel;
         bytes += t->size;
@@ -223,6 +239,8 @@ static int inspect_gguf(const inspect_opts *o) {
             type_params[t->type] += nel;
         }
     }
+    if (hidden)
+        printf("  ... %" PRId64 " more, of blocks 1..%ld (--all lists every tensor)\n", hidden, last_block);
     printf("\ntotals:    %" PRId64 " tensors, %" PRIu64 " parameters (%.2f M), %" PRIu64 " bytes of tensor data (%.2f MiB)\n",
            n_t, params, params / 1e6, bytes, bytes / 1048576.0);
     for (uint32_t ty = 0; ty < 64; ty++) {

@@ -56,8 +56,10 @@ static void usage(FILE *f) {
             "  -q, --quiet       no progress bars\n\n"
             "Writes into output_dir: metrics.jsonl (one JSON object per logged step: step, loss,\n"
             "lr, grad_norm, tokens_per_s, eval_loss), checkpoint-N/ every save_steps (adapter,\n"
-            "optimizer state, RNG state, data cursor, recipe; crc32 per file in manifest.json), and\n"
-            "at the end adapter/ (PEFT folder) and adapter_model.gguf (llama.cpp LoRA).\n"
+            "optimizer state, RNG state, data cursor, recipe; crc32 per file in manifest.json),\n"
+            "loss.svg (train loss per step, eval loss, learning rate; redrawn at each checkpoint;\n"
+            "qlora plot), runs/ (TensorBoard event files, with report_to: tensorboard), and at the\n"
+            "end adapter/ (PEFT folder) and adapter_model.gguf (llama.cpp LoRA).\n"
             "Ctrl-C (SIGINT) or SIGTERM finishes the current step, writes a checkpoint and stops.\n\n"
             "exit status: 0 trained (or stopped cleanly by a signal), 1 error (a NaN/Inf loss\n"
             "included), 2 usage error\n");
@@ -185,8 +187,11 @@ static int cmd_train(int argc, char **argv) {
     } else if (r.stopped) {
         fprintf(stderr,
                 "qlora train: stopped at step %llu of %llu; checkpoint written to %s\n"
-                "  continue with: qlora train %s --resume\n",
-                (unsigned long long)r.steps_done, (unsigned long long)r.total_steps, r.last_checkpoint, recipe);
+                "  continue with: %s train %s --resume\n",
+                (unsigned long long)r.steps_done, (unsigned long long)r.total_steps, r.last_checkpoint,
+                qlr_cli_self_command(), recipe);
+        if (r.plot[0]) fprintf(stderr, "  plot: %s\n", r.plot);
+        if (r.tensorboard_dir[0]) fprintf(stderr, "  tensorboard: tensorboard --logdir %s\n", r.tensorboard_dir);
     } else {
         fprintf(stderr, "qlora train: done: %llu steps in %s", (unsigned long long)r.steps_done, dur);
         if (r.resumed_from) fprintf(stderr, " (resumed at step %llu)", (unsigned long long)r.resumed_from);
@@ -196,7 +201,9 @@ static int cmd_train(int argc, char **argv) {
                 r.adapter_gguf[0] ? " (GGUF)" : "");
         fprintf(stderr, "  metrics: %s/metrics.jsonl; last checkpoint: %s\n", o.output_dir,
                 r.last_checkpoint[0] ? r.last_checkpoint : "none");
-        fprintf(stderr, "  next: qlora eval %s\n", recipe);
+        if (r.plot[0]) fprintf(stderr, "  plot: %s (train loss per step, eval loss, learning rate)\n", r.plot);
+        if (r.tensorboard_dir[0]) fprintf(stderr, "  tensorboard: tensorboard --logdir %s\n", r.tensorboard_dir);
+        fprintf(stderr, "  next: %s eval %s\n", qlr_cli_self_command(), recipe);
     }
     qlr_train_opts_free(&o);
     return rc;

@@ -1,4 +1,5 @@
-/* cli/cmd_version.c: `qlora version` prints the version and how this binary was built. */
+/* cli/cmd_version.c: `qlora version` (also `qlora --version`) prints the version and how this
+ * binary was built (qlr_cli_build_summary: the backends and CUDA architectures CMake chose). */
 #include "cli/cli.h"
 
 #include <stdio.h>
@@ -8,12 +9,7 @@ static int cmd_version(int argc, char **argv) {
         printf("usage: qlora version\n\nPrints the qlora version and the build configuration.\n");
         return 0;
     }
-    printf("qlora %s\n", QLR_VERSION);
-#ifdef QLR_HAVE_CUDA
-    printf("backends: cpu, cuda\n");
-#else
-    printf("backends: cpu\n");
-#endif
+    printf("qlora %s\nbuild: %s\n", QLR_VERSION, qlr_cli_build_summary());
     return 0;
 }
 

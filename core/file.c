@@ -280,3 +280,51 @@ int qlr_is_dir(const char *path) {
     struct stat st;
     return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
 }
+
+qlr_status qlr_path_normalize(const char *path, char *out, size_t cap) {
+    if (cap < 2) return qlr_errorf(QLR_ERR_RANGE, "path too long: %s", path);
+    int absolute = path[0] == '/';
+    size_t n = 0, root = absolute ? 1 : 0; /* out[0..root) is "/" for an absolute path */
+    if (absolute) out[n++] = '/';
+    out[n] = 0;
+    const char *p = path;
+    while (*p) {
+        while (*p == '/') p++;
+        const char *e = p;
+        while (*e && *e != '/') e++;
+        size_t len = (size_t)(e - p);
+        if (len == 0 || (len == 1 && p[0] == '.')) {
+            p = e;
+            continue;
+        }
+        if (len == 2 && p[0] == '.' && p[1] == '.') {
+            const char *top = n > root ? strrchr(out, '/') : NULL;
+            top = top ? top + 1 : out;
+            struct stat st;
+            int can_pop = n > root && strcmp(top, "..") && !(lstat(out, &st) == 0 && S_ISLNK(st.st_mode));
+            if (can_pop) {
+                n = (size_t)(top - out);
+                if (n > root) n--; /* the slash before the popped name */
+                out[n] = 0;
+                p = e;
+                continue;
+            }
+            if (absolute && n == root) { /* "/.." is "/" */
+                p = e;
+                continue;
+            }
+        }
+        size_t need = n + (n > root ? 1 : 0) + len + 1;
+        if (need > cap) return qlr_errorf(QLR_ERR_RANGE, "path too long: %s", path);
+        if (n > root) out[n++] = '/';
+        memcpy(out + n, p, len);
+        n += len;
+        out[n] = 0;
+        p = e;
+    }
+    if (n == 0) {
+        out[n++] = '.';
+        out[n] = 0;
+    }
+    return QLR_OK;
+}

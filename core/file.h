@@ -58,5 +58,11 @@ qlr_status qlr_mkdir_p(const char *path);
 int qlr_path_exists(const char *path);
 /* 1 if path is a directory. */
 int qlr_is_dir(const char *path);
+/* The same path without "." components, repeated slashes and "name/.." pairs
+ * ("recipes/../outputs/run" -> "outputs/run"), relative paths kept relative. A ".." after a
+ * symbolic link is kept (it leaves the link's target, not the link's folder), so the result
+ * names the same file as `path` wherever it exists. "" becomes ".". QLR_ERR_RANGE when it does
+ * not fit in `cap` bytes. */
+qlr_status qlr_path_normalize(const char *path, char *out, size_t cap);
 
 #endif

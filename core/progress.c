@@ -15,6 +15,10 @@ struct qlr_progress {
     double t0, last_draw;
     int tty;
     char extra[160];
+    /* the last plain (non-terminal) line: what it showed, so the final line is not a copy */
+    int plain_drawn;
+    uint64_t plain_done;
+    char plain_extra[160];
 };
 
 static qlr_progress *g_live; /* the bar currently drawn on a terminal line */
@@ -76,6 +80,9 @@ static void draw(qlr_progress *p, int final) {
     } else {
         fprintf(stderr, "%s: %s | %.3g %s/s | %s%s%s%s\n", p->label, count, rate, p->unit, els, eta,
                 sep, p->extra);
+        p->plain_drawn = 1;
+        p->plain_done = p->done;
+        snprintf(p->plain_extra, sizeof p->plain_extra, "%s", p->extra);
     }
     fflush(stderr);
 }
@@ -84,6 +91,8 @@ void qlr_progress_update(qlr_progress *p, uint64_t done, const char *extra) {
     if (!p) return;
     p->done = done;
     if (extra) snprintf(p->extra, sizeof p->extra, "%s", extra);
+    /* plain lines: the last count is the final line's (qlr_progress_end) */
+    if (!p->tty && p->total && done >= p->total) return;
     double now = qlr_now();
     double every = p->tty ? 0.1 : QLR_PROGRESS_PLAIN_SECS;
     if (now - p->last_draw < every) return;
@@ -93,7 +102,8 @@ void qlr_progress_update(qlr_progress *p, uint64_t done, const char *extra) {
 
 void qlr_progress_end(qlr_progress *p) {
     if (!p) return;
-    draw(p, 1);
+    /* a plain line showing the same count and text as the last one printed is not repeated */
+    if (p->tty || !p->plain_drawn || p->plain_done != p->done || strcmp(p->plain_extra, p->extra)) draw(p, 1);
     if (g_live == p) g_live = NULL;
     free(p);
 }

@@ -4,7 +4,7 @@
  * once per tokenizer, matched with a per-call match block so encode is thread-safe), the
  * special-token matcher and the per-token decoded pieces. Loading from GGUF / tokenizer.json
  * lives in tokenizer_load.c; both end in qlr_tokenizer_create. Regexes follow
- * ../shared/specs/FORMATS.md §7.2, with \s spelled out as the Unicode White_Space set that
+ * docs/FORMATS.md §7.2, with \s spelled out as the Unicode White_Space set that
  * Hugging Face's Oniguruma uses (PCRE2's own \s misses U+0085). */
 #define _GNU_SOURCE /* qsort_r */
 #define PCRE2_CODE_UNIT_WIDTH 8

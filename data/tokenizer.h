@@ -1,6 +1,6 @@
 /* data/tokenizer.h: text <-> token ids for the models we train and serve.
  *
- * Two algorithms (../shared/specs/FORMATS.md §7): byte-level BPE ("gpt2": GPT-2 byte->unicode
+ * Two algorithms (docs/FORMATS.md §7): byte-level BPE ("gpt2": GPT-2 byte->unicode
  * map, regex pre-tokenizers llama-bpe / smollm / qwen2 / gpt-2 / default run with PCRE2, merges
  * by rank) and SentencePiece-style BPE ("llama": U+2581 for spaces, merges by score, <0xXX>
  * byte fallback). A tokenizer is built from GGUF metadata, from a Hugging Face tokenizer.json

@@ -1,5 +1,5 @@
 /* formats/gguf.c: the GGUF v2/v3 reader and writer declared in formats/gguf.h
- * (../shared/specs/FORMATS.md §3).
+ * (docs/FORMATS.md §3).
  *
  * Reader: one validating pass over a mapping (header, key/value records, tensor infos, data
  * layout) that builds small side tables (kv records, tensor records, hash indexes for keys and

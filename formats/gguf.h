@@ -1,4 +1,4 @@
-/* formats/gguf.h: GGUF v2/v3 reader and writer (../shared/specs/FORMATS.md §3).
+/* formats/gguf.h: GGUF v2/v3 reader and writer (docs/FORMATS.md §3).
  *
  * The reader maps the file, validates everything before anything is used (counts against the
  * bytes that remain, string lengths, types, dimensions, sizes, dense aligned offsets, overflow)

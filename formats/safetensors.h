@@ -1,5 +1,5 @@
 /* formats/safetensors.h: safetensors reader, sharded-set reader and writer
- * (../shared/specs/FORMATS.md §6).
+ * (docs/FORMATS.md §6).
  *
  * The reader maps the file and validates it exactly as the Rust reference reader does before
  * anything is exposed: header length bounded and inside the file, a JSON object starting with

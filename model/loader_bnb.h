@@ -1,5 +1,5 @@
 /* model/loader_bnb.h: bitsandbytes 4-bit (Linear4bit) weights in HF safetensors checkpoints
- * (../shared/specs/FORMATS.md §1.7), taken into the NF4 store exactly as stored: the packed
+ * (docs/FORMATS.md §1.7), taken into the NF4 store exactly as stored: the packed
  * codes, the (double-quantized) absmax and the nested absmax/offset are copied byte for byte,
  * never re-quantized. Used by model/loader_hf.c; not public. */
 #ifndef QLR_MODEL_LOADER_BNB_H

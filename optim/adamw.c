@@ -2,7 +2,7 @@
  * (qlr_adamw8bit_step, qlr_adamw32_bnb_step, qlr_adamw32_torch_step, qlr_adamw_step), which run
  * the CPU backend's adamw_step op (backend/cpu/ops_optim.c, where the step math lives, built
  * without FMA contraction), and qlr_adamw_update, which runs a backend's adamw_step on a state
- * in that backend's memory. Spec: ../shared/specs/FORMATS.md §2.3. State allocation and
+ * in that backend's memory. Spec: docs/FORMATS.md §2.3. State allocation and
  * serialization live in adamw_state.c. */
 #include "optim/optim.h"
 

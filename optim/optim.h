@@ -1,7 +1,7 @@
 /* optim/optim.h: the optimizer module's public API: AdamW (bitsandbytes-style 8-bit blockwise
  * states, bnb's 32-bit path for small tensors, and PyTorch's 32-bit AdamW), the serializable
  * per-tensor optimizer state, global-norm gradient clipping and the learning-rate schedules of
- * HF transformers. Spec: ../shared/specs/FORMATS.md §2. Two families of entry points:
+ * HF transformers. Spec: docs/FORMATS.md §2. Two families of entry points:
  *  - on a backend (the trainer's path): states whose arrays live in the backend's memory
  *    (qlr_adamw_state_create), stepped by its adamw_step op (qlr_adamw_update), clipped with its
  *    sum_squares / scale_f32 ops (qlr_grad_clip), saved and loaded in the same byte layout;

@@ -1,5 +1,5 @@
 /* quant/nf4.h: the NF4 weight store, byte-compatible with bitsandbytes
- * (../shared/specs/FORMATS.md §1): codes in row-major order, block 64, element 2k in the high
+ * (docs/FORMATS.md §1): codes in row-major order, block 64, element 2k in the high
  * nibble of byte k; absmax per block, double-quantized (uint8 codes over the signed dynamic map,
  * block 256, fp32 second-level absmax, mean offset). This is the CPU-side (host) form; backends
  * copy the same bytes to device memory. */

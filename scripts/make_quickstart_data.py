@@ -7,6 +7,9 @@ city and order number comes out, keys in a fixed order. Exact match on the assis
 metric `qlora eval` reports, so fine-tuning success is a number.
 
 Each line is a chat example: {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}.
+train.jsonl (2000) is what the quickstart recipe trains on (it holds 2% of it out for evaluation);
+val.jsonl (200, never trained on) is for a recipe's `test_datasets` (shown, commented, in the
+recipe; tests/e2e/test_e2e_quickstart.py evaluates on it) and for `qlora eval --data`.
 Deterministic (fixed seed); standard library only. Re-run to regenerate; the files are committed.
 """
 import json

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # scripts/quickstart.sh: set up (scripts/setup.sh), then run the main job on the demo model:
 # inspect the model, print the memory plan of the quickstart recipe, fine-tune it (a few minutes
-# on two CPU cores), export the adapter as GGUF (llama.cpp) and as a PEFT folder (Hugging Face),
-# and evaluate base model vs adapter on the held-out examples (loss and exact match).
+# on two CPU cores; training writes the adapter as a PEFT folder (Hugging Face) and as GGUF
+# (llama.cpp), and the picture of the run, loss.svg), and evaluate base model vs adapter on the
+# held-out examples (loss and exact match). `qlora export` is for converting other adapters.
 # The run goes to outputs/smollm2-quickstart/ (the recipe's output_dir); a previous run there is
 # replaced. Set QLR_EVAL_N to evaluate on fewer examples (default: the whole validation split).
 set -euo pipefail
@@ -24,15 +25,10 @@ echo; echo "== qlora train $RECIPE   (output: $RUN/)"
 rm -rf "$RUN"
 "$BIN" train "$RECIPE" "${SETS[@]}"
 
-echo; echo "== qlora export $RUN --format gguf / --format peft"
-mkdir -p "$RUN/export"
-"$BIN" export "$RUN" --format gguf -o "$RUN/export/smollm2-quickstart-lora.gguf"
-"$BIN" export "$RUN" --format peft -o "$RUN/export/peft"
-
 echo; echo "== qlora eval $RECIPE   (base model vs adapter, held-out examples)"
 EVAL_N=()
 [ -n "${QLR_EVAL_N:-}" ] && EVAL_N=(-n "$QLR_EVAL_N")
 "$BIN" eval "$RECIPE" "${SETS[@]}" "${EVAL_N[@]}"
 echo
 echo "The adapter: $RUN/adapter/ (PEFT) and $RUN/adapter_model.gguf (llama.cpp --lora);"
-echo "training curve: $RUN/metrics.jsonl"
+echo "the run: $RUN/loss.svg (open it in a browser) and $RUN/metrics.jsonl"

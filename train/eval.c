@@ -210,6 +210,8 @@ typedef struct evaluator {
     qlr_tokenizer *tok;
     qlr_chat_template *tmpl;
     qlr_dataset *ds;
+    qlr_data_source *src;       /* the files ds was read from (examples name theirs by index) */
+    uint32_t n_src;
     uint32_t *val;
     size_t n_val;
     qlr_batcher *batcher;
@@ -234,6 +236,7 @@ static void evaluator_free(evaluator *v) {
     qlr_train_ctx_free(v->ctx);
     qlr_batcher_free(v->batcher);
     free(v->val);
+    free(v->src);
     qlr_dataset_free(v->ds);
     qlr_chat_template_free(v->tmpl);
     qlr_tokenizer_free(v->tok);
@@ -241,24 +244,32 @@ static void evaluator_free(evaluator *v) {
     qlr_backend_free(v->be);
 }
 
+/* Where the validation examples come from: --data FILE, else the recipe's test_datasets, else
+ * the val_set_size split of its datasets (the examples training held out). */
+static int eval_on_all(const evaluator *v) { return v->e->data_path || v->e->run->n_test_datasets; }
+
 static qlr_status load_eval_data(evaluator *v) {
     const qlr_train_opts *o = v->e->run;
     qlr_data_source *src;
     uint32_t n_src;
-    QLR_TRY(qlr_train_data_sources(o, v->e->data_path, &src, &n_src));
+    if (v->e->data_path || !o->n_test_datasets) QLR_TRY(qlr_train_data_sources(o, v->e->data_path, &src, &n_src));
+    else QLR_TRY(qlr_train_test_sources(o, &src, &n_src));
+    v->src = src;
+    v->n_src = n_src;
     qlr_data_params dp;
     qlr_train_data_params(o, &dp);
+    dp.progress = v->e->progress;
     qlr_status st = qlr_dataset_load(src, n_src, &dp, v->tok, v->tmpl, &v->ds);
     if (st) goto done;
-    if (v->e->data_path) {
+    if (eval_on_all(v)) {
         v->n_val = qlr_dataset_size(v->ds);
         v->val = malloc(sizeof(uint32_t) * (v->n_val ? v->n_val : 1));
         if (!v->val) { st = qlr_errorf(QLR_ERR_NOMEM, "out of memory"); goto done; }
         for (size_t i = 0; i < v->n_val; i++) v->val[i] = (uint32_t)i;
     } else {
         if (o->val_set_size <= 0) {
-            st = qlr_errorf(QLR_ERR_INVALID, "%s: the recipe has no validation split (val_set_size: 0); set "
-                            "val_set_size or pass --data FILE", o->recipe_path ? o->recipe_path : "recipe");
+            st = qlr_errorf(QLR_ERR_INVALID, "%s: the recipe has no validation data (val_set_size: 0 and no "
+                            "test_datasets); set val_set_size or test_datasets, or pass --data FILE", o->recipe_path ? o->recipe_path : "recipe");
             goto done;
         }
         qlr_data_split sp;
@@ -308,14 +319,16 @@ static qlr_status load_eval_data(evaluator *v) {
     for (uint32_t i = 0; i < n_src; i++) lines_free(&files[i]);
     free(files);
 done:
-    free(src);
     return st;
 }
 
-static qlr_status eval_loss(evaluator *v, qlr_eval_scores *s) {
+static qlr_status eval_loss(evaluator *v, const char *name, qlr_eval_scores *s) {
     qlr_data_cursor c0 = {0, 0};
     QLR_TRY(qlr_batcher_seek(v->batcher, c0));
     uint64_t nb = qlr_batcher_batches_per_epoch(v->batcher);
+    char label[96];
+    snprintf(label, sizeof label, "loss (%s)", name);
+    qlr_progress *bar = v->e->progress ? qlr_progress_begin(label, nb, "batches") : NULL;
     qlr_micro mb;
     memset(&mb, 0, sizeof mb);
     qlr_status st = QLR_OK;
@@ -331,7 +344,11 @@ static qlr_status eval_loss(evaluator *v, qlr_eval_scores *s) {
         if ((st = qlr_train_eval(v->ctx, v->set, &tb, &ls, &nt))) break;
         sum += ls;
         cnt += nt;
+        char extra[64];
+        snprintf(extra, sizeof extra, "loss %.4f", cnt ? sum / (double)cnt : 0.0);
+        qlr_progress_update(bar, i + 1, extra);
     }
+    qlr_progress_end(bar);
     qlr_micro_free(&mb);
     s->loss = cnt ? sum / (double)cnt : NAN;
     s->n_targets = cnt;
@@ -384,8 +401,7 @@ static qlr_status eval_exact(evaluator *v, const char *name, qlr_eval_scores *s,
         if (v->answers) {
             json_t *j = json_object();
             json_object_set_new(j, "model", json_string(name));
-            json_object_set_new(j, "source", json_string(v->e->data_path ? v->e->data_path
-                                                         : v->e->run->datasets[it->source].path));
+            json_object_set_new(j, "source", json_string(v->src[it->source].path));
             json_object_set_new(j, "line", json_integer((json_int_t)it->line));
             json_object_set_new(j, "reference", json_string(it->reference));
             json_object_set_new(j, "answer", json_string(got));
@@ -400,8 +416,7 @@ static qlr_status eval_exact(evaluator *v, const char *name, qlr_eval_scores *s,
                 fprintf(out, "  %s mismatches (first %d):\n", name, v->e->n_show);
             }
             qlr_progress_clear_line();
-            fprintf(out, "  - %s line %llu\n", v->e->data_path ? v->e->data_path : v->e->run->datasets[it->source].path,
-                    (unsigned long long)it->line);
+            fprintf(out, "  - %s line %llu\n", v->src[it->source].path, (unsigned long long)it->line);
             print_clipped(out, "expected: ", it->reference);
             print_clipped(out, "got:      ", got);
             shown++;
@@ -451,7 +466,7 @@ static qlr_status write_answers(const char *path, json_t *arr) {
 static qlr_status eval_model(evaluator *v, const char *name, qlr_eval_scores *s, FILE *out) {
     memset(s, 0, sizeof *s);
     double t0 = qlr_now();
-    QLR_TRY(eval_loss(v, s));
+    QLR_TRY(eval_loss(v, name, s));
     QLR_TRY(eval_exact(v, name, s, out));
     s->seconds = qlr_now() - t0;
     s->done = 1;
@@ -482,8 +497,8 @@ qlr_status qlr_eval_run(const qlr_eval_opts *e, qlr_eval_scores *base_s, qlr_eva
         st = qlr_lora_resolve(want, &adapter_path, &is_gguf);
         if (st && (e->adapter || !e->eval_base)) return st;
         if (st) {
-            fprintf(out, "note: no adapter in %s yet (train first: qlora train %s); evaluating the base model only\n",
-                    want, o->recipe_path ? o->recipe_path : "RECIPE");
+            fprintf(out, "note: no adapter in %s yet (train first: %s train %s); evaluating the base model only\n",
+                    want, e->qlora_cmd ? e->qlora_cmd : "qlora", o->recipe_path ? o->recipe_path : "RECIPE");
             qlr_error_clear();
             st = QLR_OK;
         }
@@ -507,8 +522,13 @@ qlr_status qlr_eval_run(const qlr_eval_opts *e, qlr_eval_scores *base_s, qlr_eva
     int32_t ctx = v->max_need > 16 ? v->max_need : 16;
     if ((st = qlr_kv_cache_create(v->m, 1, ctx, &v->kv))) goto done;
     if ((st = qlr_forward_create(v->m, 256, 1, &v->fw))) goto done;
-    fprintf(out, "eval: %zu validation examples (%s), %zu with an answer to match\n", v->n_val,
-            e->data_path ? e->data_path : "the recipe's val_set_size split", v->n_items);
+    char from[4200];
+    if (e->data_path) snprintf(from, sizeof from, "%s", e->data_path);
+    else if (o->n_test_datasets)
+        snprintf(from, sizeof from, "test_datasets: %s%s", o->test_datasets[0].path,
+                 o->n_test_datasets > 1 ? " and more" : "");
+    else snprintf(from, sizeof from, "the recipe's val_set_size split");
+    fprintf(out, "eval: %zu validation examples (%s), %zu with an answer to match\n", v->n_val, from, v->n_items);
     if (e->answers_path && !(v->answers = json_array())) {
         st = qlr_errorf(QLR_ERR_NOMEM, "out of memory");
         goto done;

@@ -6,9 +6,9 @@
  * end of turn (at most the reference's token count + QLR_EVAL_EXTRA_TOKENS: a longer answer
  * cannot match), and the trimmed text must equal the trimmed reference exactly. Alpaca and
  * input_output data use the untrained parts as the prompt and the trained part as the reference.
- * The validation split is the recipe's (val_set_size, same seed, so the same held-out examples
- * the trainer evaluated on), or all of another JSONL file (data_path) in the first dataset's
- * format. Does not own the forward (model/) or the training loop (train/trainer.h). */
+ * The validation data is the recipe's: every example of its test_datasets files, or else the
+ * val_set_size split (same seed, so the same held-out examples the trainer evaluated on); or all
+ * of another JSONL file (data_path) in the first dataset's format. Does not own the forward (model/) or the training loop (train/trainer.h). */
 #ifndef QLR_TRAIN_EVAL_H
 #define QLR_TRAIN_EVAL_H
 
@@ -25,13 +25,14 @@ typedef struct qlr_eval_opts {
     const char *adapter;        /* adapter path (run dir, PEFT folder, GGUF); NULL = the run's output_dir */
     int eval_base;              /* 1: evaluate the base model */
     int eval_adapter;           /* 1: evaluate the adapter (it must exist when asked for explicitly) */
-    const char *data_path;      /* NULL = the recipe's validation split; else every example of this file */
+    const char *data_path;      /* NULL = the recipe's validation data; else every example of this file */
     int32_t n_examples;         /* > 0: only the first N validation examples (loss and exact match) */
     int32_t n_show;             /* mismatches to print per model (default 3) */
     const char *answers_path;   /* NULL, or a JSONL file written (atomically) with one object per
                                    example and model: model, source, line, reference, answer,
                                    max_tokens (the generation budget), exact */
     int progress;               /* progress bar on stderr */
+    const char *qlora_cmd;      /* how hints name the program ("qlora", "build/bin/qlora"); NULL = "qlora" */
 } qlr_eval_opts;
 
 typedef struct qlr_eval_scores {

@@ -15,6 +15,7 @@
 
 #include "adapters/adapter_dev.h"
 #include "core/file.h"
+#include "core/strbuf.h"
 #include "formats/gguf.h"
 #include "formats/json.h"
 #include "model/backprop.h"
@@ -408,10 +409,8 @@ static uint32_t largest_fitting(qlr_recipe *c, uint32_t *field, uint32_t lo, uin
 
 qlr_status qlr_plan_check(const qlr_plan *p, const qlr_recipe *r, uint64_t budget) {
     if (!budget || p->total <= budget) return QLR_OK;
-    char msg[2048];
-    size_t k = 0;
-    k += (size_t)snprintf(msg + k, sizeof msg - k,
-                          "the plan needs %.2f GiB (%llu bytes) but the budget is %.2f GiB: over by %.2f GiB", gib(p->total),
+    qlr_strbuf msg = {0}; /* grows: the advice has no length to cut it at */
+    qlr_strbuf_printf(&msg, "the plan needs %.2f GiB (%llu bytes) but the budget is %.2f GiB: over by %.2f GiB", gib(p->total),
                           (unsigned long long)p->total, gib(budget), gib(p->total - budget));
     qlr_recipe c = *r; /* shallow: the plan reads only scalars */
     int n_opts = 0;
@@ -423,7 +422,7 @@ qlr_status qlr_plan_check(const qlr_plan *p, const qlr_recipe *r, uint64_t budge
             uint64_t t = total_with(&c, &p->shape);
             c.micro_batch_size = r->micro_batch_size;
             uint64_t rows = (uint64_t)r->micro_batch_size * r->gradient_accumulation_steps;
-            k += (size_t)snprintf(msg + k, sizeof msg - k,
+            qlr_strbuf_printf(&msg,
                                   "%s\n  - micro_batch_size: %u -> %u (saves %.2f GiB; raise gradient_accumulation_steps "
                                   "%u -> %llu to keep %llu rows per step)",
                                   sep, r->micro_batch_size, mb, gib(p->total - t), r->gradient_accumulation_steps,
@@ -432,51 +431,49 @@ qlr_status qlr_plan_check(const qlr_plan *p, const qlr_recipe *r, uint64_t budge
             n_opts++;
         }
     }
-    if (r->sequence_len > 16 && k < sizeof msg) {
+    if (r->sequence_len > 16) {
         uint32_t sl = largest_fitting(&c, &c.sequence_len, 16, r->sequence_len - 1, &p->shape, budget);
         if (sl >= 16) {
             if (sl >= 128) sl = sl / 64 * 64;
             c.sequence_len = sl;
             uint64_t t = total_with(&c, &p->shape);
             c.sequence_len = r->sequence_len;
-            k += (size_t)snprintf(msg + k, sizeof msg - k, "%s\n  - sequence_len: %u -> %u (saves %.2f GiB)", sep,
+            qlr_strbuf_printf(&msg, "%s\n  - sequence_len: %u -> %u (saves %.2f GiB)", sep,
                                   r->sequence_len, sl, gib(p->total - t));
             sep = "";
             n_opts++;
         }
     }
-    if (!r->gradient_checkpointing && k < sizeof msg) {
+    if (!r->gradient_checkpointing) {
         c.gradient_checkpointing = 1;
         uint64_t t = total_with(&c, &p->shape);
         c.gradient_checkpointing = 0;
         if (t <= budget) {
-            k += (size_t)snprintf(msg + k, sizeof msg - k, "%s\n  - gradient_checkpointing: false -> true (saves %.2f GiB)",
+            qlr_strbuf_printf(&msg, "%s\n  - gradient_checkpointing: false -> true (saves %.2f GiB)",
                                   sep, gib(p->total - t));
             sep = "";
             n_opts++;
         }
     }
-    if (r->lora_r > 1 && k < sizeof msg) {
+    if (r->lora_r > 1) {
         uint32_t lr = largest_fitting(&c, &c.lora_r, 1, r->lora_r - 1, &p->shape, budget);
         if (lr) {
             c.lora_r = lr;
             uint64_t t = total_with(&c, &p->shape);
             c.lora_r = r->lora_r;
-            k += (size_t)snprintf(msg + k, sizeof msg - k, "%s\n  - lora_r: %u -> %u (saves %.2f GiB)", sep, r->lora_r,
+            qlr_strbuf_printf(&msg, "%s\n  - lora_r: %u -> %u (saves %.2f GiB)", sep, r->lora_r,
                                   lr, gib(p->total - t));
             sep = "";
             n_opts++;
         }
     }
-    if ((!n_opts || !r->gradient_checkpointing) && k < sizeof msg) {
+    if ((!n_opts || !r->gradient_checkpointing)) {
         /* Several knobs together, greedily: checkpointing, then micro batch, sequence, rank. */
         qlr_recipe g = *r;
-        char parts[512];
-        size_t q = 0;
-        parts[0] = 0;
+        qlr_strbuf parts = {0};
         if (!g.gradient_checkpointing) {
             g.gradient_checkpointing = 1;
-            q += (size_t)snprintf(parts + q, sizeof parts - q, "gradient_checkpointing: true");
+            qlr_strbuf_printf(&parts, "gradient_checkpointing: true");
         }
         struct { const char *name; uint32_t *f; uint32_t lo; } knobs[] = {
             {"micro_batch_size", &g.micro_batch_size, 1}, {"sequence_len", &g.sequence_len, 16}, {"lora_r", &g.lora_r, 1}};
@@ -487,31 +484,33 @@ qlr_status qlr_plan_check(const qlr_plan *p, const qlr_recipe *r, uint64_t budge
             if (!v) v = knobs[i].lo;
             else if (knobs[i].f == &g.sequence_len && v >= 128) v = v / 64 * 64;
             *knobs[i].f = v;
-            q += (size_t)snprintf(parts + q, q < sizeof parts ? sizeof parts - q : 0, "%s%s: %u -> %u", q ? ", " : "",
-                                  knobs[i].name, was, v);
+            qlr_strbuf_printf(&parts, "%s%s: %u -> %u", parts.n ? ", " : "", knobs[i].name, was, v);
         }
         uint64_t t = total_with(&g, &p->shape);
-        if (t <= budget && q && q < sizeof parts) {
-            k += (size_t)snprintf(msg + k, sizeof msg - k, "%s\n  - together: %s (%.2f GiB)",
-                                  n_opts ? "" : "; change several together:", parts, gib(t));
+        if (t <= budget && parts.n && !parts.oom) {
+            qlr_strbuf_printf(&msg, "%s\n  - together: %s (%.2f GiB)",
+                                  n_opts ? "" : "; change several together:", parts.p, gib(t));
             n_opts++;
         }
+        qlr_strbuf_free(&parts);
     }
-    if (!n_opts && k < sizeof msg) {
+    if (!n_opts) {
         /* Nothing alone is enough: say what the smallest run needs. */
         c.micro_batch_size = 1;
         c.sequence_len = 16;
         c.gradient_checkpointing = 1;
         c.lora_r = 1;
         uint64_t t = total_with(&c, &p->shape);
-        snprintf(msg + k, sizeof msg - k,
+        qlr_strbuf_printf(&msg,
                  "; no single change of micro_batch_size, sequence_len, gradient_checkpointing or lora_r fits: even "
                  "micro_batch_size 1, sequence_len 16, lora_r 1 with checkpointing needs %.2f GiB (weights alone: "
                  "%.2f GiB); reduce several together, use a larger --vram or a smaller model",
                  gib(t), gib(p->comp_bytes[QLR_PLAN_BASE_NF4] + p->comp_bytes[QLR_PLAN_EMBEDDINGS] +
                              p->comp_bytes[QLR_PLAN_LM_HEAD]));
     }
-    return qlr_errorf(QLR_ERR_RANGE, "%s", msg);
+    qlr_status st = qlr_errorf(QLR_ERR_RANGE, "%s", msg.oom || !msg.p ? "the plan does not fit the budget" : msg.p);
+    qlr_strbuf_free(&msg);
+    return st;
 }
 
 /* ------------------------------------------------------------------ output */
@@ -527,18 +526,17 @@ void qlr_plan_print(const qlr_plan *p, const qlr_recipe *r, uint64_t budget, int
             s->vocab, s->tied ? "tied" : "untied");
     if (s->source == QLR_SHAPE_PRESET)
         fprintf(f, "note: %s is not on disk; shapes come from the built-in %s preset\n", r->base_model, s->name);
-    char targets[128];
-    size_t k = 0;
-    targets[0] = 0;
+    qlr_strbuf tb = {0};
     for (int i = 0; i < QLR_LORA_N_MODULES; i++)
-        if (p->lora_targets & (1u << i))
-            k += (size_t)snprintf(targets + k, sizeof targets - k, "%s%s", k ? "," : "", qlr_lora_module_name(i));
+        if (p->lora_targets & (1u << i)) qlr_strbuf_printf(&tb, "%s%s", tb.n ? "," : "", qlr_lora_module_name(i));
+    const char *targets = tb.p && !tb.oom ? tb.p : "?";
     fprintf(f, "run: device %s, micro_batch_size %u x sequence_len %u = %llu tokens, gradient_checkpointing %s, "
                "%s compute, optimizer %s\n",
             p->cuda ? "cuda" : "cpu (host memory)", r->micro_batch_size, r->sequence_len, (unsigned long long)p->tokens,
             r->gradient_checkpointing ? "on" : "off", p->act_bytes == 2 ? "bf16" : "fp32", qlr_optimizer_name(r->optimizer));
     fprintf(f, "lora: r %u on %s: %llu trainable params (base linears: %llu params in NF4)\n\n", p->lora_r, targets,
             (unsigned long long)p->lora_params, (unsigned long long)p->base_params);
+    qlr_strbuf_free(&tb);
     fprintf(f, "%-28s %16s %12s\n", "component", "bytes", "MiB");
     for (int c = 0; c < QLR_PLAN_N_COMPONENTS; c++) {
         if (!p->comp_bytes[c] && c != QLR_PLAN_LM_HEAD) continue;

@@ -36,6 +36,7 @@ static const char *const g_device_names[] = {"auto", "cpu", "cuda", NULL};
 static const char *const g_bf16_names[] = {"auto", "true", "false", NULL};
 static const char *const g_template_names[] = {"tokenizer_default", "chatml", "llama3", "llama2", "mistral", NULL};
 static const char *const g_adapter_names[] = {"qlora", NULL};
+static const char *const g_report_names[] = {"none", "tensorboard", NULL};
 
 const char *qlr_lora_module_name(int bit) { return bit >= 0 && bit < QLR_LORA_N_MODULES ? g_module_names[bit] : NULL; }
 const char *qlr_dataset_type_name(qlr_dataset_type t) {
@@ -80,11 +81,12 @@ static const key_def g_keys[] = {
     {"adapter", K_ADAPTER, NOF, 0, 0, 0, 0, g_adapter_names, "always qlora: NF4 base + LoRA"},
     {"chat_template", K_ENUM, F(chat_template), 0, 0, 0, 0, g_template_names, "tokenizer_default uses the model's own"},
     {"datasets", K_DATASETS, NOF, 0, 0, 0, 0, NULL, "training data, JSONL"},
+    {"test_datasets", K_DATASETS, NOF, 0, 0, 0, 0, NULL, "validation data, JSONL (then val_set_size: 0)"},
     {"sequence_len", K_U32, F(sequence_len), 16, 131072, 0, 0, NULL, "tokens per row"},
     {"sample_packing", K_BOOL, F(sample_packing), 0, 0, 0, 0, NULL, "pack several samples per row"},
     {"truncation", K_ENUM, F(truncation), 0, 0, 0, 0, g_trunc_names, "samples longer than sequence_len"},
     {"train_on_inputs", K_BOOL, F(train_on_inputs), 0, 0, 0, 0, NULL, "false: loss on outputs only"},
-    {"val_set_size", K_F64, F(val_set_size), 0, 0.5, 0, 0, NULL, "fraction held out for eval"},
+    {"val_set_size", K_F64, F(val_set_size), 0, 0.5, 0, 0, NULL, "fraction held out for eval (or test_datasets)"},
     {"micro_batch_size", K_U32, F(micro_batch_size), 1, 4096, 0, 0, NULL, "rows per forward pass"},
     {"gradient_accumulation_steps", K_U32, F(gradient_accumulation_steps), 1, 65536, 0, 0, NULL,
      "micro batches per optimizer step"},
@@ -111,6 +113,7 @@ static const key_def g_keys[] = {
     {"save_steps", K_U64, F(save_steps), 0, 1e12, 0, 0, NULL, "0 = checkpoint at the end"},
     {"save_total_limit", K_U32, F(save_total_limit), 0, 1000000, 0, 0, NULL, "0 = keep all checkpoints"},
     {"logging_steps", K_U64, F(logging_steps), 1, 1e12, 0, 0, NULL, "steps between log lines"},
+    {"report_to", K_ENUM, F(report_to), 0, 0, 0, 0, g_report_names, "tensorboard: event files in output_dir/runs"},
     {"output_dir", K_STR, F(output_dir), 0, 0, 0, 0, NULL, "checkpoints, metrics, adapter"},
     {"seed", K_U64, F(seed), 0, 4294967295.0, 0, 0, NULL, "RNG seed (init, dropout, shuffle)"},
     {"gradient_checkpointing", K_BOOL, F(gradient_checkpointing), 0, 0, 0, 0, NULL, "recompute layers in backward"},
@@ -258,10 +261,22 @@ typedef struct pctx {
     const char *name;      /* recipe file name for messages */
     const char *set_arg;   /* non-NULL while applying one --set */
     char loc[N_KEYS][LOC_MAX];               /* where each key was set ("" = not set) */
-    char ds_loc[QLR_RECIPE_MAX_DATASETS][N_DS_KEYS][LOC_MAX];
-    char ds_list_loc[LOC_MAX];
-    char ds_item_loc[QLR_RECIPE_MAX_DATASETS][LOC_MAX]; /* where each dataset map starts */
+    /* per dataset list (DS_TRAIN, DS_TEST): */
+    char ds_loc[2][QLR_RECIPE_MAX_DATASETS][N_DS_KEYS][LOC_MAX];
+    char ds_list_loc[2][LOC_MAX];
+    char ds_item_loc[2][QLR_RECIPE_MAX_DATASETS][LOC_MAX]; /* where each dataset map starts */
 } pctx;
+
+/* The two dataset lists: `datasets` (training) and `test_datasets` (validation). */
+enum { DS_TRAIN = 0, DS_TEST = 1 };
+static const char *const g_ds_list_keys[2] = {"datasets", "test_datasets"};
+static qlr_recipe_dataset **ds_items(qlr_recipe *r, int list) { return list == DS_TEST ? &r->test_datasets : &r->datasets; }
+static uint32_t *ds_count(qlr_recipe *r, int list) { return list == DS_TEST ? &r->n_test_datasets : &r->n_datasets; }
+static const qlr_recipe_dataset *ds_items_c(const qlr_recipe *r, int list, uint32_t *n) {
+    *n = list == DS_TEST ? r->n_test_datasets : r->n_datasets;
+    return list == DS_TEST ? r->test_datasets : r->datasets;
+}
+static int ds_list_of(const key_def *k) { return strcmp(k->name, "test_datasets") ? DS_TRAIN : DS_TEST; }
 
 static void where(const pctx *c, const qlr_yaml_node *n, char *buf) {
     if (c->set_arg) snprintf(buf, LOC_MAX, "--set %.140s", c->set_arg);
@@ -482,7 +497,14 @@ void qlr_recipe_free(qlr_recipe *r) {
     free(r->chat_template);
     for (uint32_t i = 0; i < r->n_datasets; i++) dataset_free(&r->datasets[i]);
     free(r->datasets);
+    for (uint32_t i = 0; i < r->n_test_datasets; i++) dataset_free(&r->test_datasets[i]);
+    free(r->test_datasets);
     free(r->output_dir);
+    for (uint32_t i = 0; i < r->n_locs; i++) {
+        free(r->locs[i].key);
+        free(r->locs[i].where);
+    }
+    free(r->locs);
     memset(r, 0, sizeof *r);
 }
 
@@ -524,6 +546,7 @@ qlr_status qlr_recipe_defaults(qlr_recipe *r) {
     r->save_steps = 0;
     r->save_total_limit = 0;
     r->logging_steps = 1;
+    r->report_to = QLR_REPORT_NONE;
     r->seed = 42;
     r->gradient_checkpointing = 1;
     r->bf16 = QLR_BF16_AUTO;
@@ -538,8 +561,9 @@ static qlr_status reset_key(qlr_recipe *r, const key_def *k) {
     QLR_TRY(qlr_recipe_defaults(&d));
     qlr_status st = QLR_OK;
     if (k->kind == K_DATASETS) {
-        for (uint32_t i = 0; i < r->n_datasets; i++) dataset_free(&r->datasets[i]);
-        r->n_datasets = 0;
+        int list = ds_list_of(k);
+        for (uint32_t i = 0; i < *ds_count(r, list); i++) dataset_free(&(*ds_items(r, list))[i]);
+        *ds_count(r, list) = 0;
     } else if (k->kind == K_STR || (k->kind == K_ENUM && k->names == g_template_names)) {
         char **dst = (char **)((char *)r + k->off), *src = *(char **)((char *)&d + k->off);
         free(*dst);
@@ -555,83 +579,87 @@ static qlr_status reset_key(qlr_recipe *r, const key_def *k) {
 
 /* ------------------------------------------------------------------ datasets */
 
-static void ds_key_name(char *buf, size_t cap, uint32_t i, const char *key) {
-    snprintf(buf, cap, "datasets.%u.%s", i, key);
+static void ds_key_name(char *buf, size_t cap, int list, uint32_t i, const char *key) {
+    snprintf(buf, cap, "%s.%u.%s", g_ds_list_keys[list], i, key);
 }
 
-static qlr_status parse_ds_key(pctx *c, qlr_recipe *r, uint32_t i, const qlr_yaml_node *knode, const char *key,
-                               const qlr_yaml_node *v) {
+static qlr_status parse_ds_key(pctx *c, qlr_recipe *r, int list, uint32_t i, const qlr_yaml_node *knode,
+                               const char *key, const qlr_yaml_node *v) {
     char name[96];
-    ds_key_name(name, sizeof name, i, key);
+    ds_key_name(name, sizeof name, list, i, key);
     for (int j = 0; j < N_DS_KEYS; j++) {
         const ds_key_def *dk = &g_ds_keys[j];
         if (strcmp(dk->name, key)) continue;
-        void *field = (char *)&r->datasets[i] + dk->off;
+        void *field = (char *)&(*ds_items(r, list))[i] + dk->off;
         if (qlr_yaml_is_null(v)) {
             if (dk->kind == K_STR) {
                 free(*(char **)field);
                 *(char **)field = NULL;
             } else *(int *)field = dk->names == g_ds_type_names ? QLR_DATASET_TYPE_COUNT : 0;
-            c->ds_loc[i][j][0] = 0;
+            c->ds_loc[list][i][j][0] = 0;
             return QLR_OK;
         }
         key_def kd = {dk->name, dk->kind, 0, 0, 0, 0, 0, dk->names, NULL};
         QLR_TRY(parse_value(c, v, name, dk->kind, field, &kd, dk->names));
-        where(c, v, c->ds_loc[i][j]);
+        where(c, v, c->ds_loc[list][i][j]);
         return QLR_OK;
     }
     const char *sug = closest(key, &g_ds_keys[0].name, N_DS_KEYS, sizeof(ds_key_def));
-    char list[300];
+    char known[300];
     size_t k = 0;
-    for (int j = 0; j < N_DS_KEYS && k < sizeof list; j++)
-        k += (size_t)snprintf(list + k, sizeof list - k, "%s%s", j ? ", " : "", g_ds_keys[j].name);
+    for (int j = 0; j < N_DS_KEYS && k < sizeof known; j++)
+        k += (size_t)snprintf(known + k, sizeof known - k, "%s%s", j ? ", " : "", g_ds_keys[j].name);
     if (sug) return key_err(c, knode, name, "unknown dataset key; did you mean \"%s\"?", sug);
-    return key_err(c, knode, name, "unknown dataset key (known: %s)", list);
+    return key_err(c, knode, name, "unknown dataset key (known: %s)", known);
 }
 
-static qlr_status ensure_dataset(pctx *c, qlr_recipe *r, uint32_t i, const qlr_yaml_node *n, const char *key) {
-    if (i < r->n_datasets) return QLR_OK;
-    if (i > r->n_datasets || i >= QLR_RECIPE_MAX_DATASETS)
-        return key_err(c, n, key, "there are %u datasets; the next one to add is datasets.%u (at most %d)",
-                       r->n_datasets, r->n_datasets, QLR_RECIPE_MAX_DATASETS);
-    qlr_recipe_dataset *d = realloc(r->datasets, (size_t)(i + 1) * sizeof *d);
+static qlr_status ensure_dataset(pctx *c, qlr_recipe *r, int list, uint32_t i, const qlr_yaml_node *n,
+                                 const char *key) {
+    uint32_t *cnt = ds_count(r, list);
+    if (i < *cnt) return QLR_OK;
+    if (i > *cnt || i >= QLR_RECIPE_MAX_DATASETS)
+        return key_err(c, n, key, "there are %u %s; the next one to add is %s.%u (at most %d)", *cnt,
+                       g_ds_list_keys[list], g_ds_list_keys[list], *cnt, QLR_RECIPE_MAX_DATASETS);
+    qlr_recipe_dataset *d = realloc(*ds_items(r, list), (size_t)(i + 1) * sizeof *d);
     if (!d) return qlr_errorf(QLR_ERR_NOMEM, "out of memory");
-    r->datasets = d;
+    *ds_items(r, list) = d;
     memset(&d[i], 0, sizeof d[i]);
     d[i].type = QLR_DATASET_TYPE_COUNT; /* "not given" until validated */
-    memset(c->ds_loc[i], 0, sizeof c->ds_loc[i]);
-    where(c, n, c->ds_item_loc[i]);
-    r->n_datasets = i + 1;
+    memset(c->ds_loc[list][i], 0, sizeof c->ds_loc[list][i]);
+    where(c, n, c->ds_item_loc[list][i]);
+    *cnt = i + 1;
     return QLR_OK;
 }
 
-static qlr_status parse_dataset_map(pctx *c, qlr_recipe *r, uint32_t i, const qlr_yaml_node *m) {
+static qlr_status parse_dataset_map(pctx *c, qlr_recipe *r, int list, uint32_t i, const qlr_yaml_node *m) {
     char name[64];
-    snprintf(name, sizeof name, "datasets.%u", i);
+    snprintf(name, sizeof name, "%s.%u", g_ds_list_keys[list], i);
     if (m->kind != QLR_YAML_MAP) {
         char g[96];
         got(m, g, sizeof g);
         return key_err(c, m, name, "must be a map such as {path: data/train.jsonl, type: alpaca}, %s", g);
     }
-    for (size_t j = 0; j < m->n; j++) QLR_TRY(parse_ds_key(c, r, i, m->keys[j], m->keys[j]->text, m->items[j]));
+    for (size_t j = 0; j < m->n; j++)
+        QLR_TRY(parse_ds_key(c, r, list, i, m->keys[j], m->keys[j]->text, m->items[j]));
     return QLR_OK;
 }
 
-static qlr_status parse_datasets(pctx *c, qlr_recipe *r, const qlr_yaml_node *n) {
+static qlr_status parse_datasets(pctx *c, qlr_recipe *r, int list, const qlr_yaml_node *n) {
+    const char *key = g_ds_list_keys[list];
     if (n->kind != QLR_YAML_SEQ) {
         char g[96];
         got(n, g, sizeof g);
-        return key_err(c, n, "datasets", "must be a list of {path, type, ...} maps, %s", g);
+        return key_err(c, n, key, "must be a list of {path, type, ...} maps, %s", g);
     }
     if (n->n > QLR_RECIPE_MAX_DATASETS)
-        return key_err(c, n, "datasets", "at most %d datasets, got %zu", QLR_RECIPE_MAX_DATASETS, n->n);
-    for (uint32_t i = 0; i < r->n_datasets; i++) dataset_free(&r->datasets[i]);
-    r->n_datasets = 0;
+        return key_err(c, n, key, "at most %d datasets, got %zu", QLR_RECIPE_MAX_DATASETS, n->n);
+    for (uint32_t i = 0; i < *ds_count(r, list); i++) dataset_free(&(*ds_items(r, list))[i]);
+    *ds_count(r, list) = 0;
     for (uint32_t i = 0; i < n->n; i++) {
-        QLR_TRY(ensure_dataset(c, r, i, n->items[i], "datasets"));
-        QLR_TRY(parse_dataset_map(c, r, i, n->items[i]));
+        QLR_TRY(ensure_dataset(c, r, list, i, n->items[i], key));
+        QLR_TRY(parse_dataset_map(c, r, list, i, n->items[i]));
     }
-    where(c, n, c->ds_list_loc);
+    where(c, n, c->ds_list_loc[list]);
     return QLR_OK;
 }
 
@@ -658,7 +686,7 @@ static qlr_status apply_key(pctx *c, qlr_recipe *r, const key_def *k, const qlr_
         c->loc[idx][0] = 0;
         return reset_key(r, k);
     }
-    if (k->kind == K_DATASETS) QLR_TRY(parse_datasets(c, r, v));
+    if (k->kind == K_DATASETS) QLR_TRY(parse_datasets(c, r, ds_list_of(k), v));
     else if (k->kind == K_ENUM && k->names == g_template_names)
         QLR_TRY(parse_value(c, v, k->name, K_STR, (char *)r + k->off, k, k->names));
     else QLR_TRY(parse_value(c, v, k->name, k->kind, k->kind == K_ADAPTER ? NULL : (char *)r + k->off, k, k->names));
@@ -701,22 +729,25 @@ static qlr_status apply_set(pctx *c, qlr_recipe *r, const char *arg) {
     if (st != QLR_OK) return st;
     static const qlr_yaml_node empty = {QLR_YAML_SCALAR, 1, 1, (char *)"", 0, 0, 0, NULL, NULL};
     const qlr_yaml_node *v = doc->root ? doc->root : &empty;
-    if (!strncmp(key, "datasets.", 9)) {
+    int list = !strncmp(key, "datasets.", 9) ? DS_TRAIN : !strncmp(key, "test_datasets.", 14) ? DS_TEST : -1;
+    if (list >= 0) {
+        const char *lk = g_ds_list_keys[list];
         char *end;
-        const char *p = key + 9;
+        const char *p = key + strlen(lk) + 1;
         unsigned long i = isdigit((unsigned char)*p) ? strtoul(p, &end, 10) : ULONG_MAX;
         if (i == ULONG_MAX || (*end != '.' && *end != 0)) {
-            st = qlr_errorf(QLR_ERR_INVALID, "--set %s: %s: expected datasets.N or datasets.N.key (N from 0)", arg, key);
+            st = qlr_errorf(QLR_ERR_INVALID, "--set %s: %s: expected %s.N or %s.N.key (N from 0)", arg, key, lk, lk);
         } else if (i >= QLR_RECIPE_MAX_DATASETS) {
             st = key_err(c, v, key, "at most %d datasets", QLR_RECIPE_MAX_DATASETS);
-        } else if ((st = ensure_dataset(c, r, (uint32_t)i, v, key)) == QLR_OK) {
+        } else if ((st = ensure_dataset(c, r, list, (uint32_t)i, v, key)) == QLR_OK) {
+            qlr_recipe_dataset *d = &(*ds_items(r, list))[i];
             if (*end == 0) {
-                dataset_free(&r->datasets[i]);
-                r->datasets[i].type = QLR_DATASET_TYPE_COUNT;
-                memset(c->ds_loc[i], 0, sizeof c->ds_loc[i]);
-                st = parse_dataset_map(c, r, (uint32_t)i, v);
+                dataset_free(d);
+                d->type = QLR_DATASET_TYPE_COUNT;
+                memset(c->ds_loc[list][i], 0, sizeof c->ds_loc[list][i]);
+                st = parse_dataset_map(c, r, list, (uint32_t)i, v);
             } else {
-                st = parse_ds_key(c, r, (uint32_t)i, v, end + 1, v);
+                st = parse_ds_key(c, r, list, (uint32_t)i, v, end + 1, v);
             }
         }
     } else {
@@ -741,39 +772,34 @@ static qlr_status exclusive(const pctx *c, const char *a, int a_on, const char *
                       loc_of(c, b), b, a, loc_of(c, a), why);
 }
 
-static qlr_status validate(pctx *c, qlr_recipe *r) {
-    if (!r->base_model)
-        return qlr_errorf(QLR_ERR_INVALID, "%s: base_model: required (a GGUF file, a Hugging Face folder or a known name "
-                          "such as meta-llama/Llama-3.1-8B)", c->name);
-    if (r->n_datasets == 0)
-        return qlr_errorf(QLR_ERR_INVALID, "%s: datasets: required (a list such as [{path: data/train.jsonl, type: alpaca}])",
-                          c->ds_list_loc[0] ? c->ds_list_loc : c->name);
-    for (uint32_t i = 0; i < r->n_datasets; i++) {
-        qlr_recipe_dataset *d = &r->datasets[i];
-        char name[64], loc[LOC_MAX];
-        snprintf(loc, sizeof loc, "%s", c->ds_item_loc[i][0] ? c->ds_item_loc[i] : c->name);
+/* Each dataset of one list: path and type given, keys that fit its type, per-type defaults. */
+static qlr_status validate_datasets(pctx *c, qlr_recipe *r, int list) {
+    for (uint32_t i = 0; i < *ds_count(r, list); i++) {
+        qlr_recipe_dataset *d = &(*ds_items(r, list))[i];
+        char name[80], loc[LOC_MAX];
+        snprintf(loc, sizeof loc, "%s", c->ds_item_loc[list][i][0] ? c->ds_item_loc[list][i] : c->name);
         if (!d->path) {
-            snprintf(name, sizeof name, "datasets.%u.path", i);
+            ds_key_name(name, sizeof name, list, i, "path");
             return qlr_errorf(QLR_ERR_INVALID, "%s: %s: required (a JSONL file or a folder)", loc, name);
         }
         if (d->type == QLR_DATASET_TYPE_COUNT) {
-            char list[200];
-            enum_list(g_ds_type_names, list, sizeof list);
-            snprintf(name, sizeof name, "datasets.%u.type", i);
-            return qlr_errorf(QLR_ERR_INVALID, "%s: %s: required (one of %s)", loc, name, list);
+            char types[200];
+            enum_list(g_ds_type_names, types, sizeof types);
+            ds_key_name(name, sizeof name, list, i, "type");
+            return qlr_errorf(QLR_ERR_INVALID, "%s: %s: required (one of %s)", loc, name, types);
         }
         for (int j = 0; j < N_DS_KEYS; j++) {
             const ds_key_def *dk = &g_ds_keys[j];
-            if (!c->ds_loc[i][j][0] || (dk->types & (1u << d->type))) continue;
+            if (!c->ds_loc[list][i][j][0] || (dk->types & (1u << d->type))) continue;
             char types[128];
             size_t k = 0;
             types[0] = 0;
             for (int t = 0; t < QLR_DATASET_TYPE_COUNT; t++)
                 if (dk->types & (1u << t))
                     k += (size_t)snprintf(types + k, sizeof types - k, "%s%s", k ? " or " : "", g_ds_type_names[t]);
-            snprintf(name, sizeof name, "datasets.%u.%s", i, dk->name);
-            return qlr_errorf(QLR_ERR_INVALID, "%s: %s: only applies to type %s (this dataset is %s)", c->ds_loc[i][j],
-                              name, types, g_ds_type_names[d->type]);
+            ds_key_name(name, sizeof name, list, i, dk->name);
+            return qlr_errorf(QLR_ERR_INVALID, "%s: %s: only applies to type %s (this dataset is %s)",
+                              c->ds_loc[list][i][j], name, types, g_ds_type_names[d->type]);
         }
         /* per-type defaults; keys that do not apply stay NULL */
         const char *def[4] = {NULL, NULL, NULL, NULL};
@@ -783,8 +809,25 @@ static qlr_status validate(pctx *c, qlr_recipe *r) {
         char **f[4] = {&d->field, &d->field_messages, &d->message_field_role, &d->message_field_content};
         for (int j = 0; j < 4; j++)
             if (def[j] && !*f[j]) QLR_TRY(set_str(f[j], def[j]));
-        if (!d->split) QLR_TRY(set_str(&d->split, "train"));
+        if (!d->split) QLR_TRY(set_str(&d->split, list == DS_TEST ? "test" : "train"));
     }
+    return QLR_OK;
+}
+
+static qlr_status validate(pctx *c, qlr_recipe *r) {
+    if (!r->base_model)
+        return qlr_errorf(QLR_ERR_INVALID, "%s: base_model: required (a GGUF file, a Hugging Face folder or a known name "
+                          "such as meta-llama/Llama-3.1-8B)", c->name);
+    if (r->n_datasets == 0)
+        return qlr_errorf(QLR_ERR_INVALID, "%s: datasets: required (a list such as [{path: data/train.jsonl, type: alpaca}])",
+                          c->ds_list_loc[DS_TRAIN][0] ? c->ds_list_loc[DS_TRAIN] : c->name);
+    for (int list = DS_TRAIN; list <= DS_TEST; list++)
+        QLR_TRY(validate_datasets(c, r, list));
+    if (r->n_test_datasets && r->val_set_size > 0)
+        return qlr_errorf(QLR_ERR_INVALID, "%s: val_set_size: must be 0 when test_datasets (set at %s) names the "
+                          "validation files: the validation data is either those files or a fraction held out of "
+                          "datasets; set val_set_size: 0 or remove test_datasets",
+                          loc_of(c, "val_set_size")[0] ? loc_of(c, "val_set_size") : c->name, c->ds_list_loc[DS_TEST]);
     QLR_TRY(exclusive(c, "num_epochs", c->loc[find_key("num_epochs") - g_keys][0] && r->num_epochs > 0, "max_steps",
                       r->max_steps > 0,
                       "max_steps stops after N optimizer steps, num_epochs after N passes over the data"));
@@ -806,6 +849,42 @@ static qlr_status validate(pctx *c, qlr_recipe *r) {
     return QLR_OK;
 }
 
+/* ------------------------------------------------------------------ where keys were set */
+
+static qlr_status add_loc(qlr_recipe *r, const char *key, const char *where_text) {
+    if (!where_text[0]) return QLR_OK;
+    qlr_recipe_loc *l = realloc(r->locs, (r->n_locs + 1) * sizeof *l);
+    if (!l) return qlr_errorf(QLR_ERR_NOMEM, "out of memory");
+    r->locs = l;
+    l[r->n_locs].key = strdup(key);
+    l[r->n_locs].where = strdup(where_text);
+    r->n_locs++;
+    if (!l[r->n_locs - 1].key || !l[r->n_locs - 1].where) return qlr_errorf(QLR_ERR_NOMEM, "out of memory");
+    return QLR_OK;
+}
+
+/* Keeps the parse context's locations in the recipe (qlr_recipe_where). */
+static qlr_status keep_locs(const pctx *c, qlr_recipe *r) {
+    for (int i = 0; i < N_KEYS; i++) QLR_TRY(add_loc(r, g_keys[i].name, c->loc[i]));
+    for (int list = DS_TRAIN; list <= DS_TEST; list++)
+        for (uint32_t i = 0; i < *ds_count(r, list); i++) {
+            char name[96];
+            snprintf(name, sizeof name, "%s.%u", g_ds_list_keys[list], i);
+            QLR_TRY(add_loc(r, name, c->ds_item_loc[list][i]));
+            for (int j = 0; j < N_DS_KEYS; j++) {
+                ds_key_name(name, sizeof name, list, i, g_ds_keys[j].name);
+                QLR_TRY(add_loc(r, name, c->ds_loc[list][i][j]));
+            }
+        }
+    return QLR_OK;
+}
+
+const char *qlr_recipe_where(const qlr_recipe *r, const char *key) {
+    for (uint32_t i = r->n_locs; i-- > 0;)
+        if (!strcmp(r->locs[i].key, key)) return r->locs[i].where;
+    return r->source ? r->source : "<recipe>";
+}
+
 /* ------------------------------------------------------------------ entry points */
 
 qlr_status qlr_recipe_parse(const char *text, size_t len, const char *name, const char *base_dir,
@@ -823,7 +902,8 @@ qlr_status qlr_recipe_parse(const char *text, size_t len, const char *name, cons
     if ((st = parse_root(c, r, doc)) != QLR_OK) goto done;
     for (int i = 0; i < n_sets; i++)
         if ((st = apply_set(c, r, sets[i])) != QLR_OK) goto done;
-    st = validate(c, r);
+    if ((st = validate(c, r)) != QLR_OK) goto done;
+    st = keep_locs(c, r);
 done:
     qlr_yaml_free(doc);
     free(c);
@@ -847,11 +927,12 @@ qlr_status qlr_recipe_load(const char *path, const char *const *sets, int n_sets
 }
 
 qlr_status qlr_recipe_resolve(const qlr_recipe *r, const char *path, char *out, size_t cap) {
+    char joined[8192];
     int n;
-    if (path[0] == '/' || !r->base_dir || !strcmp(r->base_dir, ".")) n = snprintf(out, cap, "%s", path);
-    else n = snprintf(out, cap, "%s/%s", r->base_dir, path);
-    if (n < 0 || (size_t)n >= cap) return qlr_errorf(QLR_ERR_RANGE, "path too long: %s", path);
-    return QLR_OK;
+    if (path[0] == '/' || !r->base_dir || !strcmp(r->base_dir, ".")) n = snprintf(joined, sizeof joined, "%s", path);
+    else n = snprintf(joined, sizeof joined, "%s/%s", r->base_dir, path);
+    if (n < 0 || (size_t)n >= sizeof joined) return qlr_errorf(QLR_ERR_RANGE, "path too long: %s", path);
+    return qlr_path_normalize(joined, out, cap); /* recipes/../outputs/run -> outputs/run */
 }
 
 /* ------------------------------------------------------------------ equality and output */
@@ -872,10 +953,12 @@ int qlr_recipe_equal(const qlr_recipe *a, const qlr_recipe *b) {
         case K_U64: case K_SIZE: if (*(const uint64_t *)pa != *(const uint64_t *)pb) return 0; break;
         case K_F64: if (*(const double *)pa != *(const double *)pb) return 0; break;
         case K_BOOL: case K_BF16: if (*(const int *)pa != *(const int *)pb) return 0; break;
-        case K_DATASETS:
-            if (a->n_datasets != b->n_datasets) return 0;
-            for (uint32_t d = 0; d < a->n_datasets; d++) {
-                const qlr_recipe_dataset *x = &a->datasets[d], *y = &b->datasets[d];
+        case K_DATASETS: {
+            uint32_t na, nb;
+            const qlr_recipe_dataset *da = ds_items_c(a, ds_list_of(k), &na), *db = ds_items_c(b, ds_list_of(k), &nb);
+            if (na != nb) return 0;
+            for (uint32_t d = 0; d < na; d++) {
+                const qlr_recipe_dataset *x = &da[d], *y = &db[d];
                 if (!str_eq(x->path, y->path) || x->type != y->type || !str_eq(x->split, y->split) ||
                     !str_eq(x->field, y->field) || !str_eq(x->field_messages, y->field_messages) ||
                     !str_eq(x->message_field_role, y->message_field_role) ||
@@ -883,6 +966,7 @@ int qlr_recipe_equal(const qlr_recipe *a, const qlr_recipe *b) {
                     return 0;
             }
             break;
+        }
         case K_ADAPTER: break;
         }
     }
@@ -944,11 +1028,14 @@ static void emit(qlr_strbuf *s, const qlr_recipe *r, int absolute, int comments)
             qlr_strbuf_printf(s, "]");
             break;
         }
-        case K_DATASETS:
+        case K_DATASETS: {
+            uint32_t nd;
+            const qlr_recipe_dataset *list = ds_items_c(r, ds_list_of(k), &nd);
+            if (!nd) qlr_strbuf_printf(s, "[]"); /* test_datasets when not given */
             if (comments) qlr_strbuf_printf(s, "  # %s\n", k->help);
             else qlr_strbuf_printf(s, "\n");
-            for (uint32_t d = 0; d < r->n_datasets; d++) {
-                const qlr_recipe_dataset *ds = &r->datasets[d];
+            for (uint32_t d = 0; d < nd; d++) {
+                const qlr_recipe_dataset *ds = &list[d];
                 qlr_strbuf_printf(s, "  - path: ");
                 sb_path(s, r, ds->path, absolute, 0);
                 qlr_strbuf_printf(s, "\n    type: %s\n", g_ds_type_names[ds->type]);
@@ -964,6 +1051,7 @@ static void emit(qlr_strbuf *s, const qlr_recipe *r, int absolute, int comments)
                 qlr_strbuf_printf(s, "    on_bad_line: %s\n", g_bad_line_names[ds->on_bad_line]);
             }
             continue;
+        }
         }
         if (comments) {
             size_t w = s->n - start;

@@ -52,6 +52,11 @@ typedef enum qlr_recipe_device {
     QLR_RECIPE_DEVICE_CUDA,
 } qlr_recipe_device;
 
+typedef enum qlr_report_to {
+    QLR_REPORT_NONE = 0,        /* metrics.jsonl and loss.svg only */
+    QLR_REPORT_TENSORBOARD,     /* also TensorBoard event files in output_dir/runs (formats/tfevents.h) */
+} qlr_report_to;
+
 typedef enum qlr_bf16_mode {
     QLR_BF16_AUTO = 0,          /* bf16 compute where the device supports it (sm80+, cpu reference: fp32) */
     QLR_BF16_ON,                /* required; an error on a device without bf16 */
@@ -86,10 +91,18 @@ typedef struct qlr_recipe_dataset {
     qlr_on_bad_line on_bad_line;/* default error */
 } qlr_recipe_dataset;
 
+/* Where a key was given: "file:line:column" or "--set key=value". */
+typedef struct qlr_recipe_loc {
+    char *key;                  /* "lora_r", "datasets.0.path", "test_datasets.1" (a list item) */
+    char *where;
+} qlr_recipe_loc;
+
 typedef struct qlr_recipe {
     /* where the recipe came from (not YAML keys) */
     char *source;               /* file path as given, or "<string>"; used in messages */
     char *base_dir;             /* folder relative paths resolve against (the recipe's folder; "." for strings) */
+    qlr_recipe_loc *locs;       /* every key given, for messages about its value (qlr_recipe_where) */
+    uint32_t n_locs;
 
     /* model */
     char *base_model;           /* required. GGUF file, HF folder (config.json + safetensors), or a known name
@@ -104,6 +117,10 @@ typedef struct qlr_recipe {
     qlr_truncation truncation;  /* default truncate: what to do with samples longer than sequence_len */
     int train_on_inputs;        /* default false: loss only on outputs/assistant turns */
     double val_set_size;        /* default 0 (no eval); fraction in [0, 0.5] held out for evaluation */
+    qlr_recipe_dataset *test_datasets; /* default none: validation files (axolotl's test_datasets, same keys as
+                                   datasets; a folder path means <split>.jsonl, split default "test"), used by
+                                   the eval steps and `qlora eval`; val_set_size must then be 0 */
+    uint32_t n_test_datasets;
 
     /* batch and length of training */
     uint32_t micro_batch_size;  /* default 1; 1..4096 rows per forward */
@@ -137,6 +154,7 @@ typedef struct qlr_recipe {
     uint64_t save_steps;        /* default 0 = checkpoint at the end only */
     uint32_t save_total_limit;  /* default 0 = keep every checkpoint; else keep the newest N */
     uint64_t logging_steps;     /* default 1; >= 1 optimizer steps between progress/metrics lines */
+    qlr_report_to report_to;    /* default none; tensorboard: event files of the logged scalars */
     char *output_dir;           /* default "outputs/run" (relative: against the recipe's folder) */
     uint64_t seed;              /* default 42; 0..2^32-1 */
 
@@ -178,7 +196,13 @@ qlr_status qlr_recipe_write(const qlr_recipe *r, const char *path);
 /* Prints "key: value" lines of the effective recipe (no comments). */
 void qlr_recipe_print(const qlr_recipe *r, FILE *f);
 
-/* Resolves a recipe path: absolute paths unchanged, relative ones joined to r->base_dir.
+/* Where `key` was given ("recipe.yaml:14:11", "--set datasets.0.path=x.jsonl"), for messages about
+ * its value found later (a file that does not exist); the recipe file's name for a key left at
+ * its default. Keys as in qlr_recipe_loc. Never NULL. */
+const char *qlr_recipe_where(const qlr_recipe *r, const char *key);
+
+/* Resolves a recipe path: absolute paths unchanged, relative ones joined to r->base_dir; then
+ * normalised (qlr_path_normalize: "recipes/../outputs/run" is "outputs/run").
  * QLR_ERR_RANGE if it does not fit in `cap`. */
 qlr_status qlr_recipe_resolve(const qlr_recipe *r, const char *path, char *out, size_t cap);
 

@@ -17,9 +17,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "core/core.h"
+#include "formats/tfevents.h"
+#include "train/plot.h"
 #include "train/trainer_internal.h"
 
 /* Copies a NUL-terminated string, cut to cap - 1 bytes. */
@@ -151,6 +154,33 @@ static qlr_status export_final(trainer *t, qlr_train_result *res) {
 
 static void fmt_lr(char *buf, size_t n, double lr) { snprintf(buf, n, "%.3g", lr); }
 
+static double wall_clock(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* report_to: tensorboard: the logged step's scalars (HF Trainer's tag names). */
+static qlr_status report_step(trainer *t, const step_out *so, double tps, double eval) {
+    if (!t->tb) return QLR_OK;
+    const char *tags[] = {"train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_s", "eval/loss"};
+    const float vals[] = {(float)so->loss, (float)so->lr, (float)so->grad_norm, (float)tps, (float)eval};
+    return qlr_tfevents_scalars(t->tb, (int64_t)t->step, wall_clock(), tags, vals, isnan(eval) ? 4 : 5);
+}
+
+/* Redraws output_dir/loss.svg from metrics.jsonl (after each checkpoint, so a stopped or crashed
+ * run has its picture too). A failure is a warning: the training goes on. */
+static void draw_plot(trainer *t, qlr_train_result *res) {
+    char path[4096];
+    if (qlr_plot_run(t->o->output_dir, NULL, path, sizeof path) == QLR_OK) {
+        copy_str(res->plot, sizeof res->plot, path);
+        return;
+    }
+    qlr_progress_clear_line();
+    QLR_LOGW("the plot of the run was not written: %s", qlr_error_msg());
+    qlr_error_clear();
+}
+
 qlr_status qlr_train_run(const qlr_train_opts *o, qlr_train_result *res) {
     memset(res, 0, sizeof *res);
     res->final_loss = NAN;
@@ -224,6 +254,12 @@ qlr_status qlr_train_run(const qlr_train_opts *o, qlr_train_result *res) {
         if (t->rank0 && (st = qlr_ckpt_rotate(o->output_dir, o->save_total_limit))) goto done;
     }
     if (t->rank0 && (st = qlr_trainer_metrics_prepare(t, t->step, resume_dir != NULL))) goto done;
+    if (t->rank0 && o->report_tensorboard) {
+        snprintf(res->tensorboard_dir, sizeof res->tensorboard_dir, "%s/runs", o->output_dir);
+        if ((st = qlr_tfevents_open(res->tensorboard_dir, &t->tb))) goto done;
+        /* a resumed run restarts at step+1: TensorBoard drops what an earlier file logged from there */
+        if (resume_dir && (st = qlr_tfevents_restart(t->tb, (int64_t)t->step + 1, wall_clock()))) goto done;
+    }
     res->total_steps = t->total_steps;
     copy_str(res->last_checkpoint, sizeof res->last_checkpoint, t->last_ckpt);
     QLR_LOGI("training: %" PRIu64 " steps of %u x %u micro-batches (%u rows of %u tokens), lr %g, %s, %d adapted "
@@ -287,7 +323,7 @@ qlr_status qlr_train_run(const qlr_train_opts *o, qlr_train_result *res) {
             if (!isnan(ev)) json_object_set_new(j, "eval_loss", json_real(ev));
             st = qlr_trainer_metrics_append(t, j);
             json_decref(j);
-            if (st) goto done;
+            if (st || (st = report_step(t, &so, tps, ev))) goto done;
             if (!isnan(ev)) {
                 qlr_progress_clear_line();
                 QLR_LOGI("step %" PRIu64 ": eval loss %.4f (train loss %.4f)", t->step, ev, so.loss);
@@ -308,6 +344,7 @@ qlr_status qlr_train_run(const qlr_train_opts *o, qlr_train_result *res) {
         if (t->rank0 && ((o->save_steps && t->step % o->save_steps == 0) || last || stop)) {
             if ((st = qlr_trainer_save_checkpoint(t, elapsed))) goto done;
             copy_str(res->last_checkpoint, sizeof res->last_checkpoint, t->last_ckpt);
+            draw_plot(t, res);
         }
         char extra[160], lrs[32];
         fmt_lr(lrs, sizeof lrs, so.lr);
@@ -328,12 +365,15 @@ qlr_status qlr_train_run(const qlr_train_opts *o, qlr_train_result *res) {
         if (t->rank0 && t->step > t->start_step && t->last_ckpt_step != t->step) {
             if ((st = qlr_trainer_save_checkpoint(t, t->elapsed_before + res->seconds))) goto done;
             copy_str(res->last_checkpoint, sizeof res->last_checkpoint, t->last_ckpt);
+            draw_plot(t, res);
         }
         if (t->rank0 && (st = export_final(t, res))) goto done;
     }
     QLR_LOGD("trainer wall time %.1fs", qlr_now() - t_start);
 done:
     qlr_progress_end(bar);
+    qlr_tfevents_close(t->tb);
+    t->tb = NULL;
     if (st && t->dist) { /* a failed rank must not leave the others waiting in a collective */
         qlr_dist_close(t->dist, 1);
         t->dist = NULL;

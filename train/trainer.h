@@ -4,7 +4,7 @@
  * that the loop works from plain options and tests can drive it without a recipe file), the
  * loop (micro-batches, gradient accumulation with grad_scale = 1 / targets of the whole step,
  * global-norm clipping, AdamW 8/32-bit, warmup + schedule, epochs or max_steps), the progress bar
- * and metrics.jsonl, eval loss every eval_steps, checkpoints and resume (train/checkpoint.h),
+ * and metrics.jsonl (and its picture, loss.svg: train/plot.h), eval loss every eval_steps, checkpoints and resume (train/checkpoint.h),
  * NaN/Inf stops, SIGINT/SIGTERM (through a flag the CLI sets) and the final adapter export.
  * The adapter's device side (masters, gradients, compute copies) is adapters/adapter_dev.h's
  * qlr_lora_dev, given to the model as a one-slot adapter set. It does not own the forward/backward (model/train.h), the
@@ -42,6 +42,8 @@ typedef struct qlr_train_opts {
     char *chat_template;        /* "tokenizer_default" or a built-in name */
     qlr_train_dataset *datasets;
     uint32_t n_datasets;
+    qlr_train_dataset *test_datasets; /* the validation files (recipe test_datasets); none: val_set_size */
+    uint32_t n_test_datasets;
     uint32_t sequence_len;
     int sample_packing, drop_long, train_on_inputs;
     double val_set_size;
@@ -60,6 +62,7 @@ typedef struct qlr_train_opts {
     uint32_t lora_targets;      /* QLR_LORA_TARGET mask (bit i = qlr_linear_id i) */
     int rslora;
     uint64_t eval_steps, save_steps, logging_steps;
+    int report_tensorboard;     /* 1: TensorBoard event files in output_dir/runs (recipe report_to) */
     uint32_t save_total_limit;
     char *output_dir;           /* resolved */
     uint64_t seed;
@@ -85,13 +88,18 @@ typedef struct qlr_train_opts {
 } qlr_train_opts;
 
 /* Translates a loaded recipe into options (paths resolved against the recipe's folder, the
- * effective recipe kept as YAML). QLR_ERR_NOMEM, or a path that does not fit. */
+ * effective recipe kept as YAML). QLR_ERR_NOT_FOUND for a dataset folder without its split file,
+ * QLR_ERR_NOMEM, or a path that does not fit. */
 qlr_status qlr_train_opts_from_recipe(const struct qlr_recipe *r, qlr_train_opts *o);
 /* qlr_recipe_load + qlr_train_opts_from_recipe + the memory plan check (qlr_plan_check against
  * vram_budget; over budget is QLR_ERR_RANGE with the plan's advice, before anything is
- * allocated). On failure *o is zeroed. */
+ * allocated) + every dataset file exists (QLR_ERR_NOT_FOUND naming the recipe's
+ * file:line:column and key). On failure *o is zeroed. */
 qlr_status qlr_train_opts_load(const char *recipe_path, const char *const *sets, int n_sets,
                                qlr_train_opts *o);
+/* Every dataset file of `o` (made from `r`) exists; else QLR_ERR_NOT_FOUND naming the recipe's
+ * file:line:column and key (datasets.0.path). qlr_train_opts_load calls it. */
+qlr_status qlr_train_opts_check_data(const struct qlr_recipe *r, const qlr_train_opts *o);
 /* Frees the strings; safe on a zeroed struct. */
 void qlr_train_opts_free(qlr_train_opts *o);
 
@@ -99,6 +107,8 @@ void qlr_train_opts_free(qlr_train_opts *o);
  * instead, read with the first dataset's format and fields. */
 qlr_status qlr_train_data_sources(const qlr_train_opts *o, const char *data_path,
                                   struct qlr_data_source **src, uint32_t *n);
+/* The recipe's test_datasets as loader sources (*src: free() it; *n 0 when there are none). */
+qlr_status qlr_train_test_sources(const qlr_train_opts *o, struct qlr_data_source **src, uint32_t *n);
 /* The recipe's sequence settings for the dataset loader (defaults elsewhere). */
 void qlr_train_data_params(const qlr_train_opts *o, struct qlr_data_params *dp);
 /* The recipe's micro-batch settings for a batcher (shuffled or in order). */
@@ -125,6 +135,8 @@ typedef struct qlr_train_result {
     char last_checkpoint[4096]; /* newest checkpoint written or resumed from ("" = none) */
     char adapter_dir[4096];     /* final PEFT adapter folder ("" when not written) */
     char adapter_gguf[4096];    /* final GGUF adapter ("" when not written) */
+    char tensorboard_dir[4096]; /* output_dir/runs when report_to: tensorboard ("" = not written) */
+    char plot[4096];            /* output_dir/loss.svg, redrawn at each checkpoint (train/plot.h; "" = none) */
 } qlr_train_result;
 
 /* Runs the whole training: loads the model, tokenizes the data, creates (or resumes) the adapter

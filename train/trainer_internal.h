@@ -68,6 +68,8 @@ typedef struct trainer {
     qlr_chat_template *tmpl;
     qlr_dataset *ds;
     qlr_data_split split;
+    qlr_dataset *test_ds;          /* the recipe's test_datasets (NULL: validation is split.val of ds) */
+    uint32_t *test_idx;            /* [examples of test_ds]: 0..n-1 */
     qlr_batcher *train_b, *val_b;
     qlr_trainable tr;              /* the adapter being trained and its optimizer */
     qlr_train_ctx *ctx;
@@ -81,6 +83,7 @@ typedef struct trainer {
     uint64_t step, start_step, total_steps, rng, tokens_seen;
     double elapsed_before;         /* seconds of training before a resume */
     char metrics_path[4200];
+    struct qlr_tfevents *tb;       /* report_to: tensorboard (NULL otherwise) */
     char last_ckpt[4096];
     uint64_t last_ckpt_step;
 } trainer;

@@ -15,8 +15,13 @@
 
 static char *dup_or_null(const char *s) { return s ? strdup(s) : NULL; }
 
-/* A dataset path that is a folder means <split>.jsonl (or .jsonl.gz) inside it. */
-static qlr_status dataset_file(const char *resolved, const char *split, char **out) {
+/* The file a dataset path names (resolved against the recipe's folder): a file as is, a folder
+ * means <split>.jsonl (or .jsonl.gz) inside it. `key` ("datasets.0") and the recipe's record of
+ * where it was given make the message of a folder without that file. */
+static qlr_status dataset_file(const qlr_recipe *r, const char *key, const char *resolved, const char *split,
+                               char **out) {
+    char pkey[96];
+    snprintf(pkey, sizeof pkey, "%s.path", key);
     if (!qlr_is_dir(resolved)) {
         *out = strdup(resolved);
         return *out ? QLR_OK : qlr_errorf(QLR_ERR_NOMEM, "out of memory");
@@ -24,16 +29,40 @@ static qlr_status dataset_file(const char *resolved, const char *split, char **o
     static const char *ext[] = {".jsonl", ".jsonl.gz"};
     for (int i = 0; i < 2; i++) {
         char *p = NULL;
-        if (asprintf(&p, "%s/%s%s", resolved, split ? split : "train", ext[i]) < 0)
-            return qlr_errorf(QLR_ERR_NOMEM, "out of memory");
+        if (asprintf(&p, "%s/%s%s", resolved, split, ext[i]) < 0) return qlr_errorf(QLR_ERR_NOMEM, "out of memory");
         if (qlr_path_exists(p)) {
             *out = p;
             return QLR_OK;
         }
         free(p);
     }
-    return qlr_errorf(QLR_ERR_NOT_FOUND, "%s: is a folder without %s.jsonl or %s.jsonl.gz", resolved,
-                      split ? split : "train", split ? split : "train");
+    return qlr_errorf(QLR_ERR_NOT_FOUND, "%s: %s: %s is a folder without %s.jsonl or %s.jsonl.gz (%s.split names the file)",
+                      qlr_recipe_where(r, pkey), pkey, resolved, split, split, key);
+}
+
+/* One recipe dataset list into run options (paths resolved, files checked). */
+static qlr_status datasets_from_recipe(const qlr_recipe *r, const char *list_key, const qlr_recipe_dataset *ds,
+                                       uint32_t n, qlr_train_dataset **out) {
+    *out = calloc(n ? n : 1, sizeof **out);
+    if (!*out) return qlr_errorf(QLR_ERR_NOMEM, "out of memory");
+    for (uint32_t i = 0; i < n; i++) {
+        const qlr_recipe_dataset *d = &ds[i];
+        qlr_train_dataset *t = &(*out)[i];
+        char path[4096], key[64];
+        snprintf(key, sizeof key, "%s.%u", list_key, i);
+        QLR_TRY(qlr_recipe_resolve(r, d->path, path, sizeof path));
+        QLR_TRY(dataset_file(r, key, path, d->split ? d->split : "train", &t->path));
+        t->format = (int)d->type;
+        t->field = dup_or_null(d->field);
+        t->field_messages = dup_or_null(d->field_messages);
+        t->field_role = dup_or_null(d->message_field_role);
+        t->field_content = dup_or_null(d->message_field_content);
+        t->skip_bad_lines = d->on_bad_line == QLR_ON_BAD_LINE_SKIP;
+        if ((d->field && !t->field) || (d->field_messages && !t->field_messages) ||
+            (d->message_field_role && !t->field_role) || (d->message_field_content && !t->field_content))
+            return qlr_errorf(QLR_ERR_NOMEM, "out of memory");
+    }
+    return QLR_OK;
 }
 
 qlr_status qlr_train_opts_from_recipe(const qlr_recipe *r, qlr_train_opts *o) {
@@ -46,21 +75,12 @@ qlr_status qlr_train_opts_from_recipe(const qlr_recipe *r, qlr_train_opts *o) {
     char *canon = realpath(path, NULL);
     o->base_model = canon ? canon : strdup(path);
     o->chat_template = dup_or_null(r->chat_template ? r->chat_template : "tokenizer_default");
-    o->datasets = calloc(r->n_datasets ? r->n_datasets : 1, sizeof *o->datasets);
-    if (!o->base_model || !o->chat_template || !o->datasets) goto nomem;
+    if (!o->base_model || !o->chat_template) goto nomem;
     o->n_datasets = r->n_datasets;
-    for (uint32_t i = 0; i < r->n_datasets; i++) {
-        const qlr_recipe_dataset *d = &r->datasets[i];
-        qlr_train_dataset *t = &o->datasets[i];
-        if ((st = qlr_recipe_resolve(r, d->path, path, sizeof path))) goto fail;
-        if ((st = dataset_file(path, d->split, &t->path))) goto fail;
-        t->format = (int)d->type;
-        t->field = dup_or_null(d->field);
-        t->field_messages = dup_or_null(d->field_messages);
-        t->field_role = dup_or_null(d->message_field_role);
-        t->field_content = dup_or_null(d->message_field_content);
-        t->skip_bad_lines = d->on_bad_line == QLR_ON_BAD_LINE_SKIP;
-    }
+    if ((st = datasets_from_recipe(r, "datasets", r->datasets, r->n_datasets, &o->datasets))) goto fail;
+    o->n_test_datasets = r->n_test_datasets;
+    if ((st = datasets_from_recipe(r, "test_datasets", r->test_datasets, r->n_test_datasets, &o->test_datasets)))
+        goto fail;
     o->sequence_len = r->sequence_len;
     o->sample_packing = r->sample_packing;
     o->drop_long = r->truncation == QLR_TRUNCATION_DROP;
@@ -91,6 +111,7 @@ qlr_status qlr_train_opts_from_recipe(const qlr_recipe *r, qlr_train_opts *o) {
     o->eval_steps = r->eval_steps;
     o->save_steps = r->save_steps;
     o->logging_steps = r->logging_steps ? r->logging_steps : 1;
+    o->report_tensorboard = r->report_to == QLR_REPORT_TENSORBOARD;
     o->save_total_limit = r->save_total_limit;
     if ((st = qlr_recipe_resolve(r, r->output_dir, path, sizeof path))) goto fail;
     o->output_dir = strdup(path);
@@ -108,6 +129,23 @@ fail:
     return st;
 }
 
+qlr_status qlr_train_opts_check_data(const qlr_recipe *r, const qlr_train_opts *o) {
+    for (int l = 0; l < 2; l++) {
+        const qlr_train_dataset *ds = l ? o->test_datasets : o->datasets;
+        const qlr_recipe_dataset *rd = l ? r->test_datasets : r->datasets;
+        uint32_t n = l ? o->n_test_datasets : o->n_datasets;
+        for (uint32_t i = 0; i < n; i++) {
+            if (qlr_path_exists(ds[i].path)) continue;
+            char key[96];
+            snprintf(key, sizeof key, "%s.%u.path", l ? "test_datasets" : "datasets", i);
+            return qlr_errorf(QLR_ERR_NOT_FOUND, "%s: %s: %s does not exist%s", qlr_recipe_where(r, key), key,
+                              ds[i].path,
+                              rd[i].path[0] == '/' ? "" : " (relative paths are resolved against the recipe's folder)");
+        }
+    }
+    return QLR_OK;
+}
+
 qlr_status qlr_train_opts_load(const char *recipe_path, const char *const *sets, int n_sets, qlr_train_opts *o) {
     memset(o, 0, sizeof *o);
     qlr_recipe r;
@@ -116,10 +154,11 @@ qlr_status qlr_train_opts_load(const char *recipe_path, const char *const *sets,
     qlr_plan plan;
     memset(&plan, 0, sizeof plan);
     qlr_status st = qlr_model_shape_for_recipe(&r, &shape);
+    if (st == QLR_ERR_NOT_FOUND) qlr_error_prefix("%s", qlr_recipe_where(&r, "base_model"));
     if (st == QLR_OK && shape.source == QLR_SHAPE_PRESET) {
         char path[4096];
         if (qlr_recipe_resolve(&r, r.base_model, path, sizeof path) == QLR_OK && !qlr_path_exists(path))
-            st = qlr_errorf(QLR_ERR_NOT_FOUND, "%s: base_model %s not found%s", recipe_path, path,
+            st = qlr_errorf(QLR_ERR_NOT_FOUND, "%s: base_model: %s not found%s", qlr_recipe_where(&r, "base_model"), path,
                             strstr(path, ".cache/models") ? " (scripts/setup.sh downloads the demo model)" : "");
     }
     if (st == QLR_OK) st = qlr_plan_build(&r, &shape, &plan);
@@ -131,6 +170,7 @@ qlr_status qlr_train_opts_load(const char *recipe_path, const char *const *sets,
     if (st == QLR_OK) QLR_LOGD("memory plan: %.1f MiB", (double)plan.total / (1 << 20));
     qlr_plan_free(&plan);
     if (st == QLR_OK) st = qlr_train_opts_from_recipe(&r, o);
+    if (st == QLR_OK && (st = qlr_train_opts_check_data(&r, o))) qlr_train_opts_free(o);
     qlr_recipe_free(&r);
     return st;
 }
@@ -141,29 +181,45 @@ void qlr_train_opts_free(qlr_train_opts *o) {
     free(o->recipe_yaml);
     free(o->base_model);
     free(o->chat_template);
-    for (uint32_t i = 0; o->datasets && i < o->n_datasets; i++) {
-        qlr_train_dataset *t = &o->datasets[i];
-        free(t->path);
-        free(t->field);
-        free(t->field_messages);
-        free(t->field_role);
-        free(t->field_content);
+    qlr_train_dataset *lists[2] = {o->datasets, o->test_datasets};
+    uint32_t counts[2] = {o->n_datasets, o->n_test_datasets};
+    for (int l = 0; l < 2; l++) {
+        for (uint32_t i = 0; lists[l] && i < counts[l]; i++) {
+            qlr_train_dataset *t = &lists[l][i];
+            free(t->path);
+            free(t->field);
+            free(t->field_messages);
+            free(t->field_role);
+            free(t->field_content);
+        }
+        free(lists[l]);
     }
-    free(o->datasets);
     free(o->output_dir);
     free(o->device);
     free(o->resume_dir);
     memset(o, 0, sizeof *o);
 }
 
+static qlr_status train_sources(const qlr_train_dataset *ds, uint32_t n_ds, const char *data_path,
+                                qlr_data_source **src, uint32_t *n);
+
 qlr_status qlr_train_data_sources(const qlr_train_opts *o, const char *data_path,
                                   qlr_data_source **src, uint32_t *n) {
-    uint32_t k = data_path ? 1 : o->n_datasets;
+    return train_sources(o->datasets, o->n_datasets, data_path, src, n);
+}
+
+qlr_status qlr_train_test_sources(const qlr_train_opts *o, qlr_data_source **src, uint32_t *n) {
+    return train_sources(o->test_datasets, o->n_test_datasets, NULL, src, n);
+}
+
+static qlr_status train_sources(const qlr_train_dataset *ds, uint32_t n_ds, const char *data_path,
+                                qlr_data_source **src, uint32_t *n) {
+    uint32_t k = data_path ? 1 : n_ds;
     *src = calloc(k ? k : 1, sizeof **src);
     *n = k;
     if (!*src) return qlr_errorf(QLR_ERR_NOMEM, "out of memory");
     for (uint32_t i = 0; i < k; i++) {
-        const qlr_train_dataset *d = &o->datasets[i];
+        const qlr_train_dataset *d = &ds[i];
         qlr_data_source *s = &(*src)[i];
         s->path = data_path ? data_path : d->path;
         s->format = (qlr_data_format)d->format;

@@ -22,6 +22,8 @@ void qlr_trainer_free(trainer *t) {
     qlr_batcher_free(t->val_b);
     qlr_data_split_free(&t->split);
     qlr_dataset_free(t->ds);
+    qlr_dataset_free(t->test_ds);
+    free(t->test_idx);
     qlr_chat_template_free(t->tmpl);
     qlr_tokenizer_free(t->tok);
     qlr_model_free(t->m);
@@ -36,7 +38,24 @@ qlr_status qlr_trainer_open_backend(const char *device, int threads, qlr_backend
     return qlr_backend_create("cpu", threads, be);
 }
 
-/* Tokenizer, datasets, split and the two batchers. */
+/* Loads the recipe's test_datasets into t->test_ds (every example is validation). */
+static qlr_status load_test_data(trainer *t, const qlr_data_params *dp) {
+    qlr_data_source *src;
+    uint32_t n_src;
+    QLR_TRY(qlr_train_test_sources(t->o, &src, &n_src));
+    qlr_status st = qlr_dataset_load(src, n_src, dp, t->tok, t->tmpl, &t->test_ds);
+    free(src);
+    QLR_TRY(st);
+    size_t n = qlr_dataset_size(t->test_ds);
+    if (!n) return qlr_errorf(QLR_ERR_INVALID, "test_datasets: no usable example in %s%s", t->o->test_datasets[0].path,
+                              t->o->n_test_datasets > 1 ? " and the others" : "");
+    t->test_idx = malloc(n * sizeof *t->test_idx);
+    if (!t->test_idx) return qlr_errorf(QLR_ERR_NOMEM, "out of memory");
+    for (size_t i = 0; i < n; i++) t->test_idx[i] = (uint32_t)i;
+    return QLR_OK;
+}
+
+/* Tokenizer, datasets, split (or the test_datasets) and the two batchers. */
 qlr_status qlr_trainer_load_data(trainer *t) {
     const qlr_train_opts *o = t->o;
     QLR_TRY(qlr_data_open_tokenizer(o->base_model, o->chat_template, &t->tok, &t->tmpl));
@@ -56,16 +75,18 @@ qlr_status qlr_trainer_load_data(trainer *t) {
              (unsigned long long)s->truncated, (unsigned long long)s->dropped_long,
              (unsigned long long)s->dropped_empty, (unsigned long long)s->skipped);
     QLR_TRY(qlr_dataset_split(t->ds, o->val_set_size, o->seed, &t->split));
+    if (o->n_test_datasets) QLR_TRY(load_test_data(t, &dp));
     qlr_batch_params bp;
     qlr_train_batch_params(o, 1, &bp);
     QLR_TRY(qlr_batcher_create(t->ds, t->split.train, t->split.n_train, &bp, &t->train_b));
-    if (t->split.n_val) {
-        bp.shuffle = 0;
-        QLR_TRY(qlr_batcher_create(t->ds, t->split.val, t->split.n_val, &bp, &t->val_b));
-    }
-    QLR_LOGI("split: %zu train, %zu validation examples; %llu micro-batches per epoch (%s efficiency %.1f%%)",
-             t->split.n_train, t->split.n_val, (unsigned long long)qlr_batcher_batches_per_epoch(t->train_b),
-             o->sample_packing ? "packing" : "padding", 100.0 * qlr_batcher_efficiency(t->train_b));
+    bp.shuffle = 0;
+    size_t n_val = t->test_ds ? qlr_dataset_size(t->test_ds) : t->split.n_val;
+    if (t->test_ds) QLR_TRY(qlr_batcher_create(t->test_ds, t->test_idx, n_val, &bp, &t->val_b));
+    else if (n_val) QLR_TRY(qlr_batcher_create(t->ds, t->split.val, n_val, &bp, &t->val_b));
+    QLR_LOGI("split: %zu train, %zu validation examples%s; %llu micro-batches per epoch (%s efficiency %.1f%%)",
+             t->split.n_train, n_val, t->test_ds ? " (test_datasets)" : "",
+             (unsigned long long)qlr_batcher_batches_per_epoch(t->train_b), o->sample_packing ? "packing" : "padding",
+             100.0 * qlr_batcher_efficiency(t->train_b));
     return QLR_OK;
 }
 

@@ -1,7 +1,7 @@
 /* backend/cpu/ops_optim.c: the CPU optimizer ops, the oracle of every backend's: one AdamW
  * update of each kind (bitsandbytes' blockwise 8-bit kernel kOptimizerStatic8bit2StateBlockwise,
  * bnb >= 0.44, block 256; bnb's 32-bit kernel, used for tensors under 4096 elements in 8-bit
- * mode; PyTorch's AdamW; math in optim/optim.h, spec ../shared/specs/FORMATS.md §2.3), the
+ * mode; PyTorch's AdamW; math in optim/optim.h, spec docs/FORMATS.md §2.3), the
  * chunked f64 sum of squares of gradient clipping, f32 scaling and the f32 -> act copy.
  * float32 arithmetic in the order the reference kernels use; built with -ffp-contract=off so
  * that no compiler fuses a*b+c (tests compare bits with bnb's reference and with the CUDA ops).

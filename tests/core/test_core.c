@@ -1,7 +1,7 @@
 /* tests/core/test_core.c: core/ unit tests: f16/bf16 conversion against the compiler's own
  * _Float16 and hand-picked bit patterns, atomic writes (and the removal of a killed writer's
- * temp file), crc32 known values, arenas, errors, the parallel-for partition, and the test
- * kill points of core/testhook.h. */
+ * temp file), crc32 known values, arenas, errors, the parallel-for partition, the progress bar's
+ * plain (non-terminal) lines, and the test kill points of core/testhook.h. */
 #include "core/core.h"
 #include "tests/test_util.h"
 
@@ -211,6 +211,94 @@ static void test_strbuf(void) {
     CHECK(b.p == NULL && b.n == 0);
 }
 
+/* Runs `fn` with stderr sent to a file (not a terminal: plain progress lines) and returns what it
+ * printed (malloc'ed). */
+static char *stderr_of(void (*fn)(void)) {
+    char path[512];
+    snprintf(path, sizeof path, "%s/progress.txt", test_tmpdir());
+    fflush(stderr);
+    int saved = dup(2);
+    FILE *f = fopen(path, "w");
+    if (!f || saved < 0) return strdup("");
+    dup2(fileno(f), 2);
+    fn();
+    fflush(stderr);
+    dup2(saved, 2);
+    close(saved);
+    fclose(f);
+    char *s = NULL;
+    size_t n;
+    if (qlr_file_read_all(path, 1 << 20, &s, &n)) return strdup("");
+    return s;
+}
+
+static int count_lines(const char *s, const char *needle) {
+    int n = 0;
+    for (const char *p = s; (p = strstr(p, needle)); p++) n++;
+    return n;
+}
+
+/* One step of one: the update that completes the bar and the end would both print "1/1". */
+static void progress_one(void) {
+    qlr_progress *p = qlr_progress_begin("one", 1, "steps");
+    qlr_progress_update(p, 1, "loss 0.5");
+    qlr_progress_end(p);
+}
+
+/* Three quick steps: the first is printed at once, the last by the end, the middle one not. */
+static void progress_three(void) {
+    qlr_progress *p = qlr_progress_begin("three", 3, "steps");
+    for (int i = 1; i <= 3; i++) qlr_progress_update(p, (uint64_t)i, i == 3 ? "last" : "more");
+    qlr_progress_end(p);
+}
+
+/* Unknown total: the end repeats nothing when the last line already showed the final count. */
+static void progress_open(void) {
+    qlr_progress *p = qlr_progress_begin("open", 0, "items");
+    qlr_progress_update(p, 5, "x");
+    qlr_progress_end(p);
+}
+
+static void test_progress_plain(void) {
+    setenv("QLR_NO_TTY", "1", 1);
+    char *s = stderr_of(progress_one);
+    CHECK_MSG(count_lines(s, "\n") == 1 && count_lines(s, "one: 1/1 steps") == 1, "one step:\n%s", s);
+    free(s);
+    s = stderr_of(progress_three);
+    CHECK_MSG(count_lines(s, "\n") == 2 && strstr(s, "three: 1/3 steps") && strstr(s, "three: 3/3 steps") &&
+                  strstr(s, "| last"),
+              "three steps:\n%s", s);
+    free(s);
+    s = stderr_of(progress_open);
+    CHECK_MSG(count_lines(s, "\n") == 1 && strstr(s, "open: 5 items"), "unknown total:\n%s", s);
+    free(s);
+}
+
+static void test_path_normalize(void) {
+    static const char *const cases[][2] = {
+        {"recipes/../outputs/run", "outputs/run"}, {"./a//b/./c/", "a/b/c"}, {"a/b/../../..", ".."},
+        {"../x/../y", "../y"}, {"/../a/..", "/"}, {"/a/./b/../c", "/a/c"}, {"", "."}, {".", "."},
+        {"a/..", "."}, {"../../z", "../../z"}, {"//x", "/x"},
+    };
+    char buf[256];
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        CHECK_OK(qlr_path_normalize(cases[i][0], buf, sizeof buf));
+        CHECK_MSG(!strcmp(buf, cases[i][1]), "normalize(\"%s\") = \"%s\", expected \"%s\"", cases[i][0], buf,
+                  cases[i][1]);
+    }
+    /* a ".." after a symbolic link stays: link/.. is the target's parent, not the link's folder */
+    char dir[512], link[600], in[700];
+    snprintf(dir, sizeof dir, "%s/norm/real/deep", test_tmpdir());
+    CHECK_OK(qlr_mkdir_p(dir));
+    snprintf(link, sizeof link, "%s/norm/link", test_tmpdir());
+    CHECK(symlink(dir, link) == 0);
+    snprintf(in, sizeof in, "%s/../x", link);
+    CHECK_OK(qlr_path_normalize(in, buf, sizeof buf));
+    CHECK_MSG(!strcmp(buf, in), "%s became %s", in, buf);
+    CHECK(qlr_path_normalize("abc/def", buf, 5) == QLR_ERR_RANGE);
+    qlr_error_clear();
+}
+
 int main(void) {
     test_kill_point(); /* first: before this process passes a kill point */
     test_f16();
@@ -221,5 +309,7 @@ int main(void) {
     test_errors();
     test_threads();
     test_strbuf();
+    test_progress_plain();
+    test_path_normalize();
     return test_finish();
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """tests/tools/adamw8bit_ref.py: an independent reference for bitsandbytes' blockwise 8-bit
-AdamW, written from the text of ../shared/specs/FORMATS.md §2.2-2.3 (not from our C code).
+AdamW, written from the text of docs/FORMATS.md §2.2-2.3 (not from our C code).
 
 It reads the dynamic maps (qmap1 signed, qmap2 unsigned) as bitsandbytes itself computes them from
 tests/data/quant/bnb_dynmap.txt (measured from bitsandbytes 0.50.2; the §2.2 float32 emulation

@@ -7,7 +7,7 @@ Writes
                                   that the reader's error message must contain (test_gguf_bad);
   tests/fuzz/corpus/gguf/*.gguf   small VALID files used as fuzzing seeds (and checked to load).
 Run from anywhere: python3 tests/tools/make_bad_gguf.py [repo root]. The output is deterministic;
-re-run and commit after changing a case. The layout follows ../shared/specs/FORMATS.md §3.
+re-run and commit after changing a case. The layout follows docs/FORMATS.md §3.
 """
 import os
 import struct

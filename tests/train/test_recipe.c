@@ -136,6 +136,8 @@ static void test_defaults(void) {
     CHECK(!strcmp(buf, QLR_TEST_DATA "/recipes/x/y.gguf"));
     CHECK_OK(qlr_recipe_resolve(&r, "/abs/y.gguf", buf, sizeof buf));
     CHECK(!strcmp(buf, "/abs/y.gguf"));
+    CHECK_OK(qlr_recipe_resolve(&r, "../outputs/./run", buf, sizeof buf)); /* normalised */
+    CHECK_MSG(!strcmp(buf, QLR_TEST_DATA "/outputs/run"), "%s", buf);
     qlr_recipe_free(&r);
     qlr_recipe_free(&r); /* safe twice */
 }
@@ -361,8 +363,80 @@ static void test_set(void) {
     CHECK_OK(qlr_recipe_load(DIR "epochs_and_steps.yaml", s8, 2, &r));
     CHECK(r.num_epochs == 3 && r.max_steps == 0);
     qlr_recipe_free(&r);
+    const char *s10[] = {"report_to=tensorboard"};
+    CHECK_OK(qlr_recipe_load(DIR "good_minimal.yaml", s10, 1, &r));
+    CHECK_EQ_INT(r.report_to, QLR_REPORT_TENSORBOARD);
+    qlr_recipe_free(&r);
+    const char *s11[] = {"report_to=wandb"};
+    expect_error("good_minimal.yaml", s11, 1,
+                 "--set report_to=wandb: report_to: must be one of none, tensorboard; got \"wandb\"");
     const char *s9[] = {"device=gpu"};
     expect_error("good_minimal.yaml", s9, 1, "--set device=gpu: device: must be one of auto, cpu, cuda; got \"gpu\" (did you mean \"cpu\"?)");
+}
+
+/* test_datasets: axolotl's validation files, the same keys as datasets; val_set_size must be 0 */
+static void test_test_datasets(void) {
+    qlr_recipe r;
+    CHECK_OK(qlr_recipe_load(DIR "good_test_datasets.yaml", NULL, 0, &r));
+    if (r.base_model) {
+        CHECK_EQ_INT(r.n_test_datasets, 2);
+        CHECK(!strcmp(r.test_datasets[0].path, "held_out") && r.test_datasets[0].type == QLR_DATASET_CHAT);
+        CHECK(!strcmp(r.test_datasets[0].field_messages, "conv") && !strcmp(r.test_datasets[0].message_field_role, "role"));
+        CHECK(!strcmp(r.test_datasets[0].split, "test")); /* a folder means test.jsonl */
+        CHECK(!strcmp(r.datasets[0].split, "train"));
+        CHECK_EQ_INT(r.test_datasets[1].type, QLR_DATASET_ALPACA);
+        CHECK(r.val_set_size == 0);
+        /* where each key was given, for messages about values found wrong later */
+        CHECK_MSG(!strcmp(qlr_recipe_where(&r, "test_datasets.1.path"), DIR "good_test_datasets.yaml:9:11"), "%s",
+                  qlr_recipe_where(&r, "test_datasets.1.path"));
+        CHECK(!strcmp(qlr_recipe_where(&r, "datasets.0.path"), DIR "good_test_datasets.yaml:3:11"));
+        CHECK(!strcmp(qlr_recipe_where(&r, "base_model"), DIR "good_test_datasets.yaml:1:13"));
+        CHECK(!strcmp(qlr_recipe_where(&r, "lora_r"), DIR "good_test_datasets.yaml")); /* a default */
+        /* written and read back equal */
+        char out[512];
+        snprintf(out, sizeof out, "%s/test_datasets.yaml", test_tmpdir());
+        qlr_recipe r2;
+        CHECK_OK(qlr_recipe_write(&r, out));
+        CHECK_OK(qlr_recipe_load(out, NULL, 0, &r2));
+        CHECK_EQ_INT(r2.n_test_datasets, 2);
+        CHECK(r2.test_datasets && r2.test_datasets[1].path[0] == '/'); /* written resolved */
+        qlr_recipe_free(&r2);
+    }
+    qlr_recipe_free(&r);
+    /* none given: written as an empty list that reads back as none */
+    CHECK_OK(qlr_recipe_load(DIR "good_minimal.yaml", NULL, 0, &r));
+    char *yaml = NULL;
+    CHECK_OK(qlr_recipe_to_yaml(&r, 0, &yaml));
+    CHECK_MSG(yaml && strstr(yaml, "\ntest_datasets: []"), "%s", yaml ? yaml : "");
+    qlr_recipe r3;
+    CHECK_OK(qlr_recipe_parse(yaml, strlen(yaml), "written", NULL, NULL, 0, &r3));
+    CHECK(r3.n_test_datasets == 0 && qlr_recipe_equal(&r, &r3));
+    qlr_recipe_free(&r3);
+    free(yaml);
+    qlr_recipe_free(&r);
+    /* --set adds one, and its location is the --set */
+    const char *s1[] = {"test_datasets.0={path: v.jsonl, type: alpaca}"};
+    CHECK_OK(qlr_recipe_load(DIR "good_minimal.yaml", s1, 1, &r));
+    CHECK_EQ_INT(r.n_test_datasets, 1);
+    if (r.n_test_datasets)
+        CHECK(!strcmp(qlr_recipe_where(&r, "test_datasets.0.path"), "--set test_datasets.0={path: v.jsonl, type: alpaca}"));
+    qlr_recipe_free(&r);
+
+    expect_error("test_datasets_and_split.yaml", NULL, 0,
+                 "@:4:15: val_set_size: must be 0 when test_datasets (set at @:6:3) names the validation files: the "
+                 "validation data is either those files or a fraction held out of datasets; set val_set_size: 0 or "
+                 "remove test_datasets");
+    const char *s2[] = {"val_set_size=0"};
+    CHECK_OK(qlr_recipe_load(DIR "test_datasets_and_split.yaml", s2, 1, &r));
+    qlr_recipe_free(&r);
+    const char *s3[] = {"test_datasets.0.path=v.jsonl"};
+    expect_error("good_minimal.yaml", s3, 1,
+                 "--set test_datasets.0.path=v.jsonl: test_datasets.0.type: required (one of alpaca, completion, chat, "
+                 "sharegpt, input_output, pretokenized)");
+    const char *s4[] = {"test_datasets.2.path=v.jsonl"};
+    expect_error("good_minimal.yaml", s4, 1,
+                 "--set test_datasets.2.path=v.jsonl: test_datasets.2.path: there are 0 test_datasets; the next one to "
+                 "add is test_datasets.0 (at most 64)");
 }
 
 static void test_helpers(void) {
@@ -442,6 +516,7 @@ int main(void) {
     test_all_keys();
     test_round_trip_files();
     test_set();
+    test_test_datasets();
     test_helpers();
     test_yaml_limits();
     return test_finish();

@@ -9,6 +9,7 @@
  *  - --resume with no complete checkpoint yet starts from step 0;
  *  - every metrics.jsonl line parses as JSON with the documented keys;
  *  - qlora eval's loss + exact match run on chat data. */
+#include <dirent.h>
 #include <jansson.h>
 #include <math.h>
 #include <stdio.h>
@@ -350,6 +351,115 @@ static void test_eval_chat(void) {
     qlr_train_opts_free(&o);
 }
 
+/* test_datasets: the eval steps and qlora eval use every example of that file, and only it */
+static void test_test_datasets(void) {
+    char path[700];
+    snprintf(path, sizeof path, "%s/val_chat.jsonl", test_tmpdir());
+    tiny_chat_data(path, 6, 11);
+    qlr_train_opts o;
+    qlr_train_result r;
+    const char *sets[] = {"output_dir=run_test_ds", "datasets.0.path=chat.jsonl", "datasets.0.type=chat",
+                          "chat_template=chatml", "max_steps=2", "val_set_size=0", "eval_steps=1",
+                          "test_datasets=[{path: val_chat.jsonl, type: chat}]", "report_to=tensorboard"};
+    CHECK_OK(qlr_train_opts_load(g_recipe, sets, 9, &o));
+    if (!o.output_dir) return;
+    o.progress = 0;
+    CHECK_EQ_INT(o.n_test_datasets, 1);
+    CHECK_MSG(o.n_test_datasets && !strcmp(o.test_datasets[0].path, path), "%s",
+              o.n_test_datasets ? o.test_datasets[0].path : "");
+    CHECK_OK(qlr_train_run(&o, &r));
+    CHECK_MSG(r.plot[0] && qlr_path_exists(r.plot) && strstr(r.plot, "/loss.svg"), "plot '%s'", r.plot);
+    /* report_to: tensorboard: one event file in output_dir/runs (its records: test_tfevents; read
+     * back with the tensorboard package: tests/e2e/test_e2e_quickstart.py) */
+    char tb[800];
+    snprintf(tb, sizeof tb, "%s/runs", o.output_dir);
+    CHECK_MSG(!strcmp(r.tensorboard_dir, tb), "tensorboard_dir '%s'", r.tensorboard_dir);
+    DIR *dir = opendir(tb);
+    int events = 0;
+    for (struct dirent *de; dir && (de = readdir(dir));) events += strstr(de->d_name, "events.out.tfevents.") != NULL;
+    if (dir) closedir(dir);
+    CHECK_EQ_INT(events, 1);
+    json_t *m = read_metrics(o.output_dir);
+    double eval_last = NAN;
+    if (m) {
+        CHECK_EQ_INT(json_array_size(m), 2);
+        for (size_t i = 0; i < json_array_size(m); i++) {
+            json_t *ev = json_object_get(json_array_get(m, i), "eval_loss");
+            CHECK_MSG(json_is_number(ev), "step %zu has no eval_loss", i + 1);
+            eval_last = json_number_value(ev);
+        }
+    }
+    json_decref(m);
+    qlr_eval_opts e = qlr_eval_opts_default();
+    e.run = &o;
+    e.progress = 0;
+    e.n_show = 0;
+    char answers[700], out_path[700];
+    snprintf(answers, sizeof answers, "%s/test_ds_answers.jsonl", test_tmpdir());
+    snprintf(out_path, sizeof out_path, "%s/test_ds_eval.txt", test_tmpdir());
+    e.answers_path = answers;
+    qlr_eval_scores b, a;
+    FILE *out = fopen(out_path, "w+");
+    CHECK(out != NULL);
+    if (!out) return;
+    CHECK_OK(qlr_eval_run(&e, &b, &a, out));
+    CHECK_EQ_INT(b.n_examples, 6); /* all of val_chat.jsonl */
+    CHECK_EQ_INT(a.n_examples, 6);
+    /* the same examples, batches and forward as the trainer's last eval step */
+    CHECK_NEAR(a.loss, eval_last, 0, 1e-9);
+    rewind(out);
+    char buf[8192];
+    size_t n = fread(buf, 1, sizeof buf - 1, out);
+    buf[n] = 0;
+    fclose(out);
+    CHECK_MSG(strstr(buf, "eval: 6 validation examples (test_datasets: ") && strstr(buf, "val_chat.jsonl"),
+              "eval output: %s", buf);
+    /* every answer names the test file as its source */
+    FILE *af = fopen(answers, "r");
+    int lines = 0, from_test = 0;
+    char line[4096];
+    while (af && fgets(line, sizeof line, af)) {
+        json_t *j = json_loads(line, 0, NULL);
+        lines++;
+        from_test += j && !strcmp(json_string_value(json_object_get(j, "source")) ? json_string_value(json_object_get(j, "source")) : "", path);
+        json_decref(j);
+    }
+    if (af) fclose(af);
+    CHECK_EQ_INT(lines, 12);
+    CHECK_EQ_INT(from_test, 12);
+    qlr_train_opts_free(&o);
+}
+
+/* A dataset file that does not exist: the message names the recipe's file:line:column and key,
+ * before anything is loaded. */
+static void test_missing_dataset(void) {
+    char recipe[700], want[2000];
+    snprintf(recipe, sizeof recipe, "%s/missing_data.yaml", test_tmpdir());
+    tiny_write_text(recipe, "base_model: tiny.gguf\n"
+                            "datasets:\n"
+                            "  - path: no_such.jsonl\n"
+                            "    type: completion\n");
+    qlr_train_opts o;
+    CHECK(qlr_train_opts_load(recipe, NULL, 0, &o) == QLR_ERR_NOT_FOUND);
+    snprintf(want, sizeof want,
+             "%s:3:11: datasets.0.path: %s/no_such.jsonl does not exist (relative paths are resolved against the "
+             "recipe's folder)", recipe, test_tmpdir());
+    CHECK_MSG(!strcmp(qlr_error_msg(), want), "\n   got: %s\n  want: %s", qlr_error_msg(), want);
+    CHECK(o.output_dir == NULL);
+    const char *sets[] = {"val_set_size=0", "test_datasets.0={path: /nonexistent/v.jsonl, type: completion}"};
+    CHECK(qlr_train_opts_load(g_recipe, sets, 2, &o) == QLR_ERR_NOT_FOUND);
+    CHECK_MSG(!strcmp(qlr_error_msg(), "--set test_datasets.0={path: /nonexistent/v.jsonl, type: completion}: "
+                                       "test_datasets.0.path: /nonexistent/v.jsonl does not exist"),
+              "%s", qlr_error_msg());
+    const char *sets2[] = {"datasets.0.path=.", "datasets.0.split=nosuch"}; /* a folder without nosuch.jsonl */
+    CHECK(qlr_train_opts_load(g_recipe, sets2, 2, &o) == QLR_ERR_NOT_FOUND);
+    CHECK_MSG(!strncmp(qlr_error_msg(), "--set datasets.0.path=.: datasets.0.path: ", 42) &&
+                  strstr(qlr_error_msg(), "is a folder without nosuch.jsonl or nosuch.jsonl.gz (datasets.0.split "
+                                          "names the file)"),
+              "%s", qlr_error_msg());
+    qlr_error_clear();
+}
+
 int main(void) {
     qlr_log_set_level(QLR_LOG_WARN);
     write_recipe();
@@ -358,5 +468,7 @@ int main(void) {
     test_nan_stop();
     test_resume_without_checkpoint();
     test_eval_chat();
+    test_test_datasets();
+    test_missing_dataset();
     return test_finish();
 }
