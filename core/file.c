@@ -1,9 +1,6 @@
 /* core/file.c: mmap, whole-file reads, atomic writes and crc32; see file.h. */
 #include "core/file.h"
 
-#include "core/log.h"
-#include "core/testhook.h"
-
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -15,6 +12,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 #include <zlib.h>
+
+#include "core/log.h"
+#include "core/testhook.h"
 
 qlr_status qlr_mmap_open(const char *path, qlr_mmap *m) {
     m->data = NULL;
