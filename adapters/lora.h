@@ -110,7 +110,9 @@ qlr_status qlr_lora_save_gguf(const qlr_lora *l, const char *path);
 /* Writes a PEFT folder `dir` (created if missing): adapter_model.safetensors (F32,
  * base_model.model.model.layers.N.{self_attn,mlp}.<hf name>.lora_{A,B}.weight, __metadata__
  * {"format": "pt", "qlora.base": "<json of the base identity>"}) then adapter_config.json
- * (indent 2, sorted keys). Each file is written atomically. */
+ * (indent 2, sorted keys). Each file is written atomically, and an older adapter_config.json
+ * is removed before the tensors are replaced: at every instant the folder holds one adapter
+ * whole, or no config (a crash in between). */
 qlr_status qlr_lora_save_peft(const qlr_lora *l, const char *dir);
 
 /* Reads a GGUF adapter. `base` (may be NULL) is the model it will run on: shapes are checked
@@ -125,7 +127,8 @@ qlr_status qlr_lora_load_gguf(const char *path, const qlr_lora_base *base, qlr_l
 qlr_status qlr_lora_load_peft(const char *dir, const qlr_lora_base *base, qlr_lora **out);
 
 /* Where the adapter of `path` is: a training run dir (output_dir) gives <run>/adapter if it holds
- * adapter_config.json, else <run>/checkpoint-N/adapter of the largest N; a PEFT folder or a GGUF
+ * adapter_config.json, else <run>/checkpoint-N/adapter of the largest N whose manifest.json is
+ * there (a complete checkpoint; incomplete ones are skipped); a PEFT folder or a GGUF
  * file is itself. *out is malloc'ed; *is_gguf says which format. QLR_ERR_NOT_FOUND naming what
  * was looked for. */
 qlr_status qlr_lora_resolve(const char *path, char **out, int *is_gguf);
@@ -139,5 +142,8 @@ void qlr_lora_print(const qlr_lora *l, FILE *out);
 /* Layout of a training run (the trainer writes these; readers use qlr_lora_resolve). */
 #define QLR_RUN_ADAPTER_DIR "adapter"          /* <output_dir>/adapter/: final adapter, PEFT */
 #define QLR_RUN_CHECKPOINT_PREFIX "checkpoint-" /* <output_dir>/checkpoint-N/adapter/ */
+/* checkpoint-N/manifest.json, written last: a checkpoint folder without it is incomplete and
+ * never read (train/checkpoint.h QLR_CKPT_MANIFEST is this name) */
+#define QLR_RUN_CHECKPOINT_MANIFEST "manifest.json"
 
 #endif

@@ -357,6 +357,16 @@ done:
     return st;
 }
 
+qlr_status qlr_lora_load_gguf_mem_(const void *data, size_t size, const char *name, const qlr_lora_base *base,
+                                   qlr_lora **out) {
+    *out = NULL;
+    qlr_gguf *g = NULL;
+    QLR_TRY(qlr_gguf_open_mem(data, size, name, &g));
+    qlr_status st = load_gguf(g, name, base, out);
+    qlr_gguf_close(g);
+    return st;
+}
+
 qlr_status qlr_lora_load_gguf(const char *path, const qlr_lora_base *base, qlr_lora **out) {
     *out = NULL;
     qlr_gguf *g = NULL;

@@ -1,5 +1,5 @@
-/* adapters/lora_internal.h: helpers lora.c gives the format files (lora_gguf.c, lora_peft.c);
- * not for other modules. */
+/* adapters/lora_internal.h: helpers lora.c gives the format files (lora_gguf.c, lora_peft.c),
+ * and the in-memory loaders of tests/fuzz/fuzz_adapter.c; not for other modules. */
 #ifndef QLR_ADAPTERS_LORA_INTERNAL_H
 #define QLR_ADAPTERS_LORA_INTERNAL_H
 
@@ -19,5 +19,12 @@ qlr_status qlr_lora_check_base_(const qlr_lora *l, const qlr_lora_base *base, co
 /* "blk.3.attn_q.weight.lora_b" or "base_model.model.model.layers.3.self_attn.q_proj.lora_B.weight"
  * (half 0 = A, 1 = B). */
 void qlr_lora_tensor_name_(char *buf, size_t n, int peft, int32_t layer, qlr_linear_id id, int half);
+
+/* The loaders on bytes in memory (the fuzz target's entry points; the file loaders of lora.h do
+ * the same checks). PEFT: an adapter_config.json text and an adapter_model.safetensors image. */
+qlr_status qlr_lora_load_peft_mem_(const void *cfg_text, size_t cfg_size, const void *st_data, size_t st_size,
+                                   const qlr_lora_base *base, qlr_lora **out);
+qlr_status qlr_lora_load_gguf_mem_(const void *data, size_t size, const char *name, const qlr_lora_base *base,
+                                   qlr_lora **out);
 
 #endif

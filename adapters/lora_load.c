@@ -56,9 +56,13 @@ qlr_status qlr_lora_resolve(const char *path, char **out, int *is_gguf) {
         if (*num < '0' || *num > '9') continue;
         long n = strtol(num, &end, 10);
         if (*end || n <= best) continue;
+        /* only a complete checkpoint (its manifest is written last): a killed run can leave a
+         * newer folder whose adapter is there but whose other files or manifest are not */
         char *c = path_join(path, e->d_name);
         char *a = c ? path_join(c, QLR_RUN_ADAPTER_DIR) : NULL;
-        if (a && is_peft_dir(a)) best = n;
+        char *m = c ? path_join(c, QLR_RUN_CHECKPOINT_MANIFEST) : NULL;
+        if (a && m && is_peft_dir(a) && qlr_path_exists(m)) best = n;
+        free(m);
         free(a);
         free(c);
     }

@@ -4,9 +4,11 @@
  * sorted keys, as save_pretrained writes it). The safetensors __metadata__ carries "qlora.base",
  * the base identity as compact JSON, which PEFT ignores. This is also the trainer's own adapter
  * format (run dir: <output_dir>/adapter/, <output_dir>/checkpoint-N/adapter/). */
+#include <errno.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "adapters/lora_internal.h"
 #include "core/core.h"
@@ -107,8 +109,16 @@ qlr_status qlr_lora_save_peft(const qlr_lora *l, const char *dir) {
             qlr_lora_tensor_name_(name, sizeof name, 1, L, (qlr_linear_id)id, 1);
             if ((st = qlr_st_writer_add(w, name, QLR_ST_F32, 2, sb, m->b, sb[0] * sb[1] * 4)) != QLR_OK) goto done;
         }
-    /* tensors first: a folder whose config is present has its tensors */
+    /* The config is the folder's commit record: an older adapter's config goes first, then the
+     * tensors, then the new config (each file atomic). A kill at any point leaves the old
+     * adapter whole, a folder without a config (not an adapter), or the new adapter whole;
+     * never the old config over the new tensors. */
+    if (unlink(cfg_path) != 0 && errno != ENOENT) {
+        st = qlr_errorf(QLR_ERR_IO, "%s: cannot replace it: %s", cfg_path, strerror(errno));
+        goto done;
+    }
     if ((st = qlr_st_writer_write(w, st_path)) != QLR_OK) goto done;
+    qlr_kill_point("peft.tensors");
     st = qlr_json_write_file(cfg_path, cj);
 done:
     free(bs);
@@ -268,38 +278,16 @@ static qlr_status read_config(const json_t *c, const char *src, int64_t *r, doub
     return QLR_OK;
 }
 
-qlr_status qlr_lora_load_peft(const char *dir, const qlr_lora_base *base, qlr_lora **out) {
+/* The adapter of an opened safetensors file `f` under the hyper-parameters read_config gave;
+ * the paths are for messages. */
+static qlr_status load_peft(const qlr_safetensors *f, const char *cfg_path, const char *st_path,
+                            int64_t r, double alpha, double dropout, int rslora, uint32_t targets,
+                            const char *base_model, const qlr_lora_base *base, qlr_lora **out) {
     *out = NULL;
-    char *cfg_path = join(dir, "adapter_config.json");
-    char *st_path = join(dir, "adapter_model.safetensors");
-    json_t *cfg = NULL;
-    qlr_safetensors *f = NULL;
     qlr_lora *l = NULL;
     const qlr_st_tensor **pairs = NULL;
     int32_t (*shapes)[2] = NULL;
     qlr_status st = QLR_OK;
-    if (!cfg_path || !st_path) {
-        st = qlr_errorf(QLR_ERR_NOMEM, "out of memory");
-        goto done;
-    }
-    if ((st = qlr_json_load_file(cfg_path, &cfg)) != QLR_OK) goto done;
-    int64_t r = 0;
-    double alpha = 0, dropout = 0;
-    int rslora = 0;
-    uint32_t targets = 0;
-    const char *base_model = NULL;
-    if ((st = read_config(cfg, cfg_path, &r, &alpha, &dropout, &rslora, &targets, &base_model)) != QLR_OK) goto done;
-    if (!qlr_path_exists(st_path)) {
-        char *bin = join(dir, "adapter_model.bin");
-        int has_bin = bin && qlr_path_exists(bin);
-        free(bin);
-        st = qlr_errorf(QLR_ERR_NOT_FOUND, has_bin ? "%s: missing; adapter_model.bin (pickle) is not read: save with "
-                                                     "safe_serialization=True"
-                                                   : "%s: missing",
-                        st_path);
-        goto done;
-    }
-    if ((st = qlr_safetensors_open(st_path, &f)) != QLR_OK) goto done;
     qlr_lora_base fb;
     memset(&fb, 0, sizeof fb);
     if ((st = read_base_meta(f, st_path, &fb)) != QLR_OK) goto done;
@@ -395,14 +383,68 @@ qlr_status qlr_lora_load_peft(const char *dir, const qlr_lora_base *base, qlr_lo
 done:
     free(pairs);
     free(shapes);
-    qlr_safetensors_close(f);
-    json_decref(cfg);
-    free(cfg_path);
-    free(st_path);
     if (st != QLR_OK) {
         qlr_lora_free(l);
         l = NULL;
     }
     *out = l;
+    return st;
+}
+
+qlr_status qlr_lora_load_peft(const char *dir, const qlr_lora_base *base, qlr_lora **out) {
+    *out = NULL;
+    char *cfg_path = join(dir, "adapter_config.json");
+    char *st_path = join(dir, "adapter_model.safetensors");
+    json_t *cfg = NULL;
+    qlr_safetensors *f = NULL;
+    qlr_status st = QLR_OK;
+    if (!cfg_path || !st_path) {
+        st = qlr_errorf(QLR_ERR_NOMEM, "out of memory");
+        goto done;
+    }
+    if ((st = qlr_json_load_file(cfg_path, &cfg)) != QLR_OK) goto done;
+    int64_t r = 0;
+    double alpha = 0, dropout = 0;
+    int rslora = 0;
+    uint32_t targets = 0;
+    const char *base_model = NULL;
+    if ((st = read_config(cfg, cfg_path, &r, &alpha, &dropout, &rslora, &targets, &base_model)) != QLR_OK) goto done;
+    if (!qlr_path_exists(st_path)) {
+        char *bin = join(dir, "adapter_model.bin");
+        int has_bin = bin && qlr_path_exists(bin);
+        free(bin);
+        st = qlr_errorf(QLR_ERR_NOT_FOUND, has_bin ? "%s: missing; adapter_model.bin (pickle) is not read: save with "
+                                                     "safe_serialization=True"
+                                                   : "%s: missing",
+                        st_path);
+        goto done;
+    }
+    if ((st = qlr_safetensors_open(st_path, &f)) != QLR_OK) goto done;
+    st = load_peft(f, cfg_path, st_path, r, alpha, dropout, rslora, targets, base_model, base, out);
+done:
+    qlr_safetensors_close(f);
+    json_decref(cfg);
+    free(cfg_path);
+    free(st_path);
+    return st;
+}
+
+qlr_status qlr_lora_load_peft_mem_(const void *cfg_text, size_t cfg_size, const void *st_data, size_t st_size,
+                                   const qlr_lora_base *base, qlr_lora **out) {
+    *out = NULL;
+    static const char cfg_name[] = "adapter_config.json", st_name[] = "adapter_model.safetensors";
+    json_t *cfg = NULL;
+    qlr_safetensors *f = NULL;
+    QLR_TRY(qlr_json_load_buffer(cfg_name, cfg_text, cfg_size, &cfg));
+    int64_t r = 0;
+    double alpha = 0, dropout = 0;
+    int rslora = 0;
+    uint32_t targets = 0;
+    const char *base_model = NULL;
+    qlr_status st = read_config(cfg, cfg_name, &r, &alpha, &dropout, &rslora, &targets, &base_model);
+    if (st == QLR_OK) st = qlr_safetensors_open_buffer(st_data, st_size, st_name, &f);
+    if (st == QLR_OK) st = load_peft(f, cfg_name, st_name, r, alpha, dropout, rslora, targets, base_model, base, out);
+    qlr_safetensors_close(f);
+    json_decref(cfg);
     return st;
 }

@@ -11,6 +11,7 @@
 #include "core/progress.h"
 #include "core/status.h"
 #include "core/strbuf.h"
+#include "core/testhook.h"
 #include "core/threads.h"
 
 #endif

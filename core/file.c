@@ -1,15 +1,20 @@
 /* core/file.c: mmap, whole-file reads, atomic writes and crc32; see file.h. */
 #include "core/file.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <zlib.h>
+
+#include "core/log.h"
+#include "core/testhook.h"
 
 qlr_status qlr_mmap_open(const char *path, qlr_mmap *m) {
     m->data = NULL;
@@ -93,6 +98,35 @@ qlr_status qlr_file_read_all(const char *path, size_t max_size, char **data, siz
     return QLR_OK;
 }
 
+/* Removes the "<name>.tmp.<pid>" files next to `path` whose writer no longer runs: a process
+ * killed while writing leaves its temp file behind, and a checkpoint's temp file can be as big
+ * as the optimizer state. A live writer's (another process, or this one) is left alone. Best
+ * effort: nothing here can fail the write. */
+static void sweep_stale_temps(const char *path) {
+    char *d1 = strdup(path), *d2 = strdup(path);
+    DIR *d = NULL;
+    if (!d1 || !d2) goto done;
+    const char *dir = dirname(d1), *base = basename(d2);
+    size_t bl = strlen(base);
+    if (!(d = opendir(dir))) goto done;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        const char *n = e->d_name;
+        if (strncmp(n, base, bl) || strncmp(n + bl, ".tmp.", 5)) continue;
+        const char *digits = n + bl + 5;
+        char *end = NULL;
+        errno = 0;
+        long pid = strtol(digits, &end, 10);
+        if (!*digits || *end || errno || pid <= 0 || pid == (long)getpid()) continue;
+        if (kill((pid_t)pid, 0) == 0 || errno != ESRCH) continue; /* alive (or not ours to know) */
+        if (unlinkat(dirfd(d), n, 0) == 0) QLR_LOGD("removed %s/%s, left by a killed writer", dir, n);
+    }
+done:
+    if (d) closedir(d);
+    free(d1);
+    free(d2);
+}
+
 qlr_status qlr_afile_open(qlr_afile *af, const char *path) {
     memset(af, 0, sizeof *af);
     size_t n = strlen(path) + 32;
@@ -102,6 +136,7 @@ qlr_status qlr_afile_open(qlr_afile *af, const char *path) {
         qlr_afile_abort(af);
         return qlr_errorf(QLR_ERR_NOMEM, "%s: out of memory", path);
     }
+    sweep_stale_temps(path);
     snprintf(af->tmp, n, "%s.tmp.%ld", path, (long)getpid());
     af->f = fopen(af->tmp, "wb");
     if (!af->f) {
@@ -131,6 +166,7 @@ qlr_status qlr_afile_write(qlr_afile *af, const void *data, size_t n) {
         left -= k;
     }
     af->written += n;
+    qlr_kill_point("afile.write");
     return QLR_OK;
 }
 
@@ -171,10 +207,12 @@ qlr_status qlr_afile_commit(qlr_afile *af) {
         goto fail;
     }
     af->f = NULL;
+    qlr_kill_point("afile.synced");
     if (rename(af->tmp, af->path) != 0) {
         st = qlr_errorf(QLR_ERR_IO, "cannot rename %s to %s: %s", af->tmp, af->path, strerror(errno));
         goto fail;
     }
+    qlr_kill_point("afile.renamed");
     fsync_parent(af->path);
     free(af->tmp);
     free(af->path);

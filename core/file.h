@@ -24,7 +24,9 @@ void qlr_mmap_close(qlr_mmap *m);
  * Files over `max_size` bytes are refused (QLR_ERR_RANGE). */
 qlr_status qlr_file_read_all(const char *path, size_t max_size, char **data, size_t *size);
 
-/* An atomic writer: bytes go to "<path>.tmp.<pid>" and appear under `path` only on commit. */
+/* An atomic writer: bytes go to "<path>.tmp.<pid>" and appear under `path` only on commit.
+ * Opening one removes the "<path>.tmp.<pid>" files of writers that no longer run (a killed
+ * process cannot clean up after itself). */
 typedef struct qlr_afile {
     FILE *f;
     char *path;

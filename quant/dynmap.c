@@ -6,6 +6,7 @@
  * that it stays within 2 ulps of the tables. No optimizer math lives here. */
 #include "quant/dynmap.h"
 
+#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 
@@ -203,6 +204,38 @@ uint8_t qlr_dynmap_nearest(const float *map, float x) {
     return (uint8_t)lo;
 }
 
+uint8_t qlr_dynmap_quantize_bnb(const float *map, float x) {
+    /* bitsandbytes' dQuantize<0> (csrc/kernels.cu), the search of its CUDA blockwise 8-bit
+     * quantizer: 7 halving steps from index 127 keep the last indices seen above and below x
+     * (bounds -1 and 1 until then, replaced by map[0] / map[255] if never moved), then one
+     * float32 midpoint comparison with the neighbour on x's side. Differs from the bucketize
+     * rule (qlr_dynmap_nearest) only for x exactly on a midpoint: the search's own index wins,
+     * which is always the even one. NaN fails every comparison and ends at 0. */
+    int pivot = 127, upper_pivot = 255, lower_pivot = 0;
+    float lower = -1.0f, upper = 1.0f;
+    float val = map[pivot];
+    for (int step = 64; step > 0; step >>= 1) {
+        if (x > val) {
+            lower_pivot = pivot;
+            lower = val;
+            pivot += step;
+        } else {
+            upper_pivot = pivot;
+            upper = val;
+            pivot -= step;
+        }
+        val = map[pivot];
+    }
+    if (upper_pivot == 255) upper = map[255];
+    if (lower_pivot == 0) lower = map[0];
+    if (x > val) {
+        float mid = (upper + val) * 0.5f;
+        return (uint8_t)(x > mid ? upper_pivot : pivot);
+    }
+    float mid = (lower + val) * 0.5f;
+    return (uint8_t)(x < mid ? lower_pivot : pivot);
+}
+
 typedef struct bw8_ctx {
     const float *x;
     float *out;
@@ -217,19 +250,18 @@ typedef struct bw8_ctx {
 
 static void bw8_quant_range(void *vctx, int64_t b0, int64_t b1, int tid) {
     const bw8_ctx *c = vctx;
-    uint8_t zero_code = qlr_dynmap_nearest(c->map, 0.0f);
     for (int64_t b = b0; b < b1; b++) {
         int64_t i0 = b * c->block, i1 = i0 + c->block;
         if (i1 > c->n) i1 = c->n;
-        float amax = 0.0f;
+        /* bnb's kQuantizeBlockwise: the max starts at -FLT_MAX and a partial block also sees
+         * the zeros its load pads with; r = 1/absmax once, code = search(x * r). An all-zero
+         * block has r = inf and 0 * inf = NaN, which the search sends to code 0. */
+        float amax = -FLT_MAX;
         for (int64_t i = i0; i < i1; i++) amax = fmaxf(amax, fabsf(c->x[i]));
+        if (i1 - i0 < c->block) amax = fmaxf(amax, 0.0f);
         c->absmax[b] = amax;
-        if (amax == 0.0f) {
-            for (int64_t i = i0; i < i1; i++) c->codes[i] = zero_code;
-            continue;
-        }
         float r = 1.0f / amax;
-        for (int64_t i = i0; i < i1; i++) c->codes[i] = qlr_dynmap_nearest(c->map, c->x[i] * r);
+        for (int64_t i = i0; i < i1; i++) c->codes[i] = qlr_dynmap_quantize_bnb(c->map, c->x[i] * r);
     }
 }
 

@@ -16,11 +16,17 @@
  * (bnb's measured values) but differs from them in 42 / 31 entries. Cannot fail. */
 void qlr_dynmap_create(int is_signed, float out[256]);
 
-/* Blockwise 8-bit quantization of x[n] over `map` (256 entries, ascending):
- * absmax[b] = max |x| over block b (float32, NaN ignored; length ceil(n/block)), and
- * codes[i] = qlr_dynmap_nearest(map, x[i] * (1/absmax[b])) (multiply by the float32 reciprocal,
- * as bnb's CUDA kernel). A block whose absmax is 0 gets the code nearest to 0.0 (decodes to 0).
- * Threaded. Returns QLR_ERR_INVALID if n < 0 or block <= 0; otherwise QLR_OK. */
+/* bitsandbytes' CUDA search for the code of x over a 256-entry ascending map (dQuantize<0> of
+ * csrc/kernels.cu): nearest entry by float32 midpoints; on an exact midpoint the even index
+ * wins (the bucketize rule of qlr_dynmap_nearest takes the lower one); NaN gives 0. */
+uint8_t qlr_dynmap_quantize_bnb(const float *map, float x);
+
+/* Blockwise 8-bit quantization of x[n] over `map` (256 entries, ascending), as bnb's CUDA
+ * kQuantizeBlockwise does it: absmax[b] = max |x| over block b (float32, NaN ignored, from
+ * -FLT_MAX, and a partial last block also counts the zeros bnb pads it with; length
+ * ceil(n/block)), and codes[i] = qlr_dynmap_quantize_bnb(map, x[i] * (1/absmax[b])) (multiply by
+ * the float32 reciprocal). A block whose absmax is 0 gets code 0 (0 * inf = NaN; decodes to
+ * -0). Threaded. Returns QLR_ERR_INVALID if n < 0 or block <= 0; otherwise QLR_OK. */
 qlr_status qlr_blockwise8_quantize(const float *x, int64_t n, int block, const float *map,
                                    uint8_t *codes, float *absmax);
 

@@ -6,11 +6,13 @@
  * kernels live in backend/. */
 #include "quant/nf4.h"
 
+#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "core/dtype.h"
+#include "core/status.h"
 #include "core/threads.h"
 #include "quant/dynmap.h"
 
@@ -92,18 +94,23 @@ static void quant_blocks(void *vctx, int64_t b0, int64_t b1, int tid) {
         int64_t i0 = b * QLR_NF4_BLOCK, i1 = i0 + QLR_NF4_BLOCK;
         if (i1 > c->n) i1 = c->n;
         const float *x = c->x;
-        float amax = 0.0f;
+        /* bnb's CUDA kernel (kQuantizeBlockwiseSmall): the max starts at -FLT_MAX, and a
+         * partial last block also sees the zeros its load pads the block with */
+        float amax = -FLT_MAX;
         for (int64_t i = i0; i < i1; i++) amax = fmaxf(amax, fabsf(x[i]));
+        if (i1 - i0 < QLR_NF4_BLOCK) amax = fmaxf(amax, 0.0f);
         c->absmax[b] = amax;
-        /* bnb's CUDA kernel: r = 1/absmax once per block, code = tree(x * r). For an all-zero
-         * block r = inf and 0 * inf = NaN, which the tree sends to code 0 (what bnb stores;
-         * its dequantized value is 0 because absmax is 0). */
+        /* r = 1/absmax once per block, code = tree(x * r). For an all-zero block r = inf and
+         * 0 * inf = NaN, which the tree sends to code 0 (what bnb stores; its dequantized value
+         * is 0 because absmax is 0). */
         float r = 1.0f / amax;
         int64_t i = i0;
         for (; i + 1 < i1; i += 2)
             c->codes[i >> 1] = (uint8_t)(qlr_nf4_nearest(x[i] * r) << 4 |
                                          qlr_nf4_nearest(x[i + 1] * r));
-        if (i < i1) c->codes[i >> 1] = (uint8_t)(qlr_nf4_nearest(x[i] * r) << 4); /* pad 0 */
+        /* odd n: the padding nibble is the code of bnb's padding zero, 0 * r (code 7, or 0 in
+         * an all-zero block) */
+        if (i < i1) c->codes[i >> 1] = (uint8_t)(qlr_nf4_nearest(x[i] * r) << 4 | qlr_nf4_nearest(0.0f * r));
     }
 }
 
@@ -115,13 +122,99 @@ qlr_status qlr_nf4_quantize_blocks(const float *x, int64_t n, uint8_t *codes, fl
     return QLR_OK;
 }
 
+/* ---- torch.mean on CUDA, emulated ----
+ *
+ * bitsandbytes' double quantization takes offset = absmax.mean() of a float32 CUDA tensor, so
+ * its last bits come from PyTorch's CUDA reduction (aten/src/ATen/native/cuda/Reduce.cuh,
+ * ReduceMomentKernel.cu, SharedReduceOps.h MeanOps) for a full reduction of a contiguous 1-D
+ * float32 tensor of n elements: float32 accumulators throughout, the result is sum * (1.0f/n).
+ * The association order, as setReduceConfig lays it out:
+ *   - n >= 128: vectorized input (4 floats per load); dim0 = n / 4, else dim0 = n;
+ *   - one block row of W = min(last_pow2(dim0), 512) threads; values_per_thread = ceil(n / W);
+ *   - when values_per_thread >= 256 the input is split over C = max(min(target, ceil(v/16)),
+ *     ceil(v/256)) thread blocks, target = SMs * (threads per SM / W);
+ *   - thread t of block c: 4 accumulators; vectorized, it reads vectors t + c*W, + W*C, ...
+ *     (accumulator i takes element i of each vector) and, in block 0, element
+ *     4*floor(n/4) + t of the tail into accumulator 0; unvectorized, elements t + i*W (i = 0..3)
+ *     per round of 4*W; then acc0 + acc1, + acc2, + acc3 in that order;
+ *   - the W thread values: shared-memory halving down to 32 (v[t] += v[t + o], o = W/2 .. 32),
+ *     then the warp shuffle with offsets 16, 8, 4, 2, 1 (CUDA builds; ROCm goes 1 .. 16);
+ *   - with C > 1 blocks the last one sums the C block values, thread t taking t, t + W, ...,
+ *     and reduces them the same way.
+ * SMs and threads per SM matter only when ceil(n/W)/16 exceeds the target (n above about 4.3
+ * million absmax values, 277 million weights); we take an H100/H200 (132 SMs, 2048 threads). */
+enum { TORCH_SMS = 132, TORCH_THREADS_PER_SM = 2048, TORCH_MAX_THREADS = 512, TORCH_WARP = 32 };
+
+static int64_t last_pow2_i64(int64_t n) {
+    int64_t p = 1;
+    while (p * 2 <= n) p *= 2;
+    return p;
+}
+
+/* Reduces v[0..w) (w a power of two) the way block_x_reduce does; returns thread 0's value. */
+static float torch_block_x_reduce(float *v, int64_t w) {
+    int64_t dim_x = w;
+    if (dim_x > TORCH_WARP) {
+        for (int64_t o = dim_x / 2; o >= TORCH_WARP; o >>= 1)
+            for (int64_t t = 0; t < o; t++) v[t] = v[t] + v[t + o];
+        dim_x = TORCH_WARP;
+    }
+    for (int64_t o = dim_x >> 1; o > 0; o >>= 1)
+        for (int64_t t = 0; t < o; t++) v[t] = v[t] + v[t + o]; /* t + o not yet updated: a shuffle */
+    return v[0];
+}
+
+static float torch_cuda_mean_f32(const float *x, int64_t n) {
+    int vectorize = n >= 128;
+    int64_t dim0 = vectorize ? n / 4 : n;
+    int64_t w = dim0 < TORCH_MAX_THREADS ? last_pow2_i64(dim0) : TORCH_MAX_THREADS;
+    int64_t vpt = (n + w - 1) / w;
+    int64_t ctas = 1;
+    if (vpt >= 16 && vpt >= 256) {
+        int64_t target = (int64_t)TORCH_SMS * (TORCH_THREADS_PER_SM / w);
+        int64_t c2 = (vpt + 15) / 16, c3 = (vpt + 255) / 256;
+        ctas = target < c2 ? target : c2;
+        if (c3 > ctas) ctas = c3;
+    }
+    int64_t stride = w * ctas; /* step_input: in vectors when vectorized */
+    float *v = malloc(sizeof(float) * (size_t)w), *blocks = malloc(sizeof(float) * (size_t)ctas);
+    QLR_ASSERT(v && blocks);
+    for (int64_t c = 0; c < ctas; c++) {
+        for (int64_t t = 0; t < w; t++) {
+            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            int64_t idx = t + c * w;
+            if (vectorize) {
+                for (; idx * 4 + 3 < n; idx += stride)
+                    for (int i = 0; i < 4; i++) acc[i] = acc[i] + x[idx * 4 + i];
+                int64_t tail = n - n % 4 + t;
+                if (c == 0 && tail < n) acc[0] = acc[0] + x[tail];
+            } else {
+                for (; idx + 3 * stride < n; idx += 4 * stride)
+                    for (int i = 0; i < 4; i++) acc[i] = acc[i] + x[idx + i * stride];
+                for (int i = 0; i < 4 && idx < n; i++, idx += stride) acc[i] = acc[i] + x[idx];
+            }
+            v[t] = ((acc[0] + acc[1]) + acc[2]) + acc[3];
+        }
+        blocks[c] = torch_block_x_reduce(v, w);
+    }
+    float sum = blocks[0];
+    if (ctas > 1) {
+        for (int64_t t = 0; t < w; t++) {
+            float a = 0.0f;
+            for (int64_t k = t; k < ctas; k += w) a = a + blocks[k];
+            v[t] = a;
+        }
+        sum = torch_block_x_reduce(v, w);
+    }
+    free(v);
+    free(blocks);
+    float factor = 1.0f / (float)n;
+    return sum * factor;
+}
+
 float qlr_nf4_dq_mean(const float *absmax, int64_t nb) {
-    /* summed in double, rounded once to float32: within an ulp or so of torch.mean's float32
-     * cascade sum, and independent of thread count */
     if (nb <= 0) return 0.0f;
-    double s = 0.0;
-    for (int64_t i = 0; i < nb; i++) s += absmax[i];
-    return (float)(s / (double)nb);
+    return torch_cuda_mean_f32(absmax, nb);
 }
 
 qlr_status qlr_nf4_double_quant(const float *absmax, int64_t nb, uint8_t *absmax_q,

@@ -68,14 +68,17 @@ void qlr_nf4_dequant(const qlr_nf4 *q, float *out);
  * literals; see nf4.c); 0 otherwise (a build/consistency check). */
 int qlr_nf4_table_ok(void);
 
-/* The raw bnb kernel on a flat array: absmax[ceil(n/64)] = max |x| per block (NaN ignored),
- * codes[ceil(n/2)] = nearest(x * (1/absmax)) packed high nibble first, odd n padded with code 0.
- * An all-zero block stores absmax 0 and codes 0 (0 * inf = NaN -> code 0, as bnb's CUDA
- * kernel). Threaded. Returns QLR_ERR_INVALID if n < 0, else QLR_OK. */
+/* The raw bnb CUDA kernel on a flat array: absmax[ceil(n/64)] = max |x| per block (NaN
+ * ignored; a partial last block also counts the zeros bnb pads it with),
+ * codes[ceil(n/2)] = nearest(x * (1/absmax)) packed high nibble first; odd n: the last low
+ * nibble is the code of bnb's padding zero (7; 0 in an all-zero block). An all-zero block
+ * stores absmax 0 and codes 0 (0 * inf = NaN -> code 0, as bnb's CUDA kernel). Threaded.
+ * Returns QLR_ERR_INVALID if n < 0, else QLR_OK. */
 qlr_status qlr_nf4_quantize_blocks(const float *x, int64_t n, uint8_t *codes, float *absmax);
 
-/* Double-quant offset: float32 mean of absmax[nb] (summed in double, rounded once; bnb uses
- * torch.mean in float32, so the last ulp can differ). 0 when nb <= 0. */
+/* Double-quant offset: bnb's absmax.mean(), the float32 mean of absmax[nb] computed as
+ * PyTorch's CUDA reduction computes it (same association order, float32 sums, times 1.0f/nb;
+ * see nf4.c), so that the offset has bnb's last bit. 0 when nb <= 0. */
 float qlr_nf4_dq_mean(const float *absmax, int64_t nb);
 
 /* Double quantization of absmax[nb] (spec §1.6): *dq_offset = qlr_nf4_dq_mean, then

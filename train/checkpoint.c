@@ -49,6 +49,7 @@ static qlr_status record(qlr_ckpt_writer *w, const char *name, uint64_t bytes, u
     snprintf(f->name, sizeof f->name, "%s", name);
     f->bytes = bytes;
     f->crc32 = crc;
+    qlr_kill_point("ckpt.file");
     return QLR_OK;
 }
 
@@ -61,6 +62,7 @@ qlr_status qlr_ckpt_begin(qlr_ckpt_writer *w, const char *output_dir, uint64_t s
     QLR_TRY(join(man, sizeof man, w->dir, QLR_CKPT_MANIFEST));
     if (unlink(man) != 0 && errno != ENOENT)
         return qlr_errorf(QLR_ERR_IO, "%s: cannot remove the old manifest: %s", man, strerror(errno));
+    qlr_kill_point("ckpt.begin");
     return QLR_OK;
 }
 
@@ -144,8 +146,10 @@ qlr_status qlr_ckpt_commit(qlr_ckpt_writer *w, const qlr_ckpt_meta *m) {
     if (!text) return qlr_errorf(QLR_ERR_NOMEM, "out of memory");
     char path[4300];
     qlr_status st = join(path, sizeof path, w->dir, QLR_CKPT_MANIFEST);
+    qlr_kill_point("ckpt.manifest");
     if (st == QLR_OK) st = qlr_write_atomic(path, text, strlen(text));
     free(text);
+    if (st == QLR_OK) qlr_kill_point("ckpt.committed");
     return st;
 }
 
@@ -380,6 +384,7 @@ static qlr_status remove_tree(const char *path) {
         if (lstat(sub, &sb) != 0) continue;
         if (S_ISDIR(sb.st_mode)) st = remove_tree(sub);
         else if (unlink(sub) != 0) st = qlr_errorf(QLR_ERR_IO, "%s: cannot remove: %s", sub, strerror(errno));
+        else qlr_kill_point("ckpt.remove");
     }
     closedir(d);
     if (st == QLR_OK && rmdir(path) != 0) st = qlr_errorf(QLR_ERR_IO, "%s: cannot remove: %s", path, strerror(errno));
@@ -392,10 +397,30 @@ qlr_status qlr_ckpt_rotate(const char *output_dir, uint32_t keep) {
     size_t n;
     QLR_TRY(list_ckpts(output_dir, &v, &n));
     qlr_status st = QLR_OK;
-    for (size_t i = 0; n > keep && i < n - keep && st == QLR_OK; i++) {
-        char path[4400];
+    uint32_t kept = 0;
+    int seen_complete = 0;
+    for (size_t i = n; i-- > 0 && st == QLR_OK;) {
+        char path[4400], man[4500];
         if ((st = join(path, sizeof path, output_dir, v[i].name))) break;
+        if ((st = join(man, sizeof man, path, QLR_CKPT_MANIFEST))) break;
+        qlr_ckpt_meta m;
+        int complete = read_manifest(path, &m, NULL, NULL) == QLR_OK;
+        qlr_error_clear();
+        if (complete) {
+            seen_complete = 1;
+            if (kept < keep) {
+                kept++;
+                continue;
+            }
+        } else if (!seen_complete) {
+            continue; /* incomplete and newer than every complete one: being (re)written */
+        }
         QLR_LOGD("removing old checkpoint %s", path);
+        /* the manifest first: a folder half removed by a crash is never taken as complete */
+        if (unlink(man) != 0 && errno != ENOENT) {
+            st = qlr_errorf(QLR_ERR_IO, "%s: cannot remove: %s", man, strerror(errno));
+            break;
+        }
         st = remove_tree(path);
     }
     free(v);

@@ -21,7 +21,7 @@
 
 #include "core/status.h"
 
-#define QLR_CKPT_MANIFEST "manifest.json"
+#define QLR_CKPT_MANIFEST "manifest.json" /* = adapters/lora.h QLR_RUN_CHECKPOINT_MANIFEST */
 #define QLR_CKPT_MAX_FILES 16
 
 /* The trainer state and the key fields a resume must agree on. */
@@ -76,8 +76,10 @@ qlr_status qlr_ckpt_read(const char *dir, const qlr_ckpt_file *files, int n_file
 /* The checkpoint-N folder of output_dir with the largest N whose manifest parses (crc32s are
  * checked later by qlr_ckpt_open). *dir malloc'ed. QLR_ERR_NOT_FOUND when there is none. */
 qlr_status qlr_ckpt_find_latest(const char *output_dir, char **dir);
-/* Deletes all but the newest `keep` checkpoint-N folders (by N; folders without a manifest
- * count too, older ones only) of output_dir. keep 0 = keep everything. */
+/* Keeps the newest `keep` complete checkpoints of output_dir (by N, those whose manifest parses)
+ * and deletes the older ones, and every incomplete folder (no valid manifest) older than the newest
+ * complete one; incomplete folders newer than that are left to be rewritten. A deleted folder
+ * loses its manifest first. keep 0 = keep everything. */
 qlr_status qlr_ckpt_rotate(const char *output_dir, uint32_t keep);
 
 /* QLR_ERR_INVALID when a key field differs, naming it: "cannot resume from <dir>: it was made

@@ -128,15 +128,27 @@ static qlr_status send_all(qlr_dist *d, int fd, const void *buf, size_t n, int p
     return QLR_OK;
 }
 
+/* Called when a peer's link closed, before this rank returns its error: `qlora train --nproc`
+ * names the first rank it sees exit as the one that failed, and it looks every 20 ms, so a rank
+ * that only reacts to a dead peer gives the launcher a moment to see the dead one first (without
+ * it both could be reaped in the same look and the survivor named). */
+static void lost_peer_pause(void) {
+    struct timespec ts = {0, 250 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+}
+
 static qlr_status recv_all(qlr_dist *d, int fd, void *buf, size_t n, int peer) {
     char *p = buf;
     while (n) {
         QLR_TRY(wait_fd(d, fd, POLLIN, peer));
         ssize_t r = recv(fd, p, n, 0);
         if (r < 0 && (errno == EINTR || errno == EAGAIN)) continue;
-        if (r <= 0)
+        if (r <= 0) {
+            int e = errno;
+            lost_peer_pause();
             return qlr_errorf(QLR_ERR_IO, "rank %d: rank %d closed its link (%s): it stopped or died",
-                              d->env.rank, peer, r < 0 ? strerror(errno) : "end of stream");
+                              d->env.rank, peer, r < 0 ? strerror(e) : "end of stream");
+        }
         p += r, n -= (size_t)r;
     }
     return QLR_OK;
@@ -334,6 +346,7 @@ qlr_status qlr_dist_allreduce_f32(qlr_dist *d, float *x, int64_t n) {
             if (st != QLR_ERR_BUSY) return qlr_error_prefix("rank %d: gradient sum", d->env.rank);
             qlr_error_clear();
             int dead = d->env.world > 1 ? dead_peer(d) : -1;
+            if (dead >= 0) lost_peer_pause();
             if (dead >= 0)
                 return qlr_errorf(QLR_ERR_IO, "rank %d: rank %d stopped or died during the gradient "
                                   "sum", d->env.rank, dead);

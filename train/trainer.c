@@ -112,6 +112,7 @@ static qlr_status train_step(trainer *t, step_out *so) {
                                   &nt));
         sums[0] += ls;
         sums[1] += (double)nt;
+        qlr_kill_point("train.micro");
     }
     if (t->dist) {
         QLR_TRY(qlr_dist_allreduce_f32(t->dist, t->tr.ldev->grad, (int64_t)(t->tr.grad_bytes / 4)));
@@ -147,6 +148,7 @@ static qlr_status train_step(trainer *t, step_out *so) {
     QLR_TRY(qlr_lora_dev_refresh(t->tr.ldev));
     t->step++;
     t->tokens_seen += so->tokens;
+    qlr_kill_point("train.step");
     return QLR_OK;
 }
 
@@ -157,6 +159,7 @@ static qlr_status export_final(trainer *t, qlr_train_result *res) {
     QLR_TRY(qlr_lora_dev_download(t->tr.ldev, t->tr.lora));
     snprintf(res->adapter_dir, sizeof res->adapter_dir, "%s/%s", t->o->output_dir, QLR_RUN_ADAPTER_DIR);
     QLR_TRY(qlr_lora_save_peft(t->tr.lora, res->adapter_dir));
+    qlr_kill_point("train.export");
     if (t->o->export_gguf) {
         snprintf(res->adapter_gguf, sizeof res->adapter_gguf, "%s/adapter_model.gguf", t->o->output_dir);
         qlr_status st = qlr_lora_save_gguf(t->tr.lora, res->adapter_gguf);
@@ -228,12 +231,18 @@ qlr_status qlr_train_run(const qlr_train_opts *o, qlr_train_result *res) {
     qlr_error_clear();
     char *resume_dir = NULL;
     if (o->resume) {
+        /* `--resume` is the command that restarts a run after a crash: a run killed before its
+         * first complete checkpoint starts again from step 0 (an explicit DIR must exist) */
         if (o->resume_dir) resume_dir = strdup(o->resume_dir);
-        else if ((st = qlr_ckpt_find_latest(o->output_dir, &resume_dir))) {
+        else if ((st = qlr_ckpt_find_latest(o->output_dir, &resume_dir)) == QLR_ERR_NOT_FOUND) {
+            QLR_LOGW("--resume: %s holds no complete checkpoint: starting from step 0", o->output_dir);
+            qlr_error_clear();
+            st = QLR_OK;
+        } else if (st) {
             qlr_error_prefix("--resume");
             return st;
         }
-        if (!resume_dir) return qlr_errorf(QLR_ERR_NOMEM, "out of memory");
+        if (o->resume_dir && !resume_dir) return qlr_errorf(QLR_ERR_NOMEM, "out of memory");
     }
     qlr_dist_env denv;
     if ((st = qlr_dist_env_read(&denv))) goto done;
@@ -266,6 +275,9 @@ qlr_status qlr_train_run(const qlr_train_opts *o, qlr_train_result *res) {
         if ((st = qlr_trainer_resume(t, resume_dir))) goto done;
         QLR_LOGI("resumed from %s at step %" PRIu64, resume_dir, t->step);
         res->resumed_from = t->step;
+        /* a run killed between a manifest and the rotation after it left an old checkpoint
+         * (rank 0 writes and rotates; it keeps the one resumed from, the newest complete) */
+        if (t->rank0 && (st = qlr_ckpt_rotate(o->output_dir, o->save_total_limit))) goto done;
     }
     if (t->rank0 && (st = qlr_trainer_metrics_prepare(t, t->step, resume_dir != NULL))) goto done;
     if (t->rank0 && o->report_tensorboard) {

@@ -89,7 +89,8 @@ typedef struct qlr_train_opts {
     int threads;                /* 0 = default */
 
     /* run control (not from the recipe) */
-    int resume;                 /* 1: continue from resume_dir, or the latest checkpoint in output_dir */
+    int resume;                 /* 1: continue from resume_dir, or the latest checkpoint in output_dir
+                                 * (none there: a warning, and the run starts from step 0) */
     char *resume_dir;           /* NULL = latest valid checkpoint in output_dir */
     volatile sig_atomic_t *stop_flag; /* set by a signal handler: finish the step, checkpoint, stop */
     uint64_t stop_after_step;   /* > 0: behave as if stopped by a signal after this step (tests) */

@@ -486,10 +486,15 @@ static void test_resolve(void) {
     if (!l) return;
     const char *run = tmp("run1");
     char p[700];
-    snprintf(p, sizeof p, "%s/checkpoint-2/adapter", run);
-    CHECK_OK(qlr_lora_save_peft(l, p));
-    snprintf(p, sizeof p, "%s/checkpoint-10/adapter", run);
-    CHECK_OK(qlr_lora_save_peft(l, p));
+    /* complete checkpoints (a manifest, written last) 2 and 10; 12 has its adapter but no
+     * manifest (a run killed while writing it) and is skipped */
+    const int steps[3] = {2, 10, 12};
+    for (int i = 0; i < 3; i++) {
+        snprintf(p, sizeof p, "%s/checkpoint-%d/adapter", run, steps[i]);
+        CHECK_OK(qlr_lora_save_peft(l, p));
+        snprintf(p, sizeof p, "%s/checkpoint-%d/" QLR_RUN_CHECKPOINT_MANIFEST, run, steps[i]);
+        if (steps[i] != 12) CHECK_OK(qlr_write_atomic(p, "{}", 2));
+    }
     snprintf(p, sizeof p, "%s/checkpoint-9x", run);
     CHECK_OK(qlr_mkdir_p(p));
     char *out = NULL;

@@ -1,11 +1,14 @@
 /* tests/core/test_core.c: core/ unit tests: f16/bf16 conversion against the compiler's own
- * _Float16 and hand-picked bit patterns, atomic writes, crc32 known values, arenas, errors,
- * the parallel-for partition, and the progress bar's plain (non-terminal) lines. */
+ * _Float16 and hand-picked bit patterns, atomic writes (and the removal of a killed writer's
+ * temp file), crc32 known values, arenas, errors, the parallel-for partition, the progress bar's
+ * plain (non-terminal) lines, and the test kill points of core/testhook.h. */
 #include "core/core.h"
 #include "tests/test_util.h"
 
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 static void test_f16(void) {
@@ -103,6 +106,56 @@ static void test_files(void) {
     snprintf(dir, sizeof dir, "%s/x/y/z", test_tmpdir());
     CHECK_OK(qlr_mkdir_p(dir));
     CHECK(qlr_is_dir(dir));
+}
+
+/* A killed writer's temp file ("<name>.tmp.<pid>" of a process that no longer runs) is removed
+ * by the next writer of that name; a live process's, another name's and a non-pid suffix stay
+ * (found by tests/e2e/test_e2e_sigkill.c: every kill left one behind, for good). */
+static void test_stale_temps(void) {
+    pid_t dead = fork();
+    if (dead == 0) _exit(0);
+    int status;
+    waitpid(dead, &status, 0);
+    char path[512], t_dead[600], t_live[600], t_word[600], t_other[600];
+    snprintf(path, sizeof path, "%s/s.bin", test_tmpdir());
+    snprintf(t_dead, sizeof t_dead, "%s.tmp.%ld", path, (long)dead);
+    snprintf(t_live, sizeof t_live, "%s.tmp.%ld", path, (long)getppid());
+    snprintf(t_word, sizeof t_word, "%s.tmp.abc", path);
+    snprintf(t_other, sizeof t_other, "%s/other.bin.tmp.%ld", test_tmpdir(), (long)dead);
+    const char *all[4] = {t_dead, t_live, t_word, t_other};
+    for (int i = 0; i < 4; i++) CHECK_OK(qlr_write_atomic(all[i], "x", 1));
+    CHECK_OK(qlr_write_atomic(path, "new", 3));
+    CHECK_MSG(!qlr_path_exists(t_dead), "%s: the dead writer's temp file is still there", t_dead);
+    CHECK(qlr_path_exists(t_live));
+    CHECK(qlr_path_exists(t_word));
+    CHECK(qlr_path_exists(t_other));
+    CHECK(qlr_path_exists(path));
+}
+
+/* QLR_TEST_KILL_AT=<label>:<n> kills at the n-th pass of that point and not before; the trace
+ * lists every point passed. Runs in a child before this process passes any point. */
+static void test_kill_point(void) {
+    char trace[600];
+    snprintf(trace, sizeof trace, "%s/kill_trace.txt", test_tmpdir());
+    pid_t pid = fork();
+    if (pid == 0) {
+        setenv("QLR_TEST_KILL_AT", "t.here:2", 1);
+        setenv("QLR_TEST_KILL_TRACE", trace, 1);
+        qlr_kill_point("t.here");
+        qlr_kill_point("t.other");
+        qlr_kill_point("t.other");
+        qlr_kill_point("t.here");
+        _exit(3); /* not killed */
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    CHECK_MSG(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL, "child status %d", status);
+    char *data = NULL;
+    size_t n;
+    CHECK_OK(qlr_file_read_all(trace, 1 << 20, &data, &n));
+    CHECK_MSG(data && !strcmp(data, "t.here\nt.other\nt.other\nt.here\nt.here KILL\n"), "trace: %s",
+              data ? data : "");
+    free(data);
 }
 
 static void test_arena(void) {
@@ -276,9 +329,11 @@ static void test_path_normalize(void) {
 }
 
 int main(void) {
+    test_kill_point(); /* first: before this process passes a kill point */
     test_f16();
     test_bf16();
     test_files();
+    test_stale_temps();
     test_arena();
     test_errors();
     test_threads();

@@ -192,6 +192,39 @@ static void test_nearest(void) {
     CHECK_EQ_INT(bad, 0);
 }
 
+/* bnb's CUDA search (dQuantize<0>): the nearest entry, the even index on an exact float32
+ * midpoint (its search ends on an even index and keeps it on a tie), NaN -> 0, and out of
+ * range values clamp to the ends; checked against the brute force away from midpoints. */
+static void test_quantize_bnb(void) {
+    const float *maps[2] = {qlr_dynmap_signed, qlr_dynmap_unsigned};
+    for (int k = 0; k < 2; k++) {
+        const float *m = maps[k];
+        for (int j = 0; j < 256; j++) CHECK_EQ_INT(qlr_dynmap_quantize_bnb(m, m[j]), j);
+        int ties = 0, bad_tie = 0, bad_next = 0;
+        for (int j = 0; j < 255; j++) {
+            float mid = (m[j] + m[j + 1]) * 0.5f;
+            if (mid == m[j] || mid == m[j + 1]) continue;
+            ties++;
+            bad_tie += qlr_dynmap_quantize_bnb(m, mid) != (j % 2 == 0 ? j : j + 1);
+            bad_next += qlr_dynmap_quantize_bnb(m, nextafterf(mid, 2.0f)) != j + 1;
+            bad_next += qlr_dynmap_quantize_bnb(m, nextafterf(mid, -2.0f)) != j;
+        }
+        CHECK(ties > 250);
+        CHECK_EQ_INT(bad_tie, 0);
+        CHECK_EQ_INT(bad_next, 0);
+        CHECK_EQ_INT(qlr_dynmap_quantize_bnb(m, NAN), 0);
+        CHECK_EQ_INT(qlr_dynmap_quantize_bnb(m, 5.0f), 255);
+        CHECK_EQ_INT(qlr_dynmap_quantize_bnb(m, -5.0f), 0);
+    }
+    uint64_t rng = 11;
+    int bad = 0;
+    for (int i = 0; i < 20000; i++) {
+        float x = (test_rng_uniform(&rng) * 2.0f - 1.0f) * powf(10.0f, -7.0f * test_rng_uniform(&rng));
+        if (qlr_dynmap_quantize_bnb(qlr_dynmap_signed, x) != ref_nearest(qlr_dynmap_signed, x)) bad++;
+    }
+    CHECK_EQ_INT(bad, 0);
+}
+
 static void test_blockwise8(void) {
     /* n not a multiple of the block, one all-zero block, one block of tiny values */
     const int block = 256;
@@ -210,9 +243,9 @@ static void test_blockwise8(void) {
         float a = 0;
         for (int64_t i = i0; i < i1; i++) a = fabsf(x[i]) > a ? fabsf(x[i]) : a;
         if (absmax[b] != a) bad_amax++;
-        float r = a > 0 ? 1.0f / a : 0.0f;
+        float r = 1.0f / a; /* inf for the all-zero block: 0 * inf = NaN -> code 0, as bnb */
         for (int64_t i = i0; i < i1; i++)
-            if (codes[i] != ref_nearest(qlr_dynmap_signed, x[i] * r)) bad_code++;
+            if (codes[i] != (a > 0 ? ref_nearest(qlr_dynmap_signed, x[i] * r) : 0)) bad_code++;
     }
     CHECK_EQ_INT(bad_amax, 0);
     CHECK_EQ_INT(bad_code, 0);
@@ -246,6 +279,7 @@ static void test_blockwise8(void) {
 int main(void) {
     test_maps();
     test_nearest();
+    test_quantize_bnb();
     test_blockwise8();
     return test_finish();
 }

@@ -1,7 +1,8 @@
 /* tests/train/test_checkpoint.c: train/checkpoint.h without a model: write/open round trip of
  * the manifest and per-file crc32s, a flipped byte / truncated / missing file refused naming the
- * file, a folder without manifest ignored by find_latest, rotation keeping the newest N by step
- * number (10 after 9), and the key-field check naming the field. */
+ * file, a folder without manifest ignored by find_latest, rotation keeping the newest N complete
+ * checkpoints by step number (10 after 9; an incomplete newer folder does not count, incomplete
+ * older ones go), and the key-field check naming the field. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -113,20 +114,36 @@ int main(void) {
     CHECK_MSG(latest && strstr(latest, "checkpoint-2"), "latest %s", latest ? latest : "(null)");
     free(latest);
 
-    /* rotation keeps the newest 2 by number: 9 and 10 (2 goes, with its sub-folder) */
+    /* rotation keeps the newest 2 complete checkpoints by number: 10 and 2; 9, whose manifest is
+     * garbage, is an incomplete folder older than the newest complete one and goes too */
     write_ckpt(out, 10);
     CHECK_OK(qlr_ckpt_rotate(out, 2));
-    snprintf(path, sizeof path, "%s/checkpoint-2", out);
-    CHECK(!qlr_path_exists(path));
     snprintf(path, sizeof path, "%s/checkpoint-9", out);
+    CHECK_MSG(!qlr_path_exists(path), "%s (incomplete, older than checkpoint-10) should be gone", path);
+    snprintf(path, sizeof path, "%s/checkpoint-2/manifest.json", out);
     CHECK(qlr_path_exists(path));
     snprintf(path, sizeof path, "%s/checkpoint-10/adapter/a.bin", out);
     CHECK(qlr_path_exists(path));
     CHECK_OK(qlr_ckpt_rotate(out, 1));
-    snprintf(path, sizeof path, "%s/checkpoint-9", out);
+    snprintf(path, sizeof path, "%s/checkpoint-2", out);
     CHECK(!qlr_path_exists(path));
     CHECK_OK(qlr_ckpt_rotate(out, 0)); /* 0 = keep all */
     snprintf(path, sizeof path, "%s/checkpoint-10", out);
+    CHECK(qlr_path_exists(path));
+    /* an incomplete folder newer than every complete checkpoint (a run killed while writing
+     * checkpoint-12) does not count: with keep 1 the complete checkpoint-10 stays */
+    snprintf(path, sizeof path, "%s/checkpoint-12/adapter", out);
+    CHECK_OK(qlr_mkdir_p(path));
+    CHECK_OK(qlr_ckpt_rotate(out, 1));
+    snprintf(path, sizeof path, "%s/checkpoint-10/manifest.json", out);
+    CHECK_MSG(qlr_path_exists(path), "rotation removed the only complete checkpoint");
+    snprintf(path, sizeof path, "%s/checkpoint-12", out);
+    CHECK(qlr_path_exists(path));
+    write_ckpt(out, 12); /* rewritten and complete: now 10 goes */
+    CHECK_OK(qlr_ckpt_rotate(out, 1));
+    snprintf(path, sizeof path, "%s/checkpoint-10", out);
+    CHECK(!qlr_path_exists(path));
+    snprintf(path, sizeof path, "%s/checkpoint-12/manifest.json", out);
     CHECK(qlr_path_exists(path));
 
     /* key fields */

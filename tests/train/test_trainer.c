@@ -6,6 +6,7 @@
  *    the file; a checkpoint without a manifest is ignored; a key-field change is refused naming
  *    the field; a fresh run into a folder with checkpoints is refused;
  *  - a NaN loss stops the run naming the step and the last good checkpoint;
+ *  - --resume with no complete checkpoint yet starts from step 0;
  *  - every metrics.jsonl line parses as JSON with the documented keys;
  *  - qlora eval's loss + exact match run on chat data. */
 #include <dirent.h>
@@ -285,6 +286,32 @@ static void test_nan_stop(void) {
     qlr_train_opts_free(&o);
 }
 
+/* `--resume` restarts a run killed before its first complete checkpoint: only an incomplete
+ * checkpoint-1 (no manifest) is there, and the run starts from step 0 (found by
+ * tests/e2e/test_e2e_sigkill.c: the restart command failed with "no checkpoint"). */
+static void test_resume_without_checkpoint(void) {
+    qlr_train_opts o;
+    qlr_train_result r;
+    CHECK_OK(opts(&o, "output_dir=run_nockpt", "max_steps=2", NULL));
+    char path[800];
+    snprintf(path, sizeof path, "%s/checkpoint-1/adapter", o.output_dir);
+    CHECK_OK(qlr_mkdir_p(path));
+    o.resume = 1;
+    CHECK_OK(qlr_train_run(&o, &r));
+    CHECK_EQ_INT(r.resumed_from, 0);
+    CHECK_EQ_INT(r.steps_done, 2);
+    snprintf(path, sizeof path, "%s/checkpoint-2/manifest.json", o.output_dir);
+    CHECK(qlr_path_exists(path));
+    qlr_train_opts_free(&o);
+    /* an explicit folder must still exist */
+    CHECK_OK(opts(&o, "output_dir=run_nockpt2", "max_steps=2", NULL));
+    o.resume = 1;
+    snprintf(path, sizeof path, "%s/checkpoint-7", o.output_dir);
+    o.resume_dir = strdup(path);
+    CHECK(qlr_train_run(&o, &r) != QLR_OK);
+    qlr_train_opts_free(&o);
+}
+
 static void test_eval_chat(void) {
     qlr_train_opts o;
     qlr_train_result r;
@@ -439,6 +466,7 @@ int main(void) {
     test_resume_bit_identical();
     test_refusals();
     test_nan_stop();
+    test_resume_without_checkpoint();
     test_eval_chat();
     test_test_datasets();
     test_missing_dataset();

@@ -116,7 +116,7 @@ static void tiny_completion_data(const char *path, int n, uint64_t seed) {
 }
 
 /* A chat dataset: "say X" -> "X" for short random words. */
-static void tiny_chat_data(const char *path, int n, uint64_t seed) {
+__attribute__((unused)) static void tiny_chat_data(const char *path, int n, uint64_t seed) {
     FILE *f = fopen(path, "w");
     CHECK(f != NULL);
     if (!f) return;
