@@ -256,6 +256,51 @@ qlr_status qlr_lora_create(const qlr_lora_base *base, const qlr_lora_params *p, 
     return QLR_OK;
 }
 
+typedef struct delta_ctx {
+    const qlr_lora_module *m;
+    int32_t r;
+    float scale;
+    float *w;
+} delta_ctx;
+
+static void delta_rows(void *vctx, int64_t o0, int64_t o1, int tid) {
+    (void)tid;
+    const delta_ctx *c = vctx;
+    const qlr_lora_module *m = c->m;
+    double *acc = malloc((size_t)m->in * sizeof(double));
+    for (int64_t o = o0; o < o1; o++) {
+        float *row = c->w + o * m->in;
+        if (!acc) { /* out of memory: the same sum in float, one term at a time */
+            for (int32_t k = 0; k < c->r; k++) {
+                float bk = c->scale * m->b[o * c->r + k];
+                const float *a = m->a + (int64_t)k * m->in;
+                for (int32_t i = 0; i < m->in; i++) row[i] += bk * a[i];
+            }
+            continue;
+        }
+        for (int32_t i = 0; i < m->in; i++) acc[i] = 0.0;
+        for (int32_t k = 0; k < c->r; k++) {
+            double bk = m->b[o * c->r + k];
+            const float *a = m->a + (int64_t)k * m->in;
+            for (int32_t i = 0; i < m->in; i++) acc[i] += bk * a[i];
+        }
+        for (int32_t i = 0; i < m->in; i++) row[i] = (float)((double)row[i] + (double)c->scale * acc[i]);
+    }
+    free(acc);
+}
+
+qlr_status qlr_lora_add_delta(const qlr_lora *l, int32_t layer, qlr_linear_id id, float scale, float *w,
+                              int64_t rows, int64_t cols) {
+    const qlr_lora_module *m = qlr_lora_get_const(l, layer, id);
+    if (!m) return QLR_OK;
+    if (rows != m->out || cols != m->in)
+        return qlr_errorf(QLR_ERR_INVALID, "merge: blk.%d.%s is [%lld, %lld], the adapter's module [%d, %d]", layer,
+                          qlr_linear_gguf_name(id), (long long)rows, (long long)cols, m->out, m->in);
+    delta_ctx c = {m, l->r, scale, w};
+    qlr_parallel_for(rows, 16, delta_rows, &c);
+    return QLR_OK;
+}
+
 void qlr_lora_free(qlr_lora *l) {
     if (!l) return;
     free(l->block);

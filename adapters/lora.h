@@ -105,6 +105,11 @@ void qlr_lora_free(qlr_lora *l);
 /* The module of (layer, id), or NULL when out of range or not targeted. */
 qlr_lora_module *qlr_lora_get(qlr_lora *l, int32_t layer, qlr_linear_id id);
 const qlr_lora_module *qlr_lora_get_const(const qlr_lora *l, int32_t layer, qlr_linear_id id);
+/* Merges module (layer, id) into a weight: w [rows, cols] (HF row order, f32) += scale * B·A,
+ * accumulated per element in double (threaded over rows). A no-op when the adapter does not
+ * adapt that linear. QLR_ERR_INVALID when rows/cols are not the module's out/in. */
+qlr_status qlr_lora_add_delta(const qlr_lora *l, int32_t layer, qlr_linear_id id, float scale, float *w,
+                              int64_t rows, int64_t cols);
 /* alpha/r, or alpha/sqrt(r) with rsLoRA (computed in double, returned as float). */
 float qlr_lora_compute_scale(double alpha, int32_t r, int use_rslora);
 
