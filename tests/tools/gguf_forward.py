@@ -169,7 +169,9 @@ class Model:
         return self.decode(ids)
 
 
-def replay(m, a):
+def replay(m, a, info=None):
+    """Returns (same answer, exact, text). `info` (a dict) receives "gap": at the first divergence,
+    how far (in logits of this model) qlora's token was below this model's argmax (0 if none)."""
     prompt, ans, stops = a["prompt_ids"], a["answer_ids"], set(a["stop_ids"])
     m.reset()
     seq = prompt + ans
@@ -180,9 +182,14 @@ def replay(m, a):
     for j, tok in enumerate(ans):
         if pred[j] != tok:
             div = j
+            gap = float(logits[j][pred[j]] - logits[j][tok])
             break
     if div is None and a["stopped"] and int(pred[len(ans)]) not in stops:
         div = len(ans)
+        gap = float(logits[div][pred[div]] - max(logits[div][t] for t in stops))
+    if info is not None:
+        info["gap"] = 0.0 if div is None else gap
+        info["at"] = div
     if div is None:
         return True, a["exact"], a["answer"]
     # greedy from the divergence
@@ -212,15 +219,18 @@ def main():
     same = exact = qexact = 0
     res = []
     for i, a in enumerate(answers):
-        s, e, text = replay(m, a)
+        info = {}
+        s, e, text = replay(m, a, info)
         same += s
         exact += e
         qexact += a["exact"]
-        res.append({"line": a["line"], "same": s, "exact": e, "answer": text, "qlora_exact": a["exact"]})
+        res.append({"line": a["line"], "same": s, "exact": e, "answer": text, "qlora_exact": a["exact"],
+                    "gap": info["gap"], "at": info["at"]})
         if not args.q:
             print("%3d line %s: %s, %s%s" % (i, a["line"], "same answer" if s else "DIFFERENT answer",
                                            "exact" if e else "not exact",
-                                           "" if s else " (got %r)" % text[:120]))
+                                           "" if s else " (token %d, logit gap %.4f; got %r)" % (
+                                               info["at"], info["gap"], text[:120])))
     n = len(answers)
     print("summary: same %d/%d, exact %d/%d (qlora exact %d/%d), %.1fs" % (same, n, exact, n, qexact, n,
                                                                             time.time() - t0))
