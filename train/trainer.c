@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "core/core.h"
 #include "train/trainer_internal.h"
@@ -64,10 +65,12 @@ typedef struct step_out {
 } step_out;
 
 static qlr_status train_step(trainer *t, step_out *so) {
-    const qlr_train_opts *o = t->o;
     memset(so, 0, sizeof *so);
+    /* every rank reads the whole step's micro-batches (one stream, one seed rule) and runs those
+     * of its own (k % world == rank); the targets of all of them set the gradient's scale */
     int64_t targets = 0;
-    for (uint32_t k = 0; k < o->grad_accum; k++) {
+    int world = qlr_dist_world(t->dist), rank = qlr_dist_rank(t->dist);
+    for (uint32_t k = 0; k < t->n_micro; k++) {
         qlr_data_batch b;
         QLR_TRY(qlr_batcher_next(t->train_b, &b));
         QLR_TRY(qlr_micro_from_batch(&t->mb[k], &b));
@@ -76,20 +79,24 @@ static qlr_status train_step(trainer *t, step_out *so) {
     }
     float scale = targets > 0 ? (float)(1.0 / (double)targets) : 0.0f;
     QLR_TRY(t->be->mem.memset0(t->be, t->tr.ldev->grad, t->tr.grad_bytes));
-    double loss_sum = 0;
-    int64_t counted = 0;
-    for (uint32_t k = 0; k < o->grad_accum; k++) {
+    double sums[2] = {0, 0}; /* loss sum, targets counted */
+    for (uint32_t k = 0; k < t->n_micro; k++) {
         uint64_t dseed = qlr_data_rng_next(&t->rng);
-        if (t->mb[k].n == 0) continue;
+        if ((int)(k % (uint32_t)world) != rank || t->mb[k].n == 0) continue;
         qlr_train_batch tb = qlr_micro_view(&t->mb[k]);
         double ls;
         int64_t nt;
         QLR_TRY(qlr_train_fwd_bwd(t->ctx, t->tr.set, &tb, scale, t->tr.ldev->da, t->tr.ldev->db, dseed, &ls,
                                   &nt));
-        loss_sum += ls;
-        counted += nt;
+        sums[0] += ls;
+        sums[1] += (double)nt;
     }
-    so->loss = counted ? loss_sum / (double)counted : 0.0;
+    if (t->dist) {
+        QLR_TRY(qlr_dist_allreduce_f32(t->dist, t->tr.ldev->grad, (int64_t)(t->tr.grad_bytes / 4)));
+        QLR_TRY(qlr_dist_allreduce_host(t->dist, sums, 2, QLR_DIST_SUM));
+    }
+    const qlr_train_opts *o = t->o;
+    so->loss = sums[1] > 0 ? sums[0] / sums[1] : 0.0;
     so->lr = qlr_lr_at(&t->sched, (int64_t)t->step);
     if (!isfinite(so->loss)) {
         so->nonfinite = 1;
@@ -175,8 +182,20 @@ qlr_status qlr_train_run(const qlr_train_opts *o, qlr_train_result *res) {
         }
         if (!resume_dir) return qlr_errorf(QLR_ERR_NOMEM, "out of memory");
     }
-    if ((st = qlr_mkdir_p(o->output_dir))) goto done;
+    qlr_dist_env denv;
+    if ((st = qlr_dist_env_read(&denv))) goto done;
+    t->rank0 = denv.rank == 0;
+    if (denv.world > 1 && !getenv("QLR_CUDA_DEVICE")) { /* one GPU per rank of this host */
+        char dev[16];
+        snprintf(dev, sizeof dev, "%d", denv.local_rank);
+        setenv("QLR_CUDA_DEVICE", dev, 1);
+    }
+    if (!t->rank0) qlr_log_set_level(QLR_LOG_WARN); /* rank 0 speaks for the run */
+    if (t->rank0 && (st = qlr_mkdir_p(o->output_dir))) goto done;
     if ((st = qlr_trainer_open_backend(o->device, o->threads, &t->be))) goto done;
+    if (denv.world > 1 || o->dist_force_comm) {
+        if ((st = qlr_dist_open(&denv, t->be, o->dist_force_comm, &t->dist))) goto done;
+    }
     qlr_model_load_params lp = qlr_model_load_params_default();
     lp.progress = o->progress;
     if ((st = qlr_model_load(o->base_model, t->be, &lp, &t->m))) goto done;
@@ -192,19 +211,19 @@ qlr_status qlr_train_run(const qlr_train_opts *o, qlr_train_result *res) {
         QLR_LOGI("resumed from %s at step %" PRIu64, resume_dir, t->step);
         res->resumed_from = t->step;
     }
-    if ((st = qlr_trainer_metrics_prepare(t, t->step, resume_dir != NULL))) goto done;
+    if (t->rank0 && (st = qlr_trainer_metrics_prepare(t, t->step, resume_dir != NULL))) goto done;
     res->total_steps = t->total_steps;
     copy_str(res->last_checkpoint, sizeof res->last_checkpoint, t->last_ckpt);
     QLR_LOGI("training: %" PRIu64 " steps of %u x %u micro-batches (%u rows of %u tokens), lr %g, %s, %d adapted "
              "tensors (%" PRIu64 " parameters), %s backend, %d threads",
-             t->total_steps, o->grad_accum, o->micro_batch_size, o->micro_batch_size, o->sequence_len, o->lr,
+             t->total_steps, t->n_micro, o->micro_batch_size, o->micro_batch_size, o->sequence_len, o->lr,
              o->adam_8bit ? "AdamW 8-bit" : "AdamW 32-bit", t->tr.n_tensors, t->tr.lora->n_params, t->be->name,
              qlr_n_threads());
 
     if (t->step >= t->total_steps) QLR_LOGW("the checkpoint is at step %" PRIu64 " of %" PRIu64 ": nothing left to train",
                                             t->step, t->total_steps);
     double t_loop = qlr_now();
-    if (o->progress) {
+    if (o->progress && t->rank0) {
         char label[64];
         if (t->start_step) snprintf(label, sizeof label, "train (from step %" PRIu64 ")", t->start_step);
         else snprintf(label, sizeof label, "train");
@@ -234,18 +253,18 @@ qlr_status qlr_train_run(const qlr_train_opts *o, qlr_train_result *res) {
         res->final_loss = so.loss;
         double tps = dt > 0 ? (double)so.tokens / dt : 0;
         double ev = NAN;
-        if (t->val_b && o->eval_steps && t->step % o->eval_steps == 0) {
+        if (t->rank0 && t->val_b && o->eval_steps && t->step % o->eval_steps == 0) {
             if ((st = eval_loss(t, &ev))) goto done;
             res->eval_loss = ev;
             last_eval_step = t->step;
         }
         int last = t->step == t->total_steps;
-        if (last && t->val_b && last_eval_step != t->step) {
+        if (t->rank0 && last && t->val_b && last_eval_step != t->step) {
             if ((st = eval_loss(t, &ev))) goto done;
             res->eval_loss = ev;
             last_eval_step = t->step;
         }
-        if (t->step % o->logging_steps == 0 || last || !isnan(ev)) {
+        if (t->rank0 && (t->step % o->logging_steps == 0 || last || !isnan(ev))) {
             json_t *j = json_object();
             json_object_set_new(j, "step", json_integer((json_int_t)t->step));
             json_object_set_new(j, "loss", json_real(so.loss));
@@ -264,12 +283,17 @@ qlr_status qlr_train_run(const qlr_train_opts *o, qlr_train_result *res) {
         }
         double elapsed = t->elapsed_before + (qlr_now() - t_loop);
         int stop = (o->stop_flag && *o->stop_flag) || (o->stop_after_step && t->step >= o->stop_after_step);
+        if (t->dist) { /* the ranks stop at the same step */
+            double s1 = stop;
+            if ((st = qlr_dist_allreduce_host(t->dist, &s1, 1, QLR_DIST_MAX))) goto done;
+            stop = s1 > 0;
+        }
         if (o->on_step) { /* the hook sees (and may change) the host masters */
             if ((st = qlr_lora_dev_download(t->tr.ldev, t->tr.lora))) goto done;
             if (o->on_step(o->on_step_ud, t->step, t->tr.lora)) stop = 1;
             if ((st = qlr_lora_dev_upload(t->tr.ldev, t->tr.lora))) goto done;
         }
-        if ((o->save_steps && t->step % o->save_steps == 0) || last || stop) {
+        if (t->rank0 && ((o->save_steps && t->step % o->save_steps == 0) || last || stop)) {
             if ((st = qlr_trainer_save_checkpoint(t, elapsed))) goto done;
             copy_str(res->last_checkpoint, sizeof res->last_checkpoint, t->last_ckpt);
         }
@@ -289,15 +313,19 @@ qlr_status qlr_train_run(const qlr_train_opts *o, qlr_train_result *res) {
     bar = NULL;
     res->seconds = qlr_now() - t_loop;
     if (!res->stopped) {
-        if (t->step > t->start_step && t->last_ckpt_step != t->step) {
+        if (t->rank0 && t->step > t->start_step && t->last_ckpt_step != t->step) {
             if ((st = qlr_trainer_save_checkpoint(t, t->elapsed_before + res->seconds))) goto done;
             copy_str(res->last_checkpoint, sizeof res->last_checkpoint, t->last_ckpt);
         }
-        if ((st = export_final(t, res))) goto done;
+        if (t->rank0 && (st = export_final(t, res))) goto done;
     }
     QLR_LOGD("trainer wall time %.1fs", qlr_now() - t_start);
 done:
     qlr_progress_end(bar);
+    if (st && t->dist) { /* a failed rank must not leave the others waiting in a collective */
+        qlr_dist_close(t->dist, 1);
+        t->dist = NULL;
+    }
     free(resume_dir);
     qlr_trainer_free(t);
     return st;

@@ -73,6 +73,9 @@ typedef struct qlr_train_opts {
     volatile sig_atomic_t *stop_flag; /* set by a signal handler: finish the step, checkpoint, stop */
     uint64_t stop_after_step;   /* > 0: behave as if stopped by a signal after this step (tests) */
     int progress;               /* 1: progress bar on stderr (default 1) */
+    int dist_force_comm;        /* 1: the backend's communicator even with one rank (tests of the
+                                   world-size-1 path through NCCL); ranks come from the launcher's
+                                   environment (train/dist.h) */
     int export_gguf;            /* 1: also write output_dir/adapter_model.gguf at the end (default 1) */
     /* Called after every optimizer step (tests: inspect or perturb the adapter). Non-zero stops
      * the run as a signal would. May be NULL. */

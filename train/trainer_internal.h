@@ -19,6 +19,7 @@
 #include "model/model.h"
 #include "optim/optim.h"
 #include "train/checkpoint.h"
+#include "train/dist.h"
 #include "train/trainer.h"
 
 #define TRAINER_RNG_STREAM 4  /* data/rng.h streams 1..3 are the data's; 4 = dropout seeds */
@@ -72,7 +73,10 @@ typedef struct trainer {
     qlr_train_ctx *ctx;
     qlr_lr_schedule sched;
 
-    qlr_micro *mb;                 /* [grad_accum] */
+    qlr_dist *dist;                /* data-parallel ranks (NULL: one process) */
+    int rank0;                     /* 1 on the rank that writes (checkpoints, metrics, exports) */
+    uint32_t n_micro;              /* micro-batches of a step over all ranks: grad_accum x world */
+    qlr_micro *mb;                 /* [n_micro] (every rank reads them all: the same stream) */
     qlr_micro eval_mb;
     uint64_t step, start_step, total_steps, rng, tokens_seen;
     double elapsed_before;         /* seconds of training before a resume */

@@ -13,8 +13,9 @@
 void qlr_trainer_free(trainer *t) {
     qlr_train_ctx_free(t->ctx);
     qlr_trainable_free(t->be, &t->tr);
+    qlr_dist_close(t->dist, 0);
     if (t->mb)
-        for (uint32_t i = 0; i < t->o->grad_accum; i++) qlr_micro_free(&t->mb[i]);
+        for (uint32_t i = 0; i < t->n_micro; i++) qlr_micro_free(&t->mb[i]);
     free(t->mb);
     qlr_micro_free(&t->eval_mb);
     qlr_batcher_free(t->train_b);
@@ -188,14 +189,15 @@ qlr_status qlr_trainer_setup_params(trainer *t) {
                                        o->gradient_checkpointing, o->lora_dropout, &tp));
     QLR_TRY(qlr_train_ctx_create(t->m, &tp, &t->ctx));
 
-    t->mb = calloc(o->grad_accum, sizeof *t->mb);
+    t->n_micro = o->grad_accum * (uint32_t)qlr_dist_world(t->dist);
+    t->mb = calloc(t->n_micro, sizeof *t->mb);
     if (!t->mb) return qlr_errorf(QLR_ERR_NOMEM, "out of memory");
 
     uint64_t per_epoch = qlr_batcher_batches_per_epoch(t->train_b);
     if (o->max_steps) t->total_steps = o->max_steps;
     else {
         double micro_total = ceil(o->num_epochs * (double)per_epoch);
-        t->total_steps = (uint64_t)ceil(micro_total / o->grad_accum);
+        t->total_steps = (uint64_t)ceil(micro_total / t->n_micro);
         if (t->total_steps < 1) t->total_steps = 1;
     }
     t->sched.type = (qlr_lr_schedule_type)o->lr_schedule;

@@ -319,6 +319,11 @@ extern "C" qlr_status qlr_backend_cuda_create(int n_threads, qlr_backend **out) 
     o->scale_f32 = qlr_cuda_scale_f32;
     o->f32_to_act = qlr_cuda_f32_to_act;
     o->nf4_lm_head = qlr_cuda_nf4_lm_head;
+    o->comm_id = qlr_cuda_comm_id;
+    o->comm_create = qlr_cuda_comm_create;
+    o->comm_destroy = qlr_cuda_comm_destroy;
+    o->allreduce_sum_f32 = qlr_cuda_allreduce_sum_f32;
+    o->comm_poll = qlr_cuda_comm_poll;
     o->kv_store_paged = qlr_cuda_kv_store_paged;
     o->attention_paged = qlr_cuda_attention_paged;
     const char *sdpa = getenv("QLR_CUDA_SDPA");

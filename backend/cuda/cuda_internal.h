@@ -221,4 +221,12 @@ qlr_status qlr_cuda_lora_bwd(qlr_backend *be, float *da, float *db, void *dx, co
                              const void *x, const qlr_lora_ref *l, int64_t n, int64_t in,
                              int64_t out);
 
+/* nccl.cu: the collectives (backend.h). */
+qlr_status qlr_cuda_comm_id(qlr_backend *be, uint8_t id[QLR_COMM_ID_BYTES]);
+qlr_status qlr_cuda_comm_create(qlr_backend *be, const uint8_t id[QLR_COMM_ID_BYTES], int rank,
+                                int world, void **comm);
+void qlr_cuda_comm_destroy(qlr_backend *be, void *comm, int abort_);
+qlr_status qlr_cuda_allreduce_sum_f32(qlr_backend *be, void *comm, float *x, int64_t n);
+qlr_status qlr_cuda_comm_poll(qlr_backend *be, void *comm);
+
 #endif

@@ -11,7 +11,8 @@
  *     (cosine >= 0.995, norm within 3%): what the per-step comparison cannot show;
  *  2. gradient checkpointing on and off give bitwise-identical LoRA gradients on the GPU;
  *  3. a GPU run stopped after 3 steps and resumed gives the losses, the adapter and the optimizer
- *     state of an uninterrupted 6-step GPU run, bit for bit.
+ *     state of an uninterrupted 6-step GPU run, bit for bit;
+ *  4. data parallel with one rank through NCCL gives the plain path's losses bit for bit.
  * Needs the demo model (QLR_DEMO_MODEL or scripts/setup.sh) and a CUDA device.
  * QLR_TRAIN_DEMO_STEPS overrides the 50 steps (quick local runs). */
 #include <jansson.h>
@@ -370,6 +371,30 @@ static void test_resume(void) {
     printf("resume on cuda: 6 losses, adapter and optimizer state equal bit for bit\n");
 }
 
+/* 4. Data parallel with one rank through NCCL (issue 16's world-size-1 path) == the plain path. */
+static void test_nccl_world1(void) {
+    char dirs[2][800];
+    for (int k = 0; k < 2; k++) {
+        qlr_train_opts o;
+        qlr_train_result r;
+        CHECK_OK(opts(&o, "cuda", k ? "nccl1" : "plain1", "4", "0"));
+        snprintf(dirs[k], sizeof dirs[k], "%s", o.output_dir ? o.output_dir : "");
+        o.dist_force_comm = k;
+        CHECK_OK(qlr_train_run(&o, &r));
+        qlr_train_opts_free(&o);
+    }
+    double la[8], lb[8], ga[8], gb[8];
+    int na = metrics(dirs[0], "loss", la, 8), nb = metrics(dirs[1], "loss", lb, 8);
+    metrics(dirs[0], "grad_norm", ga, 8);
+    metrics(dirs[1], "grad_norm", gb, 8);
+    CHECK_EQ_INT(na, 4);
+    CHECK_EQ_INT(nb, 4);
+    for (int i = 0; i < na && i < nb; i++)
+        CHECK_MSG(la[i] == lb[i] && ga[i] == gb[i], "step %d: plain loss %.17g grad norm %.17g, through "
+                  "NCCL %.17g %.17g", i + 1, la[i], ga[i], lb[i], gb[i]);
+    printf("one rank through NCCL: 4 losses and gradient norms equal to the plain path bit for bit\n");
+}
+
 int main(void) {
     const char *model = test_demo_model_or_fail();
     if (!model) return test_finish();
@@ -378,6 +403,7 @@ int main(void) {
     test_checkpointing_bitwise(model);
     test_gradients_vs_cpu(model);
     test_resume();
+    test_nccl_world1();
     test_cpu_vs_gpu();
     return test_finish();
 }

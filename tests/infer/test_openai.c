@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "adapters/lora.h"
 #include "core/core.h"
 #include "infer/openai.h"
 #include "tests/test_util.h"
@@ -416,6 +417,8 @@ static void test_models(void) {
     a[0].scale = 2;
     a[0].residency = QLR_RESIDENCY_DEVICE;
     a[0].refs = 1;
+    a[0].uses = 7;
+    a[0].targets = QLR_LORA_TARGET(QLR_LIN_Q) | QLR_LORA_TARGET(QLR_LIN_V) | QLR_LORA_TARGET(QLR_LIN_DOWN);
     snprintf(a[1].name, sizeof a[1].name, "py");
     a[1].r = 8;
     a[1].residency = QLR_RESIDENCY_FILE;
@@ -431,6 +434,13 @@ static void test_models(void) {
     CHECK(json_integer_value(json_object_get(json_array_get(d, 1), "rank")) == 16);
     CHECK(json_integer_value(json_object_get(json_array_get(d, 2), "lora_id")) == 1);
     CHECK(!strcmp(sget(v, "data.2.residency"), "file") && !strcmp(sget(v, "data.2.root"), "py"));
+    CHECK(json_integer_value(json_object_get(json_array_get(d, 1), "requests")) == 7);
+    CHECK(json_integer_value(json_object_get(json_array_get(d, 2), "requests")) == 0);
+    json_t *tg = json_object_get(json_array_get(d, 1), "targets");
+    CHECK(json_array_size(tg) == 3 && !strcmp(json_string_value(json_array_get(tg, 0)), "q_proj") &&
+          !strcmp(json_string_value(json_array_get(tg, 1)), "v_proj") &&
+          !strcmp(json_string_value(json_array_get(tg, 2)), "down_proj"));
+    CHECK(json_array_size(json_object_get(json_array_get(d, 2), "targets")) == 0);
     CHECK(json_integer_value(json_object_get(json_array_get(d, 0), "created")) == 9);
     json_decref(v);
     free(s);
