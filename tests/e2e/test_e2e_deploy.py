@@ -55,7 +55,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--qlora", required=True)
     ap.add_argument("--source-dir", required=True)
-    ap.add_argument("-n", type=int, default=4, help="held-out examples to evaluate and replay")
+    ap.add_argument("-n", type=int, default=3, help="held-out examples to evaluate and replay")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     a = ap.parse_args()
     t_start = time.time()
@@ -80,7 +80,7 @@ def main():
     run_dir = os.environ.get("QLR_E2E_DEPLOY_RUN") or os.path.join(work, "run")
     if not os.environ.get("QLR_E2E_DEPLOY_RUN"):
         p = run([q, "train", recipe, "--set", "base_model=" + model, "--set", "output_dir=" + run_dir,
-                 "--set", "max_steps=4", "--set", "eval_steps=0", "--set", "save_steps=0", "-q"])
+                 "--set", "max_steps=8", "--set", "eval_steps=0", "--set", "save_steps=0", "-q"])
         if not check(p.returncode == 0, "qlora train failed"):
             return 1
     p = run([q, "inspect", run_dir])
@@ -130,6 +130,7 @@ def main():
             check(all(types.get(k) == v for k, v in want.items()),
                   "q4_k_m: tensor types are not llama.cpp's mix for this model: %s" % {k: types.get(k) for k in want})
             continue
+        t0 = time.time()
         mdl = gguf_forward.Model(path)
         same = exact = ties = 0
         for r in rows:
@@ -141,8 +142,9 @@ def main():
             # within 0.02 logits (measured: 0.0024 on an undertrained adapter); not further
             ties += (not s) and info["gap"] < 0.02
         results[t] = (same, exact, ties)
-        print("merged %s (numpy engine): same answers %d/%d (%d more diverge at a near tie), exact %d/%d "
-              "(qlora %d/%d)" % (t, same, len(rows), ties, exact, len(rows), q_exact, len(rows)), flush=True)
+        print("[%.1fs] merged %s (numpy engine): same answers %d/%d (%d more diverge at a near tie), exact %d/%d "
+              "(qlora %d/%d)" % (time.time() - t0, t, same, len(rows), ties, exact, len(rows), q_exact, len(rows)),
+              flush=True)
         del mdl
     if "f16" in results:
         check(results["f16"][0] + results["f16"][2] == len(rows), "merged f16: %d of %d answers differ from base + "
