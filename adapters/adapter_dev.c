@@ -233,7 +233,7 @@ qlr_status qlr_adapter_slots_commit(qlr_adapter_slots *t, int32_t n_slots,
 qlr_status qlr_adapter_one_load(qlr_model *m, const char *path, float scale, qlr_adapter_one *a) {
     memset(a, 0, sizeof *a);
     qlr_lora_base base;
-    qlr_lora_base_from_config(&m->cfg, &base);
+    qlr_lora_base_from_loaded(m, &base);
     qlr_status st = qlr_lora_load(path, &base, &a->lora);
     if (st == QLR_OK) st = qlr_lora_dev_create(m->be, a->lora, m->cfg.n_layers, 0, &a->dev);
     if (st == QLR_OK) st = qlr_adapter_slots_create(m->be, m->cfg.n_layers, 1, &a->slots);

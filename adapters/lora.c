@@ -41,6 +41,57 @@ void qlr_lora_base_from_config(const qlr_model_config *cfg, qlr_lora_base *base)
     base->d_ff = cfg->d_ff;
 }
 
+void qlr_lora_base_from_loaded(const qlr_model *m, qlr_lora_base *base) {
+    qlr_lora_base_from_config(&m->cfg, base);
+    base->nf4_hash = m->nf4_hash;
+    if (m->source) {
+        const char *s = m->source;
+        size_t n = strlen(s);
+        while (n > 1 && s[n - 1] == '/') n--; /* a folder given as "dir/" */
+        size_t b = n;
+        while (b > 0 && s[b - 1] != '/') b--;
+        snprintf(base->name, sizeof base->name, "%.*s", (int)(n - b), s + b);
+    }
+}
+
+qlr_status qlr_lora_parse_hash_(const char *hex, uint64_t *out) {
+    uint64_t v = 0;
+    int n = 0;
+    for (; hex[n]; n++) {
+        char c = hex[n];
+        int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+        if (d < 0 || n >= 16) return QLR_ERR_FORMAT;
+        v = v << 4 | (uint64_t)d;
+    }
+    if (n != 16) return QLR_ERR_FORMAT;
+    *out = v;
+    return QLR_OK;
+}
+
+static qlr_status dup_opt(const char *s, char **out) {
+    char *d = NULL;
+    if (s && !(d = strdup(s))) return qlr_errorf(QLR_ERR_NOMEM, "out of memory");
+    free(*out);
+    *out = d;
+    return QLR_OK;
+}
+
+qlr_status qlr_lora_set_prompt(qlr_lora *l, const char *format, const char *system) {
+    QLR_TRY(dup_opt(format && *format ? format : NULL, &l->prompt_format));
+    return dup_opt(system, &l->prompt_system);
+}
+
+int qlr_lora_warn_base(const qlr_lora *l, const qlr_lora_base *b, const char *src) {
+    if (!l->base.nf4_hash || !b->nf4_hash || l->base.nf4_hash == b->nf4_hash) return 0;
+    QLR_LOGW("%s: this adapter was trained on %s (nf4 %016llx), but the base model here is %s (nf4 "
+             "%016llx): another NF4 store, so answers can differ from the ones measured in training "
+             "(run it on the base it was trained on, or `qlora export-base -m %s` for llama.cpp)",
+             src, l->base.name[0] ? l->base.name : "another base", (unsigned long long)l->base.nf4_hash,
+             b->name[0] ? b->name : "another model", (unsigned long long)b->nf4_hash,
+             l->base.name[0] ? l->base.name : "THE_TRAINING_BASE");
+    return 1;
+}
+
 qlr_status qlr_lora_base_from_model(const char *path, qlr_lora_base *base) {
     qlr_model_config cfg;
     if (qlr_is_dir(path)) {
@@ -205,11 +256,58 @@ qlr_status qlr_lora_create(const qlr_lora_base *base, const qlr_lora_params *p, 
     return QLR_OK;
 }
 
+typedef struct delta_ctx {
+    const qlr_lora_module *m;
+    int32_t r;
+    float scale;
+    float *w;
+} delta_ctx;
+
+static void delta_rows(void *vctx, int64_t o0, int64_t o1, int tid) {
+    (void)tid;
+    const delta_ctx *c = vctx;
+    const qlr_lora_module *m = c->m;
+    double *acc = malloc((size_t)m->in * sizeof(double));
+    for (int64_t o = o0; o < o1; o++) {
+        float *row = c->w + o * m->in;
+        if (!acc) { /* out of memory: the same sum in float, one term at a time */
+            for (int32_t k = 0; k < c->r; k++) {
+                float bk = c->scale * m->b[o * c->r + k];
+                const float *a = m->a + (int64_t)k * m->in;
+                for (int32_t i = 0; i < m->in; i++) row[i] += bk * a[i];
+            }
+            continue;
+        }
+        for (int32_t i = 0; i < m->in; i++) acc[i] = 0.0;
+        for (int32_t k = 0; k < c->r; k++) {
+            double bk = m->b[o * c->r + k];
+            const float *a = m->a + (int64_t)k * m->in;
+            for (int32_t i = 0; i < m->in; i++) acc[i] += bk * a[i];
+        }
+        for (int32_t i = 0; i < m->in; i++) row[i] = (float)((double)row[i] + (double)c->scale * acc[i]);
+    }
+    free(acc);
+}
+
+qlr_status qlr_lora_add_delta(const qlr_lora *l, int32_t layer, qlr_linear_id id, float scale, float *w,
+                              int64_t rows, int64_t cols) {
+    const qlr_lora_module *m = qlr_lora_get_const(l, layer, id);
+    if (!m) return QLR_OK;
+    if (rows != m->out || cols != m->in)
+        return qlr_errorf(QLR_ERR_INVALID, "merge: blk.%d.%s is [%lld, %lld], the adapter's module [%d, %d]", layer,
+                          qlr_linear_gguf_name(id), (long long)rows, (long long)cols, m->out, m->in);
+    delta_ctx c = {m, l->r, scale, w};
+    qlr_parallel_for(rows, 16, delta_rows, &c);
+    return QLR_OK;
+}
+
 void qlr_lora_free(qlr_lora *l) {
     if (!l) return;
     free(l->block);
     free(l->mods);
     free(l->base_model);
+    free(l->prompt_format);
+    free(l->prompt_system);
     free(l);
 }
 
@@ -291,6 +389,11 @@ void qlr_lora_print(const qlr_lora *l, FILE *out) {
             fprintf(out, "%s%s", first ? "" : ",", qlr_linear_hf_name((qlr_linear_id)id));
             first = 0;
         }
-    fprintf(out, ", %d layers, %llu params, base %s\n", l->base.n_layers,
-            (unsigned long long)l->n_params, l->base.arch[0] ? l->base.arch : "unknown");
+    fprintf(out, ", %d layers, %llu params, base %s", l->base.n_layers, (unsigned long long)l->n_params,
+            l->base.arch[0] ? l->base.arch : "unknown");
+    if (l->base.name[0]) fprintf(out, " %s", l->base.name);
+    if (l->base.nf4_hash) fprintf(out, " (nf4 %016llx)", (unsigned long long)l->base.nf4_hash);
+    fprintf(out, ", prompt format %s", l->prompt_format ? l->prompt_format : "unknown");
+    if (l->prompt_system) fprintf(out, " (default system message)");
+    fputc('\n', out);
 }

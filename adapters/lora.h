@@ -24,6 +24,8 @@
 /* Identity of the base model an adapter was made for. 0 / "" = unknown (an adapter read from a
  * foreign file without a base model to compare against). */
 typedef struct qlr_lora_base {
+    char name[256];      /* the base model's file or folder name (informational) */
+    uint64_t nf4_hash;   /* qlr_model.nf4_hash of the NF4 store it was trained against (0 = unknown) */
     char arch[32];       /* general.architecture: "llama", "qwen2" */
     int32_t n_layers;
     int32_t d_model;
@@ -43,6 +45,13 @@ typedef struct qlr_lora_module {
 typedef struct qlr_lora {
     qlr_lora_base base;
     char *base_model;    /* base_model_name_or_path (may be NULL) */
+    /* The prompt format the adapter was trained with (NULL = unknown): a chat template name
+     * (data/chat_template.h: chatml, llama3, llama2, mistral), "alpaca" or "completion"; and
+     * for chatml the default system message the template inserted (NULL = none). Recorded by
+     * the trainer, kept by both file formats; `qlora export --format ollama` turns it into a
+     * Modelfile TEMPLATE. */
+    char *prompt_format;
+    char *prompt_system;
     int32_t r;
     double alpha;        /* PEFT lora_alpha */
     double dropout;      /* PEFT lora_dropout (applied by the trainer) */
@@ -66,8 +75,17 @@ typedef struct qlr_lora_params {
 
 qlr_lora_params qlr_lora_params_default(void);
 
-/* The base identity of a model config (arch and shapes). Never fails. */
+/* The base identity of a model config (arch and shapes; no name or hash). Never fails. */
 void qlr_lora_base_from_config(const qlr_model_config *cfg, qlr_lora_base *base);
+/* The full identity of a loaded model: its config, the name of m->source and m->nf4_hash. */
+void qlr_lora_base_from_loaded(const qlr_model *m, qlr_lora_base *base);
+/* Sets (copies) the prompt format and default system message; NULLs clear. QLR_ERR_NOMEM. */
+qlr_status qlr_lora_set_prompt(qlr_lora *l, const char *format, const char *system);
+/* Logs a warning naming both models when the adapter records the NF4 store it was trained
+ * against and `base` is another one (both hashes known and different); returns 1 then, else 0.
+ * The loaders call it whenever they are given a base; shapes that do not fit are errors
+ * (qlr_lora_check_base), a different store of the same shapes is this warning. */
+int qlr_lora_warn_base(const qlr_lora *l, const qlr_lora_base *base, const char *src);
 /* Reads the config of a base model path (GGUF file, or HF folder with config.json) without
  * loading weights, into *base. Errors of the config readers (naming the file and key). */
 qlr_status qlr_lora_base_from_model(const char *path, qlr_lora_base *base);
@@ -87,6 +105,11 @@ void qlr_lora_free(qlr_lora *l);
 /* The module of (layer, id), or NULL when out of range or not targeted. */
 qlr_lora_module *qlr_lora_get(qlr_lora *l, int32_t layer, qlr_linear_id id);
 const qlr_lora_module *qlr_lora_get_const(const qlr_lora *l, int32_t layer, qlr_linear_id id);
+/* Merges module (layer, id) into a weight: w [rows, cols] (HF row order, f32) += scale * B·A,
+ * accumulated per element in double (threaded over rows). A no-op when the adapter does not
+ * adapt that linear. QLR_ERR_INVALID when rows/cols are not the module's out/in. */
+qlr_status qlr_lora_add_delta(const qlr_lora *l, int32_t layer, qlr_linear_id id, float scale, float *w,
+                              int64_t rows, int64_t cols);
 /* alpha/r, or alpha/sqrt(r) with rsLoRA (computed in double, returned as float). */
 float qlr_lora_compute_scale(double alpha, int32_t r, int use_rslora);
 
@@ -136,7 +159,8 @@ qlr_status qlr_lora_resolve(const char *path, char **out, int *is_gguf);
 qlr_status qlr_lora_load(const char *path, const qlr_lora_base *base, qlr_lora **out);
 
 /* One-line summary ("lora r 8 alpha 16 (scale 2) rslora no, targets q_proj,v_proj, 30 layers,
- * 921600 params, base llama"). */
+ * 921600 params, base llama SmolLM2-135M-Instruct.Q4_1.gguf (nf4 a5eae5d5377676e9), prompt format
+ * chatml (default system message)"). */
 void qlr_lora_print(const qlr_lora *l, FILE *out);
 
 /* Layout of a training run (the trainer writes these; readers use qlr_lora_resolve). */

@@ -64,6 +64,14 @@ qlr_status qlr_lora_save_gguf(const qlr_lora *l, const char *path) {
     };
     for (size_t i = 0; i < sizeof bk / sizeof bk[0]; i++)
         if (bk[i].v > 0) W(qlr_gguf_set_u32(w, bk[i].k, (uint32_t)bk[i].v));
+    if (l->base.name[0]) W(qlr_gguf_set_str(w, "qlora.base.name", l->base.name));
+    if (l->base.nf4_hash) {
+        char hex[17];
+        snprintf(hex, sizeof hex, "%016llx", (unsigned long long)l->base.nf4_hash);
+        W(qlr_gguf_set_str(w, "qlora.base.nf4_hash", hex));
+    }
+    if (l->prompt_format) W(qlr_gguf_set_str(w, "qlora.prompt.format", l->prompt_format));
+    if (l->prompt_system) W(qlr_gguf_set_str(w, "qlora.prompt.system", l->prompt_system));
     W(qlr_gguf_set_f64(w, "qlora.lora.alpha", l->alpha));
     W(qlr_gguf_set_bool(w, "qlora.lora.use_rslora", l->use_rslora));
     W(qlr_gguf_set_f64(w, "qlora.lora.dropout", l->dropout));
@@ -212,6 +220,11 @@ static qlr_status load_gguf(qlr_gguf *g, const char *path, const qlr_lora_base *
         (st = opt_u32(g, "qlora.base.feed_forward_length", &fb.d_ff)) != QLR_OK)
         return qlr_error_prefix("%s", path);
     if (file_layers > MAX_LAYERS) return qlr_errorf(QLR_ERR_FORMAT, "%s: qlora.base.block_count %d", path, file_layers);
+    char hex[24];
+    QLR_TRY(get_str(g, path, "qlora.base.name", fb.name, sizeof fb.name, 0));
+    QLR_TRY(get_str(g, path, "qlora.base.nf4_hash", hex, sizeof hex, 0));
+    if (hex[0] && qlr_lora_parse_hash_(hex, &fb.nf4_hash) != QLR_OK)
+        return qlr_errorf(QLR_ERR_FORMAT, "%s: qlora.base.nf4_hash '%s' is not 16 hex digits", path, hex);
 
     /* collect the pairs */
     int64_t nt = qlr_gguf_n_tensors(g);
@@ -296,6 +309,7 @@ static qlr_status load_gguf(qlr_gguf *g, const char *path, const qlr_lora_base *
     if (base) {
         if ((st = qlr_lora_check_base(l, base, path)) != QLR_OK) goto done;
         qlr_lora_adopt_base_(l, base);
+        qlr_lora_warn_base(l, base, path);
     }
     for (size_t k = 0; k < nm; k++) {
         qlr_lora_module *m = &l->mods[k];
@@ -334,6 +348,22 @@ static qlr_status load_gguf(qlr_gguf *g, const char *path, const qlr_lora_base *
         dropout = 0.0;
     qlr_error_clear();
     qlr_lora_finish_(l, alpha, dropout, rslora);
+    const char *pk[2] = {"qlora.prompt.format", "qlora.prompt.system"};
+    for (int k = 0; k < 2; k++) {
+        const char *ps;
+        uint64_t pl;
+        if (qlr_gguf_get_str(g, pk[k], &ps, &pl) != QLR_OK) continue;
+        char *d = malloc(pl + 1);
+        if (!d) {
+            st = qlr_errorf(QLR_ERR_NOMEM, "out of memory");
+            goto done;
+        }
+        memcpy(d, ps, pl);
+        d[pl] = 0;
+        if (k) l->prompt_system = d;
+        else l->prompt_format = d;
+    }
+    qlr_error_clear();
     const char *bm;
     uint64_t bl;
     if (qlr_gguf_get_str(g, "qlora.base_model", &bm, &bl) == QLR_OK) {

@@ -14,6 +14,9 @@ void qlr_lora_finish_(qlr_lora *l, double alpha, double dropout, int use_rslora)
 /* Fills base fields that are 0/"" in l->base from `base` after a successful check. */
 void qlr_lora_adopt_base_(qlr_lora *l, const qlr_lora_base *base);
 
+/* Parses 16 hex digits (a recorded nf4 hash). QLR_ERR_FORMAT otherwise (no message set). */
+qlr_status qlr_lora_parse_hash_(const char *hex, uint64_t *out);
+
 /* check_base with tensor names in GGUF (peft 0) or PEFT (peft 1) naming. */
 qlr_status qlr_lora_check_base_(const qlr_lora *l, const qlr_lora_base *base, const char *src, int peft);
 /* "blk.3.attn_q.weight.lora_b" or "base_model.model.model.layers.3.self_attn.q_proj.lora_B.weight"

@@ -2,7 +2,9 @@
  * adapter_model.safetensors (F32 tensors base_model.model.model.layers.N.{self_attn,mlp}.<proj>
  * .lora_{A,B}.weight, A [r, in], B [out, r], HF row order) and adapter_config.json (indent 2,
  * sorted keys, as save_pretrained writes it). The safetensors __metadata__ carries "qlora.base",
- * the base identity as compact JSON, which PEFT ignores. This is also the trainer's own adapter
+ * the base identity as compact JSON, which PEFT ignores; adapter_config.json carries "qlora":
+ * {base_name, base_nf4_hash, prompt_format, prompt_system} (PEFT >= 0.14 drops unknown keys with
+ * a warning; older PEFT refuses them). This is also the trainer's own adapter
  * format (run dir: <output_dir>/adapter/, <output_dir>/checkpoint-N/adapter/). */
 #include <errno.h>
 #include <math.h>
@@ -37,7 +39,31 @@ static json_t *base_json(const qlr_lora_base *b) {
     json_object_set_new(o, "n_kv_heads", json_integer(b->n_kv_heads));
     json_object_set_new(o, "head_dim", json_integer(b->head_dim));
     json_object_set_new(o, "d_ff", json_integer(b->d_ff));
+    if (b->name[0]) json_object_set_new(o, "name", json_string(b->name));
+    if (b->nf4_hash) {
+        char hex[17];
+        snprintf(hex, sizeof hex, "%016llx", (unsigned long long)b->nf4_hash);
+        json_object_set_new(o, "nf4_hash", json_string(hex));
+    }
     return o;
+}
+
+/* The "qlora" object of adapter_config.json, or NULL when there is nothing to record. */
+static json_t *qlora_json(const qlr_lora *l) {
+    json_t *q = json_object();
+    if (!q) return NULL;
+    json_t *b = base_json(&l->base);
+    json_t *v;
+    if (b && (v = json_object_get(b, "name"))) json_object_set(q, "base_name", v);
+    if (b && (v = json_object_get(b, "nf4_hash"))) json_object_set(q, "base_nf4_hash", v);
+    json_decref(b);
+    if (l->prompt_format) json_object_set_new(q, "prompt_format", json_string(l->prompt_format));
+    if (l->prompt_system) json_object_set_new(q, "prompt_system", json_string(l->prompt_system));
+    if (!json_object_size(q)) {
+        json_decref(q);
+        return NULL;
+    }
+    return q;
 }
 
 static json_t *config_json(const qlr_lora *l) {
@@ -72,6 +98,8 @@ static json_t *config_json(const qlr_lora *l) {
     json_object_set_new(c, "megatron_core", json_string("megatron.core"));
     json_object_set_new(c, "modules_to_save", json_null());
     json_object_set_new(c, "peft_type", json_string("LORA"));
+    json_t *q = qlora_json(l);
+    if (q) json_object_set_new(c, "qlora", q);
     json_object_set_new(c, "r", json_integer(l->r));
     json_object_set_new(c, "rank_pattern", json_object());
     json_object_set_new(c, "revision", json_null());
@@ -201,16 +229,21 @@ static qlr_status read_base_meta(const qlr_safetensors *f, const char *path, qlr
     char src[512];
     snprintf(src, sizeof src, "%s: __metadata__ qlora.base", path);
     QLR_TRY(qlr_json_load_buffer(src, s, strlen(s), &j));
-    const char *arch = NULL;
+    const char *arch = NULL, *name = NULL, *hash = NULL;
     int64_t v[6] = {0};
     const char *keys[6] = {"n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff"};
     qlr_status st = qlr_json_get_string_opt(j, src, "arch", "", &arch);
+    if (st == QLR_OK) st = qlr_json_get_string_opt(j, src, "name", "", &name);
+    if (st == QLR_OK) st = qlr_json_get_string_opt(j, src, "nf4_hash", "", &hash);
+    if (st == QLR_OK && hash[0] && qlr_lora_parse_hash_(hash, &b->nf4_hash) != QLR_OK)
+        st = qlr_errorf(QLR_ERR_FORMAT, "%s: nf4_hash '%s' is not 16 hex digits", src, hash);
     for (int i = 0; i < 6 && st == QLR_OK; i++) {
         st = qlr_json_get_int_opt(j, src, keys[i], 0, &v[i]);
         if (st == QLR_OK && (v[i] < 0 || v[i] > INT32_MAX))
             st = qlr_errorf(QLR_ERR_FORMAT, "%s: %s out of range", src, keys[i]);
     }
     if (st == QLR_OK) {
+        snprintf(b->name, sizeof b->name, "%s", name);
         snprintf(b->arch, sizeof b->arch, "%s", arch);
         b->n_layers = (int32_t)v[0];
         b->d_model = (int32_t)v[1];
@@ -278,9 +311,28 @@ static qlr_status read_config(const json_t *c, const char *src, int64_t *r, doub
     return QLR_OK;
 }
 
+/* The "qlora" object of adapter_config.json (optional): prompt format and system message, and
+ * the base identity where the safetensors metadata did not give it. */
+static qlr_status read_qlora_config(const json_t *c, const char *src, qlr_lora *l) {
+    json_t *q = qlr_json_lookup(c, "qlora");
+    if (!q || json_is_null(q)) return QLR_OK;
+    if (!json_is_object(q)) return qlr_errorf(QLR_ERR_FORMAT, "%s: key \"qlora\": expected an object", src);
+    const char *pf = NULL, *ps = NULL, *bn = NULL, *bh = NULL;
+    QLR_TRY(qlr_json_get_string_opt(q, src, "prompt_format", NULL, &pf));
+    QLR_TRY(qlr_json_get_string_opt(q, src, "prompt_system", NULL, &ps));
+    QLR_TRY(qlr_json_get_string_opt(q, src, "base_name", NULL, &bn));
+    QLR_TRY(qlr_json_get_string_opt(q, src, "base_nf4_hash", NULL, &bh));
+    QLR_TRY(qlr_lora_set_prompt(l, pf, ps));
+    if (bn && !l->base.name[0]) snprintf(l->base.name, sizeof l->base.name, "%s", bn);
+    if (bh && !l->base.nf4_hash && qlr_lora_parse_hash_(bh, &l->base.nf4_hash) != QLR_OK)
+        return qlr_errorf(QLR_ERR_FORMAT, "%s: qlora.base_nf4_hash '%s' is not 16 hex digits", src, bh);
+    return QLR_OK;
+}
+
 /* The adapter of an opened safetensors file `f` under the hyper-parameters read_config gave;
- * the paths are for messages. */
-static qlr_status load_peft(const qlr_safetensors *f, const char *cfg_path, const char *st_path,
+ * cfg is the parsed adapter_config.json (its "qlora" record); the paths are for messages. */
+static qlr_status load_peft(const qlr_safetensors *f, const json_t *cfg, const char *cfg_path,
+                            const char *st_path,
                             int64_t r, double alpha, double dropout, int rslora, uint32_t targets,
                             const char *base_model, const qlr_lora_base *base, qlr_lora **out) {
     *out = NULL;
@@ -367,9 +419,11 @@ static qlr_status load_peft(const qlr_safetensors *f, const char *cfg_path, cons
                      qlr_linear_hf_name((qlr_linear_id)id));
     if ((st = qlr_lora_alloc_(&fb, n_layers, (int32_t)r, (const int32_t(*)[2])shapes, &l)) != QLR_OK) goto done;
     if ((st = qlr_lora_check_base_(l, &fb, st_path, 1)) != QLR_OK) goto done;
+    if ((st = read_qlora_config(cfg, cfg_path, l)) != QLR_OK) goto done;
     if (base) {
         if ((st = qlr_lora_check_base_(l, base, st_path, 1)) != QLR_OK) goto done;
         qlr_lora_adopt_base_(l, base);
+        qlr_lora_warn_base(l, base, dir);
     }
     for (size_t k = 0; k < nm; k++) {
         qlr_lora_module *m = &l->mods[k];
@@ -420,7 +474,7 @@ qlr_status qlr_lora_load_peft(const char *dir, const qlr_lora_base *base, qlr_lo
         goto done;
     }
     if ((st = qlr_safetensors_open(st_path, &f)) != QLR_OK) goto done;
-    st = load_peft(f, cfg_path, st_path, r, alpha, dropout, rslora, targets, base_model, base, out);
+    st = load_peft(f, cfg, cfg_path, st_path, r, alpha, dropout, rslora, targets, base_model, base, out);
 done:
     qlr_safetensors_close(f);
     json_decref(cfg);
@@ -443,7 +497,7 @@ qlr_status qlr_lora_load_peft_mem_(const void *cfg_text, size_t cfg_size, const 
     const char *base_model = NULL;
     qlr_status st = read_config(cfg, cfg_name, &r, &alpha, &dropout, &rslora, &targets, &base_model);
     if (st == QLR_OK) st = qlr_safetensors_open_buffer(st_data, st_size, st_name, &f);
-    if (st == QLR_OK) st = load_peft(f, cfg_name, st_name, r, alpha, dropout, rslora, targets, base_model, base, out);
+    if (st == QLR_OK) st = load_peft(f, cfg, cfg_name, st_name, r, alpha, dropout, rslora, targets, base_model, base, out);
     qlr_safetensors_close(f);
     json_decref(cfg);
     return st;

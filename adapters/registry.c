@@ -232,7 +232,7 @@ static qlr_adapter *take_graveyard_locked(qlr_registry *r) {
 /* ---- lifetime ---- */
 
 qlr_registry_params qlr_registry_params_default(void) {
-    qlr_registry_params p = {0, 0};
+    qlr_registry_params p = {0, 0, 0, NULL};
     return p;
 }
 
@@ -250,6 +250,9 @@ qlr_status qlr_registry_create(qlr_backend *be, const qlr_model_config *cfg,
     r->n_layers = cfg->n_layers;
     qlr_lora_base_from_config(cfg, &r->base);
     r->p = p ? *p : qlr_registry_params_default();
+    r->base.nf4_hash = r->p.base_nf4_hash;
+    if (r->p.base_name) snprintf(r->base.name, sizeof r->base.name, "%s", r->p.base_name);
+    r->p.base_name = NULL; /* copied: the caller's string need not outlive the call */
     *out = r;
     return QLR_OK;
 }

@@ -33,6 +33,10 @@ typedef struct qlr_adapter qlr_adapter;   /* one attached adapter (reference-cou
 typedef struct qlr_registry_params {
     uint64_t device_budget;  /* bytes of device compute copies kept resident; 0 = no limit */
     uint64_t host_budget;    /* bytes of host masters of file-backed adapters; 0 = no limit */
+    uint64_t base_nf4_hash;  /* the served model's qlr_model.nf4_hash (0 = unknown): an adapter
+                                trained on another NF4 store is attached with a warning naming
+                                both (qlr_lora_warn_base) */
+    const char *base_name;   /* the served model's name for that warning (copied; NULL = none) */
 } qlr_registry_params;
 
 /* Defaults: no limits. */

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "adapters/lora.h"
 #include "cli/cli.h"
 #include "core/core.h"
 #include "formats/gguf.h"
@@ -185,6 +186,25 @@ static long block_of(const char *name) {
     char *end;
     long b = strtol(name + 4, &end, 10);
     return end != name + 4 && *end == '.' ? b : -1;
+/* A LoRA adapter (GGUF, PEFT folder, run folder): what it records of its training. */
+static int print_adapter(const char *path) {
+    qlr_lora *l = NULL;
+    if (qlr_lora_load(path, NULL, &l) != QLR_OK) return qlr_cli_fail("inspect");
+    printf("\nadapter:   ");
+    qlr_lora_print(l, stdout);
+    if (l->base.name[0] || l->base.nf4_hash)
+        printf("  trained on:     %s (nf4 %016llx)\n", l->base.name[0] ? l->base.name : "?",
+               (unsigned long long)l->base.nf4_hash);
+    else
+        printf("  trained on:     unknown (no qlora base identity recorded)\n");
+    printf("  prompt format:  %s\n", l->prompt_format ? l->prompt_format : "unknown (none recorded)");
+    if (l->prompt_system) {
+        printf("  system message: ");
+        print_str(l->prompt_system, strlen(l->prompt_system), INSPECT_MAX_STR);
+        putchar('\n');
+    }
+    qlr_lora_free(l);
+    return 0;
 }
 
 static int inspect_gguf(const inspect_opts *o) {
@@ -249,9 +269,15 @@ static int inspect_gguf(const inspect_opts *o) {
                qlr_ggml_type_name(ty), type_count[ty], type_params[ty], type_bytes[ty],
                type_params[ty] ? 8.0 * type_bytes[ty] / type_params[ty] : 0.0);
     }
+    const char *s;
+    uint64_t sl;
+    int adapter = qlr_gguf_get_str(g, "general.type", &s, &sl) == QLR_OK && sl == 7 && !memcmp(s, "adapter", 7);
+    if (qlr_gguf_get_str(g, "qlora.nf4.hash", &s, &sl) == QLR_OK)
+        printf("\nqlora base: written by qlora export-base; reloads to the NF4 store nf4 %.*s\n", (int)sl, s);
+    qlr_error_clear();
     printf("\nvalid:     %s is a well-formed GGUF v%" PRIu32 " file\n", o->path, qlr_gguf_version(g));
     qlr_gguf_close(g);
-    return 0;
+    return adapter ? print_adapter(o->path) : 0;
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -283,7 +309,18 @@ static int cmd_inspect(int argc, char **argv) {
     }
     /* END --nf4 */
 
-    if (qlr_is_dir(o.path)) return inspect_safetensors(&o); /* sharded checkpoint folder */
+    if (qlr_is_dir(o.path)) {
+        char *ad = NULL;
+        int ag = 0;
+        if (qlr_lora_resolve(o.path, &ad, &ag) == QLR_OK) { /* a PEFT folder or a run folder */
+            printf("folder:    %s\nadapter files: %s%s\n", o.path, ad, ag ? "" : "/adapter_model.safetensors");
+            int rc = print_adapter(ad);
+            free(ad);
+            return rc;
+        }
+        qlr_error_clear();
+        return inspect_safetensors(&o); /* sharded checkpoint folder */
+    }
     size_t plen = strlen(o.path);
     if (plen >= 11 && !strcmp(o.path + plen - 11, ".index.json")) return inspect_safetensors(&o);
     uint8_t head[16] = {0};

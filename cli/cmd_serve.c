@@ -193,6 +193,10 @@ static int cmd_serve(int argc, char **argv) {
         goto done;
     }
     qlr_registry_params rp = qlr_registry_params_default();
+    qlr_lora_base ident;
+    qlr_lora_base_from_loaded(m, &ident);
+    rp.base_nf4_hash = ident.nf4_hash;
+    rp.base_name = ident.name;
     if (qlr_registry_create(be, &m->cfg, &rp, &reg) != QLR_OK) goto done;
     char base_name[256];
     if (served_name) snprintf(base_name, sizeof base_name, "%s", served_name);

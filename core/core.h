@@ -7,6 +7,7 @@
 #include "core/arena.h"
 #include "core/dtype.h"
 #include "core/file.h"
+#include "core/hash.h"
 #include "core/log.h"
 #include "core/progress.h"
 #include "core/status.h"

@@ -731,6 +731,8 @@ typedef struct wtensor {
     uint64_t ne[QLR_GGUF_MAX_DIMS];
     const void *data;
     uint64_t size;
+    qlr_gguf_fill_fn fill; /* when set, data is NULL: called at write time */
+    void *ud;
 } wtensor;
 
 struct qlr_gguf_writer {
@@ -934,8 +936,9 @@ qlr_status qlr_gguf_copy_kv(qlr_gguf_writer *w, const qlr_gguf *src, int64_t kv)
     return add_copy(w, r->key, r->type, src->p + r->raw_off, r->raw_len);
 }
 
-qlr_status qlr_gguf_add_tensor(qlr_gguf_writer *w, const char *name, uint32_t type, uint32_t n_dims,
-                               const uint64_t *ne, const void *data, uint64_t size) {
+static qlr_status add_tensor(qlr_gguf_writer *w, const char *name, uint32_t type, uint32_t n_dims,
+                             const uint64_t *ne, const void *data, uint64_t size, qlr_gguf_fill_fn fill,
+                             void *ud) {
     size_t nlen = name ? strlen(name) : 0;
     if (nlen == 0 || nlen >= GGUF_MAX_NAME)
         return qlr_errorf(QLR_ERR_INVALID, "gguf writer: tensor name '%.80s' must be 1..%d bytes", name ? name : "",
@@ -961,7 +964,7 @@ qlr_status qlr_gguf_add_tensor(qlr_gguf_writer *w, const char *name, uint32_t ty
     if (size != want)
         return qlr_errorf(QLR_ERR_INVALID, "gguf writer: tensor '%s': %" PRIu64 " bytes given, type %s and shape need %" PRIu64,
                           name, size, qlr_ggml_type_name(type), want);
-    if (size && !data) return qlr_errorf(QLR_ERR_INVALID, "gguf writer: tensor '%s': no data", name);
+    if (size && !data && !fill) return qlr_errorf(QLR_ERR_INVALID, "gguf writer: tensor '%s': no data", name);
     if (w->n_t == w->cap_t) {
         int64_t cap = w->cap_t ? w->cap_t * 2 : 64;
         wtensor *n = realloc(w->t, (size_t)cap * sizeof *n);
@@ -977,9 +980,20 @@ qlr_status qlr_gguf_add_tensor(qlr_gguf_writer *w, const char *name, uint32_t ty
         return st;
     }
     wtensor *t = &w->t[w->n_t++];
-    *t = (wtensor){.name = nm, .type = type, .n_dims = n_dims, .data = data, .size = size};
+    *t = (wtensor){.name = nm, .type = type, .n_dims = n_dims, .data = data, .size = size, .fill = fill, .ud = ud};
     for (uint32_t d = 0; d < QLR_GGUF_MAX_DIMS; d++) t->ne[d] = d < n_dims ? ne[d] : 1;
     return QLR_OK;
+}
+
+qlr_status qlr_gguf_add_tensor(qlr_gguf_writer *w, const char *name, uint32_t type, uint32_t n_dims,
+                               const uint64_t *ne, const void *data, uint64_t size) {
+    return add_tensor(w, name, type, n_dims, ne, data, size, NULL, NULL);
+}
+
+qlr_status qlr_gguf_add_tensor_fill(qlr_gguf_writer *w, const char *name, uint32_t type, uint32_t n_dims,
+                                    const uint64_t *ne, uint64_t size, qlr_gguf_fill_fn fill, void *ud) {
+    if (!fill) return qlr_errorf(QLR_ERR_INVALID, "gguf writer: tensor '%s': no fill function", name ? name : "");
+    return add_tensor(w, name, type, n_dims, ne, NULL, size, fill, ud);
 }
 
 static qlr_status w_u32(qlr_afile *af, uint32_t v) {
@@ -1027,12 +1041,34 @@ static qlr_status write_body(qlr_gguf_writer *w, qlr_afile *af) {
         off += align_up(t->size, w->alignment);
     }
     QLR_TRY(qlr_afile_pad(af, align_up(af->written, w->alignment) - af->written));
-    for (int64_t i = 0; i < w->n_t; i++) {
+    void *buf = NULL; /* one buffer for the filled tensors, as large as the largest */
+    uint64_t cap = 0;
+    qlr_status st = QLR_OK;
+    for (int64_t i = 0; i < w->n_t && st == QLR_OK; i++) {
         const wtensor *t = &w->t[i];
-        if (t->size) QLR_TRY(qlr_afile_write(af, t->data, t->size));
-        QLR_TRY(qlr_afile_pad(af, align_up(t->size, w->alignment) - t->size));
+        const void *data = t->data;
+        if (t->fill && t->size) {
+            if (t->size > cap) {
+                free(buf);
+                buf = t->size <= SIZE_MAX ? malloc((size_t)t->size) : NULL;
+                cap = buf ? t->size : 0;
+                if (!buf) {
+                    st = qlr_errorf(QLR_ERR_NOMEM, "gguf writer: tensor '%s': out of memory for %" PRIu64 " bytes",
+                                    t->name, t->size);
+                    break;
+                }
+            }
+            if ((st = t->fill(t->ud, t->name, buf, t->size)) != QLR_OK) {
+                qlr_error_prefix("tensor %s", t->name);
+                break;
+            }
+            data = buf;
+        }
+        if (t->size) st = qlr_afile_write(af, data, t->size);
+        if (st == QLR_OK) st = qlr_afile_pad(af, align_up(t->size, w->alignment) - t->size);
     }
-    return QLR_OK;
+    free(buf);
+    return st;
 }
 
 qlr_status qlr_gguf_writer_write(qlr_gguf_writer *w, const char *path) {

@@ -133,6 +133,17 @@ qlr_status qlr_gguf_copy_kv(qlr_gguf_writer *w, const qlr_gguf *src, int64_t kv)
 qlr_status qlr_gguf_add_tensor(qlr_gguf_writer *w, const char *name, uint32_t type,
                                uint32_t n_dims, const uint64_t *ne, const void *data, uint64_t size);
 
+/* Fills `out` (exactly `size` bytes) with the data of tensor `name` when the writer reaches it.
+ * A non-OK status stops the write (the file is not created) and is returned by
+ * qlr_gguf_writer_write with the tensor's name prefixed. */
+typedef qlr_status (*qlr_gguf_fill_fn)(void *ud, const char *name, void *out, uint64_t size);
+/* Adds a tensor whose data is produced at write time by `fill` (called once, in tensor order,
+ * with a writer-owned buffer reused between tensors): a file of any size is written with the
+ * memory of its largest tensor. Checks as qlr_gguf_add_tensor. */
+qlr_status qlr_gguf_add_tensor_fill(qlr_gguf_writer *w, const char *name, uint32_t type,
+                                    uint32_t n_dims, const uint64_t *ne, uint64_t size,
+                                    qlr_gguf_fill_fn fill, void *ud);
+
 /* Writes the file atomically (core/file.h). */
 qlr_status qlr_gguf_writer_write(qlr_gguf_writer *w, const char *path);
 

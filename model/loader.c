@@ -1,7 +1,11 @@
 /* model/loader.c: loads a base model into the NF4 store on a backend, streaming tensor by
  * tensor: dequantize one GGUF tensor to f32 on the host (quant/ggml_quants.h), un-permute the
  * Q/K rows of llama GGUFs (spec §4.6), quantize decoder linears to NF4 (double quant) and upload
- * them; embeddings/lm_head become bf16 and norms/biases stay f32. HF safetensors folders go
+ * them; embeddings/lm_head become bf16 and norms/biases stay f32. A GGUF written by
+ * `qlora export-base` carries the NF4 scale state of every linear (qlora.nf4.*, written by
+ * export_gguf.c): its linears are rebuilt on that state instead of re-quantized, so the store
+ * is the exporter's byte for byte (checked per tensor by the deviation, and overall by the
+ * recorded hash). HF safetensors folders go
  * through model/loader_hf.c; both use model/model.c's uploads (files depend downwards only:
  * loader.c -> loader_hf.c -> model.c). */
 #include <stdlib.h>
@@ -46,6 +50,123 @@ static qlr_status gguf_tensor_f32(const qlr_gguf *g, const char *name, uint64_t 
     return QLR_OK;
 }
 
+/* The recorded NF4 state of an export-base GGUF (all arrays borrowed from the mapping; the
+ * per-tensor slices are found by walking the config's shapes in (layer, linear) order). */
+typedef struct nf4_rec {
+    int present;
+    int dq;
+    const uint8_t *absmax_q; /* dq */
+    const uint8_t *dq_absmax; /* dq: f32 LE, unaligned */
+    const uint8_t *absmax;    /* !dq: f32 LE, unaligned */
+    const uint8_t *offsets;   /* dq: one f32 per tensor */
+    uint64_t n_aq, n_dqa, n_abs, n_off;
+    uint64_t hash;            /* recorded model hash, 0 = none */
+    uint64_t at_blocks, at_dq, at_tensor; /* walk position */
+} nf4_rec;
+
+static qlr_status rec_arr(const qlr_gguf *g, const char *key, qlr_gguf_type want, const uint8_t **data,
+                          uint64_t *n) {
+    qlr_gguf_type t;
+    const void *d;
+    qlr_status st = qlr_gguf_get_arr(g, key, &t, n, &d);
+    if (st != QLR_OK) return qlr_error_prefix("%s", qlr_gguf_path(g));
+    if (t != want)
+        return qlr_errorf(QLR_ERR_FORMAT, "%s: %s: array of %s, expected %s", qlr_gguf_path(g), key,
+                          qlr_gguf_type_name(t), qlr_gguf_type_name(want));
+    *data = d;
+    return QLR_OK;
+}
+
+/* Reads qlora.nf4.* when present and usable with the load's double-quant mode. */
+static qlr_status nf4_rec_open(const qlr_gguf *g, const qlr_model_load_params *p, nf4_rec *r) {
+    memset(r, 0, sizeof *r);
+    uint32_t ver = 0;
+    qlr_status st = qlr_gguf_get_u32(g, "qlora.nf4.version", &ver);
+    if (st == QLR_ERR_NOT_FOUND) {
+        qlr_error_clear();
+        return QLR_OK;
+    }
+    if (st != QLR_OK) return qlr_error_prefix("%s", qlr_gguf_path(g));
+    uint32_t bs = 0;
+    int dq = 0;
+    if (ver != 1 || qlr_gguf_get_u32(g, "qlora.nf4.block_size", &bs) != QLR_OK || bs != QLR_NF4_BLOCK ||
+        qlr_gguf_get_bool(g, "qlora.nf4.double_quant", &dq) != QLR_OK) {
+        qlr_error_clear();
+        QLR_LOGW("%s: qlora.nf4.* (version %u) not understood; its linears are quantized afresh",
+                 qlr_gguf_path(g), ver);
+        return QLR_OK;
+    }
+    if (!dq != !p->double_quant) {
+        QLR_LOGI("%s: the recorded NF4 state is %s double quantization, this load is not: linears are "
+                 "quantized afresh", qlr_gguf_path(g), dq ? "with" : "without");
+        return QLR_OK;
+    }
+    r->dq = dq;
+    if (dq) {
+        QLR_TRY(rec_arr(g, "qlora.nf4.absmax_q", QLR_GGUF_UINT8, &r->absmax_q, &r->n_aq));
+        QLR_TRY(rec_arr(g, "qlora.nf4.dq_absmax", QLR_GGUF_FLOAT32, &r->dq_absmax, &r->n_dqa));
+        QLR_TRY(rec_arr(g, "qlora.nf4.dq_offset", QLR_GGUF_FLOAT32, &r->offsets, &r->n_off));
+    } else {
+        QLR_TRY(rec_arr(g, "qlora.nf4.absmax", QLR_GGUF_FLOAT32, &r->absmax, &r->n_abs));
+    }
+    const char *hs;
+    uint64_t hl;
+    if (qlr_gguf_get_str(g, "qlora.nf4.hash", &hs, &hl) == QLR_OK && hl == 16) {
+        char tmp[17];
+        memcpy(tmp, hs, 16);
+        tmp[16] = 0;
+        char *end = NULL;
+        r->hash = strtoull(tmp, &end, 16);
+        if (*end) r->hash = 0;
+    }
+    qlr_error_clear();
+    r->present = 1;
+    return QLR_OK;
+}
+
+static float rd_f32le(const uint8_t *p) {
+    uint32_t u = (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* The largest |w - dequant| / |absmax| a rebuilt store may show: above every rounding an
+ * export type makes (q8_0 <= 0.004, bf16 <= 0.002), below what unrelated weights give (~0.05). */
+#define NF4_REBUILD_MAX_DEV 0.01f
+
+/* Builds the store of the next linear in walk order from the recorded state when the weights fit
+ * it; *used = 0 when they do not (the caller quantizes afresh). Advances the walk either way. */
+static qlr_status nf4_rec_take(nf4_rec *r, const char *path, const char *name, const float *w, int64_t rows,
+                               int64_t cols, qlr_nf4 *host, int *used) {
+    *used = 0;
+    int64_t nb = (rows * cols + QLR_NF4_BLOCK - 1) / QLR_NF4_BLOCK, ndq = (nb + QLR_NF4_DQ_BLOCK - 1) / QLR_NF4_DQ_BLOCK;
+    uint64_t b0 = r->at_blocks, d0 = r->at_dq, t0 = r->at_tensor;
+    r->at_blocks += (uint64_t)nb;
+    r->at_dq += (uint64_t)ndq;
+    r->at_tensor++;
+    if (r->dq ? (r->at_blocks > r->n_aq || r->at_dq > r->n_dqa || r->at_tensor > r->n_off) : r->at_blocks > r->n_abs)
+        return qlr_errorf(QLR_ERR_FORMAT, "%s: qlora.nf4.* arrays end before tensor '%s'", path, name);
+    float *tmp = malloc((size_t)(r->dq ? ndq : nb) * sizeof(float));
+    if (!tmp) return qlr_errorf(QLR_ERR_NOMEM, "out of memory");
+    const uint8_t *src = r->dq ? r->dq_absmax + 4 * d0 : r->absmax + 4 * b0;
+    for (int64_t i = 0; i < (r->dq ? ndq : nb); i++) tmp[i] = rd_f32le(src + 4 * i);
+    qlr_nf4_state s = {r->dq, r->dq ? NULL : tmp, r->dq ? r->absmax_q + b0 : NULL, r->dq ? tmp : NULL,
+                       r->dq ? rd_f32le(r->offsets + 4 * t0) : 0.0f};
+    float dev = 0.0f;
+    qlr_status st = qlr_nf4_from_state(w, rows, cols, &s, host, &dev);
+    free(tmp);
+    QLR_TRY(st);
+    if (!(dev <= NF4_REBUILD_MAX_DEV)) {
+        QLR_LOGW("%s: tensor '%s' does not hold the dequantized values of its recorded NF4 state "
+                 "(deviation %.3g of the block scale): quantized afresh", path, name, (double)dev);
+        qlr_nf4_free(host);
+        return QLR_OK;
+    }
+    *used = 1;
+    return QLR_OK;
+}
+
 static qlr_status load_gguf(const char *path, qlr_model *m, const qlr_model_load_params *p) {
     qlr_gguf *g = NULL;
     QLR_TRY(qlr_gguf_open(path, &g));
@@ -54,6 +175,10 @@ static qlr_status load_gguf(const char *path, qlr_model *m, const qlr_model_load
     qlr_status st = qlr_model_config_from_gguf(g, &m->cfg);
     if (st != QLR_OK) goto done;
     qlr_model_config *c = &m->cfg;
+    int32_t file_layers = c->n_layers;
+    nf4_rec rec;
+    int n_rebuilt = 0;
+    if ((st = nf4_rec_open(g, p, &rec)) != QLR_OK) goto done;
     if (p->max_layers > 0 && p->max_layers < c->n_layers) c->n_layers = p->max_layers;
     int64_t d = c->d_model, q_out = (int64_t)c->n_heads * c->head_dim, ff = c->d_ff,
             V = c->n_vocab;
@@ -122,7 +247,16 @@ static qlr_status load_gguf(const char *path, qlr_model *m, const qlr_model_load
             st = gguf_tensor_f32(g, name, (uint64_t)in, (uint64_t)out, buf);
             if (st == QLR_OK && permuted && (i == QLR_LIN_Q || i == QLR_LIN_K))
                 st = qlr_unpermute_qk(buf, heads, c->head_dim, in);
-            if (st == QLR_OK) st = qlr_model_upload_nf4(m, buf, out, in, p->double_quant, &L->w[i]);
+            int rebuilt = 0;
+            qlr_nf4 host;
+            if (st == QLR_OK && rec.present) st = nf4_rec_take(&rec, path, name, buf, out, in, &host, &rebuilt);
+            if (st == QLR_OK && rebuilt) {
+                st = qlr_model_upload_nf4_store(m, &host, &L->w[i], &L->nf4_hash[i]);
+                qlr_nf4_free(&host);
+                n_rebuilt++;
+            } else if (st == QLR_OK) {
+                st = qlr_model_upload_nf4(m, buf, out, in, p->double_quant, &L->w[i], &L->nf4_hash[i]);
+            }
             STEP();
             if (c->qkv_bias && i <= QLR_LIN_V) {
                 snprintf(name, sizeof name, "blk.%d.%s.bias", l, qlr_linear_gguf_name((qlr_linear_id)i));
@@ -135,6 +269,18 @@ static qlr_status load_gguf(const char *path, qlr_model *m, const qlr_model_load
         }
     }
 #undef STEP
+    m->nf4_hash = qlr_model_nf4_hash(m);
+    if (rec.present) {
+        char want[17], got[17];
+        qlr_model_hash_hex(rec.hash, want);
+        qlr_model_hash_hex(m->nf4_hash, got);
+        int all = c->n_layers * QLR_LIN_COUNT;
+        if (n_rebuilt == all && c->n_layers == file_layers && rec.hash && rec.hash != m->nf4_hash)
+            QLR_LOGW("%s: the NF4 store rebuilt from qlora.nf4.* hashes to %s, the file records %s (the "
+                     "file was changed after export?)", path, got, want);
+        else
+            QLR_LOGI("%s: %d of %d linears rebuilt on their recorded NF4 state (nf4 %s)", path, n_rebuilt, all, got);
+    }
 done:
     if (bar) qlr_progress_end(bar);
     free(buf);
@@ -165,6 +311,7 @@ qlr_status qlr_model_load(const char *path, qlr_backend *be, const qlr_model_loa
         qlr_model_free(m);
         return st;
     }
+    if (!m->nf4_hash) m->nf4_hash = qlr_model_nf4_hash(m);
     *out = m;
     return QLR_OK;
 }

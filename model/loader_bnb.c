@@ -303,9 +303,11 @@ done:
 }
 
 qlr_status qlr_model_upload_bnb(qlr_model *m, const qlr_st_set *s, const char *src,
-                                const char *weight, int64_t rows, int64_t cols, qlr_nf4 *out) {
+                                const char *weight, int64_t rows, int64_t cols, qlr_nf4 *out,
+                                uint64_t *hash) {
     qlr_nf4 view;
     QLR_TRY(qlr_bnb_nf4_view(s, src, weight, rows, cols, &view));
+    *hash = qlr_nf4_hash(&view);
     /* not owned: the backend copies the bytes (also on the CPU backend) */
     qlr_status st = qlr_backend_nf4_upload(m->be, &view, out, 0);
     if (st != QLR_OK) return qlr_error_prefix("%s: bitsandbytes 4-bit weight '%s'", src, weight);

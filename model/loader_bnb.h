@@ -38,6 +38,7 @@ qlr_status qlr_bnb_nf4_view(const qlr_st_set *s, const char *src, const char *we
 
 /* qlr_bnb_nf4_view + upload to the model's backend (a byte copy) + the model's byte count. */
 qlr_status qlr_model_upload_bnb(qlr_model *m, const qlr_st_set *s, const char *src,
-                                const char *weight, int64_t rows, int64_t cols, qlr_nf4 *out);
+                                const char *weight, int64_t rows, int64_t cols, qlr_nf4 *out,
+                                uint64_t *hash);
 
 #endif

@@ -120,11 +120,11 @@ qlr_status qlr_model_load_hf(const char *dir, qlr_model *m, const qlr_model_load
             const char *grp = i <= QLR_LIN_O ? "self_attn" : "mlp";
             snprintf(n, sizeof n, "model.layers.%d.%s.%s.weight", l, grp, qlr_linear_hf_name((qlr_linear_id)i));
             if (qlr_bnb_has_quant_state(s, n)) {
-                st = qlr_model_upload_bnb(m, s, dir, n, o, in, &L->w[i]);
+                st = qlr_model_upload_bnb(m, s, dir, n, o, in, &L->w[i], &L->nf4_hash[i]);
                 n_bnb++;
             } else {
                 st = st_tensor_f32(s, dir, n, o, in, buf);
-                if (st == QLR_OK) st = qlr_model_upload_nf4(m, buf, o, in, p->double_quant, &L->w[i]);
+                if (st == QLR_OK) st = qlr_model_upload_nf4(m, buf, o, in, p->double_quant, &L->w[i], &L->nf4_hash[i]);
             }
             STEP();
             if (c->qkv_bias && i <= QLR_LIN_V) {

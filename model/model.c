@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "core/core.h"
+#include "core/hash.h"
 #include "model/model_internal.h"
 #include "quant/nf4.h"
 
@@ -62,15 +63,35 @@ qlr_status qlr_model_upload_bf16(qlr_model *m, float *buf, int64_t n, uint16_t *
 }
 
 qlr_status qlr_model_upload_nf4(qlr_model *m, const float *w, int64_t rows, int64_t cols, int dq,
-                                qlr_nf4 *out) {
+                                qlr_nf4 *out, uint64_t *hash) {
     qlr_nf4 host;
     QLR_TRY(qlr_nf4_quantize(w, rows, cols, dq, &host));
-    m->nf4_bytes += qlr_nf4_bytes(rows, cols, dq);
-    qlr_status st = qlr_backend_nf4_upload(m->be, &host, out, 1);
-    if (st == QLR_OK && !m->be->host_visible) st = m->be->mem.sync(m->be);
+    qlr_status st = qlr_model_upload_nf4_store(m, &host, out, hash);
     qlr_nf4_free(&host);
     return st;
 }
+
+qlr_status qlr_model_upload_nf4_store(qlr_model *m, qlr_nf4 *host, qlr_nf4 *out, uint64_t *hash) {
+    *hash = qlr_nf4_hash(host);
+    m->nf4_bytes += qlr_nf4_bytes(host->rows, host->cols, host->dq);
+    qlr_status st = qlr_backend_nf4_upload(m->be, host, out, 1); /* host-visible: buffers moved */
+    if (st == QLR_OK && !m->be->host_visible) st = m->be->mem.sync(m->be);
+    return st;
+}
+
+uint64_t qlr_model_nf4_hash(const qlr_model *m) {
+    qlr_hash64 h;
+    qlr_hash64_init(&h, 0x6e6634ull); /* "nf4" */
+    for (int32_t l = 0; l < m->cfg.n_layers; l++)
+        for (int i = 0; i < QLR_LIN_COUNT; i++) {
+            uint8_t b[8];
+            for (int k = 0; k < 8; k++) b[k] = (uint8_t)(m->layers[l].nf4_hash[i] >> (8 * k));
+            qlr_hash64_update(&h, b, 8);
+        }
+    return qlr_hash64_final(&h);
+}
+
+void qlr_model_hash_hex(uint64_t h, char buf[17]) { snprintf(buf, 17, "%016llx", (unsigned long long)h); }
 
 void qlr_model_weight_items(const qlr_model_config *c, int dq, qlr_mem_item_fn fn, void *ud) {
     const char *g = "weights";

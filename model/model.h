@@ -76,6 +76,7 @@ typedef struct qlr_layer {
     float *ffn_norm;               /* [d_model] f32, device */
     qlr_nf4 w[QLR_LIN_COUNT];      /* NF4 [out, in], device buffers */
     float *bias[QLR_LIN_COUNT];    /* [out] f32 device or NULL (q/k/v of qwen2) */
+    uint64_t nf4_hash[QLR_LIN_COUNT]; /* qlr_nf4_hash of each store, taken on the host at load */
 } qlr_layer;
 
 typedef struct qlr_model {
@@ -89,6 +90,10 @@ typedef struct qlr_model {
     uint64_t nf4_bytes;             /* bytes of the NF4 store */
     uint64_t other_bytes;           /* embeddings, norms, biases */
     char *source;                   /* path it was loaded from */
+    /* Identity of the weights qlora runs: qlr-hash64 over every decoder linear's NF4 store hash
+     * in (layer, q k v o gate up down) order (qlr_model_nf4_hash). Adapters record it as their
+     * base (adapters/lora.h); the exported base GGUF reloads to the same value. */
+    uint64_t nf4_hash;
     /* Optional 4-bit output projection [n_vocab, d_model] NF4 (device) or NULL: when set, the
      * forward's logits use it (the nf4_lm_head op) instead of lm_head. Only
      * qlr_model_create_random makes one (serving figures with every weight in NF4); freed with
@@ -133,6 +138,11 @@ qlr_status qlr_model_load(const char *path, qlr_backend *be, const qlr_model_loa
                           qlr_model **out);
 /* Frees every device buffer and the model; safe on NULL. */
 void qlr_model_free(qlr_model *m);
+
+/* The model's nf4_hash from its layers' per-store hashes (the loaders call it at the end). */
+uint64_t qlr_model_nf4_hash(const qlr_model *m);
+/* "0123456789abcdef": the 16 lower-case hex digits of a hash, into buf[17]. */
+void qlr_model_hash_hex(uint64_t h, char buf[17]);
 
 /* The device buffers qlr_model_load allocates for a model of config `cfg` (group "weights": NF4
  * linears, embeddings, norms, lm_head, biases, RoPE table) on a backend that is not host-visible

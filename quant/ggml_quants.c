@@ -1,5 +1,6 @@
 /* quant/ggml_quants.c: decoding of ggml block types to float32 (spec §3.6) and the reference
- * quantizers for Q8_0 / Q4_0 / Q4_1. Blocks are read byte by byte (little-endian fp16 fields,
+ * quantizers for Q8_0 / Q4_0 / Q4_1 / Q5_0 (ggml's rules, bit-exact with gguf-py); the Q6_K and
+ * Q4_K quantizers are ours (ggml_kquants.c). Blocks are read byte by byte (little-endian fp16 fields,
  * no struct overlays), so any alignment works. The arithmetic order follows ggml's reference
  * dequantizers so that results agree bit for bit with gguf-py / ggml (FMA contraction is
  * turned off for this library in CMakeLists.txt). */
@@ -11,6 +12,7 @@
 
 #include "core/dtype.h"
 #include "core/threads.h"
+#include "quant/ggml_quants_internal.h"
 
 static const char *const type_names[] = {
     [0] = "F32",      [1] = "F16",     [2] = "Q4_0",    [3] = "Q4_1",   [6] = "Q5_0",
@@ -54,7 +56,8 @@ size_t qlr_ggml_block_bytes(uint32_t type) {
 int qlr_ggml_type_supported(uint32_t type) {
     switch (type) {
     case QLR_GGML_F32: case QLR_GGML_F16: case QLR_GGML_BF16: case QLR_GGML_Q4_0:
-    case QLR_GGML_Q4_1: case QLR_GGML_Q8_0: case QLR_GGML_Q4_K: case QLR_GGML_Q6_K: return 1;
+    case QLR_GGML_Q4_1: case QLR_GGML_Q5_0: case QLR_GGML_Q8_0: case QLR_GGML_Q4_K:
+    case QLR_GGML_Q6_K: return 1;
     default: return 0;
     }
 }
@@ -63,7 +66,7 @@ qlr_status qlr_ggml_type_check(uint32_t type) {
     if (qlr_ggml_type_supported(type)) return QLR_OK;
     return qlr_errorf(QLR_ERR_UNSUPPORTED,
                       "ggml type %s (%u) is not supported; supported: F32, F16, BF16, Q8_0, "
-                      "Q4_0, Q4_1, Q4_K, Q6_K",
+                      "Q4_0, Q4_1, Q5_0, Q4_K, Q6_K",
                       qlr_ggml_type_name(type), type);
 }
 
@@ -130,6 +133,21 @@ static void deq_q4_1(const uint8_t *s, int64_t nb, float *y) {
     }
 }
 
+/* Q5_0: d, qh (bit j = 5th bit of element j, little-endian u32), qs as Q4_0; x = (q - 16) d. */
+static void deq_q5_0(const uint8_t *s, int64_t nb, float *y) {
+    for (int64_t b = 0; b < nb; b++, s += 22, y += 32) {
+        float d = rd_f16(s);
+        uint32_t qh = (uint32_t)s[2] | (uint32_t)s[3] << 8 | (uint32_t)s[4] << 16 | (uint32_t)s[5] << 24;
+        const uint8_t *qs = s + 6;
+        for (int j = 0; j < 16; j++) {
+            int q0 = (qs[j] & 0x0F) | (int)((qh >> j) & 1) << 4;
+            int q1 = (qs[j] >> 4) | (int)((qh >> (j + 16)) & 1) << 4;
+            y[j] = (float)(q0 - 16) * d;
+            y[j + 16] = (float)(q1 - 16) * d;
+        }
+    }
+}
+
 /* 6-bit scale and min of sub-block j from the 12 packed bytes (spec §3.6, Q4_K). */
 static inline void k4_scale_min(int j, const uint8_t *S, int *sc, int *mn) {
     if (j < 4) {
@@ -191,6 +209,7 @@ static deq_fn deq_for(uint32_t type) {
     case QLR_GGML_Q8_0: return deq_q8_0;
     case QLR_GGML_Q4_0: return deq_q4_0;
     case QLR_GGML_Q4_1: return deq_q4_1;
+    case QLR_GGML_Q5_0: return deq_q5_0;
     case QLR_GGML_Q4_K: return deq_q4_k;
     case QLR_GGML_Q6_K: return deq_q6_k;
     default: return NULL;
@@ -298,6 +317,30 @@ static void qz_q4_1(const float *x, int64_t nb, uint8_t *s) {
     }
 }
 
+/* ggml's Q5_0 rule: d = max / -16 (max = the first element of largest magnitude, sign kept),
+ * q = min(31, trunc(x / d + 16.5)). */
+static void qz_q5_0(const float *x, int64_t nb, uint8_t *s) {
+    for (int64_t b = 0; b < nb; b++, x += 32, s += 22) {
+        float amax = 0.0f, max = 0.0f;
+        for (int j = 0; j < 32; j++)
+            if (amax < fabsf(x[j])) {
+                amax = fabsf(x[j]);
+                max = x[j];
+            }
+        float d = max / -16.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        wr_f16(s, d);
+        uint32_t qh = 0;
+        for (int j = 0; j < 16; j++) {
+            float t0 = x[j] * id + 16.5f, t1 = x[j + 16] * id + 16.5f;
+            int q0 = !(t0 >= 0.0f) ? 0 : t0 >= 31.0f ? 31 : (int)t0;
+            int q1 = !(t1 >= 0.0f) ? 0 : t1 >= 31.0f ? 31 : (int)t1;
+            s[6 + j] = (uint8_t)((q0 & 0x0F) | (q1 & 0x0F) << 4);
+            qh |= (uint32_t)(q0 >> 4) << j | (uint32_t)(q1 >> 4) << (j + 16);
+        }
+        for (int k = 0; k < 4; k++) s[2 + k] = (uint8_t)(qh >> (8 * k));
+    }
+}
+
 qlr_status qlr_ggml_quantize_row(uint32_t type, const float *src, int64_t n, void *dst) {
     size_t rb;
     QLR_TRY(qlr_ggml_row_bytes(type, n, &rb));
@@ -317,9 +360,41 @@ qlr_status qlr_ggml_quantize_row(uint32_t type, const float *src, int64_t n, voi
     case QLR_GGML_Q8_0: qz_q8_0(src, n / 32, d); break;
     case QLR_GGML_Q4_0: qz_q4_0(src, n / 32, d); break;
     case QLR_GGML_Q4_1: qz_q4_1(src, n / 32, d); break;
+    case QLR_GGML_Q5_0: qz_q5_0(src, n / 32, d); break;
+    case QLR_GGML_Q6_K: qlr_ggml_qz_q6_k(src, n / 256, d); break;
+    case QLR_GGML_Q4_K: qlr_ggml_qz_q4_k(src, n / 256, d); break;
     default:
         return qlr_errorf(QLR_ERR_UNSUPPORTED, "ggml quantize: no reference quantizer for %s (%u)",
                           qlr_ggml_type_name(type), type);
     }
+    return QLR_OK;
+}
+
+typedef struct qz_ctx {
+    uint32_t type;
+    const float *src;
+    uint8_t *dst;
+    int64_t ne0;
+    size_t rb;
+} qz_ctx;
+
+static void qz_rows(void *vctx, int64_t r0, int64_t r1, int tid) {
+    (void)tid;
+    const qz_ctx *c = vctx;
+    for (int64_t r = r0; r < r1; r++) /* cannot fail: the row length was checked */
+        (void)qlr_ggml_quantize_row(c->type, c->src + r * c->ne0, c->ne0, c->dst + (size_t)r * c->rb);
+}
+
+qlr_status qlr_ggml_quantize(uint32_t type, const float *src, int64_t ne0, int64_t nrows, void *dst,
+                             size_t dst_bytes) {
+    size_t rb;
+    QLR_TRY(qlr_ggml_row_bytes(type, ne0, &rb));
+    uint64_t total;
+    if (nrows < 0 || !qlr_mul_ok(rb, (uint64_t)nrows, &total) || total > dst_bytes)
+        return qlr_errorf(QLR_ERR_INVALID, "ggml quantize: %s [%lld x %lld] needs more than the %zu bytes given",
+                          qlr_ggml_type_name(type), (long long)ne0, (long long)nrows, dst_bytes);
+    if (ne0 && nrows) QLR_TRY(qlr_ggml_quantize_row(type, src, ne0, dst)); /* type supported? */
+    qz_ctx c = {type, src, dst, ne0, rb};
+    qlr_parallel_for(nrows, ne0 >= (1 << 14) ? 1 : (1 << 14) / (ne0 ? ne0 : 1), qz_rows, &c);
     return QLR_OK;
 }

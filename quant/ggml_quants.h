@@ -1,6 +1,7 @@
 /* quant/ggml_quants.h: ggml tensor types as found in GGUF files (spec §3.5-3.6): names, block
- * sizes, dequantization to float32 for F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K and Q6_K, and the
- * reference quantizers for Q8_0, Q4_0 and Q4_1 (to make test files). Reading the GGUF container
+ * sizes, dequantization to float32 for F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q4_K and Q6_K,
+ * ggml's reference quantizers for Q8_0, Q4_0, Q4_1 and Q5_0, and our own for Q6_K and Q4_K
+ * (model export: merged and base models for llama.cpp). Reading the GGUF container
  * is formats/'s job; this header only interprets the bytes of one tensor. */
 #ifndef QLR_QUANT_GGML_QUANTS_H
 #define QLR_QUANT_GGML_QUANTS_H
@@ -64,10 +65,15 @@ qlr_status qlr_ggml_dequant_row(uint32_t type, const void *src, int64_t ne0, flo
 qlr_status qlr_ggml_dequant(uint32_t type, const void *src, size_t src_bytes, int64_t ne0,
                             int64_t nrows, float *dst);
 
-/* Reference quantizer (ggml's quantize_row_*_ref rules, spec §3.6) of n floats into dst
- * (qlr_ggml_row_bytes(type, n) bytes). Types: Q8_0, Q4_0, Q4_1, and F32/F16/BF16 (plain
- * conversion, round to nearest even). QLR_ERR_UNSUPPORTED for other types, QLR_ERR_INVALID if
- * n is not a multiple of the block size. */
+/* Quantizes n floats into dst (qlr_ggml_row_bytes(type, n) bytes). Q8_0, Q4_0, Q4_1, Q5_0:
+ * ggml's reference rules (spec §3.6; bit-exact with gguf-py's quantizers). Q6_K, Q4_K: our own
+ * scale search (quant/ggml_kquants.c), any bytes the spec's dequantizer reads. F32/F16/BF16:
+ * plain conversion, round to nearest even. QLR_ERR_UNSUPPORTED for other types,
+ * QLR_ERR_INVALID if n is not a multiple of the block size. */
 qlr_status qlr_ggml_quantize_row(uint32_t type, const float *src, int64_t n, void *dst);
+/* qlr_ggml_quantize_row over nrows rows of ne0 (contiguous), threaded by rows, into dst of
+ * dst_bytes (QLR_ERR_INVALID when too small). */
+qlr_status qlr_ggml_quantize(uint32_t type, const float *src, int64_t ne0, int64_t nrows, void *dst,
+                             size_t dst_bytes);
 
 #endif

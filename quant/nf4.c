@@ -13,6 +13,7 @@
 
 #include "core/dtype.h"
 #include "core/status.h"
+#include "core/hash.h"
 #include "core/threads.h"
 #include "quant/dynmap.h"
 
@@ -282,6 +283,108 @@ qlr_status qlr_nf4_quantize(const float *w, int64_t rows, int64_t cols, int dq, 
         return st;
     }
     *out = q;
+    return QLR_OK;
+}
+
+/* Allocates an owned store of shape [rows, cols] (codes and the absmax arrays of its dq mode). */
+static qlr_status nf4_alloc(int64_t rows, int64_t cols, int dq, qlr_nf4 *out) {
+    memset(out, 0, sizeof *out);
+    uint64_t n64;
+    if (rows <= 0 || cols <= 0 || !qlr_mul_ok((uint64_t)rows, (uint64_t)cols, &n64) ||
+        n64 > (uint64_t)INT64_MAX / 8)
+        return qlr_errorf(QLR_ERR_INVALID, "nf4: bad shape [%lld, %lld]", (long long)rows, (long long)cols);
+    qlr_nf4 q = {0};
+    q.rows = rows;
+    q.cols = cols;
+    q.n = (int64_t)n64;
+    q.n_blocks = (q.n + QLR_NF4_BLOCK - 1) / QLR_NF4_BLOCK;
+    q.dq = dq ? 1 : 0;
+    q.n_dq_blocks = dq ? (q.n_blocks + QLR_NF4_DQ_BLOCK - 1) / QLR_NF4_DQ_BLOCK : 0;
+    q.owned = 1;
+    q.codes = malloc((size_t)((q.n + 1) / 2));
+    if (dq) {
+        q.absmax_q = malloc((size_t)q.n_blocks);
+        q.dq_absmax = malloc((size_t)q.n_dq_blocks * sizeof(float));
+    } else {
+        q.absmax = malloc((size_t)q.n_blocks * sizeof(float));
+    }
+    if (!q.codes || (dq ? (!q.absmax_q || !q.dq_absmax) : !q.absmax)) {
+        qlr_nf4_free(&q);
+        return qlr_errorf(QLR_ERR_NOMEM, "nf4: out of memory for [%lld, %lld]", (long long)rows, (long long)cols);
+    }
+    *out = q;
+    return QLR_OK;
+}
+
+uint64_t qlr_nf4_hash(const qlr_nf4 *q) {
+    qlr_hash64 h;
+    qlr_hash64_init(&h, 0);
+    uint8_t hdr[17];
+    for (int i = 0; i < 8; i++) {
+        hdr[i] = (uint8_t)((uint64_t)q->rows >> (8 * i));
+        hdr[8 + i] = (uint8_t)((uint64_t)q->cols >> (8 * i));
+    }
+    hdr[16] = (uint8_t)(q->dq != 0);
+    qlr_hash64_update(&h, hdr, sizeof hdr);
+    qlr_hash64_update(&h, q->codes, (size_t)((q->n + 1) / 2));
+    if (q->dq) {
+        qlr_hash64_update(&h, q->absmax_q, (size_t)q->n_blocks);
+        qlr_hash64_update(&h, q->dq_absmax, (size_t)q->n_dq_blocks * sizeof(float));
+        qlr_hash64_update(&h, &q->dq_offset, sizeof(float));
+    } else {
+        qlr_hash64_update(&h, q->absmax, (size_t)q->n_blocks * sizeof(float));
+    }
+    return qlr_hash64_final(&h);
+}
+
+typedef struct state_ctx {
+    qlr_nf4 *q;
+    const float *w;
+    float *dev; /* [n_threads] */
+} state_ctx;
+
+static void state_blocks(void *vctx, int64_t b0, int64_t b1, int tid) {
+    const state_ctx *c = vctx;
+    float worst = c->dev[tid];
+    for (int64_t b = b0; b < b1; b++) {
+        int64_t i0 = b * QLR_NF4_BLOCK, i1 = i0 + QLR_NF4_BLOCK;
+        if (i1 > c->q->n) i1 = c->q->n;
+        float a = qlr_nf4_block_absmax(c->q, b), r = 1.0f / a;
+        for (int64_t i = i0; i < i1; i++) {
+            uint8_t k = qlr_nf4_nearest(c->w[i] * r);
+            if (i & 1) c->q->codes[i >> 1] |= k;
+            else c->q->codes[i >> 1] = (uint8_t)(k << 4);
+            float dev = a != 0.0f ? fabsf(c->w[i] - qlr_nf4_table[k] * a) / fabsf(a) : fabsf(c->w[i]);
+            if (dev != dev) dev = INFINITY; /* NaN counts as the worst */
+            if (dev > worst) worst = dev;
+        }
+    }
+    c->dev[tid] = worst;
+}
+
+qlr_status qlr_nf4_from_state(const float *w, int64_t rows, int64_t cols, const qlr_nf4_state *s,
+                              qlr_nf4 *out, float *max_dev) {
+    *max_dev = 0.0f;
+    QLR_TRY(nf4_alloc(rows, cols, s->dq, out));
+    qlr_nf4 *q = out;
+    if (q->dq) {
+        memcpy(q->absmax_q, s->absmax_q, (size_t)q->n_blocks);
+        memcpy(q->dq_absmax, s->dq_absmax, (size_t)q->n_dq_blocks * sizeof(float));
+        q->dq_offset = s->dq_offset;
+    } else {
+        memcpy(q->absmax, s->absmax, (size_t)q->n_blocks * sizeof(float));
+    }
+    int nt = qlr_n_threads();
+    float *dev = calloc((size_t)nt, sizeof *dev);
+    if (!dev) {
+        qlr_nf4_free(q);
+        return qlr_errorf(QLR_ERR_NOMEM, "nf4: out of memory");
+    }
+    state_ctx c = {q, w, dev};
+    qlr_parallel_for(q->n_blocks, 1024, state_blocks, &c);
+    for (int i = 0; i < nt; i++)
+        if (dev[i] > *max_dev) *max_dev = dev[i];
+    free(dev);
     return QLR_OK;
 }
 

@@ -87,6 +87,32 @@ float qlr_nf4_dq_mean(const float *absmax, int64_t nb);
 qlr_status qlr_nf4_double_quant(const float *absmax, int64_t nb, uint8_t *absmax_q,
                                 float *dq_absmax, float *dq_offset);
 
+/* qlr-hash64 (core/hash.h) of a host store: rows, cols (int64 little-endian), dq (one byte),
+ * the packed codes, then absmax_q, dq_absmax and dq_offset (dq) or absmax (float32 bytes). Two
+ * stores hash equal exactly when every one of those bytes is equal (up to collisions). */
+uint64_t qlr_nf4_hash(const qlr_nf4 *q);
+
+/* The first-level scale state of a store, as another program recorded it (export-base writes
+ * it beside the dequantized weights: model/export_gguf.c). Arrays are borrowed. */
+typedef struct qlr_nf4_state {
+    int dq;
+    const float *absmax;     /* [n_blocks] when !dq */
+    const uint8_t *absmax_q; /* [n_blocks] when dq */
+    const float *dq_absmax;  /* [ceil(n_blocks / 256)] when dq */
+    float dq_offset;
+} qlr_nf4_state;
+
+/* Rebuilds a store from weights w [rows, cols] that are (up to a rounding of their own) the
+ * dequantized values of a store with scale state `s`: the state is copied and each code is the
+ * nearest NF4 code of w * (1 / block absmax), the same rounding the quantizer made. For weights
+ * that came out of such a store as f32 the result equals that store byte for byte. *max_dev is
+ * the largest |w - dequant| / |block absmax| (|w| for a zero absmax): the caller decides whether
+ * w really came from this state (0 for an exact f32 round trip; a bf16/f16/q8_0 copy stays well
+ * below 0.01, unrelated weights are near 0.05 or more). QLR_ERR_INVALID for a bad shape,
+ * QLR_ERR_NOMEM. */
+qlr_status qlr_nf4_from_state(const float *w, int64_t rows, int64_t cols, const qlr_nf4_state *s,
+                              qlr_nf4 *out, float *max_dev);
+
 /* Quantization error of a store against the float data it was made from (`qlora inspect
  * --nf4`). Non-finite originals are skipped and counted. */
 typedef struct qlr_nf4_err {

@@ -407,6 +407,15 @@ static qlr_status eval_exact(evaluator *v, const char *name, qlr_eval_scores *s,
             json_object_set_new(j, "answer", json_string(got));
             json_object_set_new(j, "max_tokens", json_integer(gp.n_predict));
             json_object_set_new(j, "exact", json_boolean(exact));
+            /* the tokens themselves, for other engines to replay (tests/tools/gguf_forward.py) */
+            json_t *pi = json_array(), *ai = json_array(), *si = json_array();
+            for (int32_t q = 0; q < it->n_prompt; q++) json_array_append_new(pi, json_integer(it->prompt[q]));
+            for (int32_t q = 0; q < g.n; q++) json_array_append_new(ai, json_integer(g.ids[q]));
+            for (int32_t q = 0; q < ns; q++) json_array_append_new(si, json_integer(stops[q]));
+            json_object_set_new(j, "prompt_ids", pi);
+            json_object_set_new(j, "answer_ids", ai);
+            json_object_set_new(j, "stop_ids", si);
+            json_object_set_new(j, "stopped", json_boolean(gs.stopped));
             json_array_append_new(v->answers, j);
         }
         if (exact) s->n_exact++;

@@ -67,7 +67,7 @@ qlr_status qlr_trainer_resume(trainer *t, const char *dir) {
     char adir[4200];
     snprintf(adir, sizeof adir, "%s/%s", dir, QLR_RUN_ADAPTER_DIR);
     qlr_lora_base base;
-    qlr_lora_base_from_config(&t->m->cfg, &base);
+    qlr_lora_base_from_loaded(t->m, &base);
     qlr_lora *saved = NULL;
     QLR_TRY(qlr_lora_load_peft(adir, &base, &saved));
     qlr_status st = QLR_OK;

@@ -166,9 +166,47 @@ qlr_status qlr_trainable_create(qlr_backend *be, const qlr_model_config *cfg,
     return st;
 }
 
+/* What the adapter records of its training (adapters/lora.h): the base's name and NF4 store
+ * hash, and the prompt format when every dataset renders prompts the same way (chat and
+ * sharegpt: the chat template, with its default system message; alpaca; completion). */
+static qlr_status record_identity(trainer *t) {
+    const qlr_train_opts *o = t->o;
+    qlr_lora *l = t->tr.lora;
+    qlr_lora_base ident;
+    qlr_lora_base_from_loaded(t->m, &ident);
+    snprintf(l->base.name, sizeof l->base.name, "%s", ident.name);
+    l->base.nf4_hash = ident.nf4_hash;
+    const char *fmt = NULL, *sys = NULL;
+    int mixed = 0;
+    for (uint32_t i = 0; i < o->n_datasets; i++) {
+        const char *f = NULL, *s = NULL;
+        switch ((qlr_data_format)o->datasets[i].format) {
+        case QLR_DATA_CHAT:
+        case QLR_DATA_SHAREGPT:
+            if (t->tmpl) {
+                f = qlr_chat_template_name(t->tmpl);
+                s = qlr_chat_template_default_system(t->tmpl);
+            }
+            break;
+        case QLR_DATA_ALPACA: f = "alpaca"; break;
+        case QLR_DATA_COMPLETION: f = "completion"; break;
+        default: break; /* input_output, pretokenized: the data is its own format */
+        }
+        if (!f || (i && (!fmt || strcmp(f, fmt)))) mixed = 1;
+        if (!i) fmt = f, sys = s;
+    }
+    if (mixed || !fmt) {
+        QLR_LOGI("the datasets use %s: the adapter records no prompt format",
+                 mixed && fmt ? "several prompt formats" : "their own token layout");
+        return QLR_OK;
+    }
+    return qlr_lora_set_prompt(l, fmt, sys);
+}
+
 qlr_status qlr_trainer_setup_params(trainer *t) {
     const qlr_train_opts *o = t->o;
     QLR_TRY(qlr_trainable_create(t->be, &t->m->cfg, o, &t->tr));
+    QLR_TRY(record_identity(t));
     qlr_train_params tp;
     QLR_TRY(qlr_train_workspace_params(o->micro_batch_size, o->sequence_len,
                                        o->gradient_checkpointing, o->lora_dropout, &tp));

@@ -630,7 +630,64 @@ static void test_python(void) {
     qlr_lora_free(l);
 }
 
+/* What the adapter records of its training (base name + nf4 hash, prompt format + system
+ * message) survives GGUF and PEFT; a base with another hash warns, the same or an unknown one
+ * does not; shapes stay the error path. Also the merge delta against a plain double loop. */
+static void test_identity_and_merge(void) {
+    qlr_lora *l = random_adapter(9, 0);
+    if (!l) return;
+    snprintf(l->base.name, sizeof l->base.name, "%s", "SmolLM2-135M-Instruct.Q4_1.gguf");
+    l->base.nf4_hash = 0xa5eae5d5377676e9ull;
+    CHECK_OK(qlr_lora_set_prompt(l, "chatml", "You are a helpful AI assistant named SmolLM"));
+    const char *g = tmp("ident.gguf"), *d = tmp("ident_peft");
+    CHECK_OK(qlr_lora_save_gguf(l, g));
+    CHECK_OK(qlr_lora_save_peft(l, d));
+    for (int k = 0; k < 2; k++) {
+        qlr_lora *r = NULL;
+        CHECK_OK(k ? qlr_lora_load_peft(d, NULL, &r) : qlr_lora_load_gguf(g, NULL, &r));
+        if (!r) continue;
+        CHECK_MSG(!strcmp(r->base.name, l->base.name) && r->base.nf4_hash == l->base.nf4_hash,
+                  "%s: base identity %s %016llx", k ? "peft" : "gguf", r->base.name,
+                  (unsigned long long)r->base.nf4_hash);
+        CHECK(r->prompt_format && !strcmp(r->prompt_format, "chatml"));
+        CHECK(r->prompt_system && !strcmp(r->prompt_system, l->prompt_system));
+        CHECK(same_adapter(l, r));
+        qlr_lora_base other = tiny_base();
+        CHECK_EQ_INT(qlr_lora_warn_base(r, &other, "t"), 0); /* unknown hash: nothing to say */
+        other.nf4_hash = l->base.nf4_hash;
+        CHECK_EQ_INT(qlr_lora_warn_base(r, &other, "t"), 0);
+        other.nf4_hash = 0x1234;
+        snprintf(other.name, sizeof other.name, "%s", "merged.gguf");
+        CHECK_EQ_INT(qlr_lora_warn_base(r, &other, "t"), 1);
+        qlr_lora *r2 = NULL; /* loading with that base still works (a warning, not an error) */
+        CHECK_OK(k ? qlr_lora_load_peft(d, &other, &r2) : qlr_lora_load_gguf(g, &other, &r2));
+        CHECK(r2 && r2->base.nf4_hash == l->base.nf4_hash); /* the record is the training base's */
+        qlr_lora_free(r2);
+        qlr_lora_free(r);
+    }
+    /* merge: w += scale * B A, HF order */
+    const qlr_lora_module *m = qlr_lora_get_const(l, 1, QLR_LIN_DOWN);
+    float *w = malloc((size_t)m->out * m->in * 4), *v = malloc((size_t)m->out * m->in * 4);
+    for (int64_t i = 0; i < (int64_t)m->out * m->in; i++) w[i] = v[i] = 0.01f * (float)(i % 13);
+    CHECK_OK(qlr_lora_add_delta(l, 1, QLR_LIN_DOWN, 0.5f, w, m->out, m->in));
+    double worst = 0;
+    for (int32_t o = 0; o < m->out; o++)
+        for (int32_t i = 0; i < m->in; i++) {
+            double acc = 0;
+            for (int32_t k = 0; k < l->r; k++) acc += (double)m->b[o * l->r + k] * m->a[k * m->in + i];
+            double e = fabs((double)w[o * m->in + i] - ((double)v[o * m->in + i] + 0.5 * acc));
+            if (e > worst) worst = e;
+        }
+    CHECK_MSG(worst < 1e-6, "merge delta off by %g", worst);
+    CHECK(qlr_lora_add_delta(l, 1, QLR_LIN_DOWN, 0.5f, w, m->in, m->out) == QLR_ERR_INVALID || m->in == m->out);
+    qlr_error_clear();
+    free(w);
+    free(v);
+    qlr_lora_free(l);
+}
+
 int main(void) {
+    test_identity_and_merge();
     test_init();
     test_round_trips(0);
     test_round_trips(1);

@@ -330,6 +330,42 @@ static void test_path_normalize(void) {
 
 int main(void) {
     test_kill_point(); /* first: before this process passes a kill point */
+/* qlr-hash64: pinned values (files record them: a change of the definition must fail here;
+ * the pins were computed independently from core/hash.h's definition in Python),
+ * streaming in any split equals one call, every byte and the length count. */
+static void test_hash(void) {
+    uint8_t buf[1000];
+    for (int i = 0; i < 1000; i++) buf[i] = (uint8_t)(i * 7 + 3);
+    uint64_t one = qlr_hash64_of(buf, sizeof buf, 0);
+    printf("qlr-hash64: empty %016llx, abc %016llx, 1000 bytes %016llx\n",
+           (unsigned long long)qlr_hash64_of("", 0, 0), (unsigned long long)qlr_hash64_of("abc", 3, 0),
+           (unsigned long long)one);
+    CHECK(qlr_hash64_of("", 0, 0) == 0xe4c0500b82706c86ull);
+    CHECK(qlr_hash64_of("abc", 3, 0) == 0xf72710fb84d6dd31ull);
+    CHECK(one == 0xa7a204e58b7dad67ull);
+    const size_t splits[] = {1, 3, 31, 32, 33, 64, 999};
+    for (size_t k = 0; k < sizeof splits / sizeof splits[0]; k++) {
+        qlr_hash64 h;
+        qlr_hash64_init(&h, 0);
+        for (size_t off = 0; off < sizeof buf; off += splits[k]) {
+            size_t n = sizeof buf - off < splits[k] ? sizeof buf - off : splits[k];
+            qlr_hash64_update(&h, buf + off, n);
+        }
+        CHECK_MSG(qlr_hash64_final(&h) == one, "pieces of %zu bytes hash differently", splits[k]);
+    }
+    int same = 0;
+    for (int i = 0; i < 1000; i += 37) {
+        buf[i] ^= 1;
+        same += qlr_hash64_of(buf, sizeof buf, 0) == one;
+        buf[i] ^= 1;
+    }
+    CHECK_MSG(same == 0, "%d one-bit changes kept the hash", same);
+    CHECK(qlr_hash64_of("abc", 4, 0) != qlr_hash64_of("abc", 3, 0)); /* zero padding vs length */
+    CHECK(qlr_hash64_of("abc", 3, 1) != qlr_hash64_of("abc", 3, 0)); /* seed */
+}
+
+int main(void) {
+    test_hash();
     test_f16();
     test_bf16();
     test_files();

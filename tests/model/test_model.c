@@ -30,7 +30,7 @@ typedef struct {
     int tied, bias;
     const char *drop;        /* tensor to leave out */
     const char *bad_shape;   /* tensor written with a wrong shape */
-    const char *q8_tensor;   /* tensor written as Q5_0 (unsupported) */
+    const char *q8_tensor;   /* tensor written as Q5_1 (unsupported) */
 } spec;
 
 /* Keeps every buffer alive until the writer has written. */
@@ -46,8 +46,8 @@ static void add(qlr_gguf_writer *w, const spec *s, const char *name, uint64_t ne
     uint32_t nd = ne1 ? 2 : 1;
     if (s->bad_shape && !strcmp(name, s->bad_shape) && !ne1) nd = 2;
     if (s->q8_tensor && !strcmp(name, s->q8_tensor)) {
-        /* ggml type 6 (Q5_0): 32 elements in 22 bytes; the loader does not decode it */
-        CHECK_OK(qlr_gguf_add_tensor(w, name, 6, nd, ne, data, ne0 * (ne1 ? ne1 : 1) / 32 * 22));
+        /* ggml type 7 (Q5_1): 32 elements in 24 bytes; the loader does not decode it */
+        CHECK_OK(qlr_gguf_add_tensor(w, name, 7, nd, ne, data, ne0 * (ne1 ? ne1 : 1) / 32 * 24));
         return;
     }
     CHECK_OK(qlr_gguf_add_tensor(w, name, 0, nd, ne, data, ne0 * (ne1 ? ne1 : 1) * 4));

@@ -27,6 +27,7 @@ BLOCKS = [
     (T.Q8_0, 32, 34, [0]),
     (T.Q4_0, 32, 18, [0]),
     (T.Q4_1, 32, 20, [0, 2]),
+    (T.Q5_0, 32, 22, [0]),
     (T.Q4_K, 256, 144, [0, 2]),
     (T.Q6_K, 256, 210, [208]),
 ]
@@ -55,7 +56,7 @@ with open(out_path, "wb") as f:
     b16 = quants.quantize(x.reshape(1, -1), T.BF16)
     rec(f, 0, T.BF16, quants.dequantize(b16, T.BF16), b16)
     rec(f, 1, T.BF16, x, b16)
-    for t in (T.Q8_0, T.Q4_0, T.Q4_1):
+    for t in (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0):
         x = (rng.standard_normal((16, 256)) * 0.05).astype(np.float32)
         x[0, :32] = 0.0           # an all-zero block
         x[1, :32] = np.abs(x[1, :32])  # an all-positive block

@@ -40,7 +40,7 @@ static void test_types(void) {
     CHECK(qlr_ggml_dequant(QLR_GGML_Q8_0, blk, 67, 32, 2, out) == QLR_ERR_FORMAT);
     CHECK(qlr_ggml_dequant(QLR_GGML_Q8_0, blk, 68, 32, -1, out) == QLR_ERR_INVALID);
     CHECK_OK(qlr_ggml_dequant(QLR_GGML_Q8_0, blk, 68, 32, 2, out));
-    CHECK(qlr_ggml_quantize_row(QLR_GGML_Q4_K, out, 256, blk) == QLR_ERR_UNSUPPORTED);
+    CHECK(qlr_ggml_quantize_row(QLR_GGML_Q2_K, out, 256, blk) == QLR_ERR_UNSUPPORTED);
 }
 
 static void test_plain(void) {
@@ -159,8 +159,8 @@ static void test_roundtrip(void) {
     for (int i = 0; i < 32; i++) x[i] = 0.0f;           /* an all-zero block */
     for (int i = 32; i < 64; i++) x[i] = fabsf(x[i]);   /* all positive */
     x[100] = 2.0f;                                       /* an outlier */
-    const uint32_t types[3] = {QLR_GGML_Q8_0, QLR_GGML_Q4_0, QLR_GGML_Q4_1};
-    for (int t = 0; t < 3; t++) {
+    const uint32_t types[4] = {QLR_GGML_Q8_0, QLR_GGML_Q4_0, QLR_GGML_Q4_1, QLR_GGML_Q5_0};
+    for (int t = 0; t < 4; t++) {
         CHECK_OK(qlr_ggml_quantize_row(types[t], x, n, q));
         size_t rb;
         CHECK_OK(qlr_ggml_row_bytes(types[t], n, &rb));
@@ -180,6 +180,7 @@ static void test_roundtrip(void) {
             double bound;
             if (types[t] == QLR_GGML_Q8_0) bound = amax / 127.0 * (0.5 + 127.0 / 2048) + 1e-9;
             else if (types[t] == QLR_GGML_Q4_0) bound = amax / 8.0 * (1.0 + 8.0 / 2048) + 1e-9;
+            else if (types[t] == QLR_GGML_Q5_0) bound = amax / 16.0 * (1.0 + 16.0 / 2048) + 1e-9;
             else bound = (mx - mn) / 15.0 * (0.5 + 15.0 / 2048) + fabs(mn) / 2048 + 1e-9;
             for (int j = 0; j < 32; j++)
                 if (fabs(y[32 * b + j] - x[32 * b + j]) > bound) bad++;
@@ -200,6 +201,111 @@ static void test_roundtrip(void) {
     CHECK(memcmp(v, w, sizeof v) == 0);
     free(x);
     free(y);
+    free(q);
+}
+
+/* Our Q6_K / Q4_K quantizers (gguf-py has no reference for them), decoded by our dequantizer
+ * (test_gguf_py proves it equal to gguf-py's on arbitrary blocks). Checked: (1) every value
+ * decodes to the point nearest to it of its sub-block's grid as the bytes define it (Q6_K:
+ * d*sc[j]*(q-32), q in 0..63; Q4_K: d*sc[j]*q - dmin*mn[j], q in 0..15), so no value is rounded
+ * the wrong way or clipped needlessly; (2) an all-zero block decodes to 0 and a constant
+ * sub-block to within 2% (Q6_K) / half a 4-bit step (Q4_K); (3) the relative RMS error on
+ * Gaussian data is below figures written from the step sizes: Q6_K ~ 4.2 sigma / 63 / sqrt(12)
+ * = 1.9%, about 3.4x Q8_0's step over a 16-value instead of a 32-value range; Q4_K ~ 4.1 sigma /
+ * 15 / sqrt(12) = 7.9%, and not worse than Q4_1 (same bits, 32-value blocks). */
+static void kq_grid(uint32_t type, const uint8_t *blk, int sub, float *e, float *o, int *qmin, int *qmax) {
+    if (type == QLR_GGML_Q6_K) {
+        float d = qlr_f16_to_f32((uint16_t)(blk[208] | blk[209] << 8));
+        *e = d * (float)(int8_t)blk[192 + sub];
+        *o = 0.0f;
+        *qmin = -32, *qmax = 31;
+    } else {
+        float d = qlr_f16_to_f32((uint16_t)(blk[0] | blk[1] << 8));
+        float dmin = qlr_f16_to_f32((uint16_t)(blk[2] | blk[3] << 8));
+        const uint8_t *S = blk + 4;
+        int sc, mn;
+        if (sub < 4) sc = S[sub] & 63, mn = S[sub + 4] & 63;
+        else sc = (S[sub + 4] & 0x0F) | ((S[sub - 4] >> 6) << 4), mn = (S[sub + 4] >> 4) | ((S[sub] >> 6) << 4);
+        *e = d * (float)sc;
+        *o = dmin * (float)mn;
+        *qmin = 0, *qmax = 15;
+    }
+}
+
+static double rel_rms(const float *x, const float *y, int n) {
+    double e = 0, r = 0;
+    for (int i = 0; i < n; i++) {
+        e += ((double)x[i] - y[i]) * ((double)x[i] - y[i]);
+        r += (double)x[i] * x[i];
+    }
+    return r > 0 ? sqrt(e / r) : 0;
+}
+
+static void test_kquants(void) {
+    const int n = 256 * 64;
+    float *x = malloc(n * sizeof(float)), *y = malloc(n * sizeof(float)), *z = malloc(n * sizeof(float));
+    uint8_t *q = malloc(n * 2);
+    uint64_t rng = 11;
+    for (int i = 0; i < n; i++) x[i] = test_rng_normal(&rng) * 0.02f;
+    for (int i = 0; i < 256; i++) x[i] = 0.0f;                 /* an all-zero super-block */
+    for (int i = 256; i < 512; i++) x[i] = fabsf(x[i]);        /* all positive */
+    for (int i = 512; i < 768; i++) x[i] = -fabsf(x[i]);       /* all negative */
+    for (int i = 768; i < 800; i++) x[i] = 0.013f;             /* a constant sub-block */
+    x[1100] = 0.5f;                                             /* an outlier (25 sigma) */
+    for (int i = 1280; i < 1536; i++) x[i] *= (i / 32) % 2 ? 100.0f : 0.01f; /* mixed magnitudes */
+    const uint32_t types[2] = {QLR_GGML_Q6_K, QLR_GGML_Q4_K};
+    const int sub_n[2] = {16, 32};
+    for (int t = 0; t < 2; t++) {
+        const char *tn = qlr_ggml_type_name(types[t]);
+        size_t rb;
+        CHECK_OK(qlr_ggml_row_bytes(types[t], n, &rb));
+        CHECK_OK(qlr_ggml_quantize(types[t], x, 256, n / 256, q, rb));
+        CHECK_OK(qlr_ggml_dequant(types[t], q, rb, n, 1, y));
+        int bad = 0;
+        size_t bb = qlr_ggml_block_bytes(types[t]);
+        for (int b = 0; b < n / 256; b++)
+            for (int j = 0; j < 256 / sub_n[t]; j++) {
+                float e, o;
+                int qmin, qmax;
+                kq_grid(types[t], q + (size_t)b * bb, j, &e, &o, &qmin, &qmax);
+                for (int i = 0; i < sub_n[t]; i++) {
+                    int k = 256 * b + sub_n[t] * j + i;
+                    double best = INFINITY; /* distance to the nearest grid point */
+                    for (int c = qmin; c <= qmax; c++) best = fmin(best, fabs((double)e * c - o - x[k]));
+                    /* 1e-6 relative: the decoder's float products against this double search */
+                    if (fabs((double)y[k] - x[k]) > best + 1e-6 * (fabs(x[k]) + fabs(e) * 32 + o) + 1e-12 &&
+                        bad++ < 3)
+                        fprintf(stderr, "%s elem %d: %g decoded as %g, the nearest grid point is %g away\n", tn, k,
+                                x[k], y[k], best);
+                }
+            }
+        CHECK_MSG(bad == 0, "%s: %d values not decoded to their nearest grid point", tn, bad);
+        int zero = 1;
+        for (int i = 0; i < 256; i++) zero &= y[i] == 0.0f;
+        CHECK_MSG(zero, "%s: an all-zero block does not decode to 0", tn);
+        float e0, o0;
+        int a0, b0;
+        kq_grid(types[t], q + 3 * bb, 0, &e0, &o0, &a0, &b0);
+        double ctol = types[t] == QLR_GGML_Q6_K ? 0.013 * 0.02 : 0.5 * e0 + 1e-9;
+        for (int i = 768; i < 800; i++) CHECK_MSG(fabs(y[i] - 0.013) <= ctol, "%s: constant 0.013 -> %g", tn, y[i]);
+        /* quality on the Gaussian part (super-blocks 8..63) */
+        int g0 = 256 * 8, gn = n - g0;
+        double err = rel_rms(x + g0, y + g0, gn);
+        uint32_t ref = types[t] == QLR_GGML_Q6_K ? QLR_GGML_Q8_0 : QLR_GGML_Q4_1;
+        CHECK_OK(qlr_ggml_row_bytes(ref, gn, &rb));
+        CHECK_OK(qlr_ggml_quantize_row(ref, x + g0, gn, q));
+        CHECK_OK(qlr_ggml_dequant(ref, q, rb, gn, 1, z));
+        double er = rel_rms(x + g0, z, gn);
+        printf("%s relative RMS error %.3f%% (%s %.3f%%)\n", tn, 100 * err, qlr_ggml_type_name(ref), 100 * er);
+        if (types[t] == QLR_GGML_Q6_K) CHECK_MSG(err < 0.019 && err < 3.4 * er, "Q6_K error %g (Q8_0 %g)", err, er);
+        else CHECK_MSG(err < 0.079 && err < er, "Q4_K error %g (Q4_1 %g)", err, er);
+    }
+    /* ragged sizes are refused, not read out of bounds */
+    CHECK(qlr_ggml_quantize_row(QLR_GGML_Q4_K, x, 128, q) == QLR_ERR_INVALID);
+    CHECK(qlr_ggml_quantize(QLR_GGML_Q6_K, x, 256, 2, q, 419) == QLR_ERR_INVALID);
+    free(x);
+    free(y);
+    free(z);
     free(q);
 }
 
@@ -251,8 +357,8 @@ static void test_gguf_py(void) {
     }
     fclose(f);
     printf("gguf cross-check: %d dequant and %d quantize records compared\n", n_deq, n_q);
-    CHECK_EQ_INT(n_deq, 7);
-    CHECK_EQ_INT(n_q, 4);
+    CHECK_EQ_INT(n_deq, 8);
+    CHECK_EQ_INT(n_q, 5);
 }
 
 int main(void) {
@@ -262,6 +368,7 @@ int main(void) {
     test_q4_k();
     test_q6_k();
     test_roundtrip();
+    test_kquants();
     test_gguf_py();
     return test_finish();
 }

@@ -363,7 +363,62 @@ static void test_gaussian_error(void) {
     free(y);
 }
 
+static int stores_equal(const qlr_nf4 *a, const qlr_nf4 *b) {
+    if (a->rows != b->rows || a->cols != b->cols || a->dq != b->dq) return 0;
+    if (memcmp(a->codes, b->codes, (size_t)(a->n + 1) / 2)) return 0;
+    if (a->dq)
+        return !memcmp(a->absmax_q, b->absmax_q, (size_t)a->n_blocks) &&
+               !memcmp(a->dq_absmax, b->dq_absmax, (size_t)a->n_dq_blocks * 4) && a->dq_offset == b->dq_offset;
+    return !memcmp(a->absmax, b->absmax, (size_t)a->n_blocks * 4);
+}
+
+/* Rebuilding a store from its dequantized weights and its scale state (export-base's round trip):
+ * byte for byte from f32, bf16 and f16 copies; weights that did not come from that state are
+ * told apart by the deviation; the hash follows every byte. */
+static void test_from_state(void) {
+    const int64_t rows = 96, cols = 200; /* 19200 = 300 blocks, 2 double-quant blocks */
+    float *x = malloc(rows * cols * 4), *y = malloc(rows * cols * 4), *z = malloc(rows * cols * 4);
+    uint64_t rng = 77;
+    for (int64_t i = 0; i < rows * cols; i++) x[i] = test_rng_normal(&rng) * 0.02f;
+    for (int dq = 0; dq < 2; dq++) {
+        qlr_nf4 q, r;
+        CHECK_OK(qlr_nf4_quantize(x, rows, cols, dq, &q));
+        qlr_nf4_dequant(&q, y);
+        qlr_nf4_state s = {dq, q.absmax, q.absmax_q, q.dq_absmax, q.dq_offset};
+        float dev = -1;
+        CHECK_OK(qlr_nf4_from_state(y, rows, cols, &s, &r, &dev));
+        CHECK_MSG(stores_equal(&q, &r) && dev == 0.0f, "dq %d: f32 round trip not exact (deviation %g)", dq, dev);
+        CHECK(qlr_nf4_hash(&q) == qlr_nf4_hash(&r));
+        qlr_nf4_free(&r);
+        for (int k = 0; k < 2; k++) { /* bf16 and f16 copies of the weights */
+            for (int64_t i = 0; i < rows * cols; i++)
+                z[i] = k ? qlr_f16_to_f32(qlr_f32_to_f16(y[i])) : qlr_bf16_to_f32(qlr_f32_to_bf16(y[i]));
+            CHECK_OK(qlr_nf4_from_state(z, rows, cols, &s, &r, &dev));
+            CHECK_MSG(stores_equal(&q, &r) && dev > 0.0f && dev < 0.005f, "dq %d %s copy: deviation %g", dq,
+                      k ? "f16" : "bf16", dev);
+            qlr_nf4_free(&r);
+        }
+        /* the original weights are not the dequantized ones: far off the grid */
+        CHECK_OK(qlr_nf4_from_state(x, rows, cols, &s, &r, &dev));
+        CHECK_MSG(dev > 0.03f, "dq %d: unrelated weights deviate only %g", dq, dev);
+        qlr_nf4_free(&r);
+        uint64_t h = qlr_nf4_hash(&q);
+        q.codes[100] ^= 0x10;
+        CHECK(qlr_nf4_hash(&q) != h);
+        q.codes[100] ^= 0x10;
+        if (dq) {
+            q.dq_offset = nextafterf(q.dq_offset, 1.0f);
+            CHECK(qlr_nf4_hash(&q) != h);
+        }
+        qlr_nf4_free(&q);
+    }
+    free(x);
+    free(y);
+    free(z);
+}
+
 int main(void) {
+    test_from_state();
     test_table();
     test_nearest();
     test_blocks();
