@@ -423,7 +423,7 @@ static qlr_status load_peft(const qlr_safetensors *f, const json_t *cfg, const c
     if (base) {
         if ((st = qlr_lora_check_base_(l, base, st_path, 1)) != QLR_OK) goto done;
         qlr_lora_adopt_base_(l, base);
-        qlr_lora_warn_base(l, base, dir);
+        qlr_lora_warn_base(l, base, cfg_path);
     }
     for (size_t k = 0; k < nm; k++) {
         qlr_lora_module *m = &l->mods[k];

@@ -186,6 +186,8 @@ static long block_of(const char *name) {
     char *end;
     long b = strtol(name + 4, &end, 10);
     return end != name + 4 && *end == '.' ? b : -1;
+}
+
 /* A LoRA adapter (GGUF, PEFT folder, run folder): what it records of its training. */
 static int print_adapter(const char *path) {
     qlr_lora *l = NULL;
