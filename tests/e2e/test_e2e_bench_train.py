@@ -93,10 +93,6 @@ def bench(qlora, device):
         check(lg.get("plan_bytes", 1 << 62) <= lg.get("vram_budget_bytes", 0), "longest: the plan is within budget")
         if device == "cuda":
             check(lg.get("peak_alloc_bytes", 1 << 62) <= lg.get("alloc_cap_bytes", 0), "longest: the cap held")
-            # a cap below what the run needs is refused by the allocator, naming the cap
-            q = run([qlora, "bench", "train", "--shape", "smollm2-135m", "--device", "cuda", "--longest",
-                     "--vram", "600MiB", "--no-profile"])
-            check(q.returncode != 0 or '"confirmed": true' in q.stdout, "600MiB: %s" % q.stderr[-500:])
 
     # option errors name the option
     for args, word in ((["--runs", "2048"], "--runs"), (["--checkpointing", "maybe"], "--checkpointing"),
