@@ -11,6 +11,7 @@
  * device-to-host copy anyway). On the CPU backend (opts.device "cpu") only the backend-generic
  * parts run: a smoke run of this code, not a measurement. */
 #include "bench/decode_bench.h"
+#include "bench/bench_common.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -34,38 +35,12 @@ typedef struct bench_model {
     qlr_model_config cfg;
 } bench_model;
 
-static qlr_model_config llama_config(int32_t vocab, int32_t d, int32_t layers, int32_t heads,
-                                     int32_t kv, int32_t hd, int32_t ff, int32_t ctx, float theta,
-                                     int tied) {
-    qlr_model_config c;
-    memset(&c, 0, sizeof c);
-    strcpy(c.arch, "llama");
-    c.n_vocab = vocab;
-    c.d_model = d;
-    c.n_layers = layers;
-    c.n_heads = heads;
-    c.n_kv_heads = kv;
-    c.head_dim = hd;
-    c.d_ff = ff;
-    c.ctx_train = ctx;
-    c.rms_eps = 1e-5f;
-    c.rope_theta = theta;
-    c.tied_embeddings = tied;
-    return c;
-}
-
-/* Llama-3.1-8B (llama3 RoPE scaling: factor 8, low 1, high 4, original 8192) and
- * SmolLM2-135M-Instruct, as their HF config.json say. */
+/* Llama-3.1-8B and SmolLM2-135M-Instruct (bench/bench_common.h). */
 static int bench_models(bench_model *out) {
     out[0].name = "llama3-8b";
-    out[0].cfg = llama_config(128256, 4096, 32, 32, 8, 128, 14336, 131072, 500000.0f, 0);
-    out[0].cfg.rope_scaling = QLR_ROPE_SCALING_LLAMA3;
-    out[0].cfg.rope_factor = 8;
-    out[0].cfg.rope_low_freq_factor = 1;
-    out[0].cfg.rope_high_freq_factor = 4;
-    out[0].cfg.rope_orig_ctx = 8192;
+    qlr_bench_model_config(out[0].name, &out[0].cfg, NULL);
     out[1].name = "smollm2-135m";
-    out[1].cfg = llama_config(49152, 576, 30, 9, 3, 64, 1536, 8192, 100000.0f, 1);
+    qlr_bench_model_config(out[1].name, &out[1].cfg, NULL);
     return 2;
 }
 
@@ -382,36 +357,6 @@ static qlr_status measure_copy_bw(qlr_backend *be, double *gbps) {
     if (a) be->mem.free(be, a);
     if (b) be->mem.free(be, b);
     return st;
-}
-
-static qlr_status measure_gemm(qlr_backend *be, double *tflops) {
-    *tflops = 0;
-#ifdef QLR_BACKEND_CUDA
-    if (be->kind != QLR_DEVICE_CUDA) return QLR_OK;
-    int64_t N = 8192;
-    size_t el = (size_t)(N * N);
-    void *a = be->mem.alloc(be, el * 2), *b = be->mem.alloc(be, el * 2), *c = be->mem.alloc(be, el * 2);
-    if (!a || !b || !c) return qlr_error_status();
-    uint16_t *h = malloc(el * 2);
-    fill_bf16(h, el, 1.0f);
-    QLR_TRY(be->mem.h2d(be, a, h, el * 2));
-    fill_bf16(h, el, 1.0f);
-    QLR_TRY(be->mem.h2d(be, b, h, el * 2));
-    QLR_TRY(be->mem.sync(be));
-    free(h);
-    for (int i = 0; i < 3; i++) QLR_TRY(qlr_cuda_gemm_bf16(be, c, a, b, N, N, N, 0));
-    QLR_TRY(be->mem.sync(be));
-    int reps = 20;
-    double t0 = now_s();
-    for (int i = 0; i < reps; i++) QLR_TRY(qlr_cuda_gemm_bf16(be, c, a, b, N, N, N, 0));
-    QLR_TRY(be->mem.sync(be));
-    double t = now_s() - t0;
-    *tflops = 2.0 * (double)N * N * N * reps / t / 1e12;
-    be->mem.free(be, a);
-    be->mem.free(be, b);
-    be->mem.free(be, c);
-#endif
-    return QLR_OK;
 }
 
 static size_t device_used(const bctx *b) {
@@ -1039,7 +984,7 @@ qlr_status qlr_bench_decode(const qlr_bench_decode_opts *o, FILE *js) {
                  "GEMM rate, kernel paths or ablation): a smoke run, not a measurement", be->name);
     double bw = 0, gemm = 0;
     qlr_status st = measure_copy_bw(be, &bw);
-    if (st == QLR_OK) st = measure_gemm(be, &gemm);
+    if (st == QLR_OK) st = qlr_bench_gemm_bf16_tflops(be, &gemm);
     char dev[256];
     snprintf(dev, sizeof dev, "%s", be->name);
 #ifdef QLR_BACKEND_CUDA

@@ -248,6 +248,11 @@ static qlr_status t_sync(qlr_backend *be) {
 #define WRAP(tab, name) \
     if ((tab)->name) (tab)->name = t_##name
 
+void qlr_op_timer_uninstall(qlr_backend *be) {
+    be->ops = g_ops;
+    be->mem = g_mem;
+}
+
 void qlr_op_timer_install(qlr_backend *be) {
     g_ops = be->ops;
     g_mem = be->mem;

@@ -4,7 +4,8 @@
  * they are known from the arguments, to a bucket per (phase, op kind). Other entries stay the
  * real ops (their time shows as "untimed" in a phase). CPU ops are synchronous; on a device
  * that is not host-visible every wrapped op is followed by a sync, which serialises the stream
- * (the breakdown is then of a slower, serialised run). One timer per process. */
+ * (the breakdown is then of a slower, serialised run). One timer per process: one backend at a
+ * time, installed and uninstalled around the profiled region. */
 #ifndef QLR_BENCH_OP_TIMER_H
 #define QLR_BENCH_OP_TIMER_H
 
@@ -35,6 +36,9 @@ typedef struct qlr_op_bucket {
  * for them to call; the wrapped backend stays usable until it is freed). Buckets start at
  * zero, phase 0. Call once per process. */
 void qlr_op_timer_install(qlr_backend *be);
+/* Puts back the real entries (the buckets stay readable): the backend runs unperturbed again.
+ * Installing again later (on this or a new backend) starts from zeroed buckets. */
+void qlr_op_timer_uninstall(qlr_backend *be);
 /* Ops from now on go to `phase` (< QLR_OP_TIMER_PHASES). */
 void qlr_op_timer_set_phase(int phase);
 /* The bucket of (phase, kind). */

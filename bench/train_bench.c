@@ -6,7 +6,6 @@
 #define _XOPEN_SOURCE 700
 #include "bench/train_bench.h"
 
-#include <cblas.h>
 #include <ftw.h>
 #include <jansson.h>
 #include <math.h>
@@ -16,49 +15,16 @@
 #include <unistd.h>
 
 #include "backend/backend.h"
+#include "bench/bench_common.h"
 #include "bench/op_timer.h"
 #include "core/core.h"
 #include "train/trainer.h"
-
-/* OpenBLAS's thread control (not in cblas.h of every BLAS; the build links OpenBLAS). */
-void openblas_set_num_threads(int n);
-int openblas_get_num_threads(void);
 
 qlr_bench_train_opts qlr_bench_train_default_opts(void) {
     qlr_bench_train_opts o;
     memset(&o, 0, sizeof o);
     o.progress = 1;
     return o;
-}
-
-/* ---- the sgemm rate ---- */
-
-/* GFLOP/s of the fastest of repeated C[m, n] = A[m, k] · B[n, k]ᵀ (the shape of our linears)
- * over about `seconds`, with `threads` OpenBLAS threads. */
-static double sgemm_gflops(int threads, int m, int n, int k, double seconds) {
-    float *a = malloc(sizeof(float) * (size_t)m * (size_t)k);
-    float *b = malloc(sizeof(float) * (size_t)n * (size_t)k);
-    float *c = malloc(sizeof(float) * (size_t)m * (size_t)n);
-    double best = 0.0;
-    if (a && b && c) {
-        for (size_t i = 0; i < (size_t)m * (size_t)k; i++) a[i] = (float)((i * 7919u) % 1000) * 1e-3f - 0.5f;
-        for (size_t i = 0; i < (size_t)n * (size_t)k; i++) b[i] = (float)((i * 104729u) % 1000) * 1e-3f - 0.5f;
-        int before = openblas_get_num_threads();
-        openblas_set_num_threads(threads);
-        double flops = 2.0 * m * n * k, t_end = qlr_now() + seconds;
-        for (int rep = 0; rep < 3 || qlr_now() < t_end; rep++) {
-            double t0 = qlr_now();
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, a, k, b, k, 0.0f,
-                        c, n);
-            double dt = qlr_now() - t0;
-            if (rep > 0 && dt > 0 && flops / dt > best) best = flops / dt; /* rep 0 warms up */
-        }
-        openblas_set_num_threads(before);
-    }
-    free(a);
-    free(b);
-    free(c);
-    return best * 1e-9;
 }
 
 /* ---- the run's hooks ---- */
@@ -141,14 +107,14 @@ qlr_status qlr_bench_train(const qlr_bench_train_opts *o, FILE *json) {
 
     double load0 = loadavg_1m();
     QLR_LOGI("bench train: measuring the sgemm rate (OpenBLAS, %d threads)", threads);
-    double sq_before = sgemm_gflops(threads, 2048, 2048, 2048, 1.0);
+    double sq_before = qlr_bench_sgemm_gflops(threads, 2048, 2048, 2048, 1.0);
     /* the shape of one MLP linear of a quickstart micro-batch */
-    double step_shape = sgemm_gflops(threads, 400, 1536, 576, 0.5);
+    double step_shape = qlr_bench_sgemm_gflops(threads, 400, 1536, 576, 0.5);
     double t0 = qlr_now();
     qlr_train_result res;
     st = qlr_train_run(&to, &res);
     double wall = qlr_now() - t0;
-    double sq_after = sgemm_gflops(threads, 2048, 2048, 2048, 1.0);
+    double sq_after = qlr_bench_sgemm_gflops(threads, 2048, 2048, 2048, 1.0);
     double load1 = loadavg_1m();
     if (st) {
         qlr_train_opts_free(&to);

@@ -2,11 +2,14 @@
  * (model/'s forward on Llama-3.1-8B and SmolLM2-135M shapes with random NF4 weights, no
  * download), reported as fractions of the GPU's own measured copy bandwidth and bf16 GEMM rate;
  * `qlora bench train`: bench/train_bench.h (a real training run of a recipe, by default the
- * quickstart on the demo model, with its time per phase and per op kind). JSON on stdout. */
+ * quickstart on the demo model, with its time per phase and per op kind), or with --shape
+ * synthetic steps at a model's real dimensions (tokens/s, MFU, memory against the plan, the
+ * longest sequence within a budget). JSON on stdout. */
 #include "bench/decode_bench.h"
 #include "bench/train_bench.h"
 #include "cli/cli.h"
 #include "core/core.h"
+#include "train/recipe.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,6 +32,30 @@ static void help(void) {
            "  --output-dir DIR   run into DIR and keep it (default: a temporary folder, removed)\n"
            "  --out FILE         write the JSON into FILE (default: stdout)\n"
            "  -q, --quiet        no progress bar\n\n");
+    printf("usage: qlora bench train --shape NAME [--device cuda|cpu] [--seq N] [--mb N] [--runs SEQ:MB,...]\n"
+           "                         [--steps N] [--warmup N] [--checkpointing on|off|auto] [--vram SIZE]\n"
+           "                         [--longest] [--no-profile] [--out FILE]\n\n"
+           "Trains at a model's real dimensions with random NF4 weights and random packed causal rows\n"
+           "(no download, no data): LoRA r 16, alpha 32 on all 7 linears, AdamW 8-bit, the trainer's own\n"
+           "step. One JSON object: per run tokens/s, step seconds, MFU and HFU (against the bf16 GEMM\n"
+           "rate measured in the same run; HFU counts checkpointing's recompute), the allocator's peak\n"
+           "and cudaMemGetInfo's used delta beside `qlora plan`'s bytes, and a profiled step's ms per\n"
+           "op kind (the timed steps are not synchronised per op). MFU's FLOPs per token are\n"
+           "4 N + layers * 4 * seq * d_model * 3/2 (N: the linears' and lm_head's parameters).\n\n"
+           "  --shape NAME                  llama3.1-8b or smollm2-135m\n"
+           "  --device D                    cuda (default) or cpu\n"
+           "  --seq N                       tokens per row (default 2048)\n"
+           "  --mb N                        rows per micro-batch (default 1)\n"
+           "  --runs SEQ:MB,...             several runs, e.g. 2048:1,2048:2,8192:1 (not with --seq/--mb)\n"
+           "  --steps N                     timed steps per run (default 6)\n"
+           "  --warmup N                    untimed steps before them (default 2)\n"
+           "  --checkpointing on|off|auto   gradient checkpointing (default on; auto: on when the plan\n"
+           "                                without it is over --vram, or the device's memory)\n"
+           "  --vram SIZE                   a budget such as 16GiB: plan check, and --longest's budget\n"
+           "  --longest                     also the planner's longest sequence (micro-batch 1) within\n"
+           "                                --vram, run 3 steps with allocations capped at --vram less\n"
+           "                                the plan's CUDA context reserve (alone: only this run)\n"
+           "  --no-profile                  no profiled step (no breakdown_ms)\n\n");
     printf("usage: qlora bench decode [--model all|llama3-8b|smollm2-135m] [--prefill N] [--ctx N]\n"
            "                          [--steps N] [--quick] [--device cuda|cpu] [--out FILE]\n\n"
            "Runs the model's forward on the CUDA backend with Llama-3.1-8B / SmolLM2-135M shapes and\n"
@@ -42,8 +69,102 @@ static void help(void) {
            "runs only the backend-generic parts (a smoke run of the code, not a measurement).\n");
 }
 
+/* "2048:1,2048:2" into o->runs. 0 on success, else a usage error's status. */
+static int parse_runs(const char *v, qlr_bench_train_shape_opts *o) {
+    const char *p = v;
+    while (*p) {
+        char *end;
+        long seq = strtol(p, &end, 10), mb = 0;
+        if (end != p && *end == ':') {
+            const char *q = end + 1;
+            mb = strtol(q, &end, 10);
+            if (end == q) mb = 0;
+        }
+        if (seq < 16 || seq > 131072 || mb < 1 || mb > 4096 || (*end && *end != ','))
+            return qlr_cli_usage_error("bench", "--runs %s: expected SEQ:MB pairs such as 2048:1,8192:1 "
+                                       "(SEQ 16..131072, MB 1..4096)", v);
+        if (o->n_runs == QLR_BENCH_TRAIN_MAX_RUNS)
+            return qlr_cli_usage_error("bench", "--runs: at most %d runs", QLR_BENCH_TRAIN_MAX_RUNS);
+        o->runs[o->n_runs].seq = (int32_t)seq;
+        o->runs[o->n_runs++].micro_batch = (int32_t)mb;
+        p = *end ? end + 1 : end;
+    }
+    return o->n_runs ? 0 : qlr_cli_usage_error("bench", "--runs: empty");
+}
+
+/* qlora bench train --shape NAME [options] (argv[0] = "train") */
+static int bench_train_shape(int argc, char **argv) {
+    qlr_bench_train_shape_opts o = qlr_bench_train_shape_default_opts();
+    const char *out = NULL;
+    long seq = 0, mb = 0;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "--longest")) {
+            o.longest = 1;
+            continue;
+        }
+        if (!strcmp(a, "--no-profile")) {
+            o.profile = 0;
+            continue;
+        }
+        if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) continue;
+        if (a[0] != '-')
+            return qlr_cli_usage_error("bench", "'%s': --shape runs no recipe (leave out the one or the other)", a);
+        if (i + 1 >= argc) return qlr_cli_usage_error("bench", "%s needs a value", a);
+        const char *v = argv[++i];
+        if (!strcmp(a, "--shape")) o.shape = v;
+        else if (!strcmp(a, "--device")) {
+            if (strcmp(v, "cuda") && strcmp(v, "cpu") && strcmp(v, "auto"))
+                return qlr_cli_usage_error("bench", "--device %s: expected cuda, cpu or auto", v);
+            o.device = v;
+        } else if (!strcmp(a, "--out")) out = v;
+        else if (!strcmp(a, "--runs")) {
+            int rc = parse_runs(v, &o);
+            if (rc) return rc;
+        } else if (!strcmp(a, "--checkpointing")) {
+            if (!strcmp(v, "on")) o.checkpointing = 1;
+            else if (!strcmp(v, "off")) o.checkpointing = 0;
+            else if (!strcmp(v, "auto")) o.checkpointing = -1;
+            else return qlr_cli_usage_error("bench", "--checkpointing %s: expected on, off or auto", v);
+        } else if (!strcmp(a, "--vram")) {
+            if (qlr_parse_size(v, &o.vram_budget) != QLR_OK || !o.vram_budget)
+                return qlr_cli_usage_error("bench", "--vram %s: expected a size such as 16GiB, 24GB or 8000MiB", v);
+        } else {
+            char *end;
+            long n = strtol(v, &end, 10);
+            int zero_ok = !strcmp(a, "--warmup");
+            if (!*v || *end || n < (zero_ok ? 0 : 1) || n > 1000000)
+                return qlr_cli_usage_error("bench", "%s: expected a %s integer, got '%s'", a,
+                                           zero_ok ? "non-negative" : "positive", v);
+            if (!strcmp(a, "--seq")) seq = n;
+            else if (!strcmp(a, "--mb")) mb = n;
+            else if (!strcmp(a, "--steps")) o.steps = (int)n;
+            else if (!strcmp(a, "--warmup")) o.warmup = (int)n;
+            else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) o.threads = (int)n;
+            else return qlr_cli_usage_error("bench", "unknown option '%s' (with --shape)", a);
+        }
+    }
+    if (o.n_runs && (seq || mb)) return qlr_cli_usage_error("bench", "--runs and --seq/--mb: give one or the other");
+    if (!o.n_runs && (seq || mb || !o.longest)) {
+        o.runs[0].seq = (int32_t)(seq ? seq : 2048);
+        o.runs[0].micro_batch = (int32_t)(mb ? mb : 1);
+        o.n_runs = 1;
+    }
+    if (o.longest && !o.vram_budget) return qlr_cli_usage_error("bench", "--longest needs --vram SIZE (e.g. 16GiB)");
+    FILE *f = stdout;
+    if (out && !(f = fopen(out, "w"))) {
+        qlr_errorf(QLR_ERR_IO, "%s: cannot open for writing", out);
+        return qlr_cli_fail("bench");
+    }
+    qlr_status st = qlr_bench_train_shape(&o, f);
+    if (f != stdout) fclose(f);
+    return st == QLR_OK ? 0 : qlr_cli_fail("bench");
+}
+
 /* qlora bench train [RECIPE] [options] (argv[0] = "train") */
 static int bench_train(int argc, char **argv) {
+    for (int i = 1; i < argc; i++)
+        if (!strcmp(argv[i], "--shape")) return bench_train_shape(argc, argv);
     qlr_bench_train_opts o = qlr_bench_train_default_opts();
     const char *recipe = NULL, *out = NULL;
     char recipe_default[4096], model_set[4200], steps_set[64], dev_set[64];

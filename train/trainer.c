@@ -78,6 +78,61 @@ static qlr_status eval_loss(trainer *t, double *out) {
 
 /* ------------------------------------------------------------------ one step */
 
+qlr_status qlr_train_step_compute(qlr_backend *be, qlr_train_ctx *ctx, qlr_trainable *tr, qlr_dist *dist,
+                                  const qlr_train_opts *o, const qlr_micro *mb, uint32_t n_micro,
+                                  int64_t targets, double lr, uint64_t *rng, double *loss, double *grad_norm,
+                                  int *nonfinite) {
+    *loss = 0.0;
+    *grad_norm = 0.0;
+    *nonfinite = 0;
+    int world = qlr_dist_world(dist), rank = qlr_dist_rank(dist);
+    float scale = targets > 0 ? (float)(1.0 / (double)targets) : 0.0f;
+    QLR_TRY(be->mem.memset0(be, tr->ldev->grad, tr->grad_bytes));
+    double sums[2] = {0, 0}; /* loss sum, targets counted */
+    for (uint32_t k = 0; k < n_micro; k++) {
+        uint64_t dseed = qlr_data_rng_next(rng);
+        if ((int)(k % (uint32_t)world) != rank || mb[k].n == 0) continue;
+        qlr_train_batch tb = qlr_micro_view(&mb[k]);
+        double ls;
+        int64_t nt;
+        QLR_TRY(qlr_train_fwd_bwd(ctx, tr->set, &tb, scale, tr->ldev->da, tr->ldev->db, dseed, &ls, &nt));
+        sums[0] += ls;
+        sums[1] += (double)nt;
+        qlr_kill_point("train.micro");
+    }
+    if (dist) {
+        QLR_TRY(qlr_dist_allreduce_f32(dist, tr->ldev->grad, (int64_t)(tr->grad_bytes / 4)));
+        QLR_TRY(qlr_dist_allreduce_host(dist, sums, 2, QLR_DIST_SUM));
+    }
+    *loss = sums[1] > 0 ? sums[0] / sums[1] : 0.0;
+    if (!isfinite(*loss)) {
+        *nonfinite = 1;
+        return QLR_OK;
+    }
+    /* clip and step on the training device: the norm's one f64 is the step's only read-back
+     * besides the losses */
+    int nf = 0;
+    float norm = 0.0f;
+    QLR_TRY(qlr_grad_clip(be, tr->grad, tr->numel, tr->n_tensors, (float)o->max_grad_norm, tr->norm_acc, &norm,
+                          &nf));
+    *grad_norm = norm;
+    if (nf) {
+        *nonfinite = 2;
+        return QLR_OK;
+    }
+    qlr_adamw_hparams hp = qlr_adamw_default_hparams();
+    hp.lr = (float)lr;
+    hp.beta1 = (float)o->beta1;
+    hp.beta2 = (float)o->beta2;
+    hp.eps = (float)o->eps;
+    hp.weight_decay = (float)o->weight_decay;
+    hp.gnorm_scale = 1.0f;
+    for (int i = 0; i < tr->n_tensors; i++)
+        QLR_TRY(qlr_adamw_update(be, &tr->opt[i], tr->param[i], tr->grad[i], &hp));
+    return qlr_lora_dev_refresh(tr->ldev);
+}
+
+
 typedef struct step_out {
     double loss, grad_norm, lr;
     uint64_t tokens;
@@ -89,7 +144,6 @@ static qlr_status train_step(trainer *t, step_out *so) {
     /* every rank reads the whole step's micro-batches (one stream, one seed rule) and runs those
      * of its own (k % world == rank); the targets of all of them set the gradient's scale */
     int64_t targets = 0;
-    int world = qlr_dist_world(t->dist), rank = qlr_dist_rank(t->dist);
     qlr_trainer_phase(t, QLR_TRAIN_PHASE_DATA);
     for (uint32_t k = 0; k < t->n_micro; k++) {
         qlr_data_batch b;
@@ -99,53 +153,10 @@ static qlr_status train_step(trainer *t, step_out *so) {
         so->tokens += (uint64_t)t->mb[k].n;
     }
     qlr_trainer_phase(t, QLR_TRAIN_PHASE_STEP);
-    float scale = targets > 0 ? (float)(1.0 / (double)targets) : 0.0f;
-    QLR_TRY(t->be->mem.memset0(t->be, t->tr.ldev->grad, t->tr.grad_bytes));
-    double sums[2] = {0, 0}; /* loss sum, targets counted */
-    for (uint32_t k = 0; k < t->n_micro; k++) {
-        uint64_t dseed = qlr_data_rng_next(&t->rng);
-        if ((int)(k % (uint32_t)world) != rank || t->mb[k].n == 0) continue;
-        qlr_train_batch tb = qlr_micro_view(&t->mb[k]);
-        double ls;
-        int64_t nt;
-        QLR_TRY(qlr_train_fwd_bwd(t->ctx, t->tr.set, &tb, scale, t->tr.ldev->da, t->tr.ldev->db, dseed, &ls,
-                                  &nt));
-        sums[0] += ls;
-        sums[1] += (double)nt;
-        qlr_kill_point("train.micro");
-    }
-    if (t->dist) {
-        QLR_TRY(qlr_dist_allreduce_f32(t->dist, t->tr.ldev->grad, (int64_t)(t->tr.grad_bytes / 4)));
-        QLR_TRY(qlr_dist_allreduce_host(t->dist, sums, 2, QLR_DIST_SUM));
-    }
-    const qlr_train_opts *o = t->o;
-    so->loss = sums[1] > 0 ? sums[0] / sums[1] : 0.0;
     so->lr = qlr_lr_at(&t->sched, (int64_t)t->step);
-    if (!isfinite(so->loss)) {
-        so->nonfinite = 1;
-        return QLR_OK;
-    }
-    /* clip and step on the training device: the norm's one f64 is the step's only read-back
-     * besides the losses */
-    int nonfinite = 0;
-    float norm = 0.0f;
-    QLR_TRY(qlr_grad_clip(t->be, t->tr.grad, t->tr.numel, t->tr.n_tensors, (float)o->max_grad_norm,
-                          t->tr.norm_acc, &norm, &nonfinite));
-    so->grad_norm = norm;
-    if (nonfinite) {
-        so->nonfinite = 2;
-        return QLR_OK;
-    }
-    qlr_adamw_hparams hp = qlr_adamw_default_hparams();
-    hp.lr = (float)so->lr;
-    hp.beta1 = (float)o->beta1;
-    hp.beta2 = (float)o->beta2;
-    hp.eps = (float)o->eps;
-    hp.weight_decay = (float)o->weight_decay;
-    hp.gnorm_scale = 1.0f;
-    for (int i = 0; i < t->tr.n_tensors; i++)
-        QLR_TRY(qlr_adamw_update(t->be, &t->tr.opt[i], t->tr.param[i], t->tr.grad[i], &hp));
-    QLR_TRY(qlr_lora_dev_refresh(t->tr.ldev));
+    QLR_TRY(qlr_train_step_compute(t->be, t->ctx, &t->tr, t->dist, t->o, t->mb, t->n_micro, targets, so->lr,
+                                   &t->rng, &so->loss, &so->grad_norm, &so->nonfinite));
+    if (so->nonfinite) return QLR_OK;
     t->step++;
     t->tokens_seen += so->tokens;
     qlr_kill_point("train.step");

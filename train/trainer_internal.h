@@ -92,6 +92,18 @@ typedef struct trainer {
     double *phase_s;               /* [QLR_TRAIN_PHASE_COUNT] */
 } trainer;
 
+/* trainer.c: the compute of one optimizer step, shared by the loop and `qlora bench train`
+ * (bench/train_bench.c) so that the benchmark times the trainer's own step: zero the LoRA
+ * grads, forward + backward of each micro-batch of this rank (k % world == rank; a dropout seed
+ * drawn from *rng for every one of the n_micro) with grad_scale = 1 / targets (the targets of
+ * the whole step, all ranks), the ranks' all-reduce (dist may be NULL), global-norm clip, AdamW
+ * at `lr` with o's hyper-parameters, refresh of the compute copies. *loss = mean token loss.
+ * *nonfinite = 1 (loss NaN/Inf: nothing clipped or stepped) or 2 (gradient norm not finite:
+ * nothing stepped), else 0. Errors of the ops as they are. */
+qlr_status qlr_train_step_compute(qlr_backend *be, qlr_train_ctx *ctx, qlr_trainable *tr, qlr_dist *dist,
+                                  const qlr_train_opts *o, const qlr_micro *mb, uint32_t n_micro,
+                                  int64_t targets, double lr, uint64_t *rng, double *loss, double *grad_norm,
+                                  int *nonfinite);
 /* trainer.c: ends the current phase (its seconds added up) and starts `p`. */
 void qlr_trainer_phase(trainer *t, qlr_train_phase p);
 

@@ -44,11 +44,21 @@ static void track_alloc(qlr_cuda_impl *im, size_t bytes) {
 
 /* ---- memory ---- */
 
+/* QLR_ERR_NOMEM when taking `want` more bytes (after giving back `release`) would pass the cap. */
+static qlr_status check_cap(const qlr_cuda_impl *im, size_t want, size_t release, const char *what) {
+    if (!im->cap_bytes || im->cur_bytes - release + want <= im->cap_bytes) return QLR_OK;
+    return qlr_errorf(QLR_ERR_NOMEM, "cuda: %s of %.1f MiB refused: the allocation cap is %.1f MiB and %.1f MiB "
+                      "are in use (qlr_cuda_set_alloc_cap; `qlora bench train --vram`)", what,
+                      (double)want / (1 << 20), (double)im->cap_bytes / (1 << 20),
+                      (double)(im->cur_bytes - release) / (1 << 20));
+}
+
 /* Each block's size is remembered (a small table; frees are rare) for the peak figure. */
 static void *cu_alloc(qlr_backend *be, size_t bytes) {
     qlr_cuda_impl *im = qlr_cuda_im(be);
     void *p = NULL;
     size_t want = ((bytes ? bytes : 1) + 255) & ~(size_t)255;
+    if (check_cap(im, want, 0, "an allocation")) return NULL;
     cudaError_t e = cudaMalloc(&p, want);
     if (e != cudaSuccess) {
         size_t fr = 0, tot = 0;
@@ -118,6 +128,7 @@ qlr_status qlr_cuda_ws(qlr_backend *be, size_t bytes, void **out) {
     qlr_cuda_impl *im = qlr_cuda_im(be);
     if (bytes > im->ws_bytes) {
         size_t want = (bytes + (1u << 20) - 1) & ~(size_t)((1u << 20) - 1);
+        QLR_TRY(check_cap(im, want, im->ws_bytes, "the op workspace"));
         if (im->ws) {
             QLR_CK(cudaStreamSynchronize(im->stream));
             QLR_CK(cudaFree(im->ws));
@@ -207,6 +218,8 @@ static qlr_status fresh_index(qlr_cuda_impl *im, int64_t n) {
     int64_t cap = n > 2 * im->fresh_cap ? n : 2 * im->fresh_cap;
     if (cap < 4096) cap = 4096;
     size_t bytes = (size_t)(FRESH_ZEROS + cap) * 4;
+    QLR_TRY(check_cap(im, bytes, im->fresh_idx ? (size_t)(FRESH_ZEROS + im->fresh_cap) * 4 : 0,
+                      "the attention_fresh position table"));
     int32_t *h = (int32_t *)malloc(bytes), *d = NULL;
     if (!h) return qlr_errorf(QLR_ERR_NOMEM, "cuda attention_fresh: %zu-byte position table", bytes);
     for (int64_t i = 0; i < FRESH_ZEROS + cap; i++)
@@ -369,6 +382,17 @@ extern "C" void *qlr_cuda_stream(qlr_backend *be) {
 extern "C" size_t qlr_cuda_peak_bytes(qlr_backend *be) {
     QLR_ASSERT(be && be->kind == QLR_DEVICE_CUDA);
     return qlr_cuda_im(be)->peak_bytes;
+}
+
+extern "C" void qlr_cuda_set_alloc_cap(qlr_backend *be, size_t bytes) {
+    QLR_ASSERT(be && be->kind == QLR_DEVICE_CUDA);
+    qlr_cuda_im(be)->cap_bytes = bytes;
+}
+
+extern "C" qlr_status qlr_cuda_mem_info(qlr_backend *be, size_t *free_bytes, size_t *total_bytes) {
+    QLR_ASSERT(be && be->kind == QLR_DEVICE_CUDA);
+    QLR_CK(cudaMemGetInfo(free_bytes, total_bytes));
+    return QLR_OK;
 }
 
 extern "C" const char *qlr_cuda_device_name(qlr_backend *be) {

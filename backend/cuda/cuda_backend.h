@@ -71,6 +71,13 @@ qlr_status qlr_cuda_reserve(qlr_backend *be, size_t bytes);
 void *qlr_cuda_stream(qlr_backend *be);
 /* Peak bytes allocated through be->mem.alloc and the workspaces since creation. */
 size_t qlr_cuda_peak_bytes(qlr_backend *be);
+/* Caps the bytes the backend holds (be->mem.alloc and its workspaces, as counted by
+ * qlr_cuda_peak_bytes; the CUDA context and cuDNN's own memory are outside it): an allocation
+ * that would pass it fails with QLR_ERR_NOMEM naming the cap, as if the device had no more
+ * memory (mem.alloc returns NULL). 0 removes the cap. Cannot fail. */
+void qlr_cuda_set_alloc_cap(qlr_backend *be, size_t bytes);
+/* cudaMemGetInfo on the backend's device. QLR_ERR_DEVICE on failure. */
+qlr_status qlr_cuda_mem_info(qlr_backend *be, size_t *free_bytes, size_t *total_bytes);
 /* Device name (static storage) and multiprocessor count. */
 const char *qlr_cuda_device_name(qlr_backend *be);
 

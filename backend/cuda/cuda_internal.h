@@ -45,6 +45,7 @@ typedef struct qlr_cuda_impl {
     int n_sm;
     int gemv1_variant;            /* n = 1 NF4 kernel: 2 or 3 resident blocks per SM (register cap) */
     size_t peak_bytes, cur_bytes; /* bytes allocated through mem.alloc and the workspaces */
+    size_t cap_bytes;             /* 0: none; else cur_bytes may not pass it (qlr_cuda_set_alloc_cap) */
     qlr_cuda_alloc_rec *allocs;   /* live mem.alloc blocks */
     size_t n_allocs, cap_allocs;
     cudnnHandle_t dnn;                /* on `stream`, made on first use (attention_cudnn.cu) */
