@@ -118,7 +118,10 @@ static void plan(const qlr_model_config *c, qlr_device_traits dt, const qlr_trai
     /* with offload the final norm's output and its gradient use the (then idle) activation
      * set's xn1 and x_mid: the set is rewritten by the last layer's recompute after both died */
     sz[B_XF] = sz[B_DXF] = p->offload ? 0 : T * d * a;
-    sz[B_GX] = sz[B_DXN] = sz[B_TMPD] = T * d * a;
+    sz[B_GX] = sz[B_DXN] = T * d * a;
+    /* with offload (and q >= d) the linear dx scratch is d attention out: the forward never
+     * uses the latter, and the backward's accumulating dx (up, k, v) runs while it is dead */
+    sz[B_TMPD] = p->offload && q >= d ? 0 : T * d * a;
     sz[B_DH] = sz[B_DGATE] = sz[B_DUP] = R * ff * a;
     sz[B_MGATE] = sz[B_MUP] = sz[B_MH] = chunked ? R * ff * a : 0;
     sz[B_DATT] = sz[B_DQ] = T * q * a;
@@ -274,6 +277,7 @@ qlr_status qlr_train_ctx_create(qlr_model *m, const qlr_train_params *p, qlr_tra
     if (p->offload) { /* see plan(): the final norm's buffers borrow the idle set */
         c->buf[B_XF] = c->acts[0].p[A_XN1];
         c->buf[B_DXF] = c->acts[0].p[A_XMID];
+        if (!sz[B_TMPD]) c->buf[B_TMPD] = c->buf[B_DATT];
     }
     *out = c;
     return QLR_OK;

@@ -25,6 +25,7 @@
 #define QLR_PLAN_ALIGN 256u                 /* every buffer starts 256-byte aligned */
 #define QLR_PLAN_CE_CHUNK 1024u             /* tokens per lm_head + cross-entropy chunk */
 #define QLR_PLAN_MLP_CHUNK 2048u            /* tokens per MLP chunk with gradient_checkpointing offload */
+#define QLR_PLAN_CE_CHUNK_OFFLOAD 256u      /* lm_head + CE chunk with offload ([256, vocab] f32 logits) */
 #define QLR_PLAN_CUBLASLT_WS (32ull << 20)  /* cuBLASLt workspace */
 #define QLR_PLAN_CUDNN_WS (32ull << 20)     /* cuDNN attention workspace */
 #define QLR_PLAN_CUDA_CONTEXT_BYTES (512ull << 20) /* context, kernels, allocator slack outside our arenas */

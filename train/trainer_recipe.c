@@ -269,6 +269,7 @@ qlr_status qlr_train_workspace_params(uint32_t micro_batch_size, uint32_t sequen
     tp->checkpointing = ckpt_mode != QLR_CKPT_OFF; /* auto, unresolved: checkpointing */
     tp->offload = ckpt_mode == QLR_CKPT_OFFLOAD;
     tp->mlp_chunk = tp->offload ? QLR_PLAN_MLP_CHUNK : 0;
+    if (tp->offload) tp->ce_chunk = QLR_PLAN_CE_CHUNK_OFFLOAD; /* long context: every MiB counts */
     tp->lora_dropout = (float)lora_dropout;
     if (tp->ce_chunk > tp->max_tokens) tp->ce_chunk = tp->max_tokens;
     return QLR_OK;
