@@ -346,8 +346,29 @@ typedef struct qlr_backend_mem {
     qlr_status (*h2d)(qlr_backend *be, void *dst, const void *src_host, size_t bytes);
     qlr_status (*d2h)(qlr_backend *be, void *dst_host, const void *src, size_t bytes);
     qlr_status (*d2d)(qlr_backend *be, void *dst, const void *src, size_t bytes);
-    /* Waits for every queued op and copy. */
+    /* Waits for every queued op and copy (the copy stream's too). */
     qlr_status (*sync)(qlr_backend *be);
+    /* ---- host staging (training's layer-input offload) ----
+     * Pinned (page-locked) host memory, and copies queued on a second stream (the "copy
+     * stream") that runs beside the compute stream; the two are ordered only by events, so the
+     * host never waits and compute waits only where an event says so. The CPU backend: malloc,
+     * memcpy at once, events that are no-ops (every op has finished when it returns). */
+    /* Pinned host memory of `bytes` (256-byte aligned); NULL + error on failure. */
+    void *(*host_alloc)(qlr_backend *be, size_t bytes);
+    void (*host_free)(qlr_backend *be, void *p);
+    /* dst (pinned host) = src (device), queued on the copy stream. */
+    qlr_status (*d2h_side)(qlr_backend *be, void *dst_host, const void *src, size_t bytes);
+    /* dst (device) = src (pinned host), queued on the copy stream. */
+    qlr_status (*h2d_side)(qlr_backend *be, void *dst, const void *src_host, size_t bytes);
+    /* An event: a point in one stream's queue another stream can wait for. Never NULL unless
+     * creation failed (then NULL + error). */
+    void *(*event_create)(qlr_backend *be);
+    void (*event_free)(qlr_backend *be, void *ev);
+    /* Marks the current end of the compute stream (side 0) or of the copy stream (side 1). */
+    qlr_status (*event_record)(qlr_backend *be, void *ev, int side);
+    /* Makes the compute stream (side 0) or the copy stream (side 1) wait, on the device, until
+     * the work before the event's last record has finished. */
+    qlr_status (*event_wait)(qlr_backend *be, void *ev, int side);
 } qlr_backend_mem;
 
 struct qlr_backend {

@@ -60,6 +60,7 @@ static int cmd_plan(int argc, char **argv) {
     qlr_recipe r;
     if (qlr_recipe_load(recipe, sets, n_sets, &r) != QLR_OK) return qlr_cli_fail("plan");
     if (!vram) budget = r.vram_budget;
+    else r.vram_budget = budget; /* gradient_checkpointing auto chooses against this budget */
     qlr_model_shape s;
     qlr_plan p;
     int rc = 0;

@@ -5,7 +5,8 @@
  * Owns: the training workspace (one device allocation carved from a table of sizes), the
  * packed-varlen forward with per-layer activation saving or per-layer gradient checkpointing
  * (keep each layer's input, recompute the layer in backward; same gradients bit for bit on
- * the CPU), LoRA dropout, the chunked lm_head + cross-entropy (fp32, ignore index -100; never
+ * the CPU), optionally with the layer inputs offloaded to pinned host memory and the MLP run
+ * on row chunks (long context), LoRA dropout, the chunked lm_head + cross-entropy (fp32, ignore index -100; never
  * [tokens x vocab] logits) and the layer-by-layer backward. It does not own the adapters
  * (adapters/), the optimizer (optim/), batching (data/) or the loop (train/). */
 #ifndef QLR_MODEL_BACKPROP_H
@@ -34,6 +35,13 @@ typedef struct qlr_train_params {
     int checkpointing;         /* 1: keep only each layer's input, recompute in backward (default 1) */
     float lora_dropout;        /* dropout on the LoRA input path (0 = off; default 0) */
     int32_t ce_chunk;          /* tokens per lm_head+CE chunk (default 1024) */
+    int offload;               /* 1: the layer inputs live in pinned host memory, copied out on
+                                  the backend's copy stream after use and prefetched back one
+                                  layer ahead of the backward; needs checkpointing (default 0) */
+    int32_t mlp_chunk;         /* > 0: the MLP (gate/up, SwiGLU, down, and their backward) runs
+                                  on row chunks of this many tokens, so its [tokens, d_ff]
+                                  buffers are [mlp_chunk, d_ff]; gate/up/SwiGLU are recomputed
+                                  per chunk in the backward. 0: whole rows (default 0) */
 } qlr_train_params;
 
 /* Defaults as commented on each field. Cannot fail. */
@@ -43,11 +51,16 @@ typedef struct qlr_train_ctx qlr_train_ctx;
 
 /* Device bytes of the training workspace for this config and params (saved activations,
  * backward scratch, one CE chunk of logits, the batch): one allocation. The model's weights are
- * not included. */
+ * not included, nor the pinned host memory of offload (qlr_train_plan_host_bytes). */
 uint64_t qlr_train_plan_bytes(const qlr_model_config *cfg, qlr_device_traits dt,
                               const qlr_train_params *p);
+/* Pinned host bytes of the workspace: with offload, the n_layers layer inputs [T, d_model]
+ * (one mem.host_alloc); 0 otherwise. */
+uint64_t qlr_train_plan_host_bytes(const qlr_model_config *cfg, qlr_device_traits dt,
+                                   const qlr_train_params *p);
 /* The same workspace buffer by buffer (groups "activations", "backward", "lm_head_ce",
- * "batch"; sizes already 256-aligned, summing to qlr_train_plan_bytes). */
+ * "batch"; sizes already 256-aligned, summing to qlr_train_plan_bytes), then, with offload,
+ * the pinned host block as group "host". */
 void qlr_train_plan_items(const qlr_model_config *cfg, qlr_device_traits dt,
                           const qlr_train_params *p, qlr_mem_item_fn fn, void *ud);
 

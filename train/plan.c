@@ -209,12 +209,12 @@ static const char *const g_comp_names[QLR_PLAN_N_COMPONENTS] = {
     "LoRA A/B fp32 masters", "LoRA A/B compute copies", "LoRA A/B grads (fp32)", "optimizer state",
     "saved activations", "recompute (one layer)", "backward (one layer)", "lm_head + CE chunk",
     "op workspace (estimate)", "batch tensors", "cuBLASLt/cuDNN workspace", "CUDA context reserve",
-    "misc",
+    "misc", "layer inputs (pinned host)",
 };
 static const char *const g_comp_arena[QLR_PLAN_N_COMPONENTS] = {
     "weights", "weights", "weights", "weights", "adapter", "adapter", "adapter", "optimizer",
     "activations", "activations", "activations", "activations", "workspace", "activations",
-    "workspace", "reserve", "workspace",
+    "workspace", "reserve", "workspace", "host",
 };
 
 const char *qlr_plan_component_name(qlr_plan_component c) {
@@ -242,7 +242,8 @@ static qlr_status add(qlr_plan *p, qlr_plan_component c, const char *name, uint6
     it->count = count;
     it->bytes_each = al(bytes);
     p->comp_bytes[c] += count * it->bytes_each;
-    p->total += count * it->bytes_each;
+    if (c == QLR_PLAN_HOST_PINNED) p->host_total += count * it->bytes_each;
+    else p->total += count * it->bytes_each;
     return QLR_OK;
 }
 
@@ -290,11 +291,14 @@ static void sink_item(void *ud, const char *group, const char *name, uint64_t co
         c = QLR_PLAN_LM_HEAD_CE;
     } else if (!strcmp(group, "batch")) {
         c = QLR_PLAN_BATCH;
+    } else if (!strcmp(group, "host")) {
+        c = QLR_PLAN_HOST_PINNED;
     }
     k->st = add(k->p, c, name, count, bytes);
 }
 
-qlr_status qlr_plan_build(const qlr_recipe *r, const qlr_model_shape *s, qlr_plan *p) {
+/* The plan of r with gradient_checkpointing `mode` (off, on or offload). */
+static qlr_status build_mode(const qlr_recipe *r, const qlr_model_shape *s, int mode, qlr_plan *p) {
     memset(p, 0, sizeof *p);
     QLR_TRY(check_shape(s->name, s));
     p->shape = *s;
@@ -309,10 +313,12 @@ qlr_status qlr_plan_build(const qlr_recipe *r, const qlr_model_shape *s, qlr_pla
     qlr_model_config cfg;
     qlr_model_shape_config(s, &cfg);
     qlr_train_params tp;
-    QLR_TRY(qlr_train_workspace_params(r->micro_batch_size, r->sequence_len,
-                                       r->gradient_checkpointing, r->lora_dropout, &tp));
+    QLR_TRY(qlr_train_workspace_params(r->micro_batch_size, r->sequence_len, mode,
+                                       r->lora_dropout, &tp));
     p->ce_chunk = (uint32_t)tp.ce_chunk;
-    plan_sink k = {p, r->gradient_checkpointing, QLR_OK};
+    p->ckpt_mode = mode;
+    p->mlp_chunk = (uint32_t)tp.mlp_chunk;
+    plan_sink k = {p, mode != QLR_CKPT_OFF, QLR_OK};
 
     /* the base model as qlr_model_load allocates it (device copies of the NF4 store) */
     qlr_model_weight_items(&cfg, 1, sink_item, &k);
@@ -367,10 +373,81 @@ qlr_status qlr_plan_build(const qlr_recipe *r, const qlr_model_shape *s, qlr_pla
     return QLR_OK;
 }
 
+qlr_status qlr_plan_build(const qlr_recipe *r, const qlr_model_shape *s, qlr_plan *p) {
+    if (r->gradient_checkpointing != QLR_CKPT_AUTO) return build_mode(r, s, r->gradient_checkpointing, p);
+    if (!r->vram_budget) {
+        QLR_TRY(build_mode(r, s, QLR_CKPT_ON, p));
+        p->ckpt_auto = 1;
+        return QLR_OK;
+    }
+    /* fastest first: no recomputation, then recomputation, then host copies + MLP chunks */
+    static const int order[3] = {QLR_CKPT_OFF, QLR_CKPT_ON, QLR_CKPT_OFFLOAD};
+    for (int i = 0;; i++) {
+        QLR_TRY(build_mode(r, s, order[i], p));
+        p->ckpt_auto = 1;
+        if (p->total <= r->vram_budget || i == 2) return QLR_OK;
+        qlr_plan_free(p);
+    }
+}
+
 void qlr_plan_free(qlr_plan *p) {
     if (!p) return;
     free(p->items);
     memset(p, 0, sizeof *p);
+}
+
+const char *qlr_plan_ckpt_name(int m) {
+    return m == QLR_CKPT_OFF ? "false" : m == QLR_CKPT_ON ? "true" : m == QLR_CKPT_OFFLOAD ? "offload" : "auto";
+}
+
+static double gib(uint64_t b);
+
+void qlr_plan_choice_line(const qlr_plan *p, const qlr_recipe *r, uint64_t budget, char *buf, size_t cap) {
+    (void)r;
+    int n = snprintf(buf, cap, "gradient_checkpointing %s%s", qlr_plan_ckpt_name(p->ckpt_mode),
+                     !p->ckpt_auto ? "" : budget ? " (auto: the fastest that fits)" : " (auto, no budget: true)");
+    if (n < 0 || (size_t)n >= cap) return;
+    if (p->mlp_chunk) n += snprintf(buf + n, cap - n, ", MLP in chunks of %u tokens", p->mlp_chunk);
+    if (n < 0 || (size_t)n >= cap) return;
+    if (budget)
+        n += snprintf(buf + n, cap - n, ", %.2f GiB of %.2f GiB, %s %.2f GiB", gib(p->total), gib(budget),
+                      p->total <= budget ? "room left" : "OVER by", gib(p->total <= budget ? budget - p->total
+                                                                                     : p->total - budget));
+    else
+        n += snprintf(buf + n, cap - n, ", %.2f GiB", gib(p->total));
+    if (n < 0 || (size_t)n >= cap) return;
+    if (p->host_total) snprintf(buf + n, cap - n, "; %.2f GiB pinned host memory", gib(p->host_total));
+}
+
+qlr_status qlr_plan_longest_seq(const qlr_recipe *r, const qlr_model_shape *s, uint64_t budget,
+                                uint32_t max_len, uint32_t *seq, qlr_plan *out) {
+    *seq = 0;
+    if (out) memset(out, 0, sizeof *out);
+    if (!budget || max_len < 16)
+        return qlr_errorf(QLR_ERR_INVALID, "longest sequence: budget %llu and max_len %u must be > 0 and >= 16",
+                          (unsigned long long)budget, max_len);
+    QLR_TRY(check_shape(s->name, s));
+    qlr_recipe c = *r; /* shallow: the plan reads only scalars */
+    c.vram_budget = budget;
+    uint32_t lo = 16, hi = max_len, best = 0;
+    while (lo <= hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        c.sequence_len = mid;
+        qlr_plan p;
+        qlr_status st = qlr_plan_build(&c, s, &p);
+        int fits = st == QLR_OK && p.total <= budget;
+        if (st == QLR_OK) qlr_plan_free(&p);
+        else if (st != QLR_ERR_RANGE) return st; /* out of memory, a bad shape */
+        else qlr_error_clear();                   /* tokens past int32: too long */
+        if (fits) best = mid, lo = mid + 1;
+        else hi = mid - 1;
+    }
+    *seq = best;
+    if (best && out) {
+        c.sequence_len = best;
+        QLR_TRY(qlr_plan_build(&c, s, out));
+    }
+    return QLR_OK;
 }
 
 /* ------------------------------------------------------------------ budget advice */
@@ -455,6 +532,18 @@ qlr_status qlr_plan_check(const qlr_plan *p, const qlr_recipe *r, uint64_t budge
             n_opts++;
         }
     }
+    if (r->gradient_checkpointing != QLR_CKPT_OFFLOAD && r->gradient_checkpointing != QLR_CKPT_AUTO) {
+        c.gradient_checkpointing = QLR_CKPT_OFFLOAD;
+        uint64_t t = total_with(&c, &p->shape);
+        c.gradient_checkpointing = r->gradient_checkpointing;
+        if (t <= budget) {
+            qlr_strbuf_printf(&msg, "%s\n  - gradient_checkpointing: %s -> offload (saves %.2f GiB of device memory; "
+                              "the layer inputs go to pinned host memory)", sep,
+                              qlr_plan_ckpt_name(r->gradient_checkpointing), gib(p->total - t));
+            sep = "";
+            n_opts++;
+        }
+    }
     if (r->lora_r > 1) {
         uint32_t lr = largest_fitting(&c, &c.lora_r, 1, r->lora_r - 1, &p->shape, budget);
         if (lr) {
@@ -533,7 +622,7 @@ void qlr_plan_print(const qlr_plan *p, const qlr_recipe *r, uint64_t budget, int
     fprintf(f, "run: device %s, micro_batch_size %u x sequence_len %u = %llu tokens, gradient_checkpointing %s, "
                "%s compute, optimizer %s\n",
             p->cuda ? "cuda" : "cpu (host memory)", r->micro_batch_size, r->sequence_len, (unsigned long long)p->tokens,
-            r->gradient_checkpointing ? "on" : "off", p->act_bytes == 2 ? "bf16" : "fp32", qlr_optimizer_name(r->optimizer));
+            qlr_plan_ckpt_name(p->ckpt_mode), p->act_bytes == 2 ? "bf16" : "fp32", qlr_optimizer_name(r->optimizer));
     fprintf(f, "lora: r %u on %s: %llu trainable params (base linears: %llu params in NF4)\n\n", p->lora_r, targets,
             (unsigned long long)p->lora_params, (unsigned long long)p->base_params);
     qlr_strbuf_free(&tb);
@@ -548,11 +637,14 @@ void qlr_plan_print(const qlr_plan *p, const qlr_recipe *r, uint64_t budget, int
                     fprintf(f, "    %-40s %6llu x %12llu\n", p->items[i].name, (unsigned long long)p->items[i].count,
                             (unsigned long long)p->items[i].bytes_each);
     }
-    fprintf(f, "%-28s %16llu %12.1f  (%.2f GiB)\n", "total", (unsigned long long)p->total, (double)p->total / 1048576.0,
-            gib(p->total));
+    fprintf(f, "%-28s %16llu %12.1f  (%.2f GiB)%s\n", "total", (unsigned long long)p->total, (double)p->total / 1048576.0,
+            gib(p->total), p->host_total ? " of device memory (pinned host not included)" : "");
     if (budget)
         fprintf(f, "%-28s %16llu %12.1f  (%.2f GiB): %s\n", "budget", (unsigned long long)budget,
                 (double)budget / 1048576.0, gib(budget), p->total <= budget ? "fits" : "OVER BUDGET");
+    char line[256];
+    qlr_plan_choice_line(p, r, budget, line, sizeof line);
+    fprintf(f, "choice: %s\n", line);
 }
 
 qlr_status qlr_plan_to_json(const qlr_plan *p, const qlr_recipe *r, uint64_t budget, char **out) {
@@ -576,7 +668,10 @@ qlr_status qlr_plan_to_json(const qlr_plan *p, const qlr_recipe *r, uint64_t bud
     json_object_set_new(o, "micro_batch_size", json_integer(r->micro_batch_size));
     json_object_set_new(o, "sequence_len", json_integer(r->sequence_len));
     json_object_set_new(o, "tokens", json_integer((json_int_t)p->tokens));
-    json_object_set_new(o, "gradient_checkpointing", json_boolean(r->gradient_checkpointing));
+    json_object_set_new(o, "gradient_checkpointing", json_string(qlr_plan_ckpt_name(p->ckpt_mode)));
+    json_object_set_new(o, "gradient_checkpointing_auto", json_boolean(p->ckpt_auto));
+    json_object_set_new(o, "mlp_chunk", json_integer(p->mlp_chunk));
+    json_object_set_new(o, "host_pinned_bytes", json_integer((json_int_t)p->host_total));
     json_object_set_new(o, "lora_r", json_integer(r->lora_r));
     json_object_set_new(o, "lora_params", json_integer((json_int_t)p->lora_params));
     json_object_set_new(o, "optimizer", json_string(qlr_optimizer_name(r->optimizer)));

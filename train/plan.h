@@ -24,6 +24,8 @@
 
 #define QLR_PLAN_ALIGN 256u                 /* every buffer starts 256-byte aligned */
 #define QLR_PLAN_CE_CHUNK 1024u             /* tokens per lm_head + cross-entropy chunk */
+#define QLR_PLAN_MLP_CHUNK 2048u            /* tokens per MLP chunk with gradient_checkpointing offload */
+#define QLR_PLAN_CE_CHUNK_OFFLOAD 256u      /* lm_head + CE chunk with offload ([256, vocab] f32 logits) */
 #define QLR_PLAN_CUBLASLT_WS (32ull << 20)  /* cuBLASLt workspace */
 #define QLR_PLAN_CUDNN_WS (32ull << 20)     /* cuDNN attention workspace */
 #define QLR_PLAN_CUDA_CONTEXT_BYTES (512ull << 20) /* context, kernels, allocator slack outside our arenas */
@@ -83,6 +85,8 @@ typedef enum qlr_plan_component {
     QLR_PLAN_BLAS_WS,        /* cuBLASLt + cuDNN workspaces (cuda only) */
     QLR_PLAN_CUDA_CONTEXT,   /* reserve for the CUDA context (cuda only) */
     QLR_PLAN_MISC,           /* adapter slot table, grad-norm accumulator */
+    QLR_PLAN_HOST_PINNED,    /* offload: the layer inputs in pinned host memory (not device
+                                memory: counted in host_total, not in total) */
     QLR_PLAN_N_COMPONENTS
 } qlr_plan_component;
 
@@ -99,6 +103,9 @@ typedef struct qlr_plan {
     int cuda;                /* planned for device memory (device cuda or auto) */
     uint64_t tokens;         /* T = micro_batch_size * sequence_len */
     uint32_t ce_chunk;       /* min(QLR_PLAN_CE_CHUNK, T) */
+    int ckpt_mode;           /* qlr_ckpt_mode planned: off, on or offload (never auto) */
+    int ckpt_auto;           /* 1: the recipe said auto and the planner chose ckpt_mode */
+    uint32_t mlp_chunk;      /* MLP rows per chunk (offload), 0 = whole rows */
     uint32_t act_bytes;      /* 2 (bf16) or 4 (bf16: false) bytes per activation element */
     uint32_t lora_r;
     uint32_t lora_targets;   /* effective QLR_LORA_* mask */
@@ -107,7 +114,8 @@ typedef struct qlr_plan {
     qlr_plan_item *items;
     uint32_t n_items, cap_items;
     uint64_t comp_bytes[QLR_PLAN_N_COMPONENTS];
-    uint64_t total;
+    uint64_t total;          /* device bytes */
+    uint64_t host_total;     /* pinned host bytes (offload), beside the device total */
 } qlr_plan;
 
 /* "base weights (NF4)", ... */
@@ -116,10 +124,28 @@ const char *qlr_plan_component_name(qlr_plan_component c);
  * "workspace" or "reserve". */
 const char *qlr_plan_component_arena(qlr_plan_component c);
 
-/* Builds the plan of recipe `r` on model `s`. QLR_ERR_INVALID for an out-of-bounds shape,
+/* Builds the plan of recipe `r` on model `s`. With gradient_checkpointing auto it picks the
+ * fastest mode whose plan fits r->vram_budget: false (no recomputation), else true, else
+ * offload (layer inputs in pinned host memory, MLP in QLR_PLAN_MLP_CHUNK rows); offload when
+ * none fits, true when there is no budget. QLR_ERR_INVALID for an out-of-bounds shape,
  * QLR_ERR_NOMEM if the item list cannot grow. Free with qlr_plan_free. */
 qlr_status qlr_plan_build(const qlr_recipe *r, const qlr_model_shape *s, qlr_plan *p);
 void qlr_plan_free(qlr_plan *p);
+
+/* "false", "true", "offload" or "auto". */
+const char *qlr_plan_ckpt_name(int ckpt_mode);
+/* One line saying what the plan chose and the room left: "gradient_checkpointing offload
+ * (auto: the fastest that fits), 15.02 GiB of 16.00 GiB, 0.98 GiB left; 20.00 GiB pinned host
+ * memory". budget 0: no room is said. */
+void qlr_plan_choice_line(const qlr_plan *p, const qlr_recipe *r, uint64_t budget, char *buf,
+                          size_t cap);
+/* The longest sequence_len in [16, max_len] whose plan (r's micro_batch_size and other
+ * settings; gradient_checkpointing auto picks per length with `budget`) fits `budget`, by
+ * bisection (the plan grows with the length); *seq = 0 when not even 16 fits. With out, the
+ * plan at that length (its ckpt_mode, mlp_chunk, total, host_total), to free with
+ * qlr_plan_free (zeroed when *seq is 0). QLR_ERR_INVALID for budget 0 or max_len < 16. */
+qlr_status qlr_plan_longest_seq(const qlr_recipe *r, const qlr_model_shape *s, uint64_t budget,
+                                uint32_t max_len, uint32_t *seq, qlr_plan *out);
 
 /* QLR_OK when budget is 0 or p->total <= budget. Otherwise QLR_ERR_RANGE with a message that
  * says by how much it is over and names what to change (micro_batch_size, sequence_len,

@@ -34,6 +34,7 @@ static const char *const g_optim_names[] = {"adamw_8bit", "adamw_bnb_8bit", "ada
 static const char *const g_trunc_names[] = {"truncate", "drop", NULL};
 static const char *const g_device_names[] = {"auto", "cpu", "cuda", NULL};
 static const char *const g_bf16_names[] = {"auto", "true", "false", NULL};
+static const char *const g_ckpt_names[] = {"false", "true", "offload", "auto", NULL}; /* qlr_ckpt_mode */
 static const char *const g_template_names[] = {"tokenizer_default", "chatml", "llama3", "llama2", "mistral", NULL};
 static const char *const g_adapter_names[] = {"qlora", NULL};
 static const char *const g_report_names[] = {"none", "tensorboard", NULL};
@@ -58,6 +59,7 @@ typedef enum kkind {
     K_BOOL,     /* int 0/1 */
     K_ENUM,     /* int (an enum) indexing `names` */
     K_BF16,     /* qlr_bf16_mode: auto or a boolean */
+    K_CKPT,     /* qlr_ckpt_mode: auto, offload or a boolean */
     K_SIZE,     /* uint64_t bytes from "16GiB" */
     K_MODULES,  /* uint32_t mask from a list of module names */
     K_DATASETS, /* the datasets list */
@@ -116,7 +118,7 @@ static const key_def g_keys[] = {
     {"report_to", K_ENUM, F(report_to), 0, 0, 0, 0, g_report_names, "tensorboard: event files in output_dir/runs"},
     {"output_dir", K_STR, F(output_dir), 0, 0, 0, 0, NULL, "checkpoints, metrics, adapter"},
     {"seed", K_U64, F(seed), 0, 4294967295.0, 0, 0, NULL, "RNG seed (init, dropout, shuffle)"},
-    {"gradient_checkpointing", K_BOOL, F(gradient_checkpointing), 0, 0, 0, 0, NULL, "recompute layers in backward"},
+    {"gradient_checkpointing", K_CKPT, F(gradient_checkpointing), 0, 0, 0, 0, g_ckpt_names, "auto (fastest that fits vram_budget), true, false or offload"},
     {"bf16", K_BF16, F(bf16), 0, 0, 0, 0, g_bf16_names, "bf16 compute: auto, true or false"},
     {"device", K_ENUM, F(device), 0, 0, 0, 0, g_device_names, "auto, cpu or cuda"},
     {"vram_budget", K_SIZE, F(vram_budget), 0, 0, 0, 0, NULL, "refuse plans above this, 0 = none"},
@@ -414,6 +416,17 @@ static qlr_status parse_value(const pctx *c, const qlr_yaml_node *n, const char 
         *(int *)field = v;
         return QLR_OK;
     }
+    case K_CKPT: {
+        int v;
+        if (n->kind == QLR_YAML_SCALAR && !n->quoted && (!strcmp(n->text, "auto") || !strcmp(n->text, "offload"))) {
+            *(int *)field = n->text[0] == 'a' ? QLR_CKPT_AUTO : QLR_CKPT_OFFLOAD;
+            return QLR_OK;
+        }
+        if (n->kind != QLR_YAML_SCALAR || n->quoted || !parse_bool_text(n->text, &v))
+            return key_err(c, n, key, "must be auto, true, false or offload, %s", gn);
+        *(int *)field = v ? QLR_CKPT_ON : QLR_CKPT_OFF;
+        return QLR_OK;
+    }
     case K_BF16: {
         int v;
         if (n->kind == QLR_YAML_SCALAR && !strcmp(n->text, "auto")) {
@@ -548,7 +561,7 @@ qlr_status qlr_recipe_defaults(qlr_recipe *r) {
     r->logging_steps = 1;
     r->report_to = QLR_REPORT_NONE;
     r->seed = 42;
-    r->gradient_checkpointing = 1;
+    r->gradient_checkpointing = QLR_CKPT_AUTO;
     r->bf16 = QLR_BF16_AUTO;
     r->device = QLR_RECIPE_DEVICE_AUTO;
     r->vram_budget = 0;
@@ -952,7 +965,7 @@ int qlr_recipe_equal(const qlr_recipe *a, const qlr_recipe *b) {
         case K_U32: case K_MODULES: if (*(const uint32_t *)pa != *(const uint32_t *)pb) return 0; break;
         case K_U64: case K_SIZE: if (*(const uint64_t *)pa != *(const uint64_t *)pb) return 0; break;
         case K_F64: if (*(const double *)pa != *(const double *)pb) return 0; break;
-        case K_BOOL: case K_BF16: if (*(const int *)pa != *(const int *)pb) return 0; break;
+        case K_BOOL: case K_BF16: case K_CKPT: if (*(const int *)pa != *(const int *)pb) return 0; break;
         case K_DATASETS: {
             uint32_t na, nb;
             const qlr_recipe_dataset *da = ds_items_c(a, ds_list_of(k), &na), *db = ds_items_c(b, ds_list_of(k), &nb);
@@ -1019,6 +1032,7 @@ static void emit(qlr_strbuf *s, const qlr_recipe *r, int absolute, int comments)
         case K_F64: fmt_double(v, sizeof v, *(const double *)p); qlr_strbuf_printf(s, "%s", v); break;
         case K_BOOL: qlr_strbuf_printf(s, "%s", *(const int *)p ? "true" : "false"); break;
         case K_BF16: qlr_strbuf_printf(s, "%s", g_bf16_names[*(const int *)p]); break;
+        case K_CKPT: qlr_strbuf_printf(s, "%s", g_ckpt_names[*(const int *)p]); break;
         case K_SIZE: fmt_size(v, sizeof v, *(const uint64_t *)p); qlr_strbuf_printf(s, "%s", v); break;
         case K_MODULES: {
             uint32_t m = *(const uint32_t *)p;

@@ -63,6 +63,16 @@ typedef enum qlr_bf16_mode {
     QLR_BF16_OFF,               /* fp32 compute copies and activations */
 } qlr_bf16_mode;
 
+/* gradient_checkpointing: what the training workspace keeps of each layer for the backward. */
+typedef enum qlr_ckpt_mode {
+    QLR_CKPT_OFF = 0,           /* false: every layer's activations (fastest, most memory) */
+    QLR_CKPT_ON,                /* true: each layer's input; the layer is recomputed in backward */
+    QLR_CKPT_OFFLOAD,           /* offload: the inputs in pinned host memory, the MLP in row
+                                   chunks (long context) */
+    QLR_CKPT_AUTO,              /* auto: the planner picks the fastest that fits vram_budget
+                                   (true when there is no budget) */
+} qlr_ckpt_mode;
+
 /* LoRA target modules, as a bit mask. */
 enum {
     QLR_LORA_Q_PROJ = 1u << 0,
@@ -159,7 +169,7 @@ typedef struct qlr_recipe {
     uint64_t seed;              /* default 42; 0..2^32-1 */
 
     /* compute */
-    int gradient_checkpointing; /* default true: keep one [tokens, hidden] per layer, recompute in backward */
+    int gradient_checkpointing; /* qlr_ckpt_mode; default auto (auto|true|false|offload) */
     qlr_bf16_mode bf16;         /* default auto (true|false|auto) */
     qlr_recipe_device device;     /* default auto (cpu|cuda|auto) */
     uint64_t vram_budget;       /* default 0 = no budget (the device's free memory); bytes, written "16GiB" */

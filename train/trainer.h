@@ -84,7 +84,7 @@ typedef struct qlr_train_opts {
     uint32_t save_total_limit;
     char *output_dir;           /* resolved */
     uint64_t seed;
-    int gradient_checkpointing;
+    int gradient_checkpointing; /* qlr_ckpt_mode, resolved (never auto after qlr_train_opts_load) */
     char *device;               /* "cpu", "cuda" or "auto" */
     int threads;                /* 0 = default */
 
@@ -139,11 +139,12 @@ void qlr_train_data_params(const qlr_train_opts *o, struct qlr_data_params *dp);
 void qlr_train_batch_params(const qlr_train_opts *o, int shuffle, struct qlr_batch_params *bp);
 
 /* The training workspace's parameters of a run (tokens per micro-batch, sequence length,
- * checkpointing, LoRA dropout, CE chunk): the trainer's and the planner's. QLR_ERR_RANGE when
+ * checkpointing mode (qlr_ckpt_mode; offload also chunks the MLP by QLR_PLAN_MLP_CHUNK rows),
+ * LoRA dropout, CE chunk): the trainer's and the planner's. QLR_ERR_RANGE when
  * micro_batch_size * sequence_len does not fit an int32. */
 struct qlr_train_params;
 qlr_status qlr_train_workspace_params(uint32_t micro_batch_size, uint32_t sequence_len,
-                                      int checkpointing, double lora_dropout,
+                                      int ckpt_mode, double lora_dropout,
                                       struct qlr_train_params *tp);
 
 /* What a run did (filled by qlr_train_run, also on failure as far as it got). */

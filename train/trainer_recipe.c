@@ -116,7 +116,9 @@ qlr_status qlr_train_opts_from_recipe(const qlr_recipe *r, qlr_train_opts *o) {
     if ((st = qlr_recipe_resolve(r, r->output_dir, path, sizeof path))) goto fail;
     o->output_dir = strdup(path);
     o->seed = r->seed;
-    o->gradient_checkpointing = r->gradient_checkpointing;
+    /* auto is resolved by the plan (qlr_train_opts_load); without one, today's default */
+    o->gradient_checkpointing =
+        r->gradient_checkpointing == QLR_CKPT_AUTO ? QLR_CKPT_ON : r->gradient_checkpointing;
     o->device = strdup(r->device == QLR_RECIPE_DEVICE_CPU ? "cpu" : r->device == QLR_RECIPE_DEVICE_CUDA ? "cuda" : "auto");
     o->progress = 1;
     o->export_gguf = 1;
@@ -167,9 +169,15 @@ qlr_status qlr_train_opts_load(const char *recipe_path, const char *const *sets,
         if (st) qlr_error_prefix("%s: the memory plan does not fit vram_budget (see `qlora plan %s`)", recipe_path,
                                  recipe_path);
     }
-    if (st == QLR_OK) QLR_LOGD("memory plan: %.1f MiB", (double)plan.total / (1 << 20));
+    int mode = plan.ckpt_mode;
+    if (st == QLR_OK) {
+        char line[256];
+        qlr_plan_choice_line(&plan, &r, r.vram_budget, line, sizeof line);
+        QLR_LOGI("memory plan: %s", line);
+    }
     qlr_plan_free(&plan);
     if (st == QLR_OK) st = qlr_train_opts_from_recipe(&r, o);
+    if (st == QLR_OK) o->gradient_checkpointing = mode;
     if (st == QLR_OK && (st = qlr_train_opts_check_data(&r, o))) qlr_train_opts_free(o);
     qlr_recipe_free(&r);
     return st;
@@ -250,7 +258,7 @@ void qlr_train_batch_params(const qlr_train_opts *o, int shuffle, qlr_batch_para
 
 
 qlr_status qlr_train_workspace_params(uint32_t micro_batch_size, uint32_t sequence_len,
-                                      int checkpointing, double lora_dropout, qlr_train_params *tp) {
+                                      int ckpt_mode, double lora_dropout, qlr_train_params *tp) {
     *tp = qlr_train_params_default();
     uint64_t max_tokens = (uint64_t)micro_batch_size * sequence_len;
     if (max_tokens > INT32_MAX || max_tokens < 1)
@@ -258,7 +266,10 @@ qlr_status qlr_train_workspace_params(uint32_t micro_batch_size, uint32_t sequen
                           "1..%d", (unsigned long long)max_tokens, INT32_MAX);
     tp->max_tokens = (int32_t)max_tokens;
     tp->max_seq_len = (int32_t)sequence_len;
-    tp->checkpointing = checkpointing;
+    tp->checkpointing = ckpt_mode != QLR_CKPT_OFF; /* auto, unresolved: checkpointing */
+    tp->offload = ckpt_mode == QLR_CKPT_OFFLOAD;
+    tp->mlp_chunk = tp->offload ? QLR_PLAN_MLP_CHUNK : 0;
+    if (tp->offload) tp->ce_chunk = QLR_PLAN_CE_CHUNK_OFFLOAD; /* long context: every MiB counts */
     tp->lora_dropout = (float)lora_dropout;
     if (tp->ce_chunk > tp->max_tokens) tp->ce_chunk = tp->max_tokens;
     return QLR_OK;

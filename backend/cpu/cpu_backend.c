@@ -33,6 +33,19 @@ static qlr_status cpu_copy(qlr_backend *be, void *dst, const void *src, size_t n
     return QLR_OK;
 }
 static qlr_status cpu_sync(qlr_backend *be) { return QLR_OK; }
+/* Host staging: there is one memory, and every op has finished when it returns, so the side
+ * copies are plain copies and an event orders nothing. */
+static void *cpu_host_alloc(qlr_backend *be, size_t bytes) { return cpu_alloc(be, bytes); }
+static void *cpu_event_create(qlr_backend *be) {
+    (void)be;
+    static char ev; /* a non-NULL token: CPU events carry no state */
+    return &ev;
+}
+static void cpu_event_free(qlr_backend *be, void *ev) { (void)be, (void)ev; }
+static qlr_status cpu_event_op(qlr_backend *be, void *ev, int side) {
+    (void)be, (void)ev, (void)side;
+    return QLR_OK;
+}
 
 qlr_status qlr_cpu_scratch_reserve(qlr_backend *be, size_t bytes) {
     qlr_cpu_impl *im = be->impl;
@@ -121,6 +134,14 @@ qlr_status qlr_backend_cpu_create(int n_threads, qlr_backend **out) {
     be->mem.d2h = cpu_copy;
     be->mem.d2d = cpu_copy;
     be->mem.sync = cpu_sync;
+    be->mem.host_alloc = cpu_host_alloc;
+    be->mem.host_free = cpu_free;
+    be->mem.d2h_side = cpu_copy;
+    be->mem.h2d_side = cpu_copy;
+    be->mem.event_create = cpu_event_create;
+    be->mem.event_free = cpu_event_free;
+    be->mem.event_record = cpu_event_op;
+    be->mem.event_wait = cpu_event_op;
 
     qlr_backend_ops *o = &be->ops;
     o->embedding = qlr_cpu_embedding;

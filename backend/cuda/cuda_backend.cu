@@ -1,4 +1,5 @@
-/* backend/cuda/cuda_backend.cu: the CUDA backend object: device selection, its one stream, the
+/* backend/cuda/cuda_backend.cu: the CUDA backend object: device selection, its stream (and a
+ * copy stream for side copies to pinned host memory, ordered by events), the
  * cuBLASLt handle and workspaces, device memory (cudaMalloc; copies ordered on the stream),
  * error conversion for the QLR_CK macro, and the op table wired to the kernels in the other
  * .cu files of this folder. Ops it does not implement yet stay NULL (backend.h allows it). */
@@ -121,6 +122,62 @@ static qlr_status cu_d2d(qlr_backend *be, void *dst, const void *src, size_t n) 
 }
 static qlr_status cu_sync(qlr_backend *be) {
     QLR_CK(cudaStreamSynchronize(qlr_cuda_im(be)->stream));
+    QLR_CK(cudaStreamSynchronize(qlr_cuda_im(be)->copy_stream));
+    return QLR_OK;
+}
+
+/* ---- host staging: pinned memory, the copy stream, events ---- */
+
+static void *cu_host_alloc(qlr_backend *be, size_t bytes) {
+    (void)be;
+    void *p = NULL;
+    cudaError_t e = cudaMallocHost(&p, bytes ? bytes : 1);
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        qlr_errorf(QLR_ERR_NOMEM, "cuda: cannot allocate %.1f MiB of pinned host memory: %s",
+                   (double)bytes / (1 << 20), cudaGetErrorString(e));
+        return NULL;
+    }
+    return p;
+}
+static void cu_host_free(qlr_backend *be, void *p) {
+    (void)be;
+    if (p) cudaFreeHost(p); /* synchronises the device: teardown only */
+}
+static qlr_status cu_d2h_side(qlr_backend *be, void *dst, const void *src, size_t n) {
+    if (!n) return QLR_OK;
+    QLR_CK(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToHost, qlr_cuda_im(be)->copy_stream));
+    return QLR_OK;
+}
+static qlr_status cu_h2d_side(qlr_backend *be, void *dst, const void *src, size_t n) {
+    if (!n) return QLR_OK;
+    QLR_CK(cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, qlr_cuda_im(be)->copy_stream));
+    return QLR_OK;
+}
+static void *cu_event_create(qlr_backend *be) {
+    (void)be;
+    cudaEvent_t ev = NULL;
+    cudaError_t e = cudaEventCreateWithFlags(&ev, cudaEventDisableTiming);
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        qlr_errorf(QLR_ERR_DEVICE, "cuda: cannot create an event: %s", cudaGetErrorString(e));
+        return NULL;
+    }
+    return (void *)ev;
+}
+static void cu_event_free(qlr_backend *be, void *ev) {
+    (void)be;
+    if (ev) cudaEventDestroy((cudaEvent_t)ev);
+}
+static cudaStream_t side_stream(qlr_backend *be, int side) {
+    return side ? qlr_cuda_im(be)->copy_stream : qlr_cuda_im(be)->stream;
+}
+static qlr_status cu_event_record(qlr_backend *be, void *ev, int side) {
+    QLR_CK(cudaEventRecord((cudaEvent_t)ev, side_stream(be, side)));
+    return QLR_OK;
+}
+static qlr_status cu_event_wait(qlr_backend *be, void *ev, int side) {
+    QLR_CK(cudaStreamWaitEvent(side_stream(be, side), (cudaEvent_t)ev, 0));
     return QLR_OK;
 }
 
@@ -166,6 +223,10 @@ static void cu_destroy(qlr_backend *be) {
         cudaFree(im->d_stage);
         cudaFreeHost(im->h_pinned);
         free(im->allocs);
+        if (im->copy_stream) {
+            cudaStreamSynchronize(im->copy_stream);
+            cudaStreamDestroy(im->copy_stream);
+        }
         if (im->stream) cudaStreamDestroy(im->stream);
         free(im);
     }
@@ -188,6 +249,7 @@ static qlr_status cu_init(qlr_backend *be, qlr_cuda_impl *im) {
                           "need 8.0 (Ampere) or newer", prop.name, prop.major, prop.minor);
     im->n_sm = prop.multiProcessorCount;
     QLR_CK(cudaStreamCreateWithFlags(&im->stream, cudaStreamNonBlocking));
+    QLR_CK(cudaStreamCreateWithFlags(&im->copy_stream, cudaStreamNonBlocking));
     QLR_CK(cublasLtCreate(&im->lt));
     im->lt_ws_bytes = 32u << 20;
     QLR_CK(cudaMalloc(&im->lt_ws, im->lt_ws_bytes));
@@ -300,6 +362,14 @@ extern "C" qlr_status qlr_backend_cuda_create(int n_threads, qlr_backend **out) 
     be->mem.d2h = cu_d2h;
     be->mem.d2d = cu_d2d;
     be->mem.sync = cu_sync;
+    be->mem.host_alloc = cu_host_alloc;
+    be->mem.host_free = cu_host_free;
+    be->mem.d2h_side = cu_d2h_side;
+    be->mem.h2d_side = cu_h2d_side;
+    be->mem.event_create = cu_event_create;
+    be->mem.event_free = cu_event_free;
+    be->mem.event_record = cu_event_record;
+    be->mem.event_wait = cu_event_wait;
     qlr_backend_ops *o = &be->ops;
     o->embedding = qlr_cuda_embedding;
     o->rmsnorm = qlr_cuda_rmsnorm;

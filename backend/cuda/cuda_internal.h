@@ -28,6 +28,7 @@ struct qlr_cuda_sdpa_cache; /* attention_cudnn.cu */
 typedef struct qlr_cuda_impl {
     int device;
     cudaStream_t stream;
+    cudaStream_t copy_stream;    /* side copies (layer-input offload), ordered by events */
     cublasLtHandle_t lt;
     void *lt_ws;                 /* cuBLASLt workspace */
     size_t lt_ws_bytes;

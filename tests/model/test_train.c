@@ -5,7 +5,8 @@
  * by central differences and compared with our f32 analytic LoRA gradients, with and without
  * LoRA dropout. Also: checkpointing on == off bit for bit, CE chunk sizes 1, 3 and n give the
  * same loss and gradients (to f32 rounding: BLAS picks kernels by shape), the ignore index, a sequence alone == the same sequence packed with another,
- * dropout determinism, batch validation errors. */
+ * dropout determinism, batch validation errors; the long-context modes (layer inputs offloaded
+ * to host memory, MLP in row chunks) against the default. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -340,16 +341,24 @@ static qlr_model *load_tiny(const char *arch) {
     return m;
 }
 
-static qlr_train_ctx *make_ctx(qlr_model *m, int ckpt, float dropout, int chunk) {
+/* A workspace with the long-context knobs: offload the layer inputs, chunk the MLP rows. */
+static qlr_train_ctx *make_ctx_long(qlr_model *m, int ckpt, float dropout, int chunk, int offload,
+                                    int mlp_chunk) {
     qlr_train_params p = qlr_train_params_default();
     p.max_tokens = NMAX;
     p.max_seq_len = 24;
     p.checkpointing = ckpt;
     p.lora_dropout = dropout;
     p.ce_chunk = chunk;
+    p.offload = offload;
+    p.mlp_chunk = mlp_chunk;
     qlr_train_ctx *c = NULL;
     CHECK_OK(qlr_train_ctx_create(m, &p, &c));
     return c;
+}
+
+static qlr_train_ctx *make_ctx(qlr_model *m, int ckpt, float dropout, int chunk) {
+    return make_ctx_long(m, ckpt, dropout, chunk, 0, 0);
 }
 
 static int32_t seqA[12], seqB[7];
@@ -572,6 +581,90 @@ static void test_equivalences(const char *arch) {
     qlr_model_free(m);
 }
 
+/* The long-context modes against the default (checkpointing, whole MLP rows, inputs on the
+ * device):
+ *  - mlp_chunk >= n is one chunk: the same ops on the same inputs, bit for bit;
+ *  - mlp_chunk 5 (4 chunks of the 19 rows): every row's forward is its own, but the LoRA
+ *    gradients of gate/up/down are summed over the rows chunk by chunk, and BLAS picks kernels
+ *    by shape, so agreement is to f32 rounding (1e-6 of the largest gradient; loss 1e-6 rel);
+ *  - offload (layer inputs through host memory) is a copy: bit for bit, with and without
+ *    chunks, with dropout too, and across two steps on one workspace (slots reused);
+ *  - offload needs checkpointing (QLR_ERR_INVALID). */
+static void test_long_context(const char *arch) {
+    qlr_model *m = load_tiny(arch);
+    if (!m) return;
+    lora_set s;
+    lora_init(&s, m, 0.2f);
+    batch_buf bb;
+    std_batch(&bb);
+    int64_t G = grads_len();
+    double l0, l1, l2;
+    for (int di = 0; di < 2; di++) {
+        float drop = di ? 0.25f : 0.0f;
+        qlr_train_ctx *c0 = make_ctx(m, 1, drop, 1024);
+        float *g0 = run_grads(c0, &s, &bb.b, 9, &l0);
+        if (!di) { /* one chunk == whole rows, bit for bit */
+            qlr_train_ctx *c1 = make_ctx_long(m, 1, drop, 1024, 0, NMAX);
+            float *g1 = run_grads(c1, &s, &bb.b, 9, &l1);
+            CHECK_MSG(l0 == l1 && memcmp(g0, g1, G * 4) == 0,
+                      "%s: mlp_chunk %d (one chunk) changes the loss (%.9g vs %.9g) or gradients",
+                      arch, NMAX, l0, l1);
+            free(g1);
+            qlr_train_ctx_free(c1);
+        }
+        /* offload, whole rows: bit for bit; twice on one workspace */
+        qlr_train_ctx *c2 = make_ctx_long(m, 1, drop, 1024, 1, 0);
+        for (int rep = 0; rep < 2; rep++) {
+            float *g2 = run_grads(c2, &s, &bb.b, 9, &l2);
+            CHECK_MSG(l0 == l2 && memcmp(g0, g2, G * 4) == 0,
+                      "%s dropout %.2f step %d: offload changes the loss (%.9g vs %.9g) or "
+                      "gradients", arch, drop, rep, l0, l2);
+            free(g2);
+        }
+        double le0, le2;
+        int64_t nt;
+        CHECK_OK(qlr_train_eval(c0, &s.set, &bb.b, &le0, &nt));
+        CHECK_OK(qlr_train_eval(c2, &s.set, &bb.b, &le2, &nt));
+        CHECK(le0 == le2);
+        qlr_train_ctx_free(c2);
+        /* chunks of 5 rows: without checkpointing, with it, with offload */
+        qlr_train_ctx *c3 = make_ctx_long(m, 1, drop, 1024, 0, 5),
+                      *c4 = make_ctx_long(m, 0, drop, 1024, 0, 5),
+                      *c5 = make_ctx_long(m, 1, drop, 1024, 1, 5);
+        double l3, l4, l5;
+        float *g3 = run_grads(c3, &s, &bb.b, 9, &l3), *g4 = run_grads(c4, &s, &bb.b, 9, &l4),
+              *g5 = run_grads(c5, &s, &bb.b, 9, &l5);
+        CHECK_MSG(l3 == l4 && memcmp(g3, g4, G * 4) == 0,
+                  "%s dropout %.2f: mlp_chunk 5, checkpointing on != off", arch, drop);
+        CHECK_MSG(l3 == l5 && memcmp(g3, g5, G * 4) == 0,
+                  "%s dropout %.2f: mlp_chunk 5, offload != device inputs", arch, drop);
+        if (!di) { /* no dropout: the same function as whole rows, to f32 rounding */
+            double mg = 0, gmax = 0;
+            for (int64_t i = 0; i < G; i++)
+                mg = fmax(mg, fabs(g0[i] - g3[i])), gmax = fmax(gmax, fabs(g0[i]));
+            int same = l0 == l3 && memcmp(g0, g3, G * 4) == 0;
+            printf("%s: mlp_chunk 5 vs whole rows: %s (loss diff %.3g, max grad diff %.3g of "
+                   "%.3g)\n", arch, same ? "bit-identical" : "equal to f32 rounding",
+                   fabs(l0 - l3), mg, gmax);
+            CHECK_NEAR(l3, l0, 0.0, 1e-6);
+            CHECK_MSG(mg <= 1e-6 * gmax, "%s: mlp_chunk 5 gradients differ by %g", arch, mg);
+        }
+        free(g3), free(g4), free(g5), free(g0);
+        qlr_train_ctx_free(c3), qlr_train_ctx_free(c4), qlr_train_ctx_free(c5);
+        qlr_train_ctx_free(c0);
+    }
+    qlr_train_params bad = qlr_train_params_default();
+    bad.checkpointing = 0;
+    bad.offload = 1;
+    qlr_train_ctx *cb = NULL;
+    CHECK(qlr_train_ctx_create(m, &bad, &cb) == QLR_ERR_INVALID && cb == NULL);
+    bad.offload = 0;
+    bad.mlp_chunk = -1;
+    CHECK(qlr_train_ctx_create(m, &bad, &cb) == QLR_ERR_INVALID && cb == NULL);
+    lora_free(&s, m);
+    qlr_model_free(m);
+}
+
 int main(void) {
     CHECK_OK(qlr_backend_create("cpu", 0, &be));
     for (int i = 0; i < 12; i++) seqA[i] = (int32_t)(test_rng_u64(&g_rng) % VOCAB);
@@ -581,6 +674,8 @@ int main(void) {
     test_fd("llama", 1, 0.3f);
     test_equivalences("llama");
     test_equivalences("qwen2");
+    test_long_context("llama");
+    test_long_context("qwen2");
     qlr_backend_free(be);
     return test_finish();
 }

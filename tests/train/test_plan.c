@@ -43,6 +43,19 @@ static void *rec_alloc(qlr_backend *be, size_t bytes) {
     return p;
 }
 static void rec_free(qlr_backend *be, void *p) { (void)be, (void)p; }
+/* Pinned host memory (offload): recorded apart, compared with the plan's host items. */
+static uint64_t g_host_bytes, g_host_n;
+static void *rec_host_alloc(qlr_backend *be, size_t bytes) {
+    (void)be;
+    g_host_bytes += qlr_alloc_bytes(bytes);
+    g_host_n++;
+    return (void *)(uintptr_t)(1ull << 45);
+}
+static void *rec_event_create(qlr_backend *be) {
+    (void)be;
+    return (void *)(uintptr_t)1;
+}
+static void rec_event_free(qlr_backend *be, void *ev) { (void)be, (void)ev; }
 static qlr_status rec_set(qlr_backend *be, void *p, size_t n) { (void)be, (void)p, (void)n; return QLR_OK; }
 static qlr_status rec_copy(qlr_backend *be, void *d, const void *s, size_t n) {
     (void)be, (void)d, (void)s, (void)n;
@@ -67,6 +80,10 @@ static void rec_backend(qlr_backend *be) {
     be->mem.d2h = rec_copy;
     be->mem.d2d = rec_copy;
     be->mem.sync = rec_sync;
+    be->mem.host_alloc = rec_host_alloc;
+    be->mem.host_free = rec_free;
+    be->mem.event_create = rec_event_create;
+    be->mem.event_free = rec_event_free;
     be->ops.f32_to_act = rec_f32_to_act;
     /* qlr_train_ctx_create checks these exist */
 #define NEVER(f) be->ops.f = (void *)never_called
@@ -173,10 +190,16 @@ static void test_plan_is_allocation(const char *recipe, const char *const *sets,
 
     from = g_rec.n;
     qlr_train_params tp;
-    CHECK_OK(qlr_train_workspace_params(r.micro_batch_size, r.sequence_len, r.gradient_checkpointing,
+    CHECK_OK(qlr_train_workspace_params(r.micro_batch_size, r.sequence_len, p.ckpt_mode,
                                         r.lora_dropout, &tp));
     qlr_train_ctx *c = NULL;
+    g_host_bytes = g_host_n = 0;
     CHECK_OK(qlr_train_ctx_create(m, &tp, &c));
+    /* the pinned host block (offload) is the plan's host component, apart from the device total */
+    CHECK_EQ_INT(g_host_bytes, p.host_total);
+    CHECK_EQ_INT(g_host_bytes, p.comp_bytes[QLR_PLAN_HOST_PINNED]);
+    CHECK_EQ_INT(g_host_n, p.host_total ? 1 : 0);
+    CHECK_EQ_INT(p.host_total != 0, p.ckpt_mode == QLR_CKPT_OFFLOAD);
     /* one allocation carved into the planned buffers */
     size_t n_ws;
     uint64_t *ws = plan_sizes(&p, C(QLR_PLAN_ACT_SAVED) | C(QLR_PLAN_RECOMPUTE) | C(QLR_PLAN_BACKWARD) |
@@ -366,12 +389,77 @@ static void test_shapes(void) {
     qlr_recipe_free(&r);
 }
 
+/* Issue 13: Llama-3.1-8B within 16 GiB. gradient_checkpointing auto picks the fastest mode that
+ * fits: at 80k tokens only offload (+ MLP chunks) fits; the longest context that fits is
+ * >= 80,000 tokens; with an ample budget no recomputation; without one, checkpointing. */
+static void test_long_context_8b(void) {
+    const uint64_t G16 = 16ull << 30;
+    qlr_recipe r;
+    const char *sets[] = {"micro_batch_size=1", "sequence_len=2048", "gradient_checkpointing=true",
+                          "device=cuda"};
+    CHECK_OK(qlr_recipe_load(QLR_SOURCE_DIR "/recipes/llama3-8b-16gb.yaml", sets, 4, &r));
+    if (!r.base_model) return;
+    qlr_model_shape s;
+    CHECK_OK(qlr_model_shape_for_recipe(&r, &s));
+    qlr_plan p;
+    CHECK_OK(qlr_plan_build(&r, &s, &p));
+    /* Issue 13 asks for <= 6.5 GiB; the plan is 8.10 GiB: the bf16 embedding table and lm_head
+     * alone are 1.96 GiB and the 33 layer inputs 0.52 GiB. Not met yet (the embedding table on
+     * the host is the next step); this guards against growth. */
+    printf("8B seq 2048 mb 1 checkpointing: %.3f GiB (issue target <= 6.5 GiB: not met)\n",
+           p.total / 1073741824.0);
+    CHECK_MSG(p.total <= (33ull << 28), "8B at 2048 tokens with checkpointing plans %.3f GiB > 8.25 GiB",
+              p.total / 1073741824.0);
+    qlr_plan_free(&p);
+
+    r.gradient_checkpointing = QLR_CKPT_AUTO;
+    r.vram_budget = G16;
+    r.sequence_len = 81920;
+    CHECK_OK(qlr_plan_build(&r, &s, &p));
+    char line[256];
+    qlr_plan_choice_line(&p, &r, G16, line, sizeof line);
+    printf("8B seq 81920 auto, 16 GiB: %s\n", line);
+    CHECK_EQ_INT(p.ckpt_mode, QLR_CKPT_OFFLOAD);
+    CHECK(p.ckpt_auto && p.mlp_chunk == QLR_PLAN_MLP_CHUNK);
+    CHECK_MSG(p.total <= G16, "8B at 81920 tokens with offload plans %.3f GiB", p.total / 1073741824.0);
+    /* the 32 layer inputs [81920, 4096] bf16 on the host */
+    CHECK_EQ_INT(p.host_total, 32ull * 81920 * 4096 * 2);
+    CHECK(strstr(line, "offload") && strstr(line, "pinned host"));
+    qlr_plan_free(&p);
+
+    uint32_t best = 0;
+    CHECK_OK(qlr_plan_longest_seq(&r, &s, G16, 1u << 20, &best, &p));
+    printf("8B longest sequence within 16 GiB (mb 1): %u tokens, gradient_checkpointing %s, %.3f GiB\n",
+           best, qlr_plan_ckpt_name(p.ckpt_mode), p.total / 1073741824.0);
+    CHECK_MSG(best >= 80000, "8B: the longest context within 16 GiB is %u tokens", best);
+    CHECK(p.total <= G16 && p.ckpt_mode == QLR_CKPT_OFFLOAD);
+    qlr_plan_free(&p);
+
+    /* a budget with room: auto takes the fastest mode, no recomputation */
+    r.sequence_len = 2048;
+    r.vram_budget = 80ull << 30;
+    CHECK_OK(qlr_plan_build(&r, &s, &p));
+    CHECK_EQ_INT(p.ckpt_mode, QLR_CKPT_OFF);
+    qlr_plan_free(&p);
+    r.vram_budget = 0; /* no budget: checkpointing, as before auto */
+    CHECK_OK(qlr_plan_build(&r, &s, &p));
+    CHECK_EQ_INT(p.ckpt_mode, QLR_CKPT_ON);
+    qlr_plan_free(&p);
+    CHECK(qlr_plan_longest_seq(&r, &s, 0, 1000, &best, NULL) == QLR_ERR_INVALID);
+    qlr_recipe_free(&r);
+}
+
 int main(void) {
     qlr_log_set_level(QLR_LOG_ERROR);
     test_llama3_8b();
+    test_long_context_8b();
     /* plan == allocation: the 8B recipe (adapter, optimizer, workspace) and the quickstart on the
      * demo model (weights too) */
     test_plan_is_allocation(QLR_SOURCE_DIR "/recipes/llama3-8b-16gb.yaml", NULL, 0, NULL);
+    const char *off[3] = {"gradient_checkpointing=offload", "sequence_len=81920", "micro_batch_size=1"};
+    test_plan_is_allocation(QLR_SOURCE_DIR "/recipes/llama3-8b-16gb.yaml", off, 3, NULL);
+    const char *aut[2] = {"gradient_checkpointing=auto", "lora_dropout=0.05"};
+    test_plan_is_allocation(QLR_SOURCE_DIR "/recipes/llama3-8b-16gb.yaml", aut, 2, NULL);
     const char *demo = test_demo_model();
     char set_model[4200];
     snprintf(set_model, sizeof set_model, "base_model=%s", demo);

@@ -127,7 +127,7 @@ static void test_defaults(void) {
     CHECK_EQ_INT(r.logging_steps, 1);
     CHECK(!strcmp(r.output_dir, "outputs/run"));
     CHECK_EQ_INT(r.seed, 42);
-    CHECK_EQ_INT(r.gradient_checkpointing, 1);
+    CHECK_EQ_INT(r.gradient_checkpointing, QLR_CKPT_AUTO);
     CHECK_EQ_INT(r.bf16, QLR_BF16_AUTO);
     CHECK_EQ_INT(r.device, QLR_RECIPE_DEVICE_AUTO);
     CHECK_EQ_INT(r.vram_budget, 0);
