@@ -58,8 +58,10 @@ typedef struct qlr_bench_train_shape_opts {
     int n_runs;                  /* 0 with longest: only the longest run */
     int steps;                   /* timed steps per run (default 6) */
     int warmup;                  /* untimed steps before them (default 2) */
-    int checkpointing;           /* 1 on (default), 0 off, -1 auto: on when the plan without it
-                                    is over the budget (no budget: over the device's memory) */
+    int checkpointing;           /* qlr_ckpt_mode (train/recipe.h): QLR_CKPT_ON (default), OFF,
+                                    OFFLOAD, or AUTO: the planner's choice, the fastest mode that
+                                    fits --vram (without it the device's memory) */
+    int ckpt_given;              /* 1: --checkpointing was given (--longest otherwise uses AUTO) */
     uint64_t vram_budget;        /* bytes, 0 = none; the plan's check and --longest's cap */
     int longest;                 /* 1: the longest-sequence run (needs vram_budget) */
     int profile;                 /* 1 (default): one profiled step per run for the breakdown */

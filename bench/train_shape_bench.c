@@ -33,7 +33,7 @@ qlr_bench_train_shape_opts qlr_bench_train_shape_default_opts(void) {
     o.device = "cuda";
     o.steps = 6;
     o.warmup = 2;
-    o.checkpointing = 1;
+    o.checkpointing = QLR_CKPT_ON;
     o.profile = 1;
     o.seed = 42;
     return o;
@@ -44,7 +44,7 @@ static json_t *jnum(double v) { return isfinite(v) ? json_real(round(v * 1e4) / 
 /* The recipe of one run: the planner and the run read the same one. The dataset is never
  * opened (the batch is synthetic); a recipe needs one. */
 static qlr_status bench_recipe(const qlr_bench_train_shape_opts *o, const char *plan_name, int32_t seq, int32_t mb,
-                               int ckpt, qlr_recipe *r) {
+                               int ckpt, uint64_t budget, qlr_recipe *r) {
     char text[1024];
     int n = snprintf(text, sizeof text,
                      "base_model: %s\n"
@@ -53,24 +53,26 @@ static qlr_status bench_recipe(const qlr_bench_train_shape_opts *o, const char *
                      "gradient_accumulation_steps: 1\nmax_steps: %d\n"
                      "learning_rate: %g\nlr_scheduler: constant\noptimizer: adamw_8bit\n"
                      "lora_r: %d\nlora_alpha: %d\nlora_dropout: 0\nlora_target_linear: true\n"
-                     "gradient_checkpointing: %s\ndevice: %s\nseed: %llu\n",
+                     "gradient_checkpointing: %s\nvram_budget: %lluB\ndevice: %s\nseed: %llu\n",
                      plan_name, seq, mb, o->warmup + o->steps + 1, LEARNING_RATE, LORA_R, LORA_ALPHA,
-                     ckpt ? "true" : "false", o->device, (unsigned long long)o->seed);
+                     qlr_plan_ckpt_name(ckpt), (unsigned long long)budget, o->device,
+                     (unsigned long long)o->seed);
     if (n < 0 || (size_t)n >= sizeof text) return qlr_errorf(QLR_ERR_RANGE, "bench train: recipe text");
     return qlr_recipe_parse(text, (size_t)n, "bench train --shape", ".", NULL, 0, r);
 }
 
 /* Total bytes `qlora plan` predicts for these settings. */
 static qlr_status plan_total(const qlr_bench_train_shape_opts *o, const qlr_model_shape *s, const char *plan_name,
-                             int32_t seq, int32_t mb, int ckpt, uint64_t *total, uint64_t *reserve) {
+                             int32_t seq, int32_t mb, int ckpt, uint64_t *total, uint64_t *reserve, int *mode) {
     qlr_recipe r;
-    QLR_TRY(bench_recipe(o, plan_name, seq, mb, ckpt, &r));
+    QLR_TRY(bench_recipe(o, plan_name, seq, mb, ckpt, o->vram_budget, &r));
     qlr_plan p;
     qlr_status st = qlr_plan_build(&r, s, &p);
     qlr_recipe_free(&r);
     QLR_TRY(st);
     *total = p.total;
     if (reserve) *reserve = p.comp_bytes[QLR_PLAN_CUDA_CONTEXT];
+    if (mode) *mode = p.ckpt_mode;
     qlr_plan_free(&p);
     return QLR_OK;
 }
@@ -295,16 +297,14 @@ static void memory_json(json_t *j, run_ctx *c, size_t used0, uint64_t plan, uint
     json_object_set_new(j, "memgetinfo_delta_over_plan", jnum(cuda && plan ? (double)delta / (double)plan : NAN));
 }
 
-/* Checkpointing of a run: o's, or for auto on when the plan without it is over the budget
- * (no budget: over the device's total memory; the CPU: off). */
-static int choose_ckpt(const qlr_bench_train_shape_opts *o, const qlr_model_shape *s, const char *plan_name,
-                       int32_t seq, int32_t mb) {
-    if (o->checkpointing >= 0) return o->checkpointing;
-    uint64_t total = 0, budget = o->vram_budget;
-    if (plan_total(o, s, plan_name, seq, mb, 0, &total, NULL) != QLR_OK) {
-        qlr_error_clear();
-        return 1;
-    }
+/* The checkpointing mode of a run: o's, or for auto the planner's choice (qlr_plan_build: the
+ * fastest mode that fits) under --vram, or without one under the device's total memory (the
+ * CPU: no budget, so checkpointing). */
+static qlr_status choose_ckpt(const qlr_bench_train_shape_opts *o, const qlr_model_shape *s, const char *plan_name,
+                              int32_t seq, int32_t mb, int *mode) {
+    *mode = o->checkpointing;
+    if (o->checkpointing != QLR_CKPT_AUTO) return QLR_OK;
+    uint64_t budget = o->vram_budget;
 #ifdef QLR_BACKEND_CUDA
     if (!budget && strcmp(o->device, "cpu")) {
         qlr_backend *be = NULL;
@@ -315,20 +315,29 @@ static int choose_ckpt(const qlr_bench_train_shape_opts *o, const qlr_model_shap
         qlr_backend_free(be);
     }
 #endif
-    return budget && total > budget;
+    qlr_recipe r;
+    QLR_TRY(bench_recipe(o, plan_name, seq, mb, QLR_CKPT_AUTO, budget, &r));
+    qlr_plan p;
+    qlr_status st = qlr_plan_build(&r, s, &p);
+    qlr_recipe_free(&r);
+    QLR_TRY(st);
+    *mode = p.ckpt_mode;
+    qlr_plan_free(&p);
+    return QLR_OK;
 }
 
 static qlr_status one_run(const qlr_bench_train_shape_opts *o, const qlr_model_config *cfg, const qlr_model_shape *s,
                           const char *plan_name, qlr_bench_train_run rn, json_t *runs, char *dev, size_t dev_cap) {
-    int ckpt = choose_ckpt(o, s, plan_name, rn.seq, rn.micro_batch);
+    int ckpt;
+    QLR_TRY(choose_ckpt(o, s, plan_name, rn.seq, rn.micro_batch, &ckpt));
     uint64_t plan = 0, reserve = 0;
-    QLR_TRY(plan_total(o, s, plan_name, rn.seq, rn.micro_batch, ckpt, &plan, &reserve));
+    QLR_TRY(plan_total(o, s, plan_name, rn.seq, rn.micro_batch, ckpt, &plan, &reserve, NULL));
     qlr_recipe r;
-    QLR_TRY(bench_recipe(o, plan_name, rn.seq, rn.micro_batch, ckpt, &r));
+    QLR_TRY(bench_recipe(o, plan_name, rn.seq, rn.micro_batch, ckpt, o->vram_budget, &r));
     run_ctx c;
     size_t used0 = 0;
     QLR_LOGI("bench train: %s seq %d x micro-batch %d, checkpointing %s: setting up", o->shape, rn.seq,
-             rn.micro_batch, ckpt ? "on" : "off");
+             rn.micro_batch, qlr_plan_ckpt_name(ckpt));
     qlr_status st = run_setup(o, cfg, &r, 0, &c, &used0);
     qlr_recipe_free(&r);
     for (int i = 0; i < o->warmup && st == QLR_OK; i++) st = one_step(&c);
@@ -346,7 +355,7 @@ static qlr_status one_run(const qlr_bench_train_shape_opts *o, const qlr_model_c
     snprintf(dev, dev_cap, "%s", device_name(c.be, nb, sizeof nb));
     json_object_set_new(j, "seq", json_integer(rn.seq));
     json_object_set_new(j, "micro_batch", json_integer(rn.micro_batch));
-    json_object_set_new(j, "checkpointing", json_boolean(ckpt));
+    json_object_set_new(j, "checkpointing", json_string(qlr_plan_ckpt_name(ckpt)));
     json_object_set_new(j, "steps", json_integer(o->steps));
     json_object_set_new(j, "warmup_steps", json_integer(o->warmup));
     double tokens = (double)c.mb.n * o->steps, tps = secs > 0 ? tokens / secs : NAN;
@@ -388,11 +397,11 @@ static qlr_status longest_seq(const qlr_bench_train_shape_opts *o, const qlr_mod
     int32_t lo = 16;
     uint64_t t;
     *out = 0;
-    QLR_TRY(plan_total(o, s, plan_name, lo, 1, ckpt, &t, NULL));
+    QLR_TRY(plan_total(o, s, plan_name, lo, 1, ckpt, &t, NULL, NULL));
     if (t > o->vram_budget) return QLR_OK;
     while (lo < hi) { /* lo fits; find the largest that does */
         int32_t mid = lo + (hi - lo + 1) / 2;
-        QLR_TRY(plan_total(o, s, plan_name, mid, 1, ckpt, &t, NULL));
+        QLR_TRY(plan_total(o, s, plan_name, mid, 1, ckpt, &t, NULL, NULL));
         if (t <= o->vram_budget) lo = mid;
         else hi = mid - 1;
     }
@@ -402,11 +411,11 @@ static qlr_status longest_seq(const qlr_bench_train_shape_opts *o, const qlr_mod
 
 static qlr_status longest_run(const qlr_bench_train_shape_opts *o, const qlr_model_config *cfg,
                               const qlr_model_shape *s, const char *plan_name, json_t *out) {
-    int ckpt = o->checkpointing != 0; /* auto: on (the longest is what checkpointing is for) */
+    /* the planner's choice per length unless --checkpointing named a mode */
+    int ckpt = o->ckpt_given ? o->checkpointing : QLR_CKPT_AUTO;
     int32_t hi = cfg->ctx_train < 131072 ? cfg->ctx_train : 131072, seq;
     QLR_TRY(longest_seq(o, s, plan_name, hi, ckpt, &seq));
     json_object_set_new(out, "vram_budget_bytes", json_integer((json_int_t)o->vram_budget));
-    json_object_set_new(out, "checkpointing", json_boolean(ckpt));
     json_object_set_new(out, "planner_longest_seq", json_integer(seq));
     json_object_set_new(out, "seq_bound", json_integer(hi));
     if (!seq) {
@@ -415,7 +424,8 @@ static qlr_status longest_run(const qlr_bench_train_shape_opts *o, const qlr_mod
                           (double)o->vram_budget / (1 << 30));
     }
     uint64_t plan = 0, reserve = 0;
-    QLR_TRY(plan_total(o, s, plan_name, seq, 1, ckpt, &plan, &reserve));
+    QLR_TRY(plan_total(o, s, plan_name, seq, 1, ckpt, &plan, &reserve, &ckpt));
+    json_object_set_new(out, "checkpointing", json_string(qlr_plan_ckpt_name(ckpt)));
     uint64_t cap = o->vram_budget > reserve ? o->vram_budget - reserve : o->vram_budget;
     int capped = 0;
 #ifdef QLR_BACKEND_CUDA
@@ -424,7 +434,7 @@ static qlr_status longest_run(const qlr_bench_train_shape_opts *o, const qlr_mod
     if (!capped) QLR_LOGW("--longest: the cpu backend has no allocation cap; the steps run uncapped");
     json_object_set_new(out, "alloc_cap_bytes", capped ? json_integer((json_int_t)cap) : json_null());
     qlr_recipe r;
-    QLR_TRY(bench_recipe(o, plan_name, seq, 1, ckpt, &r));
+    QLR_TRY(bench_recipe(o, plan_name, seq, 1, ckpt, o->vram_budget, &r));
     run_ctx c;
     size_t used0 = 0;
     QLR_LOGI("bench train: longest %s seq %d within %.2f GiB (allocations capped at %.2f GiB): 3 steps", o->shape,

@@ -33,7 +33,7 @@ static void help(void) {
            "  --out FILE         write the JSON into FILE (default: stdout)\n"
            "  -q, --quiet        no progress bar\n\n");
     printf("usage: qlora bench train --shape NAME [--device cuda|cpu] [--seq N] [--mb N] [--runs SEQ:MB,...]\n"
-           "                         [--steps N] [--warmup N] [--checkpointing on|off|auto] [--vram SIZE]\n"
+           "                         [--steps N] [--warmup N] [--checkpointing MODE] [--vram SIZE]\n"
            "                         [--longest] [--no-profile] [--out FILE]\n\n"
            "Trains at a model's real dimensions with random NF4 weights and random packed causal rows\n"
            "(no download, no data): LoRA r 16, alpha 32 on all 7 linears, AdamW 8-bit, the trainer's own\n"
@@ -49,11 +49,13 @@ static void help(void) {
            "  --runs SEQ:MB,...             several runs, e.g. 2048:1,2048:2,8192:1 (not with --seq/--mb)\n"
            "  --steps N                     timed steps per run (default 6)\n"
            "  --warmup N                    untimed steps before them (default 2)\n"
-           "  --checkpointing on|off|auto   gradient checkpointing (default on; auto: on when the plan\n"
-           "                                without it is over --vram, or the device's memory)\n"
+           "  --checkpointing MODE          on (default), off, offload (layer inputs in pinned host memory,\n"
+           "                                the MLP in row chunks) or auto: the planner's choice, the\n"
+           "                                fastest that fits --vram (without it, the device's memory)\n"
            "  --vram SIZE                   a budget such as 16GiB: plan check, and --longest's budget\n"
            "  --longest                     also the planner's longest sequence (micro-batch 1) within\n"
-           "                                --vram, run 3 steps with allocations capped at --vram less\n"
+           "                                --vram (the planner's mode per length unless --checkpointing\n"
+           "                                names one), run 3 steps with allocations capped at --vram less\n"
            "                                the plan's CUDA context reserve (alone: only this run)\n"
            "  --no-profile                  no profiled step (no breakdown_ms)\n\n");
     printf("usage: qlora bench decode [--model all|llama3-8b|smollm2-135m] [--prefill N] [--ctx N]\n"
@@ -122,10 +124,12 @@ static int bench_train_shape(int argc, char **argv) {
             int rc = parse_runs(v, &o);
             if (rc) return rc;
         } else if (!strcmp(a, "--checkpointing")) {
-            if (!strcmp(v, "on")) o.checkpointing = 1;
-            else if (!strcmp(v, "off")) o.checkpointing = 0;
-            else if (!strcmp(v, "auto")) o.checkpointing = -1;
-            else return qlr_cli_usage_error("bench", "--checkpointing %s: expected on, off or auto", v);
+            if (!strcmp(v, "on")) o.checkpointing = QLR_CKPT_ON;
+            else if (!strcmp(v, "off")) o.checkpointing = QLR_CKPT_OFF;
+            else if (!strcmp(v, "offload")) o.checkpointing = QLR_CKPT_OFFLOAD;
+            else if (!strcmp(v, "auto")) o.checkpointing = QLR_CKPT_AUTO;
+            else return qlr_cli_usage_error("bench", "--checkpointing %s: expected on, off, offload or auto", v);
+            o.ckpt_given = 1;
         } else if (!strcmp(a, "--vram")) {
             if (qlr_parse_size(v, &o.vram_budget) != QLR_OK || !o.vram_budget)
                 return qlr_cli_usage_error("bench", "--vram %s: expected a size such as 16GiB, 24GB or 8000MiB", v);
