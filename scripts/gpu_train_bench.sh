@@ -7,8 +7,15 @@
 # transformers + bitsandbytes + PEFT), when it is there. JSON and logs under $OUT.
 #   OUT=out/train_bench QLR_GPU_BUILD=build-gpu QLR_PEER=peers/hf_bnb_qlora_bench.py \
 #     scripts/gpu_train_bench.sh
-# QLR_BENCH_STEPS / QLR_BENCH_WARMUP: timed and warm-up steps per run (default 4 and 2; keep the
-# whole script under about 6 minutes on an H200). Exit status: the first failing part's.
+# Parts (default all; a device call is limited to 10 minutes, so they can go in separate calls
+# of one warm machine): QLR_BENCH_PARTS="runs peer memory longest"
+#   runs     2048:1, 2048:2, 8192:1 with --checkpointing auto --vram 16GiB (the planner's
+#            fastest mode for a 16 GB card at each shape)
+#   peer     the peer at the same shapes (must share a device call with `runs`)
+#   memory   2048:1 with checkpointing on and with offload (the lowest peaks at 2048)
+#   longest  --longest --vram 16GiB (the planner's mode per length)
+# QLR_BENCH_STEPS / QLR_BENCH_WARMUP: timed and warm-up steps per run (default 4 and 2).
+# Exit status: the first failing part's.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-out/train_bench}
@@ -21,15 +28,32 @@ mkdir -p "$OUT"
 [ -x "$QLORA" ] || { echo "$QLORA not found: build first (scripts/gpu_check.sh, or QLR_GPU_BUILD)"; exit 1; }
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 rc=0
+PARTS=" ${QLR_BENCH_PARTS:-runs peer memory longest} "
+part() { [[ "$PARTS" == *" $1 "* ]]; }
 
-echo "== qlora bench train: llama3.1-8b 2048:1,2048:2,8192:1 ==" | tee "$OUT/bench_train.log"
+if part runs; then
+echo "== qlora bench train: llama3.1-8b 2048:1,2048:2,8192:1 (auto, 16GiB) ==" | tee "$OUT/bench_train.log"
 start=$(date +%s)
 "$QLORA" bench train --shape llama3.1-8b --device cuda --runs 2048:1,2048:2,8192:1 --steps "$STEPS" \
-    --warmup "$WARMUP" --vram 16GiB --out "$OUT/bench_train_8b.json" >> "$OUT/bench_train.log" 2>&1
+    --warmup "$WARMUP" --checkpointing auto --vram 16GiB --out "$OUT/bench_train_8b.json" >> "$OUT/bench_train.log" 2>&1
 r=$?
 echo "exit $r after $(( $(date +%s) - start ))s" | tee -a "$OUT/bench_train.log"
 [ "$r" -ne 0 ] && [ "$rc" -eq 0 ] && rc=$r
+fi
 
+if part memory; then
+for mode in on offload; do
+echo "== qlora bench train: llama3.1-8b 2048:1 checkpointing $mode ==" | tee -a "$OUT/bench_train_memory.log"
+start=$(date +%s)
+"$QLORA" bench train --shape llama3.1-8b --device cuda --runs 2048:1 --steps "$STEPS" --warmup "$WARMUP" \
+    --checkpointing $mode --vram 16GiB --out "$OUT/bench_train_8b_2048_$mode.json" >> "$OUT/bench_train_memory.log" 2>&1
+r=$?
+echo "exit $r after $(( $(date +%s) - start ))s" | tee -a "$OUT/bench_train_memory.log"
+[ "$r" -ne 0 ] && [ "$rc" -eq 0 ] && rc=$r
+done
+fi
+
+if part longest; then
 echo "== qlora bench train: llama3.1-8b --longest within 16GiB ==" | tee "$OUT/bench_train_longest.log"
 start=$(date +%s)
 "$QLORA" bench train --shape llama3.1-8b --device cuda --longest --vram 16GiB --no-profile \
@@ -37,8 +61,11 @@ start=$(date +%s)
 r=$?
 echo "exit $r after $(( $(date +%s) - start ))s" | tee -a "$OUT/bench_train_longest.log"
 [ "$r" -ne 0 ] && [ "$rc" -eq 0 ] && rc=$r
+fi
 
-if [ -f "$PEER" ]; then
+if ! part peer; then
+  :
+elif [ -f "$PEER" ]; then
   echo "== peer: $PEER 2048:1 2048:2 8192:1 ==" | tee "$OUT/peer.log"
   start=$(date +%s)
   OUT="$OUT" python3 "$PEER" 2048:1 2048:2 8192:1 > "$OUT/peer.json" 2>> "$OUT/peer.log"
@@ -53,14 +80,15 @@ fi
 python3 - "$OUT" <<'PY' || true
 import json, os, sys
 out = sys.argv[1]
-for name in ("bench_train_8b.json", "bench_train_8b_longest.json"):
+for name in ("bench_train_8b.json", "bench_train_8b_2048_on.json", "bench_train_8b_2048_offload.json",
+             "bench_train_8b_longest.json"):
     p = os.path.join(out, name)
     if not os.path.exists(p):
         continue
     d = json.load(open(p))
     for r in d.get("runs", []):
-        print("%s seq %d x %d: %.0f tok/s, MFU %.3f, HFU %.3f, step %.3fs, peak %.2f GiB (plan %.2f GiB)" % (
-            d.get("device_name"), r["seq"], r["micro_batch"], r["tokens_per_s"], r["mfu"] or 0, r["hfu"] or 0,
+        print("%s seq %d x %d (%s): %.0f tok/s, MFU %.3f, HFU %.3f, step %.3fs, peak %.2f GiB (plan %.2f GiB)" % (
+            d.get("device_name"), r["seq"], r["micro_batch"], r.get("checkpointing"), r["tokens_per_s"], r["mfu"] or 0, r["hfu"] or 0,
             r["step_s"], r["peak_alloc_bytes"] / 2**30, r["plan_bytes"] / 2**30))
     lg = d.get("longest")
     if lg:
