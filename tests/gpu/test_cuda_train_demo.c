@@ -275,8 +275,12 @@ static void test_checkpointing_bitwise(const char *model_path) {
         if (ck < 3)
             CHECK_MSG(diff == 0 && loss[0] == loss[ck], "checkpointing %s changes %llu gradient values",
                       names[ck], (unsigned long long)diff);
-        else /* tolerance: f32 summation order of the chunked LoRA dA/dB, 1e-5 of the largest */
-            CHECK_MSG(md <= 1e-5 * gmax && fabs(loss[0] - loss[ck]) <= 1e-6 * fabs(loss[0]),
+        else /* MLP in chunks of 64 rows: cuBLASLt picks its GEMM tiling by M, so the chunks'
+              * bf16 outputs round differently than whole rows' (measured on an H200: loss
+              * 1.8e-4 relative, max gradient difference 1.3e-3 of the largest), and the LoRA dA/dB
+              * are summed chunk by chunk. Tolerance: bf16 rounding level, loss 1e-3 relative,
+              * gradients 1e-2 of the largest. */
+            CHECK_MSG(md <= 1e-2 * gmax && fabs(loss[0] - loss[ck]) <= 1e-3 * fabs(loss[0]),
                       "mlp chunks: gradients differ by %g of %g, loss %.9g vs %.9g", md, gmax,
                       loss[0], loss[ck]);
         CHECK(nonzero > d->n_params / 2);
