@@ -11,6 +11,7 @@
  * device-to-host copy anyway). On the CPU backend (opts.device "cpu") only the backend-generic
  * parts run: a smoke run of this code, not a measurement. */
 #include "bench/decode_bench.h"
+#include "bench/bench_shapes.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -34,38 +35,12 @@ typedef struct bench_model {
     qlr_model_config cfg;
 } bench_model;
 
-static qlr_model_config llama_config(int32_t vocab, int32_t d, int32_t layers, int32_t heads,
-                                     int32_t kv, int32_t hd, int32_t ff, int32_t ctx, float theta,
-                                     int tied) {
-    qlr_model_config c;
-    memset(&c, 0, sizeof c);
-    strcpy(c.arch, "llama");
-    c.n_vocab = vocab;
-    c.d_model = d;
-    c.n_layers = layers;
-    c.n_heads = heads;
-    c.n_kv_heads = kv;
-    c.head_dim = hd;
-    c.d_ff = ff;
-    c.ctx_train = ctx;
-    c.rms_eps = 1e-5f;
-    c.rope_theta = theta;
-    c.tied_embeddings = tied;
-    return c;
-}
-
-/* Llama-3.1-8B (llama3 RoPE scaling: factor 8, low 1, high 4, original 8192) and
- * SmolLM2-135M-Instruct, as their HF config.json say. */
+/* The two shapes (bench/bench_shapes.h). */
 static int bench_models(bench_model *out) {
     out[0].name = "llama3-8b";
-    out[0].cfg = llama_config(128256, 4096, 32, 32, 8, 128, 14336, 131072, 500000.0f, 0);
-    out[0].cfg.rope_scaling = QLR_ROPE_SCALING_LLAMA3;
-    out[0].cfg.rope_factor = 8;
-    out[0].cfg.rope_low_freq_factor = 1;
-    out[0].cfg.rope_high_freq_factor = 4;
-    out[0].cfg.rope_orig_ctx = 8192;
     out[1].name = "smollm2-135m";
-    out[1].cfg = llama_config(49152, 576, 30, 9, 3, 64, 1536, 8192, 100000.0f, 1);
+    int known = qlr_bench_shape(out[0].name, &out[0].cfg) + qlr_bench_shape(out[1].name, &out[1].cfg);
+    QLR_ASSERT(known == 2);
     return 2;
 }
 
