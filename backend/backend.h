@@ -48,7 +48,7 @@ typedef struct qlr_lora_ref {
  * read once for all its tokens); a run of at least `run_min` consecutive batch tokens of one slot
  * (a prefill chunk) is left out of the tiles and listed in `runs`, for a dense (tensor-core)
  * path. Tokens of slot -1 are in neither. */
-#define QLR_LORA_TILE 16
+#define QLR_LORA_TILE 8 /* 16 costs the shrink 200 registers */
 typedef struct qlr_lora_segs {
     int32_t n_tiles;         /* host */
     int32_t max_tile;        /* host: most tokens of a tile (0 when n_tiles is 0) */

@@ -9,7 +9,7 @@
  * single-adapter op (two cuBLASLt GEMMs).
  *
  * lora_segmented (the serving path): the forward groups the batch's tokens by slot once
- * (backend.h qlr_lora_segs: tiles of <= 16 tokens of one slot, and runs of >= 64 consecutive
+ * (backend.h qlr_lora_segs: tiles of <= 8 tokens of one slot, and runs of >= 64 consecutive
  * tokens of one slot). A run takes the dense path (cuBLASLt, tensor cores). A tile's A is read
  * once for all its tokens by the segmented shrink (16-byte loads along k, split-k over blocks so
  * that a decode batch fills the GPU; each split writes its own f32 partials, summed in a fixed
@@ -126,10 +126,10 @@ seg_shrink_kernel(float *part, const bf16 *x, const qlr_lora_ref *L, int32_t n_s
     const bf16 *A = (const bf16 *)L[s].a;
     int64_t k0 = (int64_t)blockIdx.y * kc, k1 = k0 + kc < in ? k0 + kc : in;
     int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    const bf16 *xr[TT];
+    int32_t tk[TT];
     bool vec = (in & 7) == 0 && (k0 & 7) == 0 && seg_aligned16(A) && seg_aligned16(x);
 #pragma unroll
-    for (int tt = 0; tt < TT; tt++) xr[tt] = x + (int64_t)tok[p0 + (tt < cnt ? tt : 0)] * in;
+    for (int tt = 0; tt < TT; tt++) tk[tt] = tok[p0 + (tt < cnt ? tt : 0)];
     float *pp = part + ((int64_t)blockIdx.y * n_sorted + p0) * max_r;
     for (int32_t j = warp; j < r; j += SEG_WARPS) {
         float acc[TT];
@@ -150,8 +150,9 @@ seg_shrink_kernel(float *part, const bf16 *x, const qlr_lora_ref *L, int32_t n_s
 #pragma unroll
                     for (int tt = 0; tt < TT; tt++)
                         if (tt < cnt)
-                            acc[tt] = seg_dot8(av[u], __ldg((const uint4 *)xr[tt] + v + 32 * u),
-                                               acc[tt]);
+                            acc[tt] = seg_dot8(
+                                av[u], __ldg((const uint4 *)(x + (int64_t)tk[tt] * in) + v + 32 * u),
+                                acc[tt]);
                 }
             }
         } else { /* odd `in` or A at a 2-byte offset: scalar loads, same arithmetic */
@@ -159,7 +160,7 @@ seg_shrink_kernel(float *part, const bf16 *x, const qlr_lora_ref *L, int32_t n_s
                 float a = __bfloat162float(ar[k]);
 #pragma unroll
                 for (int tt = 0; tt < TT; tt++)
-                    if (tt < cnt) acc[tt] += a * __bfloat162float(xr[tt][k]);
+                    if (tt < cnt) acc[tt] += a * __bfloat162float(x[(int64_t)tk[tt] * in + k]);
             }
         }
 #pragma unroll
@@ -296,7 +297,7 @@ qlr_status qlr_cuda_lora_batched(qlr_backend *be, void *y, const void *x, const 
 
 /* The template instance for tiles of at most `max_tile` tokens. */
 static int seg_tt(int32_t max_tile) {
-    return max_tile <= 1 ? 1 : max_tile <= 2 ? 2 : max_tile <= 4 ? 4 : max_tile <= 8 ? 8 : 16;
+    return max_tile <= 1 ? 1 : max_tile <= 2 ? 2 : max_tile <= 4 ? 4 : 8;
 }
 
 template <int TT>
@@ -330,7 +331,7 @@ qlr_status qlr_cuda_lora_segmented(qlr_backend *be, void *y, const void *x, cons
     QLR_ASSERT(g->n_sorted >= 0 && g->n_sorted <= n && g->max_tile <= QLR_LORA_TILE);
     for (int32_t s = 0; s < n_slots; s++) QLR_ASSERT(L_host[s].r <= max_r);
     int tt = seg_tt(g->max_tile);
-    if ((size_t)tt * (size_t)max_r * sizeof(float) > SEG_SMEM_MAX) /* ranks > 768: per token */
+    if ((size_t)tt * (size_t)max_r * sizeof(float) > SEG_SMEM_MAX) /* ranks > 1536: per token */
         return qlr_cuda_lora_batched(be, y, x, L, L_host, n_slots, slot, max_r, -1, n, in, out);
     qlr_cuda_impl *im = qlr_cuda_im(be);
     cudaStream_t st = im->stream;
@@ -353,8 +354,7 @@ qlr_status qlr_cuda_lora_segmented(qlr_backend *be, void *y, const void *x, cons
         case 1: QLR_TRY(launch_seg<1>(st, n_sm, yb, xb, part, sp, kc, L, n_slots, g, max_r, in, out)); break;
         case 2: QLR_TRY(launch_seg<2>(st, n_sm, yb, xb, part, sp, kc, L, n_slots, g, max_r, in, out)); break;
         case 4: QLR_TRY(launch_seg<4>(st, n_sm, yb, xb, part, sp, kc, L, n_slots, g, max_r, in, out)); break;
-        case 8: QLR_TRY(launch_seg<8>(st, n_sm, yb, xb, part, sp, kc, L, n_slots, g, max_r, in, out)); break;
-        default: QLR_TRY(launch_seg<16>(st, n_sm, yb, xb, part, sp, kc, L, n_slots, g, max_r, in, out)); break;
+        default: QLR_TRY(launch_seg<8>(st, n_sm, yb, xb, part, sp, kc, L, n_slots, g, max_r, in, out)); break;
         }
     }
     /* runs of one slot (prefill chunks): the dense single-adapter GEMMs on their rows */

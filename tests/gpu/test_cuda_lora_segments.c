@@ -64,20 +64,9 @@ static gh_buf upload_segs(qlr_backend *be, const int32_t *slot, int64_t n, int32
 
 static void run_case(const seg_case *c) {
     int64_t n = c->n, in = c->in, out = c->out;
-    int32_t ns = c->n_slots, max_r = 0;
-    for (int32_t s = 0; s < ns; s++) max_r = c->ranks[s] > max_r ? c->ranks[s] : max_r;
-    float **A = malloc((size_t)ns * sizeof *A), **B = malloc((size_t)ns * sizeof *B);
-    float *scale = malloc((size_t)ns * 4);
-    int64_t tot = 0;
-    for (int32_t s = 0; s < ns; s++) {
-        int32_t r = c->ranks[s];
-        A[s] = malloc((size_t)(r * in + 1) * 4);
-        B[s] = malloc((size_t)(out * r + 1) * 4);
-        gh_randn_bf16(A[s], r * in, 1.0f / sqrtf((float)in), &g_rng);
-        gh_randn_bf16(B[s], out * r, r ? 1.0f / sqrtf((float)r) : 0.0f, &g_rng);
-        scale[s] = (s % 3 == 0) ? 2.0f : (s % 3 == 1 ? 0.5f : -1.0f);
-        tot += r * in + out * r + 2;
-    }
+    int32_t ns = c->n_slots;
+    gh_lora_set set;
+    gh_lora_make(&set, ns, c->ranks, in, out, &g_rng);
     float *x = malloc((size_t)(n * in) * 4), *y0 = malloc((size_t)(n * out) * 4);
     gh_randn_bf16(x, n * in, 1.0f, &g_rng);
     gh_randn_bf16(y0, n * out, 1.0f, &g_rng);
@@ -85,49 +74,23 @@ static void run_case(const seg_case *c) {
     make_slots(c, slot);
     float *ref = malloc((size_t)(n * out) * 4), *got = malloc((size_t)(n * out) * 4);
     qlr_lora_ref *Lh = malloc((size_t)ns * sizeof *Lh);
+    gh_buf *bab = malloc((size_t)2 * ns * sizeof *bab), pack;
     qlr_lora_segs g = {0};
     for (int k = 0; k < 2; k++) {
         qlr_backend *be = k ? g_gpu : g_cpu;
         gh_buf bx = gh_act(be, x, n * in), by = gh_act(be, y0, n * out);
-        gh_buf bslot = gh_raw(be, slot, (size_t)n * 4), bseg = {0}, pack = {0};
-        gh_buf *bab = calloc((size_t)2 * ns, sizeof *bab);
-        size_t es = qlr_backend_act_size(be);
-        if (c->packed) {
-            float *h = calloc((size_t)tot, 4);
-            int64_t off = 0, *offs = malloc((size_t)2 * ns * 8);
-            for (int32_t s = 0; s < ns; s++) {
-                int32_t r = c->ranks[s];
-                offs[2 * s] = ++off;
-                memcpy(h + off, A[s], (size_t)(r * in) * 4);
-                off += r * in;
-                offs[2 * s + 1] = ++off;
-                memcpy(h + off, B[s], (size_t)(out * r) * 4);
-                off += out * r;
-            }
-            pack = gh_act(be, h, tot);
-            for (int32_t s = 0; s < ns; s++)
-                Lh[s] = (qlr_lora_ref){(char *)pack.p + offs[2 * s] * es,
-                                       (char *)pack.p + offs[2 * s + 1] * es, c->ranks[s],
-                                       scale[s]};
-            free(h), free(offs);
-        } else {
-            for (int32_t s = 0; s < ns; s++) {
-                int32_t r = c->ranks[s];
-                bab[2 * s] = gh_act(be, A[s], r * in);
-                bab[2 * s + 1] = gh_act(be, B[s], out * r);
-                Lh[s] = (qlr_lora_ref){bab[2 * s].p, bab[2 * s + 1].p, r, scale[s]};
-            }
-        }
+        gh_buf bslot = gh_raw(be, slot, (size_t)n * 4), bseg = {0};
+        gh_lora_upload(be, &set, c->packed, Lh, bab, &pack);
         gh_buf bL = gh_raw(be, Lh, ns * sizeof *Lh);
-        if (k) {
+        if (k) { /* CUDA: the segmented op */
             CHECK_MSG(be->ops.lora_segmented != NULL, "the CUDA backend has no lora_segmented op");
             bseg = upload_segs(be, slot, n, ns, &g, runs);
             if (be->ops.lora_segmented)
-                CHECK_OK(be->ops.lora_segmented(be, by.p, bx.p, bL.p, Lh, ns, bslot.p, max_r, &g,
-                                                n, in, out));
-        } else {
-            CHECK_OK(be->ops.lora_batched(be, by.p, bx.p, bL.p, Lh, ns, bslot.p, max_r, -1, n, in,
-                                          out));
+                CHECK_OK(be->ops.lora_segmented(be, by.p, bx.p, bL.p, Lh, ns, bslot.p, set.max_r,
+                                                &g, n, in, out));
+        } else { /* the reference */
+            CHECK_OK(be->ops.lora_batched(be, by.p, bx.p, bL.p, Lh, ns, bslot.p, set.max_r, -1, n,
+                                          in, out));
         }
         gh_read_act(be, by.p, k ? got : ref, n * out);
         gh_free_checked(be, &by, "lora_segmented y");
@@ -135,83 +98,34 @@ static void run_case(const seg_case *c) {
         gh_free_checked(be, &bslot, "lora_segmented slot");
         gh_free_checked(be, &bL, "lora_segmented table");
         if (bseg.base) gh_free_checked(be, &bseg, "lora_segmented tok/tiles");
-        if (pack.base) gh_free_checked(be, &pack, "lora_segmented packed A/B");
-        for (int32_t i = 0; i < 2 * ns; i++)
-            if (bab[i].base) gh_free_checked(be, &bab[i], "lora_segmented A/B");
-        free(bab);
+        gh_lora_free_dev(be, &set, bab, &pack, "lora_segmented");
     }
-    /* which tokens took the dense run path (cuBLASLt: rounds u to bf16 and the product before
-     * adding y: test_cuda_lora_batched's 2^-7 bound) */
+    /* gh_lora_check's bound (split-k partials are one more f32 summation order, inside it);
+     * tokens of dense runs took cuBLASLt: 2^-7 there */
     char *dense = calloc((size_t)n, 1);
     for (int32_t i = 0; i < g.n_runs; i++)
         for (int32_t t = runs[3 * i + 1]; t < runs[3 * i + 1] + runs[3 * i + 2]; t++) dense[t] = 1;
-    /* Per element (test_cuda_lora_batched's bound, and why): |got - ref| <= 2^-8·(1 + 2^-9)·M +
-     * 2·(in + r + 2)·2^-24·Mf, M = |y0| + |scale|·Σ_j |u_j|·|B_oj|, Mf the same with |u_j| replaced
-     * by Σ_k |x_k·A_jk|: one bf16 rounding of y on each side plus f32 sums in different orders
-     * (the split-k partials are one more order); 2^-7·M on dense-run tokens. */
-    int64_t bad = 0, untouched_bad = 0, first = -1, worst = -1;
-    double wratio = 0, max_abs = 0, max_rel = 0;
-    double *u = malloc((size_t)max_r * 8 + 8), *U = malloc((size_t)max_r * 8 + 8);
-    for (int64_t t = 0; t < n; t++) {
-        int32_t s = slot[t];
-        const float *yg = got + t * out, *yr = ref + t * out, *yo = y0 + t * out;
-        if (s < 0 || c->ranks[s] == 0) {
-            for (int64_t o = 0; o < out; o++) {
-                int b = yg[o] != yo[o] || yr[o] != yo[o];
-                untouched_bad += b;
-                if (b && first < 0) first = t * out + o;
-            }
-            continue;
-        }
-        int32_t r = c->ranks[s];
-        for (int32_t j = 0; j < r; j++) {
-            double a = 0, m = 0;
-            for (int64_t k = 0; k < in; k++) {
-                double p = (double)x[t * in + k] * A[s][j * in + k];
-                a += p;
-                m += fabs(p);
-            }
-            u[j] = a, U[j] = m;
-        }
-        double gamma = 2.0 * (double)(in + r + 2) * 0x1p-24;
-        for (int64_t o = 0; o < out; o++) {
-            double M = fabs(yo[o]), Mf = fabs(yo[o]);
-            for (int32_t j = 0; j < r; j++) {
-                double b = fabs(scale[s]) * fabs(B[s][o * r + j]);
-                M += fabs(u[j]) * b;
-                Mf += U[j] * b;
-            }
-            double tol = (dense[t] ? 0x1p-7 : 0x1p-8) * (1 + 0x1p-9) * M + gamma * Mf;
-            double e = fabs((double)yg[o] - yr[o]);
-            max_abs = e > max_abs ? e : max_abs;
-            double rel = e / (fabs(yr[o]) + 1e-3);
-            max_rel = rel > max_rel ? rel : max_rel;
-            if (!(e <= tol)) {
-                bad++;
-                if (first < 0) first = t * out + o;
-                if (worst < 0 || e / tol > wratio) wratio = e / tol, worst = t * out + o;
-            }
-        }
-    }
+    gh_lora_err e;
+    gh_lora_check(&set, x, y0, slot, n, got, ref, dense, 0, &e);
     char what[200];
     snprintf(what, sizeof what, "%s n=%lld %lld->%lld slots=%d max_r=%d tiles=%d max_tile=%d "
-             "runs=%d%s", c->name, (long long)n, (long long)in, (long long)out, ns, max_r,
+             "runs=%d%s", c->name, (long long)n, (long long)in, (long long)out, ns, set.max_r,
              g.n_tiles, g.max_tile, g.n_runs, c->packed ? " packed" : "");
-    printf("  %-96s max|err| %.3g max rel %.3g %s\n", what, max_abs, max_rel,
-           bad || untouched_bad ? "FAIL" : "ok");
-    CHECK_MSG(bad == 0, "lora_segmented %s: %lld values out of tolerance; first mismatch [%lld] "
-              "(token %lld); worst [%lld] got %.6g ref %.6g (%.3g x tolerance)", what,
-              (long long)bad, (long long)first, (long long)(first >= 0 ? first / out : -1),
-              (long long)worst, worst >= 0 ? got[worst] : 0.0, worst >= 0 ? ref[worst] : 0.0,
-              wratio);
-    CHECK_MSG(untouched_bad == 0, "lora_segmented %s: %lld values of slot -1 rows changed (first "
-              "[%lld])", what, (long long)untouched_bad, (long long)first);
+    printf("  %-96s max|err| %.3g max rel %.3g %s\n", what, e.max_abs, e.max_rel,
+           e.bad || e.untouched_bad ? "FAIL" : "ok");
+    CHECK_MSG(e.bad == 0, "lora_segmented %s: %lld values out of tolerance; first mismatch "
+              "[%lld] (token %lld); worst [%lld] got %.6g ref %.6g (%.3g x tolerance)", what,
+              (long long)e.bad, (long long)e.first, (long long)(e.first >= 0 ? e.first / out : -1),
+              (long long)e.worst, e.worst >= 0 ? got[e.worst] : 0.0,
+              e.worst >= 0 ? ref[e.worst] : 0.0, e.worst_ratio);
+    CHECK_MSG(e.untouched_bad == 0, "lora_segmented %s: %lld values of slot -1 / r = 0 rows "
+              "changed (first [%lld])", what, (long long)e.untouched_bad, (long long)e.first);
     int64_t changed = 0;
     for (int64_t i = 0; i < n * out; i++) changed += ref[i] != y0[i];
     CHECK_MSG(changed > 0, "lora_segmented %s: the reference changed nothing", what);
-    for (int32_t s = 0; s < ns; s++) free(A[s]), free(B[s]);
-    free(A), free(B), free(scale), free(x), free(y0), free(slot), free(runs), free(ref), free(got),
-        free(Lh), free(u), free(U), free(dense);
+    gh_lora_free(&set);
+    free(x), free(y0), free(slot), free(runs), free(ref), free(got), free(Lh), free(bab),
+        free(dense);
 }
 
 /* Times lora_segmented (and lora_batched, the per-token kernels) on 64 tokens of 64 distinct
