@@ -25,6 +25,8 @@
 
 #include "core/core.h"
 
+#define LOADERS 4 /* threads reading file-tier adapters for qlr_registry_prefetch */
+
 struct qlr_adapter {
     char name[QLR_ADAPTER_NAME_MAX];  /* immutable after attach */
     char *path;              /* file-backed: the path given to attach; NULL for in-memory */
@@ -45,6 +47,9 @@ struct qlr_adapter {
     uint64_t last_host;      /* tick of the last acquire / pin / unpin: host LRU */
     qlr_adapter *prev, *next;   /* the registry's list of live adapters, attach order */
     qlr_adapter *grave_next;    /* dead adapters: the graveyard, or a local list to free */
+    int loading;             /* queued for or in the loader thread (qlr_registry_prefetch) */
+    int load_failed;         /* the last prefetch could not read it: pin reports why */
+    qlr_adapter *load_next;  /* the loader's queue */
 };
 
 struct qlr_registry {
@@ -61,6 +66,12 @@ struct qlr_registry {
     uint64_t host_bytes;        /* every host master */
     uint64_t host_file_bytes;   /* host masters of file-backed adapters (the host budget) */
     uint64_t evictions, loads;
+    /* the loader threads of qlr_registry_prefetch: file tier -> host masters, off the engine
+     * thread */
+    pthread_t loader[LOADERS];
+    int loader_started, loader_stop; /* threads started (started on first use) */
+    pthread_cond_t loader_cv;
+    qlr_adapter *load_head, *load_tail;
 };
 
 /* ---- helpers (the caller holds r->mu where it says "_locked") ---- */
@@ -246,6 +257,11 @@ qlr_status qlr_registry_create(qlr_backend *be, const qlr_model_config *cfg,
         free(r);
         return qlr_errorf(QLR_ERR_NOMEM, "adapter registry: cannot create its mutex");
     }
+    if (pthread_cond_init(&r->loader_cv, NULL) != 0) {
+        pthread_mutex_destroy(&r->mu);
+        free(r);
+        return qlr_errorf(QLR_ERR_NOMEM, "adapter registry: cannot create its condition variable");
+    }
     r->be = be;
     r->n_layers = cfg->n_layers;
     qlr_lora_base_from_config(cfg, &r->base);
@@ -259,6 +275,14 @@ qlr_status qlr_registry_create(qlr_backend *be, const qlr_model_config *cfg,
 
 void qlr_registry_free(qlr_registry *r) {
     if (!r) return;
+    if (r->loader_started) { /* it drops its queue's references before it ends */
+        lock(r);
+        r->loader_stop = 1;
+        pthread_cond_broadcast(&r->loader_cv);
+        unlock(r);
+        for (int i = 0; i < r->loader_started; i++) pthread_join(r->loader[i], NULL);
+    }
+    pthread_cond_destroy(&r->loader_cv);
     qlr_registry_collect(r);
     for (qlr_adapter *a = r->head, *n; a; a = n) {
         n = a->next;
@@ -539,6 +563,78 @@ qlr_status qlr_registry_pin(qlr_registry *r, qlr_adapter *a, const qlr_lora_dev 
     }
     unlock(r);
     return st;
+}
+
+/* ---- prefetch: the loader thread ---- */
+
+static void *loader_main(void *arg) {
+    qlr_registry *r = arg;
+    lock(r);
+    for (;;) {
+        while (!r->load_head && !r->loader_stop) pthread_cond_wait(&r->loader_cv, &r->mu);
+        qlr_adapter *a = r->load_head;
+        if (!a) break; /* stopping with an empty queue */
+        r->load_head = a->load_next;
+        if (!r->load_head) r->load_tail = NULL;
+        a->load_next = NULL;
+        qlr_lora *l = NULL;
+        lora_list freed = {0};
+        if (!r->loader_stop && !a->lora && !a->dev && a->attached && a->path) {
+            char *path = strdup(a->path);
+            unlock(r);
+            qlr_status st = path ? qlr_lora_load(path, &r->base, &l) : QLR_ERR_NOMEM;
+            if (st != QLR_OK) {
+                QLR_LOGW("adapter '%s': prefetch from %s failed: %s", a->name, path ? path : "?",
+                         qlr_error_msg());
+                qlr_error_clear();
+            }
+            free(path);
+            lock(r);
+            a->load_failed = st != QLR_OK;
+            if (st == QLR_OK && !a->lora) {
+                r->loads++;
+                a->last_host = ++r->tick;
+                host_add_locked(r, a, l);
+                host_enforce_locked(r, &freed);
+                l = NULL;
+            }
+        }
+        a->loading = 0;
+        unlock(r);
+        qlr_lora_free(l); /* a pin loaded it meanwhile */
+        lora_list_free(&freed);
+        qlr_registry_release(r, a); /* the queue's reference */
+        lock(r);
+    }
+    unlock(r);
+    return NULL;
+}
+
+int qlr_registry_prefetch(qlr_registry *r, qlr_adapter *a) {
+    lock(r);
+    QLR_ASSERT(a->refs > 0); /* prefetch an adapter you hold */
+    int ready = a->lora || a->dev || !a->path;
+    if (!ready && a->load_failed && !a->loading) {
+        a->load_failed = 0; /* pin reads it and reports why; a later prefetch tries again */
+        ready = 1;
+    }
+    if (!ready && !a->loading && !r->loader_stop) {
+        while (r->loader_started < LOADERS &&
+               pthread_create(&r->loader[r->loader_started], NULL, loader_main, r) == 0)
+            r->loader_started++;
+        if (!r->loader_started) {
+            unlock(r);
+            return 1; /* no thread: pin loads it on the caller's thread, as before */
+        }
+        a->loading = 1;
+        a->refs++;
+        if (r->load_tail) r->load_tail->load_next = a;
+        else r->load_head = a;
+        r->load_tail = a;
+        pthread_cond_signal(&r->loader_cv);
+    }
+    unlock(r);
+    return ready;
 }
 
 void qlr_registry_unpin(qlr_registry *r, qlr_adapter *a) {

@@ -76,6 +76,11 @@ void qlr_registry_release(qlr_registry *r, qlr_adapter *a);
  * too small even after evicting every unpinned copy. */
 qlr_status qlr_registry_pin(qlr_registry *r, qlr_adapter *a, const qlr_lora_dev **dev);
 void qlr_registry_unpin(qlr_registry *r, qlr_adapter *a);
+/* Any thread: 1 when a pin of `a` needs no file read (its host or device copy is there, or a
+ * background read of it failed: the pin then reads it and reports why); else 0 after queueing
+ * the read of its file on the registry's loader thread (once; the queue holds a reference), so
+ * that the engine thread never stalls on a file-tier adapter's disk read. Poll it until 1. */
+int qlr_registry_prefetch(qlr_registry *r, qlr_adapter *a);
 /* Engine thread: frees the device copies of adapters detached and released since. */
 void qlr_registry_collect(qlr_registry *r);
 

@@ -149,3 +149,53 @@ qlr_status qlr_backend_download_act(qlr_backend *be, float *dst, const void *src
     free(tmp);
     return st;
 }
+
+/* ---- segment lists of lora_segmented ---- */
+
+void qlr_lora_segs_build(const int32_t *slot, int32_t n, int32_t n_slots, int32_t run_min,
+                         int32_t *tok, int32_t *tiles, int32_t *runs, int32_t *mark,
+                         qlr_lora_segs *out) {
+    memset(out, 0, sizeof *out);
+    /* mark[i]: 1 = goes to a tile, 0 = slot -1 or in a run, 2 = placed */
+    int32_t nt = 0, nr = 0, pos = 0, mt = 0;
+    /* runs of >= run_min consecutive tokens of one slot go to `runs` */
+    for (int32_t i = 0; i < n;) {
+        int32_t s = slot[i] >= 0 && slot[i] < n_slots ? slot[i] : -1, j = i + 1;
+        while (j < n && slot[j] == slot[i]) j++;
+        int run = s >= 0 && run_min > 0 && j - i >= run_min;
+        if (run) {
+            runs[3 * nr] = s, runs[3 * nr + 1] = i, runs[3 * nr + 2] = j - i;
+            nr++;
+        }
+        for (int32_t k = i; k < j; k++) mark[k] = s >= 0 && !run;
+        i = j;
+    }
+    /* tiles, one slot at a time in order of first use: one scan of the batch per distinct slot
+     * (batches are a few thousand tokens at most, so no per-slot scratch is needed) */
+    for (int32_t i = 0; i < n; i++) {
+        if (mark[i] != 1) continue;
+        int32_t s = slot[i], start = pos, cnt = 0;
+        for (int32_t k = i; k < n; k++) {
+            if (mark[k] != 1 || slot[k] != s) continue;
+            mark[k] = 2;
+            if (cnt == QLR_LORA_TILE) {
+                tiles[3 * nt] = s, tiles[3 * nt + 1] = start, tiles[3 * nt + 2] = cnt;
+                nt++;
+                start += cnt;
+                cnt = 0;
+            }
+            tok[pos++] = k;
+            cnt++;
+        }
+        tiles[3 * nt] = s, tiles[3 * nt + 1] = start, tiles[3 * nt + 2] = cnt;
+        nt++;
+    }
+    for (int32_t t = 0; t < nt; t++) mt = tiles[3 * t + 2] > mt ? tiles[3 * t + 2] : mt;
+    out->n_tiles = nt;
+    out->max_tile = mt;
+    out->n_sorted = pos;
+    out->tiles = tiles;
+    out->tok = tok;
+    out->n_runs = nr;
+    out->runs = runs;
+}

@@ -42,6 +42,32 @@ typedef struct qlr_lora_ref {
     float scale;     /* alpha / r (or alpha / sqrt(r) for rsLoRA), times a user scale */
 } qlr_lora_ref;
 
+/* A batch's tokens grouped by adapter slot (lora_segmented), built once per forward on the host by
+ * qlr_lora_segs_build and uploaded once, then reused by every LoRA call of that forward.
+ * Tokens of one slot are cut into tiles of at most QLR_LORA_TILE tokens (a tile's A and B are
+ * read once for all its tokens); a run of at least `run_min` consecutive batch tokens of one slot
+ * (a prefill chunk) is left out of the tiles and listed in `runs`, for a dense (tensor-core)
+ * path. Tokens of slot -1 are in neither. */
+#define QLR_LORA_TILE 8 /* 16 costs the shrink 200 registers */
+typedef struct qlr_lora_segs {
+    int32_t n_tiles;         /* host */
+    int32_t max_tile;        /* host: most tokens of a tile (0 when n_tiles is 0) */
+    int32_t n_sorted;        /* host: tokens in tiles */
+    const int32_t *tiles;    /* [n_tiles, 3] device: slot, first index into tok, token count */
+    const int32_t *tok;      /* [n_sorted] device: batch token indices, tile after tile */
+    int32_t n_runs;          /* host */
+    const int32_t *runs;     /* [n_runs, 3] HOST: slot, first batch token, token count */
+} qlr_lora_segs;
+
+/* Fills the host arrays of a segment list from slot [n] (host, each in -1..n_slots-1; others
+ * count as -1): tok [n], tiles [3 n] (slots in order of first use, tokens ascending in each),
+ * runs [3 n], mark [n] scratch; run_min <= 0 disables runs. out's counts are set and its pointers are the host arrays
+ * (the caller uploads tok and tiles and points out->tok / out->tiles at the device copies).
+ * Never fails. */
+void qlr_lora_segs_build(const int32_t *slot, int32_t n, int32_t n_slots, int32_t run_min,
+                         int32_t *tok, int32_t *tiles, int32_t *runs, int32_t *mark,
+                         qlr_lora_segs *out);
+
 /* AdamW hyperparameters of one update (the optimizer's host-side description; optim/optim.h
  * documents the math of each kind). */
 typedef struct qlr_adamw_hparams {
@@ -335,6 +361,17 @@ typedef struct qlr_backend_ops {
     /* QLR_OK when everything queued on the stream has finished, QLR_ERR_BUSY while it runs, a
      * device status when the communicator failed. Never blocks. */
     qlr_status (*comm_poll)(qlr_backend *be, void *comm);
+
+    /* ---- segmented multi-adapter LoRA (serving; appended) ---- */
+
+    /* lora_batched (same arguments, same result within the op's tolerance) with the batch's
+     * tokens grouped by slot in `segs` (device tiles and host runs, built from this `slot`):
+     * a tile's A and B are read once for all its tokens, a run may take a dense path. NULL on the
+     * CPU (the caller uses lora_batched). */
+    qlr_status (*lora_segmented)(qlr_backend *be, void *y, const void *x, const qlr_lora_ref *L,
+                                 const qlr_lora_ref *L_host, int32_t n_slots, const int32_t *slot,
+                                 int32_t max_r, const qlr_lora_segs *segs, int64_t n, int64_t in,
+                                 int64_t out);
 } qlr_backend_ops;
 
 /* Device memory and synchronisation. */

@@ -223,7 +223,7 @@ static qlr_status prefill_attention_op(bctx *b, int64_t n, const int32_t *ids, c
     int32_t last = (int32_t)n - 1;
     QLR_TRY(upload_tokens(b, n, ids, seq, pos));
     QLR_TRY(b->be->mem.h2d(b->be, b->d_rows, &last, 4));
-    qlr_batch_dev db = {(int32_t)n, b->d_ids, b->d_pos, b->d_seq, 1, b->d_rows, NULL, NULL, -1, 0};
+    qlr_batch_dev db = {(int32_t)n, b->d_ids, b->d_pos, b->d_seq, 1, b->d_rows, NULL, NULL, -1, 0, NULL};
     float *logits = NULL;
     QLR_TRY(qlr_model_forward_dev(b->f, b->kv, &db, &logits));
     return sample_greedy(b, logits, 1, out);
@@ -235,7 +235,7 @@ static qlr_status prefill_attention_op(bctx *b, int64_t n, const int32_t *ids, c
 static qlr_status capture_step(bctx *b, int32_t B, cudaGraphExec_t *exec, float **logits) {
     cudaStream_t cs = (cudaStream_t)qlr_cuda_stream(b->be);
     cudaGraph_t g;
-    qlr_batch_dev db = {B, b->d_ids, b->d_pos, b->d_seq, B, NULL, NULL, NULL, -1, 0};
+    qlr_batch_dev db = {B, b->d_ids, b->d_pos, b->d_seq, B, NULL, NULL, NULL, -1, 0, NULL};
     if (cudaStreamBeginCapture(cs, cudaStreamCaptureModeRelaxed) != cudaSuccess)
         return qlr_errorf(QLR_ERR_DEVICE, "bench: cudaStreamBeginCapture failed");
     qlr_status s = qlr_model_forward_dev(b->f, b->kv, &db, logits);

@@ -1,4 +1,5 @@
-/* cli/cmd_bench.c: `qlora bench decode`: the decode/prefill benchmark of bench/decode_bench.h
+/* cli/cmd_bench.c: `qlora bench serve`: bench/serve_bench.h (the serving engine with many
+ * adapters); `qlora bench decode`: the decode/prefill benchmark of bench/decode_bench.h
  * (model/'s forward on Llama-3.1-8B and SmolLM2-135M shapes with random NF4 weights, no
  * download), reported as fractions of the GPU's own measured copy bandwidth and bf16 GEMM rate;
  * `qlora bench train`: bench/train_bench.h (a real training run of a recipe, by default the
@@ -6,6 +7,7 @@
  * synthetic steps at a model's real dimensions (tokens/s, MFU, memory against the plan, the
  * longest sequence within a budget). JSON on stdout. */
 #include "bench/decode_bench.h"
+#include "bench/serve_bench.h"
 #include "bench/train_bench.h"
 #include "cli/cli.h"
 #include "core/core.h"
@@ -14,6 +16,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+static void serve_help(void);
 
 static void help(void) {
     printf("usage: qlora bench train [RECIPE] [options]\n\n"
@@ -69,6 +73,7 @@ static void help(void) {
            "  linear_fraction_of_gemm_rate           prefill linear FLOP rate / measured GEMM rate\n"
            "Needs a build with CUDA and an NVIDIA GPU. --quick does fewer repetitions. --device cpu\n"
            "runs only the backend-generic parts (a smoke run of the code, not a measurement).\n");
+    serve_help();
 }
 
 /* "2048:1,2048:2" into o->runs. 0 on success, else a usage error's status. */
@@ -242,14 +247,83 @@ out:
     return rc;
 }
 
+static void serve_help(void) {
+    printf("\nusage: qlora bench serve [--shape llama3.1-8b|smollm2-135m] [options]\n\n"
+           "Runs the serving engine (no HTTP) on a random NF4 base with random LoRA adapters on all\n"
+           "7 linears and prints one JSON object: decode tokens/s of --streams concurrent streams on\n"
+           "the base only, over 8 adapters, over one distinct adapter per stream, over distinct\n"
+           "adapters of ranks 8/16/64 (each with its ratio to the base); the attach of an adapter\n"
+           "from its file while the streams run (ms to its first token, the longest stall of a\n"
+           "running stream); --registered file-tier adapters over --files files, a random one per\n"
+           "request (tokens/s, time to first token p50/p99).\n\n"
+           "  --shape S            llama3.1-8b (default) or smollm2-135m\n"
+           "  --device D           cuda (default) or cpu\n"
+           "  --layers N           fewer layers than the shape's (smoke runs)\n"
+           "  --streams N          concurrent streams (default 64)\n"
+           "  --tokens N           tokens generated per stream (default 128)\n"
+           "  --prompt N           prompt tokens per stream (default 64)\n"
+           "  --rank N             adapter rank (default 16)\n"
+           "  --registered N       adapters of the many-adapter scenario (default 2000)\n"
+           "  --files N            adapter files behind them (default 32)\n"
+           "  --requests N         requests of the many-adapter scenario (default 256)\n"
+           "  --device-budget GIB  device memory for adapter copies (default 24)\n"
+           "  --host-budget GIB    host memory for file-tier adapters (default 16)\n"
+           "  --scenarios LIST     base,a8,distinct,mixed,attach,many or all (default)\n"
+           "  --tmp DIR            where the adapter files go (default $TMPDIR or /tmp)\n"
+           "  --out FILE           write the JSON into FILE (default: stdout)\n");
+}
+
+/* qlora bench serve [options] (argv[0] = "serve") */
+static int bench_serve(int argc, char **argv) {
+    qlr_bench_serve_opts o = qlr_bench_serve_default_opts();
+    const char *out = NULL;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (i + 1 >= argc) return qlr_cli_usage_error("bench", "%s needs a value", a);
+        const char *v = argv[++i];
+        char *end;
+        long n = strtol(v, &end, 10);
+        int is_num = *v && !*end && n > 0 && n <= (1 << 20);
+        double g = strtod(v, &end);
+        int is_gib = *v && !*end && g > 0 && g < 1e6;
+        if (!strcmp(a, "--shape")) o.shape = v;
+        else if (!strcmp(a, "--device")) o.device = v;
+        else if (!strcmp(a, "--scenarios")) o.scenarios = v;
+        else if (!strcmp(a, "--tmp")) o.tmp_dir = v;
+        else if (!strcmp(a, "--out")) out = v;
+        else if (!strcmp(a, "--device-budget") || !strcmp(a, "--host-budget")) {
+            if (!is_gib) return qlr_cli_usage_error("bench", "%s: expected GiB > 0, got '%s'", a, v);
+            *(a[2] == 'd' ? &o.device_budget_gib : &o.host_budget_gib) = g;
+        } else if (!is_num) return qlr_cli_usage_error("bench", "%s: expected a positive integer, got '%s'", a, v);
+        else if (!strcmp(a, "--layers")) o.layers = (int)n;
+        else if (!strcmp(a, "--streams")) o.streams = (int)n;
+        else if (!strcmp(a, "--tokens")) o.tokens = (int)n;
+        else if (!strcmp(a, "--prompt")) o.prompt = (int)n;
+        else if (!strcmp(a, "--rank")) o.rank = (int)n;
+        else if (!strcmp(a, "--registered")) o.registered = (int)n;
+        else if (!strcmp(a, "--files")) o.files = (int)n;
+        else if (!strcmp(a, "--requests")) o.requests = (int)n;
+        else return qlr_cli_usage_error("bench", "unknown option '%s'", a);
+    }
+    FILE *f = stdout;
+    if (out && !(f = fopen(out, "w"))) {
+        qlr_errorf(QLR_ERR_IO, "%s: cannot open for writing", out);
+        return qlr_cli_fail("bench");
+    }
+    qlr_status st = qlr_bench_serve(&o, f);
+    if (f != stdout) fclose(f);
+    return st == QLR_OK ? 0 : qlr_cli_fail("bench");
+}
+
 static int cmd_bench(int argc, char **argv) {
     if (qlr_cli_wants_help(argc, argv) || argc < 2) {
         help();
         return argc < 2 ? 2 : 0;
     }
     if (!strcmp(argv[1], "train")) return bench_train(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "serve")) return bench_serve(argc - 1, argv + 1);
     if (strcmp(argv[1], "decode") != 0)
-        return qlr_cli_usage_error("bench", "unknown benchmark '%s' (known: train, decode)", argv[1]);
+        return qlr_cli_usage_error("bench", "unknown benchmark '%s' (known: train, decode, serve)", argv[1]);
     qlr_bench_decode_opts o = qlr_bench_decode_default_opts();
     const char *out = NULL;
     for (int i = 2; i < argc; i++) {
@@ -282,4 +356,4 @@ static int cmd_bench(int argc, char **argv) {
     return st == QLR_OK ? 0 : qlr_cli_fail("bench");
 }
 
-const qlr_cli_cmd qlr_cmd_bench = {"bench", "performance figures as JSON (qlora bench train | decode)", cmd_bench};
+const qlr_cli_cmd qlr_cmd_bench = {"bench", "performance figures as JSON (qlora bench train | decode | serve)", cmd_bench};

@@ -28,7 +28,8 @@
 #include "infer/engine_internal.h"
 
 #define IDLE_ADAPTERS_MAX 8   /* adapters kept referenced after their last request (prefix keys) */
-#define IDLE_CHECK_S 1.0      /* how often idle adapters are checked against the registry */
+#define IDLE_CHECK_S 1.0
+#define PREFETCH_AHEAD 16     /* queued requests whose file-tier adapters are read ahead */      /* how often idle adapters are checked against the registry */
 #define RATE_WINDOW_S 5.0     /* tokens_per_s window */
 #define RATE_SAMPLES 64
 #define KEY_BASE 0x71723a62617365ull /* prefix key seed of the base model */
@@ -459,6 +460,9 @@ static void add_tokens(qlr_engine *e, rq *r, int32_t c, int32_t *n, int32_t *nse
  * (prefix hits included). 1 started, 0 it must wait (nothing changed but a pin it keeps), -1 it
  * ended with an error (try the next one). */
 static int admit(qlr_engine *e, rq *r) {
+    /* a file-tier adapter is read on the registry's loader threads, never on this one: the
+     * running streams go on decoding meanwhile */
+    if (r->adapter && !r->dev && !qlr_registry_prefetch(e->reg, r->adapter)) return 0;
     if (r->adapter && !r->dev) {
         const qlr_lora_dev *dev = NULL;
         qlr_status st = qlr_registry_pin(e->reg, r->adapter, &dev);
@@ -545,8 +549,9 @@ static void take_token(qlr_engine *e, rq *r, int32_t id, uint64_t *n_generated) 
     finish(e, r, length ? QLR_FINISH_LENGTH : QLR_FINISH_STOP, NULL);
 }
 
-/* One step: builds the batch, runs the forward and the sampler, hands out the tokens. */
-static void step(qlr_engine *e) {
+/* One step: builds the batch, runs the forward and the sampler, hands out the tokens. Returns
+ * the tokens of the step (0: nothing could run). */
+static int32_t step(qlr_engine *e) {
     int32_t budget = e->p.max_batch_tokens, n = 0, nseq = 0, nl = 0;
     int32_t n_run = e->n_run; /* only this thread changes the running list */
     for (int32_t i = 0; i < n_run; i++) { /* decodes first */
@@ -564,6 +569,13 @@ static void step(qlr_engine *e) {
         add_tokens(e, r, c, &n, &nseq, &nl);
         budget -= c;
     }
+    if (e->reg) { /* the next queued requests' adapters are read while this step runs */
+        pthread_mutex_lock(&e->mu);
+        int k = 0;
+        for (rq *q = e->q_head; q && k < PREFETCH_AHEAD; q = q->next, k++)
+            if (q->adapter && !q->dev && !q->cancelled) qlr_registry_prefetch(e->reg, q->adapter);
+        pthread_mutex_unlock(&e->mu);
+    }
     while (budget > 0 && e->n_run < e->p.max_running) { /* new requests */
         pthread_mutex_lock(&e->mu);
         rq *r = e->q_head && !e->q_head->cancelled ? e->q_head : NULL;
@@ -576,7 +588,7 @@ static void step(qlr_engine *e) {
         add_tokens(e, r, c, &n, &nseq, &nl);
         budget -= c;
     }
-    if (n == 0) return;
+    if (n == 0) return 0;
 
     /* block tables: one row per request of the step */
     int32_t width = 1;
@@ -628,7 +640,7 @@ static void step(qlr_engine *e) {
         snprintf(msg, sizeof msg, "%s", qlr_error_msg());
         QLR_LOGW("engine: a step of %d tokens failed: %s", n, msg);
         for (int32_t s = 0; s < nseq; s++) finish(e, e->b_req[s], QLR_FINISH_ERROR, msg);
-        return;
+        return n;
     }
     for (int32_t s = 0; s < nseq; s++) {
         rq *r = e->b_req[s];
@@ -651,6 +663,7 @@ static void step(qlr_engine *e) {
     if (e->rate_n < RATE_SAMPLES) e->rate_n++;
     publish_kv(e);
     pthread_mutex_unlock(&e->mu);
+    return n;
 }
 
 static void *engine_main(void *arg) {
@@ -674,7 +687,10 @@ static void *engine_main(void *arg) {
         pthread_mutex_unlock(&e->mu);
         if (collect_cancelled(e)) break;
         ad_check_idle(e);
-        step(e);
+        if (step(e) == 0) { /* the queue's head waits for its adapter's file: not a busy wait */
+            struct timespec ts = {0, 500000};
+            nanosleep(&ts, NULL);
+        }
     }
     return NULL;
 }

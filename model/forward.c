@@ -79,12 +79,16 @@ struct qlr_forward {
     void *buf[B_COUNT];
     qlr_hidden_fn hidden_fn;
     void *hidden_ud;
-    int32_t *slot_host; /* [max_tokens] */
+    int32_t *slot_host; /* [5 max_tokens]: slot [n], then lora_segmented's tok [n] and tiles
+                           [3 n], uploaded together into B_SLOT */
+    int32_t *seg_scratch; /* [4 max_tokens]: the segments' runs [3 n] (host) and scratch [n] */
+    qlr_lora_segs seg_store; /* the segments set_adapters built for the current call */
     int32_t *kvslot_host; /* [max_tokens] paged cache: each token's pool row */
     /* adapters of the current call */
     const qlr_adapter_set *set;
     int32_t uniform;    /* the slot every token uses, or -1 when they differ */
     const int32_t *slot_dev; /* [n] device: each token's slot */
+    const qlr_lora_segs *segs; /* the call's tokens grouped by slot, or NULL */
     /* debug hooks (qlr_forward_set_skip / _set_fused): the op table the forward calls when
      * `debug` is set, a copy of the backend's with the skipped kinds' entries made no-ops */
     uint32_t skip;
@@ -110,7 +114,7 @@ static void plan(const qlr_model_config *c, qlr_backend *be, int32_t T, int32_t 
     sz[B_LOGITS] = (uint64_t)L * c->n_vocab * 4;
     sz[B_IDS] = sz[B_POS] = sz[B_SEQ] = (uint64_t)T * 4;
     sz[B_ROWS] = (uint64_t)L * 4;
-    sz[B_SLOT] = (uint64_t)T * 4;
+    sz[B_SLOT] = (uint64_t)T * 4 * 5; /* slot [T], segment tok [T] and tiles [3 T] */
     sz[B_KVSLOT] = (uint64_t)T * 4;
     for (int i = 0; i < B_COUNT; i++) sz[i] = (sz[i] + 255) & ~255ull;
 }
@@ -137,9 +141,10 @@ qlr_status qlr_forward_create(qlr_model *m, int32_t max_tokens, int32_t max_logi
     plan(&m->cfg, m->be, max_tokens, max_logits, sz);
     f->bytes = qlr_forward_plan_bytes(&m->cfg, m->be, max_tokens, max_logits);
     f->block = m->be->mem.alloc(m->be, (size_t)f->bytes);
-    f->slot_host = malloc((size_t)max_tokens * 4);
+    f->slot_host = malloc((size_t)max_tokens * 4 * 5);
+    f->seg_scratch = malloc((size_t)max_tokens * 4 * 4);
     f->kvslot_host = malloc((size_t)max_tokens * 4);
-    if (!f->block || !f->slot_host || !f->kvslot_host) {
+    if (!f->block || !f->slot_host || !f->seg_scratch || !f->kvslot_host) {
         qlr_status st = f->block ? qlr_errorf(QLR_ERR_NOMEM, "forward") : qlr_error_status();
         qlr_error_prefix("forward workspace of %.1f MiB", (double)f->bytes / (1 << 20));
         qlr_forward_free(f);
@@ -158,6 +163,7 @@ void qlr_forward_free(qlr_forward *f) {
     if (!f) return;
     if (f->block) f->m->be->mem.free(f->m->be, f->block);
     free(f->slot_host);
+    free(f->seg_scratch);
     free(f->kvslot_host);
     free(f);
 }
@@ -292,6 +298,9 @@ static qlr_status lora(qlr_forward *f, int32_t l, qlr_linear_id id, void *y, con
     if (!be->ops.lora_batched)
         return qlr_errorf(QLR_ERR_UNSUPPORTED, "the %s backend has no lora_batched op: it cannot "
                           "apply adapters at inference", be->name);
+    if (f->uniform < 0 && f->segs && be->ops.lora_segmented)
+        return be->ops.lora_segmented(be, y, x, s->dev + row, s->host + row, s->n_slots,
+                                      f->slot_dev, s->max_r, f->segs, n, w->cols, w->rows);
     return be->ops.lora_batched(be, y, x, s->dev + row, s->host + row, s->n_slots,
                                 f->slot_dev, s->max_r, f->uniform, n, w->cols, w->rows);
 }
@@ -310,6 +319,10 @@ static qlr_status linear(qlr_forward *f, int32_t l, qlr_linear_id id, void *y, c
     return lora(f, l, id, y, x, n);
 }
 
+/* Consecutive tokens of one slot from which lora_segmented may take a dense (tensor-core) path:
+ * a prefill chunk. */
+#define LORA_RUN_MIN 64
+
 /* Uploads the batch's adapter slots (when it has a set) and notes in d whether they are
  * uniform. */
 static qlr_status set_adapters(qlr_forward *f, const qlr_batch *b, qlr_batch_dev *d) {
@@ -317,6 +330,7 @@ static qlr_status set_adapters(qlr_forward *f, const qlr_batch *b, qlr_batch_dev
     d->adapters = NULL;
     d->adapter_slot = NULL;
     d->uniform = -1;
+    d->segs = NULL;
     if (!s) return QLR_OK;
     int32_t u = b->adapter_slot ? b->adapter_slot[0] : 0;
     for (int32_t i = 0; i < b->n; i++) {
@@ -332,7 +346,21 @@ static qlr_status set_adapters(qlr_forward *f, const qlr_batch *b, qlr_batch_dev
     d->adapters = s;
     d->adapter_slot = f->buf[B_SLOT];
     d->uniform = u;
-    return f->m->be->mem.h2d(f->m->be, f->buf[B_SLOT], f->slot_host, (size_t)b->n * 4);
+    size_t words = (size_t)b->n;
+    if (u < 0 && f->m->be->ops.lora_segmented) {
+        /* the tokens grouped by slot, built once here for every LoRA call of this forward and
+         * uploaded with the slots in one copy: slot [n] | tok [n] | tiles [3 n_tiles] */
+        int32_t n = b->n, *tok = f->slot_host + n, *tiles = f->slot_host + 2 * (size_t)n;
+        qlr_lora_segs_build(f->slot_host, n, s->n_slots, LORA_RUN_MIN, tok, tiles,
+                            f->seg_scratch, f->seg_scratch + 3 * (size_t)n, &f->seg_store);
+        for (int32_t p = f->seg_store.n_sorted; p < n; p++) tok[p] = 0;
+        int32_t *dev = f->buf[B_SLOT];
+        f->seg_store.tok = dev + n;
+        f->seg_store.tiles = dev + 2 * (size_t)n;
+        d->segs = &f->seg_store;
+        words = 2 * (size_t)n + 3 * (size_t)f->seg_store.n_tiles;
+    }
+    return f->m->be->mem.h2d(f->m->be, f->buf[B_SLOT], f->slot_host, words * 4);
 }
 
 /* What the host knows of a device batch (sizes, the cache's and the set's model). */
@@ -371,6 +399,7 @@ static qlr_status forward_dev(qlr_forward *f, qlr_kv_cache *kv, const paged_view
     f->set = b->adapters;
     f->uniform = b->adapters ? b->uniform : -1;
     f->slot_dev = b->adapter_slot;
+    f->segs = b->adapters ? b->segs : NULL;
 
     QLR_TRY(be->ops.embedding(be, x, m->tok_embd, ids, n, d, c->n_vocab));
     if (f->hidden_fn) f->hidden_fn(f->hidden_ud, -1, x, n, d);
@@ -498,7 +527,7 @@ static qlr_status forward_host(qlr_forward *f, qlr_kv_cache *kv, qlr_kv_paged *k
     QLR_TRY(check_batch(f, kv, kvp, b, bt));
     size_t bytes = (size_t)b->n * 4;
     qlr_batch_dev d = {b->n, f->buf[B_IDS], f->buf[B_POS], f->buf[B_SEQ], b->n_logits, NULL,
-                       NULL, NULL, -1, fresh_prefill(b)};
+                       NULL, NULL, -1, fresh_prefill(b), NULL};
     QLR_TRY(be->mem.h2d(be, f->buf[B_IDS], b->tokens, bytes));
     QLR_TRY(be->mem.h2d(be, f->buf[B_POS], b->pos, bytes));
     QLR_TRY(be->mem.h2d(be, f->buf[B_SEQ], b->seq, bytes));

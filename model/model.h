@@ -329,6 +329,9 @@ typedef struct qlr_batch_dev {
     int32_t fresh;               /* host: 1 = the batch is one sequence at positions 0..n-1 (a
                                     fresh prefill: attention may run over the batch's own k/v
                                     through attention_fresh); 0 is always correct */
+    const qlr_lora_segs *segs;   /* host struct, device tiles: adapter_slot grouped by slot for
+                                    the lora_segmented op (qlr_lora_segs_build); NULL = none
+                                    (lora_batched) */
 } qlr_batch_dev;
 
 /* The forward of qlr_model_forward on a device batch: only ops on the backend's stream, no

@@ -382,6 +382,7 @@ extern "C" qlr_status qlr_backend_cuda_create(int n_threads, qlr_backend **out) 
     o->nf4_linear = qlr_cuda_nf4_linear;
     o->lora = qlr_cuda_lora;
     o->lora_batched = qlr_cuda_lora_batched;
+    o->lora_segmented = qlr_cuda_lora_segmented;
     o->lm_head = qlr_cuda_lm_head;
     o->sample = qlr_cuda_sample;
     o->rmsnorm_bwd = qlr_cuda_rmsnorm_bwd;

@@ -183,6 +183,10 @@ qlr_status qlr_cuda_lora_batched(qlr_backend *be, void *y, const void *x, const 
                                  const qlr_lora_ref *L_host, int32_t n_slots, const int32_t *slot,
                                  int32_t max_r, int32_t uniform, int64_t n, int64_t in,
                                  int64_t out);
+qlr_status qlr_cuda_lora_segmented(qlr_backend *be, void *y, const void *x, const qlr_lora_ref *L,
+                                   const qlr_lora_ref *L_host, int32_t n_slots,
+                                   const int32_t *slot, int32_t max_r, const qlr_lora_segs *g,
+                                   int64_t n, int64_t in, int64_t out);
 /* Fused ops (the optional entries at the end of the op table). */
 qlr_status qlr_cuda_nf4_linear_multi(qlr_backend *be, int k, void *const *y, const void *x,
                                      const qlr_nf4 *const *w, const float *const *bias, int64_t n);

@@ -374,6 +374,68 @@ static void pin_unpin(qlr_registry *r, const char *name) {
     qlr_registry_release(r, a);
 }
 
+/* qlr_registry_prefetch: a file-tier adapter is read on the loader threads (0 until then), the
+ * pin after it reads no file; in-memory and host-resident adapters are ready at once; a file that
+ * vanished makes prefetch say "ready" so that the pin reports the error; a registry freed while
+ * reads are queued drops their references (no leak, no assert). */
+static void test_prefetch(void) {
+    qlr_lora *l = make_adapter(&g_base, 4, QLR_LORA_TARGETS_ALL, 41);
+    const char *path = save_gguf(l, "prefetch.gguf");
+    qlr_registry *r = new_registry(0, 0);
+    CHECK_OK(qlr_registry_attach_file(r, "pf", path, 1));
+    CHECK_OK(qlr_registry_attach(r, "mem", make_adapter(&g_base, 4, QLR_LORA_TARGETS_ALL, 42)));
+    qlr_adapter *a = NULL, *m = NULL;
+    CHECK_OK(qlr_registry_acquire(r, "pf", &a));
+    CHECK_OK(qlr_registry_acquire(r, "mem", &m));
+    CHECK_EQ_INT(qlr_registry_prefetch(r, m), 1);
+    qlr_registry_stats s0, s;
+    qlr_registry_get_stats(r, &s0);
+    int polls = 0;
+    while (!qlr_registry_prefetch(r, a) && polls < 20000) {
+        usleep(500);
+        polls++;
+    }
+    CHECK_MSG(polls < 20000, "prefetch never finished");
+    CHECK_EQ_INT(residency(r, "pf"), QLR_RESIDENCY_HOST);
+    qlr_registry_get_stats(r, &s);
+    CHECK_EQ_INT(s.loads, s0.loads + 1);
+    const qlr_lora_dev *d = NULL;
+    CHECK_OK(qlr_registry_pin(r, a, &d));
+    CHECK(d && same_values(l, d));
+    qlr_registry_get_stats(r, &s);
+    CHECK_EQ_INT(s.loads, s0.loads + 1); /* the pin read no file */
+    qlr_registry_unpin(r, a);
+    qlr_registry_release(r, a);
+    qlr_registry_release(r, m);
+    /* a vanished file: prefetch ends "ready" and the pin names the file */
+    qlr_lora *l2 = make_adapter(&g_base, 4, 0x7f, 43);
+    const char *gone = save_gguf(l2, "prefetch_gone.gguf");
+    qlr_lora_free(l2);
+    CHECK_OK(qlr_registry_attach_file(r, "pgone", gone, 1));
+    CHECK(unlink(gone) == 0);
+    CHECK_OK(qlr_registry_acquire(r, "pgone", &a));
+    polls = 0;
+    while (!qlr_registry_prefetch(r, a) && polls < 20000) {
+        usleep(500);
+        polls++;
+    }
+    CHECK_MSG(polls < 20000, "prefetch of a vanished file never ended");
+    CHECK(qlr_registry_pin(r, a, &d) != QLR_OK && d == NULL);
+    CHECK_MSG(msg_has("prefetch_gone.gguf"), "%s", qlr_error_msg());
+    qlr_registry_release(r, a);
+    /* freed with reads queued: the queue's references are dropped first */
+    for (int i = 0; i < 8; i++) {
+        char nm[16];
+        snprintf(nm, sizeof nm, "q%d", i);
+        CHECK_OK(qlr_registry_attach_file(r, nm, path, 1));
+        CHECK_OK(qlr_registry_acquire(r, nm, &a));
+        CHECK_EQ_INT(qlr_registry_prefetch(r, a), 0);
+        qlr_registry_release(r, a);
+    }
+    qlr_registry_free(r);
+    qlr_lora_free(l);
+}
+
 static void test_device_budget(void) {
     qlr_lora *probe = make_adapter(&g_base, 4, 0x7f, 40);
     uint64_t bytes = probe->n_params * 4; /* every adapter below has this size */
@@ -737,6 +799,7 @@ int main(void) {
     test_refs();
     test_refusals();
     test_file_tier();
+    test_prefetch();
     test_device_budget();
     test_list();
     test_forward();

@@ -473,6 +473,65 @@ static void test_lora_batched(void) {
     CHECK_OK(be->ops.lora_batched(be, NULL, NULL, NULL, NULL, 0, NULL, 0, -1, 0, 8, 8));
 }
 
+/* qlr_lora_segs_build: every adapted token in exactly one tile of its slot or one run, tiles of
+ * <= QLR_LORA_TILE tokens ascending within a slot, runs exactly the stretches of >= run_min
+ * consecutive tokens of one slot, slot -1 and out-of-range slots nowhere. */
+static void check_segs(const int32_t *slot, int32_t n, int32_t n_slots, int32_t run_min) {
+    int32_t *tok = malloc((size_t)n * 4 + 4), *tiles = malloc((size_t)n * 12 + 4),
+            *runs = malloc((size_t)n * 12 + 4), *mark = malloc((size_t)n * 4 + 4),
+            *seen = calloc((size_t)n + 1, 4);
+    qlr_lora_segs g;
+    qlr_lora_segs_build(slot, n, n_slots, run_min, tok, tiles, runs, mark, &g);
+    int32_t pos = 0, mt = 0;
+    for (int32_t t = 0; t < g.n_tiles; t++) {
+        int32_t s = tiles[3 * t], p0 = tiles[3 * t + 1], c = tiles[3 * t + 2];
+        CHECK(c >= 1 && c <= QLR_LORA_TILE && p0 == pos && s >= 0 && s < n_slots);
+        for (int32_t i = 0; i < c; i++) {
+            int32_t k = tok[p0 + i];
+            CHECK(k >= 0 && k < n && slot[k] == s);
+            if (k >= 0 && k < n) seen[k]++;
+            if (i) CHECK(tok[p0 + i] > tok[p0 + i - 1]);
+        }
+        pos += c;
+        mt = c > mt ? c : mt;
+    }
+    CHECK(pos == g.n_sorted && mt == g.max_tile);
+    for (int32_t r = 0; r < g.n_runs; r++) {
+        int32_t s = runs[3 * r], t0 = runs[3 * r + 1], c = runs[3 * r + 2];
+        CHECK(run_min > 0 && c >= run_min && t0 >= 0 && t0 + c <= n);
+        CHECK(t0 == 0 || slot[t0 - 1] != s);
+        CHECK(t0 + c == n || slot[t0 + c] != s);
+        for (int32_t i = t0; i < t0 + c && i < n; i++) {
+            CHECK(slot[i] == s);
+            seen[i]++;
+        }
+    }
+    for (int32_t i = 0; i < n; i++)
+        CHECK(seen[i] == (slot[i] >= 0 && slot[i] < n_slots ? 1 : 0));
+    free(tok), free(tiles), free(runs), free(mark), free(seen);
+}
+
+static void test_lora_segs(void) {
+    enum { N = 700 };
+    int32_t slot[N];
+    for (int32_t i = 0; i < N; i++) slot[i] = (int32_t)(test_rng_u64(&g_rng) % 9) - 1;
+    check_segs(slot, N, 8, 64);  /* scattered: tiles only */
+    slot[5] = 8;                 /* out of range: base */
+    check_segs(slot, N, 8, 0);
+    for (int32_t i = 100; i < 300; i++) slot[i] = 3; /* a prefill chunk: one run */
+    for (int32_t i = 300; i < 363; i++) slot[i] = 2; /* 63 tokens: tiles */
+    for (int32_t i = 400; i < 470; i++) slot[i] = -1;
+    check_segs(slot, N, 8, 64);
+    for (int32_t i = 0; i < N; i++) slot[i] = i % 64; /* 64 distinct adapters, decode-like */
+    check_segs(slot, 64, 64, 64);
+    check_segs(slot, 1, 64, 64);
+    for (int32_t i = 0; i < 64; i++) slot[i] = i / 8; /* 8 adapters x 8 tokens */
+    check_segs(slot, 64, 8, 64);
+    qlr_lora_segs g;
+    qlr_lora_segs_build(slot, 0, 8, 64, NULL, NULL, NULL, NULL, &g);
+    CHECK(g.n_tiles == 0 && g.n_runs == 0 && g.n_sorted == 0);
+}
+
 static void test_lm_head(void) {
     int64_t n = 2, d = 65, vocab = 1037;
     uint16_t *w = malloc(vocab * d * 2);
@@ -560,6 +619,7 @@ int main(void) {
     test_nf4_linear();
     test_lora();
     test_lora_batched();
+    test_lora_segs();
     test_lm_head();
     test_sample();
     qlr_backend *none = NULL;

@@ -117,3 +117,134 @@ int gh_compare(const char *what, const float *got, const float *ref, int64_t n, 
 int gh_compare_attention(const char *what, const float *got, const float *ref, int64_t n) {
     return gh_compare(what, got, ref, n, 8e-3, 0x1p-7);
 }
+
+/* ---- multi-adapter LoRA ---- */
+
+void gh_lora_make(gh_lora_set *s, int32_t n_slots, const int32_t *ranks, int64_t in, int64_t out,
+                  uint64_t *rng) {
+    memset(s, 0, sizeof *s);
+    s->n_slots = n_slots;
+    s->ranks = ranks;
+    s->in = in;
+    s->out = out;
+    s->a = calloc((size_t)n_slots, sizeof *s->a);
+    s->b = calloc((size_t)n_slots, sizeof *s->b);
+    s->scale = malloc((size_t)n_slots * 4);
+    for (int32_t i = 0; i < n_slots; i++) {
+        int32_t r = ranks[i];
+        s->max_r = r > s->max_r ? r : s->max_r;
+        s->a[i] = malloc((size_t)(r * in + 1) * 4);
+        s->b[i] = malloc((size_t)(out * r + 1) * 4);
+        gh_randn_bf16(s->a[i], r * in, 1.0f / sqrtf((float)in), rng);
+        gh_randn_bf16(s->b[i], out * r, r ? 1.0f / sqrtf((float)r) : 0.0f, rng);
+        s->scale[i] = (i % 3 == 0) ? 2.0f : (i % 3 == 1 ? 0.5f : -1.0f);
+    }
+}
+
+void gh_lora_free(gh_lora_set *s) {
+    for (int32_t i = 0; i < s->n_slots; i++) free(s->a[i]), free(s->b[i]);
+    free(s->a), free(s->b), free(s->scale);
+    memset(s, 0, sizeof *s);
+}
+
+void gh_lora_upload(qlr_backend *be, const gh_lora_set *s, int packed, qlr_lora_ref *Lh,
+                    gh_buf *dev, gh_buf *pack) {
+    int32_t ns = s->n_slots;
+    int64_t in = s->in, out = s->out;
+    memset(pack, 0, sizeof *pack);
+    memset(dev, 0, (size_t)2 * ns * sizeof *dev);
+    if (!packed) {
+        for (int32_t i = 0; i < ns; i++) {
+            int32_t r = s->ranks[i];
+            dev[2 * i] = gh_act(be, s->a[i], r * in);
+            dev[2 * i + 1] = gh_act(be, s->b[i], out * r);
+            Lh[i] = (qlr_lora_ref){dev[2 * i].p, dev[2 * i + 1].p, r, s->scale[i]};
+        }
+        return;
+    }
+    int64_t tot = 0; /* every A and B, each preceded by one pad element */
+    for (int32_t i = 0; i < ns; i++) tot += s->ranks[i] * (in + out) + 2;
+    float *h = calloc((size_t)tot, 4);
+    int64_t off = 0, *offs = malloc((size_t)2 * ns * 8);
+    for (int32_t i = 0; i < ns; i++) {
+        int32_t r = s->ranks[i];
+        offs[2 * i] = ++off;
+        memcpy(h + off, s->a[i], (size_t)(r * in) * 4);
+        off += r * in;
+        offs[2 * i + 1] = ++off;
+        memcpy(h + off, s->b[i], (size_t)(out * r) * 4);
+        off += out * r;
+    }
+    *pack = gh_act(be, h, tot);
+    size_t es = qlr_backend_act_size(be);
+    for (int32_t i = 0; i < ns; i++)
+        Lh[i] = (qlr_lora_ref){(char *)pack->p + offs[2 * i] * es,
+                               (char *)pack->p + offs[2 * i + 1] * es, s->ranks[i], s->scale[i]};
+    free(h);
+    free(offs);
+}
+
+void gh_lora_free_dev(qlr_backend *be, const gh_lora_set *s, gh_buf *dev, gh_buf *pack,
+                      const char *what) {
+    char w[160];
+    snprintf(w, sizeof w, "%s packed A/B", what);
+    if (pack->base) gh_free_checked(be, pack, w);
+    snprintf(w, sizeof w, "%s A/B", what);
+    for (int32_t i = 0; i < 2 * s->n_slots; i++)
+        if (dev[i].base) gh_free_checked(be, &dev[i], w);
+}
+
+void gh_lora_check(const gh_lora_set *s, const float *x, const float *y0, const int32_t *slot,
+                   int64_t n, const float *got, const float *ref, const char *coarse,
+                   int coarse_all, gh_lora_err *e) {
+    int64_t in = s->in, out = s->out;
+    memset(e, 0, sizeof *e);
+    e->first = e->worst = -1;
+    double *u = malloc((size_t)(s->max_r + 1) * 8), *U = malloc((size_t)(s->max_r + 1) * 8);
+    for (int64_t t = 0; t < n; t++) {
+        int32_t sl = slot[t];
+        const float *yg = got + t * out, *yr = ref + t * out, *yo = y0 + t * out;
+        if (sl < 0 || sl >= s->n_slots || s->ranks[sl] == 0) {
+            for (int64_t o = 0; o < out; o++)
+                if (yg[o] != yo[o] || yr[o] != yo[o]) {
+                    e->untouched_bad++;
+                    if (e->first < 0) e->first = t * out + o;
+                }
+            continue;
+        }
+        e->adapted++;
+        int32_t r = s->ranks[sl];
+        const float *A = s->a[sl], *B = s->b[sl];
+        for (int32_t j = 0; j < r; j++) {
+            double a = 0, m = 0;
+            for (int64_t k = 0; k < in; k++) {
+                double p = (double)x[t * in + k] * A[j * in + k];
+                a += p;
+                m += fabs(p);
+            }
+            u[j] = a, U[j] = m;
+        }
+        double gamma = 2.0 * (double)(in + r + 2) * 0x1p-24;
+        double c = coarse_all || (coarse && coarse[t]) ? 0x1p-7 : 0x1p-8;
+        for (int64_t o = 0; o < out; o++) {
+            double M = fabs(yo[o]), Mf = fabs(yo[o]);
+            for (int32_t j = 0; j < r; j++) {
+                double b = fabs(s->scale[sl]) * fabs(B[o * r + j]);
+                M += fabs(u[j]) * b;
+                Mf += U[j] * b;
+            }
+            double tol = c * (1 + 0x1p-9) * M + gamma * Mf;
+            double err = fabs((double)yg[o] - yr[o]), rel = err / (fabs(yr[o]) + 1e-3);
+            e->max_abs = err > e->max_abs ? err : e->max_abs;
+            e->max_rel = rel > e->max_rel ? rel : e->max_rel;
+            if (!(err <= tol)) {
+                e->bad++;
+                if (e->first < 0) e->first = t * out + o;
+                if (e->worst < 0 || err / tol > e->worst_ratio)
+                    e->worst_ratio = err / tol, e->worst = t * out + o;
+            }
+        }
+    }
+    free(u);
+    free(U);
+}

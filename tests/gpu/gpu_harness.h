@@ -51,4 +51,44 @@ int gh_compare_attention(const char *what, const float *got, const float *ref, i
 /* Root mean square of x. */
 double gh_rms(const float *x, int64_t n);
 
+/* ---- the multi-adapter LoRA tests (test_cuda_lora_batched, test_cuda_lora_segments) ---- */
+
+/* n_slots random adapters for [in] -> [out]: A_s [r_s, in] ~ N(0, 1/in), B_s [out, r_s] ~
+ * N(0, 1/r_s) (u and the update are O(1), like y), bf16-rounded; scales 2, 0.5, -1 in turn. */
+typedef struct gh_lora_set {
+    int32_t n_slots, max_r;
+    const int32_t *ranks;  /* [n_slots], not owned */
+    int64_t in, out;
+    float **a, **b;        /* [n_slots] host f32 */
+    float *scale;          /* [n_slots] */
+} gh_lora_set;
+void gh_lora_make(gh_lora_set *s, int32_t n_slots, const int32_t *ranks, int64_t in, int64_t out,
+                  uint64_t *rng);
+void gh_lora_free(gh_lora_set *s);
+/* The set on `be`: Lh [n_slots] filled with device pointers; dev [2 n_slots] one guarded buffer
+ * per A and B, or with `packed` one buffer *pack holding them all at odd element offsets (2-byte
+ * offsets on the GPU: the kernels' scalar loads). Free with gh_lora_free_dev. */
+void gh_lora_upload(qlr_backend *be, const gh_lora_set *s, int packed, qlr_lora_ref *Lh,
+                    gh_buf *dev, gh_buf *pack);
+void gh_lora_free_dev(qlr_backend *be, const gh_lora_set *s, gh_buf *dev, gh_buf *pack,
+                      const char *what);
+/* What gh_lora_check found. */
+typedef struct gh_lora_err {
+    int64_t bad, untouched_bad, adapted;  /* values over tolerance; slot -1 / r = 0 values changed
+                                             (on either side); adapted tokens */
+    int64_t first, worst;                 /* first mismatch and the worst, as n·out indices */
+    double worst_ratio, max_abs, max_rel; /* worst |err| / tol; max |err|; max |err| / |ref| */
+} gh_lora_err;
+/* Checks got (device op) against ref (the CPU op) for y = y0 + each token's adapter: per element
+ * |got - ref| <= c·(1 + 2^-9)·M + 2·(in + r + 2)·2^-24·Mf with M = |y0| + |scale|·Σ_j |u_j|·|B_oj|
+ * and Mf the same with |u_j| replaced by Σ_k |x_k·A_jk|. Why: every path rounds y to bf16 once
+ * (2^-9 of a value at most (1 + 2^-9)·M; c = 2^-8 covers it with the other side's rounding) and
+ * both sides sum the same f32 products in different orders (each within (in + r + 2)·2^-24·Mf).
+ * c = 2^-7 for tokens with coarse[t] != 0 (or every token when coarse_all): the dense cuBLASLt
+ * path rounds u to bf16 and its bf16 epilogue rounds the product before it adds C (seen on an
+ * H200: up to 1.7 times the single-rounding bound). Rows of slot -1 / r = 0 must keep y0's bits. */
+void gh_lora_check(const gh_lora_set *s, const float *x, const float *y0, const int32_t *slot,
+                   int64_t n, const float *got, const float *ref, const char *coarse,
+                   int coarse_all, gh_lora_err *e);
+
 #endif

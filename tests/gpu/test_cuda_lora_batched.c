@@ -26,21 +26,9 @@ typedef struct lb_case {
 
 static void run_case(const lb_case *c) {
     int64_t n = c->n, in = c->in, out = c->out;
-    int32_t ns = c->n_slots, max_r = 0;
-    for (int32_t s = 0; s < ns; s++) max_r = c->ranks[s] > max_r ? c->ranks[s] : max_r;
-    float **A = malloc((size_t)ns * sizeof *A), **B = malloc((size_t)ns * sizeof *B);
-    float *scale = malloc((size_t)ns * 4);
-    int64_t tot = 0; /* elements of every A and B, each preceded by one pad element */
-    for (int32_t s = 0; s < ns; s++) {
-        int32_t r = c->ranks[s];
-        A[s] = malloc((size_t)(r * in + 1) * 4);
-        B[s] = malloc((size_t)(out * r + 1) * 4);
-        /* A ~ N(0, 1/in), B ~ N(0, 1/r): u and the update are O(1), like y0 */
-        gh_randn_bf16(A[s], r * in, 1.0f / sqrtf((float)in), &g_rng);
-        gh_randn_bf16(B[s], out * r, r ? 1.0f / sqrtf((float)r) : 0.0f, &g_rng);
-        scale[s] = (s % 3 == 0) ? 2.0f : (s % 3 == 1 ? 0.5f : -1.0f);
-        tot += r * in + out * r + 2;
-    }
+    int32_t ns = c->n_slots;
+    gh_lora_set set;
+    gh_lora_make(&set, ns, c->ranks, in, out, &g_rng);
     float *x = malloc((size_t)(n * in) * 4), *y0 = malloc((size_t)(n * out) * 4);
     gh_randn_bf16(x, n * in, 1.0f, &g_rng);
     gh_randn_bf16(y0, n * out, 1.0f, &g_rng);
@@ -52,119 +40,46 @@ static void run_case(const lb_case *c) {
 
     float *ref = malloc((size_t)(n * out) * 4), *got = malloc((size_t)(n * out) * 4);
     qlr_lora_ref *Lh = malloc((size_t)ns * sizeof *Lh);
+    gh_buf *bab = malloc((size_t)2 * ns * sizeof *bab), pack;
     for (int k = 0; k < 2; k++) {
         qlr_backend *be = k ? g_gpu : g_cpu;
         gh_buf bx = gh_act(be, x, n * in), by = gh_act(be, y0, n * out);
         gh_buf bslot = gh_raw(be, slot, (size_t)n * 4);
-        gh_buf *bab = calloc((size_t)2 * ns, sizeof *bab), pack = {0};
-        if (c->packed) {
-            float *h = calloc((size_t)tot, 4);
-            int64_t off = 0;
-            int64_t *offs = malloc((size_t)2 * ns * 8);
-            for (int32_t s = 0; s < ns; s++) {
-                int32_t r = c->ranks[s];
-                offs[2 * s] = ++off; /* one pad element: 2-byte offsets on the GPU */
-                memcpy(h + off, A[s], (size_t)(r * in) * 4);
-                off += r * in;
-                offs[2 * s + 1] = ++off;
-                memcpy(h + off, B[s], (size_t)(out * r) * 4);
-                off += out * r;
-            }
-            pack = gh_act(be, h, tot);
-            size_t es = qlr_backend_act_size(be);
-            for (int32_t s = 0; s < ns; s++)
-                Lh[s] = (qlr_lora_ref){(char *)pack.p + offs[2 * s] * es,
-                                       (char *)pack.p + offs[2 * s + 1] * es, c->ranks[s],
-                                       scale[s]};
-            free(h);
-            free(offs);
-        } else {
-            for (int32_t s = 0; s < ns; s++) {
-                int32_t r = c->ranks[s];
-                bab[2 * s] = gh_act(be, A[s], r * in);
-                bab[2 * s + 1] = gh_act(be, B[s], out * r);
-                Lh[s] = (qlr_lora_ref){bab[2 * s].p, bab[2 * s + 1].p, r, scale[s]};
-            }
-        }
+        gh_lora_upload(be, &set, c->packed, Lh, bab, &pack);
         gh_buf bL = gh_raw(be, Lh, ns * sizeof *Lh);
-        CHECK_OK(be->ops.lora_batched(be, by.p, bx.p, bL.p, Lh, ns, bslot.p, max_r, uniform, n,
-                                      in, out));
+        CHECK_OK(be->ops.lora_batched(be, by.p, bx.p, bL.p, Lh, ns, bslot.p, set.max_r, uniform,
+                                      n, in, out));
         gh_read_act(be, by.p, k ? got : ref, n * out);
         gh_free_checked(be, &by, "lora_batched y");
         gh_free_checked(be, &bx, "lora_batched x");
         gh_free_checked(be, &bslot, "lora_batched slot");
         gh_free_checked(be, &bL, "lora_batched table");
-        gh_free_checked(be, &pack, "lora_batched packed A/B");
-        for (int32_t i = 0; i < 2 * ns; i++) gh_free_checked(be, &bab[i], "lora_batched A/B");
-        free(bab);
+        gh_lora_free_dev(be, &set, bab, &pack, "lora_batched");
     }
 
-    /* Per element: |got - ref| <= 2^-8·(1 + 2^-9)·M + 2·(in + r + 2)·2^-24·Mf, with M = |y0| +
-     * |scale|·Σ_j |u_j|·|B_oj| and Mf the same with |u_j| replaced by Σ_k |x_k·A_jk|. Why: the
-     * dense path rounds u to bf16 (2^-9 of each |u_j|: at most 2^-9·M on the sum) and every
-     * path rounds y to bf16 once (2^-9 of a value at most (1 + 2^-9)·M); both sides sum the same
-     * f32 products in different orders (each within (in + r + 2)·2^-24·Mf of the exact value).
-     * Untouched rows (slot -1, r = 0) must keep y0's bits on both. The dense (uniform-hint)
-     * path goes through cuBLASLt with beta = 1 and a bf16 D, whose epilogue rounds the product
-     * before it adds C (seen on an H200: up to 1.7 times the single-rounding bound): 2^-7·M there. */
-    int64_t bad = 0, untouched_bad = 0, adapted = 0, worst = -1;
-    double wratio = 0;
-    double *u = malloc((size_t)(max_r > 0 ? max_r : 1) * 8), *U = malloc((size_t)(max_r > 0 ? max_r : 1) * 8);
-    for (int64_t t = 0; t < n; t++) {
-        int32_t s = slot[t];
-        const float *yg = got + t * out, *yr = ref + t * out, *yo = y0 + t * out;
-        if (s < 0 || c->ranks[s] == 0) {
-            for (int64_t o = 0; o < out; o++) untouched_bad += yg[o] != yo[o] || yr[o] != yo[o];
-            continue;
-        }
-        adapted++;
-        int32_t r = c->ranks[s];
-        for (int32_t j = 0; j < r; j++) {
-            double a = 0, m = 0;
-            for (int64_t k = 0; k < in; k++) {
-                double p = (double)x[t * in + k] * A[s][j * in + k];
-                a += p;
-                m += fabs(p);
-            }
-            u[j] = a;
-            U[j] = m;
-        }
-        double gamma = 2.0 * (double)(in + r + 2) * 0x1p-24;
-        for (int64_t o = 0; o < out; o++) {
-            double M = fabs(yo[o]), Mf = fabs(yo[o]);
-            for (int32_t j = 0; j < r; j++) {
-                double b = fabs(scale[s]) * fabs(B[s][o * r + j]);
-                M += fabs(u[j]) * b;
-                Mf += U[j] * b;
-            }
-            double tol = (c->hint ? 0x1p-7 : 0x1p-8) * (1 + 0x1p-9) * M + gamma * Mf;
-            double e = fabs((double)yg[o] - yr[o]);
-            if (!(e <= tol)) {
-                bad++;
-                if (worst < 0 || e / tol > wratio) wratio = e / tol, worst = t * out + o;
-            }
-        }
-    }
+    /* gh_lora_check's bound; the dense (uniform-hint) path goes through cuBLASLt: 2^-7 there */
+    gh_lora_err e;
+    gh_lora_check(&set, x, y0, slot, n, got, ref, NULL, c->hint, &e);
     char what[160];
     snprintf(what, sizeof what, "n=%lld in=%lld out=%lld slots=%d max_r=%d %s%s%s",
-             (long long)n, (long long)in, (long long)out, ns, max_r,
+             (long long)n, (long long)in, (long long)out, ns, set.max_r,
              c->scatter ? "scattered" : "uniform", c->hint ? " hint" : "",
              c->packed ? " packed" : "");
-    printf("  lora_batched %-70s %s\n", what, bad || untouched_bad ? "FAIL" : "ok");
-    CHECK_MSG(bad == 0, "lora_batched %s: %lld values out of tolerance; worst [%lld] got %.6g ref "
-              "%.6g (%.3g x tolerance)", what, (long long)bad, (long long)worst,
-              worst >= 0 ? got[worst] : 0.0, worst >= 0 ? ref[worst] : 0.0, wratio);
-    CHECK_MSG(untouched_bad == 0, "lora_batched %s: %lld values of slot -1 / r = 0 rows changed",
-              what, (long long)untouched_bad);
+    printf("  lora_batched %-70s %s\n", what, e.bad || e.untouched_bad ? "FAIL" : "ok");
+    CHECK_MSG(e.bad == 0, "lora_batched %s: %lld values out of tolerance; worst [%lld] got %.6g "
+              "ref %.6g (%.3g x tolerance)", what, (long long)e.bad, (long long)e.worst,
+              e.worst >= 0 ? got[e.worst] : 0.0, e.worst >= 0 ? ref[e.worst] : 0.0,
+              e.worst_ratio);
+    CHECK_MSG(e.untouched_bad == 0, "lora_batched %s: %lld values of slot -1 / r = 0 rows changed",
+              what, (long long)e.untouched_bad);
     /* the comparison above means something only if the CPU op did change adapted rows */
-    if (adapted) {
+    if (e.adapted) {
         int64_t changed = 0;
         for (int64_t i = 0; i < n * out; i++) changed += ref[i] != y0[i];
         CHECK_MSG(changed > 0, "lora_batched %s: the reference changed nothing", what);
     }
-    for (int32_t s = 0; s < ns; s++) free(A[s]), free(B[s]);
-    free(A), free(B), free(scale), free(x), free(y0), free(slot), free(ref), free(got), free(Lh),
-        free(u), free(U);
+    gh_lora_free(&set);
+    free(x), free(y0), free(slot), free(ref), free(got), free(Lh), free(bab);
 }
 
 int main(void) {

@@ -127,7 +127,7 @@ static void test_dev_and_graph(side *g, side *c) {
     host_forward(c, kc, N, k_tok, k_pos, k_seq, ref);
     host_forward(g, ka, N, k_tok, k_pos, k_seq, h);
     upload(g, &db, N, k_tok, k_pos, k_seq);
-    qlr_batch_dev bd = {N, db.tok, db.pos, db.seq, N, NULL, NULL, NULL, -1, 0};
+    qlr_batch_dev bd = {N, db.tok, db.pos, db.seq, N, NULL, NULL, NULL, -1, 0, NULL};
     float *lg = NULL;
     CHECK_OK(qlr_model_forward_dev(g->f, kb, &bd, &lg));
     if (lg) read_logits(g, lg, N, d);
@@ -141,7 +141,7 @@ static void test_dev_and_graph(side *g, side *c) {
     int32_t tok[2], pos[2], seq[2];
     decode_batch(0, tok, pos, seq);
     upload(g, &db, 2, tok, pos, seq);
-    qlr_batch_dev step = {2, db.tok, db.pos, db.seq, 2, NULL, NULL, NULL, -1, 0};
+    qlr_batch_dev step = {2, db.tok, db.pos, db.seq, 2, NULL, NULL, NULL, -1, 0, NULL};
     CHECK_OK(qlr_model_forward_dev(g->f, ka, &step, &lg)); /* warm-up of the shapes: step 0 */
     read_logits(g, lg, 2, h);
     cudaStream_t cs = (cudaStream_t)qlr_cuda_stream(g->be);

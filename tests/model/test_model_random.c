@@ -186,7 +186,7 @@ static void run(qlr_model *m, int host, const int32_t *rows, int32_t nl,
                 for (int i = 0; i < n; i++)
                     if (ones[i] != uniform) uniform = -1;
             }
-            qlr_batch_dev b = {n, dt, dp, ds, nr, dr, set, dsl, uniform, 0};
+            qlr_batch_dev b = {n, dt, dp, ds, nr, dr, set, dsl, uniform, 0, NULL};
             CHECK_OK(qlr_model_forward_dev(f, kv, &b, &lg));
             be->mem.free(be, dt), be->mem.free(be, dp), be->mem.free(be, ds);
             if (dr) be->mem.free(be, dr);
@@ -279,14 +279,14 @@ static void test_forward_dev(int tied, int bias) {
     if (kv && f) {
         int32_t *z = dev_i32(k_slot, N);
         float *lg;
-        qlr_batch_dev big = {5, z, z, z, 1, NULL, NULL, NULL, -1, 0};
+        qlr_batch_dev big = {5, z, z, z, 1, NULL, NULL, NULL, -1, 0, NULL};
         CHECK(qlr_model_forward_dev(f, kv, &big, &lg) == QLR_ERR_RANGE);
-        qlr_batch_dev rows = {2, z, z, z, 3, NULL, NULL, NULL, -1, 0};
+        qlr_batch_dev rows = {2, z, z, z, 3, NULL, NULL, NULL, -1, 0, NULL};
         CHECK(qlr_model_forward_dev(f, kv, &rows, &lg) == QLR_ERR_RANGE);
         tset_make(&t, m, 1);
-        qlr_batch_dev noslot = {2, z, z, z, 1, NULL, &t.set, NULL, 0, 0};
+        qlr_batch_dev noslot = {2, z, z, z, 1, NULL, &t.set, NULL, 0, 0, NULL};
         CHECK(qlr_model_forward_dev(f, kv, &noslot, &lg) == QLR_ERR_INVALID);
-        qlr_batch_dev badu = {2, z, z, z, 1, NULL, &t.set, z, 1, 0};
+        qlr_batch_dev badu = {2, z, z, z, 1, NULL, &t.set, z, 1, 0, NULL};
         CHECK(qlr_model_forward_dev(f, kv, &badu, &lg) == QLR_ERR_RANGE);
         tset_free(&t);
         be->mem.free(be, z);
