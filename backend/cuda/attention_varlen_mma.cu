@@ -183,6 +183,69 @@ __device__ __forceinline__ int fa_first_after(const int32_t *start, int lo, int 
     return lo;
 }
 
+/* ---- query-tile kernels (forward, dQ): a block of BM query rows at one head ---- */
+
+/* The block's rows t0..t_last (launched last tile first: the most keys), its key tiles from the
+ * first row's sequence start, and per warp its rows wr0..w_last, per thread its rows r0 = wr0 +
+ * lane / 4 and r1 = r0 + 8 with their sequence starts (INT_MAX past n: every key masked). Row
+ * and key indices are int (the entry points check n's range). */
+struct fa_qtile {
+    int ni, t0, h, kvh, k_lo, ntiles;
+    int wr0, w_last, w_s_lo, w_s_hi, r0, r1, rs0, rs1;
+    bool w_live, w_full;
+
+    __device__ __forceinline__ fa_qtile(int BM, const int32_t *start, int64_t n, int64_t n_heads,
+                                        int64_t n_kv) {
+        ni = (int)n;
+        t0 = (int)(gridDim.x - 1 - blockIdx.x) * BM;
+        h = blockIdx.y;
+        kvh = h / (int)(n_heads / n_kv);
+        const int t_last = (t0 + BM < ni ? t0 + BM : ni) - 1;
+        k_lo = start[t0];
+        ntiles = (t_last - k_lo) / FA_KT + 1;
+        wr0 = t0 + 16 * (int)(threadIdx.x >> 5);
+        w_last = wr0 + 15 < ni ? wr0 + 15 : ni - 1;
+        w_live = wr0 < ni;
+        w_full = wr0 + 15 < ni;
+        w_s_lo = w_live ? start[wr0] : 0;
+        w_s_hi = w_live ? start[w_last] : 0;
+        r0 = wr0 + (int)((threadIdx.x & 31) >> 2);
+        r1 = r0 + 8;
+        rs0 = r0 < ni ? start[r0] : INT_MAX;
+        rs1 = r1 < ni ? start[r1] : INT_MAX;
+    }
+    /* the warp sees some key of the tile k0..k0+FA_KT-1 */
+    __device__ __forceinline__ bool active(int k0) const {
+        return w_live && k0 <= w_last && k0 + FA_KT - 1 >= w_s_lo;
+    }
+    /* some (row, key) pair of the warp and the tile is masked (diagonal, sequence edge, past n) */
+    __device__ __forceinline__ bool mask(int k0) const {
+        return !w_full || k0 + FA_KT - 1 > wr0 || k0 < w_s_hi;
+    }
+    /* row r0 (hi = 0) or r1 (hi = 1) sees key */
+    __device__ __forceinline__ bool sees(int key, bool hi) const {
+        return hi ? (key >= rs1 && key <= r1) : (key >= rs0 && key <= r0);
+    }
+};
+
+/* Key tile `it` of the loop is ready in buffer it & 1 after this (and tile it + 1 on its way
+ * into the other buffer); ends with the block barrier. */
+template <int HD, int NT>
+__device__ __forceinline__ void fa_kv_step(bf16 *Ks, bf16 *Vs, const bf16 *k, const bf16 *v,
+                                           const fa_qtile &T, int it, int64_t n, int64_t n_kv) {
+    constexpr int LD = fa_ld<HD>::LD;
+    if (it + 1 < T.ntiles) {
+        const int buf = (it + 1) & 1, k1 = T.k_lo + (it + 1) * FA_KT;
+        fa_load<HD, FA_KT, NT>(Ks + buf * FA_KT * LD, k, k1, n, n_kv, T.kvh);
+        fa_load<HD, FA_KT, NT>(Vs + buf * FA_KT * LD, v, k1, n, n_kv, T.kvh);
+        fa_cp_commit();
+        fa_cp_wait<1>();
+    } else {
+        fa_cp_wait<0>();
+    }
+    __syncthreads();
+}
+
 /* ---- forward ---- */
 
 /* One block per (query tile, query head blockIdx.y); the last tiles (most keys) are launched
@@ -198,50 +261,27 @@ __global__ void __launch_bounds__(NW * 32, 2)
     bf16 *Ks = Qs + BM * LD;                /* [2][FA_KT][LD] */
     bf16 *Vs = Ks + 2 * FA_KT * LD;         /* [2][FA_KT][LD] */
 
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, qd = lane & 3;
-    const int ni = (int)n; /* row and key indices in int: the launcher checks n's range */
-    const int t0 = (int)(gridDim.x - 1 - blockIdx.x) * BM, h = blockIdx.y;
-    const int kvh = h / (int)(n_heads / n_kv);
-    const int t_last = (t0 + BM < ni ? t0 + BM : ni) - 1;
-    const int k_lo = start[t0];
-    const int ntiles = (t_last - k_lo) / FA_KT + 1;
-
-    fa_load<HD, BM, NT>(Qs, q, t0, n, n_heads, h);
-    fa_load<HD, FA_KT, NT>(Ks, k, k_lo, n, n_kv, kvh);
-    fa_load<HD, FA_KT, NT>(Vs, v, k_lo, n, n_kv, kvh);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, qd = lane & 3;
+    const fa_qtile T(BM, start, n, n_heads, n_kv);
+    fa_load<HD, BM, NT>(Qs, q, T.t0, n, n_heads, T.h);
+    fa_load<HD, FA_KT, NT>(Ks, k, T.k_lo, n, n_kv, T.kvh);
+    fa_load<HD, FA_KT, NT>(Vs, v, T.k_lo, n, n_kv, T.kvh);
     fa_cp_commit();
-
-    /* this warp's rows wr0..w_last (w_live: any row < n); this thread's rows r0, r1 */
-    const int wr0 = t0 + 16 * warp, w_last = (wr0 + 15 < ni ? wr0 + 15 : ni - 1);
-    const bool w_live = wr0 < ni, w_full = wr0 + 15 < ni;
-    const int w_s_lo = w_live ? start[wr0] : 0, w_s_hi = w_live ? start[w_last] : 0;
-    const int r0 = wr0 + g, r1 = r0 + 8;
-    const int rs0 = r0 < ni ? start[r0] : INT_MAX, rs1 = r1 < ni ? start[r1] : INT_MAX;
 
     float o[HD / 8][4];
 #pragma unroll
     for (int i = 0; i < HD / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
 
-    for (int it = 0; it < ntiles; it++) {
-        const int k0 = k_lo + it * FA_KT;
-        const int buf = it & 1;
-        if (it + 1 < ntiles) {
-            fa_load<HD, FA_KT, NT>(Ks + (buf ^ 1) * FA_KT * LD, k, k0 + FA_KT, n, n_kv, kvh);
-            fa_load<HD, FA_KT, NT>(Vs + (buf ^ 1) * FA_KT * LD, v, k0 + FA_KT, n, n_kv, kvh);
-            fa_cp_commit();
-            fa_cp_wait<1>();
-        } else {
-            fa_cp_wait<0>();
-        }
-        __syncthreads();
-        const bool active = w_live && k0 <= w_last && k0 + FA_KT - 1 >= w_s_lo;
-        if (active) {
+    for (int it = 0; it < T.ntiles; it++) {
+        const int k0 = T.k_lo + it * FA_KT, buf = it & 1;
+        fa_kv_step<HD, NT>(Ks, Vs, k, v, T, it, n, n_kv);
+        if (T.active(k0)) {
             float s[FA_KT / 8][4];
 #pragma unroll
             for (int j = 0; j < FA_KT / 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
             fa_abt<HD, FA_KT / 8>(s, Qs + 16 * warp * LD, Ks + buf * FA_KT * LD, lane);
-            const bool mask = !w_full || k0 + FA_KT - 1 > wr0 || k0 < w_s_hi;
+            const bool mask = T.mask(k0);
             float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
             for (int j = 0; j < FA_KT / 8; j++)
@@ -249,10 +289,7 @@ __global__ void __launch_bounds__(NW * 32, 2)
                 for (int e = 0; e < 4; e++) {
                     const int key = k0 + 8 * j + 2 * qd + (e & 1);
                     float x = s[j][e] * scale_log2;
-                    if (mask) {
-                        const bool ok = e < 2 ? (key >= rs0 && key <= r0) : (key >= rs1 && key <= r1);
-                        if (!ok) x = -INFINITY;
-                    }
+                    if (mask && !T.sees(key, e >= 2)) x = -INFINITY;
                     s[j][e] = x;
                     if (e < 2) mx0 = fmaxf(mx0, x);
                     else mx1 = fmaxf(mx1, x);
@@ -294,12 +331,12 @@ __global__ void __launch_bounds__(NW * 32, 2)
     l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    if (!w_live) return;
-    fa_store16<HD>(out, o, r0, n, n_heads, h, l0 > 0.0f ? 1.0f / l0 : 0.0f,
+    if (!T.w_live) return;
+    fa_store16<HD>(out, o, T.r0, n, n_heads, T.h, l0 > 0.0f ? 1.0f / l0 : 0.0f,
                    l1 > 0.0f ? 1.0f / l1 : 0.0f, lane);
     if (lse && qd == 0) {
-        if (r0 < ni) lse[(int64_t)r0 * n_heads + h] = (m0 + log2f(l0)) * FA_LN2;
-        if (r1 < ni) lse[(int64_t)r1 * n_heads + h] = (m1 + log2f(l1)) * FA_LN2;
+        if (T.r0 < T.ni) lse[(int64_t)T.r0 * n_heads + T.h] = (m0 + log2f(l0)) * FA_LN2;
+        if (T.r1 < T.ni) lse[(int64_t)T.r1 * n_heads + T.h] = (m1 + log2f(l1)) * FA_LN2;
     }
 }
 
@@ -438,25 +475,15 @@ __global__ void __launch_bounds__(NW * 32, 2)
     bf16 *Ks = dOs + BM * LD;               /* [2][FA_KT][LD] */
     bf16 *Vs = Ks + 2 * FA_KT * LD;         /* [2][FA_KT][LD] */
 
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, qd = lane & 3;
-    const int ni = (int)n; /* row and key indices in int: the launcher checks n's range */
-    const int t0 = (int)(gridDim.x - 1 - blockIdx.x) * BM, h = blockIdx.y;
-    const int kvh = h / (int)(n_heads / n_kv);
-    const int t_last = (t0 + BM < ni ? t0 + BM : ni) - 1;
-    const int k_lo = start[t0];
-    const int ntiles = (t_last - k_lo) / FA_KT + 1;
-
-    fa_load<HD, BM, NT>(Qs, q, t0, n, n_heads, h);
-    fa_load<HD, BM, NT>(dOs, dout, t0, n, n_heads, h);
-    fa_load<HD, FA_KT, NT>(Ks, k, k_lo, n, n_kv, kvh);
-    fa_load<HD, FA_KT, NT>(Vs, v, k_lo, n, n_kv, kvh);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, qd = lane & 3;
+    const fa_qtile T(BM, start, n, n_heads, n_kv);
+    const int ni = T.ni, r0 = T.r0, r1 = T.r1, h = T.h;
+    fa_load<HD, BM, NT>(Qs, q, T.t0, n, n_heads, h);
+    fa_load<HD, BM, NT>(dOs, dout, T.t0, n, n_heads, h);
+    fa_load<HD, FA_KT, NT>(Ks, k, T.k_lo, n, n_kv, T.kvh);
+    fa_load<HD, FA_KT, NT>(Vs, v, T.k_lo, n, n_kv, T.kvh);
     fa_cp_commit();
 
-    const int wr0 = t0 + 16 * warp, w_last = (wr0 + 15 < ni ? wr0 + 15 : ni - 1);
-    const bool w_live = wr0 < ni, w_full = wr0 + 15 < ni;
-    const int w_s_lo = w_live ? start[wr0] : 0, w_s_hi = w_live ? start[w_last] : 0;
-    const int r0 = wr0 + g, r1 = r0 + 8;
-    const int rs0 = r0 < ni ? start[r0] : INT_MAX, rs1 = r1 < ni ? start[r1] : INT_MAX;
     const float ls0 = r0 < ni ? lse[(int64_t)r0 * n_heads + h] * FA_LOG2E : 0.0f;
     const float ls1 = r1 < ni ? lse[(int64_t)r1 * n_heads + h] * FA_LOG2E : 0.0f;
     const float D0 = r0 < ni ? D[(int64_t)r0 * n_heads + h] : 0.0f;
@@ -466,22 +493,12 @@ __global__ void __launch_bounds__(NW * 32, 2)
 #pragma unroll
     for (int i = 0; i < HD / 8; i++) dqa[i][0] = dqa[i][1] = dqa[i][2] = dqa[i][3] = 0.0f;
 
-    for (int it = 0; it < ntiles; it++) {
-        const int k0 = k_lo + it * FA_KT;
-        const int buf = it & 1;
-        if (it + 1 < ntiles) {
-            fa_load<HD, FA_KT, NT>(Ks + (buf ^ 1) * FA_KT * LD, k, k0 + FA_KT, n, n_kv, kvh);
-            fa_load<HD, FA_KT, NT>(Vs + (buf ^ 1) * FA_KT * LD, v, k0 + FA_KT, n, n_kv, kvh);
-            fa_cp_commit();
-            fa_cp_wait<1>();
-        } else {
-            fa_cp_wait<0>();
-        }
-        __syncthreads();
-        const bool active = w_live && k0 <= w_last && k0 + FA_KT - 1 >= w_s_lo;
-        if (active) {
+    for (int it = 0; it < T.ntiles; it++) {
+        const int k0 = T.k_lo + it * FA_KT, buf = it & 1;
+        fa_kv_step<HD, NT>(Ks, Vs, k, v, T, it, n, n_kv);
+        if (T.active(k0)) {
             const bf16 *Kb = Ks + buf * FA_KT * LD, *Vb = Vs + buf * FA_KT * LD;
-            const bool mask = !w_full || k0 + FA_KT - 1 > wr0 || k0 < w_s_hi;
+            const bool mask = T.mask(k0);
             float p[FA_KT / 8][4], ds[FA_KT / 8][4];
 #pragma unroll
             for (int j = 0; j < FA_KT / 8; j++) {
@@ -495,18 +512,14 @@ __global__ void __launch_bounds__(NW * 32, 2)
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     float x = exp2f(p[j][e] * scale_log2 - (e < 2 ? ls0 : ls1));
-                    if (mask) {
-                        const int key = k0 + 8 * j + 2 * qd + (e & 1);
-                        const bool ok = e < 2 ? (key >= rs0 && key <= r0) : (key >= rs1 && key <= r1);
-                        if (!ok) x = 0.0f;
-                    }
+                    if (mask && !T.sees(k0 + 8 * j + 2 * qd + (e & 1), e >= 2)) x = 0.0f;
                     ds[j][e] = x * (ds[j][e] - (e < 2 ? D0 : D1));
                 }
             fa_xb<HD, FA_KT / 16>(dqa, ds, Kb, lane); /* dQ += dS · K */
         }
         __syncthreads();
     }
-    if (!w_live) return;
+    if (!T.w_live) return;
     fa_store16<HD>(dq, dqa, r0, n, n_heads, h, scale, scale, lane);
 }
 
