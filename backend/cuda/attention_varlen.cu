@@ -14,11 +14,18 @@
  *    P = exp(S · scale - lse) and dS = P ∘ (dP - D), dP = dO·Vᵀ, rounding P and dS to bf16 for
  *    the tensor-core products.
  * A tile whose tokens belong to several sequences masks each row by its own start. Head dims 64
- * and 128; backend/cpu/ops_train.c is the reference. */
+ * and 128; backend/cpu/ops_train.c is the reference.
+ * These WMMA kernels are the fallback: by default the op entries below run the register-resident
+ * mma.sync kernels of attention_varlen_mma.cu (same contract, same workspace, deterministic);
+ * QLR_ATTN_VARLEN=wmma selects these (read at every call, so a test can compare the two). */
+#include "backend/cuda/attention_varlen_mma.h"
 #include "backend/cuda/cuda_internal.h"
 
 #include <limits.h>
 #include <mma.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 typedef __nv_bfloat16 bf16;
 using namespace nvcuda;
@@ -453,6 +460,21 @@ static qlr_status av_bwd_launch(cudaStream_t st, bf16 *dq, bf16 *dk, bf16 *dv, c
 
 /* ---- op entries ---- */
 
+/* 1 when QLR_ATTN_VARLEN=wmma asks for the WMMA kernels; "mma" or unset: the mma.sync ones. An
+ * unknown value is reported once and ignored. */
+static int av_use_wmma(void) {
+    static int warned;
+    const char *e = getenv("QLR_ATTN_VARLEN");
+    if (!e || !*e || !strcmp(e, "mma")) return 0;
+    if (!strcmp(e, "wmma")) return 1;
+    if (!warned) {
+        warned = 1;
+        fprintf(stderr, "qlora: QLR_ATTN_VARLEN=%s is not a kernel choice (mma, wmma): using mma\n",
+                e);
+    }
+    return 0;
+}
+
 qlr_status qlr_cuda_attention_varlen(qlr_backend *be, void *out, float *lse, const void *q,
                                      const void *k, const void *v, const int32_t *start,
                                      int64_t n, int64_t n_heads, int64_t n_kv, int64_t hd,
@@ -461,6 +483,8 @@ qlr_status qlr_cuda_attention_varlen(qlr_backend *be, void *out, float *lse, con
     QLR_TRY(av_check("attention_varlen", n, n_heads, n_kv, hd));
     QLR_ASSERT(av_aligned(out) && av_aligned(q) && av_aligned(k) && av_aligned(v));
     cudaStream_t st = qlr_cuda_im(be)->stream;
+    if (!av_use_wmma())
+        return qlr_cuda_av_mma_fwd(st, out, lse, q, k, v, start, n, n_heads, n_kv, hd, scale);
     if (hd == 64)
         return av_fwd_launch<64>(st, (bf16 *)out, lse, (const bf16 *)q, (const bf16 *)k,
                                  (const bf16 *)v, start, n, n_heads, n_kv, scale);
@@ -498,6 +522,9 @@ qlr_status qlr_cuda_attention_varlen_bwd(qlr_backend *be, void *dq, void *dk, vo
     av_dsum_kernel<<<(unsigned)(dsum_blocks < cap ? dsum_blocks : cap), 256, 0, st>>>(
         D, (const bf16 *)dout, (const bf16 *)out, (int64_t)rows, (int)hd);
     QLR_CK_LAUNCH();
+    if (!av_use_wmma())
+        return qlr_cuda_av_mma_bwd(st, dq, dk, dv, dout, q, k, v, lse, D, start, n, n_heads, n_kv,
+                                   hd, scale);
     if (hd == 64)
         return av_bwd_launch<64>(st, (bf16 *)dq, (bf16 *)dk, (bf16 *)dv, (const bf16 *)dout,
                                  (const bf16 *)q, (const bf16 *)k, (const bf16 *)v, lse, D, start,

@@ -6,10 +6,16 @@
  * sampled rows must match a host computation of just those rows, with the op's workspace growth
  * bounded by O(tokens). The backward also runs with out and lse NULL (recomputed) and must then
  * give the same bits. Outputs start as NaN bytes, so an element a kernel never writes fails.
+ * Two kernel sets serve the op (attention_varlen_mma.cu by default, the WMMA ones under
+ * QLR_ATTN_VARLEN=wmma): every case runs both and compares each with the CPU and the default
+ * with the WMMA one (same tolerances; the log gives the max abs error of every output), and a
+ * 16,384-token sequence compares the two on the GPU. Last, a timing table (not checked): ms and
+ * TFLOP/s of both at 2048 and 8192 tokens, H=32, KV=8, hd=128 (Llama-3.1-8B).
  * `--sanitize`: only the small cases (compute-sanitizer runs, scripts/gpu_check.sh). */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "core/core.h"
 #include "tests/gpu/gpu_harness.h"
@@ -186,32 +192,132 @@ static void cmp_grad(const char *what, const float *got, const float *ref, int64
     CHECK_MSG(e <= 1e-2 * r + 1e-4, "%s: rms error %.3g over 1%% of the rms %.3g", what, e, r);
 }
 
+/* Selects the GPU kernel set for the next ops: wmma = 1 the fallback (QLR_ATTN_VARLEN=wmma). */
+static void use_wmma(int wmma) {
+    if (wmma) setenv("QLR_ATTN_VARLEN", "wmma", 1);
+    else unsetenv("QLR_ATTN_VARLEN");
+}
+
+/* Every output of `got` against `ref` (tag: "mma vs cpu", "wmma vs cpu", "mma vs wmma"). */
+static void cmp_all(const char *tag, const char *name, const av_in *a, const av_out *got,
+                    const av_out *ref) {
+    int64_t nq = a->n * a->H * a->hd, nk = a->n * a->KV * a->hd;
+    char what[200];
+#define WHAT(t) snprintf(what, sizeof what, "varlen %s %s %s H=%lld kv=%lld hd=%lld n=%lld", tag, \
+                         t, name, (long long)a->H, (long long)a->KV, (long long)a->hd,          \
+                         (long long)a->n)
+    WHAT("out");
+    cmp_out(what, got->out, ref->out, nq);
+    WHAT("lse");
+    cmp_lse(what, got->lse, ref->lse, a->n * a->H);
+    WHAT("dq");
+    cmp_grad(what, got->dq, ref->dq, nq);
+    WHAT("dk");
+    cmp_grad(what, got->dk, ref->dk, nk);
+    WHAT("dv");
+    cmp_grad(what, got->dv, ref->dv, nk);
+#undef WHAT
+}
+
 static void run_case(const char *name, int64_t H, int64_t KV, int64_t hd, const int32_t *lens,
                      int nseq) {
     av_in a;
     in_make(&a, H, KV, hd, lens, nseq);
-    av_out c, g;
+    av_out c, g, w;
     out_alloc(&c, &a);
     out_alloc(&g, &a);
+    out_alloc(&w, &a);
     run_backend(g_cpu, &a, &c, 0, NULL);
+    use_wmma(1);
+    run_backend(g_gpu, &a, &w, 1, NULL);
+    use_wmma(0);
     run_backend(g_gpu, &a, &g, 1, NULL);
-    int64_t nq = a.n * H * hd, nk = a.n * KV * hd;
-    char what[160];
-#define WHAT(t) snprintf(what, sizeof what, "varlen %s %s H=%lld kv=%lld hd=%lld n=%lld", t, name, \
-                         (long long)H, (long long)KV, (long long)hd, (long long)a.n)
-    WHAT("out");
-    cmp_out(what, g.out, c.out, nq);
-    WHAT("lse");
-    cmp_lse(what, g.lse, c.lse, a.n * H);
-    WHAT("dq");
-    cmp_grad(what, g.dq, c.dq, nq);
-    WHAT("dk");
-    cmp_grad(what, g.dk, c.dk, nk);
-    WHAT("dv");
-    cmp_grad(what, g.dv, c.dv, nk);
-#undef WHAT
+    cmp_all("mma vs cpu", name, &a, &g, &c);
+    cmp_all("wmma vs cpu", name, &a, &w, &c);
+    cmp_all("mma vs wmma", name, &a, &g, &w);
     out_free(&c);
     out_free(&g);
+    out_free(&w);
+    in_free(&a);
+}
+
+/* One sequence of n tokens, GPU only: the default kernels against the WMMA ones, every output. */
+static void run_vs_wmma(int64_t n, int64_t H, int64_t KV, int64_t hd) {
+    int32_t len = (int32_t)n;
+    av_in a;
+    in_make(&a, H, KV, hd, &len, 1);
+    av_out g, w;
+    out_alloc(&g, &a);
+    out_alloc(&w, &a);
+    use_wmma(1);
+    run_backend(g_gpu, &a, &w, 0, NULL);
+    use_wmma(0);
+    run_backend(g_gpu, &a, &g, 0, NULL);
+    cmp_all("mma vs wmma", "1 seq", &a, &g, &w);
+    out_free(&g);
+    out_free(&w);
+    in_free(&a);
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* Prints the forward and backward time (mean of `iters` after a warm-up run) of both kernel sets
+ * on one sequence of n tokens; causal FLOPs: forward 2·2·n²/2·H·hd, backward 2.5x that. Speed
+ * is reported, never checked. */
+static void time_case(int64_t n, int64_t H, int64_t KV, int64_t hd, int iters) {
+    int32_t len = (int32_t)n;
+    av_in a;
+    in_make(&a, H, KV, hd, &len, 1);
+    qlr_backend *be = g_gpu;
+    int64_t nq = n * H * hd, nk = n * KV * hd;
+    size_t es = qlr_backend_act_size(be);
+    gh_buf bq = gh_act(be, a.q, nq), bk = gh_act(be, a.k, nk), bv = gh_act(be, a.v, nk);
+    gh_buf bdo = gh_act(be, a.dout, nq), bs = gh_raw(be, a.start, (size_t)n * 4);
+    gh_buf bo = gh_alloc(be, (size_t)nq * es), bl = gh_alloc(be, (size_t)(n * H) * 4);
+    gh_buf bdq = gh_alloc(be, (size_t)nq * es), bdk = gh_alloc(be, (size_t)nk * es);
+    gh_buf bdv = gh_alloc(be, (size_t)nk * es);
+    double fwd_flop = 2.0 * 2.0 * (double)n * (double)n / 2.0 * (double)H * (double)hd;
+    for (int wm = 0; wm < 2; wm++) {
+        use_wmma(wm);
+        double tf = 0, tb = 0;
+        for (int i = 0; i <= iters; i++) {
+            CHECK_OK(be->mem.sync(be));
+            double t0 = now_s();
+            CHECK_OK(be->ops.attention_varlen(be, bo.p, bl.p, bq.p, bk.p, bv.p, bs.p, n, H, KV,
+                                              hd, a.scale));
+            CHECK_OK(be->mem.sync(be));
+            double t1 = now_s();
+            CHECK_OK(be->ops.attention_varlen_bwd(be, bdq.p, bdk.p, bdv.p, bdo.p, bq.p, bk.p,
+                                                  bv.p, bo.p, bl.p, bs.p, n, H, KV, hd,
+                                                  a.scale));
+            CHECK_OK(be->mem.sync(be));
+            double t2 = now_s();
+            if (i == 0) continue; /* warm-up: workspace growth, first launches */
+            tf += t1 - t0;
+            tb += t2 - t1;
+        }
+        tf /= iters;
+        tb /= iters;
+        printf("  timing %-4s n=%-5lld H=%lld kv=%lld hd=%lld: fwd %8.3f ms %6.1f TFLOP/s, "
+               "bwd %8.3f ms %6.1f TFLOP/s, fwd+bwd %8.3f ms\n", wm ? "wmma" : "mma", (long long)n,
+               (long long)H, (long long)KV, (long long)hd, tf * 1e3, fwd_flop / tf * 1e-12,
+               tb * 1e3, 2.5 * fwd_flop / tb * 1e-12, (tf + tb) * 1e3);
+    }
+    use_wmma(0);
+    gh_free_checked(be, &bo, "timing out");
+    gh_free_checked(be, &bl, "timing lse");
+    gh_free_checked(be, &bdq, "timing dq");
+    gh_free_checked(be, &bdk, "timing dk");
+    gh_free_checked(be, &bdv, "timing dv");
+    gh_free_checked(be, &bq, "q");
+    gh_free_checked(be, &bk, "k");
+    gh_free_checked(be, &bv, "v");
+    gh_free_checked(be, &bdo, "dout");
+    gh_free_checked(be, &bs, "start");
     in_free(&a);
 }
 
@@ -403,6 +509,12 @@ int main(int argc, char **argv) {
         static const int32_t long_len[] = {4096};
         run_case("long", 4, 2, 64, long_len, 1);
         run_case("long", 2, 2, 128, long_len, 1);
+        static const int32_t long_mix[] = {1, 1000, 63, 65, 1, 2914, 52}; /* 4096 tokens */
+        run_case("7 seqs", 8, 2, 128, long_mix, 7);
+        run_vs_wmma(16384, 8, 2, 128);
+        run_long(16384, 8, 2, 128);
+        time_case(2048, 32, 8, 128, 5);
+        time_case(8192, 32, 8, 128, 3);
     }
     /* an unsupported head dim is an error with a message, not a crash */
     {
